@@ -1,0 +1,108 @@
+"""Latency of ONNX models in onnxruntime on this CPU.
+
+Several models are measured interleaved (A B C A B C ...) with the same feed, so slow phases of a
+shared machine hit every model alike and the ratios to the first model stay meaningful even when
+absolute times drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from edgecomp.data import Feed, input_specs, synthesize_feed, Dataset
+from edgecomp.errors import ConfigError
+from edgecomp.io import load_model, model_size_bytes
+from edgecomp.runtime import make_session, run_feed
+
+__all__ = ["LatencyStats", "BenchResult", "benchmark", "pin_cpus"]
+
+
+@dataclasses.dataclass
+class LatencyStats:
+    model: str
+    size_bytes: int
+    runs: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    throughput_per_s: float
+    ratio_to_first: float = 1.0
+
+    @classmethod
+    def from_times(cls, model: str, size: int, times_s: Sequence[float], batch: int) -> "LatencyStats":
+        t = np.asarray(times_s) * 1e3
+        p50 = float(np.percentile(t, 50))
+        return cls(model, size, len(t), p50, float(np.percentile(t, 90)), float(np.percentile(t, 99)),
+                   float(t.mean()), batch * 1e3 / p50)
+
+
+@dataclasses.dataclass
+class BenchResult:
+    threads: int
+    warmup: int
+    runs: int
+    feed_shapes: dict[str, list[int]]
+    models: list[LatencyStats]
+
+
+def pin_cpus(spec: str) -> list[int]:
+    """Pin this process to CPUs like ``0`` or ``0-1,3``; returns the list."""
+    try:
+        cpus = sorted({c for part in spec.split(",") for c in _cpu_range(part)})
+    except ValueError:
+        raise ConfigError(f"bad --pin {spec!r}; write CPUs like 0 or 0-3 or 0,2") from None
+    if not hasattr(os, "sched_setaffinity"):
+        raise ConfigError("--pin needs Linux (sched_setaffinity)")
+    available = os.sched_getaffinity(0)
+    if not set(cpus) <= available:
+        raise ConfigError(f"--pin {spec}: CPUs {sorted(set(cpus) - available)} are not available here "
+                          f"(this process may use {sorted(available)})")
+    os.sched_setaffinity(0, cpus)
+    return cpus
+
+
+def _cpu_range(part: str) -> range:
+    lo, _, hi = part.strip().partition("-")
+    return range(int(lo), int(hi or lo) + 1)
+
+
+def benchmark(paths: Sequence[str | os.PathLike], threads: int = 1, warmup: int = 10, runs: int = 50,
+              feed: Feed | None = None, shapes: Mapping[str, Sequence[int]] | None = None) -> BenchResult:
+    """Median-of-``runs`` latency of each model, interleaved, on one shared feed.
+
+    The feed is synthesized from the first model's inputs (``shapes`` fills symbolic dims) unless
+    given; every model must accept it.
+    """
+    if runs < 1 or warmup < 0:
+        raise ConfigError("--runs must be >= 1 and --warmup >= 0")
+    models = [load_model(p) for p in paths]
+    if feed is None:
+        feed = synthesize_feed(input_specs(models[0]), shapes)
+    sessions = [make_session(m, threads=threads) for m in models]
+    del models
+    for s in sessions:
+        for _ in range(warmup):
+            run_feed(s, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(runs):
+        for i, s in enumerate(sessions):
+            t0 = time.perf_counter()
+            s.run(None, feed)
+            times[i].append(time.perf_counter() - t0)
+    batch = int(next(iter(feed.values())).shape[0]) if feed else 1
+    stats = [LatencyStats.from_times(str(p), model_size_bytes(p), t, batch) for p, t in zip(paths, times)]
+    for s in stats:
+        s.ratio_to_first = s.p50_ms / stats[0].p50_ms
+    return BenchResult(threads, warmup, runs, {k: list(v.shape) for k, v in feed.items()}, stats)
+
+
+def first_feed(data: str | os.PathLike) -> Feed:
+    """The first sample of DATA, used as the benchmark feed."""
+    return Dataset(data)[0]

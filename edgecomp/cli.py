@@ -1,0 +1,273 @@
+"""The ``edgecomp`` command line: parse options, call the library, render, exit.
+
+Library errors (:class:`~edgecomp.errors.EdgecompError`) become one-line messages with a
+non-zero exit status; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from edgecomp import report as rpt
+from edgecomp.errors import EdgecompError
+
+__all__ = ["main", "cli"]
+
+
+class _Group(click.Group):
+    """Turns EdgecompError into click's one-line error unless --debug."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgecompError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.version_option(package_name="edgecomp")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Prepare PyTorch models for mobile and edge CPUs: export to ONNX, optimize,
+    prune, quantize, reduce embeddings, distill, and validate with onnxruntime."""
+    ctx.obj = {"debug": debug}
+
+
+# --- shared options ---------------------------------------------------------------------------
+
+def _output_option(f):
+    return click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
+                        help="Output file (written atomically; never one of the inputs).")(f)
+
+
+def _json_option(f):
+    return click.option("--json", "json_path", type=click.Path(dir_okay=False),
+                        help="Also write the results as JSON to this file.")(f)
+
+
+def _threads_option(f):
+    return click.option("--threads", type=click.IntRange(1), default=None,
+                        help="onnxruntime intra-op threads (inter-op is 1). Default: the target's, else 1.")(f)
+
+
+def _parse_shapes(values, what="--shape"):
+    from edgecomp.data import parse_shape
+    from edgecomp.errors import DataError
+
+    out = {}
+    for v in values:
+        name, sep, shape = v.partition("=")
+        if not sep or not name:
+            raise DataError(f"bad {what} {v!r}; write NAME=1x3x224x224")
+        out[name] = parse_shape(shape)
+    return out
+
+
+def _write_json(path, obj) -> None:
+    if path:
+        from edgecomp.io import write_json
+
+        write_json(path, rpt.to_jsonable(obj))
+        click.echo(f"wrote {path}")
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("spec", required=False)
+@_output_option
+@click.option("--hf", "hf_path", type=click.Path(exists=True, file_okay=False),
+              help="Export a local Hugging Face encoder folder instead of a SPEC.")
+@click.option("--hf-output", type=click.Choice(["embeddings", "hidden"]), default="embeddings", show_default=True,
+              help="Sentence embeddings (mean pooling + L2 norm) or last hidden states.")
+@click.option("--input", "inputs", multiple=True, metavar="NAME=SHAPE[:dtype]",
+              help="Example input shape when the factory gives none, e.g. x=1x3x224x224 (repeatable).")
+@click.option("--dynamic", multiple=True, metavar="NAME:AXIS=label",
+              help="Make an input axis symbolic, e.g. x:0=batch (repeatable).")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
+              help="auto tries torch's dynamo exporter first and falls back to TorchScript.")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity tolerance (absolute).")
+def export(spec, output, hf_path, hf_output, inputs, dynamic, opset, exporter, atol):
+    """Export a PyTorch model to ONNX and check it against torch in onnxruntime.
+
+    SPEC is package.module:factory or path/to/file.py:factory; the factory returns an
+    nn.Module or (module, example_inputs).
+
+    Example:
+
+        edgecomp export models.mobilenet_v2:imagenet_224 -o mnv2.onnx --dynamic x:0=batch
+    """
+    from edgecomp.errors import SpecError
+    from edgecomp.export import export_model, export_spec, hf_encoder
+
+    shapes = _parse_shapes(inputs, "--input")
+    axes: dict[str, dict[int, str]] = {}
+    for d in dynamic:
+        try:
+            left, label = d.split("=", 1)
+            name, axis = left.rsplit(":", 1)
+            axes.setdefault(name, {})[int(axis)] = label
+        except ValueError:
+            raise SpecError(f"bad --dynamic {d!r}; write NAME:AXIS=label, e.g. x:0=batch") from None
+    kwargs = dict(input_shapes=shapes, dynamic=axes, opset=opset, exporter=exporter, atol=atol)
+    if hf_path:
+        if spec:
+            raise SpecError("give either a SPEC or --hf, not both")
+        module, example = hf_encoder(hf_path, hf_output)
+        for name in example:
+            axes.setdefault(name, {0: "batch", 1: "sequence"})
+        res = export_model(module, example, output, protect=[hf_path], **kwargs)
+    elif spec:
+        res = export_spec(spec, output, **kwargs)
+    else:
+        raise SpecError("give a SPEC (package.module:factory or file.py:factory) or --hf PATH")
+    if res.fallback_reason:
+        click.echo(f"note: fell back to the {res.exporter} exporter ({res.fallback_reason})")
+    click.echo(f"exported {res.path} with the {res.exporter} exporter in {res.seconds:.1f}s; "
+               f"inputs {res.input_names}, outputs {res.output_names}; "
+               f"onnxruntime vs torch max abs diff {res.max_abs_diff:.2e}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@_output_option
+@click.option("--fusions", type=click.Choice(["none", "bert"]), default="none", show_default=True,
+              help="Also apply onnxruntime's transformer fusions (Attention, SkipLayerNorm, BiasGelu).")
+@click.option("--no-fold", is_flag=True, help="Skip constant folding / BatchNorm folding.")
+def optimize(model, output, fusions, no_fold):
+    """Clean up a graph: fold constants and BatchNorms, optionally fuse transformer blocks.
+
+    Example:
+
+        edgecomp optimize mnv2.onnx -o mnv2.opt.onnx
+    """
+    from edgecomp.io import check_output_path, load_model, save_model
+    from edgecomp.passes.base import run_pass
+    from edgecomp.passes.optimize_graph import OptimizeGraphPass
+
+    check_output_path(output, [model])
+    m = load_model(model)
+    result = run_pass(OptimizeGraphPass(fold_constants=not no_fold, fusions=fusions), m)
+    save_model(result.model, output, inputs=[model])
+    click.echo(rpt.render_pass(result))
+    click.echo(f"wrote {output}")
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@_threads_option
+@click.option("--warmup", type=click.IntRange(0), default=10, show_default=True, help="Untimed runs per model.")
+@click.option("--runs", type=click.IntRange(1), default=50, show_default=True, help="Timed runs per model.")
+@click.option("--pin", metavar="CPUS", help="Pin to CPUs, e.g. 0 or 0-1.")
+@click.option("--data", type=click.Path(), help="DATA whose first sample is the feed (else synthesized).")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=SHAPE", help="Shape for symbolic dims, e.g. input_ids=1x128.")
+@click.option("--target", help="Target profile (threads, pinning); see `edgecomp targets`.")
+@click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
+@_json_option
+def bench(models, threads, warmup, runs, pin, data, shapes, target, targets_file, json_path):
+    """Measure onnxruntime CPU latency; several models run interleaved (A B A B ...).
+
+    Prints p50/p90/p99, throughput and each model's ratio to the first.
+
+    Example:
+
+        edgecomp bench mnv2.onnx mnv2.int8.onnx --runs 100 --threads 1
+    """
+    from edgecomp.bench import benchmark, first_feed, pin_cpus
+    from edgecomp.io import existing_file
+    from edgecomp.targets import get_profile
+
+    for m in models:
+        existing_file(m, "ONNX model")
+    profile = get_profile(target, targets_file) if target else None
+    if profile and profile.pin and not pin:
+        pin = profile.pin
+    if pin:
+        pin_cpus(pin)
+    threads = threads or (profile.threads if profile else 1)
+    feed = first_feed(data) if data else None
+    shape_map = {k: v[0] for k, v in _parse_shapes(shapes).items()}
+    result = benchmark(models, threads=threads, warmup=warmup, runs=runs, feed=feed, shapes=shape_map)
+    click.echo(rpt.render_bench(result, profile))
+    _write_json(json_path, {"host_isa": rpt.host_line(profile), **rpt.to_jsonable(result)})
+
+
+@cli.command()
+@click.argument("reference", type=click.Path())
+@click.argument("candidate", type=click.Path())
+@click.option("--data", required=True, type=click.Path(), help="DATA: .npz with a sample axis, or a folder of .npz feeds.")
+@click.option("--labels", type=click.Path(), help=".npy of integer labels: report task accuracy of both models.")
+@_threads_option
+@_json_option
+def validate(reference, candidate, data, labels, threads, json_path):
+    """Compare a candidate model's outputs with a reference model's on real inputs.
+
+    Reports max/mean abs error, cosine (mean, worst), top-1 agreement for logits, k-NN
+    agreement for embeddings, and accuracy of both with --labels.
+
+    Example:
+
+        edgecomp validate mnv2.onnx mnv2.int8.onnx --data digits_test.npz --labels digits_test_labels.npy
+    """
+    from edgecomp.validate import validate as run_validate
+
+    result = run_validate(reference, candidate, data, labels, threads=threads or 1)
+    click.echo(rpt.render_validation(result))
+    _write_json(json_path, result)
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=SHAPE", help="Shape for symbolic dims when counting MACs.")
+@click.option("--no-macs", is_flag=True, help="Skip running the model to count MACs.")
+@_json_option
+def inspect(model, shapes, no_macs, json_path):
+    """Show ops, parameters by dtype, estimated MACs (and the share in int8), opset and I/O.
+
+    Example:
+
+        edgecomp inspect mnv2.onnx --shape x=1x3x224x224
+    """
+    from edgecomp.inspection import summarize
+    from edgecomp.io import load_model
+
+    m = load_model(model)
+    shape_map = {k: v[0] for k, v in _parse_shapes(shapes).items()}
+    summary = summarize(m, shape_map, probe=not no_macs)
+    click.echo(rpt.render_summary(summary))
+    summary.probe_shapes = {}
+    _write_json(json_path, summary)
+
+
+@cli.command()
+@click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
+def targets(targets_file):
+    """List target CPU profiles and say which match this host's ISA.
+
+    Example:
+
+        edgecomp targets --targets-file my_devices.toml
+    """
+    from edgecomp.targets import host_isa, load_profiles
+
+    isa = host_isa()
+    click.echo(rpt.host_line(isa=isa))
+    rows = [{"name": p.name, "threads": p.threads, "ISA": p.isa.describe(), "matches host": p.isa == isa,
+             "description": p.description} for p in load_profiles(targets_file).values()]
+    click.echo(rpt.table(rows))
+
+
+def main() -> None:
+    cli(prog_name="edgecomp")
+
+
+if __name__ == "__main__":
+    main()

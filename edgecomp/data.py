@@ -1,0 +1,228 @@
+"""DATA: the sample format every command reads, and input specs read from a model.
+
+DATA is either one ``.npz`` whose arrays are keyed by the model's input names with a leading
+sample axis (sample ``i`` is fed as ``array[i:i+1]``), or a directory of ``.npz`` files, one feed
+each (shapes may differ between files, e.g. token sequences of different lengths). Samples are
+read lazily, one at a time, so calibration memory does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from edgecomp.errors import DataError, InputFileError
+
+__all__ = [
+    "InputSpec",
+    "Dataset",
+    "input_specs",
+    "load_data",
+    "load_labels",
+    "parse_shape",
+    "synthesize_feed",
+    "save_npz",
+]
+
+Feed = dict[str, np.ndarray]
+
+_DTYPES = {
+    "float32": np.float32, "float16": np.float16, "float64": np.float64,
+    "int64": np.int64, "int32": np.int32, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A graph input: name, numpy dtype, and dims (int, or str for a symbolic dim, or None)."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple[int | str | None, ...]
+
+    def shape_text(self) -> str:
+        return "x".join("?" if d is None else str(d) for d in self.dims)
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    """The model's real inputs (initializers listed as inputs are left out)."""
+    specs = []
+    for v in model.graph.inputs:
+        if v.name in model.graph.initializers:
+            continue
+        dtype = v.dtype.numpy() if v.dtype is not None else np.dtype(np.float32)
+        dims: tuple = ()
+        if v.shape is not None:
+            dims = tuple(d if isinstance(d, int) else (str(d) if d.value is not None else None) for d in v.shape)
+        specs.append(InputSpec(v.name, np.dtype(dtype), dims))
+    return specs
+
+
+def parse_shape(text: str) -> tuple[tuple[int, ...], np.dtype | None]:
+    """Parse ``1x3x224x224[:dtype]`` into (shape, dtype or None)."""
+    shape_part, _, dtype_part = text.partition(":")
+    if not re.fullmatch(r"\d+(x\d+)*", shape_part.strip()):
+        raise DataError(f"bad shape {text!r}; write it like 1x3x224x224 or 1x128:int64")
+    dtype = None
+    if dtype_part:
+        if dtype_part not in _DTYPES:
+            raise DataError(f"unknown dtype {dtype_part!r} in {text!r}; use one of {', '.join(_DTYPES)}")
+        dtype = np.dtype(_DTYPES[dtype_part])
+    return tuple(int(s) for s in shape_part.split("x")), dtype
+
+
+def synthesize_feed(specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int]] | None = None,
+                    seed: int = 0) -> Feed:
+    """Random inputs that fit ``specs``; ``shapes`` fills symbolic dims (``--shape NAME=1x128``).
+
+    Float inputs are standard normal, integer inputs small non-negative ids (masks get ones), so
+    the same feed works for CNNs and token models alike.
+    """
+    shapes = dict(shapes or {})
+    unknown = set(shapes) - {s.name for s in specs}
+    if unknown:
+        raise DataError(f"--shape names unknown input(s) {sorted(unknown)}; the model's inputs are "
+                        f"{[s.name for s in specs]}")
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec in specs:
+        if spec.name in shapes:
+            shape = tuple(int(d) for d in shapes[spec.name])
+            _check_dims(spec, shape)
+        else:
+            shape = tuple(_default_dim(spec, i, d) for i, d in enumerate(spec.dims))
+        if np.issubdtype(spec.dtype, np.floating):
+            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif "mask" in spec.name.lower() or spec.dtype == np.bool_:
+            feed[spec.name] = np.ones(shape, dtype=spec.dtype)
+        else:
+            feed[spec.name] = rng.integers(0, 100, size=shape).astype(spec.dtype)
+    return feed
+
+
+def _default_dim(spec: InputSpec, axis: int, dim: int | str | None) -> int:
+    if isinstance(dim, int):
+        return dim
+    if axis == 0:
+        return 1  # a symbolic leading dim is the batch
+    raise DataError(f"input {spec.name!r} has symbolic dim {dim or '?'} at axis {axis}; "
+                    f"give its shape with --shape {spec.name}={'x'.join('N' for _ in spec.dims)}")
+
+
+def _check_dims(spec: InputSpec, shape: Sequence[int]) -> None:
+    if spec.dims and len(shape) != len(spec.dims):
+        raise DataError(f"input {spec.name!r} has rank {len(spec.dims)} ({spec.shape_text()}), "
+                        f"got shape {'x'.join(map(str, shape))}")
+    for i, (want, got) in enumerate(zip(spec.dims, shape)):
+        if isinstance(want, int) and want != got:
+            raise DataError(f"input {spec.name!r} needs size {want} at axis {i} ({spec.shape_text()}), "
+                            f"got {'x'.join(map(str, shape))}; fix the data or the --shape")
+
+
+class Dataset:
+    """Lazily read samples from DATA; ``iter(ds)`` yields one feed dict per sample."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputFileError(f"DATA not found: {self.path} (give a .npz file or a folder of .npz files)")
+        if self.path.is_dir():
+            self._files = sorted(self.path.glob("*.npz"))
+            if not self._files:
+                raise DataError(f"DATA folder {self.path} holds no .npz files; put one feed per .npz in it")
+            with np.load(self._files[0]) as z:
+                self.names = tuple(z.files)
+            self._arrays = None
+        else:
+            if self.path.suffix != ".npz":
+                raise DataError(f"DATA {self.path} is not a .npz file; save samples with numpy.savez")
+            try:
+                with np.load(self.path) as z:
+                    self._arrays = {k: z[k] for k in z.files}
+            except Exception as e:
+                raise DataError(f"cannot read {self.path} as .npz ({type(e).__name__}); save it with numpy.savez") from e
+            if not self._arrays:
+                raise DataError(f"DATA {self.path} holds no arrays")
+            self.names = tuple(self._arrays)
+            counts = {k: (a.shape[0] if a.ndim else 0) for k, a in self._arrays.items()}
+            if len(set(counts.values())) != 1:
+                raise DataError(f"arrays in {self.path} have different sample counts {counts}; "
+                                "every array needs the same leading sample axis")
+            self._files = None
+        if len(self) == 0:
+            raise DataError(f"DATA {self.path} holds no samples")
+
+    def __len__(self) -> int:
+        if self._files is not None:
+            return len(self._files)
+        return next(iter(self._arrays.values())).shape[0]
+
+    def __getitem__(self, i: int) -> Feed:
+        if self._files is not None:
+            with np.load(self._files[i]) as z:
+                return {k: z[k] for k in z.files}
+        return {k: a[i : i + 1] for k, a in self._arrays.items()}
+
+    def __iter__(self) -> Iterator[Feed]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def check_against(self, specs: Sequence[InputSpec]) -> None:
+        """Raise a one-line DataError if names, ranks, fixed dims or dtypes do not fit ``specs``."""
+        want = {s.name for s in specs}
+        have = set(self.names)
+        if want != have:
+            missing, extra = sorted(want - have), sorted(have - want)
+            raise DataError(f"DATA {self.path} is keyed {sorted(have)} but the model's inputs are "
+                            f"{sorted(want)} (missing {missing}, unexpected {extra}); rename the arrays")
+        first = self[0]
+        for spec in specs:
+            arr = first[spec.name]
+            _check_dims(spec, arr.shape)
+            if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
+                raise DataError(f"DATA array {spec.name!r} is {arr.dtype} but the model wants {spec.dtype}")
+
+    def feeds_for(self, specs: Sequence[InputSpec]) -> Iterator[Feed]:
+        """Feeds cast to the model's dtypes (e.g. int32 ids to int64)."""
+        dtypes = {s.name: s.dtype for s in specs}
+        for feed in self:
+            yield {k: np.ascontiguousarray(v, dtype=dtypes[k]) for k, v in feed.items() if k in dtypes}
+
+
+def load_data(path: str | os.PathLike, specs: Sequence[InputSpec] | None = None) -> Dataset:
+    """Open DATA and, given the model's input specs, check that it fits them."""
+    ds = Dataset(path)
+    if specs is not None:
+        ds.check_against(specs)
+    return ds
+
+
+def load_labels(path: str | os.PathLike, n: int) -> np.ndarray:
+    """Integer class labels from a ``.npy``, one per sample."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileError(f"labels not found: {p} (give a .npy of integer class ids)")
+    try:
+        labels = np.load(p)
+    except Exception as e:
+        raise DataError(f"cannot read labels {p} ({type(e).__name__}); save them with numpy.save") from e
+    labels = labels.reshape(-1)
+    if labels.shape[0] != n:
+        raise DataError(f"labels {p} hold {labels.shape[0]} entries but DATA has {n} samples")
+    return labels.astype(np.int64)
+
+
+def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Path:
+    """Write DATA atomically (used by scripts and the demo)."""
+    from edgecomp.io import atomic_path
+
+    out = Path(path)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)  # a file object: savez would append .npz to a path
+    return out

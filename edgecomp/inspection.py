@@ -1,0 +1,153 @@
+"""What a model holds: ops, parameters by dtype, estimated MACs and the share run in int8.
+
+MACs are counted from tensor shapes measured by running the model once in onnxruntime on a
+synthesized feed (every intermediate exposed as an output), so contrib ops and symbolic dims are
+handled without a shape-inference implementation of our own.
+
+    Conv-like:   MACs = |output| * prod(W.shape[1:])          (Cin/group * kh * kw per output)
+    MatMul-like: MACs = |output| * K                          (K = the reduced dim of A)
+    Attention:   MACs = B*S*H*3H (QKV) + 2*B*S*S*H (scores and context)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from edgecomp.data import InputSpec, input_specs, synthesize_feed
+from edgecomp.runtime import make_session, run_feed
+
+__all__ = ["ModelSummary", "summarize", "count_macs", "INT8_OPS"]
+
+CONV_OPS = {"Conv", "ConvInteger", "QLinearConv", "FusedConv", "ConvTranspose"}
+MATMUL_OPS = {"MatMul", "Gemm", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat",
+              "DynamicQuantizeMatMul", "FusedMatMul", "MatMulNBits", "QGemm"}
+ATTENTION_OPS = {"Attention", "QAttention"}
+INT8_OPS = {"ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat",
+            "DynamicQuantizeMatMul", "QAttention", "QGemm"}
+
+
+@dataclasses.dataclass
+class ModelSummary:
+    opset: dict[str, int]
+    inputs: list[InputSpec]
+    outputs: list[tuple[str, str, str]]  # name, dtype, shape
+    op_histogram: dict[str, int]
+    params_by_dtype: dict[str, tuple[int, int]]  # dtype -> (elements, bytes)
+    macs: int | None
+    int8_macs: int | None
+    probe_shapes: dict[str, list[int]]
+
+    @property
+    def params(self) -> int:
+        return sum(n for n, _ in self.params_by_dtype.values())
+
+    @property
+    def int8_mac_share(self) -> float | None:
+        if not self.macs:
+            return None
+        return self.int8_macs / self.macs
+
+
+def _param_tensors(graph: ir.Graph):
+    for v in graph.initializers.values():
+        if v.const_value is not None:
+            yield v.const_value
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if node.op_type == "Constant" and node.domain == "" and "value" in node.attributes:
+            yield node.attributes["value"].as_tensor()
+
+
+def _is_int8(node: ir.Node) -> bool:
+    if node.op_type in INT8_OPS:
+        return True
+    # QDQ form: onnxruntime fuses DequantizeLinear -> Conv/MatMul into int8 kernels.
+    producers = [i.producer() if i is not None else None for i in node.inputs[:2]]
+    return (node.op_type in CONV_OPS | MATMUL_OPS and len(producers) == 2
+            and all(p is not None and p.op_type == "DequantizeLinear" for p in producers))
+
+
+def count_macs(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> tuple[int, int]:
+    """(total MACs, int8 MACs) given the measured shape of every value."""
+    total = int8 = 0
+    for node in model.graph:
+        macs = _node_macs(node, shapes)
+        total += macs
+        if _is_int8(node):
+            int8 += macs
+    return total, int8
+
+
+def _shape(v: ir.Value | None, shapes: Mapping[str, Sequence[int]]) -> Sequence[int] | None:
+    if v is None:
+        return None
+    if v.name in shapes:
+        return shapes[v.name]
+    if v.const_value is not None:
+        return v.const_value.shape.numpy()
+    return None
+
+
+def _node_macs(node: ir.Node, shapes: Mapping[str, Sequence[int]]) -> int:
+    out = _shape(node.outputs[0], shapes) if node.outputs else None
+    if out is None:
+        return 0
+    n_out = int(np.prod(out))
+    if node.op_type in CONV_OPS:
+        w_idx = 3 if node.op_type == "QLinearConv" else 1
+        w = _shape(node.inputs[w_idx], shapes)
+        return n_out * int(np.prod(w[1:])) if w is not None else 0
+    if node.op_type in MATMUL_OPS:
+        a = _shape(node.inputs[0], shapes)
+        if a is None:
+            return 0
+        k = a[-1]
+        if node.op_type == "Gemm" and node.attributes.get("transA") is not None and node.attributes["transA"].as_int():
+            k = a[0]
+        return n_out * int(k)
+    if node.op_type in ATTENTION_OPS:
+        x = _shape(node.inputs[0], shapes)
+        if x is None or len(x) != 3:
+            return 0
+        b, s, h = (int(d) for d in x)
+        return b * s * h * 3 * h + 2 * b * s * s * h
+    return 0
+
+
+def _probe_shapes(model: ir.Model, feed: Mapping[str, np.ndarray]) -> dict[str, list[int]]:
+    names = [o.name for node in model.graph for o in node.outputs if o.name]
+    session = make_session(model, threads=1, optimization="disable", extra_outputs=names)
+    out_names = [o.name for o in session.get_outputs()]
+    return {n: list(a.shape) for n, a in zip(out_names, run_feed(session, feed))}
+
+
+def summarize(model: ir.Model, shapes: Mapping[str, Sequence[int]] | None = None, probe: bool = True) -> ModelSummary:
+    """Summarize ``model``; with ``probe`` run it once to measure shapes and count MACs."""
+    hist = collections.Counter(
+        (n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}") for n in model.graph
+    )
+    by_dtype: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for t in _param_tensors(model.graph):
+        entry = by_dtype[t.dtype.name.lower()]
+        entry[0] += int(np.prod(t.shape.numpy()))
+        entry[1] += t.nbytes
+    specs = input_specs(model)
+    probe_shapes: dict[str, list[int]] = {}
+    macs = int8 = None
+    if probe:
+        feed = synthesize_feed(specs, shapes)
+        probe_shapes = _probe_shapes(model, feed)
+        probe_shapes.update({k: list(v.shape) for k, v in feed.items()})
+        macs, int8 = count_macs(model, probe_shapes)
+    outputs = [(o.name, o.dtype.name.lower() if o.dtype else "?",
+                "x".join(str(d) for d in o.shape) if o.shape is not None else "?") for o in model.graph.outputs]
+    return ModelSummary(
+        opset=dict(model.opset_imports), inputs=specs, outputs=outputs,
+        op_histogram=dict(hist.most_common()),
+        params_by_dtype={k: (v[0], v[1]) for k, v in sorted(by_dtype.items())},
+        macs=macs, int8_macs=int8, probe_shapes=probe_shapes,
+    )

@@ -1,0 +1,57 @@
+"""onnxruntime sessions: the one place sessions are configured."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from edgecomp.errors import DataError, ModelLoadError
+from edgecomp.io import model_bytes
+
+__all__ = ["make_session", "run_feed", "run_all"]
+
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def make_session(model: ir.Model | str | os.PathLike, threads: int = 1, optimization: str = "all",
+                 extra_outputs: Iterable[str] = ()) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads and one inter-op thread.
+
+    ``extra_outputs`` exposes intermediate values as outputs (in-memory models only).
+    """
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = _LEVELS[optimization]
+    opts.log_severity_level = 3
+    source = str(model) if isinstance(model, (str, Path)) else model_bytes(model, extra_outputs)
+    try:
+        return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        name = model if isinstance(model, (str, Path)) else (model.graph.name or "model")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"onnxruntime cannot load {name}: {first}") from e
+
+
+def run_feed(session: ort.InferenceSession, feed: Mapping[str, np.ndarray],
+             outputs: list[str] | None = None) -> list[np.ndarray]:
+    try:
+        return session.run(outputs, dict(feed))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"onnxruntime rejected the input: {first}") from e
+
+
+def run_all(session: ort.InferenceSession, feeds: Iterable[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    return [run_feed(session, f) for f in feeds]

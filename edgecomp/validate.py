@@ -1,0 +1,133 @@
+"""Fidelity of a candidate model against a reference, on real inputs, in onnxruntime.
+
+Per output: max/mean absolute error; cosine similarity of each sample's output (mean and worst);
+for logits (rank-2 outputs that are not unit-normalized) top-1 agreement; for embeddings
+(rank-2, unit-norm rows) the overlap of each sample's k nearest neighbours among all samples,
+candidate vs reference. With labels, task accuracy of both models on the first output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import numpy as np
+
+from edgecomp.data import load_data, load_labels, input_specs
+from edgecomp.errors import DataError
+from edgecomp.io import load_model
+from edgecomp.runtime import make_session, run_feed
+
+__all__ = ["OutputFidelity", "ValidationResult", "validate", "compare_outputs", "knn_agreement", "cosine_rows"]
+
+
+@dataclasses.dataclass
+class OutputFidelity:
+    name: str
+    max_abs_err: float
+    mean_abs_err: float
+    cosine_mean: float
+    cosine_min: float
+    top1_agreement: float | None = None
+    knn_agreement: float | None = None
+
+
+@dataclasses.dataclass
+class ValidationResult:
+    samples: int
+    outputs: list[OutputFidelity]
+    ref_accuracy: float | None = None
+    cand_accuracy: float | None = None
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        if self.ref_accuracy is None or self.cand_accuracy is None:
+            return None
+        return self.ref_accuracy - self.cand_accuracy
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of matching rows (flattened samples); two zero rows count as 1."""
+    a = a.reshape(a.shape[0], -1).astype(np.float64)
+    b = b.reshape(b.shape[0], -1).astype(np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    dot = (a * b).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = dot / (na * nb)
+    both_zero = (na == 0) & (nb == 0)
+    return np.where(both_zero, 1.0, np.nan_to_num(cos, nan=0.0))
+
+
+def knn_agreement(ref: np.ndarray, cand: np.ndarray, k: int = 10) -> float:
+    """Mean overlap of each row's k nearest neighbours (cosine), candidate vs reference."""
+    n = ref.shape[0]
+    k = min(k, n - 1)
+    if k < 1:
+        raise DataError("k-NN agreement needs at least 2 samples")
+
+    def neighbours(x: np.ndarray) -> np.ndarray:
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        sim = x @ x.T
+        np.fill_diagonal(sim, -np.inf)
+        return np.argsort(-sim, axis=1)[:, :k]
+
+    nr, nc = neighbours(ref.astype(np.float64)), neighbours(cand.astype(np.float64))
+    return float(np.mean([len(set(r) & set(c)) / k for r, c in zip(nr, nc)]))
+
+
+def compare_outputs(name: str, ref: Sequence[np.ndarray], cand: Sequence[np.ndarray], k: int = 10) -> OutputFidelity:
+    """Fidelity of one output over samples (each sample's array may have its own shape)."""
+    abs_err = [np.abs(r.astype(np.float64) - c.astype(np.float64)) for r, c in zip(ref, cand)]
+    cos = np.concatenate([cosine_rows(r, c) for r, c in zip(ref, cand)])
+    fid = OutputFidelity(
+        name=name,
+        max_abs_err=float(max(e.max() for e in abs_err)),
+        mean_abs_err=float(np.mean([e.mean() for e in abs_err])),
+        cosine_mean=float(cos.mean()),
+        cosine_min=float(cos.min()),
+    )
+    if all(r.ndim == 2 and r.shape[1] > 1 for r in ref) and len({r.shape[1] for r in ref}) == 1:
+        R, C = np.concatenate(ref), np.concatenate(cand)
+        if np.allclose(np.linalg.norm(R, axis=1), 1.0, atol=1e-3):
+            if R.shape[0] > 2:
+                fid.knn_agreement = knn_agreement(R, C, k)
+        else:
+            fid.top1_agreement = float(np.mean(R.argmax(1) == C.argmax(1)))
+    return fid
+
+
+def validate(ref_path: str | os.PathLike, cand_path: str | os.PathLike, data: str | os.PathLike,
+             labels: str | os.PathLike | None = None, threads: int = 1, k: int = 10) -> ValidationResult:
+    """Run both models on every sample of DATA and compare their outputs."""
+    ref_model, cand_model = load_model(ref_path), load_model(cand_path)
+    specs = input_specs(ref_model)
+    cand_names = {s.name for s in input_specs(cand_model)}
+    if cand_names != {s.name for s in specs}:
+        raise DataError(f"{cand_path} has inputs {sorted(cand_names)} but {ref_path} has "
+                        f"{sorted(s.name for s in specs)}; compare models with the same inputs")
+    ds = load_data(data, specs)
+    ref_s, cand_s = make_session(ref_model, threads), make_session(cand_model, threads)
+    out_names = [o.name for o in ref_s.get_outputs()]
+    if [o.name for o in cand_s.get_outputs()] != out_names:
+        raise DataError(f"{cand_path} outputs {[o.name for o in cand_s.get_outputs()]} differ from "
+                        f"{ref_path}'s {out_names}")
+    ref_out: list[list[np.ndarray]] = [[] for _ in out_names]
+    cand_out: list[list[np.ndarray]] = [[] for _ in out_names]
+    for feed in ds.feeds_for(specs):
+        for store, sess in ((ref_out, ref_s), (cand_out, cand_s)):
+            for j, arr in enumerate(run_feed(sess, feed)):
+                store[j].append(arr)
+    result = ValidationResult(len(ds), [compare_outputs(n, r, c, k) for n, r, c in zip(out_names, ref_out, cand_out)])
+    if labels is not None:
+        y = load_labels(labels, len(ds))
+        result.ref_accuracy = _accuracy(ref_out[0], y)
+        result.cand_accuracy = _accuracy(cand_out[0], y)
+    return result
+
+
+def _accuracy(logits: list[np.ndarray], y: np.ndarray) -> float:
+    pred = np.concatenate([l.reshape(l.shape[0], -1).argmax(1) for l in logits])
+    if pred.shape[0] != y.shape[0]:
+        raise DataError(f"the first output gives {pred.shape[0]} predictions for {y.shape[0]} labels")
+    return float(np.mean(pred == y))

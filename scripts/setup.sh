@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv in the repo and install edgecomp with its extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+. .venv/bin/activate
+# torch is pinned in pyproject to the local CPU wheel; installing it first keeps pip from
+# resolving any other build.
+python -m pip install -q --disable-pip-version-check torch==2.13.0
+python -m pip install -q --disable-pip-version-check -e ".[hf,data,dev]"

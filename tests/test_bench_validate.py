@@ -1,0 +1,69 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from edgecomp.bench import benchmark
+from edgecomp.validate import cosine_rows, knn_agreement, validate
+from tests.conftest import run_ort
+
+
+def _perturbed(mlp_path, tmp_path, scale=0.05):
+    m = onnx.load(str(mlp_path))
+    rng = np.random.default_rng(3)
+    for t in m.graph.initializer:
+        a = numpy_helper.to_array(t)
+        t.CopyFrom(numpy_helper.from_array((a + scale * rng.standard_normal(a.shape)).astype(a.dtype), t.name))
+    p = tmp_path / "pert.onnx"
+    onnx.save(m, str(p))
+    return p
+
+
+def test_interleaved_bench_ratios(mlp_path, tmp_path):
+    other = _perturbed(mlp_path, tmp_path)
+    res = benchmark([mlp_path, other], threads=1, warmup=2, runs=15, shapes={"x": (1, 8)})
+    assert [s.runs for s in res.models] == [15, 15]
+    assert res.models[0].ratio_to_first == 1.0
+    assert res.models[1].ratio_to_first == pytest.approx(res.models[1].p50_ms / res.models[0].p50_ms)
+    s = res.models[0]
+    assert 0 < s.p50_ms <= s.p90_ms <= s.p99_ms
+    assert s.throughput_per_s == pytest.approx(1e3 / s.p50_ms)
+
+
+def test_validate_identical_models_is_exact(mlp_path, mlp_data):
+    data, labels = mlp_data
+    res = validate(mlp_path, mlp_path, data, labels)
+    o = res.outputs[0]
+    assert res.samples == 32
+    assert o.max_abs_err == 0.0 and o.cosine_min == pytest.approx(1.0) and o.top1_agreement == 1.0
+    assert res.ref_accuracy == res.cand_accuracy
+
+
+def test_validate_against_numpy_reference(mlp_path, mlp_data, tmp_path):
+    data, labels = mlp_data
+    cand = _perturbed(mlp_path, tmp_path)
+    res = validate(mlp_path, cand, data, labels)
+    x = np.load(data)["x"]
+    ref = run_ort(mlp_path, {"x": x})[0].astype(np.float64)
+    got = run_ort(cand, {"x": x})[0].astype(np.float64)
+    cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    o = res.outputs[0]
+    assert o.max_abs_err == pytest.approx(np.abs(ref - got).max(), rel=1e-5)
+    assert o.mean_abs_err == pytest.approx(np.abs(ref - got).mean(), rel=1e-5)
+    assert o.cosine_mean == pytest.approx(cos.mean(), abs=1e-6)
+    assert o.cosine_min == pytest.approx(cos.min(), abs=1e-6)
+    assert o.top1_agreement == pytest.approx(np.mean(ref.argmax(1) == got.argmax(1)))
+    y = np.load(labels)
+    assert res.cand_accuracy == pytest.approx(np.mean(got.argmax(1) == y))
+
+
+def test_cosine_and_knn_helpers():
+    a = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    b = np.array([[2.0, 0.0], [0.0, 0.0], [-1.0, -1.0]])
+    np.testing.assert_allclose(cosine_rows(a, b), [1.0, 1.0, -1.0])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 8))
+    assert knn_agreement(x, x, k=5) == 1.0
+    assert knn_agreement(x, rng.standard_normal((50, 8)), k=5) < 0.5
