@@ -10,14 +10,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import onnx_ir as ir
 
-from edgecomp.data import Feed, input_specs, synthesize_feed, Dataset
+from edgecomp.data import Dataset, Feed, input_specs, synthesize_feed
 from edgecomp.errors import ConfigError
-from edgecomp.io import load_model, model_size_bytes
+from edgecomp.io import load_model, model_bytes, model_size_bytes
 from edgecomp.runtime import make_session, run_feed
 
 __all__ = ["LatencyStats", "BenchResult", "benchmark", "pin_cpus"]
@@ -73,16 +73,20 @@ def _cpu_range(part: str) -> range:
     return range(int(lo), int(hi or lo) + 1)
 
 
-def benchmark(paths: Sequence[str | os.PathLike], threads: int = 1, warmup: int = 10, runs: int = 50,
-              feed: Feed | None = None, shapes: Mapping[str, Sequence[int]] | None = None) -> BenchResult:
+def benchmark(paths: Sequence[str | os.PathLike | ir.Model], threads: int = 1, warmup: int = 10, runs: int = 50,
+              feed: Feed | None = None, shapes: Mapping[str, Sequence[int]] | None = None,
+              labels: Sequence[str] | None = None) -> BenchResult:
     """Median-of-``runs`` latency of each model, interleaved, on one shared feed.
 
-    The feed is synthesized from the first model's inputs (``shapes`` fills symbolic dims) unless
-    given; every model must accept it.
+    Models are files or in-memory ``ir.Model`` (then ``labels`` names them and the size is the
+    serialized size). The feed is synthesized from the first model's inputs (``shapes`` fills
+    symbolic dims) unless given; every model must accept it.
     """
     if runs < 1 or warmup < 0:
         raise ConfigError("--runs must be >= 1 and --warmup >= 0")
-    models = [load_model(p) for p in paths]
+    models = [p if isinstance(p, ir.Model) else load_model(p) for p in paths]
+    labels = list(labels) if labels else [str(p) for p in paths]
+    sizes = [len(model_bytes(m)) if isinstance(p, ir.Model) else model_size_bytes(p) for p, m in zip(paths, models)]
     if feed is None:
         feed = synthesize_feed(input_specs(models[0]), shapes)
     sessions = [make_session(m, threads=threads) for m in models]
@@ -97,7 +101,7 @@ def benchmark(paths: Sequence[str | os.PathLike], threads: int = 1, warmup: int 
             s.run(None, feed)
             times[i].append(time.perf_counter() - t0)
     batch = int(next(iter(feed.values())).shape[0]) if feed else 1
-    stats = [LatencyStats.from_times(str(p), model_size_bytes(p), t, batch) for p, t in zip(paths, times)]
+    stats = [LatencyStats.from_times(lab, size, t, batch) for lab, size, t in zip(labels, sizes, times)]
     for s in stats:
         s.ratio_to_first = s.p50_ms / stats[0].p50_ms
     return BenchResult(threads, warmup, runs, {k: list(v.shape) for k, v in feed.items()}, stats)

@@ -248,6 +248,84 @@ def inspect(model, shapes, no_macs, json_path):
 
 
 @cli.command()
+@click.argument("model", type=click.Path())
+@_output_option
+@click.option("--calibration", required=True, type=click.Path(), help="DATA to calibrate activation ranges on.")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax",
+              show_default=True, help="How activation ranges are chosen from calibration statistics.")
+@click.option("--percentile", type=float, default=99.99, show_default=True, help="For --method percentile.")
+@click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per output channel.")
+@click.option("--weight-bits", type=click.Choice(["auto", "7", "8"]), default="auto", show_default=True,
+              help="auto: 7 where u8xs8 can saturate (x86 without VNNI), else 8.")
+@click.option("--smooth", default="auto", show_default=True,
+              help="SmoothQuant: auto (alpha per activation where it lowers the simulated error), off, or an alpha.")
+@click.option("--bias-correction", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
+@click.option("--families", default="auto", show_default=True,
+              help="Op families to quantize: auto (those measured faster in int8), all, or e.g. matmul,conv.")
+@click.option("--exclude", multiple=True, metavar="REGEX", help="Keep layers whose node name matches float.")
+@click.option("--max-samples", type=click.IntRange(1), help="Use at most this many calibration samples.")
+@click.option("--eval", "eval_data", type=click.Path(), help="DATA for accuracy-aware fallback (held out).")
+@click.option("--labels", type=click.Path(), help="Labels for --eval (makes --metric top1 task accuracy).")
+@click.option("--metric", type=click.Choice(["cosine", "top1", "mae"]), default="cosine", show_default=True)
+@click.option("--tolerance", type=float, help="Allowed loss vs fp32: 1-cosine, accuracy drop (fraction), or MAE.")
+@click.option("--target", help="Target profile whose ISA decides weight bits (default: this host).")
+@click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
+@click.option("--mode", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
+              help="dynamic runs onnxruntime's quantize_dynamic, for comparison only.")
+@_threads_option
+@_json_option
+def quantize(model, output, calibration, method, percentile, per_tensor, weight_bits, smooth, bias_correction,
+             families, exclude, max_samples, eval_data, labels, metric, tolerance, target, targets_file, mode,
+             threads, json_path):
+    """Static int8 quantization, calibrated and accuracy-aware, in onnxruntime's fast form.
+
+    Activation scales are fixed from calibration (no DynamicQuantizeLinear). With --eval and
+    --tolerance, the most sensitive layers stay float until the metric is within tolerance;
+    the best model found is always written, and the exit status is 3 when the tolerance
+    could not be met.
+
+    Example:
+
+        edgecomp quantize minilm.onnx -o minilm.int8.onnx --calibration calib/ --eval held/ --metric cosine --tolerance 0.003
+    """
+    from edgecomp.data import load_data, load_labels
+    from edgecomp.io import check_output_path, load_model, save_model
+    from edgecomp.quantize import QuantizeOptions, quantize_dynamic_ort, quantize_model
+    from edgecomp.targets import get_profile
+
+    check_output_path(output, [model, calibration] + ([eval_data] if eval_data else []))
+    profile = get_profile(target, targets_file) if target else None
+    if mode == "dynamic":
+        quantize_dynamic_ort(model, output, profile.isa if profile else None)
+        click.echo(f"wrote {output} (onnxruntime quantize_dynamic, for comparison)")
+        return
+    m = load_model(model)
+    opts = QuantizeOptions(method=method, percentile=percentile, per_channel=not per_tensor, weight_bits=weight_bits,
+                           smooth=smooth, bias_correction=bias_correction, families=families, exclude=tuple(exclude),
+                           max_samples=max_samples, isa=profile.isa if profile else None,
+                           threads=threads or 1, progress=True)
+    calib = load_data(calibration)
+    ev = load_data(eval_data) if eval_data else None
+    y = load_labels(labels, len(ev)) if (labels and ev is not None) else None
+    if (eval_data is None) != (tolerance is None):
+        from edgecomp.errors import ConfigError
+
+        raise ConfigError("accuracy-aware mode needs both --eval DATA and --tolerance X")
+    result = quantize_model(m, calib, opts, eval_data=ev, metric=metric, tolerance=tolerance, labels=y)
+    save_model(result.model, output, inputs=[model])
+    click.echo(rpt.host_line(profile))
+    click.echo(rpt.table(result.families, title="op families (latency measured on this host):"))
+    cols = ["layer", "op", "family", "decision", "reason", "sensitivity", "smoothquant α", "bias corrected",
+            "act range", "sim error"]
+    click.echo(rpt.table([{c: r.get(c) for c in cols} for r in result.rows], title="layers:"))
+    click.echo(", ".join(f"{k}: {v}" for k, v in result.summary.items() if k != "cleanup"))
+    click.echo(f"wrote {output}")
+    _write_json(json_path, {"summary": result.summary, "families": result.families, "layers": result.rows})
+    if result.met_tolerance is False:
+        raise click.exceptions.Exit(3)
+
+
+@cli.command()
 @click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
 def targets(targets_file):
     """List target CPU profiles and say which match this host's ISA.

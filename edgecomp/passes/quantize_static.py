@@ -1,0 +1,281 @@
+"""QuantizeStaticPass: rewrite float layers into onnxruntime's fast static int8 form.
+
+The pass applies a *plan* — per layer, fixed activation scale/zero point, optional SmoothQuant
+divisor, weight bits and bias correction — computed beforehand from calibration
+(:mod:`edgecomp.quantize`). It makes no data-dependent choice itself.
+
+Cases handled:
+
+- ``MatMul(x, W)`` with a constant 2-D ``W`` [K, N], and an optional following ``Add`` of a
+  constant bias [N]; ``Gemm(x, B, C)`` with ``alpha = beta = 1``, no ``transA``, constant B
+  (transposed when ``transB``) and constant C. Both become::
+
+      x_s = Mul(x, 1/s)                          (only with SmoothQuant; s per input channel)
+      x_q = QuantizeLinear(x_s, a_scale, a_zp)   (uint8, one per activation, shared by consumers)
+      y   = com.microsoft.MatMulIntegerToFloat(x_q, W_q, a_scale, w_scale, a_zp, w_zp, bias')
+
+  with ``W_q = round(diag(s) W / w_scale)`` symmetric int8 per output column
+  (``w_scale[n] = max_k |s_k W_kn| / qmax``, qmax 127, or 63 for 7-bit weights that cannot
+  saturate VPMADDUBSW on x86 without VNNI), and ``bias' = bias - delta`` (bias correction).
+  The fused op dequantizes and adds the bias inside the int8 GEMM: this is the form
+  onnxruntime's dynamic quantization reaches, without the DynamicQuantizeLinear pass over
+  every activation.
+- ``Conv(x, W, b)`` (2-D, any group) becomes the QDQ form onnxruntime fuses into QLinearConv::
+
+      DequantizeLinear(QuantizeLinear(x)) → Conv(·, DequantizeLinear(W_q, axis 0), DQ(b_q int32))
+      → [Relu | Clip] → QuantizeLinear(y) → DequantizeLinear
+
+  with per-output-channel symmetric int8 weights and ``b_q = round(b / (a_scale * w_scale))``.
+
+Layers not in the plan are left float. Outputs keep their names, so the graph's interface is
+unchanged. There is never a DynamicQuantizeLinear in the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from edgecomp.errors import PassFailed
+from edgecomp.passes.base import EdgecompPass, PassReport
+
+__all__ = ["LayerPlan", "QuantizeStaticPass", "quantize_weight", "QUANTIZED_OPS", "MS_DOMAIN"]
+
+MS_DOMAIN = "com.microsoft"
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+                 "QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention",
+                 "QGemm", "MatMulNBits"}
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    """How to quantize one layer (see the module docstring for the math)."""
+
+    node: str
+    kind: str  # "matmul" | "gemm" | "conv"
+    act: str
+    act_scale: float
+    act_zp: int
+    weight_bits: int = 8
+    per_channel: bool = True
+    smooth: np.ndarray | None = None  # divisor s per input channel (MatMul/Gemm)
+    bias_delta: np.ndarray | None = None  # subtracted from the bias (bias correction)
+    out_scale: float | None = None  # conv: output QuantizeLinear
+    out_zp: int | None = None
+    out_after: str | None = None  # conv: name of the Relu/Clip node the output Q follows
+
+
+def quantize_weight(w: np.ndarray, bits: int, axis: int, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8, per channel along ``axis`` (or one scale): (q, scale) with ``w ≈ q * scale``.
+
+    ``scale`` always has one entry per channel (repeated when per-tensor), which the int8 ops
+    accept and which keeps their zero-point shapes uniform.
+    """
+    qmax = 127 if bits == 8 else 63
+    reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
+    absmax = np.abs(w).max(axis=reduce_axes)
+    if not per_channel:
+        absmax = np.full_like(absmax, np.abs(w).max())
+    scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
+    return q, scale
+
+
+class QuantizeStaticPass(EdgecompPass):
+    """Apply a static int8 plan (one :class:`LayerPlan` per layer to quantize).
+
+    Args:
+        plan: per-layer quantization parameters, keyed by node name.
+    """
+
+    def __init__(self, *, plan: Mapping[str, LayerPlan]):
+        self.plan = dict(plan)
+
+    def options(self) -> dict[str, Any]:
+        return {"layers": len(self.plan)}
+
+    def requires(self, model: ir.Model) -> None:
+        ops = {n.op_type for n in model.graph} & QUANTIZED_OPS
+        if ops:
+            raise PassFailed(f"the model is already quantized (it has {', '.join(sorted(ops))}); "
+                             "give the float model")
+        names = {n.name for n in model.graph}
+        missing = sorted(set(self.plan) - names)
+        if missing:
+            raise PassFailed(f"plan names nodes not in the graph: {missing[:5]}")
+
+    def call(self, model: ir.Model) -> PassReport:
+        builder = _Builder(model)
+        nodes = {n.name: n for n in model.graph}
+        rows = []
+        for name, lp in self.plan.items():
+            node = nodes[name]
+            if lp.kind in ("matmul", "gemm"):
+                builder.matmul(node, lp)
+            elif lp.kind == "conv":
+                builder.conv(node, lp, nodes.get(lp.out_after) if lp.out_after else None)
+            else:
+                raise PassFailed(f"unknown layer kind {lp.kind!r} for {name}")
+            rows.append({"layer": name, "kind": lp.kind, "weight bits": lp.weight_bits,
+                         "smoothquant": lp.smooth is not None, "bias corrected": lp.bias_delta is not None,
+                         "act scale": float(lp.act_scale), "act zp": int(lp.act_zp)})
+        if self.plan:
+            if MS_DOMAIN not in model.opset_imports and any(p.kind != "conv" for p in self.plan.values()):
+                model.opset_imports[MS_DOMAIN] = 1
+            model.graph.sort()
+        return self.report(model, bool(self.plan), {"quantized layers": len(self.plan),
+                                                    "quantize ops": builder.quantize_ops}, rows)
+
+    def ensures(self, model: ir.Model) -> None:
+        if any(n.op_type == "DynamicQuantizeLinear" for n in model.graph):
+            raise PassFailed("static quantization produced a DynamicQuantizeLinear")
+
+
+class _Builder:
+    """Emits nodes and initializers into one graph, sharing QuantizeLinear per activation."""
+
+    def __init__(self, model: ir.Model):
+        self.graph = model.graph
+        self._qcache: dict[tuple, ir.Value] = {}
+        self._names: set[str] = {v for v in self.graph.initializers} | {
+            o.name for n in self.graph for o in n.outputs if o.name}
+        self.quantize_ops = 0
+
+    def _unique(self, base: str) -> str:
+        name, i = base, 0
+        while name in self._names:
+            i += 1
+            name = f"{base}_{i}"
+        self._names.add(name)
+        return name
+
+    def const(self, base: str, array: np.ndarray) -> ir.Value:
+        name = self._unique(base)
+        v = ir.Value(name=name, const_value=ir.tensor(np.asarray(array), name=name))
+        self.graph.register_initializer(v)
+        return v
+
+    def add(self, op: str, inputs, name: str, domain: str = "", **attrs) -> ir.Value:
+        node = ir.node(op, inputs, attributes=attrs or None, domain=domain, name=self._unique(name), num_outputs=1)
+        node.outputs[0].name = self._unique(f"{name}_out")
+        self.graph.append(node)
+        return node.outputs[0]
+
+    def quantized_input(self, act: ir.Value, lp: LayerPlan) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """(x_q, a_scale, a_zp) for ``act``, created once per (activation, smoothing, qparams)."""
+        key = (act.name, None if lp.smooth is None else lp.smooth.tobytes(), float(lp.act_scale), int(lp.act_zp))
+        if key not in self._qcache:
+            src = act
+            if lp.smooth is not None:
+                inv = self.const(f"{act.name}_smooth_inv", (1.0 / lp.smooth).astype(np.float32))
+                src = self.add("Mul", [act, inv], f"{act.name}_smooth")
+            scale = self.const(f"{act.name}_scale", np.float32(lp.act_scale))
+            zp = self.const(f"{act.name}_zero_point", np.uint8(lp.act_zp))
+            q = self.add("QuantizeLinear", [src, scale, zp], f"{act.name}_quantize")
+            self.quantize_ops += 1
+            self._qcache[key] = (q, scale, zp)
+        return self._qcache[key]
+
+    def matmul(self, node: ir.Node, lp: LayerPlan) -> None:
+        w, bias, out, dead = _matmul_parts(node)
+        if lp.smooth is not None:
+            w = w * lp.smooth[:, None]
+        if lp.bias_delta is not None:
+            bias = (bias if bias is not None else np.zeros(w.shape[1], np.float32)) - lp.bias_delta
+        wq, ws = quantize_weight(w, lp.weight_bits, axis=1, per_channel=lp.per_channel)
+        xq, a_scale, a_zp = self.quantized_input(node.inputs[0], lp)
+        inputs = [xq, self.const(f"{node.name}_wq", wq), a_scale, self.const(f"{node.name}_wscale", ws), a_zp,
+                  self.const(f"{node.name}_wzp", np.zeros(w.shape[1], np.int8))]
+        if bias is not None:
+            inputs.append(self.const(f"{node.name}_bias", bias.astype(np.float32)))
+        y = self.add("MatMulIntegerToFloat", inputs, f"{node.name}_int8", domain=MS_DOMAIN)
+        _replace(self.graph, out, y)
+        for n in dead:
+            self.graph.remove(n, safe=True)
+
+    def conv(self, node: ir.Node, lp: LayerPlan, act_node: ir.Node | None) -> None:
+        x = node.inputs[0]
+        xq, a_scale, a_zp = self.quantized_input(x, lp)
+        xd = self.add("DequantizeLinear", [xq, a_scale, a_zp], f"{node.name}_x_dq")
+        w = node.inputs[1].const_value.numpy().astype(np.float32)
+        wq, ws = quantize_weight(w, lp.weight_bits, axis=0, per_channel=lp.per_channel)
+        wd = self.add("DequantizeLinear", [self.const(f"{node.name}_wq", wq), self.const(f"{node.name}_wscale", ws),
+                                           self.const(f"{node.name}_wzp", np.zeros(w.shape[0], np.int8))],
+                      f"{node.name}_w_dq", axis=0)
+        inputs = [xd, wd]
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            b = node.inputs[2].const_value.numpy().astype(np.float64)
+            bscale = (np.float64(lp.act_scale) * ws).astype(np.float32)
+            bq = np.round(b / bscale).astype(np.int32)
+            inputs.append(self.add("DequantizeLinear", [self.const(f"{node.name}_bq", bq),
+                                                        self.const(f"{node.name}_bscale", bscale),
+                                                        self.const(f"{node.name}_bzp", np.zeros_like(bq))],
+                                   f"{node.name}_b_dq", axis=0))
+        for i, v in enumerate(inputs):
+            node.replace_input_with(i, v)
+        if lp.out_scale is None:
+            return
+        tail = act_node if act_node is not None else node
+        y = tail.outputs[0]
+        oscale = self.const(f"{tail.name}_out_scale", np.float32(lp.out_scale))
+        ozp = self.const(f"{tail.name}_out_zero_point", np.uint8(lp.out_zp))
+        consumers_before = list(y.uses())
+        q = self.add("QuantizeLinear", [y, oscale, ozp], f"{tail.name}_out_quantize")
+        dq = self.add("DequantizeLinear", [q, oscale, ozp], f"{tail.name}_out_dq")
+        self.quantize_ops += 1
+        for use in consumers_before:
+            use.node.replace_input_with(use.idx, dq)
+        if y.is_graph_output():
+            _replace(self.graph, y, dq)
+
+
+def _matmul_parts(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None, ir.Value, list[ir.Node]]:
+    """(W [K,N], bias or None, the value the fused op replaces, nodes that become dead)."""
+    if node.op_type == "Gemm":
+        b = node.inputs[1].const_value.numpy().astype(np.float32)
+        trans_b = node.attributes.get("transB")
+        w = b.T if (trans_b is not None and trans_b.as_int()) else b
+        bias = None
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            bias = np.broadcast_to(node.inputs[2].const_value.numpy().astype(np.float32).reshape(-1), (w.shape[1],)).copy()
+        return w, bias, node.outputs[0], [node]
+    w = node.inputs[1].const_value.numpy().astype(np.float32)
+    add = bias_add(node)
+    if add is None:
+        return w, None, node.outputs[0], [node]
+    other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
+    return w, other.const_value.numpy().astype(np.float32).reshape(-1), add.outputs[0], [add, node]
+
+
+def bias_add(node: ir.Node) -> ir.Node | None:
+    """The Add of a constant [N] bias that is the only use of a MatMul's output, if any."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) != 1 or out.is_graph_output():
+        return None
+    add = uses[0].node
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+        return None
+    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+    n = node.inputs[1].const_value.shape[1]
+    if other is None or other.const_value is None or int(np.prod(other.const_value.shape.numpy())) != n:
+        return None
+    if other.const_value.shape.numpy()[-1] != n:
+        return None
+    return add
+
+
+def _replace(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Point every use of ``old`` at ``new``; a graph output keeps its name."""
+    if old.is_graph_output():
+        name = old.name
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+        old.name = f"{name}__replaced"
+        new.name = name
+    else:
+        old.replace_all_uses_with(new)

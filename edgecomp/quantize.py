@@ -1,0 +1,524 @@
+"""Static int8 quantization: find layers, calibrate, plan, measure, and fall back where needed.
+
+The steps, each a plain function so tests and scripts can drive them one at a time:
+
+1. :func:`find_layers` — MatMul/Gemm with constant weights and 2-D Conv; everything else stays
+   float, and a layer of a quantizable op that cannot be handled is listed with the reason.
+2. :func:`calibrate` — streaming activation statistics (:mod:`edgecomp.calibration`).
+3. :func:`make_plan` — per layer: activation range by the calibration method; weight bits from
+   the target ISA (7-bit where u8×s8 can saturate int16, i.e. x86 without VNNI); SmoothQuant
+   divisor ``s_k = max|X_k|^α / max|W_k|^(1-α)`` with α chosen per activation from a grid by the
+   simulated output error on reservoir rows (no smoothing is a candidate, so it is applied only
+   where calibration shows it helps); bias correction ``b' = b - E[X̂Ŵ - XW]`` kept only if it
+   lowers the error on held-back rows.
+4. :func:`choose_families` — each op family (matmul, conv, depthwise conv) is quantized alone
+   and timed interleaved against the float model on the target; a family that is not measurably
+   faster in int8 stays float, and the report says so.
+5. :func:`fit_tolerance` — with evaluation data, rank layers by sensitivity (quantize one at a
+   time) and keep the most sensitive float until the metric is within tolerance of fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from edgecomp.calibration import ActivationStats, choose_range, collect_histograms, collect_ranges, uint8_qparams
+from edgecomp.data import Dataset, input_specs
+from edgecomp.errors import ConfigError, DataError, PassFailed
+from edgecomp.passes.base import run_pass
+from edgecomp.passes.optimize_graph import OptimizeGraphPass
+from edgecomp.passes.quantize_static import QUANTIZED_OPS, LayerPlan, QuantizeStaticPass, bias_add, quantize_weight
+from edgecomp.runtime import make_session, run_feed
+from edgecomp.targets import Isa, host_isa
+
+__all__ = ["QuantizeOptions", "Layer", "QuantizeResult", "Evaluator", "find_layers", "calibrate", "make_plan",
+           "build", "choose_families", "fit_tolerance", "quantize_model", "quantize_dynamic_ort", "METRICS", "ALPHAS"]
+
+METRICS = ("cosine", "top1", "mae")
+ALPHAS = (0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
+FAMILIES = ("matmul", "conv", "conv-depthwise")
+
+
+@dataclasses.dataclass
+class QuantizeOptions:
+    """Every option of static quantization, with its default."""
+
+    method: str = "minmax"  # minmax | percentile | entropy | mse
+    percentile: float = 99.99
+    per_channel: bool = True
+    weight_bits: str | int = "auto"  # auto (from the target ISA) | 7 | 8
+    smooth: str | float = "auto"  # auto | off | a fixed alpha
+    bias_correction: str = "auto"  # auto | on | off
+    families: str = "auto"  # auto (measured) | all | comma list of matmul,conv,conv-depthwise
+    exclude: tuple[str, ...] = ()  # regexes of node names kept float
+    max_samples: int | None = None
+    reservoir: int = 512
+    isa: Isa | None = None  # target ISA (default: the host's)
+    threads: int = 1
+    progress: bool = False
+
+    def validate(self) -> None:
+        from edgecomp.calibration import METHODS
+
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown --method {self.method!r}; use one of {', '.join(METHODS)}")
+        if not 50 < self.percentile < 100:
+            raise ConfigError("--percentile must be in (50, 100), e.g. 99.99")
+        if str(self.weight_bits) not in ("auto", "7", "8"):
+            raise ConfigError("--weight-bits must be auto, 7 or 8")
+        if self.smooth not in ("auto", "off") and not (0.0 < float(self.smooth) < 1.0):
+            raise ConfigError("--smooth must be auto, off, or an alpha in (0, 1)")
+        if self.bias_correction not in ("auto", "on", "off"):
+            raise ConfigError("--bias-correction must be auto, on or off")
+        if self.families not in ("auto", "all"):
+            bad = set(self.families.split(",")) - set(FAMILIES)
+            if bad:
+                raise ConfigError(f"unknown op families {sorted(bad)}; use {', '.join(FAMILIES)}, auto or all")
+
+
+@dataclasses.dataclass
+class Layer:
+    node: str
+    op: str
+    family: str
+    act: str
+    out_after: str | None = None  # conv: the Relu/Clip whose output gets the output Q
+    out_value: str | None = None  # conv: the value the output Q quantizes
+
+
+@dataclasses.dataclass
+class QuantizeResult:
+    model: ir.Model
+    plan: dict[str, LayerPlan]
+    rows: list[dict[str, Any]]  # per layer: decision, reason, sensitivity...
+    summary: dict[str, Any]
+    families: list[dict[str, Any]]
+    met_tolerance: bool | None = None
+
+
+# --- 1. layers ---------------------------------------------------------------------------------
+
+def find_layers(model: ir.Model) -> tuple[list[Layer], list[dict[str, Any]]]:
+    """Quantizable layers, and rows for layers of quantizable ops that must stay float (with why)."""
+    layers, skipped = [], []
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv"):
+            continue
+        reason = _unsupported(node)
+        if reason:
+            skipped.append({"layer": node.name, "op": node.op_type, "decision": "float", "reason": reason})
+            continue
+        if node.op_type == "Conv":
+            w = node.inputs[1].const_value.shape.numpy()
+            group = node.attributes["group"].as_int() if "group" in node.attributes else 1
+            family = "conv-depthwise" if group > 1 and group == w[0] and w[1] == 1 else "conv"
+            tail = _activation_after(node)
+            out = (tail or node).outputs[0]
+            layers.append(Layer(node.name, "Conv", family, node.inputs[0].name, tail.name if tail else None, out.name))
+        else:
+            layers.append(Layer(node.name, node.op_type, "matmul", node.inputs[0].name))
+    return layers, skipped
+
+
+def _unsupported(node: ir.Node) -> str | None:
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if w is None or w.const_value is None:
+        return "weight is not a constant initializer (activation x activation product)"
+    rank = len(w.const_value.shape)
+    if node.op_type == "Conv":
+        if rank != 4:
+            return f"{rank - 2}-D convolution (only 2-D is handled)"
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is None:
+            return "bias is not a constant"
+        return None
+    if rank != 2:
+        return f"weight has rank {rank} (batched MatMul)"
+    if node.op_type == "Gemm":
+        attrs = {k: v.value for k, v in node.attributes.items()}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            return "Gemm with transA or alpha/beta != 1"
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is None:
+            return "Gemm bias is not a constant"
+    return None
+
+
+def _activation_after(conv: ir.Node) -> ir.Node | None:
+    uses = list(conv.outputs[0].uses())
+    if len(uses) == 1 and not conv.outputs[0].is_graph_output():
+        nxt = uses[0].node
+        if nxt.op_type in ("Relu", "Clip") and nxt.domain in ("", "ai.onnx"):
+            return nxt
+    return None
+
+
+# --- 2. calibration ----------------------------------------------------------------------------
+
+def _session_factory(model: ir.Model, threads: int) -> Callable[[Sequence[str]], Any]:
+    return lambda names: make_session(model, threads=threads, optimization="basic", extra_outputs=names)
+
+
+def _feeds(ds: Dataset, specs, limit: int | None) -> list:
+    class _Limited:
+        def __len__(self):
+            return min(len(ds), limit) if limit else len(ds)
+
+        def __iter__(self):
+            for i, feed in enumerate(ds.feeds_for(specs)):
+                if limit and i >= limit:
+                    return
+                yield feed
+
+    return _Limited()
+
+
+def calibrate(model: ir.Model, layers: Sequence[Layer], data: Dataset, opts: QuantizeOptions) -> dict[str, ActivationStats]:
+    """Pass 1 statistics of every layer input (and conv output)."""
+    axes: dict[str, int] = {}
+    for layer in layers:
+        axes[layer.act] = 1 if layer.op == "Conv" else -1
+        if layer.out_value:
+            axes[layer.out_value] = 1
+    return collect_ranges(_session_factory(model, opts.threads), axes, _feeds(data, input_specs(model), opts.max_samples),
+                          reservoir=opts.reservoir, progress="calibrating" if opts.progress else None)
+
+
+# --- 3. plan -----------------------------------------------------------------------------------
+
+def weight_bits_for(opts: QuantizeOptions) -> tuple[int, str]:
+    isa = opts.isa or host_isa()
+    if str(opts.weight_bits) != "auto":
+        return int(opts.weight_bits), f"set by option ({isa.describe()})"
+    if isa.u8s8_saturates:
+        return 7, (f"{isa.describe()}: u8×s8 pairs are summed in int16 (VPMADDUBSW) and can saturate; "
+                   "7-bit weights keep every pair sum in range")
+    return 8, f"{isa.describe()}: int8 dot products accumulate in int32, full 8-bit weights"
+
+
+def _matmul_weight(model_nodes: Mapping[str, ir.Node], layer: Layer) -> tuple[np.ndarray, np.ndarray | None]:
+    node = model_nodes[layer.node]
+    b = node.inputs[1].const_value.numpy().astype(np.float32)
+    if node.op_type == "Gemm":
+        t = node.attributes.get("transB")
+        w = b.T if (t is not None and t.as_int()) else b
+        bias = node.inputs[2].const_value.numpy().reshape(-1) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        return w, (np.broadcast_to(bias, (w.shape[1],)).astype(np.float32) if bias is not None else None)
+    add = bias_add(node)
+    if add is None:
+        return b, None
+    other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
+    return b, other.const_value.numpy().astype(np.float32).reshape(-1)
+
+
+def _fake_quant_act(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    scale, zp = uint8_qparams(lo, hi)
+    return (np.clip(np.round(x / scale) + int(zp), 0, 255) - int(zp)) * scale
+
+
+def _simulated_error(x: np.ndarray, ws: Sequence[np.ndarray], s: np.ndarray | None, st: ActivationStats,
+                     bits: int, per_channel: bool) -> tuple[float, list[np.ndarray]]:
+    """Relative squared output error of int8 x·W over all consumers W, and each consumer's mean error."""
+    div = np.ones(x.shape[1], np.float32) if s is None else s
+    lo, hi = float((st.ch_min / div).min()), float((st.ch_max / div).max())
+    xq = _fake_quant_act(x / div, lo, hi)
+    num = den = 0.0
+    means = []
+    for w in ws:
+        y = x @ w
+        wq, sc = quantize_weight(w * div[:, None], bits, axis=1, per_channel=per_channel)
+        diff = xq @ (wq.astype(np.float32) * sc) - y
+        num += float((diff ** 2).sum())
+        den += float((y ** 2).sum())
+        means.append(diff.mean(0))
+    return num / max(den, 1e-30), means
+
+
+def _smoothing(alpha: float, st: ActivationStats, ws: Sequence[np.ndarray]) -> np.ndarray:
+    wmax = np.max([np.abs(w).max(1) for w in ws], axis=0)
+    s = np.maximum(st.ch_absmax, 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1 - alpha)
+    return np.clip(s, 1e-2, 1e2).astype(np.float32)
+
+
+def make_plan(model: ir.Model, layers: Sequence[Layer], stats: Mapping[str, ActivationStats], opts: QuantizeOptions,
+              data: Dataset | None = None) -> tuple[dict[str, LayerPlan], list[dict[str, Any]]]:
+    """Per-layer parameters and a row per layer saying what was chosen and why."""
+    bits, _ = weight_bits_for(opts)
+    nodes = {n.name: n for n in model.graph}
+    by_act: dict[str, list[Layer]] = {}
+    for layer in layers:
+        by_act.setdefault(layer.act, []).append(layer)
+    smooth: dict[str, np.ndarray] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for act, group in by_act.items():
+        mm = [l for l in group if l.family == "matmul"]
+        if not mm or opts.smooth == "off":
+            continue
+        st = stats[act]
+        ws = [_matmul_weight(nodes, l)[0] for l in mm]
+        rows = st.rows
+        base, _ = _simulated_error(rows, ws, None, st, bits, opts.per_channel)
+        alphas = ALPHAS if opts.smooth == "auto" else (float(opts.smooth),)
+        best = (base if opts.smooth == "auto" else np.inf, None, None)
+        for a in alphas:
+            s = _smoothing(a, st, ws)
+            err, _ = _simulated_error(rows, ws, s, st, bits, opts.per_channel)
+            if err < best[0]:
+                best = (err, a, s)
+        if best[2] is not None:
+            smooth[act] = best[2]
+        info[act] = {"sim error": best[0], "sim error unsmoothed": base, "alpha": best[1]}
+    if opts.method != "minmax" and data is not None:
+        collect_histograms(_session_factory(model, opts.threads), stats,
+                           _feeds(data, input_specs(model), opts.max_samples), smooth,
+                           progress="histograms" if opts.progress else None)
+    plan: dict[str, LayerPlan] = {}
+    rows: list[dict[str, Any]] = []
+    for layer in layers:
+        st = stats[layer.act]
+        s = smooth.get(layer.act)
+        lo, hi = choose_range(st, opts.method, opts.percentile, s)
+        scale, zp = uint8_qparams(lo, hi)
+        lp = LayerPlan(layer.node, "conv" if layer.op == "Conv" else ("gemm" if layer.op == "Gemm" else "matmul"),
+                       layer.act, float(scale), int(zp), bits, opts.per_channel, s)
+        row = {"layer": layer.node, "op": layer.op, "family": layer.family, "act range": f"[{lo:.3g}, {hi:.3g}]"}
+        if layer.family == "matmul":
+            row.update(_plan_bias_correction(lp, nodes, layer, st, opts))
+            row["smoothquant α"] = info.get(layer.act, {}).get("alpha")
+            row["sim error"] = info.get(layer.act, {}).get("sim error")
+        else:
+            ost = stats[layer.out_value]
+            olo, ohi = choose_range(ost, "minmax")
+            lp.out_scale, lp.out_zp = (float(v) for v in uint8_qparams(olo, ohi))
+            lp.out_after = layer.out_after
+        plan[layer.node] = lp
+        rows.append(row)
+    return plan, rows
+
+
+def _plan_bias_correction(lp: LayerPlan, nodes, layer: Layer, st: ActivationStats, opts: QuantizeOptions) -> dict[str, Any]:
+    if opts.bias_correction == "off" or st.rows is None or len(st.rows) < 4:
+        return {"bias corrected": False}
+    w, _ = _matmul_weight(nodes, layer)
+    fit, check = st.rows[0::2], st.rows[1::2]
+    _, (delta,) = _simulated_error(fit, [w], lp.smooth, st, lp.weight_bits, lp.per_channel)
+    if opts.bias_correction == "auto":
+        before, _ = _simulated_error(check, [w], lp.smooth, st, lp.weight_bits, lp.per_channel)
+        after = _corrected_error(check, w, lp, st, delta)
+        if after >= before:
+            return {"bias corrected": False}
+    lp.bias_delta = delta.astype(np.float32)
+    return {"bias corrected": True}
+
+
+def _corrected_error(x, w, lp: LayerPlan, st: ActivationStats, delta: np.ndarray) -> float:
+    div = np.ones(x.shape[1], np.float32) if lp.smooth is None else lp.smooth
+    lo, hi = float((st.ch_min / div).min()), float((st.ch_max / div).max())
+    y = x @ w
+    wq, sc = quantize_weight(w * div[:, None], lp.weight_bits, axis=1, per_channel=lp.per_channel)
+    diff = _fake_quant_act(x / div, lo, hi) @ (wq.astype(np.float32) * sc) - delta - y
+    return float((diff ** 2).sum()) / max(float((y ** 2).sum()), 1e-30)
+
+
+def build(model: ir.Model, plan: Mapping[str, LayerPlan]) -> ir.Model:
+    """A quantized copy of ``model`` (the float model is untouched)."""
+    return run_pass(QuantizeStaticPass(plan=plan), model.clone()).model
+
+
+# --- 4. op families by measured latency -----------------------------------------------------
+
+def choose_families(model: ir.Model, layers: Sequence[Layer], plan: Mapping[str, LayerPlan], feed,
+                    opts: QuantizeOptions) -> tuple[set[str], list[dict[str, Any]]]:
+    """Families to quantize, and a row per family with the measured latency ratio."""
+    from edgecomp.bench import benchmark
+
+    present = [f for f in FAMILIES if any(l.family == f for l in layers)]
+    if opts.families == "all":
+        return set(present), [{"family": f, "decision": "int8", "reason": "--families all"} for f in present]
+    if opts.families != "auto":
+        wanted = set(opts.families.split(","))
+        return wanted & set(present), [{"family": f, "decision": "int8" if f in wanted else "float",
+                                        "reason": "--families"} for f in present]
+    variants = [model]
+    for f in present:
+        variants.append(build(model, {k: v for k, v in plan.items() if _family(layers, k) == f}))
+    t0 = time.perf_counter()
+    make_session(model, threads=opts.threads).run(None, feed)
+    probe = max(time.perf_counter() - t0, 1e-4)
+    runs = int(np.clip(1.5 / probe, 15, 300))
+    res = benchmark(variants, threads=opts.threads, warmup=3, runs=runs, feed=feed,
+                    labels=["float"] + present)
+    chosen, rows = set(), []
+    for f, stat in zip(present, res.models[1:]):
+        faster = stat.ratio_to_first < 0.97
+        if faster:
+            chosen.add(f)
+        rows.append({"family": f, "latency ratio (int8 alone / float)": stat.ratio_to_first,
+                     "decision": "int8" if faster else "float",
+                     "reason": "measurably faster" if faster else "not faster in int8 on this CPU: kept float"})
+    return chosen, rows
+
+
+def _family(layers: Sequence[Layer], node: str) -> str:
+    return next(l.family for l in layers if l.node == node)
+
+
+# --- 5. accuracy-aware fallback -------------------------------------------------------------
+
+class Evaluator:
+    """Scores a candidate against the float model's first output on evaluation feeds."""
+
+    def __init__(self, model: ir.Model, feeds: list, metric: str, labels: np.ndarray | None, threads: int):
+        if metric not in METRICS:
+            raise ConfigError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
+        if not feeds:
+            raise DataError("--eval DATA holds no samples")
+        self.feeds, self.metric, self.labels, self.threads = feeds, metric, labels, threads
+        self.ref = self._outputs(model)
+        self.ref_score = self._score(self.ref)
+
+    def _outputs(self, model: ir.Model) -> list[np.ndarray]:
+        s = make_session(model, threads=self.threads)
+        return [run_feed(s, f)[0] for f in self.feeds]
+
+    def _score(self, outs: list[np.ndarray]) -> float:
+        from edgecomp.validate import cosine_rows
+
+        if self.metric == "cosine":
+            return float(np.mean(np.concatenate([cosine_rows(r, o) for r, o in zip(self.ref, outs)])))
+        if self.metric == "mae":
+            return float(np.mean([np.abs(r - o).mean() for r, o in zip(self.ref, outs)]))
+        pred = np.concatenate([o.reshape(o.shape[0], -1).argmax(1) for o in outs])
+        if self.labels is not None:
+            return float(np.mean(pred == self.labels[: len(pred)]))
+        ref = np.concatenate([r.reshape(r.shape[0], -1).argmax(1) for r in self.ref])
+        return float(np.mean(pred == ref))
+
+    def drop(self, model: ir.Model) -> tuple[float, float]:
+        """(score, loss vs fp32) — loss is 1-cos, accuracy points lost, or the MAE itself."""
+        score = self._score(self._outputs(model))
+        if self.metric == "mae":
+            return score, score
+        return score, self.ref_score - score
+
+
+def fit_tolerance(model: ir.Model, plan: dict[str, LayerPlan], evaluator: Evaluator, tolerance: float,
+                  progress: bool = False) -> tuple[dict[str, LayerPlan], dict[str, float], list[str], bool, float]:
+    """Keep the most sensitive layers float until the loss is within ``tolerance``.
+
+    Returns (final plan, sensitivity per layer, layers kept float, met, final loss). Sensitivity
+    is the loss with only that layer quantized. Float layers are added in order of sensitivity,
+    doubling the count, then bisecting to the fewest that meet the tolerance.
+    """
+    from tqdm import tqdm
+
+    _, loss = evaluator.drop(build(model, plan))
+    if loss <= tolerance:
+        return plan, {}, [], True, loss
+    sens = {}
+    for name in tqdm(list(plan), desc="sensitivity", disable=not progress, leave=False):
+        sens[name] = evaluator.drop(build(model, {name: plan[name]}))[1]
+    order = sorted(plan, key=lambda n: -sens[n])
+
+    def trial(k: int) -> float:
+        keep = set(order[:k])
+        return evaluator.drop(build(model, {n: p for n, p in plan.items() if n not in keep}))[1]
+
+    losses = {0: loss}
+    k = 1
+    while k < len(order):
+        losses[k] = trial(k)
+        if losses[k] <= tolerance:
+            break
+        k *= 2
+    else:
+        k = len(order)
+        losses[k] = 0.0 if evaluator.metric != "mae" else trial(k)
+    lo = max((j for j in losses if j < k), default=0)
+    while k - lo > 1 and losses[k] <= tolerance:
+        mid = (lo + k) // 2
+        losses[mid] = trial(mid)
+        if losses[mid] <= tolerance:
+            k = mid
+        else:
+            lo = mid
+    met_ks = [j for j, v in losses.items() if v <= tolerance]
+    best_k = min(met_ks) if met_ks else min(losses, key=lambda j: losses[j])
+    keep = order[:best_k]
+    final = {n: p for n, p in plan.items() if n not in set(keep)}
+    return final, sens, keep, bool(met_ks), losses[best_k]
+
+
+# --- all together ---------------------------------------------------------------------------
+
+def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions, *,
+                   eval_data: Dataset | None = None, metric: str = "cosine", tolerance: float | None = None,
+                   labels: np.ndarray | None = None) -> QuantizeResult:
+    """The whole static quantization of ``model`` (a float model; it is modified in place by the cleanup)."""
+    opts.validate()
+    if any(n.op_type in QUANTIZED_OPS for n in model.graph):
+        raise PassFailed("the model is already quantized; give the float model")
+    specs = input_specs(model)
+    calibration.check_against(specs)
+    if eval_data is not None:
+        eval_data.check_against(specs)
+    t0 = time.perf_counter()
+    cleanup = run_pass(OptimizeGraphPass(), model)
+    ir.passes.common.NameFixPass()(model)
+    layers, skipped = find_layers(model)
+    excluded = [l for l in layers if any(re.search(p, l.node) for p in opts.exclude)]
+    layers = [l for l in layers if l not in excluded]
+    if not layers:
+        raise PassFailed("no quantizable layer (MatMul/Gemm with constant weights or 2-D Conv) in the model")
+    stats = calibrate(model, layers, calibration, opts)
+    plan, rows = make_plan(model, layers, stats, opts, calibration)
+    feed = next(iter(calibration.feeds_for(specs)))
+    families, family_rows = choose_families(model, layers, plan, feed, opts)
+    plan = {k: v for k, v in plan.items() if _family(layers, k) in families}
+    met, loss, sens, kept = None, None, {}, []
+    if eval_data is not None and tolerance is not None and plan:
+        evaluator = Evaluator(model, list(eval_data.feeds_for(specs)), metric, labels, opts.threads)
+        plan, sens, kept, met, loss = fit_tolerance(model, plan, evaluator, tolerance, opts.progress)
+    for row in rows:
+        name = row["layer"]
+        if name in sens:
+            row["sensitivity"] = sens[name]
+        if name in plan:
+            row["decision"], row["reason"] = "int8", "quantized"
+        elif name in kept:
+            row["decision"], row["reason"] = "float", "among the most sensitive: kept float to meet the tolerance"
+        else:
+            row["decision"], row["reason"] = "float", f"{row['family']} family not faster in int8 on this CPU"
+    rows += [{"layer": l.node, "op": l.op, "family": l.family, "decision": "float", "reason": "--exclude"}
+             for l in excluded]
+    rows += skipped
+    quantized = build(model, plan) if plan else model
+    bits, bits_reason = weight_bits_for(opts)
+    summary = {"layers int8": len(plan), "layers float": len(rows) - len(plan), "weight bits": bits,
+               "weight bits reason": bits_reason, "activations": "uint8 asymmetric, per tensor, static",
+               "method": opts.method, "calibration samples": min(len(calibration), opts.max_samples or 10**9),
+               "cleanup": cleanup.summary, "seconds": round(time.perf_counter() - t0, 1)}
+    if loss is not None:
+        summary.update({"metric": metric, "tolerance": tolerance, "loss": loss, "met tolerance": met})
+    return QuantizeResult(quantized, plan, rows, summary, family_rows, met)
+
+
+def quantize_dynamic_ort(src: str, dst: str, isa: Isa | None = None) -> None:
+    """onnxruntime's dynamic quantization (per channel; reduce_range where u8s8 saturates), for
+    side-by-side comparison only — edgecomp never falls back to it silently."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edgecomp.io import atomic_path
+
+    isa = isa or host_isa()
+    try:
+        with atomic_path(dst, suffix=".onnx") as tmp:
+            quantize_dynamic(src, str(tmp), per_channel=True, reduce_range=isa.u8s8_saturates,
+                             weight_type=QuantType.QInt8,
+                             extra_options={"DefaultTensorType": 1})  # FLOAT when shape inference misses a type
+    except Exception as e:
+        raise PassFailed(f"onnxruntime quantize_dynamic failed: {type(e).__name__}: {e}") from e
