@@ -99,14 +99,15 @@ def export(spec, output, hf_path, hf_output, inputs, dynamic, opset, exporter, a
     """Export a PyTorch model to ONNX and check it against torch in onnxruntime.
 
     SPEC is package.module:factory or path/to/file.py:factory; the factory returns an
-    nn.Module or (module, example_inputs).
+    nn.Module or (module, example_inputs). For --hf, auto tries TorchScript first (its graph
+    runs faster in onnxruntime; see HF_AUTO_ORDER).
 
     Example:
 
         edgecomp export models.mobilenet_v2:imagenet_224 -o mnv2.onnx --dynamic x:0=batch
     """
     from edgecomp.errors import SpecError
-    from edgecomp.export import export_model, export_spec, hf_encoder
+    from edgecomp.export import HF_AUTO_ORDER, export_model, export_spec, hf_encoder
 
     shapes = _parse_shapes(inputs, "--input")
     axes: dict[str, dict[int, str]] = {}
@@ -124,7 +125,7 @@ def export(spec, output, hf_path, hf_output, inputs, dynamic, opset, exporter, a
         module, example = hf_encoder(hf_path, hf_output)
         for name in example:
             axes.setdefault(name, {0: "batch", 1: "sequence"})
-        res = export_model(module, example, output, protect=[hf_path], **kwargs)
+        res = export_model(module, example, output, protect=[hf_path], auto_order=HF_AUTO_ORDER, **kwargs)
     elif spec:
         res = export_spec(spec, output, **kwargs)
     else:
@@ -263,6 +264,7 @@ def inspect(model, shapes, no_macs, json_path):
 @click.option("--families", default="auto", show_default=True,
               help="Op families to quantize: auto (those measured faster in int8), all, or e.g. matmul,conv.")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Keep layers whose node name matches float.")
+@click.option("--no-embeddings", is_flag=True, help="Keep embedding tables (Gather) float.")
 @click.option("--max-samples", type=click.IntRange(1), help="Use at most this many calibration samples.")
 @click.option("--eval", "eval_data", type=click.Path(), help="DATA for accuracy-aware fallback (held out).")
 @click.option("--labels", type=click.Path(), help="Labels for --eval (makes --metric top1 task accuracy).")
@@ -275,7 +277,7 @@ def inspect(model, shapes, no_macs, json_path):
 @_threads_option
 @_json_option
 def quantize(model, output, calibration, method, percentile, per_tensor, weight_bits, smooth, bias_correction,
-             families, exclude, max_samples, eval_data, labels, metric, tolerance, target, targets_file, mode,
+             families, exclude, no_embeddings, max_samples, eval_data, labels, metric, tolerance, target, targets_file, mode,
              threads, json_path):
     """Static int8 quantization, calibrated and accuracy-aware, in onnxruntime's fast form.
 
@@ -302,6 +304,7 @@ def quantize(model, output, calibration, method, percentile, per_tensor, weight_
     m = load_model(model)
     opts = QuantizeOptions(method=method, percentile=percentile, per_channel=not per_tensor, weight_bits=weight_bits,
                            smooth=smooth, bias_correction=bias_correction, families=families, exclude=tuple(exclude),
+                           embeddings=not no_embeddings,
                            max_samples=max_samples, isa=profile.isa if profile else None,
                            threads=threads or 1, progress=True)
     calib = load_data(calibration)
@@ -318,9 +321,12 @@ def quantize(model, output, calibration, method, percentile, per_tensor, weight_
     cols = ["layer", "op", "family", "decision", "reason", "sensitivity", "smoothquant α", "bias corrected",
             "act range", "sim error"]
     click.echo(rpt.table([{c: r.get(c) for c in cols} for r in result.rows], title="layers:"))
+    if result.embeddings:
+        click.echo(rpt.table(result.embeddings, title="embedding tables:"))
     click.echo(", ".join(f"{k}: {v}" for k, v in result.summary.items() if k != "cleanup"))
     click.echo(f"wrote {output}")
-    _write_json(json_path, {"summary": result.summary, "families": result.families, "layers": result.rows})
+    _write_json(json_path, {"summary": result.summary, "families": result.families, "layers": result.rows,
+                            "embeddings": result.embeddings})
     if result.met_tolerance is False:
         raise click.exceptions.Exit(3)
 

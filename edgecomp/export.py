@@ -31,7 +31,13 @@ from edgecomp.errors import ExportError, ParityError, SpecError
 from edgecomp.io import save_model
 from edgecomp.runtime import make_session, run_feed
 
-__all__ = ["ExportResult", "load_spec", "export_model", "export_spec", "hf_encoder", "DEFAULT_OPSET"]
+__all__ = ["ExportResult", "load_spec", "export_model", "export_spec", "hf_encoder", "DEFAULT_OPSET", "HF_AUTO_ORDER"]
+
+#: For Hugging Face encoders ``auto`` tries TorchScript first. Measured here (onnxruntime 1.32,
+#: all-MiniLM-L6-v2, seq 128, 1 thread): onnxruntime fuses the dynamo graph's residual Add +
+#: LayerNormalization into SkipLayerNormalization, which ran ~10x slower than LayerNorm + Add,
+#: making the fp32 model 16% and the int8 model 36% slower than from the TorchScript graph.
+HF_AUTO_ORDER = ("torchscript", "dynamo")
 
 DEFAULT_OPSET = 18
 
@@ -175,8 +181,12 @@ def export_model(module: Any, example: Any, out: str | os.PathLike, *,
                  input_shapes: Mapping[str, tuple] | None = None,
                  dynamic: Mapping[str, Mapping[int, str]] | None = None,
                  opset: int = DEFAULT_OPSET, exporter: str = "auto",
-                 atol: float = 1e-4, rtol: float = 1e-3, protect: Sequence[str | os.PathLike] = ()) -> ExportResult:
-    """Export ``module`` to ``out`` and check it against torch in onnxruntime."""
+                 atol: float = 1e-4, rtol: float = 1e-3, protect: Sequence[str | os.PathLike] = (),
+                 auto_order: Sequence[str] = ("dynamo", "torchscript")) -> ExportResult:
+    """Export ``module`` to ``out`` and check it against torch in onnxruntime.
+
+    ``auto_order`` is the order ``exporter="auto"`` tries the exporters in.
+    """
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise ExportError(f"unknown exporter {exporter!r}; use auto, dynamo or torchscript")
     t0 = time.perf_counter()
@@ -185,7 +195,7 @@ def export_model(module: Any, example: Any, out: str | os.PathLike, *,
     ref = _torch_outputs(module, args)
     out_names = ["output"] if len(ref) == 1 else [f"output_{i}" for i in range(len(ref))]
     axes = _dynamic_axes(names, dynamic or {})
-    order = {"auto": ("dynamo", "torchscript"), "dynamo": ("dynamo",), "torchscript": ("torchscript",)}[exporter]
+    order = {"auto": tuple(auto_order), "dynamo": ("dynamo",), "torchscript": ("torchscript",)}[exporter]
     fns = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
     reasons = []
     model = used = None

@@ -37,7 +37,7 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, 
     """A left-aligned text table of dict rows."""
     if not rows:
         return (title + "\n" if title else "") + "(empty)"
-    cols = list(columns or rows[0].keys())
+    cols = list(columns or dict.fromkeys(k for r in rows for k in r))
     cells = [[_cell(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = [title] if title else []

@@ -128,6 +128,7 @@ class QuantizeStaticPass(EdgecompPass):
             if MS_DOMAIN not in model.opset_imports and any(p.kind != "conv" for p in self.plan.values()):
                 model.opset_imports[MS_DOMAIN] = 1
             model.graph.sort()
+            ir.passes.common.RemoveUnusedNodesPass()(model)  # the float weights
         return self.report(model, bool(self.plan), {"quantized layers": len(self.plan),
                                                     "quantize ops": builder.quantize_ops}, rows)
 
