@@ -197,18 +197,21 @@ def _mse_score(hist: np.ndarray, edges: np.ndarray, lo: float, hi: float) -> flo
 
 
 def _kl_score(hist: np.ndarray, edges: np.ndarray, lo: float, hi: float) -> float:
-    """KL(P || Q): P = histogram clipped to [lo, hi] (outliers folded into the edge bins), Q = P
-    merged into 256 quantization levels and spread back uniformly over each level's non-empty bins."""
+    """KL(P || Q) as in TensorRT's entropy calibration: P = the histogram inside [lo, hi] with the
+    clipped outliers added to its edge bins; Q = the inside histogram *without* them, merged into
+    256 levels and spread uniformly over each level's non-empty bins. Ranges narrower than 256
+    bins are not candidates (Q would equal P and clipping would look free)."""
     centers = (edges[:-1] + edges[1:]) / 2
     inside = (centers >= lo) & (centers <= hi)
-    if inside.sum() < 2:
+    if inside.sum() < 256:
         return np.inf
-    p = hist[inside].astype(np.float64)
+    q_src = hist[inside].astype(np.float64)
+    p = q_src.copy()
     p[0] += hist[centers < lo].sum()
     p[-1] += hist[centers > hi].sum()
     level = np.minimum(((centers[inside] - lo) / max(hi - lo, 1e-12) * 256).astype(np.int64), 255)
-    nonzero = p > 0
-    level_mass = np.bincount(level, weights=p, minlength=256)
+    nonzero = q_src > 0
+    level_mass = np.bincount(level, weights=q_src, minlength=256)
     level_bins = np.bincount(level, weights=nonzero.astype(np.float64), minlength=256)
     q = np.where(nonzero, level_mass[level] / np.maximum(level_bins[level], 1), 0.0)
     p_sum, q_sum = p.sum(), q.sum()

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.calibration import ActivationStats, choose_range, collect_histograms, collect_ranges, uint8_qparams
 from edgecomp.data import Dataset, input_specs
@@ -327,9 +328,13 @@ def _corrected_error(x, w, lp: LayerPlan, st: ActivationStats, delta: np.ndarray
     return float((diff ** 2).sum()) / max(float((y ** 2).sum()), 1e-30)
 
 
-def build(model: ir.Model, plan: Mapping[str, LayerPlan]) -> ir.Model:
-    """A quantized copy of ``model`` (the float model is untouched)."""
-    return run_pass(QuantizeStaticPass(plan=plan), model.clone()).model
+def build(model: ir.Model, plan: Mapping[str, LayerPlan], embeddings: bool = False) -> ir.Model:
+    """A quantized copy of ``model`` (the float model is untouched); ``embeddings`` also stores
+    embedding tables in row-wise int8."""
+    out = run_pass(QuantizeStaticPass(plan=plan), model.clone()).model
+    if embeddings:
+        out = run_pass(QuantizeEmbeddingsPass(bits=8), out).model
+    return out
 
 
 # --- 4. op families by measured latency -----------------------------------------------------
@@ -417,7 +422,7 @@ class Evaluator:
 
 
 def fit_tolerance(model: ir.Model, plan: dict[str, LayerPlan], evaluator: Evaluator, tolerance: float,
-                  progress: bool = False) -> tuple[dict[str, LayerPlan], dict[str, float], list[str], bool, float]:
+                  progress: bool = False, embeddings: bool = False) -> tuple[dict[str, LayerPlan], dict[str, float], list[str], bool, float]:
     """Keep the most sensitive layers float until the loss is within ``tolerance``.
 
     Returns (final plan, sensitivity per layer, layers kept float, met, final loss). Sensitivity
@@ -426,7 +431,7 @@ def fit_tolerance(model: ir.Model, plan: dict[str, LayerPlan], evaluator: Evalua
     """
     from tqdm import tqdm
 
-    _, loss = evaluator.drop(build(model, plan))
+    _, loss = evaluator.drop(build(model, plan, embeddings))
     if loss <= tolerance:
         return plan, {}, [], True, loss
     sens = {}
@@ -436,7 +441,7 @@ def fit_tolerance(model: ir.Model, plan: dict[str, LayerPlan], evaluator: Evalua
 
     def trial(k: int) -> float:
         keep = set(order[:k])
-        return evaluator.drop(build(model, {n: p for n, p in plan.items() if n not in keep}))[1]
+        return evaluator.drop(build(model, {n: p for n, p in plan.items() if n not in keep}, embeddings))[1]
 
     losses = {0: loss}
     k = 1
@@ -447,7 +452,7 @@ def fit_tolerance(model: ir.Model, plan: dict[str, LayerPlan], evaluator: Evalua
         k *= 2
     else:
         k = len(order)
-        losses[k] = 0.0 if evaluator.metric != "mae" else trial(k)
+        losses[k] = trial(k)
     lo = max((j for j in losses if j < k), default=0)
     while k - lo > 1 and losses[k] <= tolerance:
         mid = (lo + k) // 2
@@ -472,6 +477,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     opts.validate()
     if any(n.op_type in QUANTIZED_OPS for n in model.graph):
         raise PassFailed("the model is already quantized; give the float model")
+    if tolerance is not None and tolerance < 0:
+        raise ConfigError("--tolerance must be >= 0")
     specs = input_specs(model)
     calibration.check_against(specs)
     if eval_data is not None:
@@ -492,7 +499,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     met, loss, sens, kept = None, None, {}, []
     if eval_data is not None and tolerance is not None and plan:
         evaluator = Evaluator(model, list(eval_data.feeds_for(specs)), metric, labels, opts.threads)
-        plan, sens, kept, met, loss = fit_tolerance(model, plan, evaluator, tolerance, opts.progress)
+        plan, sens, kept, met, loss = fit_tolerance(model, plan, evaluator, tolerance, opts.progress, opts.embeddings)
     for row in rows:
         name = row["layer"]
         if name in sens:

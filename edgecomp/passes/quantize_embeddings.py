@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.errors import PassFailed
 from edgecomp.passes.base import EdgecompPass, PassReport
@@ -171,6 +172,7 @@ class QuantizeEmbeddingsPass(EdgecompPass):
             y = g.op("Reshape", [y, g.const(np.array([0] * rank + [dim], np.int64))])
         out = gather.outputs[0]
         name = out.name
+        y.type, y.shape = out.type, out.shape
         out.replace_all_uses_with(y, replace_graph_outputs=True)
         model.graph.remove(gather, safe=True)
         y.name = name

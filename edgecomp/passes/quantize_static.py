@@ -38,6 +38,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.errors import PassFailed
 from edgecomp.passes.base import EdgecompPass, PassReport
@@ -231,6 +232,7 @@ class _Builder:
         self.quantize_ops += 1
         for use in consumers_before:
             use.node.replace_input_with(use.idx, dq)
+        dq.type, dq.shape = y.type, y.shape
         if y.is_graph_output():
             _replace(self.graph, y, dq)
 
@@ -272,7 +274,8 @@ def bias_add(node: ir.Node) -> ir.Node | None:
 
 
 def _replace(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """Point every use of ``old`` at ``new``; a graph output keeps its name."""
+    """Point every use of ``old`` at ``new`` (same tensor); a graph output keeps its name."""
+    new.type, new.shape = old.type, old.shape
     if old.is_graph_output():
         name = old.name
         old.replace_all_uses_with(new, replace_graph_outputs=True)
