@@ -1,0 +1,182 @@
+"""What the embedding passes share: finding tables (and the output projections tied to them),
+emitting nodes next to an anchor, and reading stored (possibly quantized) rows back in the graph.
+
+An embedding table is a constant float initializer [V, D] read by ``Gather(table, ids, axis=0)``
+with integer ``ids`` computed at run time. A table is *tied* when it also feeds an output
+projection (an LM head) computing ``x @ table^T``, recognised in two forms:
+``MatMul(x, Transpose(table, perm=[1, 0]))`` and ``Gemm(x, table, transB=1)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from edgecomp.errors import PassFailed
+
+__all__ = ["EmbeddingTable", "find_embedding_tables", "Emitter", "rank_of", "gather_rows", "register_const",
+           "replace_output"]
+
+
+@dataclasses.dataclass
+class EmbeddingTable:
+    """A table, the Gathers that read it, and the head nodes (Transpose or Gemm) tied to it."""
+
+    value: ir.Value
+    gathers: list[ir.Node]
+    heads: list[ir.Node] = dataclasses.field(default_factory=list)
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.value.const_value.numpy()
+
+    def row(self, **extra: Any) -> dict[str, Any]:
+        rows, dim = self.value.const_value.shape.numpy()
+        return {"table": self.value.name, "rows": rows, "dim": dim, **extra}
+
+
+def find_embedding_tables(model: ir.Model, min_rows: int = 0,
+                          tied: bool = False) -> tuple[list[EmbeddingTable], list[dict[str, Any]]]:
+    """The embedding tables of ``model``, and a row for each table left alone with the reason.
+
+    With ``tied=False`` a table with any use besides Gather is left whole; with ``tied=True`` a
+    table whose other uses are recognised output projections is returned with them as ``heads``.
+    """
+    found, skipped = [], []
+    for value in model.graph.initializers.values():
+        t = value.const_value
+        if t is None or len(t.shape) != 2 or not t.dtype.is_floating_point():
+            continue
+        uses = list(value.uses())
+        gathers = [u.node for u in uses if u.node.op_type == "Gather" and u.idx == 0 and _default_domain(u.node)
+                   and _int_attr(u.node, "axis", 0) == 0 and u.node.inputs[1].const_value is None]
+        if not gathers:
+            continue
+        rows, dim = t.shape.numpy()
+        others = [u for u in uses if u.node not in gathers]
+        heads = [u.node for u in others if _is_head(u)]
+        if others and (not tied or len(heads) != len(others)):
+            names = sorted({u.node.op_type for u in others})
+            why = "not as an output projection x @ table^T" if tied else "(tied table)"
+            skipped.append({"table": value.name, "rows": rows, "dim": dim, "decision": "left whole",
+                            "reason": f"also used by {', '.join(names)} {why}"})
+            continue
+        if rows < min_rows:
+            skipped.append({"table": value.name, "rows": rows, "dim": dim, "decision": "left whole",
+                            "reason": f"fewer than {min_rows} rows"})
+            continue
+        found.append(EmbeddingTable(value, gathers, heads))
+    return found, skipped
+
+
+def _default_domain(node: ir.Node) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
+def _int_attr(node: ir.Node, name: str, default: int) -> int:
+    a = node.attributes.get(name)
+    return a.as_int() if a is not None else default
+
+
+def _is_head(use) -> bool:
+    node = use.node
+    if not _default_domain(node) or use.idx != (0 if node.op_type == "Transpose" else 1):
+        return False
+    if node.op_type == "Gemm":
+        return _int_attr(node, "transB", 0) == 1 and _int_attr(node, "transA", 0) == 0
+    if node.op_type == "Transpose":
+        perm = node.attributes.get("perm")
+        if perm is not None and list(perm.as_ints()) != [1, 0]:
+            return False
+        return all(u.node.op_type == "MatMul" and u.idx == 1 for u in node.outputs[0].uses())
+    return False
+
+
+def rank_of(v: ir.Value) -> int | None:
+    return len(v.shape) if v.shape is not None else None
+
+
+def register_const(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
+    v = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    model.graph.register_initializer(v)
+    return v
+
+
+def replace_output(model: ir.Model, node: ir.Node, y: ir.Value) -> None:
+    """Make ``y`` take the place (uses, name, type) of ``node``'s output, and drop ``node``."""
+    out = node.outputs[0]
+    name = out.name
+    y.type, y.shape = out.type, out.shape
+    out.replace_all_uses_with(y, replace_graph_outputs=True)
+    model.graph.remove(node, safe=True)
+    y.name = name
+
+
+class Emitter:
+    """Inserts nodes right before ``anchor`` with names derived from it."""
+
+    def __init__(self, graph: ir.Graph, anchor: ir.Node):
+        self.graph, self.anchor, self.n = graph, anchor, 0
+
+    def _name(self, op: str) -> str:
+        self.n += 1
+        return f"{self.anchor.name}_{op}_{self.n}"
+
+    def const(self, array: np.ndarray) -> ir.Value:
+        name = self._name("const")
+        v = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        self.graph.register_initializer(v)
+        return v
+
+    def op(self, op_type: str, inputs, **attrs) -> ir.Value:
+        name = self._name(op_type)
+        node = ir.node(op_type, inputs, attributes=attrs or None, name=name, num_outputs=1)
+        node.outputs[0].name = f"{name}_out"
+        self.graph.insert_before(self.anchor, node)
+        return node.outputs[0]
+
+
+def gather_rows(g: Emitter, consts: dict[str, ir.Value], ids: ir.Value | None, *, bits: int | None,
+                block: int | None, dim: int, dtype: ir.DataType = ir.DataType.FLOAT) -> ir.Value:
+    """Emit the float rows ``ids`` of a stored table (``ids=None``: the whole table).
+
+    ``consts`` holds ``table`` (float) or what :func:`quantize_rows` stores (``q``, ``scale``,
+    and ``lo`` for 4 bits); only the gathered rows are unpacked and dequantized.
+    """
+    lead = 1 if ids is None else rank_of(ids)
+
+    def take(c: ir.Value) -> ir.Value:
+        return c if ids is None else g.op("Gather", [c, ids], axis=0)
+
+    if bits is None:
+        return take(consts["table"])
+    b = block or dim
+    blocked = b != dim
+    if lead is None and (blocked or bits == 4):
+        raise PassFailed(f"cannot rewrite {g.anchor.name}: the rank of its indices is unknown")
+    q = take(consts["q"])
+    if bits == 4:
+        low = g.op("BitwiseAnd", [q, g.const(np.array(0x0F, np.uint8))])
+        high = g.op("BitShift", [q, g.const(np.array(4, np.uint8))], direction="RIGHT")
+        pair = g.op("Concat", [g.op("Unsqueeze", [low, g.const(np.array([-1]))]),
+                               g.op("Unsqueeze", [high, g.const(np.array([-1]))])], axis=-1)
+        q = g.op("Reshape", [pair, g.const(np.array([0] * lead + [dim], np.int64))])
+    x = g.op("Cast", [q], to=dtype)
+
+    def side(name: str) -> ir.Value:
+        s = take(consts[name])
+        if consts[name].const_value.dtype != dtype:
+            s = g.op("Cast", [s], to=dtype)
+        return g.op("Unsqueeze", [s, g.const(np.array([-1]))]) if blocked else s
+
+    if blocked:
+        x = g.op("Reshape", [x, g.const(np.array([0] * lead + [dim // b, b], np.int64))])
+    y = g.op("Mul", [x, side("scale")])
+    if bits == 4:
+        y = g.op("Add", [y, side("lo")])
+    if blocked:
+        y = g.op("Reshape", [y, g.const(np.array([0] * lead + [dim], np.int64))])
+    return y
