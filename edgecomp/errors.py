@@ -17,6 +17,7 @@ __all__ = [
     "PassFailed",
     "OutputError",
     "ConfigError",
+    "DistillError",
 ]
 
 
@@ -58,3 +59,7 @@ class OutputError(EdgecompError):
 
 class ConfigError(EdgecompError):
     """A target profile, recipe or option value is invalid."""
+
+
+class DistillError(EdgecompError):
+    """A distillation setup is inconsistent (teacher/student shapes, data, resume checkpoint)."""
