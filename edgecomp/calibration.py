@@ -147,11 +147,12 @@ def collect_histograms(session_factory, stats: Mapping[str, ActivationStats], fe
             stats[n].update_hist(x)
 
 
-def uint8_qparams(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
-    """Scale and zero point of an asymmetric uint8 grid covering [lo, hi] ∋ 0."""
+def uint8_qparams(lo: float, hi: float, levels: int = 255) -> tuple[np.float32, np.uint8]:
+    """Scale and zero point of an asymmetric uint8 grid of ``levels``+1 values (255: all of
+    uint8; 127: 7-bit activations in [0, 127]) covering [lo, hi] ∋ 0."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    scale = (hi - lo) / 255.0 if hi > lo else 1.0
-    zp = int(np.clip(round(-lo / scale), 0, 255))
+    scale = (hi - lo) / levels if hi > lo else 1.0
+    zp = int(np.clip(round(-lo / scale), 0, levels))
     return np.float32(scale), np.uint8(zp)
 
 

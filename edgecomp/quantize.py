@@ -194,14 +194,25 @@ def calibrate(model: ir.Model, layers: Sequence[Layer], data: Dataset, opts: Qua
 
 # --- 3. plan -----------------------------------------------------------------------------------
 
-def weight_bits_for(opts: QuantizeOptions) -> tuple[int, str]:
+def bit_layouts(opts: QuantizeOptions) -> list[tuple[int, int]]:
+    """Candidate (activation bits, weight bits) per activation, safest first."""
     isa = opts.isa or host_isa()
     if str(opts.weight_bits) != "auto":
-        return int(opts.weight_bits), f"set by option ({isa.describe()})"
+        wb = int(opts.weight_bits)
+        return [(8 if (wb == 7 or not isa.u8s8_saturates) else 7, wb)]
     if isa.u8s8_saturates:
-        return 7, (f"{isa.describe()}: u8×s8 pairs are summed in int16 (VPMADDUBSW) and can saturate; "
-                   "7-bit weights keep every pair sum in range")
-    return 8, f"{isa.describe()}: int8 dot products accumulate in int32, full 8-bit weights"
+        return [(8, 7), (7, 8)]
+    return [(8, 8)]
+
+
+def bits_reason(opts: QuantizeOptions) -> str:
+    isa = opts.isa or host_isa()
+    if str(opts.weight_bits) != "auto":
+        return f"--weight-bits {opts.weight_bits} ({isa.describe()})"
+    if isa.u8s8_saturates:
+        return (f"{isa.describe()}: u8×s8 pairs are summed in int16 (VPMADDUBSW) and can saturate; each activation "
+                "uses either 7-bit weights or 7-bit activations, whichever simulates lower error")
+    return f"{isa.describe()}: int8 dot products accumulate in int32, full 8-bit activations and weights"
 
 
 def _matmul_weight(model_nodes: Mapping[str, ir.Node], layer: Layer) -> tuple[np.ndarray, np.ndarray | None]:
@@ -219,23 +230,26 @@ def _matmul_weight(model_nodes: Mapping[str, ir.Node], layer: Layer) -> tuple[np
     return b, other.const_value.numpy().astype(np.float32).reshape(-1)
 
 
-def _fake_quant_act(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    scale, zp = uint8_qparams(lo, hi)
-    return (np.clip(np.round(x / scale) + int(zp), 0, 255) - int(zp)) * scale
+def _fake_quant_act(x: np.ndarray, lo: float, hi: float, levels: int = 255) -> np.ndarray:
+    scale, zp = uint8_qparams(lo, hi, levels)
+    return (np.clip(np.round(x / scale) + int(zp), 0, levels) - int(zp)) * scale
 
 
-def _simulated_error(x: np.ndarray, ws: Sequence[np.ndarray], s: np.ndarray | None, st: ActivationStats,
-                     bits: int, per_channel: bool) -> tuple[float, list[np.ndarray]]:
-    """Relative squared output error of int8 x·W over all consumers W, and each consumer's mean error."""
+def _simulate(x: np.ndarray, ws: Sequence[np.ndarray], s: np.ndarray | None, st: ActivationStats, act_bits: int,
+              w_bits: int, per_channel: bool, deltas: Sequence[np.ndarray] | None = None) -> tuple[float, list[np.ndarray]]:
+    """Relative squared error of the int8 products x·W over all consumers W (minus ``deltas``,
+    the bias corrections), and each consumer's mean output error."""
     div = np.ones(x.shape[1], np.float32) if s is None else s
     lo, hi = float((st.ch_min / div).min()), float((st.ch_max / div).max())
-    xq = _fake_quant_act(x / div, lo, hi)
+    xq = _fake_quant_act(x / div, lo, hi, 255 if act_bits == 8 else 127)
     num = den = 0.0
     means = []
-    for w in ws:
+    for i, w in enumerate(ws):
         y = x @ w
-        wq, sc = quantize_weight(w * div[:, None], bits, axis=1, per_channel=per_channel)
+        wq, sc = quantize_weight(w * div[:, None], w_bits, axis=1, per_channel=per_channel)
         diff = xq @ (wq.astype(np.float32) * sc) - y
+        if deltas is not None:
+            diff -= deltas[i]
         num += float((diff ** 2).sum())
         den += float((y ** 2).sum())
         means.append(diff.mean(0))
@@ -251,30 +265,34 @@ def _smoothing(alpha: float, st: ActivationStats, ws: Sequence[np.ndarray]) -> n
 def make_plan(model: ir.Model, layers: Sequence[Layer], stats: Mapping[str, ActivationStats], opts: QuantizeOptions,
               data: Dataset | None = None) -> tuple[dict[str, LayerPlan], list[dict[str, Any]]]:
     """Per-layer parameters and a row per layer saying what was chosen and why."""
-    bits, _ = weight_bits_for(opts)
+    layouts = bit_layouts(opts)
     nodes = {n.name: n for n in model.graph}
     by_act: dict[str, list[Layer]] = {}
     for layer in layers:
         by_act.setdefault(layer.act, []).append(layer)
     smooth: dict[str, np.ndarray] = {}
+    layout: dict[str, tuple[int, int]] = {}
     info: dict[str, dict[str, Any]] = {}
     for act, group in by_act.items():
         mm = [l for l in group if l.family == "matmul"]
-        if not mm or opts.smooth == "off":
+        if not mm:
             continue
         st = stats[act]
         ws = [_matmul_weight(nodes, l)[0] for l in mm]
-        rows = st.rows
-        base, _ = _simulated_error(rows, ws, None, st, bits, opts.per_channel)
-        alphas = ALPHAS if opts.smooth == "auto" else (float(opts.smooth),)
-        best = (base if opts.smooth == "auto" else np.inf, None, None)
-        for a in alphas:
-            s = _smoothing(a, st, ws)
-            err, _ = _simulated_error(rows, ws, s, st, bits, opts.per_channel)
-            if err < best[0]:
-                best = (err, a, s)
+        alphas = (None, *ALPHAS) if opts.smooth == "auto" else (None,) if opts.smooth == "off" else (float(opts.smooth),)
+        best = (np.inf, None, None, layouts[0])
+        base = None
+        for ab, wb in layouts:
+            for a in alphas:
+                s_ = None if a is None else _smoothing(a, st, ws)
+                err, _ = _simulate(st.rows, ws, s_, st, ab, wb, opts.per_channel)
+                if a is None and base is None:
+                    base = err
+                if err < best[0]:
+                    best = (err, a, s_, (ab, wb))
         if best[2] is not None:
             smooth[act] = best[2]
+        layout[act] = best[3]
         info[act] = {"sim error": best[0], "sim error unsmoothed": base, "alpha": best[1]}
     if opts.method != "minmax" and data is not None:
         collect_histograms(_session_factory(model, opts.threads), stats,
@@ -286,10 +304,13 @@ def make_plan(model: ir.Model, layers: Sequence[Layer], stats: Mapping[str, Acti
         st = stats[layer.act]
         s = smooth.get(layer.act)
         lo, hi = choose_range(st, opts.method, opts.percentile, s)
-        scale, zp = uint8_qparams(lo, hi)
+        ab, wb = layout.get(layer.act, layouts[0])
+        scale, zp = uint8_qparams(lo, hi, 255 if ab == 8 else 127)
         lp = LayerPlan(layer.node, "conv" if layer.op == "Conv" else ("gemm" if layer.op == "Gemm" else "matmul"),
-                       layer.act, float(scale), int(zp), bits, opts.per_channel, s)
-        row = {"layer": layer.node, "op": layer.op, "family": layer.family, "act range": f"[{lo:.3g}, {hi:.3g}]"}
+                       layer.act, float(scale), int(zp), weight_bits=wb, act_bits=ab, per_channel=opts.per_channel,
+                       smooth=s)
+        row = {"layer": layer.node, "op": layer.op, "family": layer.family, "act range": f"[{lo:.3g}, {hi:.3g}]",
+               "bits a/w": f"{ab}/{wb}"}
         if layer.family == "matmul":
             row.update(_plan_bias_correction(lp, nodes, layer, st, opts))
             row["smoothquant α"] = info.get(layer.act, {}).get("alpha")
@@ -309,23 +330,15 @@ def _plan_bias_correction(lp: LayerPlan, nodes, layer: Layer, st: ActivationStat
         return {"bias corrected": False}
     w, _ = _matmul_weight(nodes, layer)
     fit, check = st.rows[0::2], st.rows[1::2]
-    _, (delta,) = _simulated_error(fit, [w], lp.smooth, st, lp.weight_bits, lp.per_channel)
+    args = (lp.smooth, st, lp.act_bits, lp.weight_bits, lp.per_channel)
+    _, (delta,) = _simulate(fit, [w], *args)
     if opts.bias_correction == "auto":
-        before, _ = _simulated_error(check, [w], lp.smooth, st, lp.weight_bits, lp.per_channel)
-        after = _corrected_error(check, w, lp, st, delta)
+        before, _ = _simulate(check, [w], *args)
+        after, _ = _simulate(check, [w], *args, deltas=[delta])
         if after >= before:
             return {"bias corrected": False}
     lp.bias_delta = delta.astype(np.float32)
     return {"bias corrected": True}
-
-
-def _corrected_error(x, w, lp: LayerPlan, st: ActivationStats, delta: np.ndarray) -> float:
-    div = np.ones(x.shape[1], np.float32) if lp.smooth is None else lp.smooth
-    lo, hi = float((st.ch_min / div).min()), float((st.ch_max / div).max())
-    y = x @ w
-    wq, sc = quantize_weight(w * div[:, None], lp.weight_bits, axis=1, per_channel=lp.per_channel)
-    diff = _fake_quant_act(x / div, lo, hi) @ (wq.astype(np.float32) * sc) - delta - y
-    return float((diff ** 2).sum()) / max(float((y ** 2).sum()), 1e-30)
 
 
 def build(model: ir.Model, plan: Mapping[str, LayerPlan], embeddings: bool = False) -> ir.Model:
@@ -518,9 +531,9 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     if opts.embeddings:
         emb = run_pass(QuantizeEmbeddingsPass(bits=8), quantized)
         quantized, embedding_rows = emb.model, emb.rows
-    bits, bits_reason = weight_bits_for(opts)
-    summary = {"layers int8": len(plan), "layers float": len(rows) - len(plan), "weight bits": bits,
-               "weight bits reason": bits_reason, "activations": "uint8 asymmetric, per tensor, static",
+    layouts = sorted({f"{p.act_bits}/{p.weight_bits}" for p in plan.values()})
+    summary = {"layers int8": len(plan), "layers float": len(rows) - len(plan), "bits a/w": ", ".join(layouts),
+               "bits reason": bits_reason(opts), "activations": "uint8 asymmetric, per tensor, static",
                "method": opts.method, "calibration samples": min(len(calibration), opts.max_samples or 10**9),
                "cleanup": cleanup.summary, "seconds": round(time.perf_counter() - t0, 1)}
     if loss is not None:

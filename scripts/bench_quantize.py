@@ -113,7 +113,7 @@ def bench_minilm(work: Path, runs: int) -> tuple[str, dict]:
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     variants["edgecomp quantize (host ISA, defaults)"] = work / "edgecomp.onnx"
     avx2 = edgecomp_quantize(fp32, work / "edgecomp_avx2.onnx", calib_dir, "--target", "x86-avx2-1thread")
-    variants["edgecomp quantize --target x86-avx2 (7-bit weights)"] = work / "edgecomp_avx2.onnx"
+    variants["edgecomp quantize --target x86-avx2 (saturation-safe bits)"] = work / "edgecomp_avx2.onnx"
 
     ref = embeddings(fp32, test_feeds)
     rows = []
@@ -128,8 +128,9 @@ def bench_minilm(work: Path, runs: int) -> tuple[str, dict]:
     extra = {"edgecomp calibration": f"{len(calib_feeds)} samples, {host['summary']['seconds']} s in the pass, "
                                      f"{host['wall s']:.0f} s wall, peak RSS of the whole command {peak_mb:.0f} MB"
                                      f" (before: {before / 1024:.0f} MB)",
-             "edgecomp host choice": host["summary"]["weight bits reason"],
-             "edgecomp AVX2 choice": avx2["summary"]["weight bits reason"], **notes}
+             "edgecomp host choice": f"bits a/w {host['summary']['bits a/w']}: {host['summary']['bits reason']}",
+             "edgecomp AVX2 choice": f"bits a/w {avx2['summary']['bits a/w']}: {avx2['summary']['bits reason']}",
+             **notes}
     table = md_table(rows, ["variant", "size MB", "latency vs fp32", "p50 ms", "mean cos", "min cos", "NN@10"])
     return table, extra
 

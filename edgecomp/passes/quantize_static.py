@@ -15,8 +15,10 @@ Cases handled:
       y   = com.microsoft.MatMulIntegerToFloat(x_q, W_q, a_scale, w_scale, a_zp, w_zp, bias')
 
   with ``W_q = round(diag(s) W / w_scale)`` symmetric int8 per output column
-  (``w_scale[n] = max_k |s_k W_kn| / qmax``, qmax 127, or 63 for 7-bit weights that cannot
-  saturate VPMADDUBSW on x86 without VNNI), and ``bias' = bias - delta`` (bias correction).
+  (``w_scale[n] = max_k |s_k W_kn| / qmax``, qmax 127, or 63 for 7-bit weights), and
+  ``bias' = bias - delta`` (bias correction). On x86 without VNNI, VPMADDUBSW sums pairs of
+  u8×s8 products in int16; a plan keeps every pair sum below 2^15 either with 7-bit weights or
+  with 7-bit activations (zero point and scale on [0, 127]).
   The fused op dequantizes and adds the bias inside the int8 GEMM: this is the form
   onnxruntime's dynamic quantization reaches, without the DynamicQuantizeLinear pass over
   every activation.
@@ -61,6 +63,7 @@ class LayerPlan:
     act_scale: float
     act_zp: int
     weight_bits: int = 8
+    act_bits: int = 8  # 7: activations use [0, 127] of uint8 (saturation-safe with 8-bit weights)
     per_channel: bool = True
     smooth: np.ndarray | None = None  # divisor s per input channel (MatMul/Gemm)
     bias_delta: np.ndarray | None = None  # subtracted from the bias (bias correction)
@@ -122,7 +125,7 @@ class QuantizeStaticPass(EdgecompPass):
                 builder.conv(node, lp, nodes.get(lp.out_after) if lp.out_after else None)
             else:
                 raise PassFailed(f"unknown layer kind {lp.kind!r} for {name}")
-            rows.append({"layer": name, "kind": lp.kind, "weight bits": lp.weight_bits,
+            rows.append({"layer": name, "kind": lp.kind, "weight bits": lp.weight_bits, "act bits": lp.act_bits,
                          "smoothquant": lp.smooth is not None, "bias corrected": lp.bias_delta is not None,
                          "act scale": float(lp.act_scale), "act zp": int(lp.act_zp)})
         if self.plan:
