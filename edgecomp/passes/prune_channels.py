@@ -1,0 +1,119 @@
+"""PruneChannelsPass: physically remove channels, neurons and heads chosen by a pruning plan.
+
+The plan (:func:`edgecomp.pruning.plan_pruning`) lists, per atom of channels, the indices kept;
+every edit the dependency analysis recorded is applied with those indices. Cases handled:
+
+- a layer's weight along its output axis (Conv axis 0, MatMul axis 1, Gemm axis 0 with
+  ``transB``) and input axis (Conv axis 1, MatMul axis 0, Gemm axis 1 with ``transB``);
+- per-channel parameters: biases, BatchNorm scale/bias/mean/var, per-channel constants of
+  Add/Mul/Clip/PRelu, a depthwise Conv's weight and its ``group`` attribute;
+- shapes: the flattened width of a Reshape into a Linear, and the head count and merged width
+  of the Reshapes around attention (a constant or a Concat piece, left alone where it is -1);
+- value shapes: the channel dim of every value on a changed path is set to its new width, and
+  the shapes inside attention blocks are cleared (onnxruntime infers them again).
+
+Sliced parameters become new initializers (a shared original stays intact for other users);
+the unused originals are removed. Graph inputs and outputs are untouched.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
+
+from edgecomp.passes.base import EdgecompPass, PassReport
+from edgecomp.pruning import PrunePlan, _const
+
+__all__ = ["PruneChannelsPass", "new_initializer"]
+
+
+def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as an initializer under a name derived from ``base`` not yet used."""
+    taken = set(graph.initializers) | {o.name for n in graph for o in n.outputs} | {v.name for v in graph.inputs}
+    name, i = f"{base}_pruned", 0
+    while name in taken:
+        i += 1
+        name = f"{base}_pruned_{i}"
+    v = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    graph.register_initializer(v)
+    return v
+
+
+class PruneChannelsPass(EdgecompPass):
+    """Apply a structured pruning plan.
+
+    Args:
+        plan: the kept channels per atom and the edits they imply.
+    """
+
+    def __init__(self, *, plan: PrunePlan):
+        self.plan = plan
+
+    def options(self) -> dict[str, Any]:
+        return {"groups pruned": sum(r["status"] == "pruned" for r in self.plan.rows)}
+
+    def call(self, model: ir.Model) -> PassReport:
+        an, kept = self.plan.analysis, self.plan.kept
+        graph = model.graph
+        changed = 0
+        by_input: dict[tuple[ir.Node, int], list] = collections.defaultdict(list)
+        for e in an.edits:
+            if any(a in kept for a in e.layout.atoms()):
+                by_input[(e.node, e.index)].append(e)
+        for (node, index), edits in by_input.items():
+            value = node.inputs[index]
+            params = [e for e in edits if e.kind == "param"]
+            dims = [e for e in edits if e.kind == "dim"]
+            if params:
+                arr = _const(value)
+                for e in params:
+                    idx = e.layout.indices(kept, an.sizes)
+                    if len(idx) != arr.shape[e.axis]:
+                        arr = np.take(arr, idx, axis=e.axis)
+                node.replace_input_with(index, new_initializer(graph, value.name or node.name, arr))
+                changed += 1
+            if dims:
+                arr = _const(value) if value is not None else None
+                arr = np.array([0], np.int64) if arr is None else arr.astype(np.int64).copy()
+                flat = arr.reshape(-1)
+                for e in dims:
+                    flat[e.position] = len(e.layout.indices(kept, an.sizes)) * e.factor
+                node.replace_input_with(index, new_initializer(graph, value.name or node.name, flat.reshape(arr.shape)))
+                changed += 1
+            for e in edits:
+                if e.kind == "group":
+                    width = len(e.layout.indices(kept, an.sizes))
+                    node.attributes["group"] = ir.AttrInt64("group", width)
+        self._update_shapes(model)
+        if changed:
+            ir.passes.common.RemoveUnusedNodesPass()(model)
+        pruned = [r for r in self.plan.rows if r["status"] == "pruned"]
+        summary = {"groups pruned": len(pruned), "groups kept whole": len(self.plan.rows) - len(pruned),
+                   "channels removed": sum(r["before"] - r["after"] for r in pruned if r["kind"] == "channels"),
+                   "heads removed": sum(r["before"] - r["after"] for r in pruned if r["kind"] == "heads")}
+        return self.report(model, bool(changed), summary, self.plan.rows)
+
+    def _update_shapes(self, model: ir.Model) -> None:
+        an, kept = self.plan.analysis, self.plan.kept
+        outputs = set(model.graph.outputs)
+        values = {o.name: o for n in model.graph for o in n.outputs}
+        for name, layout in an.values.items():
+            v = values.get(name)
+            if v is None or v in outputs or not any(a in kept for a in layout.atoms()):
+                continue
+            if v.shape is None or layout.rank is None or len(v.shape) != layout.rank:
+                v.shape = None
+                continue
+            dims = list(v.shape)
+            dims[layout.axis] = len(layout.indices(kept, an.sizes))
+            v.shape = ir.Shape(dims)
+        head_atoms = [a for a, k in an.kinds.items() if k == "heads" and a in kept]
+        if head_atoms:
+            for name in an.head_values:
+                v = values.get(name)
+                if v is not None and v not in outputs:
+                    v.shape = None
