@@ -44,6 +44,8 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     def __init__(self, width: float = 1.0, num_classes: int = 1000, in_channels: int = 3, input_size: int = 224):
         super().__init__()
+        # kept so a copy at another width can be built (edgecomp distill --shrink width=W)
+        self.width, self.num_classes, self.in_channels, self.input_size = width, num_classes, in_channels, input_size
         small = input_size <= 64
         cin = _make_divisible(32 * width)
         last = _make_divisible(1280 * max(1.0, width))

@@ -1,0 +1,139 @@
+"""Distill end to end: check the setup, train (one process or data-parallel), then export the
+student through the same path as ``edgecomp export`` and measure it against the teacher.
+
+The teacher is exported too (to a temporary folder) so both run in onnxruntime: fidelity from
+``edgecomp.validate`` on the held-out samples, latency from ``edgecomp.bench`` (interleaved),
+parameters and MACs from ``edgecomp.inspection``. The student file is written atomically after
+training, so an interrupted run never leaves a half-written one; its checkpoint stays for
+``resume=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgecomp.distill.trainer import DistillConfig, Setup, check_resume, prepare, train
+
+__all__ = ["DistillResult", "distill"]
+
+
+@dataclasses.dataclass
+class DistillResult:
+    output: Path
+    checkpoint: str
+    objective: str
+    training: dict[str, Any]
+    exporter: str
+    validation: Any               # edgecomp.validate.ValidationResult, student vs teacher
+    bench: Any                    # edgecomp.bench.BenchResult (teacher first) or None
+    rows: list[dict[str, Any]]    # teacher vs student, for the report
+
+
+def _dynamic_axes(example: dict[str, Any]) -> dict[str, dict[int, str]]:
+    axes = {}
+    for name, t in example.items():
+        token_like = not t.dtype.is_floating_point and t.dim() == 2
+        axes[name] = {0: "batch", 1: "sequence"} if token_like else {0: "batch"}
+    return axes
+
+
+def _example(setup: Setup) -> dict[str, Any]:
+    """Example inputs for export, keyed by the teacher's input names (the student gets the same)."""
+    import torch
+
+    ex = setup.example
+    if isinstance(ex, torch.Tensor):
+        ex = (ex,)
+    if isinstance(ex, dict):
+        return {n: ex[n] for n in setup.input_names}
+    if ex is not None:
+        return dict(zip(setup.input_names, ex))
+    src = setup.held if len(setup.held) else setup.train
+    b = src.batch(range(min(2, len(src))))
+    return {n: b[n] for n in setup.input_names}
+
+
+def _write_eval(setup: Setup, folder: Path) -> tuple[Path, Path | None, list[dict[str, np.ndarray]]]:
+    """The held-out samples as DATA (one .npz per feed), their labels, and the feeds."""
+    from edgecomp.data import save_npz
+
+    src = setup.held if len(setup.held) else setup.train.subset(range(min(200, len(setup.train))))
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, feed in enumerate(src.feeds):
+        save_npz(folder / f"{i:05d}.npz", feed)
+    labels = None
+    if src.labels is not None:
+        labels = folder.parent / "held_labels.npy"
+        np.save(labels, src.labels)
+    return folder, labels, src.feeds
+
+
+def distill(config: DistillConfig, output: str | os.PathLike, *, resume: bool = False, nproc: int = 1,
+            nnodes: int = 1, rdzv_endpoint: str | None = None, rdzv_id: str | None = None,
+            exporter: str = "auto", bench_runs: int = 50, bench_threads: int = 1,
+            callback: Callable[[int, dict[str, float]], None] | None = None) -> DistillResult | None:
+    """Train a student to imitate the teacher, export it to ``output`` and compare the two.
+
+    Returns None on the machines of a multi-machine run that do not hold global rank 0.
+    """
+    from edgecomp.bench import benchmark
+    from edgecomp.export import HF_AUTO_ORDER, export_model
+    from edgecomp.inspection import summarize
+    from edgecomp.io import check_output_path, load_model, model_size_bytes
+    from edgecomp.validate import validate
+
+    inputs = [p for p in (config.data, config.text, config.labels, config.teacher_hf) if p]
+    out = check_output_path(output, inputs)
+    if not config.checkpoint:
+        config = dataclasses.replace(config, checkpoint=str(out) + ".ckpt")
+    setup = prepare(config)
+    if resume:
+        check_resume(config.checkpoint, setup)  # refuse before any process starts
+    if nproc == 1 and nnodes == 1:
+        res = train(config, setup=setup, resume=resume, callback=callback)
+        training = {f.name: getattr(res, f.name) for f in dataclasses.fields(res) if f.name != "student"}
+    else:
+        from edgecomp.distill.launch import launch
+
+        got = launch(config, nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, resume=resume)
+        if got is None:
+            return None
+        setup.student.load_state_dict(got.pop("state"))
+        training = got
+    student = setup.student.eval()
+
+    example = _example(setup)
+    axes = _dynamic_axes(example)
+    order = HF_AUTO_ORDER if config.teacher_hf else ("dynamo", "torchscript")
+    with tempfile.TemporaryDirectory(prefix="edgecomp-distill-") as tmp:
+        t_path = Path(tmp) / "teacher.onnx"
+        export_model(setup.teacher, example, t_path, dynamic=axes, exporter=exporter, auto_order=order)
+        exp = export_model(student, example, out, dynamic=axes, exporter=exporter, auto_order=order, protect=inputs)
+        held_dir, held_labels, feeds = _write_eval(setup, Path(tmp) / "held")
+        val = validate(t_path, out, held_dir, held_labels)
+        feed = {k: np.ascontiguousarray(v) for k, v in feeds[0].items()}
+        lat = (benchmark([t_path, out], threads=bench_threads, runs=bench_runs, feed=feed, labels=["teacher", "student"])
+               if bench_runs else None)
+        shapes = {k: list(v.shape) for k, v in feed.items()}
+        rows = []
+        for i, (name, path) in enumerate((("teacher", t_path), ("student", out))):
+            s = summarize(load_model(path), shapes)
+            row = {"model": name, "parameters": s.params, "MACs": s.macs, "size bytes": model_size_bytes(path)}
+            if lat is not None:
+                row.update({"p50 ms": lat.models[i].p50_ms, "latency ratio": lat.models[i].ratio_to_first})
+            fid = val.outputs[0]
+            row["cos to teacher"] = 1.0 if i == 0 else fid.cosine_mean
+            if fid.top1_agreement is not None:
+                row["top-1 agreement"] = 1.0 if i == 0 else fid.top1_agreement
+            if fid.knn_agreement is not None:
+                row["kNN@10 agreement"] = 1.0 if i == 0 else fid.knn_agreement
+            if val.ref_accuracy is not None:
+                row["accuracy"] = val.ref_accuracy if i == 0 else val.cand_accuracy
+            rows.append(row)
+    return DistillResult(out, config.checkpoint, setup.objective, training, exp.exporter, val, lat, rows)

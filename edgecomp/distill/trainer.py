@@ -1,0 +1,521 @@
+"""The distillation training loop: setup checks, CPU training, early stopping, checkpoints, resume.
+
+``prepare(config)`` builds teacher, student and samples and checks everything that can be
+checked before training (one-line errors): student outputs shaped like the teacher's, data
+keyed by the teacher's inputs, enough samples for a batch. ``train(config)`` then runs AdamW
+with linear warmup and cosine decay over a fixed, seeded sample order; every
+``checkpoint_every`` steps it writes (atomically) the student, optimizer, scheduler, RNG states
+and the step, with a hash of the configuration and data. ``--resume`` refuses a checkpoint
+whose hash differs and otherwise continues bit-identically to an uninterrupted run (same
+batches, same dropout masks, same updates).
+
+Early stopping watches fidelity to the teacher on the held-out split: top-1 agreement for
+logits (ties broken by the lower held-out loss), mean cosine for embeddings. The student
+handed back carries the weights of the best evaluation.
+
+Under ``torch.distributed`` (gloo) each process takes an equal share of every global batch and
+DDP averages the gradients, so N processes compute what one process does with the same global
+batch, up to float summation order.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgecomp.distill.losses import MATCH_KINDS, DistillLoss, LossWeights, match_loss, soft_target_kl
+from edgecomp.distill.samples import Samples, epoch_order, from_data, from_text
+from edgecomp.distill.students import find_layer_stack, layer_map, parse_shrink, shrink
+from edgecomp.errors import DataError, DistillError, InputFileError
+
+__all__ = ["DistillConfig", "Setup", "TrainResult", "prepare", "train", "check_resume", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = 1
+
+#: Options that do not change what is computed: a checkpoint may be resumed with other values.
+_NOT_HASHED = ("checkpoint", "checkpoint_every", "threads", "progress")
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Everything that defines a distillation run (plain values, so worker processes can rebuild it)."""
+
+    teacher: str | None = None          # SPEC, as for `edgecomp export`
+    teacher_hf: str | None = None       # local Hugging Face encoder folder (sentence embeddings)
+    student: str | None = None          # SPEC
+    shrink: str | None = None           # layers=N or width=W
+    project: bool = False               # learn a linear map when the student's output width differs
+    data: str | None = None             # DATA keyed by the teacher's inputs
+    text: str | None = None             # one text per line (with tokenizer)
+    tokenizer: str | None = None        # default: teacher_hf
+    max_len: int = 128
+    labels: str | None = None           # .npy class ids aligned with the samples
+    held_out: float = 0.1               # fraction held out for early stopping and validation
+    objective: str = "auto"             # logits | embeddings | auto (from the teacher's output)
+    temperature: float = 4.0
+    kd_weight: float = 1.0
+    match: str = "cosine"               # mse | cosine, for embeddings and hidden states
+    match_weight: float = 1.0
+    hidden_weight: float = 0.0
+    ce_weight: float = 1.0              # used only with labels
+    epochs: int = 10
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.05                # fraction of the steps with a linear warmup
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    eval_every: int | None = None       # steps; default once per epoch
+    patience: int | None = 3            # evaluations without improvement before stopping; None: never
+    checkpoint: str | None = None
+    checkpoint_every: int = 100
+    threads: int | None = None
+    progress: bool = False
+
+    def hashed(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_HASHED}
+
+
+@dataclasses.dataclass
+class Setup:
+    config: DistillConfig
+    teacher: nn.Module
+    student: nn.Module
+    example: Any                        # the teacher factory's example inputs (or None)
+    input_names: list[str]
+    train: Samples
+    held: Samples
+    objective: str
+    loss: DistillLoss
+    hidden_pairs: list[tuple[int, int]]  # (student layer, teacher layer) for hidden-state matching
+    config_hash: str
+
+
+@dataclasses.dataclass
+class TrainResult:
+    student: nn.Module
+    steps: int
+    best_step: int | None
+    stopped_early: bool
+    resumed_from: int | None
+    seconds: float
+    history: list[dict[str, float]]
+
+
+# --- setup ------------------------------------------------------------------------------------
+
+def _check_options(c: DistillConfig) -> None:
+    if bool(c.teacher) == bool(c.teacher_hf):
+        raise DistillError("give the teacher as a SPEC or with --teacher-hf PATH (one of them)")
+    if bool(c.student) == bool(c.shrink):
+        raise DistillError("give the student as --student SPEC or derive it with --shrink RULE (one of them)")
+    if bool(c.data) == bool(c.text):
+        raise DistillError("give the samples as --data DATA or --text FILE (one of them)")
+    if c.text and not (c.tokenizer or c.teacher_hf):
+        raise DistillError("--text needs --tokenizer PATH (a local Hugging Face tokenizer folder)")
+    if c.objective not in ("auto", "logits", "embeddings"):
+        raise DistillError(f"unknown objective {c.objective!r}; use auto, logits or embeddings")
+    if c.match not in MATCH_KINDS:
+        raise DistillError(f"unknown --match {c.match!r}; use mse or cosine")
+    checks = [(c.batch_size >= 1, "--batch-size must be >= 1"), (c.epochs >= 1, "--epochs must be >= 1"),
+              (c.lr > 0, "--lr must be > 0"), (c.temperature > 0, "--temperature must be > 0"),
+              (0 <= c.held_out < 1, "--held-out must be in [0, 1)"), (c.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
+              (0 <= c.warmup < 1, "--warmup must be a fraction in [0, 1)"),
+              (c.max_steps is None or c.max_steps >= 1, "--max-steps must be >= 1"),
+              (min(c.kd_weight, c.match_weight, c.hidden_weight, c.ce_weight) >= 0, "loss weights must be >= 0")]
+    for ok, msg in checks:
+        if not ok:
+            raise DistillError(msg)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise DistillError(f"the model returned {type(out).__name__}; distillation needs a tensor (or a tuple whose first item is one)")
+
+
+def _input_names(module: nn.Module, example: Any) -> list[str]:
+    from edgecomp.export import _forward_names
+
+    if isinstance(example, Mapping):
+        return list(example)
+    if example is not None:
+        n = 1 if isinstance(example, torch.Tensor) else len(example)
+        return _forward_names(module, n)
+    import inspect
+
+    return [p.name for p in inspect.signature(module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+
+
+class _Projected(nn.Module):
+    """A student followed by a learned linear map to the teacher's output width (exported with it)."""
+
+    def __init__(self, student: nn.Module, d_in: int, d_out: int):
+        super().__init__()
+        self.student, self.projection = student, nn.Linear(d_in, d_out)
+
+    def forward(self, *args):
+        return self.projection(_first_output(self.student(*args)))
+
+
+def _load_teacher(c: DistillConfig):
+    from edgecomp.export import _call_factory, hf_encoder, load_spec
+
+    if c.teacher_hf:
+        module, example = hf_encoder(c.teacher_hf)
+        return module, example, None
+    factory = load_spec(c.teacher)
+    module, example = _call_factory(factory, c.teacher)
+    return module, example, factory
+
+
+def _load_samples(c: DistillConfig) -> Samples:
+    if c.data:
+        return from_data(c.data, c.labels)
+    return from_text(c.text, c.tokenizer or c.teacher_hf, c.max_len, c.labels)
+
+
+def prepare(config: DistillConfig) -> Setup:
+    """Build teacher, student and samples; raise a one-line error for anything inconsistent."""
+    from edgecomp.export import _call_factory, load_spec
+
+    c = config
+    _check_options(c)
+    rule = parse_shrink(c.shrink) if c.shrink else None
+    seed_all(c.seed)
+    teacher, example, factory = _load_teacher(c)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    names = _input_names(teacher, example)
+    samples = _load_samples(c)
+    if set(samples.names) != set(names):
+        missing, extra = sorted(set(names) - set(samples.names)), sorted(set(samples.names) - set(names))
+        raise DataError(f"the samples are keyed {sorted(samples.names)} but the teacher's inputs are {names} "
+                        f"(missing {missing}, unexpected {extra}); rename the arrays")
+    train_s, held = samples.split(c.held_out, c.seed)
+    if len(train_s) < c.batch_size:
+        raise DataError(f"{len(train_s)} training samples are fewer than --batch-size {c.batch_size}; "
+                        "give more data or a smaller batch")
+
+    seed_all(c.seed)  # the student's initialization depends on the seed only
+    if rule is not None:
+        student = shrink(teacher, rule, factory)
+    else:
+        student, _ = _call_factory(load_spec(c.student), c.student)
+    for p in student.parameters():
+        p.requires_grad_(True)
+
+    probe = train_s.batch(range(min(2, len(train_s))))
+    args = [probe[n] for n in names]
+    student.eval()
+    with torch.no_grad():
+        t_out = _first_output(teacher(*args))
+        try:
+            s_out = _first_output(student(*args))
+        except Exception as e:
+            raise DistillError(f"the student cannot run on the teacher's inputs {names}: {type(e).__name__}: {e}") from e
+    if s_out.shape != t_out.shape:
+        if c.project and s_out.dim() == 2 and t_out.dim() == 2:
+            student = _Projected(student, s_out.shape[1], t_out.shape[1])
+        else:
+            hint = "; add --project to learn a linear map" if s_out.dim() == 2 and t_out.dim() == 2 else ""
+            raise DistillError(f"the student's output {list(s_out.shape)} does not match the teacher's "
+                               f"{list(t_out.shape)}; give a student with the teacher's output shape{hint}")
+    objective = c.objective
+    if objective == "auto":
+        unit = t_out.dim() == 2 and torch.allclose(t_out.norm(dim=1), torch.ones(t_out.shape[0]), atol=1e-3)
+        objective = "logits" if t_out.dim() == 2 and not unit else "embeddings"
+    if samples.labels is not None and objective != "logits":
+        raise DistillError("--labels need a teacher whose output is class logits; leave them out for embeddings")
+
+    pairs: list[tuple[int, int]] = []
+    if c.hidden_weight > 0:
+        ts, ss = find_layer_stack(teacher), find_layer_stack(student)
+        if ts is None or ss is None:
+            raise DistillError("--hidden-weight needs teacher and student with a stack of repeated layers; set it to 0")
+        pairs = list(enumerate(layer_map(len(ts[1]), len(ss[1]))))
+
+    _freeze_unused(student, args)
+    weights = LossWeights(kd=c.kd_weight, match=c.match_weight, hidden=c.hidden_weight,
+                          ce=c.ce_weight if samples.labels is not None else 0.0)
+    loss = DistillLoss(objective, weights, c.temperature, c.match)
+    blob = json.dumps({"config": c.hashed(), "data": samples.fingerprint(), "format": CHECKPOINT_FORMAT},
+                      sort_keys=True, default=str)
+    return Setup(c, teacher, student, example, names, train_s, held, objective, loss, pairs,
+                 hashlib.sha256(blob.encode()).hexdigest()[:16])
+
+
+def _freeze_unused(student: nn.Module, args: list[torch.Tensor]) -> None:
+    """Parameters that get no gradient (e.g. a BERT pooler the sentence embedding skips) are
+    frozen: DDP requires every trained parameter to receive one."""
+    student.eval()
+    out = _first_output(student(*args))
+    out.float().sum().backward()
+    for p in student.parameters():
+        if p.requires_grad and p.grad is None:
+            p.requires_grad_(False)
+        p.grad = None
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: Mapping[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def check_resume(path: str | os.PathLike, setup: Setup) -> dict[str, Any]:
+    """Load a checkpoint, refusing one written for another configuration or other data."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileError(f"no checkpoint at {p} to resume from; run without --resume (or give --checkpoint)")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise DistillError(f"cannot read checkpoint {p} ({type(e).__name__}); delete it and start again") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise DistillError(f"{p} is not an edgecomp distill checkpoint; delete it or give another --checkpoint")
+    if ckpt["config_hash"] != setup.config_hash:
+        now = setup.config.hashed()
+        diff = sorted(k for k in set(now) | set(ckpt["config"]) if now.get(k) != ckpt["config"].get(k))
+        what = f"options differ: {', '.join(diff)}" if diff else "the data differs"
+        raise DistillError(f"checkpoint {p} was written by another configuration ({what}); "
+                           "resume with the same options and data, or start again without --resume")
+    return ckpt
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    from edgecomp.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+# --- training ---------------------------------------------------------------------------------
+
+class _HiddenTaps:
+    """Forward hooks that keep the outputs of chosen layers of a layer stack."""
+
+    def __init__(self, model: nn.Module, indices: list[int]):
+        _, stack = find_layer_stack(model)
+        self.values: dict[int, torch.Tensor] = {}
+        self._handles = [stack[i].register_forward_hook(self._hook(i)) for i in sorted(set(indices))]
+
+    def _hook(self, i: int):
+        def keep(_mod, _inp, out):
+            self.values[i] = out[0] if isinstance(out, (tuple, list)) else out
+        return keep
+
+    def take(self, indices: list[int]) -> list[torch.Tensor]:
+        vals = [self.values[i] for i in indices]
+        self.values = {}
+        return vals
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _outputs(model: nn.Module, samples: Samples, names: list[str], batch: int = 64) -> list[torch.Tensor]:
+    """Per-sample outputs ([1, ...] each) in sample order, without gradients."""
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(samples), batch):
+            b = samples.batch(range(i, min(i + batch, len(samples))))
+            outs.extend(_first_output(model(*[b[n] for n in names])).split(1))
+    return outs
+
+
+def _score(setup: Setup, student: nn.Module, targets: list[torch.Tensor]) -> dict[str, float]:
+    """Fidelity of the student to the teacher on the held-out samples."""
+    student.eval()
+    got = torch.cat(_outputs(student, setup.held, setup.input_names)).flatten(1)
+    ref = torch.cat(targets).flatten(1)
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=1)
+    if setup.objective == "logits":
+        loss = soft_target_kl(got, ref, setup.loss.temperature)
+    else:
+        loss = match_loss(got, ref, setup.loss.match)
+    rec = {"held-out cos": float(cos.mean()), "held-out loss": float(loss)}
+    if setup.objective == "logits":
+        rec["top-1 agreement"] = float((got.argmax(1) == ref.argmax(1)).float().mean())
+    student.train()
+    return rec
+
+
+def _fidelity_key(objective: str, rec: Mapping[str, float]) -> tuple[float, ...]:
+    if objective == "logits":
+        return (rec["top-1 agreement"], -rec["held-out loss"])
+    return (rec["held-out cos"],)
+
+
+def _schedule(total: int, warmup: float) -> Callable[[int], float]:
+    w = int(total * warmup)
+
+    def factor(step: int) -> float:
+        if step < w:
+            return (step + 1) / w
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - w) / max(1, total - w))))
+
+    return factor
+
+
+def train(config: DistillConfig, *, setup: Setup | None = None, resume: bool = False,
+          callback: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train the student; under an initialized torch.distributed group, data-parallel.
+
+    ``callback(step, record)`` runs after every optimizer step (the tests interrupt a run with it).
+    """
+    t0 = time.perf_counter()
+    rank, world = _dist()
+    c = config
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    setup = setup or prepare(c)
+    if c.batch_size % world:
+        raise DistillError(f"--batch-size {c.batch_size} is not divisible by the {world} processes; "
+                           "every process takes an equal share of each batch")
+    ckpt_path = Path(c.checkpoint) if c.checkpoint else None
+    ckpt = check_resume(ckpt_path, setup) if resume else None
+    student, teacher, names = setup.student, setup.teacher, setup.input_names
+
+    steps_per_epoch = len(setup.train) // c.batch_size
+    total = c.max_steps or c.epochs * steps_per_epoch
+    eval_every = c.eval_every or steps_per_epoch
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, c.warmup))
+
+    cache = not setup.hidden_pairs  # teacher outputs depend only on the sample: compute them once
+    held_targets = _outputs(teacher, setup.held, names) if len(setup.held) else []
+    train_targets = _outputs(teacher, setup.train, names) if cache else None
+
+    step, best_key, best_step, best_state, bad, history, stopped = 0, None, None, None, 0, [], False
+    rng_states = None
+    if ckpt is not None:
+        student.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        step, best_step, bad, history, stopped = ckpt["step"], ckpt["best_step"], ckpt["bad_evals"], ckpt["history"], ckpt["stopped"]
+        best_key = tuple(ckpt["best_key"]) if ckpt["best_key"] is not None else None
+        best_state = ckpt["best_state"]
+        rng_states = ckpt["rng"]
+    model = student
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(student)
+    if rng_states is not None:
+        _set_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
+
+    taps_s = _HiddenTaps(student, [j for j, _ in setup.hidden_pairs]) if setup.hidden_pairs else None
+    taps_t = _HiddenTaps(teacher, [i for _, i in setup.hidden_pairs]) if setup.hidden_pairs else None
+    bar = None
+    if c.progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, unit="step", desc="distilling", dynamic_ncols=True)
+    resumed_from = step if ckpt is not None else None
+    student.train()
+    local = c.batch_size // world
+    tick, seen = time.perf_counter(), 0
+    try:
+        while step < total and not stopped:
+            epoch, pos = divmod(step, steps_per_epoch)
+            order = epoch_order(len(setup.train), c.seed, epoch)
+            idx = order[pos * c.batch_size:(pos + 1) * c.batch_size][rank * local:(rank + 1) * local]
+            batch = setup.train.batch(idx)
+            args = [batch[n] for n in names]
+            labels = setup.train.batch_labels(idx)
+            s_out = _first_output(model(*args))
+            if cache:
+                t_out = torch.cat([train_targets[i] for i in idx])
+            else:
+                with torch.no_grad():
+                    t_out = _first_output(teacher(*args))
+            s_hid = taps_s.take([j for j, _ in setup.hidden_pairs]) if taps_s else []
+            t_hid = taps_t.take([i for _, i in setup.hidden_pairs]) if taps_t else []
+            loss, parts = setup.loss(s_out, t_out, labels, s_hid, t_hid, batch.get("attention_mask"))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if c.grad_clip:
+                nn.utils.clip_grad_norm_(params, c.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            seen += c.batch_size
+            rec = {"step": step, "loss": float(loss.detach()), **parts}
+            if step % eval_every == 0 or step == total:
+                if len(setup.held):
+                    rec.update(_score(setup, student, held_targets))
+                    key = _fidelity_key(setup.objective, rec)
+                    if best_key is None or key > best_key:
+                        best_key, best_step, bad = key, step, 0
+                        best_state = copy.deepcopy(student.state_dict())
+                    else:
+                        bad += 1
+                        stopped = c.patience is not None and bad >= c.patience
+                history.append(rec)
+            if bar is not None:
+                rate = seen / max(1e-9, time.perf_counter() - tick)
+                bar.set_postfix_str(f"loss {rec['loss']:.4f} {rate:.0f} samples/s"
+                                    + (f" held-out cos {rec['held-out cos']:.4f}" if "held-out cos" in rec else ""))
+                bar.update(1)
+            if ckpt_path is not None and (step % c.checkpoint_every == 0 or step == total or stopped):
+                rng = [_rng_state()]
+                if world > 1:
+                    rng = [None] * world
+                    torch.distributed.all_gather_object(rng, _rng_state())
+                if rank == 0:
+                    _save_checkpoint(ckpt_path, {
+                        "format": CHECKPOINT_FORMAT, "config_hash": setup.config_hash, "config": c.hashed(),
+                        "step": step, "model": student.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "rng": rng, "best_key": best_key, "best_step": best_step,
+                        "best_state": best_state, "bad_evals": bad, "history": history, "stopped": stopped})
+            if callback is not None:
+                callback(step, rec)
+    finally:
+        if bar is not None:
+            bar.close()
+        for taps in (taps_s, taps_t):
+            if taps is not None:
+                taps.remove()
+    if best_state is not None:
+        student.load_state_dict(best_state)
+    student.eval()
+    return TrainResult(student, step, best_step, stopped, resumed_from, time.perf_counter() - t0, history)
