@@ -138,6 +138,91 @@ def export(spec, output, hf_path, hf_output, inputs, dynamic, opset, exporter, a
 
 
 @cli.command()
+@click.argument("teacher", required=False)
+@_output_option
+@click.option("--teacher-hf", type=click.Path(exists=True, file_okay=False),
+              help="Teacher: a local Hugging Face encoder folder (sentence embeddings) instead of a SPEC.")
+@click.option("--student", help="Student SPEC (package.module:factory or file.py:factory).")
+@click.option("--shrink", help="Derive the student: layers=N (encoders, evenly spaced teacher layers) or width=W (CNNs).")
+@click.option("--project", is_flag=True, help="Learn a linear map when the student's output width differs.")
+@click.option("--data", type=click.Path(), help="DATA keyed by the teacher's inputs (unlabeled is enough).")
+@click.option("--text", type=click.Path(), help="Text file, one sample per line (with --tokenizer).")
+@click.option("--tokenizer", type=click.Path(), help="Local Hugging Face tokenizer folder (default: --teacher-hf).")
+@click.option("--max-len", type=click.IntRange(2), default=128, show_default=True, help="Token limit for --text.")
+@click.option("--labels", type=click.Path(), help=".npy of class ids for the samples: adds cross-entropy.")
+@click.option("--objective", type=click.Choice(["auto", "logits", "embeddings"]), default="auto", show_default=True,
+              help="auto: soft targets for logits, matching for unit-norm embeddings.")
+@click.option("--temperature", type=float, default=4.0, show_default=True, help="Soft-target temperature.")
+@click.option("--kd-weight", type=float, default=1.0, show_default=True, help="Weight of the soft-target KL (logits).")
+@click.option("--match", type=click.Choice(["cosine", "mse"]), default="cosine", show_default=True,
+              help="Embedding / hidden-state matching loss.")
+@click.option("--match-weight", type=float, default=1.0, show_default=True, help="Weight of output matching (embeddings).")
+@click.option("--hidden-weight", type=float, default=0.0, show_default=True, help="Weight of hidden-state matching.")
+@click.option("--ce-weight", type=float, default=1.0, show_default=True, help="Weight of cross-entropy (with --labels).")
+@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--max-steps", type=click.IntRange(1), help="Stop after this many steps (overrides --epochs).")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Global batch size.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW peak learning rate (cosine decay).")
+@click.option("--held-out", type=float, default=0.1, show_default=True,
+              help="Fraction held out for early stopping and validation.")
+@click.option("--eval-every", type=click.IntRange(1), help="Steps between held-out evaluations (default: each epoch).")
+@click.option("--patience", type=click.IntRange(1), default=3, show_default=True,
+              help="Evaluations without better fidelity before stopping.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Fixes initialization, split and data order.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint file (default: OUTPUT.ckpt).")
+@click.option("--checkpoint-every", type=click.IntRange(1), default=100, show_default=True, help="Steps between checkpoints.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint (refused if written by other options or data).")
+@click.option("--nproc", type=click.IntRange(1), default=1, show_default=True,
+              help="Data-parallel processes on this machine (torch.distributed, gloo).")
+@click.option("--nnodes", type=click.IntRange(1), default=1, show_default=True, help="Machines (torchrun rendezvous).")
+@click.option("--rdzv-endpoint", metavar="HOST:PORT", help="torchrun c10d rendezvous endpoint, for --nnodes > 1.")
+@click.option("--rdzv-id", help="torchrun rendezvous id (the same on every machine).")
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True)
+@click.option("--bench-runs", type=click.IntRange(0), default=50, show_default=True,
+              help="Interleaved latency runs, teacher vs student (0 skips).")
+@_threads_option
+@_json_option
+def distill(teacher, output, teacher_hf, student, shrink, project, data, text, tokenizer, max_len, labels, objective,
+            temperature, kd_weight, match, match_weight, hidden_weight, ce_weight, epochs, max_steps, batch_size, lr,
+            held_out, eval_every, patience, seed, checkpoint, checkpoint_every, resume, nproc, nnodes, rdzv_endpoint,
+            rdzv_id, exporter, bench_runs, threads, json_path):
+    """Train a smaller student to imitate TEACHER (a SPEC) and export it to ONNX.
+
+    The student comes from --student SPEC or --shrink (layers=3 for encoders, width=0.5 for
+    CNNs). Training runs on CPU with held-out early stopping, checkpoints and --resume; the
+    student is then exported like `edgecomp export` and compared with the teacher
+    (parameters, MACs, size, interleaved latency, fidelity, accuracy).
+
+    Example:
+
+        edgecomp distill models.mobilenet_v2:digits_teacher --shrink width=0.35 --data train.npz -o student.onnx
+    """
+    from edgecomp.distill import DistillConfig, distill as run_distill
+
+    cfg = DistillConfig(teacher=teacher, teacher_hf=teacher_hf, student=student, shrink=shrink, project=project,
+                        data=data, text=text, tokenizer=tokenizer, max_len=max_len, labels=labels, held_out=held_out,
+                        objective=objective, temperature=temperature, kd_weight=kd_weight, match=match,
+                        match_weight=match_weight, hidden_weight=hidden_weight, ce_weight=ce_weight, epochs=epochs,
+                        max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every,
+                        patience=patience, checkpoint=checkpoint, checkpoint_every=checkpoint_every, threads=threads,
+                        progress=True)
+    result = run_distill(cfg, output, resume=resume, nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
+                         rdzv_id=rdzv_id, exporter=exporter, bench_runs=bench_runs, bench_threads=threads or 1)
+    if result is None:
+        click.echo("training done; the student is exported on the machine that holds rank 0")
+        return
+    t = result.training
+    click.echo(f"trained {t['steps']} steps in {t['seconds']:.0f}s ({result.objective}); best held-out fidelity at "
+               f"step {t['best_step']}{', stopped early' if t['stopped_early'] else ''}; checkpoint {result.checkpoint}")
+    click.echo(rpt.table([{**r, "size": rpt.fmt_bytes(r.pop("size bytes"))} for r in map(dict, result.rows)],
+                         title="teacher vs student (held-out samples):"))
+    click.echo(rpt.render_validation(result.validation))
+    click.echo(f"wrote {result.output} ({result.exporter} exporter)")
+    _write_json(json_path, {"training": t, "rows": result.rows, "validation": result.validation,
+                            "bench": result.bench})
+
+
+@cli.command()
 @click.argument("model", type=click.Path())
 @_output_option
 @click.option("--fusions", type=click.Choice(["none", "bert"]), default="none", show_default=True,
