@@ -51,11 +51,14 @@ def parse_shrink(text: str) -> ShrinkRule:
     return ShrinkRule(kind, value)
 
 
-def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """(qualified name, ModuleList) of the model's main stack of same-class blocks, if any."""
+def find_layer_stack(model: nn.Module, min_len: int = 2) -> tuple[str, nn.ModuleList] | None:
+    """(qualified name, ModuleList) of the model's main stack of same-class blocks, if any.
+
+    ``min_len=1`` also finds the stack of a student shrunk to a single layer.
+    """
     best, best_params = None, 0
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) >= 2 and len({type(m) for m in mod}) == 1:
+        if isinstance(mod, nn.ModuleList) and len(mod) >= min_len and len({type(m) for m in mod}) == 1:
             n = sum(p.numel() for p in mod.parameters())
             if n > best_params:
                 best, best_params = (name, mod), n

@@ -45,7 +45,8 @@ __all__ = ["DistillConfig", "Setup", "TrainResult", "prepare", "train", "check_r
 CHECKPOINT_FORMAT = 1
 
 #: Options that do not change what is computed: a checkpoint may be resumed with other values.
-_NOT_HASHED = ("checkpoint", "checkpoint_every", "threads", "progress")
+#: Sample files are hashed by content (``Samples.fingerprint``), not by path.
+_NOT_HASHED = ("checkpoint", "checkpoint_every", "threads", "progress", "data", "text", "labels")
 
 
 @dataclasses.dataclass
@@ -255,7 +256,7 @@ def prepare(config: DistillConfig) -> Setup:
 
     pairs: list[tuple[int, int]] = []
     if c.hidden_weight > 0:
-        ts, ss = find_layer_stack(teacher), find_layer_stack(student)
+        ts, ss = find_layer_stack(teacher), find_layer_stack(student, min_len=1)
         if ts is None or ss is None:
             raise DistillError("--hidden-weight needs teacher and student with a stack of repeated layers; set it to 0")
         pairs = list(enumerate(layer_map(len(ts[1]), len(ss[1]))))
@@ -327,7 +328,7 @@ class _HiddenTaps:
     """Forward hooks that keep the outputs of chosen layers of a layer stack."""
 
     def __init__(self, model: nn.Module, indices: list[int]):
-        _, stack = find_layer_stack(model)
+        _, stack = find_layer_stack(model, min_len=1)
         self.values: dict[int, torch.Tensor] = {}
         self._handles = [stack[i].register_forward_hook(self._hook(i)) for i in sorted(set(indices))]
 
