@@ -434,6 +434,123 @@ def targets(targets_file):
     click.echo(rpt.table(rows))
 
 
+def _data_options(f):
+    f = click.option("--labels", type=click.Path(), help="Labels (.npy) for --eval: task accuracy.")(f)
+    f = click.option("--eval", "eval_data", type=click.Path(), help="Held-out DATA for validate/tolerance.")(f)
+    f = click.option("--calibration", type=click.Path(), help="DATA for calibration / repair.")(f)
+    return f
+
+
+def _convert_source(spec, hf):
+    from edgecomp.convert import Source
+    from edgecomp.errors import SpecError
+
+    if bool(spec) == bool(hf):
+        raise SpecError("give either a SPEC or --hf PATH")
+    return Source(spec=spec, hf=hf)
+
+
+@cli.command()
+@click.argument("spec", required=False)
+@click.option("--recipe", required=True, help="A built-in recipe name (see `edgecomp recipes`) or a TOML file.")
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
+              help="Output folder: every model, report.json, report.html.")
+@click.option("--hf", "hf_path", type=click.Path(exists=True, file_okay=False), help="A local Hugging Face encoder instead of SPEC.")
+@_data_options
+@click.option("--target", help="Target profile (threads, ISA for quantization).")
+@click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUTDIR.")
+def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, target, targets_file, overwrite):
+    """Run a recipe from a torch model to a validated edge artifact, with a report.
+
+    Exit status 4 when a gate of the recipe fails (after everything is written).
+
+    Example:
+
+        edgecomp convert models.mobilenet_v2:digits_classifier --recipe cnn-int8 -o out/digits \\
+            --calibration out/demo/train.npz --eval out/demo/test.npz --labels out/demo/test_labels.npy
+    """
+    from edgecomp.convert import convert as run_convert
+    from edgecomp.recipe import load_recipe
+    from edgecomp.targets import get_profile
+
+    source = _convert_source(spec, hf_path)
+    r = load_recipe(recipe)
+    profile = get_profile(target, targets_file) if target else None
+    res = run_convert(source, r, outdir, calibration=calibration, eval_data=eval_data, labels=labels, target=profile,
+                      overwrite=overwrite, progress=True,
+                      on_step=lambda rec: click.echo(f"step {rec.index:02d} {rec.step}: done in {rec.seconds:.1f}s", err=True))
+    click.echo(rpt.host_line(profile))
+    click.echo(rpt.table(rpt.step_rows(res.steps), title=f"recipe {r.name}:"))
+    for g in res.gates:
+        click.echo(f"gate {g['gate']}: {g['value'] if g['value'] is None else round(g['value'], 4)} "
+                   f"(limit {g['limit']}) {'pass' if g['passed'] else 'FAIL'}")
+    click.echo(f"wrote {outdir}/model.onnx, report.json, report.html")
+    if not res.passed:
+        raise click.exceptions.Exit(4)
+
+
+@cli.command()
+def recipes():
+    """List the built-in recipes and their steps.
+
+    Example:
+
+        edgecomp recipes
+    """
+    from edgecomp.recipe import builtin_recipes, load_recipe
+
+    rows = []
+    for name, path in builtin_recipes().items():
+        r = load_recipe(path)
+        rows.append({"recipe": name, "steps": " → ".join(r.step_names()),
+                     "gates": ", ".join(f"{k}={v}" for k, v in r.gates.items()), "description": r.description})
+    click.echo(rpt.table(rows))
+
+
+@cli.command()
+@click.argument("spec", required=False)
+@click.option("--recipe", required=True, help="A built-in recipe name or a TOML file.")
+@click.option("--grid", "grid", multiple=True, required=True, metavar="STEP.OPTION=V1,V2",
+              help="Values to sweep, e.g. quantize.method=minmax,mse (repeatable: cartesian product).")
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False))
+@click.option("--hf", "hf_path", type=click.Path(exists=True, file_okay=False))
+@_data_options
+@click.option("--target", help="Target profile.")
+@click.option("--targets-file", type=click.Path())
+@click.option("--address", help="Address of an existing Ray cluster (default: start a local one).")
+@click.option("--max-parallel", type=click.IntRange(1), default=2, show_default=True, help="Local Ray CPUs.")
+@click.option("--overwrite", is_flag=True)
+def sweep(spec, recipe, grid, outdir, hf_path, calibration, eval_data, labels, target, targets_file, address,
+          max_parallel, overwrite):
+    """Evaluate recipe variants in parallel on Ray and report the Pareto front.
+
+    The best artifact so far is kept in OUTDIR/best.onnx as variants finish, also when interrupted.
+
+    Example:
+
+        edgecomp sweep models.mobilenet_v2:digits_classifier --recipe cnn-int8 -o out/sweep \\
+            --grid quantize.method=minmax,mse --grid quantize.tolerance=0.002,0.01 \\
+            --calibration out/demo/train.npz --eval out/demo/test.npz --labels out/demo/test_labels.npy
+    """
+    from edgecomp.recipe import load_recipe
+    from edgecomp.sweep import parse_grid, run_sweep
+    from edgecomp.targets import get_profile
+
+    source = _convert_source(spec, hf_path)
+    profile = get_profile(target, targets_file) if target else None
+    res = run_sweep(source, load_recipe(recipe), parse_grid(grid), outdir, address=address, max_parallel=max_parallel,
+                    overwrite=overwrite, calibration=calibration, eval_data=eval_data, labels=labels, target=profile,
+                    on_result=lambda d: click.echo(f"{d['variant']} done: latency {d.get('latency')}, "
+                                                   f"quality {d.get('quality')}", err=True))
+    rows = [{**{k: v for k, v in d.items() if k not in ("model",)}, "pareto": i in res.pareto}
+            for i, d in enumerate(res.variants)]
+    click.echo(rpt.table(rows, title="variants:"))
+    click.echo(f"best: {res.best['variant'] if res.best else 'none'} → {outdir}/best.onnx; sweep.json, sweep.html")
+    if res.interrupted:
+        raise click.ClickException("interrupted; results so far are in " + outdir)
+
+
 def main() -> None:
     cli(prog_name="edgecomp")
 

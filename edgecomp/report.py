@@ -8,7 +8,7 @@ from typing import Any, Iterable, Sequence
 from edgecomp.targets import Isa, TargetProfile, host_isa
 
 __all__ = ["table", "fmt_bytes", "render_bench", "render_validation", "render_summary", "render_pass",
-           "host_line", "to_jsonable"]
+           "host_line", "to_jsonable", "pareto_front", "step_rows"]
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -110,3 +110,28 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_jsonable(v) for v in obj]
     return obj
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points not dominated when lower x (latency) and higher y (quality) are
+    better, ordered by x."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best_y = [], float("-inf")
+    for i in order:
+        if points[i][1] > best_y:
+            front.append(i)
+            best_y = points[i][1]
+    return front
+
+
+def step_rows(steps) -> list[dict[str, Any]]:
+    """One row per step of a convert run: the step table of the terminal and report.html."""
+    rows = []
+    for s in steps:
+        rows.append({"step": f"{s.index:02d}-{s.step}", "seconds": round(s.seconds, 1),
+                     "size": fmt_bytes(s.size_bytes) if s.size_bytes else "-",
+                     "MACs": f"{s.macs / 1e6:.1f}M" if s.macs else "-",
+                     "int8 MACs": f"{s.int8_mac_share:.0%}" if s.int8_mac_share is not None and s.model else "-",
+                     "latency vs fp32": s.latency_ratio, "cos mean": s.cos_mean,
+                     "top-1 agree": s.top1_agreement, "kNN@10": s.knn_agreement, "accuracy": s.accuracy})
+    return rows

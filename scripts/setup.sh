@@ -9,4 +9,4 @@ fi
 # torch is pinned in pyproject to the local CPU wheel; installing it first keeps pip from
 # resolving any other build.
 python -m pip install -q --disable-pip-version-check torch==2.13.0
-python -m pip install -q --disable-pip-version-check -e ".[hf,data,dev]"
+python -m pip install -q --disable-pip-version-check -e ".[hf,data,dev,sweep]"

@@ -1,0 +1,325 @@
+"""``edgecomp convert``: run a recipe from a torch model to a validated edge artifact.
+
+Every model-producing step writes ``NN-step.onnx`` into the output folder; ``validate`` scores
+every model so far against the fp32 export, ``bench`` times them all interleaved; the final
+model is copied to ``model.onnx``; ``report.json`` and ``report.html`` describe it all; gates are
+checked last. The folder is built under a temporary name and renamed into place when complete,
+so an interrupted run never leaves a half-written OUTDIR (and an existing one is replaced only
+with ``overwrite``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgecomp.errors import ConfigError, DataError, OutputError
+from edgecomp.recipe import Recipe
+from edgecomp.targets import TargetProfile, host_isa
+
+__all__ = ["Source", "StepRecord", "ConvertResult", "convert", "STEP_RUNNERS", "MODEL_STEPS"]
+
+
+@dataclasses.dataclass
+class Source:
+    """What to convert: a SPEC, or a Hugging Face encoder folder."""
+
+    spec: str | None = None
+    hf: str | None = None
+
+    def describe(self) -> str:
+        return self.spec or f"hf:{self.hf}"
+
+
+@dataclasses.dataclass
+class StepRecord:
+    index: int
+    step: str
+    options: dict[str, Any]
+    seconds: float = 0.0
+    model: str | None = None
+    size_bytes: int | None = None
+    macs: int | None = None
+    int8_mac_share: float | None = None
+    latency_ratio: float | None = None
+    p50_ms: float | None = None
+    cos_mean: float | None = None
+    cos_min: float | None = None
+    top1_agreement: float | None = None
+    knn_agreement: float | None = None
+    accuracy: float | None = None
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    tables: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ConvertResult:
+    outdir: str
+    source: str
+    recipe: str
+    target: str | None
+    host_isa: str
+    target_matches_host: bool | None
+    steps: list[StepRecord]
+    final_model: str | None
+    gates: list[dict[str, Any]]
+    passed: bool
+    started: str
+
+    def baseline(self) -> StepRecord | None:
+        return next((s for s in self.steps if s.model), None)
+
+    def final(self) -> StepRecord | None:
+        return next((s for s in reversed(self.steps) if s.model), None)
+
+
+class _Context:
+    """What steps share: the folder, data, target, and the models produced so far."""
+
+    def __init__(self, source: Source, outdir: Path, data: dict[str, str | None], target: TargetProfile | None,
+                 progress: bool):
+        self.source, self.outdir, self.data, self.target, self.progress = source, outdir, data, target, progress
+        self.records: list[StepRecord] = []
+        self.current: Path | None = None
+
+    def need(self, key: str, step: str) -> str:
+        value = self.data.get(key)
+        if not value:
+            raise DataError(f"step '{step}' needs {key} data: pass --{key} DATA or set [data].{key} in the recipe")
+        return value
+
+    def model_records(self) -> list[StepRecord]:
+        return [r for r in self.records if r.model]
+
+    def out_path(self, rec: StepRecord) -> Path:
+        return self.outdir / f"{rec.index:02d}-{rec.step}.onnx"
+
+    @property
+    def threads(self) -> int:
+        return self.target.threads if self.target else 1
+
+
+def _run_export(ctx: _Context, rec: StepRecord) -> None:
+    from edgecomp.data import parse_shape
+    from edgecomp.export import HF_AUTO_ORDER, export_model, export_spec, hf_encoder
+
+    o = rec.options
+    dynamic = {k: {int(a): str(lbl) for a, lbl in v.items()} for k, v in o["dynamic"].items()}
+    kw = dict(input_shapes={k: parse_shape(v) for k, v in o["input"].items()}, dynamic=dynamic, opset=o["opset"],
+              exporter=o["exporter"], atol=o["atol"])
+    out = ctx.out_path(rec)
+    if ctx.source.hf:
+        module, example = hf_encoder(ctx.source.hf, o["hf_output"])
+        for name in example:
+            kw["dynamic"].setdefault(name, {0: "batch", 1: "sequence"})
+        res = export_model(module, example, out, auto_order=HF_AUTO_ORDER, **kw)
+    else:
+        res = export_spec(ctx.source.spec, out, **kw)
+    rec.model = str(out)
+    rec.summary = {"exporter": res.exporter, "fallback": res.fallback_reason, "max abs diff vs torch": res.max_abs_diff}
+
+
+def _run_optimize(ctx: _Context, rec: StepRecord) -> None:
+    from edgecomp.io import load_model, save_model
+    from edgecomp.passes.base import run_pass
+    from edgecomp.passes.optimize_graph import OptimizeGraphPass
+
+    res = run_pass(OptimizeGraphPass(fold_constants=rec.options["fold_constants"], fusions=rec.options["fusions"]),
+                   load_model(ctx.current))
+    save_model(res.model, ctx.out_path(rec))
+    rec.model = str(ctx.out_path(rec))
+    rec.summary, rec.tables = res.summary, {"ops changed": res.rows}
+
+
+def _run_quantize(ctx: _Context, rec: StepRecord) -> None:
+    from edgecomp.data import load_data, load_labels
+    from edgecomp.io import load_model, save_model
+    from edgecomp.quantize import QuantizeOptions, quantize_model
+
+    o = rec.options
+    opts = QuantizeOptions(method=o["method"], percentile=o["percentile"], per_channel=o["per_channel"],
+                           weight_bits=o["weight_bits"], smooth=o["smooth"], bias_correction=o["bias_correction"],
+                           families=o["families"], exclude=tuple(o["exclude"]), embeddings=o["embeddings"],
+                           max_samples=o["max_samples"] or None, isa=ctx.target.isa if ctx.target else None,
+                           threads=ctx.threads, progress=ctx.progress)
+    kw: dict[str, Any] = {}
+    if o["tolerance"] >= 0:
+        ev = load_data(ctx.need("eval", "quantize"))
+        labels = load_labels(ctx.data["labels"], len(ev)) if ctx.data.get("labels") else None
+        kw = dict(eval_data=ev, metric=o["metric"], tolerance=o["tolerance"], labels=labels)
+    res = quantize_model(load_model(ctx.current), load_data(ctx.need("calibration", "quantize")), opts, **kw)
+    save_model(res.model, ctx.out_path(rec))
+    rec.model = str(ctx.out_path(rec))
+    rec.summary = res.summary
+    rec.tables = {"layers": res.rows, "op families": res.families, "embedding tables": res.embeddings}
+
+
+def _run_validate(ctx: _Context, rec: StepRecord) -> None:
+    from edgecomp.validate import validate
+
+    models = ctx.model_records()
+    base = models[0]
+    for m in models:
+        v = validate(base.model, m.model, ctx.need("eval", "validate"), ctx.data.get("labels"), threads=ctx.threads,
+                     k=rec.options["k"])
+        o = v.outputs[0]
+        m.cos_mean, m.cos_min, m.top1_agreement, m.knn_agreement = o.cosine_mean, o.cosine_min, o.top1_agreement, o.knn_agreement
+        m.accuracy = v.cand_accuracy
+    rec.summary = {"samples": v.samples, "models": len(models)}
+
+
+def _run_bench(ctx: _Context, rec: StepRecord) -> None:
+    from edgecomp.bench import benchmark, first_feed
+
+    models = ctx.model_records()
+    feed_src = ctx.data.get("eval") or ctx.data.get("calibration")
+    feed = first_feed(feed_src) if feed_src else None
+    threads = rec.options["threads"] or ctx.threads
+    res = benchmark([m.model for m in models], threads=threads, warmup=rec.options["warmup"],
+                    runs=rec.options["runs"], feed=feed, labels=[f"{m.index:02d}-{m.step}" for m in models])
+    for m, st in zip(models, res.models):
+        m.latency_ratio, m.p50_ms = st.ratio_to_first, st.p50_ms
+    rec.summary = {"threads": threads, "runs": rec.options["runs"], "feed": res.feed_shapes}
+
+
+STEP_RUNNERS: dict[str, Callable[[_Context, StepRecord], None]] = {
+    "export": _run_export, "optimize": _run_optimize, "quantize": _run_quantize,
+    "validate": _run_validate, "bench": _run_bench,
+}
+MODEL_STEPS = {"export", "optimize", "quantize"}  # steps that produce a model
+SOURCE_STEPS = {"export"}  # steps that can start a recipe
+
+
+def register_runner(step: str, runner: Callable, produces_model: bool = True, starts_recipe: bool = False) -> None:
+    """Add a step implementation (pruning, embeddings and distillation register theirs)."""
+    STEP_RUNNERS[step] = runner
+    if produces_model:
+        MODEL_STEPS.add(step)
+    if starts_recipe:
+        SOURCE_STEPS.add(step)
+
+
+def _measure(rec: StepRecord, shapes_from: str | None) -> None:
+    from edgecomp.bench import first_feed
+    from edgecomp.inspection import summarize
+    from edgecomp.io import load_model
+
+    rec.size_bytes = os.path.getsize(rec.model)
+    shapes = {k: v.shape for k, v in first_feed(shapes_from).items()} if shapes_from else None
+    try:
+        s = summarize(load_model(rec.model), shapes)
+        rec.macs, rec.int8_mac_share = s.macs, s.int8_mac_share
+    except Exception:  # MACs are informative; a model whose inputs need --shape just has none
+        rec.macs = None
+
+
+def _check_steps(recipe: Recipe, data: dict[str, str | None]) -> None:
+    names = recipe.step_names()
+    if names[0] not in SOURCE_STEPS:
+        raise ConfigError(f"{recipe.source}: the first step must be one of {sorted(SOURCE_STEPS)}, not {names[0]!r}")
+    for s in names:
+        if s not in STEP_RUNNERS:
+            raise ConfigError(f"{recipe.source}: step {s!r} is not available in this installation")
+    needs = {"validate": "eval"}
+    for s in recipe.steps:
+        key = needs.get(s["step"]) or ("calibration" if s["step"] == "quantize" else None)
+        if key and not data.get(key):
+            raise DataError(f"{recipe.source}: step '{s['step']}' needs {key} data: pass --{key} DATA or set [data].{key}")
+        if s["step"] == "quantize" and s["tolerance"] >= 0 and not data.get("eval"):
+            raise DataError(f"{recipe.source}: quantize with a tolerance needs eval data: pass --eval DATA")
+
+
+def _gates(recipe: Recipe, steps: list[StepRecord]) -> list[dict[str, Any]]:
+    models = [s for s in steps if s.model]
+    base, final = models[0], models[-1]
+    out = []
+    for gate, limit in recipe.gates.items():
+        value = None
+        if gate == "max_size_mb":
+            value = final.size_bytes / 1e6
+        elif gate == "min_speedup" and final.latency_ratio:
+            value = 1.0 / final.latency_ratio
+        elif gate == "max_accuracy_drop":
+            value = _accuracy_drop(base, final)
+        if value is None:
+            passed = False
+        elif gate.startswith("max_"):
+            passed = value <= limit
+        else:
+            passed = value >= limit
+        out.append({"gate": gate, "limit": limit, "value": value, "passed": passed})
+    return out
+
+
+def _accuracy_drop(base: StepRecord, final: StepRecord) -> float | None:
+    if base.accuracy is not None and final.accuracy is not None:
+        return base.accuracy - final.accuracy
+    if final.top1_agreement is not None:
+        return 1.0 - final.top1_agreement
+    if final.cos_mean is not None:
+        return 1.0 - final.cos_mean
+    return None
+
+
+def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibration: str | None = None,
+            eval_data: str | None = None, labels: str | None = None, target: TargetProfile | None = None,
+            overwrite: bool = False, progress: bool = False,
+            on_step: Callable[[StepRecord], None] | None = None) -> ConvertResult:
+    """Run ``recipe`` on ``source`` into ``outdir``; see the module docstring."""
+    from edgecomp.html_report import write_reports
+
+    out = Path(outdir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"{out} exists and is not empty; choose another -o or pass --overwrite")
+    if not out.parent.exists():
+        raise OutputError(f"folder {out.parent} does not exist; create it first")
+    data = {"calibration": calibration or recipe.data.get("calibration"),
+            "eval": eval_data or recipe.data.get("eval"), "labels": labels or recipe.data.get("labels")}
+    _check_steps(recipe, data)
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        ctx = _Context(source, work, data, target, progress)
+        for i, options in enumerate(recipe.steps, start=1):
+            rec = StepRecord(i, options["step"], {k: v for k, v in options.items() if k != "step"})
+            ctx.records.append(rec)
+            t0 = time.perf_counter()
+            STEP_RUNNERS[rec.step](ctx, rec)
+            rec.seconds = time.perf_counter() - t0
+            if rec.model:
+                ctx.current = Path(rec.model)
+                _measure(rec, data.get("eval") or data.get("calibration"))
+            if on_step:
+                on_step(rec)
+        final = ctx.current
+        shutil.copyfile(final, work / "model.onnx")
+        isa = host_isa()
+        result = ConvertResult(str(out), source.describe(), recipe.source, target.name if target else None,
+                               isa.describe(), (target.isa == isa) if target else None, ctx.records,
+                               str(out / "model.onnx"), [], True, started)
+        result.gates = _gates(recipe, ctx.records)
+        result.passed = all(g["passed"] for g in result.gates)
+        _relocate(result, work, out)
+        write_reports(result, work)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return result
+
+
+def _relocate(result: ConvertResult, work: Path, out: Path) -> None:
+    """Point recorded model paths at their final location inside OUTDIR."""
+    for s in result.steps:
+        if s.model:
+            s.model = str(out / Path(s.model).name)

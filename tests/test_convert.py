@@ -1,0 +1,137 @@
+"""convert / recipes / sweep: built-in recipes on tiny models, gates, report.html, a Ray sweep."""
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgecomp.cli import cli
+from edgecomp.convert import Source, convert
+from edgecomp.errors import ConfigError, DataError, OutputError
+from edgecomp.recipe import builtin_recipes, load_recipe, parse_recipe
+
+ENCODER_EXPORT = ('[[steps]]\nstep = "export"\nexporter = "torchscript"\n'
+                  'dynamic = { input_ids = { 0 = "batch", 1 = "seq" }, attention_mask = { 0 = "batch", 1 = "seq" } }\n')
+
+
+@pytest.fixture(scope="module")
+def token_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    rng = np.random.default_rng(0)
+    for split, n in (("calib", 12), ("eval", 10)):
+        (root / split).mkdir()
+        for i in range(n):
+            L = int(rng.integers(4, 16))
+            np.savez(root / split / f"{i:02d}.npz", input_ids=rng.integers(1, 1000, (1, L)), attention_mask=np.ones((1, L), np.int64))
+    return root / "calib", root / "eval"
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.external = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        for k, v in attrs:
+            if k in ("src", "href") and v and v.startswith(("http:", "https:", "//")):
+                self.external.append(v)
+
+
+def test_cnn_recipe_on_digits(tmp_path, digits_onnx):
+    _, data, labels = digits_onnx
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.load(data)["x"][:60])
+    recipe = load_recipe("cnn-int8")
+    recipe.steps[0]["exporter"] = "torchscript"
+    out = tmp_path / "out"
+    res = convert(Source(spec="models.mobilenet_v2:digits_classifier"), recipe, out, calibration=str(calib),
+                  eval_data=str(data), labels=str(labels))
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["01-export.onnx", "02-optimize.onnx", "03-quantize.onnx", "model.onnx", "report.html", "report.json"]
+    q = res.steps[2]
+    assert q.int8_mac_share > 0.5 and q.latency_ratio is not None and q.accuracy is not None
+    assert {g["gate"] for g in res.gates} == {"max_accuracy_drop", "min_speedup"}
+    drop = next(g for g in res.gates if g["gate"] == "max_accuracy_drop")
+    assert drop["value"] == pytest.approx(res.steps[0].accuracy - q.accuracy)
+    report = json.loads((out / "report.json").read_text())
+    assert report["final_model"].endswith("model.onnx") and len(report["steps"]) == 5
+    page = (out / "report.html").read_text()
+    parser = _Collector()
+    parser.feed(page)
+    assert parser.tags.count("svg") >= 2 and "table" in parser.tags  # trade-off + sensitivity plots
+    assert parser.external == [] and "<script" not in page
+    assert "03-quantize" in page
+
+
+def test_encoder_recipe_and_failing_gate_exit_status(tmp_path, token_data):
+    calib, ev = token_data
+    rfile = tmp_path / "enc.toml"
+    rfile.write_text('[gates]\nmax_size_mb = 0.001\nmax_accuracy_drop = 0.5\n' + ENCODER_EXPORT +
+                     '[[steps]]\nstep = "quantize"\nfamilies = "all"\n[[steps]]\nstep = "validate"\n')
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["convert", "models.text_encoder:tiny_encoder", "--recipe", str(rfile), "-o", str(out),
+                                   "--calibration", str(calib), "--eval", str(ev)])
+    assert res.exit_code == 4, res.output
+    assert "gate max_size_mb" in res.output and "FAIL" in res.output
+    assert (out / "model.onnx").exists() and (out / "report.html").exists()
+    report = json.loads((out / "report.json").read_text())
+    gates = {g["gate"]: g["passed"] for g in report["gates"]}
+    assert gates == {"max_size_mb": False, "max_accuracy_drop": True}
+
+
+def test_builtin_encoder_recipe_parses_and_is_listed():
+    assert {"cnn-int8", "encoder-int8"} <= set(builtin_recipes())
+    r = load_recipe("encoder-int8")
+    assert r.step_names()[0] == "export" and r.steps[1]["max_samples"] == 300
+    res = CliRunner().invoke(cli, ["recipes"])
+    assert res.exit_code == 0 and "encoder-int8" in res.output and "cnn-int8" in res.output
+
+
+def test_bad_recipes(tmp_path, token_data):
+    calib, _ = token_data
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[steps]]\nstep = "export"\nexporter = \n')
+    with pytest.raises(ConfigError, match=r"bad.toml: not valid TOML.*line 3"):
+        load_recipe(bad)
+    with pytest.raises(ConfigError, match="unknown step 'shrink'; valid steps: export"):
+        parse_recipe({"steps": [{"step": "shrink"}]})
+    with pytest.raises(ConfigError, match=r"unknown key 'methd'; valid keys: method"):
+        parse_recipe({"steps": [{"step": "export"}, {"step": "quantize", "methd": "mse"}]})
+    with pytest.raises(ConfigError, match="gate min_speedup needs a 'bench' step"):
+        parse_recipe({"gates": {"min_speedup": 2}, "steps": [{"step": "export"}]})
+    with pytest.raises(ConfigError, match="neither a file nor a built-in recipe"):
+        load_recipe("nope-recipe")
+    r = parse_recipe({"steps": [{"step": "export"}, {"step": "validate"}]})
+    with pytest.raises(DataError, match="step 'validate' needs eval data"):
+        convert(Source(spec="models.text_encoder:tiny_encoder"), r, tmp_path / "o1")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("user file")
+    with pytest.raises(OutputError, match="--overwrite"):
+        convert(Source(spec="models.text_encoder:tiny_encoder"), r, tmp_path / "busy", eval_data=str(calib))
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "user file"
+
+
+def test_sweep_of_four_variants_on_local_ray(tmp_path, token_data):
+    calib, ev = token_data
+    rfile = tmp_path / "sweep.toml"
+    rfile.write_text('[gates]\nmax_accuracy_drop = 0.05\n' + ENCODER_EXPORT +
+                     '[[steps]]\nstep = "quantize"\nfamilies = "all"\n[[steps]]\nstep = "validate"\n'
+                     '[[steps]]\nstep = "bench"\nruns = 10\nwarmup = 2\n')
+    out = tmp_path / "sweep"
+    res = CliRunner().invoke(cli, ["sweep", "models.text_encoder:tiny_encoder", "--recipe", str(rfile), "-o", str(out),
+                                   "--grid", "quantize.method=minmax,mse", "--grid", "quantize.smooth=auto,off",
+                                   "--calibration", str(calib), "--eval", str(ev)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "sweep.json").read_text())
+    assert len(data["variants"]) == 4 and all("error" not in v for v in data["variants"])
+    assert {(v["quantize.method"], v["quantize.smooth"]) for v in data["variants"]} == {
+        ("minmax", "auto"), ("minmax", "off"), ("mse", "auto"), ("mse", "off")}
+    assert any(v["pareto"] for v in data["variants"])
+    best = max((v for v in data["variants"] if v["gates passed"]), key=lambda v: (v["quality"], -v["latency"]))
+    assert data["best"]["variant"] == best["variant"]
+    assert (out / "best.onnx").read_bytes() == (out / best["variant"] / "model.onnx").read_bytes()
+    assert "<svg" in (out / "sweep.html").read_text()
