@@ -214,8 +214,8 @@ def distill(teacher, output, teacher_hf, student, shrink, project, data, text, t
     t = result.training
     click.echo(f"trained {t['steps']} steps in {t['seconds']:.0f}s ({result.objective}); best held-out fidelity at "
                f"step {t['best_step']}{', stopped early' if t['stopped_early'] else ''}; checkpoint {result.checkpoint}")
-    click.echo(rpt.table([{**r, "size": rpt.fmt_bytes(r.pop("size bytes"))} for r in map(dict, result.rows)],
-                         title="teacher vs student (held-out samples):"))
+    rows = [{k: (rpt.fmt_bytes(v) if k == "size bytes" else v) for k, v in r.items()} for r in result.rows]
+    click.echo(rpt.table(rows, title="teacher vs student (held-out samples):"))
     click.echo(rpt.render_validation(result.validation))
     click.echo(f"wrote {result.output} ({result.exporter} exporter)")
     _write_json(json_path, {"training": t, "rows": result.rows, "validation": result.validation,
