@@ -45,6 +45,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.data import Dataset, input_specs
 from edgecomp.errors import ConfigError, DataError, PassFailed
@@ -447,6 +448,24 @@ def _single_use(value: ir.Value) -> ir.Node | None:
     return uses[0].node if len(uses) == 1 and value not in value.graph.outputs else None
 
 
+def _feeds_only(value: ir.Value, node: ir.Node) -> bool:
+    """``value`` is read by ``node`` and otherwise only by Shape → Gather of a dim other than the last."""
+    if value in value.graph.outputs:
+        return False
+    entries = _shape_entries(node) if node.op_type == "Reshape" else None
+    rank = len(value.shape) if value.shape is not None else (len(entries) - 1 if entries else None)
+    for use in value.uses():
+        if use.node is node:
+            continue
+        if use.node.op_type != "Shape" or _attr(use.node, "start", 0) != 0 or rank is None:
+            return False
+        for g in use.node.outputs[0].uses():
+            idx = _const(g.node.inputs[1]) if g.node.op_type == "Gather" else None
+            if idx is None or idx.size != 1 or int(idx.reshape(-1)[0]) % rank == rank - 1:
+                return False
+    return True
+
+
 def _back_through(value: ir.Value, ops: set[str]) -> ir.Value:
     """Walk up through ``ops``, following the computed input that leads on (not a mask or scale)."""
     p = value.producer()
@@ -484,7 +503,7 @@ def _head_split(value: ir.Value) -> tuple[ir.Node, list[ir.Node]] | None:
     while p is not None and p.op_type == "Transpose":
         path.append(p)
         p = p.inputs[0].producer()
-    if p is None or p.op_type != "Reshape" or _single_use(p.inputs[0]) is None:
+    if p is None or p.op_type != "Reshape" or not _feeds_only(p.inputs[0], p):
         return None
     path.append(p)
     return p, path
@@ -791,7 +810,7 @@ def channel_stats(model: ir.Model, an: Analysis, data: Dataset, max_samples: int
     if not consumers:
         return {}
     names = list(consumers)
-    session = make_session(model, threads=threads, optimization="disable", extra_outputs=names)
+    session = make_session(model, threads=threads, optimization="basic", extra_outputs=names)
     sums: dict[str, np.ndarray] = {}
     counts = dict.fromkeys(names, 0)
     for feed in _feeds(data, model, max_samples):
@@ -850,8 +869,6 @@ def repair(original: ir.Model, pruned: ir.Model, plan: PrunePlan, data: Dataset,
     reconstruction error on the calibration samples before and after. A fit that does not lower
     the error is not applied.
     """
-    from edgecomp.runtime import make_session, run_feed
-
     an, kept = plan.analysis, plan.kept
     orig_nodes = {n.name: n for n in original.graph if n.op_type in ("Conv", "MatMul", "Gemm")}
     outs = {e.node.name: e.layout.indices(kept, an.sizes) for e in an.edits
@@ -869,25 +886,30 @@ def repair(original: ir.Model, pruned: ir.Model, plan: PrunePlan, data: Dataset,
         targets.append((node, ref, e.layout.indices(kept, an.sizes), outs.get(node.name, np.arange(n_out))))
     if not targets:
         return rows
-    names = list(dict.fromkeys(n.inputs[0].name for n, *_ in targets))
-    s_orig = make_session(original, threads=threads, optimization="disable", extra_outputs=names)
-    s_new = make_session(pruned, threads=threads, optimization="disable", extra_outputs=names)
-    acc: dict[str, list] = {}
-    for feed in _feeds(data, original, max_samples):
-        xs = dict(zip(names, run_feed(s_orig, feed, names)))
-        xt = dict(zip(names, run_feed(s_new, feed, names)))
-        for node, *_ in targets:
-            x = _rows(np.asarray(xs[node.inputs[0].name], np.float64), node, True)
-            y = _rows(np.asarray(xt[node.inputs[0].name], np.float64), node, True)
-            x = np.hstack([x, np.ones((len(x), 1))])
-            y = np.hstack([y, np.ones((len(y), 1))])
-            m = acc.setdefault(node.name, [0.0, 0.0, 0.0])
-            m[0] = m[0] + y.T @ y
-            m[1] = m[1] + y.T @ x
-            m[2] = m[2] + x.T @ x
+    # one layer at a time, in graph order: each fit sees the inputs its repaired predecessors give it
     for node, ref, in_idx, out_idx in targets:
-        rows.append(_refit(pruned, node, ref, in_idx, out_idx, *acc[node.name], ridge))
+        rows.append(_refit(pruned, node, ref, in_idx, out_idx,
+                           *_grams(original, pruned, node, data, max_samples, threads), ridge))
+    ir.passes.common.RemoveUnusedNodesPass()(pruned)
     return rows
+
+
+def _grams(original: ir.Model, pruned: ir.Model, node: ir.Node, data: Dataset, max_samples: int | None,
+           threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A = Σ X̃ᵀX̃, B = Σ X̃ᵀX, C = Σ XᵀX for ``node``'s input (ones column appended)."""
+    from edgecomp.runtime import make_session, run_feed
+
+    name = node.inputs[0].name
+    s_orig = make_session(original, threads=threads, optimization="basic", extra_outputs=[name])
+    s_new = make_session(pruned, threads=threads, optimization="basic", extra_outputs=[name])
+    a = b = c = 0.0
+    for feed in _feeds(data, original, max_samples):
+        x = _rows(np.asarray(run_feed(s_orig, feed, [name])[0], np.float64), node, True)
+        y = _rows(np.asarray(run_feed(s_new, feed, [name])[0], np.float64), node, True)
+        x = np.hstack([x, np.ones((len(x), 1))])
+        y = np.hstack([y, np.ones((len(y), 1))])
+        a, b, c = a + y.T @ y, b + y.T @ x, c + x.T @ x
+    return a, b, c
 
 
 def _bias_of(node: ir.Node, n_out: int) -> np.ndarray:
