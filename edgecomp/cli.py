@@ -417,6 +417,80 @@ def quantize(model, output, calibration, method, percentile, per_tensor, weight_
 
 
 @cli.command()
+@click.argument("model", type=click.Path())
+@_output_option
+@click.option("--sparsity", type=float, required=True,
+              help="Fraction removed, in (0, 1): of each group's channels/heads (structured) or of weights.")
+@click.option("--structured/--unstructured", default=True, show_default=True,
+              help="Remove whole channels, neurons and heads (faster), or zero single weights (smaller zipped only).")
+@click.option("--data", type=click.Path(), help="DATA for activation-based importance and least-squares repair.")
+@click.option("--importance", type=click.Choice(["auto", "l1", "l2", "activation"]), default="auto", show_default=True,
+              help="auto: activation-based with --data, else L2 weight magnitude.")
+@click.option("--scope", type=click.Choice(["per-layer", "global"]), default=None,
+              help="Rank per group or across the model. Default: per-layer (structured), global (unstructured).")
+@click.option("--protect", multiple=True, metavar="REGEX", help="Keep layers whose node name matches whole (repeatable).")
+@click.option("--round-to", type=click.IntRange(1), default=1, show_default=True,
+              help="Keep channel counts multiples of N.")
+@click.option("--kinds", default="channels,heads", show_default=True,
+              help="What structured pruning removes: channels (incl. FFN neurons), heads, or both.")
+@click.option("--no-repair", is_flag=True, help="With --data, skip the least-squares re-fit of consumer layers.")
+@click.option("--max-samples", type=click.IntRange(1), help="Use at most this many DATA samples.")
+@_threads_option
+@_json_option
+def prune(model, output, sparsity, structured, data, importance, scope, protect, round_to, kinds, no_repair,
+          max_samples, threads, json_path):
+    """Prune a model: physically remove channels, neurons and attention heads (structured, the
+    default), or zero the smallest weights (--unstructured).
+
+    Structured pruning finds the channels that must go together from the graph (residual
+    Add/Concat, depthwise convs, Flatten into a Linear, FFN neurons, attention heads); a group
+    reaching an op it cannot follow stays whole and the report names the op. With --data,
+    consumer layers are re-fitted by least squares to the unpruned model's outputs. The result
+    is checked with onnx.checker and onnxruntime before it is written.
+
+    Example:
+
+        edgecomp prune mnv2.onnx -o mnv2.pruned.onnx --sparsity 0.3 --data calib.npz --max-samples 200
+    """
+    from edgecomp.data import load_data
+    from edgecomp.io import check_output_path, load_model, save_model
+
+    check_output_path(output, [model] + ([data] if data else []))
+    m = load_model(model)
+    if structured:
+        from edgecomp.pruning import PruneOptions, prune_model
+
+        opts = PruneOptions(sparsity=sparsity, importance=importance, scope=scope or "per-layer",
+                            protect=tuple(protect), round_to=round_to,
+                            kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+                            repair=not no_repair, max_samples=max_samples, threads=threads or 1)
+        opts.validate()
+        result = prune_model(m, opts, load_data(data) if data else None)
+        save_model(result.model, output, inputs=[model])
+        click.echo(rpt.table(result.groups, title="groups:"))
+        click.echo(rpt.table(result.layers, title="layers:"))
+        click.echo(", ".join(f"{k}: {v}" for k, v in result.summary.items() if v is not None))
+        click.echo(f"wrote {output}")
+        _write_json(json_path, {"summary": result.summary, "groups": result.groups, "layers": result.layers})
+        return
+    from edgecomp.passes.base import run_pass
+    from edgecomp.passes.prune_magnitude import PruneMagnitudePass
+    from edgecomp.pruning import verify_pruned
+
+    reference = load_model(model)
+    result = run_pass(PruneMagnitudePass(sparsity=sparsity, scope=scope or "global", protect=protect), m)
+    verify_pruned(result.model, reference)
+    save_model(result.model, output, inputs=[model])
+    click.echo(rpt.table(result.rows, title="layers:"))
+    s = result.summary
+    click.echo(f"sparsity reached {s['sparsity reached']:.2%}; zipped weights {rpt.fmt_bytes(s['zipped weights before'])} "
+               f"→ {rpt.fmt_bytes(s['zipped weights after'])}")
+    click.echo(f"note: {s['note']}")
+    click.echo(f"wrote {output}")
+    _write_json(json_path, result)
+
+
+@cli.command()
 @click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
 def targets(targets_file):
     """List target CPU profiles and say which match this host's ISA.
