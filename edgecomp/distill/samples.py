@@ -47,6 +47,10 @@ class Samples:
         perm = np.random.default_rng(seed).permutation(n)
         return self.subset(sorted(perm[n_val:])), self.subset(sorted(perm[:n_val]))
 
+    def sizes(self) -> np.ndarray:
+        """Elements per sample (the sequence length, for token feeds)."""
+        return np.array([sum(a.size for a in f.values()) for f in self.feeds])
+
     def batch(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
         """Stack samples ``idx`` into tensors (zero-padded to the longest)."""
         out = {}
@@ -97,6 +101,20 @@ def from_text(path: str | os.PathLike, tokenizer: str | os.PathLike, max_len: in
     return Samples(feeds, y)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The sample order of one epoch: a permutation fixed by (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+def epoch_order(n: int, seed: int, epoch: int, sizes: np.ndarray | None = None, batch: int = 1,
+                bucket: int = 50) -> np.ndarray:
+    """The sample order of one epoch: a permutation fixed by (seed, epoch).
+
+    With ``sizes`` that vary (token sequences), each run of ``bucket`` batches is sorted by size
+    and the batches are shuffled, so a batch pads to similar lengths (less wasted compute).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n)
+    if sizes is None or batch <= 1 or np.all(sizes == sizes[0]):
+        return order
+    span = batch * bucket
+    chunks = [order[i:i + span] for i in range(0, n, span)]
+    order = np.concatenate([c[np.argsort(sizes[c], kind="stable")] for c in chunks])
+    full = n // batch * batch
+    batches = order[:full].reshape(-1, batch)[rng.permutation(full // batch)]
+    return np.concatenate([batches.reshape(-1), order[full:]])

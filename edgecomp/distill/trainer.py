@@ -354,12 +354,15 @@ def _dist() -> tuple[int, int]:
 
 
 def _outputs(model: nn.Module, samples: Samples, names: list[str], batch: int = 64) -> list[torch.Tensor]:
-    """Per-sample outputs ([1, ...] each) in sample order, without gradients."""
-    outs = []
+    """Per-sample outputs ([1, ...] each) in sample order, without gradients (batched by size)."""
+    order = np.argsort(samples.sizes(), kind="stable")
+    outs: list[torch.Tensor | None] = [None] * len(samples)
     with torch.no_grad():
         for i in range(0, len(samples), batch):
-            b = samples.batch(range(i, min(i + batch, len(samples))))
-            outs.extend(_first_output(model(*[b[n] for n in names])).split(1))
+            idx = order[i:i + batch]
+            b = samples.batch(idx)
+            for j, o in zip(idx, _first_output(model(*[b[n] for n in names])).split(1)):
+                outs[j] = o
     return outs
 
 
@@ -454,11 +457,12 @@ def train(config: DistillConfig, *, setup: Setup | None = None, resume: bool = F
     resumed_from = step if ckpt is not None else None
     student.train()
     local = c.batch_size // world
+    sizes = setup.train.sizes()
     tick, seen = time.perf_counter(), 0
     try:
         while step < total and not stopped:
             epoch, pos = divmod(step, steps_per_epoch)
-            order = epoch_order(len(setup.train), c.seed, epoch)
+            order = epoch_order(len(setup.train), c.seed, epoch, sizes, c.batch_size)
             idx = order[pos * c.batch_size:(pos + 1) * c.batch_size][rank * local:(rank + 1) * local]
             batch = setup.train.batch(idx)
             args = [batch[n] for n in names]
