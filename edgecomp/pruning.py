@@ -514,7 +514,7 @@ def _shape_entries(reshape: ir.Node) -> list[tuple[ir.Node, int, int, np.ndarray
     shape = reshape.inputs[1]
     c = _const(shape)
     if c is not None:
-        return [(reshape, 1, i, c) for i in range(len(c))]
+        return [(reshape, 1, i, c.reshape(-1)[i:i + 1]) for i in range(c.size)]
     p = shape.producer()
     if p is None or p.op_type != "Concat":
         return None
