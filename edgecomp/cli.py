@@ -333,6 +333,65 @@ def inspect(model, shapes, no_macs, json_path):
     _write_json(json_path, summary)
 
 
+@cli.command("reduce-embeddings")
+@click.argument("model", type=click.Path())
+@_output_option
+@click.option("--bits", type=click.Choice(["8", "4"]), help="Row-wise int8, or int4 in blocks (of the low-rank factor with --rank).")
+@click.option("--block", type=click.IntRange(2), help="Values per scale within a row. Default: whole row (int8), 64 (int4).")
+@click.option("--rank", type=click.IntRange(1), help="Low-rank factorization: [V, R] table + [R, D] projection.")
+@click.option("--energy", type=float, help="Instead of --rank: the smallest rank retaining this energy, e.g. 0.99.")
+@click.option("--corpus", type=click.Path(), help="Text file, one text per line: its token counts weight the factorization / pick kept ids.")
+@click.option("--tokenizer", type=click.Path(), help="The model's tokenizer folder (tokenizer.json).")
+@click.option("--exact-rows", type=click.IntRange(0), default=2000, show_default=True,
+              help="With --corpus and --rank: keep this many most frequent tokens exact (residual table).")
+@click.option("--weight-power", type=float, default=0.5, show_default=True,
+              help="With --corpus: row weight (count + 1) ** power in the factorization.")
+@click.option("--prune-vocab", is_flag=True, help="Keep only token ids in --corpus / --keep-ids plus special tokens.")
+@click.option("--keep-ids", type=click.Path(), help="File of token ids to keep (whitespace or comma separated).")
+@click.option("--unk-id", type=click.IntRange(0), help="Unknown-token id for pruned ids (default: the tokenizer's).")
+@click.option("--remap-tokenizer", is_flag=True,
+              help="Write a renumbered tokenizer beside the model instead of an id map in the graph.")
+@click.option("--add-tokens", type=click.Path(), help="File of new words, one a line: appended rows = mean of their sub-tokens.")
+@click.option("--min-rows", type=click.IntRange(0), default=1000, show_default=True,
+              help="Quantize only tables with at least this many rows.")
+@_json_option
+def reduce_embeddings(model, output, bits, block, rank, energy, corpus, tokenizer, exact_rows, weight_power, prune_vocab,
+                      keep_ids, unk_id, remap_tokenizer, add_tokens, min_rows, json_path):
+    """Shrink embedding tables: row-wise int8/int4, low rank, vocabulary pruning, added tokens.
+
+    Tables are float initializers read by Gather with run-time ids (also when tied to an
+    output projection). With --add-tokens or --remap-tokenizer a tokenizer folder
+    OUTPUT-STEM.tokenizer/ is written beside the model.
+
+    Example:
+
+        edgecomp reduce-embeddings minilm.onnx -o minilm.emb.onnx --rank 256 --bits 8 --corpus texts.txt --tokenizer model/
+    """
+    from edgecomp.embeddings import ReduceOptions, read_ids, reduce_embeddings as run_reduce, write_tokenizer
+    from edgecomp.io import check_output_path, load_model, save_model
+    from edgecomp.text import load_tokenizer, read_lines
+
+    inputs = [model] + [p for p in (corpus, keep_ids, add_tokens) if p]
+    check_output_path(output, inputs)
+    opts = ReduceOptions(bits=int(bits) if bits else None, block=block, rank=rank, energy=energy, power=weight_power,
+                         exact_rows=exact_rows, prune_vocab=prune_vocab, remap_tokenizer=remap_tokenizer,
+                         unk_id=unk_id, min_rows=min_rows)
+    m = load_model(model)
+    result = run_reduce(m, opts, tokenizer=load_tokenizer(tokenizer) if tokenizer else None,
+                        corpus=read_lines(corpus) if corpus else None, keep_ids=read_ids(keep_ids) if keep_ids else None,
+                        new_tokens=read_lines(add_tokens) if add_tokens else None)
+    save_model(result.model, output, inputs=inputs)
+    for r in result.reports:
+        click.echo(rpt.render_pass(r))
+    click.echo(", ".join(f"{k}: {v}" for k, v in result.summary.items()))
+    if result.tokenizer_files:
+        folder = Path(output).parent / (Path(output).stem + ".tokenizer")
+        write_tokenizer(result.tokenizer_files, folder)
+        click.echo(f"wrote {folder}/")
+    click.echo(f"wrote {output}")
+    _write_json(json_path, {"summary": result.summary, "passes": [r.to_json() for r in result.reports]})
+
+
 @cli.command()
 @click.argument("model", type=click.Path())
 @_output_option

@@ -1,0 +1,239 @@
+"""Embedding reduction: count the user's tokens, then run the embedding passes in order.
+
+    add tokens  ->  prune vocabulary  ->  factorize (optionally quantized)  or  quantize rows
+
+The *vocabulary table* is the largest embedding table; corpus counts, pruning and added tokens
+apply to it (its rows must match the tokenizer). Everything is computed in memory: a bad input
+raises before any file is written, and the CLI writes the model (and, for ``--add-tokens`` or
+``--remap-tokenizer``, a tokenizer folder beside it) only at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from edgecomp.errors import ConfigError, DataError, PassFailed
+from edgecomp.passes._embedding import find_embedding_tables
+from edgecomp.passes.add_tokens import AddTokensPass
+from edgecomp.passes.base import PassReport, run_pass
+from edgecomp.passes.factorize_embeddings import FactorizeEmbeddingsPass
+from edgecomp.passes.prune_vocabulary import PruneVocabularyPass
+from edgecomp.passes.quantize_embeddings import QuantizeEmbeddingsPass
+
+__all__ = ["ReduceOptions", "ReduceResult", "reduce_embeddings", "token_counts", "new_token_rows", "read_ids",
+           "write_tokenizer"]
+
+
+@dataclasses.dataclass
+class ReduceOptions:
+    """What ``edgecomp reduce-embeddings`` does (see its ``--help`` for each option)."""
+
+    bits: int | None = None  # 8 or 4: row-wise storage (of the low-rank factor when rank/energy is set)
+    block: int | None = None  # values per scale; default: whole row for int8, 64 for int4
+    scale_dtype: str | None = None  # default: float32 for int8, float16 for int4
+    rank: int | None = None
+    energy: float | None = None
+    power: float = 0.5  # row weight (count + smoothing) ** power
+    smoothing: float = 1.0
+    exact_rows: int = 2000  # most frequent corpus tokens kept exact (with a corpus)
+    prune_vocab: bool = False
+    remap_tokenizer: bool = False
+    unk_id: int | None = None  # default: the tokenizer's
+    min_rows: int = 1000  # smaller tables (positions, token types) are left alone
+
+
+@dataclasses.dataclass
+class ReduceResult:
+    model: ir.Model
+    reports: list[PassReport]
+    summary: dict[str, Any]
+    tokenizer_files: dict[str, str]  # file name -> text, for a tokenizer folder beside the model
+
+
+def token_counts(tokenizer, lines: Sequence[str], vocab_size: int) -> np.ndarray:
+    """How often each token id occurs in ``lines`` (special tokens included, as the model sees them)."""
+    counts = np.zeros(vocab_size, np.int64)
+    special = set(tokenizer.all_special_ids)
+    ordinary = 0
+    for ids in tokenizer(list(lines), truncation=False)["input_ids"]:
+        ids = np.asarray(ids, np.int64)
+        np.add.at(counts, ids, 1)
+        ordinary += sum(1 for i in ids if int(i) not in special)
+    if ordinary == 0:
+        raise DataError("the corpus produces no tokens besides special ones; give text in the model's language, "
+                        "one text per line")
+    return counts
+
+
+def new_token_rows(tokenizer, table: np.ndarray, words: Sequence[str]) -> np.ndarray:
+    """Each new word's row: the mean of its sub-token rows under the original vocabulary."""
+    rows = []
+    for w in words:
+        ids = tokenizer(w, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise DataError(f"new token {w!r} tokenizes to nothing; remove it from the --add-tokens file")
+        rows.append(table[np.asarray(ids)].mean(0))
+    return np.stack(rows).astype(table.dtype)
+
+
+def read_ids(path: str | os.PathLike) -> np.ndarray:
+    """Token ids from a text file: integers separated by whitespace or commas."""
+    from edgecomp.text import read_lines
+
+    try:
+        return np.array([int(x) for line in read_lines(path) for x in line.replace(",", " ").split()], np.int64)
+    except ValueError as e:
+        raise DataError(f"{path} must hold integer token ids separated by spaces, commas or newlines ({e})") from e
+
+
+def reduce_embeddings(model: ir.Model, opts: ReduceOptions, tokenizer=None, corpus: Sequence[str] | None = None,
+                      keep_ids: np.ndarray | None = None, new_tokens: Sequence[str] | None = None) -> ReduceResult:
+    """Reduce ``model``'s embedding tables in place (see the module docstring)."""
+    _check(opts, tokenizer, corpus, keep_ids, new_tokens)
+    tables, skipped = find_embedding_tables(model, tied=True)
+    if not tables:
+        why = f" ({skipped[0]['table']}: {skipped[0]['reason']})" if skipped else ""
+        raise PassFailed("no embedding table (a float initializer [V, D] read by Gather with run-time integer ids) "
+                         f"in the model{why}; nothing to reduce")
+    vocab = max(tables, key=lambda t: t.value.const_value.shape[0])
+    table = vocab.array
+    vocab_size = table.shape[0]
+    if tokenizer is not None and len(tokenizer) != vocab_size:
+        raise DataError(f"the tokenizer has {len(tokenizer)} tokens but the table {vocab.value.name} has "
+                        f"{vocab_size} rows; give the tokenizer the model was trained with")
+    counts = token_counts(tokenizer, corpus, vocab_size) if corpus is not None else None
+    unk = opts.unk_id if opts.unk_id is not None else (tokenizer.unk_token_id if tokenizer is not None else None)
+    tok_json = json.loads(tokenizer.backend_tokenizer.to_str()) if tokenizer is not None and (
+        new_tokens or opts.remap_tokenizer) else None
+    reports, summary = [], {"vocabulary table": vocab.value.name, "rows before": vocab_size}
+
+    if new_tokens:
+        rows = new_token_rows(tokenizer, table, new_tokens)
+        reports.append(run_pass(AddTokensPass(rows=rows, vocab_size=vocab_size), model))
+        _add_to_tokenizer(tok_json, new_tokens, vocab_size)
+        vocab_size += len(rows)
+        if counts is not None:
+            counts = np.concatenate([counts, np.zeros(len(rows), np.int64)])
+        summary["added tokens"] = len(rows)
+
+    if opts.prune_vocab:
+        if unk is None or not 0 <= unk < vocab_size:
+            raise ConfigError("pruning needs the unknown token's id: give --tokenizer or --unk-id")
+        keep = np.zeros(vocab_size, bool)
+        if counts is not None:
+            keep |= counts > 0
+        if keep_ids is not None:
+            if len(keep_ids) and (keep_ids.min() < 0 or keep_ids.max() >= vocab_size):
+                raise DataError(f"--keep-ids holds ids outside [0, {vocab_size})")
+            keep[keep_ids] = True
+        if tokenizer is not None:
+            keep[tokenizer.all_special_ids] = True
+        keep[unk] = True
+        keep[vocab_size - len(new_tokens or ()):] = True
+        kept = np.flatnonzero(keep)
+        report = run_pass(PruneVocabularyPass(keep=kept, vocab_size=vocab_size, unk_id=unk,
+                                              remap=not opts.remap_tokenizer), model)
+        reports.append(report)
+        if report.modified:
+            if tok_json is not None and opts.remap_tokenizer:
+                index = np.full(vocab_size, -1, np.int64)
+                index[kept] = np.arange(len(kept))
+                _remap_tokenizer(tok_json, index)
+            summary["kept rows"] = len(kept)
+            if counts is not None:
+                summary["corpus tokens mapped to unknown"] = int(counts[~keep].sum())
+                counts = counts[kept]
+            vocab_size = len(kept)
+
+    if opts.rank is not None or opts.energy is not None:
+        reports.append(run_pass(FactorizeEmbeddingsPass(
+            rank=opts.rank, energy=opts.energy, counts=counts, power=opts.power, smoothing=opts.smoothing,
+            exact_rows=opts.exact_rows, bits=opts.bits, block=opts.block, scale_dtype=_scale_dtype(opts),
+            min_rows=vocab_size), model))
+    elif opts.bits is not None:
+        block = opts.block if opts.block is not None else (64 if opts.bits == 4 else None)
+        reports.append(run_pass(QuantizeEmbeddingsPass(bits=opts.bits, block=block, scale_dtype=_scale_dtype(opts),
+                                                       min_rows=min(opts.min_rows, vocab_size), tied=True), model))
+    files = _tokenizer_files(tokenizer, tok_json) if tok_json is not None else {}
+    summary["bytes before"] = int(table.nbytes)
+    return ReduceResult(model, reports, summary, files)
+
+
+def _check(opts: ReduceOptions, tokenizer, corpus, keep_ids, new_tokens) -> None:
+    if opts.bits is None and opts.rank is None and opts.energy is None and not opts.prune_vocab and not new_tokens:
+        raise ConfigError("nothing to do: give --bits, --rank/--energy, --prune-vocab or --add-tokens")
+    if corpus is not None and tokenizer is None:
+        raise ConfigError("--corpus needs --tokenizer (the model's tokenizer folder) to count tokens")
+    if new_tokens and tokenizer is None:
+        raise ConfigError("--add-tokens needs --tokenizer to split new words into sub-tokens")
+    if opts.prune_vocab and corpus is None and keep_ids is None:
+        raise ConfigError("--prune-vocab needs --corpus FILE or --keep-ids FILE to know which tokens to keep")
+    if opts.remap_tokenizer and (not opts.prune_vocab or tokenizer is None):
+        raise ConfigError("--remap-tokenizer goes with --prune-vocab and --tokenizer")
+    if opts.bits not in (None, 4, 8):
+        raise ConfigError(f"--bits must be 8 or 4, got {opts.bits}")
+    if tokenizer is not None and (new_tokens or opts.remap_tokenizer):
+        kind = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["type"]
+        if opts.remap_tokenizer and kind not in ("WordPiece", "WordLevel"):
+            raise ConfigError(f"--remap-tokenizer supports WordPiece and WordLevel vocabularies, not {kind}; "
+                              "leave it out to remap ids in the graph")
+
+
+def _scale_dtype(opts: ReduceOptions) -> str:
+    return opts.scale_dtype or ("float16" if opts.bits == 4 else "float32")
+
+
+def _add_to_tokenizer(j: dict, words: Sequence[str], first_id: int) -> None:
+    j.setdefault("added_tokens", [])
+    for i, w in enumerate(words):
+        j["added_tokens"].append({"id": first_id + i, "content": w, "single_word": False, "lstrip": False,
+                                  "rstrip": False, "normalized": True, "special": False})
+
+
+def _remap_tokenizer(j: dict, index: np.ndarray) -> None:
+    """Renumber a tokenizer.json to the kept ids (``index``: old id -> new id or -1)."""
+    model = j["model"]
+    model["vocab"] = {t: int(index[i]) for t, i in model["vocab"].items() if index[i] >= 0}
+    j["added_tokens"] = [dict(a, id=int(index[a["id"]])) for a in j.get("added_tokens") or [] if index[a["id"]] >= 0]
+
+    def walk(pp: dict | None) -> None:
+        if not pp:
+            return
+        for sub in pp.get("processors") or []:
+            walk(sub)
+        for spec in (pp.get("special_tokens") or {}).values():
+            spec["ids"] = [int(index[i]) for i in spec["ids"]]
+        for key in ("sep", "cls"):
+            if key in pp:
+                pp[key] = [pp[key][0], int(index[pp[key][1]])]
+
+    walk(j.get("post_processor"))
+
+
+def _tokenizer_files(tokenizer, j: dict) -> dict[str, str]:
+    files = {"tokenizer.json": json.dumps(j, ensure_ascii=False, indent=1)}
+    special = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    files["tokenizer_config.json"] = json.dumps({**special, "model_max_length": tokenizer.model_max_length}, indent=1)
+    if j["model"]["type"] == "WordPiece":
+        vocab = {i: t for t, i in j["model"]["vocab"].items()}
+        vocab.update({a["id"]: a["content"] for a in j.get("added_tokens") or []})
+        files["vocab.txt"] = "".join(vocab[i] + "\n" for i in sorted(vocab))
+    return files
+
+
+def write_tokenizer(files: dict[str, str], folder: str | os.PathLike) -> Path:
+    """Write the tokenizer folder (each file atomically)."""
+    from edgecomp.io import write_text
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        write_text(out / name, text)
+    return out
