@@ -158,7 +158,9 @@ def reduce_embeddings(model: ir.Model, opts: ReduceOptions, tokenizer=None, corp
             exact_rows=opts.exact_rows, bits=opts.bits, block=opts.block, scale_dtype=_scale_dtype(opts),
             min_rows=vocab_size), model))
     elif opts.bits is not None:
-        block = opts.block if opts.block is not None else (64 if opts.bits == 4 else None)
+        dim = table.shape[1]
+        block = opts.block if opts.block is not None else None if opts.bits == 8 else next(
+            (b for b in (64, 32) if dim % b == 0), dim)
         reports.append(run_pass(QuantizeEmbeddingsPass(bits=opts.bits, block=block, scale_dtype=_scale_dtype(opts),
                                                        min_rows=min(opts.min_rows, vocab_size), tied=True), model))
     files = _tokenizer_files(tokenizer, tok_json) if tok_json is not None else {}

@@ -17,8 +17,11 @@ import onnx_ir as ir
 
 from edgecomp.errors import PassFailed
 
+#: metadata key on initializers that hold scales/offsets of a reduced table
+ROLE_KEY = "edgecomp.embedding_role"
+
 __all__ = ["EmbeddingTable", "find_embedding_tables", "Emitter", "rank_of", "gather_rows", "register_const",
-           "replace_output"]
+           "register_stored", "replace_output", "ROLE_KEY"]
 
 
 @dataclasses.dataclass
@@ -48,8 +51,8 @@ def find_embedding_tables(model: ir.Model, min_rows: int = 0,
     found, skipped = [], []
     for value in model.graph.initializers.values():
         t = value.const_value
-        if t is None or len(t.shape) != 2 or not t.dtype.is_floating_point():
-            continue
+        if t is None or len(t.shape) != 2 or not t.dtype.is_floating_point() or ROLE_KEY in t.metadata_props:
+            continue  # scales of an already reduced table are read by Gather too
         uses = list(value.uses())
         gathers = [u.node for u in uses if u.node.op_type == "Gather" and u.idx == 0 and _default_domain(u.node)
                    and _int_attr(u.node, "axis", 0) == 0 and u.node.inputs[1].const_value is None]
@@ -99,10 +102,20 @@ def rank_of(v: ir.Value) -> int | None:
     return len(v.shape) if v.shape is not None else None
 
 
-def register_const(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
-    v = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+def register_const(model: ir.Model, name: str, array: np.ndarray, role: str | None = None) -> ir.Value:
+    t = ir.tensor(array, name=name)
+    if role:
+        t.metadata_props[ROLE_KEY] = role
+    v = ir.Value(name=name, const_value=t)
     model.graph.register_initializer(v)
     return v
+
+
+def register_stored(model: ir.Model, prefix: str, stored: dict[str, np.ndarray]) -> dict[str, ir.Value]:
+    """Initializers for what :func:`quantize_rows` stores; scales and offsets are tagged so that
+    no later pass takes them for an embedding table."""
+    return {k: register_const(model, f"{prefix}_{k}", a, role=k if k in ("scale", "lo") else None)
+            for k, a in stored.items()}
 
 
 def replace_output(model: ir.Model, node: ir.Node, y: ir.Value) -> None:
@@ -159,8 +172,9 @@ def gather_rows(g: Emitter, consts: dict[str, ir.Value], ids: ir.Value | None, *
         raise PassFailed(f"cannot rewrite {g.anchor.name}: the rank of its indices is unknown")
     q = take(consts["q"])
     if bits == 4:
-        low = g.op("BitwiseAnd", [q, g.const(np.array(0x0F, np.uint8))])
-        high = g.op("BitShift", [q, g.const(np.array(4, np.uint8))], direction="RIGHT")
+        four = g.const(np.array(4, np.uint8))  # BitShift (opset 11), not BitwiseAnd (opset 18)
+        low = g.op("BitShift", [g.op("BitShift", [q, four], direction="LEFT"), four], direction="RIGHT")
+        high = g.op("BitShift", [q, four], direction="RIGHT")
         pair = g.op("Concat", [g.op("Unsqueeze", [low, g.const(np.array([-1]))]),
                                g.op("Unsqueeze", [high, g.const(np.array([-1]))])], axis=-1)
         q = g.op("Reshape", [pair, g.const(np.array([0] * lead + [dim], np.int64))])

@@ -36,7 +36,7 @@ import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.errors import ConfigError
 from edgecomp.passes._embedding import (EmbeddingTable, Emitter, find_embedding_tables, gather_rows, register_const,
-                                        replace_output)
+                                        register_stored,                                         replace_output)
 from edgecomp.passes.base import EdgecompPass, PassReport
 from edgecomp.passes.quantize_embeddings import dequantize_rows, quantize_rows
 
@@ -153,11 +153,11 @@ class FactorizeEmbeddingsPass(EdgecompPass):
         dtype = t.value.const_value.dtype
         v, d = t.value.const_value.shape.numpy()
         r = b.shape[0]
-        a_consts = {k: register_const(model, f"{name}_A_{k}", x) for k, x in stored_a.items()}
+        a_consts = register_stored(model, f"{name}_A", stored_a)
         b_const = register_const(model, f"{name}_B", b)
         res_bits = 8 if self.bits else None
         if len(head):
-            res_consts = {k: register_const(model, f"{name}_exact_{k}", x) for k, x in stored_res.items()}
+            res_consts = register_stored(model, f"{name}_exact", stored_res)
             index = np.zeros(v, np.int32)
             index[head] = np.arange(1, len(head) + 1, dtype=np.int32)
             map_const = register_const(model, f"{name}_exact_map", index)

@@ -14,7 +14,7 @@ with integer ``ids`` computed at run time. Cases handled:
       q = round((T - lo) / scale) in [0, 15],  scale = (hi - lo) / 15 per block
       out = (unpack(Gather(packed, ids)) * Gather(scale, ids)) + Gather(lo, ids)
 
-  unpacking uses BitShift/BitwiseAnd on the gathered bytes only, so compute stays per token.
+  unpacking uses BitShift (left then right for the low half) on the gathered bytes only, so compute stays per token.
 
 Scales (and ``lo``) are stored in ``scale_dtype``: float16 halves their share of an int4 table
 (blocks of 64 with float16 scales: 7.1x smaller than float32). Tables below ``min_rows`` rows
@@ -30,7 +30,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.errors import PassFailed
-from edgecomp.passes._embedding import (EmbeddingTable, Emitter, find_embedding_tables, gather_rows, register_const,
+from edgecomp.passes._embedding import (EmbeddingTable, Emitter, find_embedding_tables, gather_rows, register_stored,
                                         replace_output)
 from edgecomp.passes.base import EdgecompPass, PassReport
 
@@ -118,7 +118,7 @@ class QuantizeEmbeddingsPass(EdgecompPass):
         """Replace ``t``'s uses by reads of ``stored`` (its Gathers, then its tied heads)."""
         dim = t.value.const_value.shape[1]
         name = t.value.name
-        consts = {k: register_const(model, f"{name}_{k}", a) for k, a in stored.items()}
+        consts = register_stored(model, name, stored)
         for gather in t.gathers:
             y = gather_rows(Emitter(model.graph, gather), consts, gather.inputs[1], bits=self.bits, block=self.block,
                             dim=dim, dtype=t.value.const_value.dtype)
