@@ -406,13 +406,22 @@ def train(config: DistillConfig, *, setup: Setup | None = None, resume: bool = F
 
     ``callback(step, record)`` runs after every optimizer step (the tests interrupt a run with it).
     """
-    t0 = time.perf_counter()
-    rank, world = _dist()
     c = config
+    threads = torch.get_num_threads()
+    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     if c.threads:
         torch.set_num_threads(c.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    setup = setup or prepare(c)
+    try:
+        return _train(c, setup or prepare(c), resume, callback)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+
+
+def _train(c: DistillConfig, setup: Setup, resume: bool, callback) -> TrainResult:
+    t0 = time.perf_counter()
+    rank, world = _dist()
     if c.batch_size % world:
         raise DistillError(f"--batch-size {c.batch_size} is not divisible by the {world} processes; "
                            "every process takes an equal share of each batch")

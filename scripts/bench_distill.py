@@ -1,0 +1,226 @@
+#!/usr/bin/env python
+"""Knowledge distillation benchmark → BENCHMARKS.md (section "distill").
+
+    .venv/bin/python scripts/bench_distill.py --part minilm   # all-MiniLM-L6-v2 → 3 layers (~13 min on 2 cores)
+    .venv/bin/python scripts/bench_distill.py --part digits   # MobileNetV2 digits, width 1.0 → 0.35 (~8 min)
+
+MiniLM: the teacher is all-MiniLM-L6-v2 (sentence embeddings); the student keeps its layers
+0, 2, 4 and is distilled with `edgecomp distill --shrink layers=3` on unlabeled English from the
+docstrings of installed packages (the held-out test sentences of ``_bench_common.text_splits``
+are excluded). Fidelity on those 870 held-out sentences; latency at seq 128, batch 1, 1 thread,
+interleaved; then the student through `edgecomp quantize` (int8 matmuls and int8 embedding
+tables). Digits: teacher MobileNetV2 width 1.0; students width 0.35 distilled (soft targets
+only, no labels; and soft targets + labels) and trained on labels alone with the same trainer,
+epochs and seed; top-1 on the 360 held-out digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib
+import io
+import json
+import pkgutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from _bench_common import ROOT, embeddings, export_minilm, fidelity, md_table, minilm_path, text_splits, update_section
+
+from edgecomp.bench import benchmark
+from edgecomp.report import host_line
+
+#: Packages whose docstrings give unlabeled training text (with the stdlib modules).
+TEXT_PACKAGES = ("numpy", "scipy", "sklearn", "torch", "onnx", "click", "email", "http", "xml", "logging", "asyncio",
+                 "concurrent", "unittest", "importlib", "multiprocessing", "urllib")
+
+
+def training_sentences(work: Path, limit: int) -> Path:
+    """Up to ``limit`` docstring sentences, none of the held-out eval/test sentences, as a text file."""
+    out = work / f"train_text_{limit}.txt"
+    if out.exists():
+        return out
+    from edgecomp.text import STDLIB_MODULES, docstring_sentences
+
+    names = list(STDLIB_MODULES)
+    warnings.simplefilter("ignore")
+    for pkg in TEXT_PACKAGES:
+        try:
+            mod = importlib.import_module(pkg)
+        except Exception:
+            continue
+        names.append(pkg)
+        for info in pkgutil.walk_packages(getattr(mod, "__path__", []), pkg + ".", onerror=lambda _n: None):
+            if info.name.count(".") <= 3 and not any(s in info.name for s in ("test", "__main__", "setup")):
+                names.append(info.name)
+    usable = []
+    for n in names:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                importlib.import_module(n)
+            usable.append(n)
+        except BaseException:
+            continue
+    splits = text_splits()
+    held = set(splits["test"]) | set(splits["eval"])
+    sents = [s for s in docstring_sentences(tuple(usable)) if s not in held and "\n" not in s]
+    out.write_text("\n".join(sents[:limit]) + "\n", encoding="utf-8")
+    return out
+
+
+def quantize_cli(src: Path, dst: Path, calib: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "edgecomp.cli", "quantize", str(src), "-o", str(dst),
+                           "--calibration", str(calib)], capture_output=True, text=True)
+    if proc.returncode not in (0, 3):
+        raise RuntimeError(proc.stdout + proc.stderr)
+
+
+def bench_minilm(work: Path, args) -> tuple[str, list[str]]:
+    from edgecomp.distill import DistillConfig, distill
+    from edgecomp.inspection import summarize
+    from edgecomp.io import load_model
+    from edgecomp.text import load_tokenizer, read_lines, tokenize, write_token_data
+
+    t0 = time.perf_counter()
+    teacher = export_minilm(work / "minilm.onnx")
+    text = training_sentences(work, args.sentences)
+    cfg = DistillConfig(teacher_hf=str(minilm_path()), shrink="layers=3", text=str(text), max_len=128,
+                        batch_size=32, lr=args.minilm_lr, epochs=args.minilm_epochs, max_steps=args.minilm_steps,
+                        match="cosine", held_out=0.03, eval_every=100, patience=4, seed=0, checkpoint_every=100,
+                        threads=args.threads, progress=True)
+    student = work / "minilm_l3.onnx"
+    res = distill(cfg, student, bench_runs=0)
+    tok = load_tokenizer(minilm_path())
+    calib = write_token_data(tokenize(tok, read_lines(text)[:300]), work / "calib300")
+    student_q = work / "minilm_l3.int8.onnx"
+    quantize_cli(student, student_q, calib)
+    wall = time.perf_counter() - t0
+
+    splits = text_splits()
+    test_feeds = tokenize(tok, splits["test"])
+    ref = embeddings(teacher, test_feeds)
+    latency_feed = tokenize(tok, [" ".join(splits["test"][:40])], max_len=128)[0]
+    variants = {"teacher all-MiniLM-L6-v2 fp32": teacher, "student 3 layers fp32 (distilled)": student,
+                "student 3 layers int8 (edgecomp quantize)": student_q}
+    lat = benchmark(list(variants.values()), threads=1, warmup=5, runs=args.runs, feed=latency_feed, labels=list(variants))
+    shapes = {k: list(v.shape) for k, v in latency_feed.items()}
+    rows = []
+    for (name, path), st in zip(variants.items(), lat.models):
+        s = summarize(load_model(path), shapes)
+        row = {"model": name, "params M": s.params / 1e6, "GMACs @128": s.macs / 1e9, "size MB": path.stat().st_size / 1e6,
+               "latency vs teacher": st.ratio_to_first, "p50 ms": st.p50_ms}
+        row.update(fidelity(ref, embeddings(path, test_feeds)))
+        rows.append(row)
+    t = res.training
+    n_train = len(read_lines(text))
+    notes = [f"training: {n_train} docstring sentences (3% held out for early stopping), batch 32, AdamW lr "
+             f"{cfg.lr:g}, cosine loss on the sentence embeddings; {t['steps']} steps in {t['seconds']:.0f} s, best "
+             f"held-out fidelity at step {t['best_step']}{' (stopped early)' if t['stopped_early'] else ''}; whole run "
+             f"{wall:.0f} s wall (export, training, export, quantization)",
+             "targets: student ≤ 0.55x teacher latency, mean cos ≥ 0.95, NN@10 ≥ 0.85; int8 student ≤ 0.35x, cos ≥ 0.93"]
+    cols = ["model", "params M", "GMACs @128", "size MB", "latency vs teacher", "p50 ms", "mean cos", "min cos", "NN@10"]
+    return md_table(rows, cols), notes
+
+
+def bench_digits(work: Path, args) -> tuple[str, list[str]]:
+    from edgecomp.distill import DistillConfig, distill
+    from edgecomp.export import export_spec
+    from edgecomp.inspection import summarize
+    from edgecomp.io import load_model
+    from edgecomp.validate import validate
+    from models import digits
+
+    if not digits.weights_path("mobilenet_v2", 1.0).is_file():
+        digits.main(["--arch", "mobilenet_v2", "--width", "1.0"])
+    xtr, ytr = digits.load_digits_32("train")
+    xte, yte = digits.load_digits_32("test")
+    np.savez(work / "digits_train.npz", x=xtr)
+    np.save(work / "digits_train_labels.npy", ytr)
+    np.savez(work / "digits_test.npz", x=xte)
+    np.save(work / "digits_test_labels.npy", yte)
+    teacher = work / "digits_teacher.onnx"
+    export_spec("models.mobilenet_v2:digits_teacher", teacher, dynamic={"x": {0: "batch"}})
+    base = dict(teacher="models.mobilenet_v2:digits_teacher", shrink="width=0.35", data=str(work / "digits_train.npz"),
+                batch_size=64, lr=3e-3, epochs=args.digits_epochs, temperature=4.0, held_out=0.1, patience=None,
+                seed=0, threads=args.threads, progress=True)
+    runs = {"student 0.35, distilled (soft targets, no labels)": dict(),
+            "student 0.35, distilled + labels": dict(labels=str(work / "digits_train_labels.npy")),
+            "student 0.35, labels alone (same trainer)": dict(labels=str(work / "digits_train_labels.npy"), kd_weight=0.0)}
+    paths, notes = {"teacher MobileNetV2 1.0": teacher}, []
+    for i, (name, extra) in enumerate(runs.items()):
+        out = work / f"digits_student_{i}.onnx"
+        res = distill(DistillConfig(**base, **extra), out, bench_runs=0)
+        paths[name] = out
+        t = res.training
+        notes.append(f"{name}: {t['steps']} steps in {t['seconds']:.0f} s, best held-out fidelity at step {t['best_step']}")
+    lat = benchmark(list(paths.values()), threads=1, warmup=20, runs=args.runs * 5, feed={"x": xte[:1]}, labels=list(paths))
+    rows = []
+    for (name, path), st in zip(paths.items(), lat.models):
+        v = validate(teacher, path, work / "digits_test.npz", work / "digits_test_labels.npy")
+        s = summarize(load_model(path), {"x": [1, 1, 32, 32]})
+        rows.append({"model": name, "params M": s.params / 1e6, "MMACs": s.macs / 1e6, "size MB": path.stat().st_size / 1e6,
+                     "latency vs teacher": st.ratio_to_first, "p50 ms": st.p50_ms, "top-1": v.cand_accuracy,
+                     "top-1 agreement": v.outputs[0].top1_agreement})
+    for r in rows:
+        r["vs teacher (points)"] = (r["top-1"] - rows[0]["top-1"]) * 100
+        r["MACs ÷"] = rows[0]["MMACs"] / r["MMACs"]
+    notes.append(f"training: {len(xtr)} train-split images (10% held out for early stopping), batch 64, AdamW lr 3e-3, "
+                 f"{args.digits_epochs} epochs, T=4, no augmentation; the labels-alone row is the same trainer with the "
+                 "soft-target weight at 0")
+    notes.append("targets: distilled student top-1 within 1 point of the teacher, ≥ 3x fewer MACs, above labels alone")
+    cols = ["model", "params M", "MMACs", "MACs ÷", "size MB", "latency vs teacher", "p50 ms", "top-1",
+            "vs teacher (points)", "top-1 agreement"]
+    return md_table(rows, cols), notes
+
+
+def _section(results: dict[str, tuple[str, list[str]]]) -> str:
+    lines = ["## Knowledge distillation", "",
+             f"Measured {datetime.date.today()}; {host_line().replace(chr(10), '; ')}. Latency: median of interleaved "
+             "onnxruntime runs in one process, batch 1, 1 intra-op thread; ratios to the teacher row of the same run.",
+             ""]
+    heads = {"minilm": ("### all-MiniLM-L6-v2 → 3 layers (fidelity on 870 held-out sentences vs the teacher)",
+                        "`.venv/bin/python scripts/bench_distill.py --part minilm`"),
+             "digits": ("### Digits: MobileNetV2 width 1.0 → 0.35 (top-1 on the 360 held-out digits)",
+                        "`.venv/bin/python scripts/bench_distill.py --part digits`")}
+    for part in ("minilm", "digits"):
+        if part not in results:
+            continue
+        head, cmd = heads[part]
+        table, notes = results[part]
+        lines += [head, "", f"Reproduce: {cmd}", "", table, "", *[f"- {n}" for n in notes], ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["minilm", "digits", "all"], default="all")
+    ap.add_argument("--workdir", default=str(ROOT / "out" / "bench_distill"))
+    ap.add_argument("--runs", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
+    ap.add_argument("--sentences", type=int, default=12000, help="training sentences for MiniLM")
+    ap.add_argument("--minilm-lr", type=float, default=2e-4)
+    ap.add_argument("--minilm-epochs", type=int, default=2)
+    ap.add_argument("--minilm-steps", type=int, default=None)
+    ap.add_argument("--digits-epochs", type=int, default=25)
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    store = work / "results.json"
+    results = json.loads(store.read_text()) if store.exists() else {}
+    parts = ["minilm", "digits"] if args.part == "all" else [args.part]
+    for part in parts:
+        results[part] = (bench_minilm if part == "minilm" else bench_digits)(work, args)
+        store.write_text(json.dumps(results))
+    body = _section(results)
+    update_section("distill", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
