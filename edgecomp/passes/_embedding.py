@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from edgecomp.errors import PassFailed
 
 #: metadata key on initializers that hold scales/offsets of a reduced table
 ROLE_KEY = "edgecomp.embedding_role"
@@ -168,8 +167,12 @@ def gather_rows(g: Emitter, consts: dict[str, ir.Value], ids: ir.Value | None, *
         return take(consts["table"])
     b = block or dim
     blocked = b != dim
-    if lead is None and (blocked or bits == 4):
-        raise PassFailed(f"cannot rewrite {g.anchor.name}: the rank of its indices is unknown")
+
+    def shape(*tail: int) -> ir.Value:  # ids.shape + tail (from Shape(ids) when the rank is unknown)
+        if lead is not None:
+            return g.const(np.array([0] * lead + list(tail), np.int64))
+        return g.op("Concat", [g.op("Shape", [ids]), g.const(np.array(tail, np.int64))], axis=0)
+
     q = take(consts["q"])
     if bits == 4:
         four = g.const(np.array(4, np.uint8))  # BitShift (opset 11), not BitwiseAnd (opset 18)
@@ -177,7 +180,7 @@ def gather_rows(g: Emitter, consts: dict[str, ir.Value], ids: ir.Value | None, *
         high = g.op("BitShift", [q, four], direction="RIGHT")
         pair = g.op("Concat", [g.op("Unsqueeze", [low, g.const(np.array([-1]))]),
                                g.op("Unsqueeze", [high, g.const(np.array([-1]))])], axis=-1)
-        q = g.op("Reshape", [pair, g.const(np.array([0] * lead + [dim], np.int64))])
+        q = g.op("Reshape", [pair, shape(dim)])
     x = g.op("Cast", [q], to=dtype)
 
     def side(name: str) -> ir.Value:
@@ -187,10 +190,10 @@ def gather_rows(g: Emitter, consts: dict[str, ir.Value], ids: ir.Value | None, *
         return g.op("Unsqueeze", [s, g.const(np.array([-1]))]) if blocked else s
 
     if blocked:
-        x = g.op("Reshape", [x, g.const(np.array([0] * lead + [dim // b, b], np.int64))])
+        x = g.op("Reshape", [x, shape(dim // b, b)])
     y = g.op("Mul", [x, side("scale")])
     if bits == 4:
         y = g.op("Add", [y, side("lo")])
     if blocked:
-        y = g.op("Reshape", [y, g.const(np.array([0] * lead + [dim], np.int64))])
+        y = g.op("Reshape", [y, shape(dim)])
     return y
