@@ -241,8 +241,8 @@ def test_cli_int4_json(table, tmp_path):
 
 
 def test_int4_with_indices_of_unknown_rank(table):
-    nodes = [helper.make_node("Gather", ["E", "ids"], ["y"], name="embed")]
-    proto = make_model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, None)],
+    nodes = [helper.make_node("Identity", ["ids"], ["ids2"]), helper.make_node("Gather", ["E", "ids2"], ["y"], name="embed")]
+    proto = make_model(nodes, [vinfo("ids", ["B", "S"], TensorProto.INT64)],
                        [vinfo("y", ["B", "S", D])], {"E": table})
     res = reduce_embeddings(ir.from_proto(proto), ReduceOptions(bits=4, block=4, min_rows=0))
     want = dequantize_rows(quantize_rows(table, 4, 4, "float16"), 4, 4, D)
