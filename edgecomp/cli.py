@@ -6,8 +6,6 @@ non-zero exit status; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
-import functools
-import sys
 from pathlib import Path
 
 import click

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 from edgecomp.errors import ConfigError, DataError, OutputError
 from edgecomp.recipe import Recipe

@@ -243,7 +243,6 @@ def hf_encoder(path: str | os.PathLike, output: str = "embeddings", seq_len: int
     ``output="embeddings"`` gives sentence embeddings (mean pooling over the attention mask, then
     L2 normalization, as sentence-transformers does); ``"hidden"`` the last hidden states.
     """
-    import torch
 
     p = Path(path)
     if not (p / "config.json").is_file():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from edgecomp.targets import Isa, TargetProfile, host_isa
 

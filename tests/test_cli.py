@@ -5,7 +5,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 
 from edgecomp.cli import cli
