@@ -247,3 +247,14 @@ def test_int4_with_indices_of_unknown_rank(table):
     res = reduce_embeddings(ir.from_proto(proto), ReduceOptions(bits=4, block=4, min_rows=0))
     want = dequantize_rows(quantize_rows(table, 4, 4, "float16"), 4, 4, D)
     np.testing.assert_allclose(run(res.model)[0], want[IDS], atol=1e-6)
+
+
+def test_prune_then_int4_then_rank_compose(table, tok_dir):
+    tok = load_tokenizer(tok_dir)
+    corpus = ["the cat sat on the mat", "a dog ran"]
+    res = reduce_embeddings(gather_model(table), ReduceOptions(prune_vocab=True, bits=4, block=4, min_rows=0),
+                            tokenizer=tok, corpus=corpus)
+    kept = sorted(set(sum(tok(corpus)["input_ids"], [])) | set(tok.all_special_ids))
+    want = dequantize_rows(quantize_rows(table[kept], 4, 4, "float16"), 4, 4, D)
+    ids = np.array([kept])
+    np.testing.assert_allclose(run(res.model, ids)[0][0], want, atol=1e-6)

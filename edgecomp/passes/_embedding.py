@@ -132,10 +132,16 @@ class Emitter:
 
     def __init__(self, graph: ir.Graph, anchor: ir.Node):
         self.graph, self.anchor, self.n = graph, anchor, 0
+        # passes run one after another on the same anchor: names must not repeat earlier ones
+        self._taken = {n.name for n in graph} | set(graph.initializers)
 
     def _name(self, op: str) -> str:
-        self.n += 1
-        return f"{self.anchor.name}_{op}_{self.n}"
+        while True:
+            self.n += 1
+            name = f"{self.anchor.name}_{op}_{self.n}"
+            if name not in self._taken:
+                self._taken.add(name)
+                return name
 
     def const(self, array: np.ndarray) -> ir.Value:
         name = self._name("const")
