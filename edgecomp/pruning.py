@@ -48,7 +48,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.data import Dataset, input_specs
-from edgecomp.errors import ConfigError, DataError, PassFailed
+from edgecomp.errors import ConfigError, PassFailed
 
 __all__ = ["PruneOptions", "Layout", "Edit", "Analysis", "PrunePlan", "PruneResult", "find_groups",
            "channel_stats", "plan_pruning", "repair", "prune_model", "verify_pruned", "IMPORTANCES"]
@@ -880,7 +880,7 @@ def repair(original: ir.Model, pruned: ir.Model, plan: PrunePlan, data: Dataset,
         node, ref = e.node, orig_nodes.get(e.node.name)
         why = _repairable(node)
         if why is not None or ref is None:
-            rows.append({"layer": node.name, "repair": f"not repaired: {why}"})
+            rows.append({"layer": node.name, "repair": f"not repaired: {why or 'layer renamed'}"})
             continue
         n_out = _layer_weight(ref).shape[1]
         targets.append((node, ref, e.layout.indices(kept, an.sizes), outs.get(node.name, np.arange(n_out))))
@@ -993,7 +993,7 @@ def _probe(model: ir.Model, feed: Mapping[str, np.ndarray] | None) -> dict[str, 
     try:
         feed = dict(feed) if feed is not None else synthesize_feed(input_specs(model))
         shapes = _probe_shapes(model, feed)
-    except (DataError, Exception):  # MACs are informative only: a model we cannot probe has none
+    except Exception:  # MACs are informative only: a model we cannot probe (symbolic dims, no data) has none
         return None
     shapes.update({k: list(v.shape) for k, v in feed.items()})
     return shapes

@@ -99,7 +99,8 @@ def bench_digits(work: Path, runs: int) -> str:
               f"slower than fp32 in onnxruntime: 1.6-2.0x measured without it). The last 1280-channel conv stays whole: "
               f"the exporter's Reshape(-1) → Gather → Reshape before the classifier is not followed. Targets (activation + repair): drop ≤ 1.0 point and latency "
               f"≤ 0.80x: **{'met' if ok else 'missed'}** ({best['drop (points)']:.2f} points, "
-              f"{best['latency vs fp32']:.2f}x).\n")
+              f"{best['latency vs fp32']:.2f}x).\n\n"
+              "Diagnosis (digits latency): at 0.16 ms per image this model is mostly per-op overhead; the cut removes only 32% of MACs (7.5 M → 5.1 M) because the 1280-channel last conv stays whole (see above) and round-to-8 keeps the 8- and 16-channel groups whole, so the measured ratio stops at about 0.83x.\n")
 
 
 def bench_minilm(work: Path, runs: int) -> str:
@@ -136,7 +137,8 @@ def bench_minilm(work: Path, runs: int) -> str:
             + md_table(rows, ["variant", "size MB", "mean cos", "min cos", "NN@10", "p50 ms", "latency vs fp32", "prune s"])
             + f"\n\nFidelity on the 870 held-out sentences (`text_splits()['test']`). Targets (FFN 50% with repair): "
               f"latency ≤ 0.80x and mean cosine ≥ 0.97: **{'met' if ok else 'missed'}** "
-              f"({main['latency vs fp32']:.2f}x, cosine {main['mean cos']:.4f}).\n")
+              f"({main['latency vs fp32']:.2f}x, cosine {main['mean cos']:.4f}).\n\n"
+              "Diagnosis (MiniLM fidelity): half of every FFN is removed in one shot and only each down-projection is re-fitted (layer by layer, on the inputs its repaired predecessors give it); the remaining error compounds over the 6 layers. Reaching 0.97 would need a non-uniform allocation across layers (e.g. a mask search as in Kwon et al. 2022) or a smaller cut; `--scope global` was not measured here.\n")
 
 
 def main() -> None:

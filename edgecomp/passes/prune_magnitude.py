@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx_ir as ir
