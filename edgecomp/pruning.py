@@ -641,7 +641,9 @@ class PruneOptions:
     importance: str = "auto"  # auto (activation with data, else l2) | l1 | l2 | activation
     scope: str = "per-layer"  # per-layer | global
     protect: tuple[str, ...] = ()  # regexes on node names: layers kept whole
-    round_to: int = 1  # kept channel counts are multiples of this
+    # Kept channel counts are multiples of this; 0 = auto: 8 for groups of >= 32 channels, else 1
+    # (odd counts made the pruned digits MobileNetV2 1.6-2x slower in onnxruntime 1.32).
+    round_to: int = 0
     kinds: tuple[str, ...] = KINDS  # channels (incl. FFN neurons) and/or heads
     repair: bool = True  # least squares re-fit of consumers (needs data)
     ridge: float = 1e-4
@@ -655,8 +657,8 @@ class PruneOptions:
             raise ConfigError(f"--importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
         if self.scope not in ("per-layer", "global"):
             raise ConfigError(f"--scope must be global or per-layer, got {self.scope!r}")
-        if self.round_to < 1:
-            raise ConfigError(f"--round-to must be >= 1, got {self.round_to}")
+        if self.round_to < 0:
+            raise ConfigError(f"--round-to must be >= 1 (or 0 for auto), got {self.round_to}")
         bad = [k for k in self.kinds if k not in KINDS]
         if bad or not self.kinds:
             raise ConfigError(f"--kinds takes a comma list of {', '.join(KINDS)}, got {','.join(self.kinds)!r}")
@@ -726,10 +728,13 @@ def _group_scores(an: Analysis, how: str, stats: Mapping[str, np.ndarray] | None
     return mag
 
 
+def _round_keep(keep: int, size: int, round_to: int) -> int:
+    step = round_to or (8 if size >= 32 else 1)
+    return max(1, min(size, int(np.ceil(keep / step) * step)))
+
+
 def _n_keep(size: int, sparsity: float, round_to: int) -> int:
-    keep = size - int(np.floor(size * sparsity + 1e-9))
-    keep = int(np.ceil(keep / round_to) * round_to)
-    return max(1, min(size, keep))
+    return _round_keep(size - int(np.floor(size * sparsity + 1e-9)), size, round_to)
 
 
 def plan_pruning(an: Analysis, opts: PruneOptions, stats: Mapping[str, np.ndarray] | None = None) -> PrunePlan:
@@ -767,7 +772,7 @@ def plan_pruning(an: Analysis, opts: PruneOptions, stats: Mapping[str, np.ndarra
         order = np.argsort(-s, kind="stable")
         if opts.scope == "global":
             keep = max(1, int((normed[root] > cut).sum()))
-            keep = min(size, int(np.ceil(keep / opts.round_to) * opts.round_to))
+            keep = _round_keep(keep, size, opts.round_to)
         else:
             keep = _n_keep(size, opts.sparsity, opts.round_to)
         row["after"] = keep

@@ -46,6 +46,7 @@ def test_cnn_recipe_on_digits(tmp_path, digits_onnx):
     np.savez(calib, x=np.load(data)["x"][:60])
     recipe = load_recipe("cnn-int8")
     recipe.steps[0]["exporter"] = "torchscript"
+    recipe.steps[2]["families"] = "all"  # timing-based family choice is noisy under load; tested in test_quantize
     out = tmp_path / "out"
     res = convert(Source(spec="models.mobilenet_v2:digits_classifier"), recipe, out, calibration=str(calib),
                   eval_data=str(data), labels=str(labels))
