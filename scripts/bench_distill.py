@@ -124,6 +124,13 @@ def bench_minilm(work: Path, args) -> tuple[str, list[str]]:
              f"held-out fidelity at step {t['best_step']}{' (stopped early)' if t['stopped_early'] else ''}; whole run "
              f"{wall:.0f} s wall (export, training, export, quantization)",
              "targets: student ≤ 0.55x teacher latency, mean cos ≥ 0.95, NN@10 ≥ 0.85; int8 student ≤ 0.35x, cos ≥ 0.93"]
+    if rows[1]["mean cos"] < 0.95:
+        curve = ", ".join(f"{h['held-out cos']:.3f}@{h['step']}" for h in t["history"] if "held-out cos" in h)
+        notes.append(f"MISSED the fidelity targets: held-out cosine by step was {curve}, still rising at the last "
+                     "step. Dropping every other layer starts the student far from the teacher (cos ≈ 0.4 at step 1); "
+                     "the step budget that fits 15 minutes on 2 shared cores (~10k sentence passes) is one to two "
+                     "orders of magnitude below what layer-dropped sentence encoders are usually distilled with. "
+                     "Latency targets are met by construction (3 of 6 layers; int8 via edgecomp quantize)")
     cols = ["model", "params M", "GMACs @128", "size MB", "latency vs teacher", "p50 ms", "mean cos", "min cos", "NN@10"]
     return md_table(rows, cols), notes
 
@@ -174,6 +181,11 @@ def bench_digits(work: Path, args) -> tuple[str, list[str]]:
                  f"{args.digits_epochs} epochs, T=4, no augmentation; the labels-alone row is the same trainer with the "
                  "soft-target weight at 0")
     notes.append("targets: distilled student top-1 within 1 point of the teacher, ≥ 3x fewer MACs, above labels alone")
+    best_kd = max(r["top-1"] for r in rows[1:3])
+    if best_kd <= rows[3]["top-1"]:
+        notes.append(f"MISSED 'above labels alone': the best distilled student ({best_kd:.4f}) does not beat labels "
+                     f"alone ({rows[3]['top-1']:.4f}); on 360 test images one image is 0.28 points, and all three "
+                     "students are within two images of each other and of the teacher, so this set cannot separate them")
     cols = ["model", "params M", "MMACs", "MACs ÷", "size MB", "latency vs teacher", "p50 ms", "top-1",
             "vs teacher (points)", "top-1 agreement"]
     return md_table(rows, cols), notes
@@ -199,25 +211,28 @@ def _section(results: dict[str, tuple[str, list[str]]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["minilm", "digits", "all"], default="all")
+    ap.add_argument("--part", choices=["minilm", "digits", "all", "render"], default="all",
+                    help="render: rewrite the section from the stored results only")
     ap.add_argument("--workdir", default=str(ROOT / "out" / "bench_distill"))
     ap.add_argument("--runs", type=int, default=60)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
-    ap.add_argument("--sentences", type=int, default=12000, help="training sentences for MiniLM")
-    ap.add_argument("--minilm-lr", type=float, default=2e-4)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for training (1 holds up best when the cores are shared)")
+    ap.add_argument("--sentences", type=int, default=6000, help="training sentences for MiniLM")
+    ap.add_argument("--minilm-lr", type=float, default=5e-4)
     ap.add_argument("--minilm-epochs", type=int, default=2)
-    ap.add_argument("--minilm-steps", type=int, default=None)
+    ap.add_argument("--minilm-steps", type=int, default=300)
     ap.add_argument("--digits-epochs", type=int, default=25)
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     store = work / "results.json"
-    results = json.loads(store.read_text()) if store.exists() else {}
-    parts = ["minilm", "digits"] if args.part == "all" else [args.part]
+    parts = {"all": ["minilm", "digits"], "render": []}.get(args.part, [args.part])
     for part in parts:
-        results[part] = (bench_minilm if part == "minilm" else bench_digits)(work, args)
+        got = (bench_minilm if part == "minilm" else bench_digits)(work, args)
+        results = json.loads(store.read_text()) if store.exists() else {}  # the other part may run beside this one
+        results[part] = got
         store.write_text(json.dumps(results))
-    body = _section(results)
+    body = _section(json.loads(store.read_text()) if store.exists() else {})
     update_section("distill", body)
     print(body)
 
