@@ -161,6 +161,31 @@ def _run_quantize(ctx: _Context, rec: StepRecord) -> None:
     rec.tables = {"layers": res.rows, "op families": res.families, "embedding tables": res.embeddings}
 
 
+def _run_prune(ctx: _Context, rec: StepRecord) -> None:
+    from edgecomp.data import load_data
+    from edgecomp.io import load_model, save_model
+
+    o = rec.options
+    model = load_model(ctx.current)
+    if o["structured"]:
+        from edgecomp.pruning import PruneOptions, prune_model
+
+        opts = PruneOptions(sparsity=o["sparsity"], importance=o["importance"], scope=o["scope"],
+                            protect=tuple(o["protect"]), round_to=o["round_to"], kinds=tuple(o["kinds"]),
+                            repair=o["repair"], max_samples=o["max_samples"] or None, threads=ctx.threads)
+        data = load_data(ctx.data["calibration"]) if ctx.data.get("calibration") else None
+        res = prune_model(model, opts, data)
+        model, rec.summary, rec.tables = res.model, res.summary, {"pruned groups": res.groups, "pruned layers": res.layers}
+    else:
+        from edgecomp.passes.base import run_pass
+        from edgecomp.passes.prune_magnitude import PruneMagnitudePass
+
+        res = run_pass(PruneMagnitudePass(sparsity=o["sparsity"], scope=o["scope"], protect=tuple(o["protect"])), model)
+        model, rec.summary, rec.tables = res.model, res.summary, {"sparsified layers": res.rows}
+    save_model(model, ctx.out_path(rec))
+    rec.model = str(ctx.out_path(rec))
+
+
 def _run_validate(ctx: _Context, rec: StepRecord) -> None:
     from edgecomp.validate import validate
 
@@ -190,10 +215,10 @@ def _run_bench(ctx: _Context, rec: StepRecord) -> None:
 
 
 STEP_RUNNERS: dict[str, Callable[[_Context, StepRecord], None]] = {
-    "export": _run_export, "optimize": _run_optimize, "quantize": _run_quantize,
+    "export": _run_export, "optimize": _run_optimize, "prune": _run_prune, "quantize": _run_quantize,
     "validate": _run_validate, "bench": _run_bench,
 }
-MODEL_STEPS = {"export", "optimize", "quantize"}  # steps that produce a model
+MODEL_STEPS = {"export", "optimize", "prune", "quantize"}  # steps that produce a model
 SOURCE_STEPS = {"export"}  # steps that can start a recipe
 
 

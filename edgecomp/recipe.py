@@ -71,6 +71,17 @@ STEP_OPTIONS: dict[str, dict[str, Option]] = {
         "metric": Option(str, "cosine", "cosine | top1 | mae (with tolerance, needs eval data)"),
         "tolerance": Option(float, -1.0, "allowed loss vs fp32; negative: no accuracy-aware fallback"),
     },
+    "prune": {
+        "sparsity": Option(float, 0.5, "fraction of each group's channels (or heads) removed"),
+        "structured": Option(bool, True, "false: unstructured magnitude pruning (no speed-up on CPU)"),
+        "importance": Option(str, "auto", "auto | l1 | l2 | activation"),
+        "scope": Option(str, "per-layer", "per-layer | global"),
+        "protect": Option(list, [], "regexes of node names kept whole"),
+        "round_to": Option(int, 0, "kept channel counts multiple of N (0: auto)"),
+        "kinds": Option(list, ["channels", "heads"], "what structured pruning removes"),
+        "repair": Option(bool, True, "least-squares repair from calibration data"),
+        "max_samples": Option(int, 0, "calibration samples for importance/repair (0: all)"),
+    },
     "validate": {
         "k": Option(int, 10, "neighbours for the k-NN agreement of embeddings"),
     },

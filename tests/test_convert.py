@@ -83,6 +83,30 @@ def test_encoder_recipe_and_failing_gate_exit_status(tmp_path, token_data):
     assert gates == {"max_size_mb": False, "max_accuracy_drop": True}
 
 
+@pytest.mark.parametrize("name", sorted(builtin_recipes()))
+def test_each_builtin_recipe_on_a_tiny_model(name, tmp_path, token_data, digits_onnx):
+    recipe = load_recipe(name)
+    for step in recipe.steps:
+        if step["step"] == "export":
+            step["exporter"] = "torchscript"
+        if step["step"] == "bench":
+            step["runs"], step["warmup"] = 10, 2
+    if name.startswith("encoder"):
+        calib, ev = token_data
+        source, labels = Source(spec="models.text_encoder:tiny_encoder"), None
+    else:
+        _, ev, labels = digits_onnx
+        calib = tmp_path / "calib.npz"
+        np.savez(calib, x=np.load(ev)["x"][:40])
+        source = Source(spec="models.mobilenet_v2:digits_classifier")
+    res = convert(source, recipe, tmp_path / "out", calibration=str(calib), eval_data=str(ev),
+                  labels=str(labels) if labels else None)
+    final, base = res.final(), res.baseline()
+    assert final.step == recipe.step_names()[-3] and final.size_bytes < base.size_bytes
+    assert final.latency_ratio is not None and (final.cos_mean or 0) > 0.9
+    assert {g["gate"] for g in res.gates} == set(recipe.gates)
+
+
 def test_builtin_encoder_recipe_parses_and_is_listed():
     assert {"cnn-int8", "encoder-int8"} <= set(builtin_recipes())
     r = load_recipe("encoder-int8")
