@@ -163,14 +163,14 @@ def test_hf_teacher_shrinks_layers_from_text(tmp_path):
     assert setup.objective == "embeddings" and len(setup.student.encoder.encoder.layer) == 2
     assert setup.student.encoder.config.num_hidden_layers == 2
     kept = setup.student.encoder.encoder.layer[1].attention.self.query.weight
-    assert torch.equal(kept, setup.teacher.encoder.encoder.layer[2].attention.self.query.weight)
+    assert torch.equal(kept, setup.teacher.encoder.encoder.layer[3].attention.self.query.weight)
     assert not setup.student.encoder.pooler.dense.weight.requires_grad  # unused: frozen for DDP
     res = distill(cfg, tmp_path / "s.onnx", bench_runs=0)
     assert res.training["steps"] == 4 and res.validation.outputs[0].cosine_mean > 0.5
 
 
 def test_shrink_rules():
-    assert kept_layers(6, 3) == [0, 2, 4] and layer_map(6, 3) == [1, 3, 5]
+    assert kept_layers(6, 3) == [0, 3, 5] and layer_map(6, 3) == [1, 3, 5] and kept_layers(4, 1) == [3]
     from models.mobilenet_v2 import MobileNetV2
 
     t = MobileNetV2(1.0, num_classes=10, in_channels=1, input_size=32)
