@@ -147,6 +147,7 @@ class _Builder:
     def __init__(self, model: ir.Model):
         self.graph = model.graph
         self._qcache: dict[tuple, ir.Value] = {}
+        self._output_dq: set[str] = set()  # DequantizeLinear nodes after quantized conv outputs
         self._names: set[str] = {v for v in self.graph.initializers} | {
             o.name for n in self.graph for o in n.outputs if o.name}
         self.quantize_ops = 0
@@ -204,9 +205,7 @@ class _Builder:
             self.graph.remove(n, safe=True)
 
     def conv(self, node: ir.Node, lp: LayerPlan, act_node: ir.Node | None) -> None:
-        x = node.inputs[0]
-        xq, a_scale, a_zp = self.quantized_input(x, lp)
-        xd = self.add("DequantizeLinear", [xq, a_scale, a_zp], f"{node.name}_x_dq")
+        xd, act_scale = self._conv_input(node, lp)
         w = node.inputs[1].const_value.numpy().astype(np.float32)
         wq, ws = quantize_weight(w, lp.weight_bits, axis=0, per_channel=lp.per_channel)
         wd = self.add("DequantizeLinear", [self.const(f"{node.name}_wq", wq), self.const(f"{node.name}_wscale", ws),
@@ -215,7 +214,7 @@ class _Builder:
         inputs = [xd, wd]
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             b = node.inputs[2].const_value.numpy().astype(np.float64)
-            bscale = (np.float64(lp.act_scale) * ws).astype(np.float32)
+            bscale = (np.float64(act_scale) * ws).astype(np.float32)
             bq = np.round(b / bscale).astype(np.int32)
             inputs.append(self.add("DequantizeLinear", [self.const(f"{node.name}_bq", bq),
                                                         self.const(f"{node.name}_bscale", bscale),
@@ -223,21 +222,56 @@ class _Builder:
                                    f"{node.name}_b_dq", axis=0))
         for i, v in enumerate(inputs):
             node.replace_input_with(i, v)
-        if lp.out_scale is None:
-            return
+        if lp.out_scale is not None:
+            self._conv_output(node, lp, act_node)
+
+    def _conv_input(self, node: ir.Node, lp: LayerPlan) -> tuple[ir.Value, float]:
+        """The dequantized input and its scale; an input that is already the DequantizeLinear of
+        a quantized producer's output is used as it is (one Q/DQ pair per tensor)."""
+        x = node.inputs[0]
+        p = x.producer()
+        if p is not None and p.op_type == "DequantizeLinear" and p.name in self._output_dq:
+            return x, float(p.inputs[1].const_value.numpy())
+        xq, a_scale, a_zp = self.quantized_input(x, lp)
+        return self.add("DequantizeLinear", [xq, a_scale, a_zp], f"{node.name}_x_dq"), float(lp.act_scale)
+
+    def _conv_output(self, node: ir.Node, lp: LayerPlan, act_node: ir.Node | None) -> None:
+        """QuantizeLinear → DequantizeLinear after the conv (or its Relu/Clip). A Relu/Clip whose
+        range contains the quantization range is dropped: saturating at the range ends clips the
+        same values, and onnxruntime then fuses DequantizeLinear → Conv → QuantizeLinear."""
+        oscale, ozp = np.float32(lp.out_scale), np.uint8(lp.out_zp)
         tail = act_node if act_node is not None else node
         y = tail.outputs[0]
-        oscale = self.const(f"{tail.name}_out_scale", np.float32(lp.out_scale))
-        ozp = self.const(f"{tail.name}_out_zero_point", np.uint8(lp.out_zp))
-        consumers_before = list(y.uses())
-        q = self.add("QuantizeLinear", [y, oscale, ozp], f"{tail.name}_out_quantize")
-        dq = self.add("DequantizeLinear", [q, oscale, ozp], f"{tail.name}_out_dq")
+        src = node.outputs[0] if act_node is not None and _clip_covers(act_node, oscale, ozp) else y
+        consumers = list(y.uses())
+        q = self.add("QuantizeLinear", [src, self.const(f"{tail.name}_out_scale", oscale),
+                                        self.const(f"{tail.name}_out_zero_point", ozp)], f"{tail.name}_out_quantize")
+        dq_node_inputs = [q, q.producer().inputs[1], q.producer().inputs[2]]
+        dq = self.add("DequantizeLinear", dq_node_inputs, f"{tail.name}_out_dq")
+        self._output_dq.add(dq.producer().name)
         self.quantize_ops += 1
-        for use in consumers_before:
+        for use in consumers:
             use.node.replace_input_with(use.idx, dq)
         dq.type, dq.shape = y.type, y.shape
         if y.is_graph_output():
             _replace(self.graph, y, dq)
+        if src is not y:
+            self.graph.remove(act_node, safe=True)
+
+
+def _clip_covers(act: ir.Node, scale: np.float32, zp: np.uint8) -> bool:
+    """Whether Relu/Clip(x) is the identity on the uint8 grid's range [-zp*s, (255-zp)*s]."""
+    lo, hi = -float(zp) * float(scale), (255 - float(zp)) * float(scale)
+    if act.op_type == "Relu":
+        return lo >= 0.0
+    if any(v is not None and v.const_value is None for v in act.inputs[1:3]):
+        return False
+    ins = list(act.inputs[1:3]) + [None] * (3 - len(act.inputs))
+    cmin, cmax = (v.const_value.numpy().item() if v is not None else None for v in ins[:2])
+    if "min" in act.attributes or "max" in act.attributes:  # opset < 11
+        cmin = act.attributes["min"].as_float() if "min" in act.attributes else None
+        cmax = act.attributes["max"].as_float() if "max" in act.attributes else None
+    return (cmin is None or cmin <= lo + 1e-12) and (cmax is None or cmax >= hi - 1e-6 * max(1.0, abs(hi)))
 
 
 def _matmul_parts(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None, ir.Value, list[ir.Node]]:
