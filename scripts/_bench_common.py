@@ -50,6 +50,26 @@ def embeddings(path, feeds) -> np.ndarray:
     return np.concatenate([s.run(None, f)[0] for f in feeds])
 
 
+def bench_in_subprocess(paths, labels, feed: dict, runs: int, warmup: int = 10, threads: int = 1) -> list[dict]:
+    """Interleaved latency measured by ``edgecomp bench`` in a fresh process: a benchmark process
+    that has imported torch/NNCF and run their thread pools measured small models up to 30% slower
+    relative to fp32 than a clean one."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        np.savez(Path(d) / "feed.npz", **feed)
+        out = Path(d) / "bench.json"
+        subprocess.run([sys.executable, "-m", "edgecomp.cli", "bench", *map(str, paths), "--data", str(Path(d) / "feed.npz"),
+                        "--runs", str(runs), "--warmup", str(warmup), "--threads", str(threads), "--json", str(out)],
+                       check=True, capture_output=True)
+        stats = json.loads(out.read_text())["models"]
+    for s, label in zip(stats, labels):
+        s["label"] = label
+    return stats
+
+
 def fidelity(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
     cos = cosine_rows(ref, cand)
     return {"mean cos": float(cos.mean()), "min cos": float(cos.min()), "NN@10": knn_agreement(ref, cand, 10)}
