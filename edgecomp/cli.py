@@ -567,6 +567,8 @@ def targets(targets_file):
 
 
 def _data_options(f):
+    f = click.option("--tokenizer", type=click.Path(), help="Tokenizer folder for --text (default: the --hf folder).")(f)
+    f = click.option("--text", type=click.Path(), help="Text, one per line: distillation data / embedding corpus.")(f)
     f = click.option("--labels", type=click.Path(), help="Labels (.npy) for --eval: task accuracy.")(f)
     f = click.option("--eval", "eval_data", type=click.Path(), help="Held-out DATA for validate/tolerance.")(f)
     f = click.option("--calibration", type=click.Path(), help="DATA for calibration / repair.")(f)
@@ -592,7 +594,8 @@ def _convert_source(spec, hf):
 @click.option("--target", help="Target profile (threads, ISA for quantization).")
 @click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUTDIR.")
-def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, target, targets_file, overwrite):
+def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text, tokenizer, target, targets_file,
+            overwrite):
     """Run a recipe from a torch model to a validated edge artifact, with a report.
 
     Exit status 4 when a gate of the recipe fails (after everything is written).
@@ -609,7 +612,8 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, targe
     source = _convert_source(spec, hf_path)
     r = load_recipe(recipe)
     profile = get_profile(target, targets_file) if target else None
-    res = run_convert(source, r, outdir, calibration=calibration, eval_data=eval_data, labels=labels, target=profile,
+    res = run_convert(source, r, outdir, calibration=calibration, eval_data=eval_data, labels=labels, text=text,
+                      tokenizer=tokenizer, target=profile,
                       overwrite=overwrite, progress=True,
                       on_step=lambda rec: click.echo(f"step {rec.index:02d} {rec.step}: done in {rec.seconds:.1f}s", err=True))
     click.echo(rpt.host_line(profile))
@@ -653,8 +657,8 @@ def recipes():
 @click.option("--address", help="Address of an existing Ray cluster (default: start a local one).")
 @click.option("--max-parallel", type=click.IntRange(1), default=2, show_default=True, help="Local Ray CPUs.")
 @click.option("--overwrite", is_flag=True)
-def sweep(spec, recipe, grid, outdir, hf_path, calibration, eval_data, labels, target, targets_file, address,
-          max_parallel, overwrite):
+def sweep(spec, recipe, grid, outdir, hf_path, calibration, eval_data, labels, text, tokenizer, target, targets_file,
+          address, max_parallel, overwrite):
     """Evaluate recipe variants in parallel on Ray and report the Pareto front.
 
     The best artifact so far is kept in OUTDIR/best.onnx as variants finish, also when interrupted.
@@ -672,7 +676,8 @@ def sweep(spec, recipe, grid, outdir, hf_path, calibration, eval_data, labels, t
     source = _convert_source(spec, hf_path)
     profile = get_profile(target, targets_file) if target else None
     res = run_sweep(source, load_recipe(recipe), parse_grid(grid), outdir, address=address, max_parallel=max_parallel,
-                    overwrite=overwrite, calibration=calibration, eval_data=eval_data, labels=labels, target=profile,
+                    overwrite=overwrite, calibration=calibration, eval_data=eval_data, labels=labels, text=text,
+                    tokenizer=tokenizer, target=profile,
                     on_result=lambda d: click.echo(f"{d['variant']} done: latency {d.get('latency')}, "
                                                    f"quality {d.get('quality')}", err=True))
     rows = [{**{k: v for k, v in d.items() if k not in ("model",)}, "pareto": i in res.pareto}

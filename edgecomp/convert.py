@@ -186,6 +186,45 @@ def _run_prune(ctx: _Context, rec: StepRecord) -> None:
     rec.model = str(ctx.out_path(rec))
 
 
+def _run_distill(ctx: _Context, rec: StepRecord) -> None:
+    from edgecomp.distill import DistillConfig, distill
+
+    o = rec.options
+    text = ctx.data.get("text")
+    cfg = DistillConfig(teacher=ctx.source.spec, teacher_hf=ctx.source.hf, student=o["student"] or None,
+                        shrink=None if o["student"] else (o["shrink"] or None), text=text,
+                        tokenizer=ctx.data.get("tokenizer") or (ctx.source.hf if text else None),
+                        data=None if text else ctx.need("calibration", "distill"), max_len=o["max_len"],
+                        held_out=o["held_out"], temperature=o["temperature"], match=o["match"],
+                        hidden_weight=o["hidden_weight"], epochs=o["epochs"], max_steps=o["max_steps"] or None,
+                        batch_size=o["batch_size"], lr=o["lr"], seed=o["seed"], patience=o["patience"],
+                        checkpoint=str(ctx.outdir / f"{rec.index:02d}-distill.ckpt"), threads=ctx.threads,
+                        progress=ctx.progress)
+    res = distill(cfg, ctx.out_path(rec), bench_runs=0)
+    rec.model = str(ctx.out_path(rec))
+    rec.summary = {k: v for k, v in res.training.items() if isinstance(v, (int, float, str))}
+    rec.tables = {"teacher vs student": res.rows}
+
+
+def _run_reduce_embeddings(ctx: _Context, rec: StepRecord) -> None:
+    from edgecomp.embeddings import ReduceOptions, reduce_embeddings
+    from edgecomp.io import load_model, save_model
+    from edgecomp.text import load_tokenizer, read_lines
+
+    o = rec.options
+    opts = ReduceOptions(bits=o["bits"] or None, block=o["block"] or None, rank=o["rank"] or None,
+                         energy=o["energy"] or None, exact_rows=o["exact_rows"], prune_vocab=o["prune_vocab"])
+    text, tok_path = ctx.data.get("text"), ctx.data.get("tokenizer") or ctx.source.hf
+    if o["prune_vocab"] and not text:
+        ctx.need("text", "reduce-embeddings")
+    tokenizer = load_tokenizer(tok_path) if (text and tok_path) else None
+    res = reduce_embeddings(load_model(ctx.current), opts, tokenizer, read_lines(text) if tokenizer else None)
+    save_model(res.model, ctx.out_path(rec))
+    rec.model = str(ctx.out_path(rec))
+    rec.summary = res.summary
+    rec.tables = {r.name: r.rows for r in res.reports if r.rows}
+
+
 def _run_validate(ctx: _Context, rec: StepRecord) -> None:
     from edgecomp.validate import validate
 
@@ -215,10 +254,11 @@ def _run_bench(ctx: _Context, rec: StepRecord) -> None:
 
 
 STEP_RUNNERS: dict[str, Callable[[_Context, StepRecord], None]] = {
-    "export": _run_export, "optimize": _run_optimize, "prune": _run_prune, "quantize": _run_quantize,
+    "export": _run_export, "optimize": _run_optimize, "prune": _run_prune, "distill": _run_distill,
+    "reduce-embeddings": _run_reduce_embeddings, "quantize": _run_quantize,
     "validate": _run_validate, "bench": _run_bench,
 }
-MODEL_STEPS = {"export", "optimize", "prune", "quantize"}  # steps that produce a model
+MODEL_STEPS = {"export", "optimize", "prune", "distill", "reduce-embeddings", "quantize"}  # steps that produce a model
 SOURCE_STEPS = {"export"}  # steps that can start a recipe
 
 
@@ -294,7 +334,8 @@ def _accuracy_drop(base: StepRecord, final: StepRecord) -> float | None:
 
 
 def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibration: str | None = None,
-            eval_data: str | None = None, labels: str | None = None, target: TargetProfile | None = None,
+            eval_data: str | None = None, labels: str | None = None, text: str | None = None,
+            tokenizer: str | None = None, target: TargetProfile | None = None,
             overwrite: bool = False, progress: bool = False,
             on_step: Callable[[StepRecord], None] | None = None) -> ConvertResult:
     """Run ``recipe`` on ``source`` into ``outdir``; see the module docstring."""
@@ -305,8 +346,8 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
         raise OutputError(f"{out} exists and is not empty; choose another -o or pass --overwrite")
     if not out.parent.exists():
         raise OutputError(f"folder {out.parent} does not exist; create it first")
-    data = {"calibration": calibration or recipe.data.get("calibration"),
-            "eval": eval_data or recipe.data.get("eval"), "labels": labels or recipe.data.get("labels")}
+    given = {"calibration": calibration, "eval": eval_data, "labels": labels, "text": text, "tokenizer": tokenizer}
+    data = {k: given[k] or recipe.data.get(k) for k in given}
     _check_steps(recipe, data)
     started = datetime.datetime.now().isoformat(timespec="seconds")
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

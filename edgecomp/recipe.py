@@ -31,7 +31,7 @@ from typing import Any
 
 from edgecomp.errors import ConfigError
 
-__all__ = ["Option", "STEP_OPTIONS", "GATES", "Recipe", "load_recipe", "parse_recipe", "builtin_recipes",
+__all__ = ["Option", "STEP_OPTIONS", "GATES", "DATA_KEYS", "Recipe", "load_recipe", "parse_recipe", "builtin_recipes",
            "apply_override", "register_step", "BUILTIN_DIR"]
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "recipes"
@@ -82,6 +82,29 @@ STEP_OPTIONS: dict[str, dict[str, Option]] = {
         "repair": Option(bool, True, "least-squares repair from calibration data"),
         "max_samples": Option(int, 0, "calibration samples for importance/repair (0: all)"),
     },
+    "distill": {
+        "shrink": Option(str, "layers=3", "student derived from the teacher: layers=N or width=W ('' with student)"),
+        "student": Option(str, "", "student SPEC instead of shrink"),
+        "epochs": Option(int, 10, "passes over the training data"),
+        "max_steps": Option(int, 0, "stop after this many steps (0: epochs decide)"),
+        "batch_size": Option(int, 32, "samples per step"),
+        "lr": Option(float, 1e-3, "AdamW learning rate"),
+        "temperature": Option(float, 4.0, "soft-target temperature (logits)"),
+        "match": Option(str, "cosine", "cosine | mse (embeddings)"),
+        "hidden_weight": Option(float, 0.0, "weight of hidden-state matching"),
+        "held_out": Option(float, 0.1, "fraction held out for early stopping"),
+        "patience": Option(int, 3, "evaluations without improvement before stopping"),
+        "max_len": Option(int, 128, "token length for text"),
+        "seed": Option(int, 0, "random seed"),
+    },
+    "reduce-embeddings": {
+        "bits": Option(int, 0, "8 or 4: row-wise storage (0: none)"),
+        "block": Option(int, 0, "values per scale (0: default)"),
+        "rank": Option(int, 0, "low-rank factorization rank (0: none)"),
+        "energy": Option(float, 0.0, "rank retaining this energy fraction (0: none)"),
+        "exact_rows": Option(int, 2000, "most frequent corpus tokens kept exact"),
+        "prune_vocab": Option(bool, False, "keep only the corpus's tokens (needs text data)"),
+    },
     "validate": {
         "k": Option(int, 10, "neighbours for the k-NN agreement of embeddings"),
     },
@@ -91,6 +114,9 @@ STEP_OPTIONS: dict[str, dict[str, Option]] = {
         "threads": Option(int, 0, "intra-op threads (0: the target's, else 1)"),
     },
 }
+
+#: What a recipe's [data] table (or convert's options) may name: DATA, labels, text lines, tokenizer folder.
+DATA_KEYS = ("calibration", "eval", "labels", "text", "tokenizer")
 
 GATES = {
     "max_accuracy_drop": ("validate", "accuracy (or fidelity) drop of the final model vs fp32, as a fraction"),
@@ -156,8 +182,8 @@ def parse_recipe(doc: dict[str, Any], name: str = "recipe", source: str = "<reci
             raise ConfigError(f"{source}: gate {g} needs a '{needs}' step, which the recipe does not have")
     data = {}
     for k, v in doc.get("data", {}).items():
-        if k not in ("calibration", "eval", "labels"):
-            raise ConfigError(f"{source}: unknown [data] key {k!r}; valid: calibration, eval, labels")
+        if k not in DATA_KEYS:
+            raise ConfigError(f"{source}: unknown [data] key {k!r}; valid: {', '.join(DATA_KEYS)}")
         data[k] = str((base / v) if base and not Path(v).is_absolute() else v)
     return Recipe(doc.get("name", name), doc.get("description", ""), steps, gates, data, source)
 

@@ -91,6 +91,8 @@ def test_each_builtin_recipe_on_a_tiny_model(name, tmp_path, token_data, digits_
             step["exporter"] = "torchscript"
         if step["step"] == "bench":
             step["runs"], step["warmup"] = 10, 2
+        if step["step"] == "distill":
+            step.update(max_steps=4, batch_size=4, held_out=0.25, shrink="layers=1")  # the tiny encoder has 2
     if name.startswith("encoder"):
         calib, ev = token_data
         source, labels = Source(spec="models.text_encoder:tiny_encoder"), None
@@ -103,7 +105,9 @@ def test_each_builtin_recipe_on_a_tiny_model(name, tmp_path, token_data, digits_
                   labels=str(labels) if labels else None)
     final, base = res.final(), res.baseline()
     assert final.step == recipe.step_names()[-3] and final.size_bytes < base.size_bytes
-    assert final.latency_ratio is not None and (final.cos_mean or 0) > 0.9
+    assert final.latency_ratio is not None and final.cos_mean is not None
+    if "distill" not in recipe.step_names():  # a 4-step student is not expected to be faithful
+        assert final.cos_mean > 0.9
     assert {g["gate"] for g in res.gates} == set(recipe.gates)
 
 
