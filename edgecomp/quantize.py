@@ -127,7 +127,21 @@ def find_layers(model: ir.Model) -> tuple[list[Layer], list[dict[str, Any]]]:
             layers.append(Layer(node.name, "Conv", family, node.inputs[0].name, tail.name if tail else None, out.name))
         else:
             layers.append(Layer(node.name, node.op_type, "matmul", node.inputs[0].name))
+    layers += _residual_adds(model)
     return layers, skipped
+
+
+def _residual_adds(model: ir.Model) -> list[Layer]:
+    """Adds of two conv-branch tensors (residuals): with their output quantized, onnxruntime runs
+    DequantizeLinear → Add → QuantizeLinear as one QLinearAdd instead of dequantize + float add."""
+    found = []
+    for node in model.graph:
+        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        producers = [v.producer() if v is not None else None for v in node.inputs]
+        if all(p is not None and p.op_type in ("Conv", "Add", "Relu", "Clip") for p in producers):
+            found.append(Layer(node.name, "Add", "conv", node.outputs[0].name))
+    return found
 
 
 def _unsupported(node: ir.Node) -> str | None:
@@ -185,7 +199,7 @@ def calibrate(model: ir.Model, layers: Sequence[Layer], data: Dataset, opts: Qua
     """Pass 1 statistics of every layer input (and conv output)."""
     axes: dict[str, int] = {}
     for layer in layers:
-        axes[layer.act] = 1 if layer.op == "Conv" else -1
+        axes[layer.act] = 1 if layer.op in ("Conv", "Add") else -1
         if layer.out_value:
             axes[layer.out_value] = 1
     return collect_ranges(_session_factory(model, opts.threads), axes, _feeds(data, input_specs(model), opts.max_samples),
@@ -306,16 +320,16 @@ def make_plan(model: ir.Model, layers: Sequence[Layer], stats: Mapping[str, Acti
         lo, hi = choose_range(st, opts.method, opts.percentile, s)
         ab, wb = layout.get(layer.act, layouts[0])
         scale, zp = uint8_qparams(lo, hi, 255 if ab == 8 else 127)
-        lp = LayerPlan(layer.node, "conv" if layer.op == "Conv" else ("gemm" if layer.op == "Gemm" else "matmul"),
-                       layer.act, float(scale), int(zp), weight_bits=wb, act_bits=ab, per_channel=opts.per_channel,
-                       smooth=s)
+        kind = {"Conv": "conv", "Gemm": "gemm", "Add": "add"}.get(layer.op, "matmul")
+        lp = LayerPlan(layer.node, kind, layer.act, float(scale), int(zp), weight_bits=wb, act_bits=ab,
+                       per_channel=opts.per_channel, smooth=s)
         row = {"layer": layer.node, "op": layer.op, "family": layer.family, "act range": f"[{lo:.3g}, {hi:.3g}]",
                "bits a/w": f"{ab}/{wb}"}
         if layer.family == "matmul":
             row.update(_plan_bias_correction(lp, nodes, layer, st, opts))
             row["smoothquant α"] = info.get(layer.act, {}).get("alpha")
             row["sim error"] = info.get(layer.act, {}).get("sim error")
-        else:
+        elif layer.op == "Conv":
             ost = stats[layer.out_value]
             olo, ohi = choose_range(ost, "minmax")
             lp.out_scale, lp.out_zp = (float(v) for v in uint8_qparams(olo, ohi))

@@ -22,6 +22,8 @@ Cases handled:
   The fused op dequantizes and adds the bias inside the int8 GEMM: this is the form
   onnxruntime's dynamic quantization reaches, without the DynamicQuantizeLinear pass over
   every activation.
+- a residual ``Add`` of two quantized conv-branch tensors gets its output quantized too, so
+  onnxruntime runs it as QLinearAdd;
 - ``Conv(x, W, b)`` (2-D, any group) becomes the QDQ form onnxruntime fuses into QLinearConv::
 
       DequantizeLinear(QuantizeLinear(x)) → Conv(·, DequantizeLinear(W_q, axis 0), DQ(b_q int32))
@@ -58,7 +60,7 @@ class LayerPlan:
     """How to quantize one layer (see the module docstring for the math)."""
 
     node: str
-    kind: str  # "matmul" | "gemm" | "conv"
+    kind: str  # "matmul" | "gemm" | "conv" | "add" (a residual Add's output)
     act: str
     act_scale: float
     act_zp: int
@@ -123,6 +125,10 @@ class QuantizeStaticPass(EdgecompPass):
                 builder.matmul(node, lp)
             elif lp.kind == "conv":
                 builder.conv(node, lp, nodes.get(lp.out_after) if lp.out_after else None)
+            elif lp.kind == "add":
+                if not builder.residual_add(node, lp):
+                    rows.append({"layer": name, "kind": "add", "skipped": "an input is not a quantized tensor"})
+                    continue
             else:
                 raise PassFailed(f"unknown layer kind {lp.kind!r} for {name}")
             rows.append({"layer": name, "kind": lp.kind, "weight bits": lp.weight_bits, "act bits": lp.act_bits,
@@ -235,6 +241,27 @@ class _Builder:
         xq, a_scale, a_zp = self.quantized_input(x, lp)
         return self.add("DequantizeLinear", [xq, a_scale, a_zp], f"{node.name}_x_dq"), float(lp.act_scale)
 
+    def residual_add(self, node: ir.Node, lp: LayerPlan) -> bool:
+        """Quantize an Add's output when both of its inputs are quantized tensors' DequantizeLinear."""
+        if not all(v.producer() is not None and v.producer().name in self._output_dq for v in node.inputs):
+            return False
+        self._quantize_output(node.outputs[0], node.name, np.float32(lp.act_scale), np.uint8(lp.act_zp))
+        return True
+
+    def _quantize_output(self, y: ir.Value, name: str, scale: np.float32, zp: np.uint8, src: ir.Value | None = None) -> None:
+        """Insert QuantizeLinear(src or y) → DequantizeLinear and point y's uses at the latter."""
+        consumers = list(y.uses())
+        q = self.add("QuantizeLinear", [src or y, self.const(f"{name}_out_scale", scale),
+                                        self.const(f"{name}_out_zero_point", zp)], f"{name}_out_quantize")
+        dq = self.add("DequantizeLinear", [q, q.producer().inputs[1], q.producer().inputs[2]], f"{name}_out_dq")
+        self._output_dq.add(dq.producer().name)
+        self.quantize_ops += 1
+        for use in consumers:
+            use.node.replace_input_with(use.idx, dq)
+        dq.type, dq.shape = y.type, y.shape
+        if y.is_graph_output():
+            _replace(self.graph, y, dq)
+
     def _conv_output(self, node: ir.Node, lp: LayerPlan, act_node: ir.Node | None) -> None:
         """QuantizeLinear → DequantizeLinear after the conv (or its Relu/Clip). A Relu/Clip whose
         range contains the quantization range is dropped: saturating at the range ends clips the
@@ -243,18 +270,7 @@ class _Builder:
         tail = act_node if act_node is not None else node
         y = tail.outputs[0]
         src = node.outputs[0] if act_node is not None and _clip_covers(act_node, oscale, ozp) else y
-        consumers = list(y.uses())
-        q = self.add("QuantizeLinear", [src, self.const(f"{tail.name}_out_scale", oscale),
-                                        self.const(f"{tail.name}_out_zero_point", ozp)], f"{tail.name}_out_quantize")
-        dq_node_inputs = [q, q.producer().inputs[1], q.producer().inputs[2]]
-        dq = self.add("DequantizeLinear", dq_node_inputs, f"{tail.name}_out_dq")
-        self._output_dq.add(dq.producer().name)
-        self.quantize_ops += 1
-        for use in consumers:
-            use.node.replace_input_with(use.idx, dq)
-        dq.type, dq.shape = y.type, y.shape
-        if y.is_graph_output():
-            _replace(self.graph, y, dq)
+        self._quantize_output(y, tail.name, oscale, ozp, src)
         if src is not y:
             self.graph.remove(act_node, safe=True)
 
