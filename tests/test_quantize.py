@@ -175,6 +175,10 @@ def test_cnn_conv_layers_quantize_with_accuracy(digits_onnx):
     proto = to_proto(res.model)
     onnx.checker.check_model(proto)
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in proto.graph.node}
+    producers = {o: n.op_type for n in proto.graph.node for o in n.output}
+    q_of = [producers.get(n.input[0]) for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert "Add" in q_of  # residual adds quantized (QLinearAdd)
+    assert "Clip" not in q_of and "Clip" not in producers.values()  # ReLU6 folded into the uint8 range
     ref = run_ort(model, {"x": x[100:]})[0].argmax(1)
     got = run_ort(proto, {"x": x[100:]}, disable_opt=False)[0].argmax(1)
     assert np.mean(got == y[100:]) >= np.mean(ref == y[100:]) - 0.02
