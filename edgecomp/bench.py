@@ -20,7 +20,7 @@ from edgecomp.errors import ConfigError
 from edgecomp.io import load_model, model_bytes, model_size_bytes
 from edgecomp.runtime import make_session, run_feed
 
-__all__ = ["LatencyStats", "BenchResult", "benchmark", "pin_cpus"]
+__all__ = ["LatencyStats", "BenchResult", "benchmark", "pin_cpus", "first_feed"]
 
 
 @dataclasses.dataclass
@@ -107,6 +107,11 @@ def benchmark(paths: Sequence[str | os.PathLike | ir.Model], threads: int = 1, w
     return BenchResult(threads, warmup, runs, {k: list(v.shape) for k, v in feed.items()}, stats)
 
 
-def first_feed(data: str | os.PathLike) -> Feed:
-    """The first sample of DATA, used as the benchmark feed."""
-    return Dataset(data)[0]
+def first_feed(data: str | os.PathLike, model: ir.Model | str | os.PathLike | None = None) -> Feed:
+    """The first sample of DATA (cast to ``model``'s input types when given), as the benchmark feed."""
+    ds = Dataset(data)
+    if model is None:
+        return ds[0]
+    specs = input_specs(model if isinstance(model, ir.Model) else load_model(model))
+    ds.check_against(specs)
+    return next(ds.feeds_for(specs))

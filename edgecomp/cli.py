@@ -12,6 +12,7 @@ import click
 
 from edgecomp import report as rpt
 from edgecomp.errors import EdgecompError
+from edgecomp.export import DEFAULT_OPSET
 
 __all__ = ["main", "cli"]
 
@@ -50,9 +51,12 @@ def _json_option(f):
                         help="Also write the results as JSON to this file.")(f)
 
 
-def _threads_option(f):
-    return click.option("--threads", type=click.IntRange(1), default=None,
-                        help="onnxruntime intra-op threads (inter-op is 1). Default: the target's, else 1.")(f)
+def _threads_option(f, help="onnxruntime intra-op threads (inter-op is 1); default 1, or the --target profile's."):
+    return click.option("--threads", type=click.IntRange(1), default=None, help=help)(f)
+
+
+def _training_threads_option(f):
+    return _threads_option(f, help="torch threads for training (default: all cores); onnxruntime checks use 1.")
 
 
 def _parse_shapes(values, what="--shape"):
@@ -69,9 +73,14 @@ def _parse_shapes(values, what="--shape"):
 
 
 def _write_json(path, obj) -> None:
+    """Write --json, refusing a path that names any other path argument of the command."""
     if path:
-        from edgecomp.io import write_json
+        from edgecomp.io import check_output_path, write_json
 
+        params = click.get_current_context().params
+        others = [v for k, v in params.items() if k != "json_path" and isinstance(v, str) and v]
+        others += [v for v in params.values() if isinstance(v, tuple) for v in v if isinstance(v, str)]
+        check_output_path(path, others)
         write_json(path, rpt.to_jsonable(obj))
         click.echo(f"wrote {path}")
 
@@ -89,7 +98,7 @@ def _write_json(path, obj) -> None:
               help="Example input shape when the factory gives none, e.g. x=1x3x224x224 (repeatable).")
 @click.option("--dynamic", multiple=True, metavar="NAME:AXIS=label",
               help="Make an input axis symbolic, e.g. x:0=batch (repeatable).")
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
               help="auto tries torch's dynamo exporter first and falls back to TorchScript.")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity tolerance (absolute).")
@@ -178,7 +187,7 @@ def export(spec, output, hf_path, hf_output, inputs, dynamic, opset, exporter, a
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True)
 @click.option("--bench-runs", type=click.IntRange(0), default=50, show_default=True,
               help="Interleaved latency runs, teacher vs student (0 skips).")
-@_threads_option
+@_training_threads_option
 @_json_option
 def distill(teacher, output, teacher_hf, student, shrink, project, data, text, tokenizer, max_len, labels, objective,
             temperature, kd_weight, match, match_weight, hidden_weight, ce_weight, epochs, max_steps, batch_size, lr,
@@ -277,7 +286,7 @@ def bench(models, threads, warmup, runs, pin, data, shapes, target, targets_file
     if pin:
         pin_cpus(pin)
     threads = threads or (profile.threads if profile else 1)
-    feed = first_feed(data) if data else None
+    feed = first_feed(data, models[0]) if data else None
     shape_map = {k: v[0] for k, v in _parse_shapes(shapes).items()}
     result = benchmark(models, threads=threads, warmup=warmup, runs=runs, feed=feed, shapes=shape_map)
     click.echo(rpt.render_bench(result, profile))
@@ -393,7 +402,7 @@ def reduce_embeddings(model, output, bits, block, rank, energy, corpus, tokenize
 @cli.command()
 @click.argument("model", type=click.Path())
 @_output_option
-@click.option("--calibration", required=True, type=click.Path(), help="DATA to calibrate activation ranges on.")
+@click.option("--calibration", type=click.Path(), help="DATA to calibrate activation ranges on (static mode).")
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax",
               show_default=True, help="How activation ranges are chosen from calibration statistics.")
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="For --method percentile.")
@@ -437,24 +446,29 @@ def quantize(model, output, calibration, method, percentile, per_tensor, weight_
     from edgecomp.quantize import QuantizeOptions, quantize_dynamic_ort, quantize_model
     from edgecomp.targets import get_profile
 
-    check_output_path(output, [model, calibration] + ([eval_data] if eval_data else []))
+    from edgecomp.errors import ConfigError
+
+    check_output_path(output, [p for p in (model, calibration, eval_data, labels) if p])
     profile = get_profile(target, targets_file) if target else None
     if mode == "dynamic":
+        if calibration or eval_data or tolerance is not None:
+            raise ConfigError("--mode dynamic takes no --calibration, --eval or --tolerance (it is onnxruntime's "
+                              "quantize_dynamic, for comparison)")
         quantize_dynamic_ort(model, output, profile.isa if profile else None)
         click.echo(f"wrote {output} (onnxruntime quantize_dynamic, for comparison)")
         return
+    if not calibration:
+        raise ConfigError("static quantization needs --calibration DATA (samples to fix activation ranges on)")
     m = load_model(model)
     opts = QuantizeOptions(method=method, percentile=percentile, per_channel=not per_tensor, weight_bits=weight_bits,
                            smooth=smooth, bias_correction=bias_correction, families=families, exclude=tuple(exclude),
                            embeddings=not no_embeddings,
                            max_samples=max_samples, isa=profile.isa if profile else None,
-                           threads=threads or 1, progress=True)
+                           threads=threads or (profile.threads if profile else 1), progress=True)
     calib = load_data(calibration)
     ev = load_data(eval_data) if eval_data else None
     y = load_labels(labels, len(ev)) if (labels and ev is not None) else None
     if (eval_data is None) != (tolerance is None):
-        from edgecomp.errors import ConfigError
-
         raise ConfigError("accuracy-aware mode needs both --eval DATA and --tolerance X")
     result = quantize_model(m, calib, opts, eval_data=ev, metric=metric, tolerance=tolerance, labels=y)
     save_model(result.model, output, inputs=[model])
@@ -561,7 +575,7 @@ def targets(targets_file):
 
     isa = host_isa()
     click.echo(rpt.host_line(isa=isa))
-    rows = [{"name": p.name, "threads": p.threads, "ISA": p.isa.describe(), "matches host": p.isa == isa,
+    rows = [{"name": p.name, "threads": p.threads, "ISA": p.isa.describe(), "matches host": p.matches_host(isa),
              "description": p.description} for p in load_profiles(targets_file).values()]
     click.echo(rpt.table(rows))
 
@@ -680,8 +694,7 @@ def sweep(spec, recipe, grid, outdir, hf_path, calibration, eval_data, labels, t
                     tokenizer=tokenizer, target=profile,
                     on_result=lambda d: click.echo(f"{d['variant']} done: latency {d.get('latency')}, "
                                                    f"quality {d.get('quality')}", err=True))
-    rows = [{**{k: v for k, v in d.items() if k not in ("model",)}, "pareto": i in res.pareto}
-            for i, d in enumerate(res.variants)]
+    rows = [{k: v for k, v in d.items() if k != "model"} for d in res.variants]
     click.echo(rpt.table(rows, title="variants:"))
     click.echo(f"best: {res.best['variant'] if res.best else 'none'} → {outdir}/best.onnx; sweep.json, sweep.html")
     if res.interrupted:

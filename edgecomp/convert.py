@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-from edgecomp.errors import ConfigError, DataError, OutputError
+from edgecomp.errors import ConfigError, DataError
+from edgecomp.io import check_output_dir, model_size_bytes
 from edgecomp.recipe import Recipe
 from edgecomp.targets import TargetProfile, host_isa
 
-__all__ = ["Source", "StepRecord", "ConvertResult", "convert", "STEP_RUNNERS", "MODEL_STEPS"]
+__all__ = ["Source", "StepRecord", "ConvertResult", "convert", "STEP_RUNNERS"]
 
 
 @dataclasses.dataclass
@@ -36,6 +37,11 @@ class Source:
 
     def describe(self) -> str:
         return self.spec or f"hf:{self.hf}"
+
+    def spec_file(self) -> str | None:
+        """The file of a ``path/to/file.py:factory`` SPEC (an input that must not be overwritten)."""
+        target = (self.spec or "").rpartition(":")[0]
+        return target if target.endswith(".py") else None
 
 
 @dataclasses.dataclass
@@ -215,8 +221,6 @@ def _run_reduce_embeddings(ctx: _Context, rec: StepRecord) -> None:
     opts = ReduceOptions(bits=o["bits"] or None, block=o["block"] or None, rank=o["rank"] or None,
                          energy=o["energy"] or None, exact_rows=o["exact_rows"], prune_vocab=o["prune_vocab"])
     text, tok_path = ctx.data.get("text"), ctx.data.get("tokenizer") or ctx.source.hf
-    if o["prune_vocab"] and not text:
-        ctx.need("text", "reduce-embeddings")
     tokenizer = load_tokenizer(tok_path) if (text and tok_path) else None
     res = reduce_embeddings(load_model(ctx.current), opts, tokenizer, read_lines(text) if tokenizer else None)
     save_model(res.model, ctx.out_path(rec))
@@ -244,7 +248,7 @@ def _run_bench(ctx: _Context, rec: StepRecord) -> None:
 
     models = ctx.model_records()
     feed_src = ctx.data.get("eval") or ctx.data.get("calibration")
-    feed = first_feed(feed_src) if feed_src else None
+    feed = first_feed(feed_src, models[0].model) if feed_src else None
     threads = rec.options["threads"] or ctx.threads
     res = benchmark([m.model for m in models], threads=threads, warmup=rec.options["warmup"],
                     runs=rec.options["runs"], feed=feed, labels=[f"{m.index:02d}-{m.step}" for m in models])
@@ -258,17 +262,6 @@ STEP_RUNNERS: dict[str, Callable[[_Context, StepRecord], None]] = {
     "reduce-embeddings": _run_reduce_embeddings, "quantize": _run_quantize,
     "validate": _run_validate, "bench": _run_bench,
 }
-MODEL_STEPS = {"export", "optimize", "prune", "distill", "reduce-embeddings", "quantize"}  # steps that produce a model
-SOURCE_STEPS = {"export"}  # steps that can start a recipe
-
-
-def register_runner(step: str, runner: Callable, produces_model: bool = True, starts_recipe: bool = False) -> None:
-    """Add a step implementation (pruning, embeddings and distillation register theirs)."""
-    STEP_RUNNERS[step] = runner
-    if produces_model:
-        MODEL_STEPS.add(step)
-    if starts_recipe:
-        SOURCE_STEPS.add(step)
 
 
 def _measure(rec: StepRecord, shapes_from: str | None) -> None:
@@ -276,8 +269,8 @@ def _measure(rec: StepRecord, shapes_from: str | None) -> None:
     from edgecomp.inspection import summarize
     from edgecomp.io import load_model
 
-    rec.size_bytes = os.path.getsize(rec.model)
-    shapes = {k: v.shape for k, v in first_feed(shapes_from).items()} if shapes_from else None
+    rec.size_bytes = model_size_bytes(rec.model)
+    shapes = {k: v.shape for k, v in first_feed(shapes_from, rec.model).items()} if shapes_from else None
     try:
         s = summarize(load_model(rec.model), shapes)
         rec.macs, rec.int8_mac_share = s.macs, s.int8_mac_share
@@ -285,20 +278,32 @@ def _measure(rec: StepRecord, shapes_from: str | None) -> None:
         rec.macs = None
 
 
-def _check_steps(recipe: Recipe, data: dict[str, str | None]) -> None:
+def _check_steps(recipe: Recipe, data: dict[str, str | None], source: Source) -> None:
+    """Refuse, before anything runs, a recipe whose steps miss the data they need."""
     names = recipe.step_names()
-    if names[0] not in SOURCE_STEPS:
-        raise ConfigError(f"{recipe.source}: the first step must be one of {sorted(SOURCE_STEPS)}, not {names[0]!r}")
-    for s in names:
-        if s not in STEP_RUNNERS:
-            raise ConfigError(f"{recipe.source}: step {s!r} is not available in this installation")
-    needs = {"validate": "eval"}
+    if names[0] != "export":
+        raise ConfigError(f"{recipe.source}: the first step must be export (the fp32 baseline), not {names[0]!r}")
+
+    def need(key: str, step: str, why: str = "") -> None:
+        if not data.get(key):
+            raise DataError(f"{recipe.source}: step '{step}' needs {key} data{why}: pass --{key} or set [data].{key}")
+
     for s in recipe.steps:
-        key = needs.get(s["step"]) or ("calibration" if s["step"] == "quantize" else None)
-        if key and not data.get(key):
-            raise DataError(f"{recipe.source}: step '{s['step']}' needs {key} data: pass --{key} DATA or set [data].{key}")
-        if s["step"] == "quantize" and s["tolerance"] >= 0 and not data.get("eval"):
-            raise DataError(f"{recipe.source}: quantize with a tolerance needs eval data: pass --eval DATA")
+        step = s["step"]
+        if step == "validate":
+            need("eval", step)
+        elif step == "quantize":
+            need("calibration", step)
+            if s["tolerance"] >= 0:
+                need("eval", step, " for its tolerance")
+        elif step == "prune" and s["importance"] == "activation":
+            need("calibration", step, " for activation importance")
+        elif step == "distill" and not data.get("text"):
+            need("calibration", step, " (or --text) to train on")
+        elif step == "reduce-embeddings" and s["prune_vocab"]:
+            need("text", step, " (the corpus) for prune_vocab")
+        if step in ("distill", "reduce-embeddings") and data.get("text") and not (data.get("tokenizer") or source.hf):
+            need("tokenizer", step, " to read --text")
 
 
 def _gates(recipe: Recipe, steps: list[StepRecord]) -> list[dict[str, Any]]:
@@ -341,14 +346,10 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
     """Run ``recipe`` on ``source`` into ``outdir``; see the module docstring."""
     from edgecomp.html_report import write_reports
 
-    out = Path(outdir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"{out} exists and is not empty; choose another -o or pass --overwrite")
-    if not out.parent.exists():
-        raise OutputError(f"folder {out.parent} does not exist; create it first")
     given = {"calibration": calibration, "eval": eval_data, "labels": labels, "text": text, "tokenizer": tokenizer}
     data = {k: given[k] or recipe.data.get(k) for k in given}
-    _check_steps(recipe, data)
+    out = check_output_dir(outdir, [*data.values(), source.hf, source.spec_file()], overwrite)
+    _check_steps(recipe, data, source)
     started = datetime.datetime.now().isoformat(timespec="seconds")
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -368,7 +369,7 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
         shutil.copyfile(final, work / "model.onnx")
         isa = host_isa()
         result = ConvertResult(str(out), source.describe(), recipe.source, target.name if target else None,
-                               isa.describe(), (target.isa == isa) if target else None, ctx.records,
+                               isa.describe(), target.matches_host(isa) if target else None, ctx.records,
                                str(out / "model.onnx"), [], True, started)
         result.gates = _gates(recipe, ctx.records)
         result.passed = all(g["passed"] for g in result.gates)

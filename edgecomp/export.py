@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from edgecomp.errors import ExportError, ParityError, SpecError
-from edgecomp.io import save_model
+from edgecomp.io import check_output_path, model_from_bytes, save_model
 from edgecomp.runtime import make_session, run_feed
 
 __all__ = ["ExportResult", "load_spec", "export_model", "export_spec", "hf_encoder", "DEFAULT_OPSET", "HF_AUTO_ORDER"]
@@ -162,7 +161,7 @@ def _export_torchscript(module, args, names, out_names, axes, opset) -> ir.Model
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, buf, dynamo=False, input_names=list(names), output_names=out_names,
                           dynamic_axes=axes or None, opset_version=min(opset, 20), do_constant_folding=True)
-    return ir.from_proto(onnx.load_from_string(buf.getvalue()))
+    return model_from_bytes(buf.getvalue())
 
 
 def _torch_outputs(module, args) -> list[np.ndarray]:
@@ -189,6 +188,7 @@ def export_model(module: Any, example: Any, out: str | os.PathLike, *,
     """
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise ExportError(f"unknown exporter {exporter!r}; use auto, dynamo or torchscript")
+    check_output_path(out, protect)  # before minutes of export, not after
     t0 = time.perf_counter()
     module = module.eval()
     names, args = _normalize_example(module, example, input_shapes or {})
@@ -233,6 +233,10 @@ def _check_parity(model: ir.Model, names, args, ref: list[np.ndarray], atol: flo
 
 def export_spec(spec: str, out: str | os.PathLike, **kwargs: Any) -> ExportResult:
     """Export the model a SPEC names."""
+    target = spec.rpartition(":")[0]
+    if target.endswith(".py"):
+        kwargs["protect"] = [*kwargs.get("protect", ()), target]
+    check_output_path(out, kwargs.get("protect", ()))
     module, example = _call_factory(load_spec(spec), spec)
     return export_model(module, example, out, **kwargs)
 

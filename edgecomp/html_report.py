@@ -27,8 +27,6 @@ def _cell(v: Any) -> str:
         return "—"
     if isinstance(v, float):
         return f"{v:.4g}"
-    if isinstance(v, (list, dict)):
-        return html.escape(str(v))
     return html.escape(str(v))
 
 

@@ -5,6 +5,7 @@ synthesized feed (every intermediate exposed as an output), so contrib ops and s
 handled without a shape-inference implementation of our own.
 
     Conv-like:   MACs = |output| * prod(W.shape[1:])          (Cin/group * kh * kw per output)
+    ConvTranspose: MACs = |input| * prod(W.shape[1:])         (W is [Cin, Cout/group, kh, kw])
     MatMul-like: MACs = |output| * K                          (K = the reduced dim of A)
     Attention:   MACs = B*S*H*3H (QKV) + 2*B*S*S*H (scores and context)
 """
@@ -100,7 +101,12 @@ def _node_macs(node: ir.Node, shapes: Mapping[str, Sequence[int]]) -> int:
     if node.op_type in CONV_OPS:
         w_idx = 3 if node.op_type == "QLinearConv" else 1
         w = _shape(node.inputs[w_idx], shapes)
-        return n_out * int(np.prod(w[1:])) if w is not None else 0
+        if w is None:
+            return 0
+        if node.op_type == "ConvTranspose":  # W is [Cin, Cout/group, k...]: each input feeds Cout/g * k outputs
+            x = _shape(node.inputs[0], shapes)
+            return int(np.prod(x)) * int(np.prod(w[1:])) if x is not None else 0
+        return n_out * int(np.prod(w[1:]))
     if node.op_type in MATMUL_OPS:
         a = _shape(node.inputs[0], shapes)
         if a is None:

@@ -25,11 +25,13 @@ __all__ = [
     "load_model",
     "save_model",
     "model_bytes",
+    "model_from_bytes",
     "to_proto",
     "from_proto",
     "model_size_bytes",
     "check_model",
     "check_output_path",
+    "check_output_dir",
     "atomic_path",
     "write_json",
     "write_text",
@@ -71,6 +73,11 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
 def from_proto(proto: onnx.ModelProto) -> ir.Model:
     """Convert a protobuf model (from a third-party tool) back to onnx-ir."""
     return ir.from_proto(proto)
+
+
+def model_from_bytes(data: bytes) -> ir.Model:
+    """Parse a serialized model (from an exporter writing to memory)."""
+    return ir.from_proto(onnx.load_from_string(data))
 
 
 def model_bytes(model: ir.Model, extra_outputs: Iterable[str] = ()) -> bytes:
@@ -124,15 +131,31 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
     o = Path(out)
     for i in inputs:
         ip = Path(i)
-        if ip.exists() and o.exists() and os.path.samefile(ip, o):
-            raise OutputError(f"output {o} is an input of this command; choose another -o path")
-        if ip.resolve() == o.resolve():
-            raise OutputError(f"output {o} is an input of this command; choose another -o path")
+        same = (ip.exists() and o.exists() and os.path.samefile(ip, o)) or ip.resolve() == o.resolve()
+        if same:
+            raise OutputError(f"output {o} is also an argument of this command; choose another output path")
     parent = o.parent if str(o.parent) else Path(".")
     if not parent.exists():
         raise OutputError(f"output folder {parent} does not exist; create it first")
     if o.exists() and o.is_dir():
         raise OutputError(f"output {o} is a directory; give a file name")
+    return o
+
+
+def check_output_dir(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (),
+                     overwrite: bool = False) -> Path:
+    """Refuse an output folder that is a file, holds one of the inputs, or is not empty (without
+    ``overwrite``) — before any work is done."""
+    o = Path(out)
+    if o.exists() and not o.is_dir():
+        raise OutputError(f"{o} is a file; -o names the output folder")
+    if not o.parent.exists():
+        raise OutputError(f"folder {o.parent} does not exist; create it first")
+    for i in inputs:
+        if i and (Path(i).resolve() == o.resolve() or o.resolve() in Path(i).resolve().parents):
+            raise OutputError(f"input {i} lies inside the output folder {o}; choose another -o")
+    if o.exists() and any(o.iterdir()) and not overwrite:
+        raise OutputError(f"{o} exists and is not empty; choose another -o or pass --overwrite")
     return o
 
 

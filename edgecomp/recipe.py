@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from edgecomp.errors import ConfigError
+from edgecomp.export import DEFAULT_OPSET
 
 __all__ = ["Option", "STEP_OPTIONS", "GATES", "DATA_KEYS", "Recipe", "load_recipe", "parse_recipe", "builtin_recipes",
-           "apply_override", "register_step", "BUILTIN_DIR"]
+           "apply_override", "BUILTIN_DIR"]
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -47,7 +48,7 @@ class Option:
 STEP_OPTIONS: dict[str, dict[str, Option]] = {
     "export": {
         "exporter": Option(str, "auto", "auto | dynamo | torchscript"),
-        "opset": Option(int, 18, "ONNX opset"),
+        "opset": Option(int, DEFAULT_OPSET, "ONNX opset"),
         "dynamic": Option(dict, {}, "input name -> {axis: label}, e.g. {x = {0 = 'batch'}}"),
         "input": Option(dict, {}, "input name -> shape text when the factory gives no example, e.g. {x = '1x3x224x224'}"),
         "hf_output": Option(str, "embeddings", "embeddings | hidden (for Hugging Face encoders)"),
@@ -136,11 +137,6 @@ class Recipe:
 
     def step_names(self) -> list[str]:
         return [s["step"] for s in self.steps]
-
-
-def register_step(name: str, options: dict[str, Option]) -> None:
-    """Add a step kind (used by the pruning, embedding and distillation modules)."""
-    STEP_OPTIONS[name] = options
 
 
 def builtin_recipes() -> dict[str, Path]:

@@ -52,7 +52,7 @@ def host_line(profile: TargetProfile | None = None, isa: Isa | None = None) -> s
     isa = isa or host_isa()
     line = f"host ISA: {isa.describe()}"
     if profile is not None:
-        match = "matches the host" if profile.isa == isa else (
+        match = "matches the host" if profile.matches_host(isa) else (
             f"DIFFERS from the host ({profile.isa.describe()}): numbers below are this host's, not the target's")
         line += f"\ntarget: {profile.name} — {profile.description}; {profile.threads} thread(s); profile ISA {match}"
     return line

@@ -13,7 +13,7 @@ import onnxruntime as ort
 from edgecomp.errors import DataError, ModelLoadError
 from edgecomp.io import model_bytes
 
-__all__ = ["make_session", "run_feed", "run_all"]
+__all__ = ["make_session", "run_feed"]
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -51,7 +51,3 @@ def run_feed(session: ort.InferenceSession, feed: Mapping[str, np.ndarray],
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"onnxruntime rejected the input: {first}") from e
-
-
-def run_all(session: ort.InferenceSession, feeds: Iterable[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]]:
-    return [run_feed(session, f) for f in feeds]

@@ -17,7 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from edgecomp.errors import ConfigError, OutputError
+from edgecomp.errors import ConfigError
+from edgecomp.io import check_output_dir
 from edgecomp.recipe import Recipe, apply_override
 
 __all__ = ["parse_grid", "expand", "run_sweep", "SweepResult"]
@@ -62,10 +63,13 @@ def expand(recipe: Recipe, grid: dict[str, list[Any]]) -> list[tuple[dict[str, A
 @dataclasses.dataclass
 class SweepResult:
     outdir: str
-    variants: list[dict[str, Any]]
+    variants: list[dict[str, Any]]  # sorted by variant name, each with "pareto": bool
     best: dict[str, Any] | None
-    pareto: list[int]
     interrupted: bool = False
+
+    @property
+    def pareto(self) -> list[str]:
+        return [v["variant"] for v in self.variants if v["pareto"]]
 
 
 def _variant_summary(index: int, overrides: dict[str, Any], result) -> dict[str, Any]:
@@ -97,19 +101,17 @@ def run_sweep(source, recipe: Recipe, grid: dict[str, list[Any]], outdir: str | 
               on_result: Callable[[dict[str, Any]], None] | None = None, **convert_kwargs: Any) -> SweepResult:
     from edgecomp.html_report import html_table, tradeoff_svg
     from edgecomp.io import write_json, write_text
-    from edgecomp.report import pareto_front
 
     variants = expand(recipe, grid)
-    out = Path(outdir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"{out} exists and is not empty; choose another -o or pass --overwrite")
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    data = [convert_kwargs.get(k) for k in ("calibration", "eval_data", "labels", "text", "tokenizer")]
+    out = check_output_dir(outdir, [*data, source.hf, source.spec_file()], overwrite)
     try:
         import ray
     except ImportError as e:
         raise ConfigError("sweep needs Ray: pip install 'edgecomp[sweep]'") from e
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir()
     env = {"PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     init = dict(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                 runtime_env={"env_vars": env})
@@ -139,7 +141,7 @@ def run_sweep(source, recipe: Recipe, grid: dict[str, list[Any]], outdir: str | 
                 tmp = out / ".best.onnx.tmp"
                 shutil.copyfile(summary["model"], tmp)
                 os.replace(tmp, out / "best.onnx")
-            _write_sweep(out, done, best, write_json, write_text, html_table, tradeoff_svg, pareto_front)
+            _write_sweep(out, done, best, write_json, write_text, html_table, tradeoff_svg)
             if on_result:
                 on_result(summary)
     except KeyboardInterrupt:
@@ -148,16 +150,21 @@ def run_sweep(source, recipe: Recipe, grid: dict[str, list[Any]], outdir: str | 
             ray.cancel(ref, force=True)
     finally:
         ray.shutdown()
-    ok = [d for d in done if d.get("latency") is not None and d.get("quality") is not None]
-    front = [done.index(ok[i]) for i in pareto_front([(d["latency"], d["quality"]) for d in ok])]
-    return SweepResult(str(out), sorted(done, key=lambda d: d["variant"]), best, front, interrupted)
+    return SweepResult(str(out), _marked(done), best, interrupted)
 
 
-def _write_sweep(out: Path, done, best, write_json, write_text, html_table, tradeoff_svg, pareto_front) -> None:
+def _marked(done: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Variants sorted by name, each marked whether it is on the latency/quality Pareto front."""
+    from edgecomp.report import pareto_front
+
     ok = [d for d in done if d.get("latency") is not None and d.get("quality") is not None]
     front = {ok[i]["variant"] for i in pareto_front([(d["latency"], d["quality"]) for d in ok])}
-    rows = [{**{k: v for k, v in d.items() if k != "model"}, "pareto": d["variant"] in front}
-            for d in sorted(done, key=lambda d: d["variant"])]
+    return [{**d, "pareto": d["variant"] in front} for d in sorted(done, key=lambda d: d["variant"])]
+
+
+def _write_sweep(out: Path, done, best, write_json, write_text, html_table, tradeoff_svg) -> None:
+    ok = [d for d in done if d.get("latency") is not None and d.get("quality") is not None]
+    rows = [{k: v for k, v in d.items() if k != "model"} for d in _marked(done)]
     write_json(out / "sweep.json", {"variants": rows, "best": best})
     svg = tradeoff_svg([{"label": d["variant"], "latency": d["latency"], "quality": d["quality"]} for d in ok],
                        ok[0]["quality metric"] if ok else "quality") or ""

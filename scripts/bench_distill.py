@@ -5,7 +5,7 @@
     .venv/bin/python scripts/bench_distill.py --part digits   # MobileNetV2 digits, width 1.0 → 0.35 (~8 min)
 
 MiniLM: the teacher is all-MiniLM-L6-v2 (sentence embeddings); the student keeps its layers
-0, 2, 4 and is distilled with `edgecomp distill --shrink layers=3` on unlabeled English from the
+0, 3, 5 and is distilled with `edgecomp distill --shrink layers=3` on unlabeled English from the
 docstrings of installed packages (the held-out test sentences of ``_bench_common.text_splits``
 are excluded). Fidelity on those 870 held-out sentences; latency at seq 128, batch 1, 1 thread,
 interleaved; then the student through `edgecomp quantize` (int8 matmuls and int8 embedding

@@ -103,7 +103,7 @@ def test_bad_inputs_get_one_line(tmp_path, mlp_path, mlp_data):
     _one_line_error(invoke("validate", mlp_path, mlp_path, "--data", wrong), r"keyed \['y'\].*inputs are \['x'\]")
     _one_line_error(invoke("validate", mlp_path, mlp_path, "--data", short), "rejected the input|needs size")
     _one_line_error(invoke("bench", mlp_path, "--shape", "x=1x5"), "rejected the input|needs size")
-    _one_line_error(invoke("optimize", mlp_path, "-o", mlp_path), "is an input")
+    _one_line_error(invoke("optimize", mlp_path, "-o", mlp_path), "is also an argument")
     _one_line_error(invoke("bench", mlp_path, "--target", "nope"), "unknown target")
 
 

@@ -158,7 +158,14 @@ def test_sweep_of_four_variants_on_local_ray(tmp_path, token_data):
     assert len(data["variants"]) == 4 and all("error" not in v for v in data["variants"])
     assert {(v["quantize.method"], v["quantize.smooth"]) for v in data["variants"]} == {
         ("minmax", "auto"), ("minmax", "off"), ("mse", "auto"), ("mse", "off")}
-    assert any(v["pareto"] for v in data["variants"])
+    from edgecomp.report import pareto_front
+
+    pts = [(v["latency"], v["quality"]) for v in data["variants"]]
+    want = {data["variants"][i]["variant"] for i in pareto_front(pts)}
+    assert want and {v["variant"] for v in data["variants"] if v["pareto"]} == want
+    for line in res.output.splitlines():  # the terminal table marks the same variants
+        if line.startswith("variant-") and " done:" not in line:
+            assert line.split()[0] in want if line.rstrip().endswith("yes") else line.split()[0] not in want
     best = max((v for v in data["variants"] if v["gates passed"]), key=lambda v: (v["quality"], -v["latency"]))
     assert data["best"]["variant"] == best["variant"]
     assert (out / "best.onnx").read_bytes() == (out / best["variant"] / "model.onnx").read_bytes()

@@ -31,7 +31,7 @@ def test_garbage_file_is_a_one_line_error(tmp_path):
 
 def test_output_that_names_an_input_is_refused_and_input_untouched(mlp_path):
     before = mlp_path.read_bytes()
-    with pytest.raises(OutputError, match="is an input"):
+    with pytest.raises(OutputError, match="is also an argument"):
         save_model(load_model(mlp_path), mlp_path, inputs=[mlp_path])
     assert mlp_path.read_bytes() == before
 

@@ -206,7 +206,7 @@ def test_bad_inputs(tmp_path, mlp_path, tiny_encoder_path, encoder_data):
         QuantizeOptions(smooth="2.0").validate()
     runner = CliRunner()
     res = runner.invoke(cli, ["quantize", str(mlp_path), "-o", str(mlp_path), "--calibration", str(d)])
-    assert res.exit_code != 0 and "is an input" in res.output
+    assert res.exit_code != 0 and "is also an argument" in res.output
 
 
 def test_unsupported_layers_are_reported():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from edgecomp.errors import PassFailed
+from edgecomp.errors import ConfigError, PassFailed
 from edgecomp.passes.base import EdgecompPass, PassReport, histogram
 
 __all__ = ["OptimizeGraphPass"]
@@ -31,7 +31,7 @@ class OptimizeGraphPass(EdgecompPass):
 
     def __init__(self, *, fold_constants: bool = True, fusions: str = "none", num_heads: int = 0, hidden_size: int = 0):
         if fusions not in ("none", "bert"):
-            raise PassFailed(f"unknown fusions {fusions!r}; use none or bert")
+            raise ConfigError(f"unknown fusions {fusions!r}; use none or bert")
         self.fold_constants = fold_constants
         self.fusions = fusions
         self.num_heads = num_heads
@@ -74,7 +74,4 @@ def _apply_bert_fusions(model: ir.Model, num_heads: int, hidden_size: int) -> No
 
 
 def _replace_graph(model: ir.Model, other: ir.Model) -> None:
-    opsets = dict(other.opset_imports)  # a model's opset_imports is its graph's
-    model.graph = other.graph
-    model.graph.opset_imports.clear()
-    model.graph.opset_imports.update(opsets)
+    model.graph = other.graph  # a model's opset_imports are its graph's: they come along
