@@ -150,7 +150,10 @@ class Dataset:
             if not self._arrays:
                 raise DataError(f"DATA {self.path} holds no arrays")
             self.names = tuple(self._arrays)
-            counts = {k: (a.shape[0] if a.ndim else 0) for k, a in self._arrays.items()}
+            scalars = [k for k, a in self._arrays.items() if a.ndim == 0]
+            if scalars:
+                raise DataError(f"arrays {scalars} in {self.path} have no sample axis; store shape [N, ...] per input")
+            counts = {k: a.shape[0] for k, a in self._arrays.items()}
             if len(set(counts.values())) != 1:
                 raise DataError(f"arrays in {self.path} have different sample counts {counts}; "
                                 "every array needs the same leading sample axis")
@@ -209,9 +212,11 @@ def load_labels(path: str | os.PathLike, n: int) -> np.ndarray:
     if not p.is_file():
         raise InputFileError(f"labels not found: {p} (give a .npy of integer class ids)")
     try:
-        labels = np.load(p)
+        labels = np.load(p, allow_pickle=False)
     except Exception as e:
         raise DataError(f"cannot read labels {p} ({type(e).__name__}); save them with numpy.save") from e
+    if not isinstance(labels, np.ndarray) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"labels {p} must be a .npy array of integer class ids (numpy.save)")
     labels = labels.reshape(-1)
     if labels.shape[0] != n:
         raise DataError(f"labels {p} hold {labels.shape[0]} entries but DATA has {n} samples")

@@ -259,8 +259,12 @@ def hf_encoder(path: str | os.PathLike, output: str = "embeddings", seq_len: int
     transformers.utils.logging.disable_progress_bar()
     # Eager attention exports as plain MatMul/Softmax, which onnxruntime runs faster at batch 1
     # than the SDPA export and which the quantizer and pruner can read.
-    encoder = AutoModel.from_pretrained(str(p), local_files_only=True, attn_implementation="eager").eval()
-    tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    try:
+        encoder = AutoModel.from_pretrained(str(p), local_files_only=True, attn_implementation="eager").eval()
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:
+        raise SpecError(f"cannot load a Hugging Face encoder and tokenizer from {p}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from e
     batch = tok(["edgecomp exports this encoder", "a second, somewhat longer example sentence"],
                 padding="max_length", max_length=seq_len, truncation=True, return_tensors="pt")
     module = _SentenceEncoder(encoder, output)

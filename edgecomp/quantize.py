@@ -75,7 +75,7 @@ class QuantizeOptions:
             raise ConfigError("--percentile must be in (50, 100), e.g. 99.99")
         if str(self.weight_bits) not in ("auto", "7", "8"):
             raise ConfigError("--weight-bits must be auto, 7 or 8")
-        if self.smooth not in ("auto", "off") and not (0.0 < float(self.smooth) < 1.0):
+        if self.smooth not in ("auto", "off") and not (0.0 < _number(self.smooth) < 1.0):
             raise ConfigError("--smooth must be auto, off, or an alpha in (0, 1)")
         if self.bias_correction not in ("auto", "on", "off"):
             raise ConfigError("--bias-correction must be auto, on or off")
@@ -83,6 +83,13 @@ class QuantizeOptions:
             bad = set(self.families.split(",")) - set(FAMILIES)
             if bad:
                 raise ConfigError(f"unknown op families {sorted(bad)}; use {', '.join(FAMILIES)}, auto or all")
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 @dataclasses.dataclass

@@ -167,6 +167,9 @@ def parse_recipe(doc: dict[str, Any], name: str = "recipe", source: str = "<reci
     if not isinstance(raw_steps, list) or not raw_steps:
         raise ConfigError(f"{source}: no [[steps]]; a recipe lists at least one step ({', '.join(STEP_OPTIONS)})")
     steps = [_parse_step(s, i, source) for i, s in enumerate(raw_steps)]
+    for table in ("gates", "data"):
+        if not isinstance(doc.get(table, {}), dict):
+            raise ConfigError(f"{source}: {table} must be a table ([{table}] with key = value lines)")
     gates = dict(doc.get("gates", {}))
     for g, v in gates.items():
         if g not in GATES:
@@ -180,6 +183,8 @@ def parse_recipe(doc: dict[str, Any], name: str = "recipe", source: str = "<reci
     for k, v in doc.get("data", {}).items():
         if k not in DATA_KEYS:
             raise ConfigError(f"{source}: unknown [data] key {k!r}; valid: {', '.join(DATA_KEYS)}")
+        if not isinstance(v, str):
+            raise ConfigError(f"{source}: [data] {k} must be a path string, got {v!r}")
         data[k] = str((base / v) if base and not Path(v).is_absolute() else v)
     return Recipe(doc.get("name", name), doc.get("description", ""), steps, gates, data, source)
 
@@ -225,6 +230,8 @@ def apply_override(recipe: Recipe, key: str, value: Any) -> Recipe:
     if head == "gates":
         if opt not in GATES:
             raise ConfigError(f"unknown gate {opt!r}; valid gates: {', '.join(GATES)}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"--grid {key}: gate values must be numbers, got {value!r}")
         out.gates[opt] = float(value)
         return out
     if head not in STEP_OPTIONS:

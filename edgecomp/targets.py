@@ -101,8 +101,13 @@ def load_profiles(path: str | os.PathLike | None = None) -> dict[str, TargetProf
         doc = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p} is not valid TOML: {e}") from e
-    for name, t in doc.get("profile", {}).items():
+    profiles_doc = doc.get("profile", {})
+    if not isinstance(profiles_doc, dict) or not all(isinstance(t, dict) for t in profiles_doc.values()):
+        raise ConfigError(f"{p}: profiles are tables: [profile.NAME] with threads, pin, description, [profile.NAME.isa]")
+    for name, t in profiles_doc.items():
         isa = t.get("isa", {})
+        if not isinstance(t.get("threads", 1), int) or not isinstance(isa, dict):
+            raise ConfigError(f"{p}: profile {name!r}: threads must be an integer and isa a table")
         unknown = set(isa) - {"arch", "avx2", "avx512", "vnni", "arm_dot"}
         if unknown:
             raise ConfigError(f"{p}: profile {name!r} has unknown isa keys {sorted(unknown)}")

@@ -170,3 +170,17 @@ def test_sweep_of_four_variants_on_local_ray(tmp_path, token_data):
     assert data["best"]["variant"] == best["variant"]
     assert (out / "best.onnx").read_bytes() == (out / best["variant"] / "model.onnx").read_bytes()
     assert "<svg" in (out / "sweep.html").read_text()
+
+
+def test_recipe_values_of_the_wrong_type():
+    from edgecomp.recipe import apply_override
+
+    with pytest.raises(ConfigError, match="gates must be a table"):
+        parse_recipe({"gates": 5, "steps": [{"step": "export"}]})
+    with pytest.raises(ConfigError, match=r"\[data\] calibration must be a path"):
+        parse_recipe({"data": {"calibration": 5}, "steps": [{"step": "export"}]})
+    r = parse_recipe({"gates": {"max_size_mb": 3}, "steps": [{"step": "export"}]})
+    with pytest.raises(ConfigError, match="gate values must be numbers"):
+        apply_override(r, "gates.max_size_mb", "abc")
+    with pytest.raises(ConfigError, match="expected int"):
+        parse_recipe({"steps": [{"step": "export"}, {"step": "bench", "runs": "many"}]})

@@ -69,3 +69,12 @@ def test_labels_must_match_sample_count(tmp_path):
     assert load_labels(tmp_path / "y.npy", 4).tolist() == [0, 1, 2, 3]
     with pytest.raises(DataError, match="hold 4 entries but DATA has 5"):
         load_labels(tmp_path / "y.npy", 5)
+
+
+def test_arrays_without_sample_axis_and_npz_labels(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.float32(3.0))
+    with pytest.raises(DataError, match="no sample axis"):
+        Dataset(tmp_path / "d.npz")
+    np.savez(tmp_path / "y.npz", y=np.arange(3))
+    with pytest.raises(DataError, match="labels"):
+        load_labels(tmp_path / "y.npz", 3)

@@ -35,3 +35,13 @@ def test_u8s8_saturation_rule():
     assert Isa("x86_64", avx2=True).u8s8_saturates
     assert not Isa("x86_64", avx2=True, avx512=True, vnni=True).u8s8_saturates
     assert not Isa("aarch64", arm_dot=True).u8s8_saturates
+
+
+def test_profile_values_of_the_wrong_type(tmp_path):
+    f = tmp_path / "t.toml"
+    f.write_text('[profile.board]\nthreads = "four"\n')
+    with pytest.raises(ConfigError, match="threads must be an integer"):
+        load_profiles(f)
+    f.write_text("profile = 3\n")
+    with pytest.raises(ConfigError, match="profiles are tables"):
+        load_profiles(f)
