@@ -30,7 +30,7 @@ from edgecomp.errors import ExportError, ParityError, SpecError
 from edgecomp.io import check_output_path, model_from_bytes, save_model
 from edgecomp.runtime import make_session, run_feed
 
-__all__ = ["ExportResult", "load_spec", "export_model", "export_spec", "hf_encoder", "DEFAULT_OPSET", "HF_AUTO_ORDER"]
+__all__ = ["ExportResult", "load_spec", "call_factory", "forward_names", "export_model", "export_spec", "hf_encoder", "DEFAULT_OPSET", "HF_AUTO_ORDER"]
 
 #: For Hugging Face encoders ``auto`` tries TorchScript first. Measured here (onnxruntime 1.32,
 #: all-MiniLM-L6-v2, seq 128, 1 thread): onnxruntime fuses the dynamo graph's residual Add +
@@ -84,7 +84,7 @@ def load_spec(spec: str) -> Any:
     return factory
 
 
-def _call_factory(factory: Any, spec: str):
+def call_factory(factory: Any, spec: str):
     import torch
 
     try:
@@ -98,7 +98,7 @@ def _call_factory(factory: Any, spec: str):
     return module, example
 
 
-def _forward_names(module: Any, n: int) -> list[str]:
+def forward_names(module: Any, n: int) -> list[str]:
     params = [p.name for p in inspect.signature(module.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return params[:n] if len(params) >= n else [f"input_{i}" for i in range(n)]
@@ -125,7 +125,7 @@ def _normalize_example(module: Any, example: Any, input_shapes: Mapping[str, tup
     if isinstance(example, torch.Tensor):
         example = (example,)
     example = tuple(example)
-    names = list(input_shapes) if input_shapes else _forward_names(module, len(example))
+    names = list(input_shapes) if input_shapes else forward_names(module, len(example))
     if len(names) != len(example):
         raise SpecError(f"--input names {names} do not match the {len(example)} example inputs of the factory")
     return names, example
@@ -237,7 +237,7 @@ def export_spec(spec: str, out: str | os.PathLike, **kwargs: Any) -> ExportResul
     if target.endswith(".py"):
         kwargs["protect"] = [*kwargs.get("protect", ()), target]
     check_output_path(out, kwargs.get("protect", ()))
-    module, example = _call_factory(load_spec(spec), spec)
+    module, example = call_factory(load_spec(spec), spec)
     return export_model(module, example, out, **kwargs)
 
 

@@ -20,9 +20,10 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.data import InputSpec, input_specs, synthesize_feed
+from edgecomp.passes.base import histogram
 from edgecomp.runtime import make_session, run_feed
 
-__all__ = ["ModelSummary", "summarize", "count_macs", "INT8_OPS"]
+__all__ = ["ModelSummary", "summarize", "count_macs", "node_macs", "probe_shapes", "INT8_OPS"]
 
 CONV_OPS = {"Conv", "ConvInteger", "QLinearConv", "FusedConv", "ConvTranspose"}
 MATMUL_OPS = {"MatMul", "Gemm", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat",
@@ -76,7 +77,7 @@ def count_macs(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> tuple[in
     """(total MACs, int8 MACs) given the measured shape of every value."""
     total = int8 = 0
     for node in model.graph:
-        macs = _node_macs(node, shapes)
+        macs = node_macs(node, shapes)
         total += macs
         if _is_int8(node):
             int8 += macs
@@ -93,7 +94,7 @@ def _shape(v: ir.Value | None, shapes: Mapping[str, Sequence[int]]) -> Sequence[
     return None
 
 
-def _node_macs(node: ir.Node, shapes: Mapping[str, Sequence[int]]) -> int:
+def node_macs(node: ir.Node, shapes: Mapping[str, Sequence[int]]) -> int:
     out = _shape(node.outputs[0], shapes) if node.outputs else None
     if out is None:
         return 0
@@ -124,7 +125,7 @@ def _node_macs(node: ir.Node, shapes: Mapping[str, Sequence[int]]) -> int:
     return 0
 
 
-def _probe_shapes(model: ir.Model, feed: Mapping[str, np.ndarray]) -> dict[str, list[int]]:
+def probe_shapes(model: ir.Model, feed: Mapping[str, np.ndarray]) -> dict[str, list[int]]:
     names = [o.name for node in model.graph for o in node.outputs if o.name]
     session = make_session(model, threads=1, optimization="disable", extra_outputs=names)
     out_names = [o.name for o in session.get_outputs()]
@@ -133,27 +134,25 @@ def _probe_shapes(model: ir.Model, feed: Mapping[str, np.ndarray]) -> dict[str, 
 
 def summarize(model: ir.Model, shapes: Mapping[str, Sequence[int]] | None = None, probe: bool = True) -> ModelSummary:
     """Summarize ``model``; with ``probe`` run it once to measure shapes and count MACs."""
-    hist = collections.Counter(
-        (n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}") for n in model.graph
-    )
+    hist = collections.Counter(histogram(model))
     by_dtype: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     for t in _param_tensors(model.graph):
         entry = by_dtype[t.dtype.name.lower()]
         entry[0] += int(np.prod(t.shape.numpy()))
         entry[1] += t.nbytes
     specs = input_specs(model)
-    probe_shapes: dict[str, list[int]] = {}
+    seen: dict[str, list[int]] = {}
     macs = int8 = None
     if probe:
         feed = synthesize_feed(specs, shapes)
-        probe_shapes = _probe_shapes(model, feed)
-        probe_shapes.update({k: list(v.shape) for k, v in feed.items()})
-        macs, int8 = count_macs(model, probe_shapes)
+        seen = probe_shapes(model, feed)
+        seen.update({k: list(v.shape) for k, v in feed.items()})
+        macs, int8 = count_macs(model, seen)
     outputs = [(o.name, o.dtype.name.lower() if o.dtype else "?",
                 "x".join(str(d) for d in o.shape) if o.shape is not None else "?") for o in model.graph.outputs]
     return ModelSummary(
         opset=dict(model.opset_imports), inputs=specs, outputs=outputs,
         op_histogram=dict(hist.most_common()),
         params_by_dtype={k: (v[0], v[1]) for k, v in sorted(by_dtype.items())},
-        macs=macs, int8_macs=int8, probe_shapes=probe_shapes,
+        macs=macs, int8_macs=int8, probe_shapes=seen,
     )

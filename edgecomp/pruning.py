@@ -50,7 +50,7 @@ import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 from edgecomp.data import Dataset, input_specs
 from edgecomp.errors import ConfigError, PassFailed
 
-__all__ = ["PruneOptions", "Layout", "Edit", "Analysis", "PrunePlan", "PruneResult", "find_groups",
+__all__ = ["PruneOptions", "Layout", "Edit", "Analysis", "PrunePlan", "PruneResult", "const_array", "find_groups",
            "channel_stats", "plan_pruning", "repair", "prune_model", "verify_pruned", "IMPORTANCES"]
 
 IMPORTANCES = ("auto", "l1", "l2", "activation")
@@ -145,7 +145,7 @@ class Analysis:
         return reasons
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
+def const_array(value: ir.Value | None) -> np.ndarray | None:
     """A value's constant array: an initializer or a Constant node's output."""
     if value is None:
         return None
@@ -271,7 +271,7 @@ class _Analyzer:
 
     def layer(self, node: ir.Node, op: str, ins: list[Layout | None]) -> None:
         x = ins[0]
-        w = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+        w = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
         if any(lay is not None for lay in ins[1:]):
             raise _Stop(f"{op} with a computed weight")
         protected = self.is_protected(node)
@@ -316,7 +316,7 @@ class _Analyzer:
         n_out = w.shape[0] if trans_b else w.shape[1]
         params = [(1, 0 if trans_b else 1)]
         if op == "Gemm" and len(node.inputs) > 2:
-            c = _const(node.inputs[2])
+            c = const_array(node.inputs[2])
             if c is None:
                 return None  # a computed bias: leave the output whole
             if c.ndim >= 1 and c.shape[-1] == n_out:
@@ -345,7 +345,7 @@ class _Analyzer:
             if v is None or ins[i] is not None:
                 ranks.append(ins[i].rank if ins[i] is not None else 0)
                 continue
-            c = _const(v)
+            c = const_array(v)
             dims = list(c.shape) if c is not None else _static_dims(v)
             if dims is None:
                 raise _Stop(f"{op} with an operand of unknown shape")
@@ -366,7 +366,7 @@ class _Analyzer:
             raise _Stop(f"{node.op_type} of unknown rank")
         axes = _attr(node, "axes", None)
         if axes is None and len(node.inputs) > 1:
-            c = _const(node.inputs[1])
+            c = const_array(node.inputs[1])
             if c is None:
                 raise _Stop(f"{node.op_type} with computed axes")
             axes = c.tolist()
@@ -402,7 +402,7 @@ class _Analyzer:
                     raise _Stop("Concat of channels on different axes")
                 parts += lay.parts
                 continue
-            dims = _static_dims(v) if _const(v) is None else list(_const(v).shape)
+            dims = _static_dims(v) if const_array(v) is None else list(const_array(v).shape)
             if dims is None:
                 raise _Stop("Concat with an untracked input of unknown size")
             fixed = self.new_atom(dims[axis], "channels", v.name)
@@ -423,7 +423,7 @@ class _Analyzer:
             if int(_attr(node, "axis", 1)) % len(dims) != pos:
                 raise _Stop("Flatten that splits the channel axis")
         else:
-            shape = _const(node.inputs[1])
+            shape = const_array(node.inputs[1])
             if shape is None or shape.ndim != 1 or len(shape) != pos + 1:
                 raise _Stop("Reshape that does not flatten the channels into the last axis")
             if int(_attr(node, "allowzero", 0)) and 0 in shape.tolist()[pos:]:
@@ -460,7 +460,7 @@ def _feeds_only(value: ir.Value, node: ir.Node) -> bool:
         if use.node.op_type != "Shape" or _attr(use.node, "start", 0) != 0 or rank is None:
             return False
         for g in use.node.outputs[0].uses():
-            idx = _const(g.node.inputs[1]) if g.node.op_type == "Gather" else None
+            idx = const_array(g.node.inputs[1]) if g.node.op_type == "Gather" else None
             if idx is None or idx.size != 1 or int(idx.reshape(-1)[0]) % rank == rank - 1:
                 return False
     return True
@@ -470,7 +470,7 @@ def _back_through(value: ir.Value, ops: set[str]) -> ir.Value:
     """Walk up through ``ops``, following the computed input that leads on (not a mask or scale)."""
     p = value.producer()
     while p is not None and p.op_type in ops:
-        computed = [v for v in p.inputs if v is not None and _const(v) is None]
+        computed = [v for v in p.inputs if v is not None and const_array(v) is None]
         if not computed:
             break
         onward = [v for v in computed if v.producer() is not None and v.producer().op_type in ops | {"MatMul"}]
@@ -484,12 +484,12 @@ def _projection(value: ir.Value) -> tuple[ir.Node, ir.Node | None, int] | None:
     p = value.producer()
     add, bias_idx = None, -1
     if p is not None and p.op_type == "Add":
-        consts = [i for i, v in enumerate(p.inputs) if _const(v) is not None]
+        consts = [i for i, v in enumerate(p.inputs) if const_array(v) is not None]
         if len(consts) != 1:
             return None
         add, bias_idx = p, consts[0]
         p = p.inputs[1 - bias_idx].producer()
-    if p is None or p.op_type != "MatMul" or _const(p.inputs[1]) is None or _const(p.inputs[1]).ndim != 2:
+    if p is None or p.op_type != "MatMul" or const_array(p.inputs[1]) is None or const_array(p.inputs[1]).ndim != 2:
         return None
     if _single_use(p.outputs[0]) is None:
         return None
@@ -512,7 +512,7 @@ def _head_split(value: ir.Value) -> tuple[ir.Node, list[ir.Node]] | None:
 def _shape_entries(reshape: ir.Node) -> list[tuple[ir.Node, int, int, np.ndarray | None]] | None:
     """Per output dim of a Reshape: (node, input index, position, constant or None) to rewrite."""
     shape = reshape.inputs[1]
-    c = _const(shape)
+    c = const_array(shape)
     if c is not None:
         return [(reshape, 1, i, c.reshape(-1)[i:i + 1]) for i in range(c.size)]
     p = shape.producer()
@@ -520,7 +520,7 @@ def _shape_entries(reshape: ir.Node) -> list[tuple[ir.Node, int, int, np.ndarray
         return None
     out = []
     for i, v in enumerate(p.inputs):
-        cv = _const(v)
+        cv = const_array(v)
         if cv is not None and cv.size != 1:
             return None
         out.append((p, i, 0, cv))
@@ -555,12 +555,12 @@ def _match_attention(softmax: ir.Node, an: _Analyzer) -> None:
     t = _single_use(ctx_mm.outputs[0])
     merge = _single_use(t.outputs[0]) if t is not None and t.op_type == "Transpose" else None
     out_mm = _single_use(merge.outputs[0]) if merge is not None and merge.op_type == "Reshape" else None
-    if out_mm is None or out_mm.op_type != "MatMul" or _const(out_mm.inputs[1]) is None:
+    if out_mm is None or out_mm.op_type != "MatMul" or const_array(out_mm.inputs[1]) is None:
         return
     merge_entries = _shape_entries(merge)
     if merge_entries is None or len(merge_entries) != 3:
         return
-    wq = _const(branches["q"][1][0].inputs[1])
+    wq = const_array(branches["q"][1][0].inputs[1])
     hd = wq.shape[1]
     e_heads = branches["q"][2][2][3]
     e_dim = branches["q"][2][3][3]
@@ -570,8 +570,8 @@ def _match_attention(softmax: ir.Node, an: _Analyzer) -> None:
         d = hd // int(e_heads.reshape(-1)[0])
     else:
         return
-    if hd % d or any(_const(b[1][0].inputs[1]).shape[1] != hd for b in branches.values()) \
-            or _const(out_mm.inputs[1]).shape[0] != hd:
+    if hd % d or any(const_array(b[1][0].inputs[1]).shape[1] != hd for b in branches.values()) \
+            or const_array(out_mm.inputs[1]).shape[0] != hd:
         return
     heads = hd // d
     name = out_mm.name
@@ -702,7 +702,7 @@ def _group_scores(an: Analysis, how: str, stats: Mapping[str, np.ndarray] | None
     for e in an.edits:
         if e.kind != "param" or e.role not in ("out", "in", "dw"):
             continue
-        w = _const(e.node.inputs[e.index])
+        w = const_array(e.node.inputs[e.index])
         if w is None:
             continue
         norms = _slice_norms(w, e.axis, p)
@@ -828,7 +828,7 @@ def channel_stats(model: ir.Model, an: Analysis, data: Dataset, max_samples: int
 
 def _layer_weight(node: ir.Node) -> np.ndarray:
     """The layer's weight as [K, N] (input features × outputs)."""
-    w = _const(node.inputs[1])
+    w = const_array(node.inputs[1])
     if node.op_type == "Conv":
         return w.reshape(w.shape[0], w.shape[1]).T
     if node.op_type == "Gemm" and int(_attr(node, "transB", 0)):
@@ -844,8 +844,8 @@ def _bias_slot(node: ir.Node) -> tuple[ir.Node, int] | None:
     if len(uses) == 1 and uses[0].node.op_type == "Add":
         add = uses[0].node
         other = 1 - uses[0].idx
-        c = _const(add.inputs[other])
-        if c is not None and c.ndim == 1 and c.shape[0] == _const(node.inputs[1]).shape[1]:
+        c = const_array(add.inputs[other])
+        if c is not None and c.ndim == 1 and c.shape[0] == const_array(node.inputs[1]).shape[1]:
             return add, other
     return None
 
@@ -853,7 +853,7 @@ def _bias_slot(node: ir.Node) -> tuple[ir.Node, int] | None:
 def _repairable(node: ir.Node) -> str | None:
     """Why a consumer cannot be re-fitted (None if it can)."""
     if node.op_type == "Conv":
-        w = _const(node.inputs[1])
+        w = const_array(node.inputs[1])
         if any(k != 1 for k in w.shape[2:]):
             return f"{'x'.join(map(str, w.shape[2:]))} kernel (repair covers 1x1 convs and Linear layers)"
         if any(_attr(node, "pads", [0]) ) or int(_attr(node, "group", 1)) != 1:
@@ -921,7 +921,7 @@ def _bias_of(node: ir.Node, n_out: int) -> np.ndarray:
     slot = _bias_slot(node)
     if slot is None or slot[1] >= len(slot[0].inputs) or slot[0].inputs[slot[1]] is None:
         return np.zeros(n_out)
-    return np.broadcast_to(_const(slot[0].inputs[slot[1]]).reshape(-1), (n_out,)).astype(np.float64)
+    return np.broadcast_to(const_array(slot[0].inputs[slot[1]]).reshape(-1), (n_out,)).astype(np.float64)
 
 
 def _refit(pruned: ir.Model, node: ir.Node, ref: ir.Node, in_idx: np.ndarray, out_idx: np.ndarray,
@@ -954,7 +954,7 @@ def _write_layer(model: ir.Model, node: ir.Node, w: np.ndarray, bias: np.ndarray
     """Store a [K, N] weight (and bias) back in the layer's own layout."""
     from edgecomp.passes.prune_channels import new_initializer
 
-    old = _const(node.inputs[1])
+    old = const_array(node.inputs[1])
     if node.op_type == "Conv":
         arr = w.T.reshape(old.shape)
     elif node.op_type == "Gemm" and int(_attr(node, "transB", 0)):
@@ -968,7 +968,7 @@ def _write_layer(model: ir.Model, node: ir.Node, w: np.ndarray, bias: np.ndarray
     if idx >= len(slot.inputs):
         slot.resize_inputs(idx + 1)
     current = slot.inputs[idx]
-    shape = _const(current).shape if current is not None else (len(bias),)
+    shape = const_array(current).shape if current is not None else (len(bias),)
     if current is not None and int(np.prod(shape)) != len(bias):
         shape = (len(bias),)
     slot.replace_input_with(idx, new_initializer(model.graph, (current.name if current is not None else node.name + "_bias"),
@@ -993,11 +993,11 @@ def _copy(model: ir.Model) -> ir.Model:
 
 def _probe(model: ir.Model, feed: Mapping[str, np.ndarray] | None) -> dict[str, list[int]] | None:
     from edgecomp.data import synthesize_feed
-    from edgecomp.inspection import _probe_shapes
+    from edgecomp.inspection import probe_shapes
 
     try:
         feed = dict(feed) if feed is not None else synthesize_feed(input_specs(model))
-        shapes = _probe_shapes(model, feed)
+        shapes = probe_shapes(model, feed)
     except Exception:  # MACs are informative only: a model we cannot probe (symbolic dims, no data) has none
         return None
     shapes.update({k: list(v.shape) for k, v in feed.items()})
@@ -1005,16 +1005,16 @@ def _probe(model: ir.Model, feed: Mapping[str, np.ndarray] | None) -> dict[str, 
 
 
 def _layer_table(before: ir.Model, after: ir.Model, sb, sa, repaired: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from edgecomp.inspection import _node_macs
+    from edgecomp.inspection import node_macs
 
     old = {n.name: n for n in before.graph if n.op_type in ("Conv", "MatMul", "Gemm")}
     fits = {r["layer"]: r for r in repaired}
     rows = []
     for node in after.graph:
         ref = old.get(node.name)
-        if ref is None or _const(ref.inputs[1]) is None or _const(node.inputs[1]) is None:
+        if ref is None or const_array(ref.inputs[1]) is None or const_array(node.inputs[1]) is None:
             continue
-        w0, w1 = _const(ref.inputs[1]), _const(node.inputs[1])
+        w0, w1 = const_array(ref.inputs[1]), const_array(node.inputs[1])
         if w0.shape == w1.shape and node.name not in fits:
             continue
         k0, n0 = _layer_weight(ref).shape if ref.op_type != "Conv" else (w0.shape[1], w0.shape[0])
@@ -1023,7 +1023,7 @@ def _layer_table(before: ir.Model, after: ir.Model, sb, sa, repaired: list[dict[
         fit = fits.get(node.name, {})
         rows.append({"layer": node.name, "op": node.op_type, "in": f"{k0}→{k1}", "out": f"{n0}→{n1}",
                      "params before": int(w0.size + np.count_nonzero(b0)), "params after": int(w1.size + np.count_nonzero(b1)),
-                     "MACs before": _node_macs(ref, sb) if sb else None, "MACs after": _node_macs(node, sa) if sa else None,
+                     "MACs before": node_macs(ref, sb) if sb else None, "MACs after": node_macs(node, sa) if sa else None,
                      "repair": fit.get("repair", "-" if k0 == k1 else "no data"),
                      "rel err before": fit.get("rel err before"), "rel err after": fit.get("rel err after")})
     return rows

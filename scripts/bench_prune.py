@@ -53,7 +53,7 @@ def bench_mnv2(work: Path, runs: int) -> str:
     ratio = lat.models[1].ratio_to_first
     rows = [{"variant": s.model, "size MB": s.size_bytes / 1e6, "p50 ms": s.p50_ms, "latency vs fp32": s.ratio_to_first}
             for s in lat.models]
-    return (f"### MobileNetV2 width 1.0, 224x224 (random init), 50% structured, L2 magnitude\n\n"
+    return ("### MobileNetV2 width 1.0, 224x224 (random init), 50% structured, L2 magnitude\n\n"
             + md_table(rows, ["variant", "size MB", "p50 ms", "latency vs fp32"])
             + f"\n\nMACs {rep['summary']['MACs']}; parameters {rep['summary']['parameters']}; output shapes "
               f"{'unchanged' if shapes[0] == shapes[1] else 'CHANGED'} ({shapes[1][0]}). "

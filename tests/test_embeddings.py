@@ -12,7 +12,6 @@ from onnx import TensorProto, helper
 
 from edgecomp.cli import cli
 from edgecomp.embeddings import ReduceOptions, reduce_embeddings
-from edgecomp.errors import ConfigError, DataError, PassFailed
 from edgecomp.io import to_proto
 from edgecomp.passes._embedding import find_embedding_tables
 from edgecomp.passes.factorize_embeddings import factorize, row_weights

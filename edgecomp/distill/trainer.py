@@ -159,13 +159,13 @@ def _first_output(out: Any) -> torch.Tensor:
 
 
 def _input_names(module: nn.Module, example: Any) -> list[str]:
-    from edgecomp.export import _forward_names
+    from edgecomp.export import forward_names
 
     if isinstance(example, Mapping):
         return list(example)
     if example is not None:
         n = 1 if isinstance(example, torch.Tensor) else len(example)
-        return _forward_names(module, n)
+        return forward_names(module, n)
     import inspect
 
     return [p.name for p in inspect.signature(module.forward).parameters.values()
@@ -184,13 +184,13 @@ class _Projected(nn.Module):
 
 
 def _load_teacher(c: DistillConfig):
-    from edgecomp.export import _call_factory, hf_encoder, load_spec
+    from edgecomp.export import call_factory, hf_encoder, load_spec
 
     if c.teacher_hf:
         module, example = hf_encoder(c.teacher_hf)
         return module, example, None
     factory = load_spec(c.teacher)
-    module, example = _call_factory(factory, c.teacher)
+    module, example = call_factory(factory, c.teacher)
     return module, example, factory
 
 
@@ -202,7 +202,7 @@ def _load_samples(c: DistillConfig) -> Samples:
 
 def prepare(config: DistillConfig) -> Setup:
     """Build teacher, student and samples; raise a one-line error for anything inconsistent."""
-    from edgecomp.export import _call_factory, load_spec
+    from edgecomp.export import call_factory, load_spec
 
     c = config
     _check_options(c)
@@ -227,7 +227,7 @@ def prepare(config: DistillConfig) -> Setup:
     if rule is not None:
         student = shrink(teacher, rule, factory)
     else:
-        student, _ = _call_factory(load_spec(c.student), c.student)
+        student, _ = call_factory(load_spec(c.student), c.student)
     for p in student.parameters():
         p.requires_grad_(True)
 

@@ -26,7 +26,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.passes.base import EdgecompPass, PassReport
-from edgecomp.pruning import PrunePlan, _const
+from edgecomp.pruning import PrunePlan, const_array
 
 __all__ = ["PruneChannelsPass", "new_initializer"]
 
@@ -69,7 +69,7 @@ class PruneChannelsPass(EdgecompPass):
             params = [e for e in edits if e.kind == "param"]
             dims = [e for e in edits if e.kind == "dim"]
             if params:
-                arr = _const(value)
+                arr = const_array(value)
                 for e in params:
                     idx = e.layout.indices(kept, an.sizes)
                     if len(idx) != arr.shape[e.axis]:
@@ -77,7 +77,7 @@ class PruneChannelsPass(EdgecompPass):
                 node.replace_input_with(index, new_initializer(graph, value.name or node.name, arr))
                 changed += 1
             if dims:
-                arr = _const(value) if value is not None else None
+                arr = const_array(value) if value is not None else None
                 arr = np.array([0], np.int64) if arr is None else arr.astype(np.int64).copy()
                 flat = arr.reshape(-1)
                 for e in dims:
