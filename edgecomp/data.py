@@ -191,10 +191,12 @@ class Dataset:
             if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
                 raise DataError(f"DATA array {spec.name!r} is {arr.dtype} but the model wants {spec.dtype}")
 
-    def feeds_for(self, specs: Sequence[InputSpec]) -> Iterator[Feed]:
-        """Feeds cast to the model's dtypes (e.g. int32 ids to int64)."""
+    def feeds_for(self, specs: Sequence[InputSpec], limit: int | None = None) -> Iterator[Feed]:
+        """Feeds cast to the model's dtypes (e.g. int32 ids to int64); at most ``limit`` of them."""
         dtypes = {s.name: s.dtype for s in specs}
-        for feed in self:
+        for i, feed in enumerate(self):
+            if limit is not None and i >= limit:
+                return
             yield {k: np.ascontiguousarray(v, dtype=dtypes[k]) for k, v in feed.items() if k in dtypes}
 
 

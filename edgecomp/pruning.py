@@ -790,10 +790,7 @@ def plan_pruning(an: Analysis, opts: PruneOptions, stats: Mapping[str, np.ndarra
 def _feeds(data: Dataset, model: ir.Model, limit: int | None) -> Iterable[dict[str, np.ndarray]]:
     specs = input_specs(model)
     data.check_against(specs)
-    for i, feed in enumerate(data.feeds_for(specs)):
-        if limit is not None and i >= limit:
-            break
-        yield feed
+    yield from data.feeds_for(specs, limit)
 
 
 def _rows(x: np.ndarray, node: ir.Node, subsample: bool) -> np.ndarray:

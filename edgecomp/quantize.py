@@ -35,7 +35,7 @@ from edgecomp.errors import ConfigError, DataError, PassFailed
 from edgecomp.passes.base import run_pass
 from edgecomp.passes.optimize_graph import OptimizeGraphPass
 from edgecomp.passes.quantize_embeddings import QuantizeEmbeddingsPass
-from edgecomp.passes.quantize_static import QUANTIZED_OPS, LayerPlan, QuantizeStaticPass, bias_add, quantize_weight
+from edgecomp.passes.quantize_static import QUANTIZED_OPS, LayerPlan, QuantizeStaticPass, matmul_parts, quantize_weight
 from edgecomp.runtime import make_session, run_feed
 from edgecomp.targets import Isa, host_isa
 
@@ -194,10 +194,7 @@ def _feeds(ds: Dataset, specs, limit: int | None) -> list:
             return min(len(ds), limit) if limit else len(ds)
 
         def __iter__(self):
-            for i, feed in enumerate(ds.feeds_for(specs)):
-                if limit and i >= limit:
-                    return
-                yield feed
+            return ds.feeds_for(specs, limit)
 
     return _Limited()
 
@@ -236,19 +233,8 @@ def bits_reason(opts: QuantizeOptions) -> str:
     return f"{isa.describe()}: int8 dot products accumulate in int32, full 8-bit activations and weights"
 
 
-def _matmul_weight(model_nodes: Mapping[str, ir.Node], layer: Layer) -> tuple[np.ndarray, np.ndarray | None]:
-    node = model_nodes[layer.node]
-    b = node.inputs[1].const_value.numpy().astype(np.float32)
-    if node.op_type == "Gemm":
-        t = node.attributes.get("transB")
-        w = b.T if (t is not None and t.as_int()) else b
-        bias = node.inputs[2].const_value.numpy().reshape(-1) if len(node.inputs) > 2 and node.inputs[2] is not None else None
-        return w, (np.broadcast_to(bias, (w.shape[1],)).astype(np.float32) if bias is not None else None)
-    add = bias_add(node)
-    if add is None:
-        return b, None
-    other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
-    return b, other.const_value.numpy().astype(np.float32).reshape(-1)
+def _matmul_weight(nodes: Mapping[str, ir.Node], layer: Layer) -> np.ndarray:
+    return matmul_parts(nodes[layer.node])[0]
 
 
 def _fake_quant_act(x: np.ndarray, lo: float, hi: float, levels: int = 255) -> np.ndarray:
@@ -259,7 +245,10 @@ def _fake_quant_act(x: np.ndarray, lo: float, hi: float, levels: int = 255) -> n
 def _simulate(x: np.ndarray, ws: Sequence[np.ndarray], s: np.ndarray | None, st: ActivationStats, act_bits: int,
               w_bits: int, per_channel: bool, deltas: Sequence[np.ndarray] | None = None) -> tuple[float, list[np.ndarray]]:
     """Relative squared error of the int8 products x·W over all consumers W (minus ``deltas``,
-    the bias corrections), and each consumer's mean output error."""
+    the bias corrections), and each consumer's mean output error.
+
+    The activation grid spans the (smoothed) per-channel min/max: the histogram methods' ranges
+    depend on the smoothing being chosen here, so candidates are compared on the minmax grid."""
     div = np.ones(x.shape[1], np.float32) if s is None else s
     lo, hi = float((st.ch_min / div).min()), float((st.ch_max / div).max())
     xq = _fake_quant_act(x / div, lo, hi, 255 if act_bits == 8 else 127)
@@ -299,7 +288,7 @@ def make_plan(model: ir.Model, layers: Sequence[Layer], stats: Mapping[str, Acti
         if not mm:
             continue
         st = stats[act]
-        ws = [_matmul_weight(nodes, l)[0] for l in mm]
+        ws = [_matmul_weight(nodes, l) for l in mm]
         alphas = (None, *ALPHAS) if opts.smooth == "auto" else (None,) if opts.smooth == "off" else (float(opts.smooth),)
         best = (np.inf, None, None, layouts[0])
         base = None
@@ -338,7 +327,7 @@ def make_plan(model: ir.Model, layers: Sequence[Layer], stats: Mapping[str, Acti
             row["sim error"] = info.get(layer.act, {}).get("sim error")
         elif layer.op == "Conv":
             ost = stats[layer.out_value]
-            olo, ohi = choose_range(ost, "minmax")
+            olo, ohi = choose_range(ost, opts.method, opts.percentile)
             lp.out_scale, lp.out_zp = (float(v) for v in uint8_qparams(olo, ohi))
             lp.out_after = layer.out_after
         plan[layer.node] = lp
@@ -349,7 +338,7 @@ def make_plan(model: ir.Model, layers: Sequence[Layer], stats: Mapping[str, Acti
 def _plan_bias_correction(lp: LayerPlan, nodes, layer: Layer, st: ActivationStats, opts: QuantizeOptions) -> dict[str, Any]:
     if opts.bias_correction == "off" or st.rows is None or len(st.rows) < 4:
         return {"bias corrected": False}
-    w, _ = _matmul_weight(nodes, layer)
+    w = _matmul_weight(nodes, layer)
     fit, check = st.rows[0::2], st.rows[1::2]
     args = (lp.smooth, st, lp.act_bits, lp.weight_bits, lp.per_channel)
     _, (delta,) = _simulate(fit, [w], *args)

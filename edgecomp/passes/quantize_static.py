@@ -47,7 +47,7 @@ import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 from edgecomp.errors import PassFailed
 from edgecomp.passes.base import EdgecompPass, PassReport
 
-__all__ = ["LayerPlan", "QuantizeStaticPass", "quantize_weight", "QUANTIZED_OPS", "MS_DOMAIN"]
+__all__ = ["LayerPlan", "QuantizeStaticPass", "quantize_weight", "matmul_parts", "bias_add", "QUANTIZED_OPS", "MS_DOMAIN"]
 
 MS_DOMAIN = "com.microsoft"
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
@@ -194,7 +194,7 @@ class _Builder:
         return self._qcache[key]
 
     def matmul(self, node: ir.Node, lp: LayerPlan) -> None:
-        w, bias, out, dead = _matmul_parts(node)
+        w, bias, out, dead = matmul_parts(node)
         if lp.smooth is not None:
             w = w * lp.smooth[:, None]
         if lp.bias_delta is not None:
@@ -290,7 +290,7 @@ def _clip_covers(act: ir.Node, scale: np.float32, zp: np.uint8) -> bool:
     return (cmin is None or cmin <= lo + 1e-12) and (cmax is None or cmax >= hi - 1e-6 * max(1.0, abs(hi)))
 
 
-def _matmul_parts(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None, ir.Value, list[ir.Node]]:
+def matmul_parts(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None, ir.Value, list[ir.Node]]:
     """(W [K,N], bias or None, the value the fused op replaces, nodes that become dead)."""
     if node.op_type == "Gemm":
         b = node.inputs[1].const_value.numpy().astype(np.float32)
