@@ -641,14 +641,20 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
 
 
 @cli.command()
-def recipes():
+@click.option("--options", "show_options", is_flag=True, help="Also list every step's options (type, default).")
+def recipes(show_options):
     """List the built-in recipes and their steps.
 
     Example:
 
-        edgecomp recipes
+        edgecomp recipes --options
     """
-    from edgecomp.recipe import builtin_recipes, load_recipe
+    from edgecomp.recipe import STEP_OPTIONS, builtin_recipes, load_recipe
+
+    if show_options:
+        rows = [{"step": step, "option": name, "type": "/".join(t.__name__ for t in (o.type if isinstance(o.type, tuple) else (o.type,))),
+                 "default": o.default, "meaning": o.help} for step, opts in STEP_OPTIONS.items() for name, o in opts.items()]
+        click.echo(rpt.table(rows, title="step options:"))
 
     rows = []
     for name, path in builtin_recipes().items():

@@ -1,7 +1,7 @@
 """Text to DATA: tokenize lines of text with a local Hugging Face tokenizer.
 
 Also a source of real English offline: the docstrings of installed Python modules, split into
-sentences (used by the benchmarks and the demo; nothing is downloaded).
+sentences (used by the benchmarks; nothing is downloaded).
 """
 
 from __future__ import annotations
