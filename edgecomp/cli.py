@@ -378,8 +378,13 @@ def reduce_embeddings(model, output, bits, block, rank, energy, corpus, tokenize
     from edgecomp.io import check_output_path, load_model, save_model
     from edgecomp.text import load_tokenizer, read_lines
 
-    inputs = [model] + [p for p in (corpus, keep_ids, add_tokens) if p]
+    inputs = [model] + [p for p in (corpus, keep_ids, add_tokens, tokenizer) if p]
     check_output_path(output, inputs)
+    tok_folder = Path(output).parent / (Path(output).stem + ".tokenizer")
+    if tokenizer and (remap_tokenizer or add_tokens) and tok_folder.resolve() == Path(tokenizer).resolve():
+        from edgecomp.errors import OutputError
+
+        raise OutputError(f"the tokenizer written beside {output} would replace --tokenizer {tokenizer}; choose another -o")
     opts = ReduceOptions(bits=int(bits) if bits else None, block=block, rank=rank, energy=energy, power=weight_power,
                          exact_rows=exact_rows, prune_vocab=prune_vocab, remap_tokenizer=remap_tokenizer,
                          unk_id=unk_id, min_rows=min_rows)
@@ -392,9 +397,8 @@ def reduce_embeddings(model, output, bits, block, rank, energy, corpus, tokenize
         click.echo(rpt.render_pass(r))
     click.echo(", ".join(f"{k}: {v}" for k, v in result.summary.items()))
     if result.tokenizer_files:
-        folder = Path(output).parent / (Path(output).stem + ".tokenizer")
-        write_tokenizer(result.tokenizer_files, folder)
-        click.echo(f"wrote {folder}/")
+        write_tokenizer(result.tokenizer_files, tok_folder)
+        click.echo(f"wrote {tok_folder}/")
     click.echo(f"wrote {output}")
     _write_json(json_path, {"summary": result.summary, "passes": [r.to_json() for r in result.reports]})
 
@@ -545,10 +549,15 @@ def prune(model, output, sparsity, structured, data, importance, scope, protect,
         click.echo(f"wrote {output}")
         _write_json(json_path, {"summary": result.summary, "groups": result.groups, "layers": result.layers})
         return
+    from edgecomp.errors import ConfigError
     from edgecomp.passes.base import run_pass
     from edgecomp.passes.prune_magnitude import PruneMagnitudePass
     from edgecomp.pruning import verify_pruned
 
+    ignored = [opt for opt, used in (("--data", data), ("--importance", importance != "auto"), ("--round-to", round_to),
+                                     ("--no-repair", no_repair), ("--max-samples", max_samples)) if used]
+    if ignored:
+        raise ConfigError(f"--unstructured ranks weights by magnitude alone; drop {', '.join(ignored)}")
     reference = load_model(model)
     result = run_pass(PruneMagnitudePass(sparsity=sparsity, scope=scope or "global", protect=protect), m)
     verify_pruned(result.model, reference)

@@ -186,7 +186,10 @@ def _run_prune(ctx: _Context, rec: StepRecord) -> None:
         from edgecomp.passes.base import run_pass
         from edgecomp.passes.prune_magnitude import PruneMagnitudePass
 
+        from edgecomp.pruning import verify_pruned
+
         res = run_pass(PruneMagnitudePass(sparsity=o["sparsity"], scope=o["scope"], protect=tuple(o["protect"])), model)
+        verify_pruned(res.model, load_model(ctx.current))
         model, rec.summary, rec.tables = res.model, res.summary, {"sparsified layers": res.rows}
     save_model(model, ctx.out_path(rec))
     rec.model = str(ctx.out_path(rec))
