@@ -128,7 +128,7 @@ def step_rows(steps) -> list[dict[str, Any]]:
     """One row per step of a convert run: the step table of the terminal and report.html."""
     rows = []
     for s in steps:
-        rows.append({"step": f"{s.index:02d}-{s.step}", "seconds": round(s.seconds, 1),
+        rows.append({"step": f"{s.index:02d}-{s.step}", "seconds": f"{s.seconds:.1f}",
                      "size": fmt_bytes(s.size_bytes) if s.size_bytes else "-",
                      "MACs": f"{s.macs / 1e6:.1f}M" if s.macs else "-",
                      "int8 MACs": f"{s.int8_mac_share:.0%}" if s.int8_mac_share is not None and s.model else "-",
