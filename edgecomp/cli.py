@@ -499,7 +499,7 @@ def quantize(model, output, calibration, method, percentile, per_tensor, weight_
 @click.option("--structured/--unstructured", default=True, show_default=True,
               help="Remove whole channels, neurons and heads (faster), or zero single weights (smaller zipped only).")
 @click.option("--data", type=click.Path(), help="DATA for activation-based importance and least-squares repair.")
-@click.option("--importance", type=click.Choice(["auto", "l1", "l2", "activation"]), default="auto", show_default=True,
+@click.option("--importance", type=click.Choice(["auto", "l1", "l2", "activation", "obs"]), default="auto", show_default=True,
               help="auto: activation-based with --data, else L2 weight magnitude.")
 @click.option("--scope", type=click.Choice(["per-layer", "global"]), default=None,
               help="Rank per group or across the model. Default: per-layer (structured), global (unstructured).")

@@ -53,7 +53,7 @@ from edgecomp.errors import ConfigError, PassFailed
 __all__ = ["PruneOptions", "Layout", "Edit", "Analysis", "PrunePlan", "PruneResult", "const_array", "find_groups",
            "channel_stats", "plan_pruning", "repair", "prune_model", "verify_pruned", "IMPORTANCES"]
 
-IMPORTANCES = ("auto", "l1", "l2", "activation")
+IMPORTANCES = ("auto", "l1", "l2", "activation", "obs")
 KINDS = ("channels", "heads")
 
 _UNARY = {"Relu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Celu", "Erf", "Gelu",
@@ -638,7 +638,7 @@ class PruneOptions:
     """Every option of structured pruning, with its default."""
 
     sparsity: float = 0.5  # fraction of each group's channels (or heads) removed
-    importance: str = "auto"  # auto (activation with data, else l2) | l1 | l2 | activation
+    importance: str = "auto"  # auto (activation with data, else l2) | l1 | l2 | activation | obs
     scope: str = "per-layer"  # per-layer | global
     protect: tuple[str, ...] = ()  # regexes on node names: layers kept whole
     # Kept channel counts are multiples of this; 0 = auto: 8 for groups of >= 32 channels, else 1
@@ -694,7 +694,8 @@ def _slice_norms(w: np.ndarray, axis: int, p: int) -> np.ndarray:
     return np.abs(flat).sum(1) if p == 1 else (flat ** 2).sum(1)
 
 
-def _group_scores(an: Analysis, how: str, stats: Mapping[str, np.ndarray] | None) -> dict[int, np.ndarray]:
+def _group_scores(an: Analysis, how: str, stats: Mapping[str, np.ndarray] | None,
+                  sparsity: float = 1.0) -> dict[int, np.ndarray]:
     """Importance per channel of every group (root atom → scores)."""
     p = 1 if how == "l1" else 2
     mag: dict[int, np.ndarray] = {}
@@ -723,9 +724,60 @@ def _group_scores(an: Analysis, how: str, stats: Mapping[str, np.ndarray] | None
                 act[root] += contrib[pos].sum(1)
     if p == 2:
         mag = {k: np.sqrt(v) for k, v in mag.items()}
-    if how == "activation":
+    if how == "obs":
+        act.update(_obs_scores(an, stats, sparsity))
+    if how in ("activation", "obs"):
         return {k: act.get(k, v) for k, v in mag.items()}
     return mag
+
+
+def _obs_scores(an: Analysis, stats: Mapping[str, np.ndarray], sparsity: float) -> dict[int, np.ndarray]:
+    """Optimal Brain Surgeon order for groups read by exactly one MatMul/Gemm (e.g. FFN neurons).
+
+    With ``H = E[x xᵀ]`` of the consumer's input and its weight rows ``W_j``, removing input ``j``
+    and re-fitting the rest costs ``ΔE_j = ‖W_j‖² / [H⁻¹]_jj``. Inputs are removed greedily, the
+    cheapest first, updating ``W`` and ``H⁻¹`` after each removal (the compensation that repair
+    later re-fits exactly); a channel's score is the step at which it would be removed (those
+    still in place after a little more than ``sparsity`` of the inputs are gone score highest).
+    """
+    readers: dict[int, list[Edit]] = {}
+    for e in an.edits:
+        if e.kind == "param" and e.role == "in":
+            for atom in e.layout.atoms():
+                readers.setdefault(an.root(atom), []).append(e)
+    out = {}
+    for root, edits in readers.items():
+        if len(edits) != 1 or edits[0].node.op_type not in ("MatMul", "Gemm") or len(edits[0].layout.parts) != 1:
+            continue
+        e = edits[0]
+        gram = stats.get("gram:" + e.node.inputs[0].name)
+        w = const_array(e.node.inputs[e.index])
+        atom, rep = e.layout.parts[0]
+        if gram is None or w is None or rep != 1 or e.axis != 0 or w.shape[0] != an.sizes[atom] or gram.shape[0] != w.shape[0]:
+            continue
+        out[root] = _obs_order(gram, w.astype(np.float64), min(w.shape[0], int(w.shape[0] * sparsity) + 8))
+    return out
+
+
+def _obs_order(gram: np.ndarray, w: np.ndarray, steps: int) -> np.ndarray:
+    k = gram.shape[0]
+    hinv = np.linalg.inv(gram + np.eye(k) * max(1e-2 * float(np.mean(np.diag(gram))), 1e-12))
+    w = w.copy()
+    alive = np.ones(k, bool)
+    score = np.full(k, float(k))
+    for step in range(steps):
+        d = np.diag(hinv)
+        cost = np.where(alive, (w ** 2).sum(1) / np.maximum(d, 1e-30), np.inf)
+        j = int(np.argmin(cost))
+        score[j] = step
+        alive[j] = False
+        col = hinv[:, j].copy()
+        w -= np.outer(col / hinv[j, j], w[j])
+        hinv -= np.outer(col, hinv[j]) / hinv[j, j]
+        hinv[j, :] = hinv[:, j] = 0.0
+        hinv[j, j] = 1.0
+        w[j] = 0.0
+    return score
 
 
 def _round_keep(keep: int, size: int, round_to: int) -> int:
@@ -742,9 +794,9 @@ def plan_pruning(an: Analysis, opts: PruneOptions, stats: Mapping[str, np.ndarra
     how = opts.importance
     if how == "auto":
         how = "activation" if stats else "l2"
-    if how == "activation" and not stats:
-        raise ConfigError("--importance activation needs calibration samples; give --data DATA")
-    scores = _group_scores(an, how, stats)
+    if how in ("activation", "obs") and not stats:
+        raise ConfigError(f"--importance {how} needs calibration samples; give --data DATA")
+    scores = _group_scores(an, how, stats, opts.sparsity)
     groups = an.groups()
     rows, prunable = [], []
     for root, atoms in groups.items():
@@ -804,8 +856,10 @@ def _rows(x: np.ndarray, node: ir.Node, subsample: bool) -> np.ndarray:
 
 
 def channel_stats(model: ir.Model, an: Analysis, data: Dataset, max_samples: int | None = None,
-                  threads: int = 1) -> dict[str, np.ndarray]:
-    """``E[x_c²]`` per input feature of every consumer the analysis found, streamed over samples."""
+                  threads: int = 1, grams: bool = False) -> dict[str, np.ndarray]:
+    """``E[x_c²]`` per input feature of every consumer the analysis found, streamed over samples;
+    with ``grams``, also ``E[x xᵀ]`` (under ``"gram:" + name``) for MatMul/Gemm consumers of up to
+    4096 features, which OBS importance needs."""
     from edgecomp.runtime import make_session, run_feed
 
     consumers = {e.node.inputs[0].name: e.node for e in an.edits if e.kind == "param" and e.role == "in"}
@@ -819,8 +873,10 @@ def channel_stats(model: ir.Model, an: Analysis, data: Dataset, max_samples: int
         for name, x in zip(names, run_feed(session, feed, names)):
             rows = _rows(np.asarray(x, np.float64), consumers[name], False)
             sums[name] = sums.get(name, 0) + (rows ** 2).sum(0)
+            if grams and consumers[name].op_type in ("MatMul", "Gemm") and rows.shape[1] <= 4096:
+                sums["gram:" + name] = sums.get("gram:" + name, 0) + rows.T @ rows
             counts[name] += rows.shape[0]
-    return {k: v / max(counts[k], 1) for k, v in sums.items()}
+    return {k: v / max(counts[k.removeprefix("gram:")], 1) for k, v in sums.items()}
 
 
 def _layer_weight(node: ir.Node) -> np.ndarray:
@@ -1057,8 +1113,9 @@ def prune_model(model: ir.Model, opts: PruneOptions, data: Dataset | None = None
     t0 = time.perf_counter()
     original = _copy(model)
     an = find_groups(model, opts.protect, heads="heads" in opts.kinds)
-    want_act = opts.importance == "activation" or (opts.importance == "auto" and data is not None)
-    stats = channel_stats(model, an, data, opts.max_samples, opts.threads) if (want_act and data is not None) else None
+    want_act = opts.importance in ("activation", "obs") or (opts.importance == "auto" and data is not None)
+    stats = (channel_stats(model, an, data, opts.max_samples, opts.threads, grams=opts.importance == "obs")
+             if (want_act and data is not None) else None)
     plan = plan_pruning(an, opts, stats)
     feed = next(iter(_feeds(data, model, 1))) if data is not None else None
     shapes_before = _probe(original, feed)

@@ -75,7 +75,7 @@ STEP_OPTIONS: dict[str, dict[str, Option]] = {
     "prune": {
         "sparsity": Option(float, 0.5, "fraction of each group's channels (or heads) removed"),
         "structured": Option(bool, True, "false: unstructured magnitude pruning (no speed-up on CPU)"),
-        "importance": Option(str, "auto", "auto | l1 | l2 | activation"),
+        "importance": Option(str, "auto", "auto | l1 | l2 | activation | obs"),
         "scope": Option(str, "per-layer", "per-layer | global"),
         "protect": Option(list, [], "regexes of node names kept whole"),
         "round_to": Option(int, 0, "kept channel counts multiple of N (0: auto)"),
