@@ -49,6 +49,7 @@ import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.data import Dataset, input_specs
 from edgecomp.errors import ConfigError, PassFailed
+from edgecomp.passes.base import rank_of
 
 __all__ = ["PruneOptions", "Layout", "Edit", "Analysis", "PrunePlan", "PruneResult", "const_array", "find_groups",
            "channel_stats", "plan_pruning", "repair", "prune_model", "verify_pruned", "IMPORTANCES"]
@@ -160,10 +161,6 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
 def _attr(node: ir.Node, name: str, default: Any) -> Any:
     a = node.attributes.get(name)
     return default if a is None else a.value
-
-
-def _rank(value: ir.Value) -> int | None:
-    return len(value.shape) if value.shape is not None else None
 
 
 def _static_dims(value: ir.Value) -> list[int] | None:
@@ -321,7 +318,7 @@ class _Analyzer:
                 return None  # a computed bias: leave the output whole
             if c.ndim >= 1 and c.shape[-1] == n_out:
                 params.append((2, c.ndim - 1))
-        rank = _rank(node.inputs[0]) if op == "MatMul" else 2
+        rank = rank_of(node.inputs[0]) if op == "MatMul" else 2
         self.source(node, n_out, Layout(-1, (), rank), params, protected)
 
     def source(self, node: ir.Node, size: int, base: Layout, params: list[tuple[int, int]], protected: bool) -> None:
@@ -1039,9 +1036,7 @@ class PruneResult:
 
 
 def _copy(model: ir.Model) -> ir.Model:
-    from edgecomp.io import from_proto, to_proto
-
-    return from_proto(to_proto(model))
+    return model.clone()
 
 
 def _probe(model: ir.Model, feed: Mapping[str, np.ndarray] | None) -> dict[str, list[int]] | None:

@@ -87,30 +87,32 @@ def test_targets_command():
     assert res.exit_code == 0 and "host ISA" in res.output and "x86-avx2-2core" in res.output
 
 
-def _one_line_error(res, pattern):
-    assert res.exit_code != 0
-    lines = [l for l in res.output.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, res.output
-    assert "Traceback" not in res.output
-    assert re.search(pattern, lines[0]), lines[0]
+def _error_lines(res) -> list[str]:
+    """The non-empty lines a failed command printed (a one-line error has exactly one)."""
+    assert res.exit_code != 0 and "Traceback" not in res.output, res.output
+    return [l for l in res.output.strip().splitlines() if l.strip()]
 
 
-def test_bad_inputs_get_one_line(tmp_path, mlp_path, mlp_data):
+def test_bad_inputs_get_one_line(tmp_path, mlp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"garbage" * 50)
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, y=np.ones((3, 8), np.float32))
     short = tmp_path / "short.npz"
     np.savez(short, x=np.ones((3, 5), np.float32))
-    data, _ = mlp_data
-    _one_line_error(invoke("inspect", tmp_path / "missing.onnx"), "not found")
-    _one_line_error(invoke("inspect", bad), "not a valid ONNX model")
-    _one_line_error(invoke("export", "nosuchpkg_zz.mod:f", "-o", tmp_path / "x.onnx"), "cannot import")
-    _one_line_error(invoke("validate", mlp_path, mlp_path, "--data", wrong), r"keyed \['y'\].*inputs are \['x'\]")
-    _one_line_error(invoke("validate", mlp_path, mlp_path, "--data", short), "rejected the input|needs size")
-    _one_line_error(invoke("bench", mlp_path, "--shape", "x=1x5"), "rejected the input|needs size")
-    _one_line_error(invoke("optimize", mlp_path, "-o", mlp_path), "is also an argument")
-    _one_line_error(invoke("bench", mlp_path, "--target", "nope"), "unknown target")
+    cases = [
+        (("inspect", tmp_path / "missing.onnx"), "not found"),
+        (("inspect", bad), "not a valid ONNX model"),
+        (("export", "nosuchpkg_zz.mod:f", "-o", tmp_path / "x.onnx"), "cannot import"),
+        (("validate", mlp_path, mlp_path, "--data", wrong), r"keyed \['y'\].*inputs are \['x'\]"),
+        (("validate", mlp_path, mlp_path, "--data", short), "rejected the input|needs size"),
+        (("bench", mlp_path, "--shape", "x=1x5"), "rejected the input|needs size"),
+        (("optimize", mlp_path, "-o", mlp_path), "is also an argument"),
+        (("bench", mlp_path, "--target", "nope"), "unknown target"),
+    ]
+    for args, pattern in cases:
+        lines = _error_lines(invoke(*args))
+        assert len(lines) == 1 and re.search(pattern, lines[0]), (args, lines)
 
 
 def test_debug_shows_traceback(tmp_path):

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from edgecomp.passes.base import add_initializer, rank_of
+
 
 #: metadata key on initializers that hold scales/offsets of a reduced table
 ROLE_KEY = "edgecomp.embedding_role"
@@ -97,17 +99,8 @@ def _is_head(use) -> bool:
     return False
 
 
-def rank_of(v: ir.Value) -> int | None:
-    return len(v.shape) if v.shape is not None else None
-
-
 def register_const(model: ir.Model, name: str, array: np.ndarray, role: str | None = None) -> ir.Value:
-    t = ir.tensor(array, name=name)
-    if role:
-        t.metadata_props[ROLE_KEY] = role
-    v = ir.Value(name=name, const_value=t)
-    model.graph.register_initializer(v)
-    return v
+    return add_initializer(model.graph, name, array, {ROLE_KEY: role} if role else None)
 
 
 def register_stored(model: ir.Model, prefix: str, stored: dict[str, np.ndarray]) -> dict[str, ir.Value]:
@@ -144,10 +137,7 @@ class Emitter:
                 return name
 
     def const(self, array: np.ndarray) -> ir.Value:
-        name = self._name("const")
-        v = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        self.graph.register_initializer(v)
-        return v
+        return add_initializer(self.graph, self._name("const"), array)
 
     def op(self, op_type: str, inputs, **attrs) -> ir.Value:
         name = self._name(op_type)

@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from edgecomp.errors import EdgecompError, PassFailed
 
-__all__ = ["PassReport", "EdgecompPass", "run_pass", "histogram"]
+__all__ = ["PassReport", "EdgecompPass", "run_pass", "histogram", "add_initializer", "rank_of"]
 
 
 @dataclasses.dataclass
@@ -53,6 +53,19 @@ def run_pass(pass_: ir.passes.PassBase, model: ir.Model) -> PassReport:
     if not isinstance(result, PassReport):
         result = PassReport(result.model, result.modified, type(pass_).__name__)
     return result
+
+
+def add_initializer(graph: ir.Graph, name: str, array: Any, metadata: dict[str, str] | None = None) -> ir.Value:
+    """Register ``array`` as an initializer named ``name`` (the caller picks a free name)."""
+    t = ir.tensor(array, name=name)
+    t.metadata_props.update(metadata or {})
+    v = ir.Value(name=name, const_value=t)
+    graph.register_initializer(v)
+    return v
+
+
+def rank_of(v: ir.Value) -> int | None:
+    return len(v.shape) if v.shape is not None else None
 
 
 def histogram(model: ir.Model) -> dict[str, int]:

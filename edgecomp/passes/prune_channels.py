@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
-from edgecomp.passes.base import EdgecompPass, PassReport
+from edgecomp.passes.base import EdgecompPass, PassReport, add_initializer
 from edgecomp.pruning import PrunePlan, const_array
 
 __all__ = ["PruneChannelsPass", "new_initializer"]
@@ -38,9 +38,7 @@ def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     while name in taken:
         i += 1
         name = f"{base}_pruned_{i}"
-    v = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-    graph.register_initializer(v)
-    return v
+    return add_initializer(graph, name, np.ascontiguousarray(array))
 
 
 class PruneChannelsPass(EdgecompPass):

@@ -45,14 +45,13 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.errors import PassFailed
-from edgecomp.passes.base import EdgecompPass, PassReport
+from edgecomp.inspection import INT8_OPS
+from edgecomp.passes.base import EdgecompPass, PassReport, add_initializer
 
 __all__ = ["LayerPlan", "QuantizeStaticPass", "quantize_weight", "matmul_parts", "bias_add", "QUANTIZED_OPS", "MS_DOMAIN"]
 
 MS_DOMAIN = "com.microsoft"
-QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
-                 "QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention",
-                 "QGemm", "MatMulNBits"}
+QUANTIZED_OPS = INT8_OPS | {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits"}
 
 
 @dataclasses.dataclass
@@ -167,10 +166,7 @@ class _Builder:
         return name
 
     def const(self, base: str, array: np.ndarray) -> ir.Value:
-        name = self._unique(base)
-        v = ir.Value(name=name, const_value=ir.tensor(np.asarray(array), name=name))
-        self.graph.register_initializer(v)
-        return v
+        return add_initializer(self.graph, self._unique(base), np.asarray(array))
 
     def add(self, op: str, inputs, name: str, domain: str = "", **attrs) -> ir.Value:
         node = ir.node(op, inputs, attributes=attrs or None, domain=domain, name=self._unique(name), num_outputs=1)
