@@ -6,6 +6,8 @@ non-zero exit status; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
 
 import click
@@ -18,15 +20,84 @@ __all__ = ["main", "cli"]
 
 
 class _Group(click.Group):
-    """Turns EdgecompError into click's one-line error unless --debug."""
+    """One line per failure unless --debug (accepted before or after the subcommand).
+
+    EdgecompError is the library's own one-line message; OS errors (disk full, read-only,
+    permissions, long names) name the path and what to do; anything else is reported as an
+    internal error with its first line. Library warnings and onnxruntime's log lines are
+    silenced outside --debug, so the error is the only line on stderr.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        if "--debug" in args[1:end]:
+            args = ["--debug", *(a for i, a in enumerate(args) if i >= end or a != "--debug")]
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except EdgecompError as e:
-            if ctx.obj and ctx.obj.get("debug"):
+        debug = bool(ctx.params.get("debug"))
+        with _library_logging(debug):
+            try:
+                return super().invoke(ctx)
+            except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
                 raise
-            raise click.ClickException(str(e)) from None
+            except Exception as e:
+                if debug:
+                    raise
+                raise click.ClickException(_one_line(e)) from None
+
+
+def _one_line(e: Exception) -> str:
+    from edgecomp.io import first_line
+
+    if isinstance(e, EdgecompError):
+        return str(e)
+    if isinstance(e, OSError):
+        return _os_error_line(e)
+    if isinstance(e, MemoryError):
+        return "out of memory; use smaller inputs (--shape, --max-samples) or a machine with more memory"
+    return f"internal error ({type(e).__name__}: {first_line(e)}); rerun with --debug for the traceback and report it"
+
+
+def _os_error_line(e: OSError) -> str:
+    import errno
+
+    where = f" {e.filename}" if e.filename else ""
+    advice = {
+        errno.ENOSPC: "free some space or choose another output folder",
+        errno.EDQUOT: "free some space or choose another output folder",
+        errno.EROFS: "choose a writable output folder",
+        errno.EACCES: "check the permissions or choose another path",
+        errno.EPERM: "check the permissions or choose another path",
+        errno.ENAMETOOLONG: "choose a shorter file name",
+        errno.ENOENT: "check the path",
+    }.get(e.errno, "check the path and try again")
+    return f"{e.strerror or type(e).__name__}:{where}; {advice} (nothing was left half-written)"
+
+
+@contextlib.contextmanager
+def _library_logging(debug: bool):
+    """Keep onnxruntime's log lines and library warnings off stderr unless --debug."""
+    import logging
+    import warnings
+
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3 if debug else 4)
+    if debug:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,14 +112,65 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 # --- shared options ---------------------------------------------------------------------------
 
+class _Number(click.ParamType):
+    """A finite float within bounds (click's FloatRange lets NaN through)."""
+
+    name = "number"
+
+    def __init__(self, low: float | None = None, high: float | None = None, low_open: bool = False,
+                 high_open: bool = False):
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.low is not None and (x < self.low or (self.low_open and x == self.low)):
+            self.fail(f"{value} is out of range; {self._range()}", param, ctx)
+        if self.high is not None and (x > self.high or (self.high_open and x == self.high)):
+            self.fail(f"{value} is out of range; {self._range()}", param, ctx)
+        return x
+
+    def _range(self) -> str:
+        lo = "" if self.low is None else f"{self.low} <{'' if self.low_open else '='} "
+        hi = "" if self.high is None else f" <{'' if self.high_open else '='} {self.high}"
+        return f"give {lo}x{hi}"
+
+
+_POSITIVE = _Number(0, low_open=True)
+_NON_NEGATIVE = _Number(0)
+_FRACTION = _Number(0, 1, low_open=True, high_open=True)
+_ANY = _Number()
+
 def _output_option(f):
     return click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
                         help="Output file (written atomically; never one of the inputs).")(f)
 
 
 def _json_option(f):
+    """--json PATH, checked against every other path argument before the command does any work."""
+
+    @functools.wraps(f)
+    def checked(**params):
+        if params.get("json_path"):
+            _check_json_path(params["json_path"], params)
+        return f(**params)
+
     return click.option("--json", "json_path", type=click.Path(dir_okay=False),
-                        help="Also write the results as JSON to this file.")(f)
+                        help="Also write the results as JSON to this file.")(checked)
+
+
+def _check_json_path(path: str, params: dict) -> None:
+    from edgecomp.io import check_output_path
+
+    others = [v for k, v in params.items() if k != "json_path" and isinstance(v, str) and v]
+    others += [v for v in params.values() if isinstance(v, tuple) for v in v if isinstance(v, str)]
+    check_output_path(path, others)
 
 
 def _threads_option(f, help="onnxruntime intra-op threads (inter-op is 1); default 1, or the --target profile's."):
@@ -73,14 +195,10 @@ def _parse_shapes(values, what="--shape"):
 
 
 def _write_json(path, obj) -> None:
-    """Write --json, refusing a path that names any other path argument of the command."""
+    """Write --json (its path was checked before the command ran)."""
     if path:
-        from edgecomp.io import check_output_path, write_json
+        from edgecomp.io import write_json
 
-        params = click.get_current_context().params
-        others = [v for k, v in params.items() if k != "json_path" and isinstance(v, str) and v]
-        others += [v for v in params.values() if isinstance(v, tuple) for v in v if isinstance(v, str)]
-        check_output_path(path, others)
         write_json(path, rpt.to_jsonable(obj))
         click.echo(f"wrote {path}")
 
@@ -101,7 +219,7 @@ def _write_json(path, obj) -> None:
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
               help="auto tries torch's dynamo exporter first and falls back to TorchScript.")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity tolerance (absolute).")
+@click.option("--atol", type=_POSITIVE, default=1e-4, show_default=True, help="Parity tolerance (absolute).")
 def export(spec, output, hf_path, hf_output, inputs, dynamic, opset, exporter, atol):
     """Export a PyTorch model to ONNX and check it against torch in onnxruntime.
 
@@ -159,18 +277,18 @@ def export(spec, output, hf_path, hf_output, inputs, dynamic, opset, exporter, a
 @click.option("--labels", type=click.Path(), help=".npy of class ids for the samples: adds cross-entropy.")
 @click.option("--objective", type=click.Choice(["auto", "logits", "embeddings"]), default="auto", show_default=True,
               help="auto: soft targets for logits, matching for unit-norm embeddings.")
-@click.option("--temperature", type=float, default=4.0, show_default=True, help="Soft-target temperature.")
-@click.option("--kd-weight", type=float, default=1.0, show_default=True, help="Weight of the soft-target KL (logits).")
+@click.option("--temperature", type=_POSITIVE, default=4.0, show_default=True, help="Soft-target temperature.")
+@click.option("--kd-weight", type=_NON_NEGATIVE, default=1.0, show_default=True, help="Weight of the soft-target KL (logits).")
 @click.option("--match", type=click.Choice(["cosine", "mse"]), default="cosine", show_default=True,
               help="Embedding / hidden-state matching loss.")
-@click.option("--match-weight", type=float, default=1.0, show_default=True, help="Weight of output matching (embeddings).")
-@click.option("--hidden-weight", type=float, default=0.0, show_default=True, help="Weight of hidden-state matching.")
-@click.option("--ce-weight", type=float, default=1.0, show_default=True, help="Weight of cross-entropy (with --labels).")
+@click.option("--match-weight", type=_NON_NEGATIVE, default=1.0, show_default=True, help="Weight of output matching (embeddings).")
+@click.option("--hidden-weight", type=_NON_NEGATIVE, default=0.0, show_default=True, help="Weight of hidden-state matching.")
+@click.option("--ce-weight", type=_NON_NEGATIVE, default=1.0, show_default=True, help="Weight of cross-entropy (with --labels).")
 @click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--max-steps", type=click.IntRange(1), help="Stop after this many steps (overrides --epochs).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Global batch size.")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW peak learning rate (cosine decay).")
-@click.option("--held-out", type=float, default=0.1, show_default=True,
+@click.option("--lr", type=_POSITIVE, default=1e-3, show_default=True, help="AdamW peak learning rate (cosine decay).")
+@click.option("--held-out", type=_FRACTION, default=0.1, show_default=True,
               help="Fraction held out for early stopping and validation.")
 @click.option("--eval-every", type=click.IntRange(1), help="Steps between held-out evaluations (default: each epoch).")
 @click.option("--patience", type=click.IntRange(1), default=3, show_default=True,
@@ -346,12 +464,12 @@ def inspect(model, shapes, no_macs, json_path):
 @click.option("--bits", type=click.Choice(["8", "4"]), help="Row-wise int8, or int4 in blocks (of the low-rank factor with --rank).")
 @click.option("--block", type=click.IntRange(2), help="Values per scale within a row. Default: whole row (int8), 64 (int4).")
 @click.option("--rank", type=click.IntRange(1), help="Low-rank factorization: [V, R] table + [R, D] projection.")
-@click.option("--energy", type=float, help="Instead of --rank: the smallest rank retaining this energy, e.g. 0.99.")
+@click.option("--energy", type=_Number(0, 1, low_open=True), help="Instead of --rank: the smallest rank retaining this energy, e.g. 0.99.")
 @click.option("--corpus", type=click.Path(), help="Text file, one text per line: its token counts weight the factorization / pick kept ids.")
 @click.option("--tokenizer", type=click.Path(), help="The model's tokenizer folder (tokenizer.json).")
 @click.option("--exact-rows", type=click.IntRange(0), default=2000, show_default=True,
               help="With --corpus and --rank: keep this many most frequent tokens exact (residual table).")
-@click.option("--weight-power", type=float, default=0.5, show_default=True,
+@click.option("--weight-power", type=_ANY, default=0.5, show_default=True,
               help="With --corpus: row weight (count + 1) ** power in the factorization.")
 @click.option("--prune-vocab", is_flag=True, help="Keep only token ids in --corpus / --keep-ids plus special tokens.")
 @click.option("--keep-ids", type=click.Path(), help="File of token ids to keep (whitespace or comma separated).")
@@ -409,7 +527,7 @@ def reduce_embeddings(model, output, bits, block, rank, energy, corpus, tokenize
 @click.option("--calibration", type=click.Path(), help="DATA to calibrate activation ranges on (static mode).")
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax",
               show_default=True, help="How activation ranges are chosen from calibration statistics.")
-@click.option("--percentile", type=float, default=99.99, show_default=True, help="For --method percentile.")
+@click.option("--percentile", type=_Number(0, 100, low_open=True), default=99.99, show_default=True, help="For --method percentile.")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per output channel.")
 @click.option("--weight-bits", type=click.Choice(["auto", "7", "8"]), default="auto", show_default=True,
               help="auto: 7 where u8xs8 can saturate (x86 without VNNI), else 8.")
@@ -424,7 +542,7 @@ def reduce_embeddings(model, output, bits, block, rank, energy, corpus, tokenize
 @click.option("--eval", "eval_data", type=click.Path(), help="DATA for accuracy-aware fallback (held out).")
 @click.option("--labels", type=click.Path(), help="Labels for --eval (makes --metric top1 task accuracy).")
 @click.option("--metric", type=click.Choice(["cosine", "top1", "mae"]), default="cosine", show_default=True)
-@click.option("--tolerance", type=float, help="Allowed loss vs fp32: 1-cosine, accuracy drop (fraction), or MAE.")
+@click.option("--tolerance", type=_NON_NEGATIVE, help="Allowed loss vs fp32: 1-cosine, accuracy drop (fraction), or MAE.")
 @click.option("--target", help="Target profile whose ISA decides weight bits (default: this host).")
 @click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
 @click.option("--mode", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
@@ -452,7 +570,9 @@ def quantize(model, output, calibration, method, percentile, per_tensor, weight_
 
     from edgecomp.errors import ConfigError
 
-    check_output_path(output, [p for p in (model, calibration, eval_data, labels) if p])
+    check_output_path(output, [p for p in (model, calibration, eval_data, labels, targets_file) if p])
+    if labels and not eval_data:
+        raise ConfigError("--labels score --eval samples; give --eval DATA with them (or drop --labels)")
     profile = get_profile(target, targets_file) if target else None
     if mode == "dynamic":
         if calibration or eval_data or tolerance is not None:
@@ -494,7 +614,7 @@ def quantize(model, output, calibration, method, percentile, per_tensor, weight_
 @cli.command()
 @click.argument("model", type=click.Path())
 @_output_option
-@click.option("--sparsity", type=float, required=True,
+@click.option("--sparsity", type=_FRACTION, required=True,
               help="Fraction removed, in (0, 1): of each group's channels/heads (structured) or of weights.")
 @click.option("--structured/--unstructured", default=True, show_default=True,
               help="Remove whole channels, neurons and heads (faster), or zero single weights (smaller zipped only).")
@@ -637,7 +757,7 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
     profile = get_profile(target, targets_file) if target else None
     res = run_convert(source, r, outdir, calibration=calibration, eval_data=eval_data, labels=labels, text=text,
                       tokenizer=tokenizer, target=profile,
-                      overwrite=overwrite, progress=True,
+                      overwrite=overwrite, progress=True, protect=[p for p in (targets_file,) if p],
                       on_step=lambda rec: click.echo(f"step {rec.index:02d} {rec.step}: done in {rec.seconds:.1f}s", err=True))
     click.echo(rpt.host_line(profile))
     click.echo(rpt.table(rpt.step_rows(res.steps), title=f"recipe {r.name}:"))

@@ -13,15 +13,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 
 from edgecomp.errors import ConfigError, DataError
-from edgecomp.io import check_output_dir, model_size_bytes
+from edgecomp.io import check_output_dir, copy_file, model_size_bytes, replace_dir, work_dir
 from edgecomp.recipe import Recipe
 from edgecomp.targets import TargetProfile, host_isa
 
@@ -291,6 +289,8 @@ def _check_steps(recipe: Recipe, data: dict[str, str | None], source: Source) ->
         if not data.get(key):
             raise DataError(f"{recipe.source}: step '{step}' needs {key} data{why}: pass --{key} or set [data].{key}")
 
+    if data.get("labels") and not data.get("eval"):
+        raise DataError(f"{recipe.source}: labels score the eval samples; pass --eval DATA with --labels")
     for s in recipe.steps:
         step = s["step"]
         if step == "validate":
@@ -299,8 +299,8 @@ def _check_steps(recipe: Recipe, data: dict[str, str | None], source: Source) ->
             need("calibration", step)
             if s["tolerance"] >= 0:
                 need("eval", step, " for its tolerance")
-        elif step == "prune" and s["importance"] == "activation":
-            need("calibration", step, " for activation importance")
+        elif step == "prune" and s["importance"] in ("activation", "obs"):
+            need("calibration", step, f" for {s['importance']} importance")
         elif step == "distill" and not data.get("text"):
             need("calibration", step, " (or --text) to train on")
         elif step == "reduce-embeddings" and s["prune_vocab"]:
@@ -344,18 +344,20 @@ def _accuracy_drop(base: StepRecord, final: StepRecord) -> float | None:
 def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibration: str | None = None,
             eval_data: str | None = None, labels: str | None = None, text: str | None = None,
             tokenizer: str | None = None, target: TargetProfile | None = None,
-            overwrite: bool = False, progress: bool = False,
+            overwrite: bool = False, progress: bool = False, protect: Sequence[str | os.PathLike] = (),
             on_step: Callable[[StepRecord], None] | None = None) -> ConvertResult:
-    """Run ``recipe`` on ``source`` into ``outdir``; see the module docstring."""
+    """Run ``recipe`` on ``source`` into ``outdir``; see the module docstring.
+
+    ``protect`` names further inputs (a targets file) that OUTDIR must not hold.
+    """
     from edgecomp.html_report import write_reports
 
     given = {"calibration": calibration, "eval": eval_data, "labels": labels, "text": text, "tokenizer": tokenizer}
     data = {k: given[k] or recipe.data.get(k) for k in given}
-    out = check_output_dir(outdir, [*data.values(), source.hf, source.spec_file()], overwrite)
+    out = check_output_dir(outdir, [*data.values(), source.hf, source.spec_file(), recipe.source, *protect], overwrite)
     _check_steps(recipe, data, source)
     started = datetime.datetime.now().isoformat(timespec="seconds")
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with work_dir(out) as work:
         ctx = _Context(source, work, data, target, progress)
         for i, options in enumerate(recipe.steps, start=1):
             rec = StepRecord(i, options["step"], {k: v for k, v in options.items() if k != "step"})
@@ -368,8 +370,7 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
                 _measure(rec, data.get("eval") or data.get("calibration"))
             if on_step:
                 on_step(rec)
-        final = ctx.current
-        shutil.copyfile(final, work / "model.onnx")
+        copy_file(ctx.current, work / "model.onnx")
         isa = host_isa()
         result = ConvertResult(str(out), source.describe(), recipe.source, target.name if target else None,
                                isa.describe(), target.matches_host(isa) if target else None, ctx.records,
@@ -378,12 +379,7 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
         result.passed = all(g["passed"] for g in result.gates)
         _relocate(result, work, out)
         write_reports(result, work)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        replace_dir(work, out)
     return result
 
 

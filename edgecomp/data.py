@@ -25,12 +25,16 @@ __all__ = [
     "input_specs",
     "load_data",
     "load_labels",
+    "check_label_range",
     "parse_shape",
     "synthesize_feed",
     "save_npz",
 ]
 
 Feed = dict[str, np.ndarray]
+
+#: The largest input ``synthesize_feed`` makes: a typo'd shape fails with one line, not a swap storm.
+MAX_SYNTHESIZED_BYTES = 2**32
 
 _DTYPES = {
     "float32": np.float32, "float16": np.float16, "float64": np.float64,
@@ -97,6 +101,10 @@ def synthesize_feed(specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[in
             _check_dims(spec, shape)
         else:
             shape = tuple(_default_dim(spec, i, d) for i, d in enumerate(spec.dims))
+        nbytes = int(np.prod(shape, dtype=object)) * spec.dtype.itemsize
+        if nbytes > MAX_SYNTHESIZED_BYTES:
+            raise DataError(f"input {spec.name!r} of shape {'x'.join(map(str, shape))} would need "
+                            f"{nbytes / 2**30:.1f} GiB; give a smaller shape")
         if np.issubdtype(spec.dtype, np.floating):
             feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif "mask" in spec.name.lower() or spec.dtype == np.bool_:
@@ -125,6 +133,19 @@ def _check_dims(spec: InputSpec, shape: Sequence[int]) -> None:
                             f"got {'x'.join(map(str, shape))}; fix the data or the --shape")
 
 
+def _check_values(a: np.ndarray, where: str, per_sample: bool) -> None:
+    """Refuse object, string and non-finite arrays with one line naming the first bad sample."""
+    if a.dtype.kind in "OUSV":
+        raise DataError(f"{where} holds {a.dtype} values; DATA arrays must be numbers")
+    if a.dtype.kind not in "fc" or np.isfinite(a).all():
+        return
+    bad = ~np.isfinite(a)
+    if per_sample and a.ndim:
+        i = int(np.flatnonzero(bad.reshape(a.shape[0], -1).any(axis=1))[0])
+        raise DataError(f"{where} sample {i} holds NaN or Inf; remove or fix that sample")
+    raise DataError(f"{where} holds NaN or Inf; remove or fix that sample")
+
+
 class Dataset:
     """Lazily read samples from DATA; ``iter(ds)`` yields one feed dict per sample."""
 
@@ -136,9 +157,8 @@ class Dataset:
             self._files = sorted(self.path.glob("*.npz"))
             if not self._files:
                 raise DataError(f"DATA folder {self.path} holds no .npz files; put one feed per .npz in it")
-            with np.load(self._files[0]) as z:
-                self.names = tuple(z.files)
             self._arrays = None
+            self.names = tuple(self[0])
         else:
             if self.path.suffix != ".npz":
                 raise DataError(f"DATA {self.path} is not a .npz file; save samples with numpy.savez")
@@ -157,6 +177,8 @@ class Dataset:
             if len(set(counts.values())) != 1:
                 raise DataError(f"arrays in {self.path} have different sample counts {counts}; "
                                 "every array needs the same leading sample axis")
+            for k, a in self._arrays.items():
+                _check_values(a, f"DATA {self.path} array {k!r}", per_sample=True)
             self._files = None
         if len(self) == 0:
             raise DataError(f"DATA {self.path} holds no samples")
@@ -168,9 +190,23 @@ class Dataset:
 
     def __getitem__(self, i: int) -> Feed:
         if self._files is not None:
-            with np.load(self._files[i]) as z:
-                return {k: z[k] for k in z.files}
+            return self._read_file(self._files[i])
         return {k: a[i : i + 1] for k, a in self._arrays.items()}
+
+    def _read_file(self, f: Path) -> Feed:
+        """One feed of a DATA folder, refused with one line when corrupt, keyed otherwise or not finite."""
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                feed = {k: z[k] for k in z.files}
+        except Exception as e:
+            raise DataError(f"cannot read {f} as .npz ({type(e).__name__}); save each feed with numpy.savez") from e
+        names = getattr(self, "names", None)
+        if names is not None and set(feed) != set(names):
+            raise DataError(f"{f} is keyed {sorted(feed)} but {self._files[0].name} is keyed {sorted(names)}; "
+                            "every feed in a DATA folder needs the same arrays")
+        for k, a in feed.items():
+            _check_values(a, f"DATA {f} array {k!r}", per_sample=False)
+        return feed
 
     def __iter__(self) -> Iterator[Feed]:
         for i in range(len(self)):
@@ -184,10 +220,15 @@ class Dataset:
             missing, extra = sorted(want - have), sorted(have - want)
             raise DataError(f"DATA {self.path} is keyed {sorted(have)} but the model's inputs are "
                             f"{sorted(want)} (missing {missing}, unexpected {extra}); rename the arrays")
-        first = self[0]
+        self._check_feed(self[0], specs)
+
+    def _check_feed(self, feed: Feed, specs: Sequence[InputSpec]) -> None:
         for spec in specs:
-            arr = first[spec.name]
+            arr = feed[spec.name]
             _check_dims(spec, arr.shape)
+            if arr.dtype == np.bool_ and spec.dtype != np.bool_:
+                raise DataError(f"DATA array {spec.name!r} is bool but the model wants {spec.dtype}; "
+                                "store numbers (e.g. astype(numpy.float32))")
             if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
                 raise DataError(f"DATA array {spec.name!r} is {arr.dtype} but the model wants {spec.dtype}")
 
@@ -197,6 +238,8 @@ class Dataset:
         for i, feed in enumerate(self):
             if limit is not None and i >= limit:
                 return
+            if i:  # sample 0 was checked by check_against
+                self._check_feed(feed, specs)
             yield {k: np.ascontiguousarray(v, dtype=dtypes[k]) for k, v in feed.items() if k in dtypes}
 
 
@@ -222,7 +265,16 @@ def load_labels(path: str | os.PathLike, n: int) -> np.ndarray:
     labels = labels.reshape(-1)
     if labels.shape[0] != n:
         raise DataError(f"labels {p} hold {labels.shape[0]} entries but DATA has {n} samples")
+    if labels.size and labels.min() < 0:
+        raise DataError(f"labels {p} hold negative class id {int(labels.min())}; class ids start at 0")
     return labels.astype(np.int64)
+
+
+def check_label_range(labels: np.ndarray, classes: int, where: str = "labels") -> None:
+    """Refuse class ids the model cannot predict (an accuracy of 0.0 would be reported)."""
+    if labels.size and labels.max() >= classes:
+        raise DataError(f"{where} hold class id {int(labels.max())} but the model predicts {classes} classes "
+                        f"(ids 0..{classes - 1}); check that the labels belong to this model")
 
 
 def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Path:

@@ -18,6 +18,7 @@ __all__ = [
     "OutputError",
     "ConfigError",
     "DistillError",
+    "InvalidModelError",
 ]
 
 
@@ -63,3 +64,7 @@ class ConfigError(EdgecompError):
 
 class DistillError(EdgecompError):
     """A distillation setup is inconsistent (teacher/student shapes, data, resume checkpoint)."""
+
+
+class InvalidModelError(EdgecompError):
+    """A model edgecomp was about to write fails onnx.checker or does not load in onnxruntime."""

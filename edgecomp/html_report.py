@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 from typing import Any, Sequence
 
-from edgecomp.io import write_json, write_text
+from edgecomp.io import OUTPUT_MARKER, write_json, write_text
 from edgecomp.report import fmt_bytes, pareto_front, step_rows, to_jsonable
 
 __all__ = ["write_reports", "render_html", "tradeoff_svg", "sensitivity_svg", "html_table"]
@@ -137,5 +137,5 @@ host ISA: {html.escape(result.host_isa)}; {target}</p>
 
 
 def write_reports(result, folder: Path, extra_points: Sequence[dict[str, Any]] = ()) -> None:
-    write_json(folder / "report.json", to_jsonable(result))
+    write_json(folder / "report.json", {OUTPUT_MARKER: "convert", **to_jsonable(result)})
     write_text(folder / "report.html", render_html(result, extra_points))

@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -17,7 +20,7 @@ from typing import Any, Iterable, Iterator
 import onnx
 import onnx_ir as ir
 
-from edgecomp.errors import InputFileError, ModelLoadError, OutputError
+from edgecomp.errors import InputFileError, InvalidModelError, ModelLoadError, OutputError
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
@@ -32,7 +35,13 @@ __all__ = [
     "check_model",
     "check_output_path",
     "check_output_dir",
+    "OUTPUT_MARKER",
+    "work_dir",
+    "replace_dir",
     "atomic_path",
+    "verify_model_file",
+    "first_line",
+    "copy_file",
     "write_json",
     "write_text",
 ]
@@ -142,31 +151,157 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
     return o
 
 
+#: The key edgecomp writes into the report of each output folder (report.json, sweep.json);
+#: ``overwrite`` replaces only a folder whose report carries it.
+OUTPUT_MARKER = "edgecomp_output"
+_REPORTS = ("report.json", "sweep.json")
+_WORK, _OLD = "edgecomp-work", "edgecomp-old"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _written_by_edgecomp(folder: Path) -> bool:
+    for name in _REPORTS:
+        try:
+            doc = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and doc.get(OUTPUT_MARKER):
+            return True
+    return False
+
+
+def _refuse_protected_dir(o: Path, resolved: Path) -> None:
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise OutputError(f"output folder {o} is the current folder or holds it; name a new subfolder, e.g. -o out/run1")
+    if resolved.parent == resolved or resolved == Path.home().resolve():
+        raise OutputError(f"output folder {o} is the filesystem root or the home folder; name a new subfolder")
+
+
 def check_output_dir(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (),
                      overwrite: bool = False) -> Path:
-    """Refuse an output folder that is a file, holds one of the inputs, or is not empty (without
-    ``overwrite``) — before any work is done."""
+    """Refuse an unusable output folder before any work is done.
+
+    Refused: a file; a missing parent; the current folder, the home folder, the root, or any
+    folder above one of them; a folder that holds an input or lies inside an input folder; a
+    non-empty folder without ``overwrite``; and, with ``overwrite``, a folder edgecomp did not
+    write (its report carries :data:`OUTPUT_MARKER`).
+    """
     o = Path(out)
     if o.exists() and not o.is_dir():
         raise OutputError(f"{o} is a file; -o names the output folder")
     if not o.parent.exists():
         raise OutputError(f"folder {o.parent} does not exist; create it first")
+    resolved = o.resolve()
+    _refuse_protected_dir(o, resolved)
     for i in inputs:
-        if i and (Path(i).resolve() == o.resolve() or o.resolve() in Path(i).resolve().parents):
+        if not i:
+            continue
+        ri = Path(i).resolve()
+        if ri == resolved or resolved in ri.parents:
             raise OutputError(f"input {i} lies inside the output folder {o}; choose another -o")
-    if o.exists() and any(o.iterdir()) and not overwrite:
-        raise OutputError(f"{o} exists and is not empty; choose another -o or pass --overwrite")
+        if ri in resolved.parents and ri.is_dir():
+            raise OutputError(f"output folder {o} lies inside the input folder {i}; choose another -o")
+    if o.exists() and any(o.iterdir()):
+        if not overwrite:
+            raise OutputError(f"{o} exists and is not empty; choose another -o or pass --overwrite")
+        if not _written_by_edgecomp(o):
+            raise OutputError(f"{o} was not written by edgecomp (no report.json of its own), so --overwrite "
+                              "will not replace it; choose another -o or empty it yourself")
     return o
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove work folders of dead edgecomp runs on ``out``; put back an old ``out`` a run moved aside."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.({_WORK}|{_OLD})-(\d+)-")
+    for sibling in out.parent.iterdir():
+        m = pattern.match(sibling.name)
+        if not m or not sibling.is_dir() or _pid_alive(int(m.group(2))):
+            continue
+        if m.group(1) == _OLD and not out.exists():
+            os.replace(sibling, out)
+        else:
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def work_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """A hidden folder beside ``out`` to build it in, removed on any failure, SIGTERM included.
+
+    Work folders of edgecomp runs that died (SIGKILL) are removed first.
+    """
+    final = Path(out)
+    _clean_stale(final)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_WORK}-{os.getpid()}-", dir=final.parent))
+    os.chmod(work, 0o777 & ~_umask())
+    with _sigterm_raises():
+        try:
+            yield work
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit(143) so cleanup code runs (main thread only)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def replace_dir(staged: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Move the finished folder ``staged`` onto ``out``; an existing ``out`` is moved aside first
+    and removed only once the new one is in place."""
+    staged, final = Path(staged), Path(out)
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.{_OLD}-{os.getpid()}-{os.urandom(4).hex()}"
+        os.replace(final, old)
+    os.replace(staged, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
+
+    The file gets the permissions the user's umask gives a new file.
+    """
     final = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent or ".")
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        os.chmod(tmp_path, 0o666 & ~_umask())
         yield tmp_path
         os.replace(tmp_path, final)
     finally:
@@ -174,21 +309,58 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def verify_model_file(path: str | os.PathLike, what: str = "the model") -> None:
+    """``onnx.checker`` and an onnxruntime CPU session on a written file, or InvalidModelError."""
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:
+        raise InvalidModelError(f"{what} fails onnx.checker ({first_line(e)}); nothing was written") from e
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    try:
+        ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise InvalidModelError(f"onnxruntime cannot load {what} ({first_line(e)}); nothing was written") from e
+
+
 def save_model(model: ir.Model, path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
-    """Write ``model`` atomically; weights over 2 GiB go to ``<name>.data`` beside it."""
+    """Verify and write ``model`` atomically; weights over 2 GiB go to ``<name>.data`` beside it.
+
+    The staged file must pass :func:`verify_model_file` before it is renamed into place.
+    """
     out = check_output_path(path, inputs)
+    what = f"the model for {out}"
     total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     if total < EXTERNAL_DATA_THRESHOLD:
-        with atomic_path(out) as tmp:
+        with atomic_path(out, suffix=".onnx") as tmp:
             ir.save(model, tmp)
+            verify_model_file(tmp, what)
         return out
     data_name = out.name + ".data"
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as d:
         staged = Path(d) / out.name
         ir.save(model, staged, external_data=data_name)
+        verify_model_file(staged, what)
+        for f in (Path(d) / data_name, staged):
+            os.chmod(f, 0o666 & ~_umask())
         os.replace(Path(d) / data_name, out.parent / data_name)
         os.replace(staged, out)
     return out
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy a file atomically (the copy keeps the user's umask, not the source's mode)."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(dst)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -11,7 +11,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from edgecomp.errors import DataError, ModelLoadError
-from edgecomp.io import model_bytes
+from edgecomp.io import first_line, model_bytes
 
 __all__ = ["make_session", "run_feed"]
 
@@ -34,14 +34,12 @@ def make_session(model: ir.Model | str | os.PathLike, threads: int = 1, optimiza
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = _LEVELS[optimization]
-    opts.log_severity_level = 3
     source = str(model) if isinstance(model, (str, Path)) else model_bytes(model, extra_outputs)
     try:
         return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:
         name = model if isinstance(model, (str, Path)) else (model.graph.name or "model")
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"onnxruntime cannot load {name}: {first}") from e
+        raise ModelLoadError(f"onnxruntime cannot load {name}: {first_line(e)}") from e
 
 
 def run_feed(session: ort.InferenceSession, feed: Mapping[str, np.ndarray],
@@ -49,5 +47,4 @@ def run_feed(session: ort.InferenceSession, feed: Mapping[str, np.ndarray],
     try:
         return session.run(outputs, dict(feed))
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"onnxruntime rejected the input: {first}") from e
+        raise DataError(f"onnxruntime rejected the input: {first_line(e)}") from e

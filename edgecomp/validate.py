@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgecomp.data import load_data, load_labels, input_specs
+from edgecomp.data import check_label_range, input_specs, load_data, load_labels
 from edgecomp.errors import DataError
 from edgecomp.io import load_model
 from edgecomp.runtime import make_session, run_feed
@@ -127,6 +127,7 @@ def validate(ref_path: str | os.PathLike, cand_path: str | os.PathLike, data: st
 
 
 def _accuracy(logits: list[np.ndarray], y: np.ndarray) -> float:
+    check_label_range(y, int(np.prod(logits[0].shape[1:])))
     pred = np.concatenate([l.reshape(l.shape[0], -1).argmax(1) for l in logits])
     if pred.shape[0] != y.shape[0]:
         raise DataError(f"the first output gives {pred.shape[0]} predictions for {y.shape[0]} labels")
