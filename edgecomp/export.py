@@ -6,6 +6,10 @@ One of the two torch-side modules (with ``distill``). A model comes from a SPEC 
 ``exporter="auto"`` tries torch's dynamo exporter first and falls back to the TorchScript
 exporter, recording why. After export the ONNX model runs in onnxruntime on the example inputs
 and must match torch within tolerance: a mismatch is an error, not a warning.
+
+An opset the installed exporters cannot write is refused before anything is imported or run
+(:func:`opset_ranges`), and a file written at another opset than asked for is an export failure.
+A SPEC that exits, fails to import, or whose forward rejects its example inputs is one line.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from edgecomp.errors import ExportError, ParityError, SpecError
 from edgecomp.io import check_output_path, model_from_bytes, save_model
 from edgecomp.runtime import make_session, run_feed
 
-__all__ = ["ExportResult", "load_spec", "call_factory", "forward_names", "export_model", "export_spec", "hf_encoder", "DEFAULT_OPSET", "HF_AUTO_ORDER"]
+__all__ = ["ExportResult", "load_spec", "call_factory", "forward_names", "export_model", "export_spec", "hf_encoder",
+           "opset_ranges", "DEFAULT_OPSET", "HF_AUTO_ORDER"]
 
 #: For Hugging Face encoders ``auto`` tries TorchScript first. Measured here (onnxruntime 1.32,
 #: all-MiniLM-L6-v2, seq 128, 1 thread): onnxruntime fuses the dynamo graph's residual Add +
@@ -52,6 +57,16 @@ class ExportResult:
     seconds: float
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), or its type."""
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _exit_call(e: SystemExit) -> str:
+    return "sys.exit()" if e.code is None else f"sys.exit({e.code!r})"
+
+
 def load_spec(spec: str) -> Any:
     """Import a SPEC and return its factory (a callable)."""
     target, sep, attr = spec.rpartition(":")
@@ -64,20 +79,27 @@ def load_spec(spec: str) -> Any:
         mod_name = f"_edgecomp_spec_{path.stem}"
         file_spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(file_spec)
-        sys.path.insert(0, str(path.parent.resolve()))
+        folder = str(path.parent.resolve())
+        sys.path.insert(0, folder)
         try:
             file_spec.loader.exec_module(module)
+        except SystemExit as e:  # KeyboardInterrupt still propagates
+            raise SpecError(f"importing {path} exited ({_exit_call(e)}); a SPEC module must not exit") from None
         except Exception as e:
-            raise SpecError(f"importing {path} failed: {type(e).__name__}: {e}") from e
+            raise SpecError(f"importing {path} failed: {type(e).__name__}: {_first_line(e)}") from e
         finally:
-            sys.path.remove(str(path.parent.resolve()))
+            if folder in sys.path:
+                sys.path.remove(folder)
     else:
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())  # like `python -m`, resolve modules from the working dir
         try:
             module = importlib.import_module(target)
+        except SystemExit as e:
+            raise SpecError(f"importing {target!r} from SPEC {spec!r} exited ({_exit_call(e)}); "
+                            "a SPEC module must not exit") from None
         except Exception as e:
-            raise SpecError(f"cannot import {target!r} from SPEC {spec!r}: {type(e).__name__}: {e}") from e
+            raise SpecError(f"cannot import {target!r} from SPEC {spec!r}: {type(e).__name__}: {_first_line(e)}") from e
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise SpecError(f"{target} has no callable {attr!r}; SPEC names a function that returns an nn.Module")
@@ -89,8 +111,10 @@ def call_factory(factory: Any, spec: str):
 
     try:
         made = factory()
+    except SystemExit as e:  # KeyboardInterrupt still propagates
+        raise SpecError(f"factory {spec} exited ({_exit_call(e)}) instead of returning an nn.Module") from None
     except Exception as e:
-        raise SpecError(f"calling the factory of {spec!r} failed: {type(e).__name__}: {e}") from e
+        raise SpecError(f"calling the factory of {spec!r} failed: {type(e).__name__}: {_first_line(e)}") from e
     module, example = (made if isinstance(made, tuple) and len(made) == 2 else (made, None))
     if not isinstance(module, torch.nn.Module):
         raise SpecError(f"the factory of {spec!r} returned {type(module).__name__}, not an nn.Module "
@@ -138,6 +162,78 @@ def _dynamic_axes(names: Sequence[str], dynamic: Mapping[str, Mapping[int, str]]
     return {k: dict(v) for k, v in dynamic.items()}
 
 
+def opset_ranges() -> dict[str, tuple[int, int]]:
+    """The opsets each installed torch exporter writes natively, as inclusive (low, high).
+
+    From torch's own constants (torch 2.13: TorchScript 7..20, dynamo 18..23). The dynamo
+    exporter builds every graph at torchlib's opset (18) and asks onnxscript's version converter
+    for a lower one; that conversion fails for some models (the file then keeps opset 18), so
+    below 18 ``auto`` uses TorchScript and an explicit ``dynamo`` is checked after export.
+    """
+    try:
+        from torch.onnx import _constants as c
+    except ImportError:  # pragma: no cover - a torch without the private constants
+        c = None
+    low = getattr(c, "ONNX_MIN_OPSET", 7)
+    high = getattr(c, "ONNX_MAX_OPSET", 23)
+    ts_high = getattr(c, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
+    try:
+        from torch.onnx._internal.exporter._constants import TORCHLIB_OPSET as dynamo_low
+    except ImportError:  # pragma: no cover
+        dynamo_low = 18
+    return {"torchscript": (low, min(ts_high, high)), "dynamo": (dynamo_low, high)}
+
+
+def _plan_exporters(opset: Any, exporter: str, order: Sequence[str]) -> list[tuple[str, str | None]]:
+    """Each exporter of ``order`` with the reason it is skipped (None: try it); a one-line error
+    for an opset that no exporter allowed here can write."""
+    import torch
+
+    ranges = opset_ranges()
+    (ts_lo, ts_hi), (dy_lo, dy_hi) = ranges["torchscript"], ranges["dynamo"]
+    low, high = min(ts_lo, dy_lo), max(ts_hi, dy_hi)
+    version = torch.__version__.split("+")[0]
+    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+        raise ExportError(f"opset {opset} is outside {low}..{high} that torch {version}'s ONNX exporters support "
+                          f"(TorchScript {ts_lo}..{ts_hi}, dynamo {dy_lo}..{dy_hi}); choose an opset in that range")
+    if exporter == "torchscript" and not ts_lo <= opset <= ts_hi:
+        raise ExportError(f"opset {opset} is outside {ts_lo}..{ts_hi} that the TorchScript exporter of torch {version} "
+                          f"supports; use the dynamo exporter ({dy_lo}..{dy_hi}) or a lower opset")
+    if exporter != "auto":
+        return [(name, None) for name in order]  # dynamo below its range converts down, checked after export
+    plan = []
+    for name in order:
+        lo, hi = ranges[name]
+        what = "TorchScript" if name == "torchscript" else "dynamo"
+        side = f"below {lo}, the lowest" if opset < lo else f"above {hi}, the highest"
+        plan.append((name, None if lo <= opset <= hi else f"{name}: opset {opset} is {side} the {what} exporter writes"))
+    if all(why is not None for _, why in plan):  # pragma: no cover - the two ranges overlap in torch 2.x
+        raise ExportError(f"no exporter writes opset {opset}: " + "; ".join(why for _, why in plan))
+    return plan
+
+
+def _check_written_opset(model: ir.Model, opset: int, name: str) -> None:
+    written = model.opset_imports.get("")
+    if written != opset:
+        why = f"; its conversion from {written} failed for this model, the TorchScript exporter writes {opset} directly" \
+            if name == "dynamo" and written is not None and written > opset else ""
+        raise ExportError(f"the {name} exporter wrote opset {written}, not the requested {opset}{why}")
+
+
+def _describe_inputs(names: Sequence[str], args: Sequence[Any]) -> str:
+    import torch
+
+    parts = []
+    for n, a in zip(names, args):
+        if isinstance(a, torch.Tensor):
+            shape = "x".join(str(d) for d in a.shape) or "scalar"
+            dtype = "" if a.dtype == torch.float32 else ":" + str(a.dtype).removeprefix("torch.")
+            parts.append(f"{n}={shape}{dtype}")
+        else:
+            parts.append(f"{n}={type(a).__name__}")
+    return ", ".join(parts) or "(no inputs)"
+
+
 def _export_dynamo(module, args, names, out_names, axes, opset) -> ir.Model:
     import logging
 
@@ -160,19 +256,30 @@ def _export_torchscript(module, args, names, out_names, axes, opset) -> ir.Model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, buf, dynamo=False, input_names=list(names), output_names=out_names,
-                          dynamic_axes=axes or None, opset_version=min(opset, 20), do_constant_folding=True)
+                          dynamic_axes=axes or None, opset_version=opset, do_constant_folding=True)
     return model_from_bytes(buf.getvalue())
 
 
-def _torch_outputs(module, args) -> list[np.ndarray]:
+def _torch_outputs(module, args, names: Sequence[str] = (), label: str = "the model") -> list[np.ndarray]:
+    """Run the module once on the example inputs (the first time it runs); one-line errors."""
     import torch
 
-    with torch.no_grad():
-        out = module(*args)
+    try:
+        with torch.no_grad():
+            out = module(*args)
+    except SystemExit as e:  # KeyboardInterrupt still propagates
+        raise SpecError(f"{label}: forward exited ({_exit_call(e)}) on inputs {_describe_inputs(names, args)}") from None
+    except Exception as e:
+        raise SpecError(f"{label}: forward failed on inputs {_describe_inputs(names, args)} "
+                        f"({type(e).__name__}: {_first_line(e)})") from e
     if isinstance(out, torch.Tensor):
         out = (out,)
     elif isinstance(out, Mapping):
         out = tuple(out.values())
+    if not isinstance(out, (tuple, list)) or not out or not all(isinstance(o, torch.Tensor) for o in out):
+        got = type(out).__name__ if not isinstance(out, (tuple, list)) else \
+            f"a {type(out).__name__} of {', '.join(sorted({type(o).__name__ for o in out})) or 'nothing'}"
+        raise SpecError(f"{label}: forward returned {got}; export needs a tensor, or a tuple, list or dict of tensors")
     return [o.detach().cpu().numpy() for o in out]
 
 
@@ -181,32 +288,40 @@ def export_model(module: Any, example: Any, out: str | os.PathLike, *,
                  dynamic: Mapping[str, Mapping[int, str]] | None = None,
                  opset: int = DEFAULT_OPSET, exporter: str = "auto",
                  atol: float = 1e-4, rtol: float = 1e-3, protect: Sequence[str | os.PathLike] = (),
-                 auto_order: Sequence[str] = ("dynamo", "torchscript")) -> ExportResult:
+                 auto_order: Sequence[str] = ("dynamo", "torchscript"), source: str | None = None) -> ExportResult:
     """Export ``module`` to ``out`` and check it against torch in onnxruntime.
 
-    ``auto_order`` is the order ``exporter="auto"`` tries the exporters in.
+    ``auto_order`` is the order ``exporter="auto"`` tries the exporters in; an exporter that
+    cannot write ``opset`` (see :func:`opset_ranges`) is skipped, and the reason recorded.
+    ``source`` names the model in errors (the SPEC, for :func:`export_spec`).
     """
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise ExportError(f"unknown exporter {exporter!r}; use auto, dynamo or torchscript")
+    order = {"auto": tuple(auto_order), "dynamo": ("dynamo",), "torchscript": ("torchscript",)}[exporter]
+    plan = _plan_exporters(opset, exporter, order)  # before any export work
     check_output_path(out, protect)  # before minutes of export, not after
     t0 = time.perf_counter()
+    label = source or f"the {type(module).__name__} model"
     module = module.eval()
     names, args = _normalize_example(module, example, input_shapes or {})
-    ref = _torch_outputs(module, args)
+    ref = _torch_outputs(module, args, names, label)
     out_names = ["output"] if len(ref) == 1 else [f"output_{i}" for i in range(len(ref))]
     axes = _dynamic_axes(names, dynamic or {})
-    order = {"auto": tuple(auto_order), "dynamo": ("dynamo",), "torchscript": ("torchscript",)}[exporter]
     fns = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
-    reasons = []
     model = used = None
-    for name in order:
+    reasons: list[str] = []
+    for name, skip in plan:
+        if skip is not None:
+            reasons.append(skip)
+            continue
         try:
-            model = fns[name](module, args, names, out_names, axes, opset)
-            used = name
+            got = fns[name](module, args, names, out_names, axes, opset)
+            _check_written_opset(got, opset, name)
+            model, used = got, name
             break
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            reasons.append(f"{name}: {type(e).__name__}: {first}")
+        except (Exception, SystemExit) as e:  # a forward may exit while traced; KeyboardInterrupt propagates
+            what = _exit_call(e) if isinstance(e, SystemExit) else _first_line(e)
+            reasons.append(f"{name}: {what}" if isinstance(e, ExportError) else f"{name}: {type(e).__name__}: {what}")
     if model is None:
         raise ExportError("export failed with " + "; ".join(reasons))
     diff = _check_parity(model, names, args, ref, atol, rtol)
@@ -236,8 +351,12 @@ def export_spec(spec: str, out: str | os.PathLike, **kwargs: Any) -> ExportResul
     target = spec.rpartition(":")[0]
     if target.endswith(".py"):
         kwargs["protect"] = [*kwargs.get("protect", ()), target]
+    exporter = kwargs.get("exporter", "auto")
+    if exporter in ("auto", "dynamo", "torchscript"):  # refuse the opset before importing anything
+        _plan_exporters(kwargs.get("opset", DEFAULT_OPSET), exporter, ("dynamo", "torchscript"))
     check_output_path(out, kwargs.get("protect", ()))
     module, example = call_factory(load_spec(spec), spec)
+    kwargs.setdefault("source", spec)
     return export_model(module, example, out, **kwargs)
 
 

@@ -7,7 +7,9 @@ with linear warmup and cosine decay over a fixed, seeded sample order; every
 ``checkpoint_every`` steps it writes (atomically) the student, optimizer, scheduler, RNG states
 and the step, with a hash of the configuration and data. ``--resume`` refuses a checkpoint
 whose hash differs and otherwise continues bit-identically to an uninterrupted run (same
-batches, same dropout masks, same updates).
+batches, same dropout masks, same updates). A checkpoint holds tensors and plain values only
+and is read with ``torch.load(weights_only=True)``: a file that would build any other object
+(and so could run code) is refused before anything in it runs.
 
 Early stopping watches fidelity to the teacher on the held-out split: top-1 agreement for
 logits (ties broken by the lower held-out loss), mean cosine for embeddings. The student
@@ -20,6 +22,7 @@ batch, up to float summation order.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -42,7 +45,8 @@ from edgecomp.errors import DataError, DistillError, InputFileError
 
 __all__ = ["DistillConfig", "Setup", "TrainResult", "prepare", "train", "check_resume", "CHECKPOINT_FORMAT"]
 
-CHECKPOINT_FORMAT = 1
+#: 2: every value loads with ``torch.load(weights_only=True)`` (RNG states as tensors and lists).
+CHECKPOINT_FORMAT = 2
 
 #: Options that do not change what is computed: a checkpoint may be resumed with other values.
 #: Sample files are hashed by content (``Samples.fingerprint``), not by path.
@@ -142,6 +146,11 @@ def _check_options(c: DistillConfig) -> None:
             raise DistillError(msg)
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -235,11 +244,16 @@ def prepare(config: DistillConfig) -> Setup:
     args = [probe[n] for n in names]
     student.eval()
     with torch.no_grad():
-        t_out = _first_output(teacher(*args))
+        try:
+            t_out = teacher(*args)
+        except Exception as e:
+            raise DistillError(f"the teacher cannot run on the samples {names}: {type(e).__name__}: {_first_line(e)}") from e
+        t_out = _first_output(t_out)
         try:
             s_out = _first_output(student(*args))
         except Exception as e:
-            raise DistillError(f"the student cannot run on the teacher's inputs {names}: {type(e).__name__}: {e}") from e
+            raise DistillError(f"the student cannot run on the teacher's inputs {names}: {type(e).__name__}: "
+                               f"{_first_line(e)}") from e
     if s_out.shape != t_out.shape:
         if c.project and s_out.dim() == 2 and t_out.dim() == 2:
             student = _Projected(student, s_out.shape[1], t_out.shape[1])
@@ -286,13 +300,27 @@ def _freeze_unused(student: nn.Module, args: list[torch.Tensor]) -> None:
 # --- checkpoints ------------------------------------------------------------------------------
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The RNG states as tensors and plain values, so a checkpoint loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": int(version), "internal": [int(v) for v in internal],
+                       "gauss_next": None if gauss_next is None else float(gauss_next)}}
 
 
 def _set_rng_state(s: Mapping[str, Any]) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    n = s["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    py = s["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+
+
+#: What a checkpoint holds (all tensors, containers of tensors, or plain values).
+_CHECKPOINT_KEYS = ("format", "config_hash", "config", "step", "model", "optimizer", "scheduler", "rng", "best_key",
+                    "best_step", "best_state", "bad_evals", "history", "stopped")
 
 
 def check_resume(path: str | os.PathLike, setup: Setup) -> dict[str, Any]:
@@ -300,12 +328,17 @@ def check_resume(path: str | os.PathLike, setup: Setup) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise InputFileError(f"no checkpoint at {p} to resume from; run without --resume (or give --checkpoint)")
+    # weights_only: the file may hold only tensors and plain values; a pickle that would build any
+    # other object (and so could run code) is refused before anything in it runs.
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DistillError(f"cannot read checkpoint {p} ({type(e).__name__}); delete it and start again") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise DistillError(f"{p} is not an edgecomp distill checkpoint; delete it or give another --checkpoint")
+        raise DistillError(f"cannot read checkpoint {p} as tensors and plain values ({type(e).__name__}; an older "
+                           "edgecomp's checkpoint or not a checkpoint, nothing in it was run); delete it and start again") from e
+    if (not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT
+            or any(k not in ckpt for k in _CHECKPOINT_KEYS) or not isinstance(ckpt["config"], dict)):
+        raise DistillError(f"{p} is not an edgecomp distill checkpoint of format {CHECKPOINT_FORMAT}; "
+                           "delete it or give another --checkpoint")
     if ckpt["config_hash"] != setup.config_hash:
         now = setup.config.hashed()
         diff = sorted(k for k in set(now) | set(ckpt["config"]) if now.get(k) != ckpt["config"].get(k))
@@ -313,6 +346,16 @@ def check_resume(path: str | os.PathLike, setup: Setup) -> dict[str, Any]:
         raise DistillError(f"checkpoint {p} was written by another configuration ({what}); "
                            "resume with the same options and data, or start again without --resume")
     return ckpt
+
+
+@contextlib.contextmanager
+def _damaged(path: Path):
+    """A checkpoint that loads but whose values do not fit this run: one line, not a traceback."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise DistillError(f"checkpoint {path} is damaged or does not fit this run ({type(e).__name__}: "
+                           f"{_first_line(e)[:200]}); delete it and start again") from e
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -443,18 +486,21 @@ def _train(c: DistillConfig, setup: Setup, resume: bool, callback) -> TrainResul
     step, best_key, best_step, best_state, bad, history, stopped = 0, None, None, None, 0, [], False
     rng_states = None
     if ckpt is not None:
-        student.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        step, best_step, bad, history, stopped = ckpt["step"], ckpt["best_step"], ckpt["bad_evals"], ckpt["history"], ckpt["stopped"]
-        best_key = tuple(ckpt["best_key"]) if ckpt["best_key"] is not None else None
-        best_state = ckpt["best_state"]
-        rng_states = ckpt["rng"]
+        with _damaged(ckpt_path):
+            student.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            step, best_step, bad, history, stopped = (int(ckpt["step"]), ckpt["best_step"], int(ckpt["bad_evals"]),
+                                                      list(ckpt["history"]), bool(ckpt["stopped"]))
+            best_key = tuple(ckpt["best_key"]) if ckpt["best_key"] is not None else None
+            best_state = ckpt["best_state"]
+            rng_states = list(ckpt["rng"])
     model = student
     if world > 1:
         model = nn.parallel.DistributedDataParallel(student)
     if rng_states is not None:
-        _set_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
+        with _damaged(ckpt_path):
+            _set_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
 
     taps_s = _HiddenTaps(student, [j for j, _ in setup.hidden_pairs]) if setup.hidden_pairs else None
     taps_t = _HiddenTaps(teacher, [i for _, i in setup.hidden_pairs]) if setup.hidden_pairs else None
