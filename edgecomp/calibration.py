@@ -108,7 +108,8 @@ def _run_activations(session_factory, names: Sequence[str], feeds: Iterable[Mapp
     out_names = [o.name for o in session.get_outputs()]
     idx = [out_names.index(n) for n in names]
     total = len(feeds) if hasattr(feeds, "__len__") else None
-    for feed in tqdm(feeds, total=total, desc=progress, disable=progress is None, leave=False, unit="sample"):
+    # disable=None: no bar when stderr is not a terminal (CI logs, captured output)
+    for feed in tqdm(feeds, total=total, desc=progress, disable=None if progress else True, leave=False, unit="sample"):
         outs = session.run(None, dict(feed))
         yield {n: outs[i] for n, i in zip(names, idx)}
 

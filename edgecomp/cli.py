@@ -39,12 +39,26 @@ class _Group(click.Group):
         with _library_logging(debug):
             try:
                 return super().invoke(ctx)
+            except click.exceptions.NoArgsIsHelpError:
+                raise
+            except click.UsageError as e:
+                raise _UsageLine(e) from None
             except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
                 raise
             except Exception as e:
                 if debug:
                     raise
                 raise click.ClickException(_one_line(e)) from None
+
+
+class _UsageLine(click.ClickException):
+    """A usage error as one line (click prints usage and a hint around it otherwise)."""
+
+    exit_code = 2
+
+    def __init__(self, e: click.UsageError):
+        cmd = e.ctx.command_path if e.ctx else "edgecomp"
+        super().__init__(f"{e.format_message()} (see '{cmd} --help')")
 
 
 def _one_line(e: Exception) -> str:
@@ -353,7 +367,8 @@ def distill(teacher, output, teacher_hf, student, shrink, project, data, text, t
 @click.option("--fusions", type=click.Choice(["none", "bert"]), default="none", show_default=True,
               help="Also apply onnxruntime's transformer fusions (Attention, SkipLayerNorm, BiasGelu).")
 @click.option("--no-fold", is_flag=True, help="Skip constant folding / BatchNorm folding.")
-def optimize(model, output, fusions, no_fold):
+@_json_option
+def optimize(model, output, fusions, no_fold, json_path):
     """Clean up a graph: fold constants and BatchNorms, optionally fuse transformer blocks.
 
     Example:
@@ -370,6 +385,7 @@ def optimize(model, output, fusions, no_fold):
     save_model(result.model, output, inputs=[model])
     click.echo(rpt.render_pass(result))
     click.echo(f"wrote {output}")
+    _write_json(json_path, result.to_json())
 
 
 @cli.command()

@@ -379,8 +379,8 @@ def hf_encoder(path: str | os.PathLike, output: str = "embeddings", seq_len: int
     # Eager attention exports as plain MatMul/Softmax, which onnxruntime runs faster at batch 1
     # than the SDPA export and which the quantizer and pruner can read.
     try:
-        encoder = AutoModel.from_pretrained(str(p), local_files_only=True, attn_implementation="eager").eval()
-        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        encoder = AutoModel.from_pretrained(str(p), local_files_only=True, trust_remote_code=False, attn_implementation="eager").eval()
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
     except Exception as e:
         raise SpecError(f"cannot load a Hugging Face encoder and tokenizer from {p}: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}") from e

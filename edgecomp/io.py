@@ -71,7 +71,11 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         ) from e
     if not proto.graph.node and not proto.graph.output:
         raise ModelLoadError(f"{p} parsed but holds no graph; is it really an ONNX model?")
-    return ir.from_proto(proto)
+    try:
+        return ir.from_proto(proto)
+    except Exception as e:  # onnx-ir's SerdeError on graphs it cannot represent
+        raise ModelLoadError(f"{p} cannot be read as an ONNX graph ({first_line(e)}); check it with "
+                             "onnx.checker or export it again") from e
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:

@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from edgecomp.errors import DataError, InputFileError
+from edgecomp.io import first_line
 
 __all__ = ["load_tokenizer", "tokenize", "write_token_data", "docstring_sentences", "read_lines", "STDLIB_MODULES"]
 
@@ -86,9 +87,9 @@ def load_tokenizer(path: str | os.PathLike):
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
     except Exception as e:
-        raise DataError(f"cannot load a tokenizer from {p}: {type(e).__name__}: {e}") from e
+        raise DataError(f"cannot load a tokenizer from {p}: {type(e).__name__}: {first_line(e)}") from e
 
 
 def tokenize(tokenizer, texts: Iterable[str], max_len: int = 128, pad_to: int | None = None) -> list[dict[str, np.ndarray]]:
