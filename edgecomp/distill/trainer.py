@@ -508,7 +508,8 @@ def _train(c: DistillConfig, setup: Setup, resume: bool, callback) -> TrainResul
     if c.progress and rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=step, unit="step", desc="distilling", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=step, unit="step", desc="distilling", dynamic_ncols=True,
+                   disable=None)  # no bar when stderr is not a terminal
     resumed_from = step if ckpt is not None else None
     student.train()
     local = c.batch_size // world
