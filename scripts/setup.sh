@@ -10,3 +10,7 @@ fi
 # resolving any other build.
 python -m pip install -q --disable-pip-version-check torch==2.13.0
 python -m pip install -q --disable-pip-version-check -e ".[hf,data,dev,sweep]"
+# Real third-party models for the zoo tests and scripts/bench_zoo.py: silero-vad ships ONNX files
+# (If subgraphs, LSTM, 1-D convs), facenet-pytorch the MTCNN P/R/O-Net weights. --no-deps: their
+# pins (torchaudio, torchvision, old numpy) would replace the CPU torch.
+python -m pip install -q --disable-pip-version-check --no-deps silero-vad==6.2.3 facenet-pytorch==2.6.0
