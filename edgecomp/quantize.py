@@ -40,7 +40,8 @@ from edgecomp.runtime import make_session, run_feed
 from edgecomp.targets import Isa, host_isa
 
 __all__ = ["QuantizeOptions", "Layer", "QuantizeResult", "Evaluator", "find_layers", "calibrate", "make_plan",
-           "build", "choose_families", "fit_tolerance", "quantize_model", "quantize_dynamic_ort", "METRICS", "ALPHAS"]
+           "build", "choose_families", "fit_tolerance", "quantize_model", "quantize_dynamic_ort",
+           "compile_patterns", "METRICS", "ALPHAS"]
 
 METRICS = ("cosine", "top1", "mae")
 ALPHAS = (0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
@@ -83,6 +84,20 @@ class QuantizeOptions:
             bad = set(self.families.split(",")) - set(FAMILIES)
             if bad:
                 raise ConfigError(f"unknown op families {sorted(bad)}; use {', '.join(FAMILIES)}, auto or all")
+        compile_patterns(self.exclude, "exclude pattern")
+
+
+def compile_patterns(patterns: Sequence[str], what: str) -> list[re.Pattern]:
+    """``patterns`` compiled, or one line naming the first that is not a valid regular expression."""
+    compiled = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise ConfigError(f"{what} {p!r} is not a string; give regular expressions as text")
+        try:
+            compiled.append(re.compile(p))
+        except re.error as e:
+            raise ConfigError(f"{what} {p!r} is not a valid regular expression ({e})") from None
+    return compiled
 
 
 def _number(value: Any) -> float:
@@ -510,7 +525,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     cleanup = run_pass(OptimizeGraphPass(), model)
     ir.passes.common.NameFixPass()(model)
     layers, skipped = find_layers(model)
-    excluded = [l for l in layers if any(re.search(p, l.node) for p in opts.exclude)]
+    exclude = compile_patterns(opts.exclude, "exclude pattern")
+    excluded = [l for l in layers if any(p.search(l.node) for p in exclude)]
     layers = [l for l in layers if l not in excluded]
     if not layers:
         raise PassFailed("no quantizable layer (MatMul/Gemm with constant weights or 2-D Conv) in the model")

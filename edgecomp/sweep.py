@@ -6,6 +6,10 @@ task (a local Ray instance by default, an existing cluster with ``address``). As
 finishes, ``sweep.json`` is rewritten and, if it is the best so far (gates passed first, then
 higher accuracy/fidelity, then lower latency), its model is copied to ``OUTDIR/best.onnx`` —
 atomically, so an interrupted sweep keeps the best artifact found until then.
+
+An ``address`` is checked before OUTDIR is touched: malformed, unresolvable, refused, or silent
+within ``connect_timeout`` seconds (a plain TCP connect, then an HTTP/2 greeting that a Ray
+head's gRPC port answers), each is one line instead of Ray's minutes of connect retries.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import dataclasses
 import itertools
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,7 +27,7 @@ from edgecomp.errors import ConfigError
 from edgecomp.io import check_output_dir
 from edgecomp.recipe import Recipe, apply_override
 
-__all__ = ["parse_grid", "expand", "run_sweep", "SweepResult"]
+__all__ = ["parse_grid", "expand", "run_sweep", "SweepResult", "parse_address", "probe_ray"]
 
 
 def _value(text: str) -> Any:
@@ -89,6 +95,95 @@ def _better(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
     return ka > kb
 
 
+def parse_address(address: str | None) -> tuple[str, int] | None:
+    """(host, port) of a Ray cluster address ``HOST:PORT`` (or ``ray://HOST:PORT``, ``[::1]:PORT``);
+    None for a local instance (no address, ``local`` or ``auto``, which Ray resolves itself)."""
+    if address is None or address.strip() in ("local", "auto"):
+        return None
+    text = address.strip()
+    text = text[len("ray://"):] if text.startswith("ray://") else text
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or "/" in text or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"bad Ray address {address!r}; write HOST:PORT of the head node (e.g. 10.0.0.5:6379), "
+                          "or leave it out to start a local Ray")
+    return host, int(port)
+
+
+# The HTTP/2 client preface; a gRPC server (a Ray GCS or Ray client server) answers with a SETTINGS frame.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _as_ray_dials(address: str, host: str, port: int) -> tuple[str, int]:
+    """The host Ray itself connects to: it replaces localhost by this node's IP (not for ray://)."""
+    if address.strip().startswith("ray://"):
+        return host, port
+    try:
+        from ray._private.services import resolve_ip_for_localhost
+
+        return resolve_ip_for_localhost(host), port
+    except Exception:  # a private helper; without it, probe the address as given
+        return host, port
+
+
+def _ray_init(ray, init: dict[str, Any], address: str | None) -> None:
+    """``ray.init``; connecting to ``address``, one attempt of Ray's GCS connect loop (the address was
+    probed already; its default is 20 attempts of about 40 s) and a failure in one line."""
+    if address is None:
+        ray.init(**init)
+        return
+    key = "RAY_gcs_server_port_wait_time_s"  # read by ray.init at call time: its number of connect attempts
+    saved = os.environ.get(key)
+    if saved is None:
+        os.environ[key] = "1"
+    try:
+        ray.init(**init)
+    except (ConnectionError, RuntimeError, TimeoutError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ConfigError(f"cannot connect to the Ray cluster at {address} ({first}); check that a Ray "
+                          "cluster of the same Ray version runs there, or drop --address") from None
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+
+
+def probe_ray(host: str, port: int, timeout: float = 30.0, shown: str | None = None) -> None:
+    """Refuse, within ``timeout`` seconds, an address where no Ray cluster answers.
+
+    ``ray.init`` retries a dead address for many minutes; this opens a plain TCP connection and
+    checks that a gRPC server (what a Ray head listens with) answers there. With TLS
+    (``RAY_USE_TLS``) only the TCP connection is checked.
+    """
+    where = shown or f"{host}:{port}"
+    hint = "start one with 'ray start --head' or drop --address"
+    deadline = time.monotonic() + timeout
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except socket.gaierror as e:
+        raise ConfigError(f"cannot resolve the Ray cluster host {host!r} ({e.strerror}); check the address or drop --address") from None
+    except (socket.timeout, TimeoutError):
+        raise ConfigError(f"cannot reach a Ray cluster at {where} within {timeout:g} s; {hint}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot reach a Ray cluster at {where} ({e.strerror or type(e).__name__}); {hint}") from None
+    with sock:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.1))
+            sock.sendall(_H2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                chunk = sock.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+        except OSError:  # includes timeouts
+            head = b""
+    if len(head) < 9 or head[3] != 0x04:  # frame type 4: SETTINGS
+        raise ConfigError(f"{where} accepts connections but no Ray cluster answers there within {timeout:g} s; "
+                          "give the head node's GCS port (default 6379), or drop --address to start a local Ray")
+
+
 def _convert_variant(index: int, overrides, recipe, source, outdir, kwargs) -> dict[str, Any]:
     from edgecomp.convert import convert
 
@@ -98,10 +193,19 @@ def _convert_variant(index: int, overrides, recipe, source, outdir, kwargs) -> d
 
 def run_sweep(source, recipe: Recipe, grid: dict[str, list[Any]], outdir: str | os.PathLike, *,
               address: str | None = None, max_parallel: int = 2, overwrite: bool = False,
+              connect_timeout: float = 30.0,
               on_result: Callable[[dict[str, Any]], None] | None = None, **convert_kwargs: Any) -> SweepResult:
+    """Run every variant of ``grid`` on Ray into ``outdir`` (see the module docstring).
+
+    With ``address``, the cluster must answer within ``connect_timeout`` seconds (checked before
+    OUTDIR is touched); Ray itself would retry for many minutes.
+    """
     from edgecomp.html_report import html_table, tradeoff_svg
     from edgecomp.io import write_json, write_text
 
+    if not connect_timeout > 0:  # also refuses NaN
+        raise ConfigError(f"connect_timeout must be > 0 seconds, got {connect_timeout!r}")
+    hostport = parse_address(address)
     variants = expand(recipe, grid)
     data = [convert_kwargs.get(k) for k in ("calibration", "eval_data", "labels", "text", "tokenizer")]
     out = check_output_dir(outdir, [*data, source.hf, source.spec_file()], overwrite)
@@ -109,15 +213,21 @@ def run_sweep(source, recipe: Recipe, grid: dict[str, list[Any]], outdir: str | 
         import ray
     except ImportError as e:
         raise ConfigError("sweep needs Ray: pip install 'edgecomp[sweep]'") from e
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir()
+    if hostport:
+        probe_ray(*_as_ray_dials(address, *hostport), timeout=connect_timeout, shown=address.strip())
     env = {"PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     init = dict(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                 runtime_env={"env_vars": env})
     if address is None:
         init["num_cpus"] = max_parallel
-    ray.init(**init)
+    _ray_init(ray, init, address)  # before OUTDIR is replaced: a cluster that cannot be reached leaves it alone
+    try:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir()
+    except BaseException:
+        ray.shutdown()
+        raise
     task = ray.remote(num_cpus=1, max_retries=0)(_convert_variant)
     kwargs = dict(convert_kwargs, overwrite=False)
     pending = {task.remote(i, ov, r, source, str(out), kwargs): i for i, (ov, r) in enumerate(variants, 1)}

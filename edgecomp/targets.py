@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import re
 import tomllib
 from pathlib import Path
 
 from edgecomp.errors import ConfigError, InputFileError
 
-__all__ = ["Isa", "TargetProfile", "BUILTIN_PROFILES", "host_isa", "load_profiles", "get_profile"]
+__all__ = ["Isa", "TargetProfile", "BUILTIN_PROFILES", "ARCHES", "host_isa", "load_profiles", "get_profile"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,33 +90,99 @@ def host_isa() -> Isa:
     )
 
 
+#: Architectures whose int8 kernel choice this module understands (see :class:`Isa`).
+ARCHES = ("x86_64", "aarch64")
+_ISA_FLAGS = {"avx2": "x86_64", "avx512": "x86_64", "vnni": "x86_64", "arm_dot": "aarch64"}
+_PROFILE_KEYS = ("description", "threads", "pin", "isa")
+_PIN = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
+
+
 def load_profiles(path: str | os.PathLike | None = None) -> dict[str, TargetProfile]:
-    """Built-in profiles plus those in a user TOML file (``[profile.NAME]`` tables)."""
+    """Built-in profiles plus those in a user TOML file (``[profile.NAME]`` tables).
+
+    Every value is checked here, so a bad file fails with one line naming the file, the profile
+    and the key before anything is measured.
+    """
     profiles = dict(BUILTIN_PROFILES)
     if path is None:
         return profiles
     p = Path(path)
-    if not p.is_file():
-        raise InputFileError(f"target profile file not found: {p}")
-    try:
-        doc = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p} is not valid TOML: {e}") from e
+    doc = _read_toml(p, "target profile file")
+    shape = "profiles are tables: [profile.NAME] with threads, pin, description, [profile.NAME.isa]"
+    extra = sorted(set(doc) - {"profile"})
+    if extra:
+        raise ConfigError(f"{p}: unknown top-level key(s) {extra}; {shape}")
     profiles_doc = doc.get("profile", {})
     if not isinstance(profiles_doc, dict) or not all(isinstance(t, dict) for t in profiles_doc.values()):
-        raise ConfigError(f"{p}: profiles are tables: [profile.NAME] with threads, pin, description, [profile.NAME.isa]")
+        raise ConfigError(f"{p}: {shape}")
     for name, t in profiles_doc.items():
-        isa = t.get("isa", {})
-        if not isinstance(t.get("threads", 1), int) or not isinstance(isa, dict):
-            raise ConfigError(f"{p}: profile {name!r}: threads must be an integer and isa a table")
-        unknown = set(isa) - {"arch", "avx2", "avx512", "vnni", "arm_dot"}
-        if unknown:
-            raise ConfigError(f"{p}: profile {name!r} has unknown isa keys {sorted(unknown)}")
-        profiles[name] = TargetProfile(
-            name=name, description=t.get("description", ""), threads=int(t.get("threads", 1)),
-            isa=Isa(**{"arch": "x86_64", **isa}), pin=t.get("pin"),
-        )
+        profiles[name] = _parse_profile(p, name, t)
     return profiles
+
+
+def _parse_profile(p: Path, name: str, t: dict) -> TargetProfile:
+    where = f"{p}: profile {name!r}"
+    unknown = sorted(set(t) - set(_PROFILE_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(_PROFILE_KEYS)}")
+    description = t.get("description", "")
+    if not isinstance(description, str):
+        raise ConfigError(f"{where}: description must be a string, got {description!r}")
+    threads = t.get("threads", 1)
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ConfigError(f"{where}: threads must be an integer >= 1, got {threads!r}")
+    pin = t.get("pin")
+    if isinstance(pin, int) and not isinstance(pin, bool) and pin >= 0:
+        pin = str(pin)
+    if pin is not None and not (isinstance(pin, str) and _valid_pin(pin)):
+        raise ConfigError(f"{where}: pin must be a CPU list like \"0\", \"0-3\" or \"0,2\", got {pin!r}")
+    isa = t.get("isa", {})
+    if not isinstance(isa, dict):
+        raise ConfigError(f"{where}: isa must be a table ([profile.{name}.isa] with arch and feature flags), "
+                          f"got {isa!r}")
+    unknown = sorted(set(isa) - {"arch", *_ISA_FLAGS})
+    if unknown:
+        raise ConfigError(f"{where} has unknown isa keys {unknown}; valid: arch, {', '.join(_ISA_FLAGS)}")
+    arch = isa.get("arch", "x86_64")
+    if arch not in ARCHES:
+        raise ConfigError(f"{where}: isa.arch must be one of {', '.join(ARCHES)}, got {arch!r}")
+    for flag, flag_arch in _ISA_FLAGS.items():
+        value = isa.get(flag, False)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: isa.{flag} must be true or false, got {value!r}")
+        if value and arch != flag_arch:
+            raise ConfigError(f"{where}: isa.{flag} is an {flag_arch} feature, but isa.arch is {arch}")
+    return TargetProfile(name=name, description=description, threads=threads, isa=Isa(**{**isa, "arch": arch}),
+                         pin=pin)
+
+
+def _valid_pin(spec: str) -> bool:
+    if not _PIN.fullmatch(spec.replace(" ", "")):
+        return False
+    for part in spec.replace(" ", "").split(","):
+        lo, _, hi = part.partition("-")
+        if hi and int(hi) < int(lo):
+            return False
+    return True
+
+
+def _read_toml(p: Path, what: str) -> dict:
+    """The parsed TOML of ``p``; every way the file cannot be read becomes one line."""
+    if p.is_dir():
+        raise InputFileError(f"{what} {p} is a directory; give a TOML file")
+    if not p.exists():
+        raise InputFileError(f"{what} not found: {p}")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p} is not a UTF-8 text file (TOML expected); give the TOML file") from None
+    except OSError as e:
+        raise InputFileError(f"cannot read {what} {p}: {e.strerror or type(e).__name__}; "
+                             "check that it is a readable file") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p} is not valid TOML: {e}") from None
 
 
 def get_profile(name: str, path: str | os.PathLike | None = None) -> TargetProfile:
