@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from edgecomp.data import Dataset, Feed, input_specs, synthesize_feed
+from edgecomp.data import Dataset, Feed, feed_defaults, image_size_hint, input_specs, synthesize_feed
 from edgecomp.errors import ConfigError
 from edgecomp.io import load_model, model_bytes, model_size_bytes
 from edgecomp.runtime import make_session, run_feed
@@ -50,6 +50,7 @@ class BenchResult:
     runs: int
     feed_shapes: dict[str, list[int]]
     models: list[LatencyStats]
+    feed_defaults: list[str] = dataclasses.field(default_factory=list)  # sizes assumed for symbolic dims
 
 
 def pin_cpus(spec: str) -> list[int]:
@@ -75,20 +76,24 @@ def _cpu_range(part: str) -> range:
 
 def benchmark(paths: Sequence[str | os.PathLike | ir.Model], threads: int = 1, warmup: int = 10, runs: int = 50,
               feed: Feed | None = None, shapes: Mapping[str, Sequence[int]] | None = None,
-              labels: Sequence[str] | None = None) -> BenchResult:
+              labels: Sequence[str] | None = None, values: Mapping[str, np.ndarray] | None = None) -> BenchResult:
     """Median-of-``runs`` latency of each model, interleaved, on one shared feed.
 
     Models are files or in-memory ``ir.Model`` (then ``labels`` names them and the size is the
     serialized size). The feed is synthesized from the first model's inputs (``shapes`` fills
-    symbolic dims) unless given; every model must accept it.
+    symbolic dims, ``values`` fixes inputs, the rest get documented defaults) unless given; every
+    model must accept it.
     """
     if runs < 1 or warmup < 0:
         raise ConfigError("--runs must be >= 1 and --warmup >= 0")
     models = [p if isinstance(p, ir.Model) else load_model(p) for p in paths]
     labels = list(labels) if labels else [str(p) for p in paths]
     sizes = [len(model_bytes(m)) if isinstance(p, ir.Model) else model_size_bytes(p) for p, m in zip(paths, models)]
+    assumed: list[str] = []
     if feed is None:
-        feed = synthesize_feed(input_specs(models[0]), shapes)
+        specs, image = input_specs(models[0]), image_size_hint(models[0])
+        feed = synthesize_feed(specs, shapes, values=values, image_size=image)
+        assumed = feed_defaults(specs, shapes, values, image)
     sessions = [make_session(m, threads=threads) for m in models]
     del models
     for s in sessions:
@@ -104,7 +109,7 @@ def benchmark(paths: Sequence[str | os.PathLike | ir.Model], threads: int = 1, w
     stats = [LatencyStats.from_times(lab, size, t, batch) for lab, size, t in zip(labels, sizes, times)]
     for s in stats:
         s.ratio_to_first = s.p50_ms / stats[0].p50_ms
-    return BenchResult(threads, warmup, runs, {k: list(v.shape) for k, v in feed.items()}, stats)
+    return BenchResult(threads, warmup, runs, {k: list(v.shape) for k, v in feed.items()}, stats, assumed)
 
 
 def first_feed(data: str | os.PathLike, model: ir.Model | str | os.PathLike | None = None) -> Feed:

@@ -195,6 +195,17 @@ def _training_threads_option(f):
     return _threads_option(f, help="torch threads for training (default: all cores); onnxruntime checks use 1.")
 
 
+def _value_option(f):
+    return click.option("--value", "values", multiple=True, metavar="NAME=V[,V...]",
+                        help="Fix an input's value, e.g. sr=16000 (one value fills the input; repeatable).")(f)
+
+
+def _parse_values(values) -> dict:
+    from edgecomp.data import parse_value
+
+    return dict(parse_value(v) for v in values)
+
+
 def _parse_shapes(values, what="--shape"):
     from edgecomp.data import parse_shape
     from edgecomp.errors import DataError
@@ -302,7 +313,7 @@ def export(spec, output, hf_path, hf_output, inputs, dynamic, opset, exporter, a
 @click.option("--max-steps", type=click.IntRange(1), help="Stop after this many steps (overrides --epochs).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Global batch size.")
 @click.option("--lr", type=_POSITIVE, default=1e-3, show_default=True, help="AdamW peak learning rate (cosine decay).")
-@click.option("--held-out", type=_FRACTION, default=0.1, show_default=True,
+@click.option("--held-out", type=_Number(0, 1, high_open=True), default=0.1, show_default=True,
               help="Fraction held out for early stopping and validation.")
 @click.option("--eval-every", type=click.IntRange(1), help="Steps between held-out evaluations (default: each epoch).")
 @click.option("--patience", type=click.IntRange(1), default=3, show_default=True,
@@ -395,11 +406,13 @@ def optimize(model, output, fusions, no_fold, json_path):
 @click.option("--runs", type=click.IntRange(1), default=50, show_default=True, help="Timed runs per model.")
 @click.option("--pin", metavar="CPUS", help="Pin to CPUs, e.g. 0 or 0-1.")
 @click.option("--data", type=click.Path(), help="DATA whose first sample is the feed (else synthesized).")
-@click.option("--shape", "shapes", multiple=True, metavar="NAME=SHAPE", help="Shape for symbolic dims, e.g. input_ids=1x128.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=SHAPE",
+              help="Shape for symbolic dims, e.g. input_ids=1x128 (default: batch 1, sequence 128, images 224).")
+@_value_option
 @click.option("--target", help="Target profile (threads, pinning); see `edgecomp targets`.")
 @click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
 @_json_option
-def bench(models, threads, warmup, runs, pin, data, shapes, target, targets_file, json_path):
+def bench(models, threads, warmup, runs, pin, data, shapes, values, target, targets_file, json_path):
     """Measure onnxruntime CPU latency; several models run interleaved (A B A B ...).
 
     Prints p50/p90/p99, throughput and each model's ratio to the first.
@@ -422,7 +435,8 @@ def bench(models, threads, warmup, runs, pin, data, shapes, target, targets_file
     threads = threads or (profile.threads if profile else 1)
     feed = first_feed(data, models[0]) if data else None
     shape_map = {k: v[0] for k, v in _parse_shapes(shapes).items()}
-    result = benchmark(models, threads=threads, warmup=warmup, runs=runs, feed=feed, shapes=shape_map)
+    result = benchmark(models, threads=threads, warmup=warmup, runs=runs, feed=feed, shapes=shape_map,
+                       values=_parse_values(values))
     click.echo(rpt.render_bench(result, profile))
     _write_json(json_path, {"host_isa": rpt.host_line(profile), **rpt.to_jsonable(result)})
 
@@ -453,10 +467,12 @@ def validate(reference, candidate, data, labels, threads, json_path):
 
 @cli.command()
 @click.argument("model", type=click.Path())
-@click.option("--shape", "shapes", multiple=True, metavar="NAME=SHAPE", help="Shape for symbolic dims when counting MACs.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=SHAPE",
+              help="Shape for symbolic dims when counting MACs (default: batch 1, sequence 128, images 224).")
+@_value_option
 @click.option("--no-macs", is_flag=True, help="Skip running the model to count MACs.")
 @_json_option
-def inspect(model, shapes, no_macs, json_path):
+def inspect(model, shapes, values, no_macs, json_path):
     """Show ops, parameters by dtype, estimated MACs (and the share in int8), opset and I/O.
 
     Example:
@@ -468,7 +484,7 @@ def inspect(model, shapes, no_macs, json_path):
 
     m = load_model(model)
     shape_map = {k: v[0] for k, v in _parse_shapes(shapes).items()}
-    summary = summarize(m, shape_map, probe=not no_macs)
+    summary = summarize(m, shape_map, probe=not no_macs, values=_parse_values(values))
     click.echo(rpt.render_summary(summary))
     summary.probe_shapes = {}
     _write_json(json_path, summary)
@@ -718,10 +734,11 @@ def targets(targets_file):
     """
     from edgecomp.targets import host_isa, load_profiles
 
+    profiles = load_profiles(targets_file)
     isa = host_isa()
     click.echo(rpt.host_line(isa=isa))
     rows = [{"name": p.name, "threads": p.threads, "ISA": p.isa.describe(), "matches host": p.matches_host(isa),
-             "description": p.description} for p in load_profiles(targets_file).values()]
+             "description": p.description} for p in profiles.values()]
     click.echo(rpt.table(rows))
 
 
@@ -820,10 +837,12 @@ def recipes(show_options):
 @click.option("--target", help="Target profile.")
 @click.option("--targets-file", type=click.Path())
 @click.option("--address", help="Address of an existing Ray cluster (default: start a local one).")
+@click.option("--connect-timeout", type=_POSITIVE, default=30.0, show_default=True,
+              help="Seconds to wait for the --address cluster before giving up.")
 @click.option("--max-parallel", type=click.IntRange(1), default=2, show_default=True, help="Local Ray CPUs.")
 @click.option("--overwrite", is_flag=True)
 def sweep(spec, recipe, grid, outdir, hf_path, calibration, eval_data, labels, text, tokenizer, target, targets_file,
-          address, max_parallel, overwrite):
+          address, connect_timeout, max_parallel, overwrite):
     """Evaluate recipe variants in parallel on Ray and report the Pareto front.
 
     The best artifact so far is kept in OUTDIR/best.onnx as variants finish, also when interrupted.
@@ -840,7 +859,8 @@ def sweep(spec, recipe, grid, outdir, hf_path, calibration, eval_data, labels, t
 
     source = _convert_source(spec, hf_path)
     profile = get_profile(target, targets_file) if target else None
-    res = run_sweep(source, load_recipe(recipe), parse_grid(grid), outdir, address=address, max_parallel=max_parallel,
+    res = run_sweep(source, load_recipe(recipe), parse_grid(grid), outdir, address=address,
+                    connect_timeout=connect_timeout, max_parallel=max_parallel, protect=[p for p in (targets_file,) if p],
                     overwrite=overwrite, calibration=calibration, eval_data=eval_data, labels=labels, text=text,
                     tokenizer=tokenizer, target=profile,
                     on_result=lambda d: click.echo(f"{d['variant']} done: latency {d.get('latency')}, "

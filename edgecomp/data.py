@@ -28,6 +28,10 @@ __all__ = [
     "check_label_range",
     "parse_shape",
     "synthesize_feed",
+    "feed_defaults",
+    "image_size_hint",
+    "default_shape",
+    "parse_value",
     "save_npz",
 ]
 
@@ -81,26 +85,67 @@ def parse_shape(text: str) -> tuple[tuple[int, ...], np.dtype | None]:
     return tuple(int(s) for s in shape_part.split("x")), dtype
 
 
+#: Sizes ``synthesize_feed`` gives symbolic dims no ``--shape`` fixes (printed with every feed).
+DEFAULT_BATCH, DEFAULT_SEQUENCE, DEFAULT_IMAGE = 1, 128, 224
+
+
+def default_shape(spec: InputSpec, image_size: int | None = None) -> tuple[tuple[int, ...], list[str]]:
+    """A concrete shape for ``spec`` and what was assumed: batch 1 for a symbolic leading dim,
+    the image size (metadata, else 224) for the spatial dims of a 4-D float input, and 128
+    (a sequence length) for any other symbolic dim."""
+    shape, notes = [], []
+    for axis, dim in enumerate(spec.dims):
+        if isinstance(dim, int):
+            shape.append(dim)
+            continue
+        if axis == 0:
+            size, what = DEFAULT_BATCH, "batch"
+        elif len(spec.dims) == 4 and axis >= 2 and np.issubdtype(spec.dtype, np.floating):
+            size, what = image_size or DEFAULT_IMAGE, "image side"
+        else:
+            size, what = DEFAULT_SEQUENCE, "sequence"
+        shape.append(size)
+        notes.append(f"{what} {size}")
+    return tuple(shape), notes
+
+
+def image_size_hint(model: ir.Model) -> int | None:
+    """An image side recorded in the model's metadata (``image_size``, ``img_size``, ``input_size``)."""
+    for key, value in model.metadata_props.items():
+        if key.lower() in ("image_size", "img_size", "input_size", "imagesize"):
+            digits = re.findall(r"\d+", str(value))
+            if digits and 0 < int(digits[-1]) <= 8192:
+                return int(digits[-1])
+    return None
+
+
 def synthesize_feed(specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int]] | None = None,
-                    seed: int = 0) -> Feed:
-    """Random inputs that fit ``specs``; ``shapes`` fills symbolic dims (``--shape NAME=1x128``).
+                    seed: int = 0, values: Mapping[str, np.ndarray] | None = None,
+                    image_size: int | None = None) -> Feed:
+    """Random inputs that fit ``specs``; ``shapes`` fills symbolic dims (``--shape NAME=1x128``),
+    ``values`` fixes whole inputs (``--value sr=16000``); other symbolic dims get
+    :func:`default_shape`'s sizes.
 
     Float inputs are standard normal, integer inputs small non-negative ids (masks get ones), so
     the same feed works for CNNs and token models alike.
     """
-    shapes = dict(shapes or {})
-    unknown = set(shapes) - {s.name for s in specs}
-    if unknown:
-        raise DataError(f"--shape names unknown input(s) {sorted(unknown)}; the model's inputs are "
-                        f"{[s.name for s in specs]}")
+    shapes, values = dict(shapes or {}), dict(values or {})
+    names = {s.name for s in specs}
+    for what, given in (("--shape", shapes), ("--value", values)):
+        if set(given) - names:
+            raise DataError(f"{what} names unknown input(s) {sorted(set(given) - names)}; the model's inputs are "
+                            f"{sorted(names)}")
     rng = np.random.default_rng(seed)
     feed = {}
     for spec in specs:
+        if spec.name in values:
+            feed[spec.name] = _fixed_value(spec, values[spec.name])
+            continue
         if spec.name in shapes:
             shape = tuple(int(d) for d in shapes[spec.name])
             _check_dims(spec, shape)
         else:
-            shape = tuple(_default_dim(spec, i, d) for i, d in enumerate(spec.dims))
+            shape = default_shape(spec, image_size)[0]
         nbytes = int(np.prod(shape, dtype=object)) * spec.dtype.itemsize
         if nbytes > MAX_SYNTHESIZED_BYTES:
             raise DataError(f"input {spec.name!r} of shape {'x'.join(map(str, shape))} would need "
@@ -114,13 +159,38 @@ def synthesize_feed(specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[in
     return feed
 
 
-def _default_dim(spec: InputSpec, axis: int, dim: int | str | None) -> int:
-    if isinstance(dim, int):
-        return dim
-    if axis == 0:
-        return 1  # a symbolic leading dim is the batch
-    raise DataError(f"input {spec.name!r} has symbolic dim {dim or '?'} at axis {axis}; "
-                    f"give its shape with --shape {spec.name}={'x'.join('N' for _ in spec.dims)}")
+def feed_defaults(specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int]] | None = None,
+                  values: Mapping[str, np.ndarray] | None = None, image_size: int | None = None) -> list[str]:
+    """What :func:`synthesize_feed` assumed for the inputs neither ``shapes`` nor ``values`` fix."""
+    given = set(shapes or {}) | set(values or {})
+    notes = [n for s in specs if s.name not in given for n in default_shape(s, image_size)[1]]
+    return list(dict.fromkeys(notes))
+
+
+def parse_value(text: str) -> tuple[str, np.ndarray]:
+    """``NAME=16000`` or ``NAME=0.5,0.5`` into (name, values)."""
+    name, sep, raw = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, np.array([float(v) for v in raw.split(",")])
+    except ValueError:
+        raise DataError(f"bad --value {text!r}; write NAME=16000 or NAME=0.5,0.5") from None
+
+
+def _fixed_value(spec: InputSpec, raw: np.ndarray) -> np.ndarray:
+    """``raw`` as the input's dtype: a scalar for rank 0, one value filling the input's shape, or
+    exactly as many values as a fixed-shape input holds."""
+    if np.issubdtype(spec.dtype, np.integer) and not np.all(raw == np.round(raw)):
+        raise DataError(f"--value {spec.name}: the model wants {spec.dtype}, got {raw.tolist()}")
+    arr = raw.astype(spec.dtype)
+    shape = default_shape(spec)[0]
+    if arr.size == 1:
+        return np.full(shape, arr[0], dtype=spec.dtype)
+    if arr.size != int(np.prod(shape)) or not all(isinstance(d, int) for d in spec.dims):
+        raise DataError(f"--value {spec.name}: give one value (it fills {'x'.join(map(str, shape)) or 'the scalar'}) "
+                        f"or exactly {int(np.prod(shape))} for its fixed shape")
+    return arr.reshape(shape)
 
 
 def _check_dims(spec: InputSpec, shape: Sequence[int]) -> None:

@@ -19,7 +19,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from edgecomp.data import InputSpec, input_specs, synthesize_feed
+from edgecomp.data import InputSpec, feed_defaults, image_size_hint, input_specs, synthesize_feed
+from edgecomp.errors import DataError, ModelLoadError
 from edgecomp.passes.base import histogram
 from edgecomp.runtime import make_session, run_feed
 
@@ -43,6 +44,8 @@ class ModelSummary:
     macs: int | None
     int8_macs: int | None
     probe_shapes: dict[str, list[int]]
+    macs_note: str | None = None  # why MACs were not counted
+    feed_defaults: list[str] = dataclasses.field(default_factory=list)  # sizes assumed for symbolic dims
 
     @property
     def params(self) -> int:
@@ -132,8 +135,13 @@ def probe_shapes(model: ir.Model, feed: Mapping[str, np.ndarray]) -> dict[str, l
     return {n: list(a.shape) for n, a in zip(out_names, run_feed(session, feed))}
 
 
-def summarize(model: ir.Model, shapes: Mapping[str, Sequence[int]] | None = None, probe: bool = True) -> ModelSummary:
-    """Summarize ``model``; with ``probe`` run it once to measure shapes and count MACs."""
+def summarize(model: ir.Model, shapes: Mapping[str, Sequence[int]] | None = None, probe: bool = True,
+              values: Mapping[str, np.ndarray] | None = None) -> ModelSummary:
+    """Summarize ``model``; with ``probe`` run it once to measure shapes and count MACs.
+
+    Ops, parameters and opsets never need a run; when the probe cannot run (an input the
+    defaults cannot fill, a feed the model rejects) MACs are left out with the reason.
+    """
     hist = collections.Counter(histogram(model))
     by_dtype: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     for t in _param_tensors(model.graph):
@@ -142,17 +150,24 @@ def summarize(model: ir.Model, shapes: Mapping[str, Sequence[int]] | None = None
         entry[1] += t.nbytes
     specs = input_specs(model)
     seen: dict[str, list[int]] = {}
-    macs = int8 = None
+    macs = int8 = note = None
+    assumed: list[str] = []
     if probe:
-        feed = synthesize_feed(specs, shapes)
-        seen = probe_shapes(model, feed)
-        seen.update({k: list(v.shape) for k, v in feed.items()})
-        macs, int8 = count_macs(model, seen)
+        image = image_size_hint(model)
+        try:
+            feed = synthesize_feed(specs, shapes, values=values, image_size=image)
+            seen = probe_shapes(model, feed)
+        except (DataError, ModelLoadError) as e:
+            note = f"{e}; give --shape/--value"
+        else:
+            seen.update({k: list(v.shape) for k, v in feed.items()})
+            macs, int8 = count_macs(model, seen)
+            assumed = feed_defaults(specs, shapes, values, image)
     outputs = [(o.name, o.dtype.name.lower() if o.dtype else "?",
                 "x".join(str(d) for d in o.shape) if o.shape is not None else "?") for o in model.graph.outputs]
     return ModelSummary(
         opset=dict(model.opset_imports), inputs=specs, outputs=outputs,
         op_histogram=dict(hist.most_common()),
         params_by_dtype={k: (v[0], v[1]) for k, v in sorted(by_dtype.items())},
-        macs=macs, int8_macs=int8, probe_shapes=seen,
+        macs=macs, int8_macs=int8, probe_shapes=seen, macs_note=note, feed_defaults=assumed,
     )

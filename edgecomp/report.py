@@ -62,8 +62,9 @@ def render_bench(result, profile: TargetProfile | None = None) -> str:
     rows = [{"model": s.model, "size": fmt_bytes(s.size_bytes), "p50 ms": s.p50_ms, "p90 ms": s.p90_ms,
              "p99 ms": s.p99_ms, "per s": s.throughput_per_s, "ratio": s.ratio_to_first} for s in result.models]
     shapes = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in result.feed_shapes.items())
+    assumed = f" (assumed {', '.join(result.feed_defaults)}; set --shape to change)" if result.feed_defaults else ""
     head = (f"{host_line(profile)}\nthreads {result.threads} (inter-op 1), warmup {result.warmup}, "
-            f"{result.runs} interleaved runs each, feed {shapes}")
+            f"{result.runs} interleaved runs each, feed {shapes}{assumed}")
     return head + "\n" + table(rows)
 
 
@@ -86,8 +87,12 @@ def render_summary(s) -> str:
     lines += [f"  {dt}: {n:,} elements, {fmt_bytes(b)}" for dt, (n, b) in s.params_by_dtype.items()]
     if s.macs is not None:
         shapes = ", ".join(f"{i.name}={'x'.join(map(str, s.probe_shapes.get(i.name, [])))}" for i in s.inputs)
+        if s.feed_defaults:
+            shapes += f" (assumed {', '.join(s.feed_defaults)})"
         lines.append(f"MACs: {s.macs:,} at {shapes}; in int8: {s.int8_mac_share:.1%}" if s.macs else
                      f"MACs: 0 at {shapes}")
+    elif s.macs_note:
+        lines.append(f"MACs: not counted ({s.macs_note})")
     lines.append(table([{"op": k, "count": v} for k, v in s.op_histogram.items()], title="ops:"))
     return "\n".join(lines)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from edgecomp.errors import ConfigError
-from edgecomp.io import check_output_dir
+from edgecomp.io import OUTPUT_MARKER, check_output_dir, copy_file
 from edgecomp.recipe import Recipe, apply_override
 
 __all__ = ["parse_grid", "expand", "run_sweep", "SweepResult", "parse_address", "probe_ray"]
@@ -208,7 +208,8 @@ def run_sweep(source, recipe: Recipe, grid: dict[str, list[Any]], outdir: str | 
     hostport = parse_address(address)
     variants = expand(recipe, grid)
     data = [convert_kwargs.get(k) for k in ("calibration", "eval_data", "labels", "text", "tokenizer")]
-    out = check_output_dir(outdir, [*data, source.hf, source.spec_file()], overwrite)
+    out = check_output_dir(outdir, [*data, source.hf, source.spec_file(), recipe.source,
+                                    *convert_kwargs.get("protect", ())], overwrite)
     try:
         import ray
     except ImportError as e:
@@ -223,8 +224,9 @@ def run_sweep(source, recipe: Recipe, grid: dict[str, list[Any]], outdir: str | 
     _ray_init(ray, init, address)  # before OUTDIR is replaced: a cluster that cannot be reached leaves it alone
     try:
         if out.exists():
-            shutil.rmtree(out)
+            shutil.rmtree(out)  # check_output_dir allowed it: a sweep folder edgecomp wrote
         out.mkdir()
+        _write_sweep(out, [], None, write_json, write_text, html_table, tradeoff_svg)  # marks the folder as ours
     except BaseException:
         ray.shutdown()
         raise
@@ -248,9 +250,7 @@ def run_sweep(source, recipe: Recipe, grid: dict[str, list[Any]], outdir: str | 
             done.append(summary)
             if "error" not in summary and _better(summary, best):
                 best = summary
-                tmp = out / ".best.onnx.tmp"
-                shutil.copyfile(summary["model"], tmp)
-                os.replace(tmp, out / "best.onnx")
+                copy_file(summary["model"], out / "best.onnx")
             _write_sweep(out, done, best, write_json, write_text, html_table, tradeoff_svg)
             if on_result:
                 on_result(summary)
@@ -275,7 +275,7 @@ def _marked(done: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _write_sweep(out: Path, done, best, write_json, write_text, html_table, tradeoff_svg) -> None:
     ok = [d for d in done if d.get("latency") is not None and d.get("quality") is not None]
     rows = [{k: v for k, v in d.items() if k != "model"} for d in _marked(done)]
-    write_json(out / "sweep.json", {"variants": rows, "best": best})
+    write_json(out / "sweep.json", {OUTPUT_MARKER: "sweep", "variants": rows, "best": best})
     svg = tradeoff_svg([{"label": d["variant"], "latency": d["latency"], "quality": d["quality"]} for d in ok],
                        ok[0]["quality metric"] if ok else "quality") or ""
     best_line = f"best so far: {best['variant']} → best.onnx" if best else "no successful variant yet"
