@@ -57,9 +57,9 @@ def test_parse_shape_and_dtype():
         parse_shape("1,3")
 
 
-def test_synthesized_feed_needs_shapes_for_symbolic_dims():
-    with pytest.raises(DataError, match="--shape input_ids=NxN"):
-        synthesize_feed(SPECS)
+def test_synthesized_feed_defaults_symbolic_dims_and_takes_shapes():
+    feed = synthesize_feed(SPECS)  # batch 1, sequence 128 (documented defaults)
+    assert feed["input_ids"].shape == (1, 128) and feed["attention_mask"].shape == (1, 128)
     feed = synthesize_feed(SPECS, {"input_ids": (1, 12), "attention_mask": (1, 12)})
     assert feed["attention_mask"].sum() == 12 and feed["input_ids"].dtype == np.int64
 
