@@ -312,3 +312,40 @@ def test_unexpected_errors_are_one_line_and_debug_after_the_command_shows_them(t
     assert "internal error" in msg and "--debug" in msg
     res = invoke("optimize", mlp, "-o", tmp_path / "o.onnx", "--debug")
     assert isinstance(res.exception, ZeroDivisionError)
+
+
+def test_onnxruntime_log_lines_stay_off_stderr(tmp_path):
+    """A real process: onnxruntime logs a coloured "[E:onnxruntime:...]" line to file descriptor 2
+    (which click's runner cannot see) when a node fails; --debug keeps it, otherwise the error is
+    the only line."""
+    from onnx import numpy_helper
+
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"])], "t", [vinfo("x", ["N", 4])],
+                              [vinfo("y", [3, 5])], [numpy_helper.from_array(np.array([3, 5], np.int64), "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    bad = tmp_path / "rs.onnx"
+    onnx.save(model, bad)
+    np.savez(tmp_path / "d.npz", x=np.ones((2, 4), np.float32))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "-m", "edgecomp.cli", *extra, "validate", str(bad), str(bad), "--data",
+                               str(tmp_path / "d.npz")], capture_output=True, text=True, env=env, timeout=120)
+
+    assert "[E:onnxruntime:" in run("--debug").stderr  # the line exists, so the next assertion can fail
+    res = run()
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: onnxruntime rejected the input"), res.stderr
+
+
+def test_a_graph_onnx_ir_cannot_read_is_one_line(tmp_path, mlp, monkeypatch):
+    import onnx_ir as ir
+
+    def refuse(proto):
+        raise ir.serde.SerdeError("deliberate: cannot deserialize")
+
+    monkeypatch.setattr(ir, "from_proto", refuse)
+    msg = one_line_error(invoke("prune", mlp, "-o", tmp_path / "o.onnx", "--sparsity", "0.5"))
+    assert "cannot be read as an ONNX graph" in msg
