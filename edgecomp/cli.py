@@ -330,12 +330,14 @@ def export(spec, output, hf_path, hf_output, inputs, dynamic, opset, exporter, a
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True)
 @click.option("--bench-runs", type=click.IntRange(0), default=50, show_default=True,
               help="Interleaved latency runs, teacher vs student (0 skips).")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+              help="Where to train: auto takes a CUDA GPU when torch sees one (bf16 mixed precision), else the CPU.")
 @_training_threads_option
 @_json_option
 def distill(teacher, output, teacher_hf, student, shrink, project, data, text, tokenizer, max_len, labels, objective,
             temperature, kd_weight, match, match_weight, hidden_weight, ce_weight, epochs, max_steps, batch_size, lr,
             held_out, eval_every, patience, seed, checkpoint, checkpoint_every, resume, nproc, nnodes, rdzv_endpoint,
-            rdzv_id, exporter, bench_runs, threads, json_path):
+            rdzv_id, exporter, bench_runs, device, threads, json_path):
     """Train a smaller student to imitate TEACHER (a SPEC) and export it to ONNX.
 
     The student comes from --student SPEC or --shrink (layers=3 for encoders, width=0.5 for
@@ -355,7 +357,7 @@ def distill(teacher, output, teacher_hf, student, shrink, project, data, text, t
                         match_weight=match_weight, hidden_weight=hidden_weight, ce_weight=ce_weight, epochs=epochs,
                         max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every,
                         patience=patience, checkpoint=checkpoint, checkpoint_every=checkpoint_every, threads=threads,
-                        progress=True)
+                        progress=True, device=device)
     result = run_distill(cfg, output, resume=resume, nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
                          rdzv_id=rdzv_id, exporter=exporter, bench_runs=bench_runs, bench_threads=threads or 1)
     if result is None:

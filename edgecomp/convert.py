@@ -206,7 +206,7 @@ def _run_distill(ctx: _Context, rec: StepRecord) -> None:
                         hidden_weight=o["hidden_weight"], epochs=o["epochs"], max_steps=o["max_steps"] or None,
                         batch_size=o["batch_size"], lr=o["lr"], seed=o["seed"], patience=o["patience"],
                         checkpoint=str(ctx.outdir / f"{rec.index:02d}-distill.ckpt"), threads=ctx.threads,
-                        progress=ctx.progress)
+                        progress=ctx.progress, device=o["device"])
     res = distill(cfg, ctx.out_path(rec), bench_runs=0)
     rec.model = str(ctx.out_path(rec))
     rec.summary = {k: v for k, v in res.training.items() if isinstance(v, (int, float, str))}

@@ -170,6 +170,13 @@ def _shrink(v: str) -> str | None:
     return f"must be layers=N (N >= 1, transformer encoders) or width=W (0 < W < 1, CNNs), got {v!r}"
 
 
+def _device(v: str) -> str | None:
+    # Availability is checked when training starts (edgecomp.distill.trainer.resolve_device imports torch).
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+        return None
+    return f"must be auto, cpu or cuda[:N], got {v!r}"
+
+
 def _spec(v: str) -> str | None:
     target, sep, attr = v.rpartition(":")
     if v and (not sep or not target or not attr):
@@ -234,6 +241,7 @@ STEP_OPTIONS: dict[str, dict[str, Option]] = {
         "patience": Option(int, 3, "evaluations without improvement before stopping", check=_range(1)),
         "max_len": Option(int, 128, "token length for text", check=_range(1)),
         "seed": Option(int, 0, "random seed", check=_range(0, 2**32 - 1)),
+        "device": Option(str, "auto", "auto (CUDA when torch sees a GPU) | cpu | cuda[:N]", check=_device),
     },
     "reduce-embeddings": {
         "bits": Option(int, 0, "8 or 4: row-wise storage; 0: none", choices=(0, 4, 8)),

@@ -3,6 +3,7 @@ one, the exported student validates, and every bad setup fails before training."
 
 from __future__ import annotations
 
+import json
 import dataclasses
 import shutil
 import textwrap
@@ -230,3 +231,25 @@ def test_interrupted_run_leaves_no_student_and_cli_reports_one_line(tiny, tmp_pa
                                    "--json", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
     assert "teacher vs student" in res.output and "accuracy" in res.output and out.is_file()
+
+
+def test_device_choice_and_a_missing_gpu_is_one_line(tiny, tmp_path):
+    import torch
+
+    from edgecomp.distill.trainer import resolve_device
+    from edgecomp.errors import DistillError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(DistillError, match="unknown device"):
+        resolve_device("tpu")
+    out = tmp_path / "s.onnx"
+    args = ["distill", f"{tiny}/tiny.py:teacher", "--student", f"{tiny}/tiny.py:student", "--data", str(tiny / "x.npz"),
+            "-o", str(out), "--epochs", "1", "--batch-size", "16", "--exporter", "torchscript", "--bench-runs", "0"]
+    if not torch.cuda.is_available():
+        res = CliRunner().invoke(cli, [*args, "--device", "cuda"])
+        assert res.exit_code == 1 and "sees no CUDA GPU" in res.output and len(res.stderr.strip().splitlines()) == 1
+        assert not out.exists()
+    res = CliRunner().invoke(cli, [*args, "--device", "cpu", "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r.json").read_text())["training"]["device"] == "cpu"

@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgecomp.distill.trainer import DistillConfig, Setup, check_resume, prepare, train
+from edgecomp.distill.trainer import DistillConfig, Setup, check_resume, prepare, resolve_device, train
+from edgecomp.errors import DistillError
 
 __all__ = ["DistillResult", "distill"]
 
@@ -90,6 +91,9 @@ def distill(config: DistillConfig, output: str | os.PathLike, *, resume: bool = 
 
     inputs = [p for p in (config.data, config.text, config.labels, config.teacher_hf) if p]
     out = check_output_path(output, inputs)
+    device = resolve_device(config.device)  # refuse a missing GPU before loading anything
+    if device.type == "cuda" and (nproc > 1 or nnodes > 1):
+        raise DistillError("data-parallel training runs on CPU processes (gloo); use one process with device cuda")
     if not config.checkpoint:
         config = dataclasses.replace(config, checkpoint=str(out) + ".ckpt")
     setup = prepare(config)

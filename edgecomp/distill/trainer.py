@@ -50,7 +50,7 @@ CHECKPOINT_FORMAT = 2
 
 #: Options that do not change what is computed: a checkpoint may be resumed with other values.
 #: Sample files are hashed by content (``Samples.fingerprint``), not by path.
-_NOT_HASHED = ("checkpoint", "checkpoint_every", "threads", "progress", "data", "text", "labels")
+_NOT_HASHED = ("checkpoint", "checkpoint_every", "threads", "progress", "data", "text", "labels", "device")
 
 
 @dataclasses.dataclass
@@ -89,6 +89,7 @@ class DistillConfig:
     checkpoint_every: int = 100
     threads: int | None = None
     progress: bool = False
+    device: str = "auto"                # auto (CUDA when torch sees one) | cpu | cuda[:N]
 
     def hashed(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_HASHED}
@@ -118,6 +119,7 @@ class TrainResult:
     resumed_from: int | None
     seconds: float
     history: list[dict[str, float]]
+    device: str = "cpu"
 
 
 # --- setup ------------------------------------------------------------------------------------
@@ -401,9 +403,10 @@ def _outputs(model: nn.Module, samples: Samples, names: list[str], batch: int = 
     order = np.argsort(samples.sizes(), kind="stable")
     outs: list[torch.Tensor | None] = [None] * len(samples)
     with torch.no_grad():
+        device = next(model.parameters(), torch.empty(0)).device
         for i in range(0, len(samples), batch):
             idx = order[i:i + batch]
-            b = samples.batch(idx)
+            b = _on(samples.batch(idx), device)
             for j, o in zip(idx, _first_output(model(*[b[n] for n in names])).split(1)):
                 outs[j] = o
     return outs
@@ -443,6 +446,29 @@ def _schedule(total: int, warmup: float) -> Callable[[int], float]:
     return factor
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the first CUDA GPU when torch sees one, else the CPU; ``cuda`` without one is refused."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise DistillError(f"device {name}: torch {torch.__version__} ({build}) sees no CUDA GPU here; "
+                               "use device cpu or auto")
+        try:
+            return torch.device(name)
+        except RuntimeError as e:
+            raise DistillError(f"device {name!r} is not a valid torch device ({e})") from None
+    raise DistillError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
+
+
+def _on(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def train(config: DistillConfig, *, setup: Setup | None = None, resume: bool = False,
           callback: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Train the student; under an initialized torch.distributed group, data-parallel.
@@ -471,6 +497,13 @@ def _train(c: DistillConfig, setup: Setup, resume: bool, callback) -> TrainResul
     ckpt_path = Path(c.checkpoint) if c.checkpoint else None
     ckpt = check_resume(ckpt_path, setup) if resume else None
     student, teacher, names = setup.student, setup.teacher, setup.input_names
+    device = resolve_device(c.device)
+    if device.type == "cuda" and world > 1:
+        raise DistillError("data-parallel training runs on CPU processes (gloo); use one process with device cuda")
+    student.to(device)
+    teacher.to(device)
+    # bf16 autocast on CUDA (mixed precision: matmuls in bf16, reductions and the optimizer in fp32)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     steps_per_epoch = len(setup.train) // c.batch_size
     total = c.max_steps or c.epochs * steps_per_epoch
@@ -508,7 +541,7 @@ def _train(c: DistillConfig, setup: Setup, resume: bool, callback) -> TrainResul
     if c.progress and rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=step, unit="step", desc="distilling", dynamic_ncols=True,
+        bar = tqdm(total=total, initial=step, unit="step", desc=f"distilling on {device}", dynamic_ncols=True,
                    disable=None)  # no bar when stderr is not a terminal
     resumed_from = step if ckpt is not None else None
     student.train()
@@ -520,18 +553,21 @@ def _train(c: DistillConfig, setup: Setup, resume: bool, callback) -> TrainResul
             epoch, pos = divmod(step, steps_per_epoch)
             order = epoch_order(len(setup.train), c.seed, epoch, sizes, c.batch_size)
             idx = order[pos * c.batch_size:(pos + 1) * c.batch_size][rank * local:(rank + 1) * local]
-            batch = setup.train.batch(idx)
+            batch = _on(setup.train.batch(idx), device)
             args = [batch[n] for n in names]
             labels = setup.train.batch_labels(idx)
-            s_out = _first_output(model(*args))
-            if cache:
-                t_out = torch.cat([train_targets[i] for i in idx])
-            else:
-                with torch.no_grad():
-                    t_out = _first_output(teacher(*args))
-            s_hid = taps_s.take([j for j, _ in setup.hidden_pairs]) if taps_s else []
-            t_hid = taps_t.take([i for _, i in setup.hidden_pairs]) if taps_t else []
-            loss, parts = setup.loss(s_out, t_out, labels, s_hid, t_hid, batch.get("attention_mask"))
+            labels = labels.to(device) if labels is not None else None
+            with autocast:
+                s_out = _first_output(model(*args))
+                if cache:
+                    t_out = torch.cat([train_targets[i] for i in idx])
+                else:
+                    with torch.no_grad():
+                        t_out = _first_output(teacher(*args))
+                s_hid = taps_s.take([j for j, _ in setup.hidden_pairs]) if taps_s else []
+                t_hid = taps_t.take([i for _, i in setup.hidden_pairs]) if taps_t else []
+            loss, parts = setup.loss(s_out.float(), t_out.float(), labels, [h.float() for h in s_hid],
+                                     [h.float() for h in t_hid], batch.get("attention_mask"))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if c.grad_clip:
@@ -578,5 +614,6 @@ def _train(c: DistillConfig, setup: Setup, resume: bool, callback) -> TrainResul
                 taps.remove()
     if best_state is not None:
         student.load_state_dict(best_state)
-    student.eval()
-    return TrainResult(student, step, best_step, stopped, resumed_from, time.perf_counter() - t0, history)
+    student.to("cpu").eval()  # exported and validated on the CPU
+    teacher.to("cpu")
+    return TrainResult(student, step, best_step, stopped, resumed_from, time.perf_counter() - t0, history, str(device))
