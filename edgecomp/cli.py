@@ -726,6 +726,41 @@ def prune(model, output, sparsity, structured, data, importance, scope, protect,
 
 
 @cli.command()
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
+              help="Output folder: model.ort, required_operators_and_types.config, package.json.")
+@click.option("--data", type=click.Path(), help="DATA whose first sample checks the .ort against the .onnx (else synthesized).")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=SHAPE", help="Shape for symbolic dims of the check feed.")
+@_value_option
+@click.option("--overwrite", is_flag=True, help="Replace an OUTDIR that `edgecomp package` wrote before.")
+def package(model, outdir, data, shapes, values, overwrite):
+    """Package a model for ORT Mobile: model.ort, the operator config of a reduced-size build,
+    and onnxruntime's verdict on which mobile EPs (NNAPI, CoreML) can take it.
+
+    The .ort file is loaded in onnxruntime and checked against the .onnx outputs first.
+
+    Example:
+
+        edgecomp package minilm.int8.onnx -o out/minilm-mobile
+    """
+    from edgecomp.bench import first_feed
+    from edgecomp.io import OUTPUT_MARKER, check_output_dir, existing_file, replace_dir, work_dir, write_json
+    from edgecomp.package import package_model
+
+    existing_file(model, "ONNX model")
+    out = check_output_dir(outdir, [model, data], overwrite)
+    feed = first_feed(data, model) if data else None
+    with work_dir(out) as work:
+        res = package_model(model, work, feed=feed, shapes={k: v[0] for k, v in _parse_shapes(shapes).items()},
+                            values=_parse_values(values))
+        write_json(work / "package.json", {OUTPUT_MARKER: "package", "model": str(model), **rpt.to_jsonable(res)})
+        replace_dir(work, out)
+    click.echo(rpt.table(res.usability, title="onnxruntime mobile usability (share of nodes each EP can take):"))
+    click.echo(", ".join(f"{k}: {v}" for k, v in res.summary.items()))
+    click.echo(f"wrote {out}/model.ort, required_operators_and_types.config, package.json")
+
+
+@cli.command()
 @click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
 def targets(targets_file):
     """List target CPU profiles and say which match this host's ISA.
@@ -771,9 +806,11 @@ def _convert_source(spec, hf):
 @_data_options
 @click.option("--target", help="Target profile (threads, ISA for quantization).")
 @click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUTDIR.")
+@click.option("--overwrite", is_flag=True, help="Replace an OUTDIR that edgecomp wrote before.")
+@click.option("--ort-format", is_flag=True,
+              help="Also write model.ort and required_operators_and_types.config for ORT Mobile (see `edgecomp package`).")
 def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text, tokenizer, target, targets_file,
-            overwrite):
+            overwrite, ort_format):
     """Run a recipe from a torch model to a validated edge artifact, with a report.
 
     Exit status 4 when a gate of the recipe fails (after everything is written).
@@ -792,14 +829,16 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
     profile = get_profile(target, targets_file) if target else None
     res = run_convert(source, r, outdir, calibration=calibration, eval_data=eval_data, labels=labels, text=text,
                       tokenizer=tokenizer, target=profile,
-                      overwrite=overwrite, progress=True, protect=[p for p in (targets_file,) if p],
+                      overwrite=overwrite, progress=True, protect=[p for p in (targets_file,) if p], ort_format=ort_format,
                       on_step=lambda rec: click.echo(f"step {rec.index:02d} {rec.step}: done in {rec.seconds:.1f}s", err=True))
     click.echo(rpt.host_line(profile))
     click.echo(rpt.table(rpt.step_rows(res.steps), title=f"recipe {r.name}:"))
     for g in res.gates:
         click.echo(f"gate {g['gate']}: {g['value'] if g['value'] is None else round(g['value'], 4)} "
                    f"(limit {g['limit']}) {'pass' if g['passed'] else 'FAIL'}")
-    click.echo(f"wrote {outdir}/model.onnx, report.json, report.html")
+    if res.package:
+        click.echo(rpt.table(res.package.usability, title="onnxruntime mobile usability:"))
+    click.echo(f"wrote {outdir}/model.onnx{', model.ort' if res.package else ''}, report.json, report.html")
     if not res.passed:
         raise click.exceptions.Exit(4)
 

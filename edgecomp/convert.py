@@ -76,6 +76,7 @@ class ConvertResult:
     gates: list[dict[str, Any]]
     passed: bool
     started: str
+    package: Any = None  # PackageResult with --ort-format: model.ort, operator config, mobile EP verdict
 
     def baseline(self) -> StepRecord | None:
         return next((s for s in self.steps if s.model), None)
@@ -345,10 +346,12 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
             eval_data: str | None = None, labels: str | None = None, text: str | None = None,
             tokenizer: str | None = None, target: TargetProfile | None = None,
             overwrite: bool = False, progress: bool = False, protect: Sequence[str | os.PathLike] = (),
+            ort_format: bool = False,
             on_step: Callable[[StepRecord], None] | None = None) -> ConvertResult:
     """Run ``recipe`` on ``source`` into ``outdir``; see the module docstring.
 
-    ``protect`` names further inputs (a targets file) that OUTDIR must not hold.
+    ``protect`` names further inputs (a targets file) that OUTDIR must not hold. ``ort_format``
+    also writes ``model.ort`` and the reduced-build operator config (see :mod:`edgecomp.package`).
     """
     from edgecomp.html_report import write_reports
 
@@ -375,6 +378,13 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
         result = ConvertResult(str(out), source.describe(), recipe.source, target.name if target else None,
                                isa.describe(), target.matches_host(isa) if target else None, ctx.records,
                                str(out / "model.onnx"), [], True, started)
+        if ort_format:
+            from edgecomp.bench import first_feed
+            from edgecomp.package import package_model
+
+            feed_src = data.get("eval") or data.get("calibration")
+            result.package = package_model(work / "model.onnx", work,
+                                           feed=first_feed(feed_src, ctx.current) if feed_src else None)
         result.gates = _gates(recipe, ctx.records)
         result.passed = all(g["passed"] for g in result.gates)
         _relocate(result, work, out)

@@ -123,6 +123,12 @@ def render_html(result, extra_points: Sequence[dict[str, Any]] = ()) -> str:
     target = (f"target {html.escape(result.target)}: profile ISA "
               f"{'matches' if result.target_matches_host else 'DIFFERS from'} the host" if result.target else "no target profile")
     final = result.final()
+    mobile = ""
+    if getattr(result, "package", None):
+        pk = result.package
+        mobile = (f"<h2>ORT Mobile</h2><p>model.ort ({fmt_bytes(pk.summary['ort size bytes'])}, max abs diff vs .onnx "
+                  f"{_cell(pk.max_abs_diff)}), {len(pk.operators)} operator lines in required_operators_and_types.config"
+                  f"</p>{html_table(pk.usability)}")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>edgecomp report</title><style>{_CSS}</style></head>
 <body><h1>edgecomp convert report</h1>
 <p>source <code>{html.escape(result.source)}</code>, recipe <code>{html.escape(result.recipe)}</code>, started {result.started}<br>
@@ -130,7 +136,7 @@ host ISA: {html.escape(result.host_isa)}; {target}</p>
 <p>final model <code>{html.escape(str(result.final_model))}</code>: {fmt_bytes(final.size_bytes if final else None)}; overall:
 <span class="{'pass' if result.passed else 'fail'}">{'all gates pass' if result.passed else 'a gate FAILED'}</span></p>
 <h2>Gates</h2><ul>{gates}</ul>
-<h2>Steps</h2>{html_table(step_rows(result.steps))}
+<h2>Steps</h2>{html_table(step_rows(result.steps))}{mobile}
 <h2>Plots</h2><div class="plots">{''.join(p for p in plots if p)}</div>
 <h2>Per-step details</h2>{''.join(sections) or '<p>(none)</p>'}
 </body></html>"""

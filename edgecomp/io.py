@@ -158,7 +158,7 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
 #: The key edgecomp writes into the report of each output folder (report.json, sweep.json);
 #: ``overwrite`` replaces only a folder whose report carries it.
 OUTPUT_MARKER = "edgecomp_output"
-_REPORTS = ("report.json", "sweep.json")
+_REPORTS = ("report.json", "sweep.json", "package.json")
 _WORK, _OLD = "edgecomp-work", "edgecomp-old"
 
 
