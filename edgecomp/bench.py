@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -20,7 +20,7 @@ from edgecomp.errors import ConfigError
 from edgecomp.io import load_model, model_bytes, model_size_bytes
 from edgecomp.runtime import make_session, run_feed
 
-__all__ = ["LatencyStats", "BenchResult", "benchmark", "pin_cpus", "first_feed"]
+__all__ = ["compare_latency", "RatioEstimate", "LatencyStats", "BenchResult", "benchmark", "pin_cpus", "first_feed"]
 
 
 @dataclasses.dataclass
@@ -110,6 +110,74 @@ def benchmark(paths: Sequence[str | os.PathLike | ir.Model], threads: int = 1, w
     for s in stats:
         s.ratio_to_first = s.p50_ms / stats[0].p50_ms
     return BenchResult(threads, warmup, runs, {k: list(v.shape) for k, v in feed.items()}, stats, assumed)
+
+
+@dataclasses.dataclass
+class RatioEstimate:
+    """A model's latency over the reference's, from interleaved rounds, with a confidence interval."""
+
+    label: str
+    ratio: float          # geometric mean of the per-round ratios of medians
+    low: float
+    high: float
+    rounds: int
+
+    @property
+    def faster(self) -> bool:
+        """Faster than the reference beyond noise: the whole interval lies below 1."""
+        return self.high < 1.0
+
+    def text(self) -> str:
+        return f"{self.ratio:.3f} [{self.low:.3f}, {self.high:.3f}] over {self.rounds} rounds"
+
+
+# two-sided 95% Student t quantiles by degrees of freedom (1..30); beyond, the normal 1.96
+_T95 = [12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def compare_latency(models: Sequence[ir.Model | str | os.PathLike], feed: Feed, *, threads: int = 1,
+                    runs_per_round: int = 10, min_rounds: int = 3, max_rounds: int = 12,
+                    labels: Sequence[str] | None = None, timer: Callable[[], float] = time.perf_counter,
+                    ) -> list[RatioEstimate]:
+    """Latency of ``models[1:]`` relative to ``models[0]``, robust to a busy machine.
+
+    Each round runs the models interleaved (A B C A B C ...) ``runs_per_round`` times and takes
+    the ratio of each model's median to the reference's median; the log-ratios of the rounds give
+    a 95% Student-t interval. Rounds go on until every interval excludes 1.0 or ``max_rounds``
+    is reached, so a decision taken from :attr:`RatioEstimate.faster` holds under noise, and
+    equal timings (the interval stays on 1.0) never count as faster.
+    """
+    sessions = [make_session(m, threads=threads) for m in models]
+    labels = list(labels) if labels else [str(m) for m in models]
+    for s in sessions:
+        run_feed(s, feed)
+    logs: list[list[float]] = [[] for _ in sessions[1:]]
+    estimates: list[RatioEstimate] = []
+    for rnd in range(1, max_rounds + 1):
+        times: list[list[float]] = [[] for _ in sessions]
+        for _ in range(runs_per_round):
+            for i, s in enumerate(sessions):
+                t0 = timer()
+                s.run(None, feed)
+                times[i].append(timer() - t0)
+        ref = max(float(np.median(times[0])), 1e-12)
+        for i, t in enumerate(times[1:]):
+            logs[i].append(float(np.log(max(float(np.median(t)), 1e-12) / ref)))
+        estimates = [_interval(lab, lg) for lab, lg in zip(labels[1:], logs)]
+        if rnd >= min_rounds and all(e.high < 1.0 or e.low > 1.0 for e in estimates):
+            break
+    return estimates
+
+
+def _interval(label: str, logs: Sequence[float]) -> RatioEstimate:
+    n = len(logs)
+    mean = float(np.mean(logs))
+    if n < 2:
+        half = float("inf")
+    else:
+        half = _T95[min(n - 2, len(_T95) - 1)] * float(np.std(logs, ddof=1)) / float(np.sqrt(n))
+    return RatioEstimate(label, float(np.exp(mean)), float(np.exp(mean - half)), float(np.exp(mean + half)), n)
 
 
 def first_feed(data: str | os.PathLike, model: ir.Model | str | os.PathLike | None = None) -> Feed:

@@ -66,3 +66,47 @@ def test_cosine_and_knn_helpers():
     x = rng.standard_normal((50, 8))
     assert knn_agreement(x, x, k=5) == 1.0
     assert knn_agreement(x, rng.standard_normal((50, 8)), k=5) < 0.5
+
+
+class _FakeClock:
+    """A timer whose readings make every run of model k last ``durations[k]`` seconds, with an
+    optional pseudo-random jitter; runs go round-robin over the models (compare_latency interleaves)."""
+
+    def __init__(self, durations, jitter=0.0, seed=0):
+        self.durations, self.jitter, self.now, self.calls = durations, jitter, 0.0, 0
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self):
+        k = (self.calls // 2) % len(self.durations)
+        if self.calls % 2:
+            self.now += self.durations[k] * (1 + self.jitter * self.rng.standard_normal())
+        self.calls += 1
+        return self.now
+
+
+def _two_models(tmp_path):
+    from onnx import helper
+
+    from tests.conftest import make_model, save, vinfo
+
+    m = make_model([helper.make_node("Relu", ["x"], ["y"])], [vinfo("x", [1, 4])], [vinfo("y", [1, 4])])
+    return [save(m, tmp_path / "a.onnx"), save(m, tmp_path / "b.onnx")]
+
+
+def test_equal_timings_never_count_as_faster(tmp_path):
+    from edgecomp.bench import compare_latency
+
+    feed = {"x": np.ones((1, 4), np.float32)}
+    est = compare_latency(_two_models(tmp_path), feed, timer=_FakeClock([1.0, 1.0]), max_rounds=6)[0]
+    assert est.ratio == pytest.approx(1.0) and not est.faster and est.rounds == 6  # undecided: all rounds used
+    noisy = compare_latency(_two_models(tmp_path), feed, timer=_FakeClock([1.0, 1.0], jitter=0.2), max_rounds=8)[0]
+    assert not noisy.faster
+
+
+def test_a_real_speedup_is_found_in_few_rounds(tmp_path):
+    from edgecomp.bench import compare_latency
+
+    feed = {"x": np.ones((1, 4), np.float32)}
+    est = compare_latency(_two_models(tmp_path), feed, timer=_FakeClock([1.0, 0.8], jitter=0.05), max_rounds=12)[0]
+    assert est.faster and est.ratio == pytest.approx(0.8, rel=0.05) and est.rounds == 3
+    assert est.low <= est.ratio <= est.high < 1.0
