@@ -234,9 +234,13 @@ def _write_json(path, obj) -> None:
 @click.argument("spec", required=False)
 @_output_option
 @click.option("--hf", "hf_path", type=click.Path(exists=True, file_okay=False),
-              help="Export a local Hugging Face encoder folder instead of a SPEC.")
+              help="Export a local Hugging Face model folder instead of a SPEC, by the task its config.json names.")
 @click.option("--hf-output", type=click.Choice(["embeddings", "hidden"]), default="embeddings", show_default=True,
-              help="Sentence embeddings (mean pooling + L2 norm) or last hidden states.")
+              help="feature-extraction: pooled, L2-normalized embeddings (text: mean pooling; ViT: [CLS]; "
+                   "Whisper: mean over frames) or last hidden states.")
+@click.option("--task", metavar="NAME", default=None,
+              help="With --hf: feature-extraction, text-classification, token-classification, image-classification "
+                   "or text-generation, instead of the task inferred from config.json's architectures.")
 @click.option("--input", "inputs", multiple=True, metavar="NAME=SHAPE[:dtype]",
               help="Example input shape when the factory gives none, e.g. x=1x3x224x224 (repeatable).")
 @click.option("--dynamic", multiple=True, metavar="NAME:AXIS=label",
@@ -245,19 +249,20 @@ def _write_json(path, obj) -> None:
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
               help="auto tries torch's dynamo exporter first and falls back to TorchScript.")
 @click.option("--atol", type=_POSITIVE, default=1e-4, show_default=True, help="Parity tolerance (absolute).")
-def export(spec, output, hf_path, hf_output, inputs, dynamic, opset, exporter, atol):
+def export(spec, output, hf_path, hf_output, task, inputs, dynamic, opset, exporter, atol):
     """Export a PyTorch model to ONNX and check it against torch in onnxruntime.
 
     SPEC is package.module:factory or path/to/file.py:factory; the factory returns an
-    nn.Module or (module, example_inputs). For --hf, auto tries TorchScript first (its graph
-    runs faster in onnxruntime; see HF_AUTO_ORDER).
+    nn.Module or (module, example_inputs). --hf PATH exports a local Hugging Face folder by its
+    task (from config.json's architectures, or --task); auto tries TorchScript first for it (its
+    graph runs faster in onnxruntime; see HF_AUTO_ORDER).
 
     Example:
 
         edgecomp export models.mobilenet_v2:imagenet_224 -o mnv2.onnx --dynamic x:0=batch
     """
     from edgecomp.errors import SpecError
-    from edgecomp.export import HF_AUTO_ORDER, export_model, export_spec, hf_encoder
+    from edgecomp.export import export_hf, export_spec
 
     shapes = _parse_shapes(inputs, "--input")
     axes: dict[str, dict[int, str]] = {}
@@ -272,17 +277,17 @@ def export(spec, output, hf_path, hf_output, inputs, dynamic, opset, exporter, a
     if hf_path:
         if spec:
             raise SpecError("give either a SPEC or --hf, not both")
-        module, example = hf_encoder(hf_path, hf_output)
-        for name in example:
-            axes.setdefault(name, {0: "batch", 1: "sequence"})
-        res = export_model(module, example, output, protect=[hf_path], auto_order=HF_AUTO_ORDER, **kwargs)
+        res = export_hf(hf_path, output, output=hf_output, task=task, **kwargs)
+    elif task:
+        raise SpecError("--task applies to --hf PATH; a SPEC's factory builds the model itself")
     elif spec:
         res = export_spec(spec, output, **kwargs)
     else:
         raise SpecError("give a SPEC (package.module:factory or file.py:factory) or --hf PATH")
     if res.fallback_reason:
         click.echo(f"note: fell back to the {res.exporter} exporter ({res.fallback_reason})")
-    click.echo(f"exported {res.path} with the {res.exporter} exporter in {res.seconds:.1f}s; "
+    what = f", task {res.task} (from {res.task_source})," if res.task else ""
+    click.echo(f"exported {res.path}{what} with the {res.exporter} exporter in {res.seconds:.1f}s; "
                f"inputs {res.input_names}, outputs {res.output_names}; "
                f"onnxruntime vs torch max abs diff {res.max_abs_diff:.2e}")
 

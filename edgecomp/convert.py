@@ -113,7 +113,7 @@ class _Context:
 
 def _run_export(ctx: _Context, rec: StepRecord) -> None:
     from edgecomp.data import parse_shape
-    from edgecomp.export import HF_AUTO_ORDER, export_model, export_spec, hf_encoder
+    from edgecomp.export import export_hf, export_spec
 
     o = rec.options
     dynamic = {k: {int(a): str(lbl) for a, lbl in v.items()} for k, v in o["dynamic"].items()}
@@ -121,14 +121,15 @@ def _run_export(ctx: _Context, rec: StepRecord) -> None:
               exporter=o["exporter"], atol=o["atol"])
     out = ctx.out_path(rec)
     if ctx.source.hf:
-        module, example = hf_encoder(ctx.source.hf, o["hf_output"])
-        for name in example:
-            kw["dynamic"].setdefault(name, {0: "batch", 1: "sequence"})
-        res = export_model(module, example, out, auto_order=HF_AUTO_ORDER, **kw)
+        res = export_hf(ctx.source.hf, out, output=o["hf_output"], task=o["task"], **kw)
     else:
+        if o["task"] != "auto":
+            raise ConfigError(f"export task = {o['task']!r} applies to --hf sources; a SPEC's factory builds the model")
         res = export_spec(ctx.source.spec, out, **kw)
     rec.model = str(out)
     rec.summary = {"exporter": res.exporter, "fallback": res.fallback_reason, "max abs diff vs torch": res.max_abs_diff}
+    if res.task:
+        rec.summary["task"] = f"{res.task} (from {res.task_source})"
 
 
 def _run_optimize(ctx: _Context, rec: StepRecord) -> None:

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from edgecomp.calibration import METHODS
 from edgecomp.errors import ConfigError, InputFileError
-from edgecomp.export import DEFAULT_OPSET
+from edgecomp.export import DEFAULT_OPSET, HF_TASKS
 from edgecomp.pruning import IMPORTANCES, KINDS
 from edgecomp.quantize import FAMILIES, METRICS, compile_patterns
 
@@ -194,6 +194,8 @@ STEP_OPTIONS: dict[str, dict[str, Option]] = {
         "input": Option(dict, {}, "input name -> shape text when the factory gives no example, e.g. {x = '1x3x224x224'}",
                         check=_shapes),
         "hf_output": Option(str, "embeddings", "for Hugging Face encoders", choices=("embeddings", "hidden")),
+        "task": Option(str, "auto", "for Hugging Face folders; auto: from config.json's architectures",
+                       choices=("auto", *HF_TASKS)),
         "atol": Option(float, 1e-4, "parity tolerance vs torch", check=_range(0, open_lo=True)),
     },
     "optimize": {

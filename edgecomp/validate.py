@@ -1,9 +1,9 @@
 """Fidelity of a candidate model against a reference, on real inputs, in onnxruntime.
 
 Per output: max/mean absolute error; cosine similarity of each sample's output (mean and worst);
-for logits (rank-2 outputs that are not unit-normalized) top-1 agreement; for embeddings
-(rank-2, unit-norm rows) the overlap of each sample's k nearest neighbours among all samples,
-candidate vs reference. With labels, task accuracy of both models on the first output.
+for logits top-1 agreement; for embeddings (rank-2, unit-norm rows) the overlap of each sample's
+k nearest neighbours among all samples, candidate vs reference. Which output is which is decided
+by :func:`output_kind`. With labels, task accuracy of both models on the first output.
 """
 
 from __future__ import annotations
@@ -19,7 +19,12 @@ from edgecomp.errors import DataError
 from edgecomp.io import load_model
 from edgecomp.runtime import make_session, run_feed
 
-__all__ = ["OutputFidelity", "ValidationResult", "validate", "compare_outputs", "knn_agreement", "cosine_rows"]
+__all__ = ["OutputFidelity", "ValidationResult", "validate", "compare_outputs", "knn_agreement", "cosine_rows",
+           "output_kind", "FEATURE_NAME_PARTS"]
+
+#: Output names containing one of these (case-insensitive) are features, never logits: ViT's
+#: ``pooler_output``, ``last_hidden_state``, ``sentence_embedding``, ...
+FEATURE_NAME_PARTS = ("embed", "pooler", "pooled", "hidden", "feature")
 
 
 @dataclasses.dataclass
@@ -76,6 +81,31 @@ def knn_agreement(ref: np.ndarray, cand: np.ndarray, k: int = 10) -> float:
     return float(np.mean([len(set(r) & set(c)) / k for r, c in zip(nr, nc)]))
 
 
+def output_kind(name: str, ref: Sequence[np.ndarray]) -> str | None:
+    """How an output is scored beyond errors and cosine: "logits" (top-1 agreement),
+    "embeddings" (k-NN agreement) or None (neither).
+
+    - a float output whose name contains "logits" is logits, of any rank >= 2: top-1 is taken
+      over the last axis, at every position (token-classification logits [batch, seq, labels]);
+    - otherwise only 2-D float outputs of one width > 1 across samples qualify: unit-norm rows
+      (within 1e-3) are embeddings; rows that are not unit-norm are logits (a classifier's
+      ``output``) unless the name marks a feature (:data:`FEATURE_NAME_PARTS`: embeddings,
+      pooler, hidden states), which gets neither;
+    - anything else (images, hidden states, integer outputs, scalars) gets neither.
+    """
+    if not ref or not all(np.issubdtype(r.dtype, np.floating) for r in ref):
+        return None
+    lname = name.lower()
+    if "logits" in lname:
+        ok = all(r.ndim >= 2 and r.shape[-1] > 1 for r in ref) and len({r.shape[-1] for r in ref}) == 1
+        return "logits" if ok else None
+    if not (all(r.ndim == 2 and r.shape[1] > 1 for r in ref) and len({r.shape[1] for r in ref}) == 1):
+        return None
+    if np.allclose(np.linalg.norm(np.concatenate(ref).astype(np.float64), axis=1), 1.0, atol=1e-3):
+        return "embeddings"
+    return None if any(part in lname for part in FEATURE_NAME_PARTS) else "logits"
+
+
 def compare_outputs(name: str, ref: Sequence[np.ndarray], cand: Sequence[np.ndarray], k: int = 10) -> OutputFidelity:
     """Fidelity of one output over samples (each sample's array may have its own shape)."""
     abs_err = [np.abs(r.astype(np.float64) - c.astype(np.float64)) for r, c in zip(ref, cand)]
@@ -87,13 +117,16 @@ def compare_outputs(name: str, ref: Sequence[np.ndarray], cand: Sequence[np.ndar
         cosine_mean=float(cos.mean()),
         cosine_min=float(cos.min()),
     )
-    if all(r.ndim == 2 and r.shape[1] > 1 for r in ref) and len({r.shape[1] for r in ref}) == 1:
+    kind = output_kind(name, ref)
+    if kind == "embeddings":
         R, C = np.concatenate(ref), np.concatenate(cand)
-        if np.allclose(np.linalg.norm(R, axis=1), 1.0, atol=1e-3):
-            if R.shape[0] > 2:
-                fid.knn_agreement = knn_agreement(R, C, k)
-        else:
-            fid.top1_agreement = float(np.mean(R.argmax(1) == C.argmax(1)))
+        if R.shape[0] > 2:
+            fid.knn_agreement = knn_agreement(R, C, k)
+    elif kind == "logits":
+        width = ref[0].shape[-1]
+        R = np.concatenate([r.reshape(-1, width) for r in ref])
+        C = np.concatenate([c.reshape(-1, width) for c in cand])
+        fid.top1_agreement = float(np.mean(R.argmax(1) == C.argmax(1)))
     return fid
 
 
