@@ -286,6 +286,10 @@ def _check_steps(recipe: Recipe, data: dict[str, str | None], source: Source) ->
     names = recipe.step_names()
     if names[0] != "export":
         raise ConfigError(f"{recipe.source}: the first step must be export (the fp32 baseline), not {names[0]!r}")
+    task = recipe.steps[0].get("task", "auto")
+    if source.spec and task != "auto":
+        raise ConfigError(f"{recipe.source}: export task = {task!r} applies to Hugging Face folders (--hf), "
+                          "not to a SPEC; drop it or convert --hf PATH")
 
     def need(key: str, step: str, why: str = "") -> None:
         if not data.get(key):

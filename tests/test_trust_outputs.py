@@ -349,3 +349,10 @@ def test_a_graph_onnx_ir_cannot_read_is_one_line(tmp_path, mlp, monkeypatch):
     monkeypatch.setattr(ir, "from_proto", refuse)
     msg = one_line_error(invoke("prune", mlp, "-o", tmp_path / "o.onnx", "--sparsity", "0.5"))
     assert "cannot be read as an ONNX graph" in msg
+
+
+def test_a_recipe_export_task_with_a_spec_is_refused_before_any_step(tmp_path, spec):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[steps]]\nstep = "export"\ntask = "text-classification"\n')
+    msg = one_line_error(invoke("convert", f"{spec}:make", "--recipe", recipe, "-o", tmp_path / "out"))
+    assert "Hugging Face folders" in msg and not (tmp_path / "out").exists()
