@@ -38,10 +38,14 @@ HIST_BINS = 2048
 
 @dataclasses.dataclass
 class ActivationStats:
-    """What calibration saw of one activation tensor; ``axis`` is its channel axis."""
+    """What calibration saw of one activation tensor; ``axis`` is its channel axis, or None for a
+    tensor that needs only its overall range (no per-channel min/max, no reservoir rows).
+
+    Per-channel statistics need a channel axis whose size is the same in every sample (a MatMul
+    input's last axis, K): an axis that varies (sequence length) is refused with one line."""
 
     name: str
-    axis: int
+    axis: int | None
     min: float = np.inf
     max: float = -np.inf
     ch_min: np.ndarray | None = None
@@ -58,11 +62,23 @@ class ActivationStats:
         return np.maximum(np.abs(self.ch_min), np.abs(self.ch_max))
 
     def channel_rows(self, x: np.ndarray) -> np.ndarray:
+        if self.axis is None:
+            return x.reshape(-1, 1)
         return np.moveaxis(x, self.axis, -1).reshape(-1, x.shape[self.axis])
 
     def update_ranges(self, x: np.ndarray, reservoir: int, rng: np.random.Generator) -> None:
         if x.size == 0:
             return
+        if self.axis is None:
+            x = x.astype(np.float32, copy=False)
+            lo, hi = float(x.min()), float(x.max())
+            self.min, self.max = min(self.min, lo), max(self.max, hi)
+            self.ch_min = np.array([self.min], np.float32)
+            self.ch_max = np.array([self.max], np.float32)
+            self.rows_seen += x.size
+            return
+        if x.ndim == 0:
+            raise DataError(f"activation {self.name!r} is a scalar; it has no channel axis")
         rows = self.channel_rows(x.astype(np.float32, copy=False))
         self.min = min(self.min, float(rows.min()))
         self.max = max(self.max, float(rows.max()))
@@ -71,7 +87,8 @@ class ActivationStats:
             self.ch_min, self.ch_max = lo, hi
         elif self.ch_min.shape != lo.shape:
             raise DataError(f"activation {self.name!r} changed channel count between samples "
-                            f"({self.ch_min.shape[0]} vs {lo.shape[0]})")
+                            f"({self.ch_min.shape[0]} vs {lo.shape[0]} along axis {self.axis}); per-channel "
+                            "statistics need an axis of fixed size")
         else:
             self.ch_min, self.ch_max = np.minimum(self.ch_min, lo), np.maximum(self.ch_max, hi)
         self._reservoir_add(rows, reservoir, rng)

@@ -59,7 +59,10 @@ class InputSpec:
 
 
 def input_specs(model: ir.Model) -> list[InputSpec]:
-    """The model's real inputs (initializers listed as inputs are left out)."""
+    """The model's real inputs (initializers listed as inputs are left out).
+
+    A dim stored as a non-positive number (``dim_value: -1`` for "any batch", which onnxruntime
+    accepts) is symbolic, like an unnamed dim: None."""
     specs = []
     for v in model.graph.inputs:
         if v.name in model.graph.initializers:
@@ -67,7 +70,8 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         dtype = v.dtype.numpy() if v.dtype is not None else np.dtype(np.float32)
         dims: tuple = ()
         if v.shape is not None:
-            dims = tuple(d if isinstance(d, int) else (str(d) if d.value is not None else None) for d in v.shape)
+            dims = tuple((d if d > 0 else None) if isinstance(d, int) else (str(d) if d.value is not None else None)
+                         for d in v.shape)
         specs.append(InputSpec(v.name, np.dtype(dtype), dims))
     return specs
 

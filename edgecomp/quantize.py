@@ -2,8 +2,11 @@
 
 The steps, each a plain function so tests and scripts can drive them one at a time:
 
-1. :func:`find_layers` — MatMul/Gemm with constant weights and 2-D Conv; everything else stays
-   float, and a layer of a quantizable op that cannot be handled is listed with the reason.
+0. the model's default opset is raised to 13 (per-channel DequantizeLinear) and the graph
+   cleaned up (constants folded, Constant/Identity-fed weights exposed) — before any calibration.
+1. :func:`find_layers` — MatMul/Gemm with constant weights and 1-D/2-D Conv; everything else
+   stays float, and a layer of a quantizable op that cannot be handled (subgraph layers included)
+   is listed with the reason.
 2. :func:`calibrate` — streaming activation statistics (:mod:`edgecomp.calibration`).
 3. :func:`make_plan` — per layer: activation range by the calibration method; weight bits from
    the target ISA (7-bit where u8×s8 can saturate int16, i.e. x86 without VNNI); SmoothQuant
@@ -16,6 +19,8 @@ The steps, each a plain function so tests and scripts can drive them one at a ti
    faster in int8 stays float, and the report says so.
 5. :func:`fit_tolerance` — with evaluation data, rank layers by sensitivity (quantize one at a
    time) and keep the most sensitive float until the metric is within tolerance of fp32.
+   Without a tolerance, the same search runs on calibration samples whenever an output's cosine
+   to float falls below ``min_cosine`` (0.99; :class:`FidelityEvaluator`, every float output).
 """
 
 from __future__ import annotations
@@ -30,22 +35,25 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.calibration import ActivationStats, choose_range, collect_histograms, collect_ranges, uint8_qparams
-from edgecomp.data import Dataset, input_specs
+from edgecomp.data import Dataset, check_label_range, input_specs
 from edgecomp.errors import ConfigError, DataError, PassFailed
 from edgecomp.passes.base import run_pass
 from edgecomp.passes.optimize_graph import OptimizeGraphPass
 from edgecomp.passes.quantize_embeddings import QuantizeEmbeddingsPass
 from edgecomp.passes.quantize_static import QUANTIZED_OPS, LayerPlan, QuantizeStaticPass, matmul_parts, quantize_weight
+from edgecomp.passes.upgrade_opset import UpgradeOpsetPass, new_violations, opset_violations
 from edgecomp.runtime import make_session, run_feed
 from edgecomp.targets import Isa, host_isa
 
-__all__ = ["QuantizeOptions", "Layer", "QuantizeResult", "Evaluator", "find_layers", "calibrate", "make_plan",
+__all__ = ["QuantizeOptions", "Layer", "QuantizeResult", "Evaluator", "FidelityEvaluator", "find_layers", "calibrate", "make_plan",
            "build", "choose_families", "fit_tolerance", "quantize_model", "quantize_dynamic_ort",
            "compile_patterns", "METRICS", "ALPHAS"]
 
 METRICS = ("cosine", "top1", "mae")
 ALPHAS = (0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 FAMILIES = ("matmul", "conv", "conv-depthwise")
+MIN_OPSET = 13
+OPSET_REASON = "per-channel DequantizeLinear needs 13"
 
 
 @dataclasses.dataclass
@@ -66,6 +74,10 @@ class QuantizeOptions:
     isa: Isa | None = None  # target ISA (default: the host's)
     threads: int = 1
     progress: bool = False
+    # without --tolerance: every float output must keep this cosine to float on up to
+    # fidelity_samples calibration samples, else the most sensitive layers stay float (None: off)
+    min_cosine: float | None = 0.99
+    fidelity_samples: int = 32
 
     def validate(self) -> None:
         from edgecomp.calibration import METHODS
@@ -85,6 +97,8 @@ class QuantizeOptions:
             if bad:
                 raise ConfigError(f"unknown op families {sorted(bad)}; use {', '.join(FAMILIES)}, auto or all")
         compile_patterns(self.exclude, "exclude pattern")
+        if self.min_cosine is not None and not 0.0 < _number(self.min_cosine) <= 1.0:
+            raise ConfigError("min_cosine must be in (0, 1], or None to skip the fidelity check")
 
 
 def compile_patterns(patterns: Sequence[str], what: str) -> list[re.Pattern]:
@@ -130,11 +144,17 @@ class QuantizeResult:
 
 # --- 1. layers ---------------------------------------------------------------------------------
 
+LAYER_OPS = ("MatMul", "Gemm", "Conv")
+SUBGRAPH_REASON = ("inside {article} {op} subgraph: not quantized (calibration cannot observe values inside "
+                   "subgraphs)")
+
+
 def find_layers(model: ir.Model) -> tuple[list[Layer], list[dict[str, Any]]]:
-    """Quantizable layers, and rows for layers of quantizable ops that must stay float (with why)."""
+    """Quantizable layers, and rows for layers of quantizable ops that must stay float (with why),
+    including those inside If/Loop/Scan subgraphs."""
     layers, skipped = [], []
     for node in model.graph:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv"):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in LAYER_OPS:
             continue
         reason = _unsupported(node)
         if reason:
@@ -149,20 +169,41 @@ def find_layers(model: ir.Model) -> tuple[list[Layer], list[dict[str, Any]]]:
             layers.append(Layer(node.name, "Conv", family, node.inputs[0].name, tail.name if tail else None, out.name))
         else:
             layers.append(Layer(node.name, node.op_type, "matmul", node.inputs[0].name))
-    layers += _residual_adds(model)
+    layers += _residual_adds(model, layers)
+    skipped += _subgraph_layers(model)
     return layers, skipped
 
 
-def _residual_adds(model: ir.Model) -> list[Layer]:
+def _subgraph_layers(model: ir.Model) -> list[dict[str, Any]]:
+    """A row per MatMul/Gemm/Conv inside a subgraph (If branches, Loop/Scan bodies)."""
+    rows = []
+    for owner in model.graph:
+        for attr in owner.attributes.values():
+            graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else (
+                list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
+            for g in graphs:
+                for node in ir.traversal.RecursiveGraphIterator(g):
+                    if node.domain in ("", "ai.onnx") and node.op_type in LAYER_OPS:
+                        rows.append({"layer": node.name, "op": node.op_type, "decision": "float",
+                                     "reason": SUBGRAPH_REASON.format(op=owner.op_type, article="an" if owner.op_type[:1] in "AEIOU" else "a"),
+                                     "subgraph": owner.op_type})
+    return rows
+
+
+def _residual_adds(model: ir.Model, layers: Sequence[Layer]) -> list[Layer]:
     """Adds of two conv-branch tensors (residuals): with their output quantized, onnxruntime runs
-    DequantizeLinear → Add → QuantizeLinear as one QLinearAdd instead of dequantize + float add."""
+    DequantizeLinear → Add → QuantizeLinear as one QLinearAdd instead of dequantize + float add.
+
+    A conv-branch tensor is the output of a quantizable Conv (or of the Relu/Clip after it) or of
+    such an Add; Adds elsewhere (a transformer's residuals, a MatMul's bias) are not layers."""
+    branch = {l.out_value for l in layers if l.op == "Conv" and l.out_value}
     found = []
-    for node in model.graph:
+    for node in model.graph:  # topological: an Add's inputs are classified before it
         if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
             continue
-        producers = [v.producer() if v is not None else None for v in node.inputs]
-        if all(p is not None and p.op_type in ("Conv", "Add", "Relu", "Clip") for p in producers):
+        if all(v is not None and v.name in branch for v in node.inputs):
             found.append(Layer(node.name, "Add", "conv", node.outputs[0].name))
+            branch.add(node.outputs[0].name)
     return found
 
 
@@ -172,8 +213,8 @@ def _unsupported(node: ir.Node) -> str | None:
         return "weight is not a constant initializer (activation x activation product)"
     rank = len(w.const_value.shape)
     if node.op_type == "Conv":
-        if rank != 4:
-            return f"{rank - 2}-D convolution (only 2-D is handled)"
+        if rank not in (3, 4):
+            return f"{rank - 2}-D convolution (1-D and 2-D are handled)"
         if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is None:
             return "bias is not a constant"
         return None
@@ -215,12 +256,20 @@ def _feeds(ds: Dataset, specs, limit: int | None) -> list:
 
 
 def calibrate(model: ir.Model, layers: Sequence[Layer], data: Dataset, opts: QuantizeOptions) -> dict[str, ActivationStats]:
-    """Pass 1 statistics of every layer input (and conv output)."""
-    axes: dict[str, int] = {}
+    """Pass 1 statistics of every layer input (and conv output).
+
+    Only a MatMul/Gemm input needs per-channel statistics (SmoothQuant, simulated error), over its
+    last axis (K, fixed by the weight). Conv and Add tensors get one range per tensor, so no
+    statistic depends on an axis that varies between samples (sequence length, image size) — a
+    tensor read by both kinds of layer gets the MatMul's per-channel statistics."""
+    axes: dict[str, int | None] = {}
     for layer in layers:
-        axes[layer.act] = 1 if layer.op in ("Conv", "Add") else -1
+        if layer.family == "matmul":
+            axes[layer.act] = -1
+        else:
+            axes.setdefault(layer.act, None)
         if layer.out_value:
-            axes[layer.out_value] = 1
+            axes.setdefault(layer.out_value, None)
     return collect_ranges(_session_factory(model, opts.threads), axes, _feeds(data, input_specs(model), opts.max_samples),
                           reservoir=opts.reservoir, progress="calibrating" if opts.progress else None)
 
@@ -298,9 +347,10 @@ def make_plan(model: ir.Model, layers: Sequence[Layer], stats: Mapping[str, Acti
     smooth: dict[str, np.ndarray] = {}
     layout: dict[str, tuple[int, int]] = {}
     info: dict[str, dict[str, Any]] = {}
+    tied = _weight_tied_activations(nodes, layers)
     for act, group in by_act.items():
         mm = [l for l in group if l.family == "matmul"]
-        if not mm:
+        if not mm or act in tied:
             continue
         st = stats[act]
         ws = [_matmul_weight(nodes, l) for l in mm]
@@ -319,6 +369,16 @@ def make_plan(model: ir.Model, layers: Sequence[Layer], stats: Mapping[str, Acti
             smooth[act] = best[2]
         layout[act] = best[3]
         info[act] = {"sim error": best[0], "sim error unsmoothed": base, "alpha": best[1]}
+    for acts in {id(c): c for c in tied.values()}.values():
+        # one weight read by several layers is stored once: no smoothing (it would scale each call
+        # site's copy differently) and one bit layout for all of its activations
+        ws = {a: [_matmul_weight(nodes, l) for l in by_act[a] if l.family == "matmul"] for a in acts}
+        errs = {(ab, wb): {a: _simulate(stats[a].rows, ws[a], None, stats[a], ab, wb, opts.per_channel)[0] for a in acts}
+                for ab, wb in layouts}
+        choice = min(layouts, key=lambda lw: sum(errs[lw].values()))
+        for a in acts:
+            layout[a] = choice
+            info[a] = {"sim error": errs[choice][a], "sim error unsmoothed": errs[choice][a], "alpha": None}
     if opts.method != "minmax" and data is not None:
         collect_histograms(_session_factory(model, opts.threads), stats,
                            _feeds(data, input_specs(model), opts.max_samples), smooth,
@@ -348,6 +408,29 @@ def make_plan(model: ir.Model, layers: Sequence[Layer], stats: Mapping[str, Acti
         plan[layer.node] = lp
         rows.append(row)
     return plan, rows
+
+
+def _weight_tied_activations(nodes: Mapping[str, ir.Node], layers: Sequence[Layer]) -> dict[str, list[str]]:
+    """Activations linked through MatMul/Gemm layers that share one weight initializer (ALBERT's
+    shared layers), each mapped to its connected group; activations of unshared weights are absent."""
+    by_weight: dict[tuple, list[str]] = {}
+    for l in layers:
+        if l.family != "matmul":
+            continue
+        node = nodes[l.node]
+        trans = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int()
+        by_weight.setdefault((node.inputs[1].name, bool(trans)), []).append(l.act)
+    group: dict[str, list[str]] = {}
+    for acts in by_weight.values():
+        if len(acts) < 2:
+            continue
+        merged = list(dict.fromkeys(acts))
+        for a in acts:
+            if a in group and group[a] is not merged:
+                merged += [b for b in group[a] if b not in merged]
+        for a in merged:
+            group[a] = merged
+    return group
 
 
 def _plan_bias_correction(lp: LayerPlan, nodes, layer: Layer, st: ActivationStats, opts: QuantizeOptions) -> dict[str, Any]:
@@ -432,6 +515,8 @@ class Evaluator:
             raise DataError("--eval DATA holds no samples")
         self.feeds, self.metric, self.labels, self.threads = feeds, metric, labels, threads
         self.ref = self._outputs(model)
+        if labels is not None:
+            check_label_range(labels, int(np.prod(self.ref[0].shape[1:])), "--labels")
         self.ref_score = self._score(self.ref)
 
     def _outputs(self, model: ir.Model) -> list[np.ndarray]:
@@ -459,6 +544,39 @@ class Evaluator:
         return score, self.ref_score - score
 
 
+class FidelityEvaluator(Evaluator):
+    """Every float output of a candidate against the float model's: the score is the lowest mean
+    cosine among the outputs (an output of under 8 values a sample, such as a probability, is
+    compared over all samples together: one value's cosine is only its sign). The loss is
+    1 - score; the float model scores 1."""
+
+    def __init__(self, model: ir.Model, feeds: list, threads: int):
+        if not feeds:
+            raise DataError("no samples for the fidelity check")
+        self.feeds, self.metric, self.labels, self.threads = feeds, "cosine", None, threads
+        self.ref = self._outputs(model)
+        self.floats = [i for i, r in enumerate(self.ref[0]) if np.issubdtype(np.asarray(r).dtype, np.floating)]
+        self.ref_score = 1.0
+
+    def _outputs(self, model: ir.Model) -> list:
+        s = make_session(model, threads=self.threads)
+        return [run_feed(s, f) for f in self.feeds]
+
+    def _score(self, outs: list) -> float:
+        scores = [_pooled_cosine([r[i] for r in self.ref], [o[i] for o in outs]) for i in self.floats]
+        return min(scores, default=1.0)
+
+
+def _pooled_cosine(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
+    from edgecomp.validate import cosine_rows
+
+    r = [np.asarray(a, np.float64).reshape(1, -1) for a in ref]
+    g = [np.asarray(a, np.float64).reshape(1, -1) for a in got]
+    if r[0].size < 8:
+        r, g = [np.concatenate(r, axis=1)], [np.concatenate(g, axis=1)]
+    return float(np.mean([cosine_rows(a, b)[0] for a, b in zip(r, g)]))
+
+
 def fit_tolerance(model: ir.Model, plan: dict[str, LayerPlan], evaluator: Evaluator, tolerance: float,
                   progress: bool = False, embeddings: bool = False) -> tuple[dict[str, LayerPlan], dict[str, float], list[str], bool, float]:
     """Keep the most sensitive layers float until the loss is within ``tolerance``.
@@ -473,7 +591,7 @@ def fit_tolerance(model: ir.Model, plan: dict[str, LayerPlan], evaluator: Evalua
     if loss <= tolerance:
         return plan, {}, [], True, loss
     sens = {}
-    for name in tqdm(list(plan), desc="sensitivity", disable=not progress, leave=False):
+    for name in tqdm(list(plan), desc="sensitivity", disable=None if progress else True, leave=False):
         sens[name] = evaluator.drop(build(model, {name: plan[name]}))[1]
     order = sorted(plan, key=lambda n: -sens[n])
 
@@ -511,7 +629,9 @@ def fit_tolerance(model: ir.Model, plan: dict[str, LayerPlan], evaluator: Evalua
 def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions, *,
                    eval_data: Dataset | None = None, metric: str = "cosine", tolerance: float | None = None,
                    labels: np.ndarray | None = None) -> QuantizeResult:
-    """The whole static quantization of ``model`` (a float model; it is modified in place by the cleanup)."""
+    """The whole static quantization of ``model`` (a float model; it is modified in place by the
+    opset upgrade and the cleanup). Everything that can refuse the model — opset, layers — runs
+    before calibration."""
     opts.validate()
     if any(n.op_type in QUANTIZED_OPS for n in model.graph):
         raise PassFailed("the model is already quantized; give the float model")
@@ -522,6 +642,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     if eval_data is not None:
         eval_data.check_against(specs)
     t0 = time.perf_counter()
+    upgrade = run_pass(UpgradeOpsetPass(min_opset=MIN_OPSET, reason=OPSET_REASON), model)
+    invalid_before = opset_violations(model)
     cleanup = run_pass(OptimizeGraphPass(), model)
     ir.passes.common.NameFixPass()(model)
     layers, skipped = find_layers(model)
@@ -529,16 +651,31 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     excluded = [l for l in layers if any(p.search(l.node) for p in exclude)]
     layers = [l for l in layers if l not in excluded]
     if not layers:
-        raise PassFailed("no quantizable layer (MatMul/Gemm with constant weights or 2-D Conv) in the model")
+        raise PassFailed(no_layer_message(model, skipped, excluded))
     stats = calibrate(model, layers, calibration, opts)
     plan, rows = make_plan(model, layers, stats, opts, calibration)
     feed = next(iter(calibration.feeds_for(specs)))
     families, family_rows = choose_families(model, layers, plan, feed, opts)
     plan = {k: v for k, v in plan.items() if _family(layers, k) in families}
     met, loss, sens, kept = None, None, {}, []
+    fidelity = None
+    kept_why = "among the most sensitive: kept float to meet the tolerance"
     if eval_data is not None and tolerance is not None and plan:
         evaluator = Evaluator(model, list(eval_data.feeds_for(specs)), metric, labels, opts.threads)
         plan, sens, kept, met, loss = fit_tolerance(model, plan, evaluator, tolerance, opts.progress, opts.embeddings)
+    elif tolerance is None and opts.min_cosine is not None and plan:
+        # no accuracy target given: still never write a model whose outputs drift from float on
+        # the calibration samples (a per-tensor output grid can wreck a downstream magnitude or
+        # recurrent state that no per-layer statistic shows)
+        evaluator = FidelityEvaluator(model, list(calibration.feeds_for(specs, opts.fidelity_samples)), opts.threads)
+        floor = float(opts.min_cosine)
+        plan, sens, kept, ok, fid_loss = fit_tolerance(model, plan, evaluator, 1.0 - floor, opts.progress,
+                                                       opts.embeddings)
+        fidelity = {"fidelity": f"lowest output cosine {1.0 - fid_loss:.4f} on {len(evaluator.feeds)} calibration "
+                                f"samples (floor {floor:g}{'' if ok else ', not met'})"}
+        if kept:
+            fidelity["fidelity"] += f"; {len(kept)} most sensitive layer(s) kept float to reach it"
+        kept_why = f"among the most sensitive: kept float so every output keeps cosine >= {floor:g} to float"
     for row in rows:
         name = row["layer"]
         if name in sens:
@@ -546,7 +683,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         if name in plan:
             row["decision"], row["reason"] = "int8", "quantized"
         elif name in kept:
-            row["decision"], row["reason"] = "float", "among the most sensitive: kept float to meet the tolerance"
+            row["decision"], row["reason"] = "float", kept_why
         else:
             row["decision"], row["reason"] = "float", f"{row['family']} family: int8 not measurably faster here"
     rows += [{"layer": l.node, "op": l.op, "family": l.family, "decision": "float", "reason": "--exclude"}
@@ -557,14 +694,42 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     if opts.embeddings:
         emb = run_pass(QuantizeEmbeddingsPass(bits=8), quantized)
         quantized, embedding_rows = emb.model, emb.rows
+    invalid = new_violations(quantized, invalid_before)
+    if invalid:
+        raise PassFailed(f"the quantized model has a node its opset does not allow: {invalid[0]}")
     layouts = sorted({f"{p.act_bits}/{p.weight_bits}" for p in plan.values()})
     summary = {"layers int8": len(plan), "layers float": len(rows) - len(plan), "bits a/w": ", ".join(layouts),
                "bits reason": bits_reason(opts), "activations": "uint8 asymmetric, per tensor, static",
                "method": opts.method, "calibration samples": min(len(calibration), opts.max_samples or 10**9),
                "cleanup": cleanup.summary, "seconds": round(time.perf_counter() - t0, 1)}
+    if upgrade.modified:
+        summary = {"opset": upgrade.summary["opset"], **summary}
     if loss is not None:
         summary.update({"metric": metric, "tolerance": tolerance, "loss": loss, "met tolerance": met})
+    if fidelity:
+        summary.update(fidelity)
     return QuantizeResult(quantized, plan, rows, summary, family_rows, met, embedding_rows)
+
+
+def no_layer_message(model: ir.Model, skipped: Sequence[Mapping[str, Any]], excluded: Sequence[Layer]) -> str:
+    """One line: which ops the model has and why each quantizable op family was skipped."""
+    ops: dict[str, int] = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        ops[key] = ops.get(key, 0) + 1
+    listing = ", ".join(f"{op} x{n}" if n > 1 else op for op, n in sorted(ops.items(), key=lambda kv: -kv[1])[:12])
+    if len(ops) > 12:
+        listing += f", ... ({len(ops)} op types)"
+    why: dict[tuple[str, str], int] = {}
+    for row in skipped:
+        why[(row["op"], row["reason"])] = why.get((row["op"], row["reason"]), 0) + 1
+    for layer in excluded:
+        why[(layer.op, "matches --exclude")] = why.get((layer.op, "matches --exclude"), 0) + 1
+    parts = [f"{op} x{n}: {reason}" if n > 1 else f"{op}: {reason}" for (op, reason), n in why.items()]
+    if not parts:
+        parts = ["the model has no MatMul, Gemm or Conv"]
+    return (f"no quantizable layer (MatMul/Gemm with constant weights, 1-D/2-D Conv): {'; '.join(parts)} "
+            f"(the model's ops: {listing})")
 
 
 def quantize_dynamic_ort(src: str, dst: str, isa: Isa | None = None) -> None:

@@ -2,8 +2,10 @@
 emitting nodes next to an anchor, and reading stored (possibly quantized) rows back in the graph.
 
 An embedding table is a constant float initializer [V, D] read by ``Gather(table, ids, axis=0)``
-with integer ``ids`` computed at run time. A table is *tied* when it also feeds an output
-projection (an LM head) computing ``x @ table^T``, recognised in two forms:
+with integer ``ids`` computed at run time. Nodes emitted exist at the graph's declared opset
+(Gather, Cast, Mul, Add, Concat, Shape, Reshape without ``allowzero``, Unsqueeze with ``axes``
+as an input from opset 13 and as an attribute before, BitShift from opset 11). A table is
+*tied* when it also feeds an output projection (an LM head) computing ``x @ table^T``, recognised in two forms:
 ``MatMul(x, Transpose(table, perm=[1, 0]))`` and ``Gemm(x, table, transB=1)``.
 """
 
@@ -13,8 +15,10 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
+from edgecomp.errors import PassFailed
 from edgecomp.passes.base import add_initializer, rank_of
 
 
@@ -146,6 +150,18 @@ class Emitter:
         self.graph.insert_before(self.anchor, node)
         return node.outputs[0]
 
+    @property
+    def opset(self) -> int:
+        """The default-domain opset of the graph (the newest when none is declared)."""
+        imports = self.graph.opset_imports
+        return int(imports.get("", imports.get("ai.onnx", onnx.defs.onnx_opset_version())))
+
+    def unsqueeze_last(self, x: ir.Value) -> ir.Value:
+        """``x[..., None]``: Unsqueeze's axes are an input from opset 13, an attribute before."""
+        if self.opset >= 13:
+            return self.op("Unsqueeze", [x, self.const(np.array([-1], np.int64))])
+        return self.op("Unsqueeze", [x], axes=[-1])
+
 
 def gather_rows(g: Emitter, consts: dict[str, ir.Value], ids: ir.Value | None, *, bits: int | None,
                 block: int | None, dim: int, dtype: ir.DataType = ir.DataType.FLOAT) -> ir.Value:
@@ -171,19 +187,20 @@ def gather_rows(g: Emitter, consts: dict[str, ir.Value], ids: ir.Value | None, *
 
     q = take(consts["q"])
     if bits == 4:
+        if g.opset < 11:
+            raise PassFailed(f"int4 tables unpack with BitShift, which needs opset 11; the model declares {g.opset}")
         four = g.const(np.array(4, np.uint8))  # BitShift (opset 11), not BitwiseAnd (opset 18)
         low = g.op("BitShift", [g.op("BitShift", [q, four], direction="LEFT"), four], direction="RIGHT")
         high = g.op("BitShift", [q, four], direction="RIGHT")
-        pair = g.op("Concat", [g.op("Unsqueeze", [low, g.const(np.array([-1]))]),
-                               g.op("Unsqueeze", [high, g.const(np.array([-1]))])], axis=-1)
-        q = g.op("Reshape", [pair, shape(dim)])
+        pair = g.op("Concat", [g.unsqueeze_last(low), g.unsqueeze_last(high)], axis=-1)
+        q = g.op("Reshape", [pair, shape(dim)])  # no allowzero (opset 14): the shape's 0s copy ids' dims
     x = g.op("Cast", [q], to=dtype)
 
     def side(name: str) -> ir.Value:
         s = take(consts[name])
         if consts[name].const_value.dtype != dtype:
             s = g.op("Cast", [s], to=dtype)
-        return g.op("Unsqueeze", [s, g.const(np.array([-1]))]) if blocked else s
+        return g.unsqueeze_last(s) if blocked else s
 
     if blocked:
         x = g.op("Reshape", [x, shape(dim // b, b)])

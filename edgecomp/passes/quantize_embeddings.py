@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
-from edgecomp.errors import ConfigError
+from edgecomp.errors import ConfigError, EdgecompError, PassFailed
 from edgecomp.passes._embedding import (EmbeddingTable, Emitter, find_embedding_tables, gather_rows, register_stored,
                                         replace_output)
 from edgecomp.passes.base import EdgecompPass, PassReport
@@ -98,6 +98,16 @@ class QuantizeEmbeddingsPass(EdgecompPass):
         self.tied = tied
 
     def call(self, model: ir.Model) -> PassReport:
+        try:
+            return self._call(model)
+        except EdgecompError:
+            raise
+        except Exception as e:  # an unforeseen graph shape: one line, never a traceback
+            text = str(e).strip()
+            raise PassFailed(f"QuantizeEmbeddingsPass failed on this model: {type(e).__name__}: "
+                             f"{text.splitlines()[0] if text else ''}") from e
+
+    def _call(self, model: ir.Model) -> PassReport:
         tables, rows = find_embedding_tables(model, self.min_rows, tied=self.tied)
         for t in tables:
             table = t.array

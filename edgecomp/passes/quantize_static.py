@@ -24,7 +24,7 @@ Cases handled:
   every activation.
 - a residual ``Add`` of two quantized conv-branch tensors gets its output quantized too, so
   onnxruntime runs it as QLinearAdd;
-- ``Conv(x, W, b)`` (2-D, any group) becomes the QDQ form onnxruntime fuses into QLinearConv::
+- ``Conv(x, W, b)`` (1-D or 2-D, any group) becomes the QDQ form onnxruntime fuses into QLinearConv::
 
       DequantizeLinear(QuantizeLinear(x)) → Conv(·, DequantizeLinear(W_q, axis 0), DQ(b_q int32))
       → [Relu | Clip] → QuantizeLinear(y) → DequantizeLinear
@@ -32,7 +32,12 @@ Cases handled:
   with per-output-channel symmetric int8 weights and ``b_q = round(b / (a_scale * w_scale))``.
 
 Layers not in the plan are left float. Outputs keep their names, so the graph's interface is
-unchanged. There is never a DynamicQuantizeLinear in the result.
+unchanged (a quantized tensor that is also a graph output: the output moves to its
+DequantizeLinear, the QuantizeLinear still reads the float tensor). There is never a
+DynamicQuantizeLinear in the result. Every node emitted exists at opset 13 (the pass requires 13
+for convolutions: per-channel DequantizeLinear needs its ``axis``): QuantizeLinear and
+DequantizeLinear with scalar or per-axis scales only (no ``block_size``, ``saturate`` or
+``output_dtype``), Mul, Conv, and com.microsoft.MatMulIntegerToFloat.
 """
 
 from __future__ import annotations
@@ -44,9 +49,10 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
-from edgecomp.errors import PassFailed
+from edgecomp.errors import EdgecompError, PassFailed
 from edgecomp.inspection import INT8_OPS
 from edgecomp.passes.base import EdgecompPass, PassReport, add_initializer
+from edgecomp.passes.upgrade_opset import default_opset
 
 __all__ = ["LayerPlan", "QuantizeStaticPass", "quantize_weight", "matmul_parts", "bias_add", "QUANTIZED_OPS", "MS_DOMAIN"]
 
@@ -113,8 +119,23 @@ class QuantizeStaticPass(EdgecompPass):
         missing = sorted(set(self.plan) - names)
         if missing:
             raise PassFailed(f"plan names nodes not in the graph: {missing[:5]}")
+        opset = default_opset(model)
+        if opset is not None and opset < 13 and any(p.kind in ("conv", "add") for p in self.plan.values()):
+            raise PassFailed(f"the model declares opset {opset}; quantized convolutions use per-channel "
+                             "DequantizeLinear (axis), which needs opset 13: run UpgradeOpsetPass(min_opset=13) first")
+        if opset is not None and opset < 10:
+            raise PassFailed(f"the model declares opset {opset}; QuantizeLinear needs opset 10 or later")
 
     def call(self, model: ir.Model) -> PassReport:
+        try:
+            return self._call(model)
+        except EdgecompError:
+            raise
+        except Exception as e:  # an unforeseen graph shape: one line, never a traceback
+            raise PassFailed(f"QuantizeStaticPass failed on this model: {type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+
+    def _call(self, model: ir.Model) -> PassReport:
         builder = _Builder(model)
         nodes = {n.name: n for n in model.graph}
         rows = []
@@ -136,7 +157,7 @@ class QuantizeStaticPass(EdgecompPass):
         if self.plan:
             if MS_DOMAIN not in model.opset_imports and any(p.kind != "conv" for p in self.plan.values()):
                 model.opset_imports[MS_DOMAIN] = 1
-            model.graph.sort()
+            _sort(model.graph)
             ir.passes.common.RemoveUnusedNodesPass()(model)  # the float weights
         return self.report(model, bool(self.plan), {"quantized layers": len(self.plan),
                                                     "quantize ops": builder.quantize_ops}, rows)
@@ -152,6 +173,7 @@ class _Builder:
     def __init__(self, model: ir.Model):
         self.graph = model.graph
         self._qcache: dict[tuple, ir.Value] = {}
+        self._wcache: dict[tuple, tuple[ir.Value, ir.Value, ir.Value]] = {}
         self._output_dq: set[str] = set()  # DequantizeLinear nodes after quantized conv outputs
         self._names: set[str] = {v for v in self.graph.initializers} | {
             o.name for n in self.graph for o in n.outputs if o.name}
@@ -195,10 +217,10 @@ class _Builder:
             w = w * lp.smooth[:, None]
         if lp.bias_delta is not None:
             bias = (bias if bias is not None else np.zeros(w.shape[1], np.float32)) - lp.bias_delta
-        wq, ws = quantize_weight(w, lp.weight_bits, axis=1, per_channel=lp.per_channel)
+        trans = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int()
+        wq_v, ws_v, wzp_v = self.weight(node, ("matmul", bool(trans)), w, lp, axis=1)
         xq, a_scale, a_zp = self.quantized_input(node.inputs[0], lp)
-        inputs = [xq, self.const(f"{node.name}_wq", wq), a_scale, self.const(f"{node.name}_wscale", ws), a_zp,
-                  self.const(f"{node.name}_wzp", np.zeros(w.shape[1], np.int8))]
+        inputs = [xq, wq_v, a_scale, ws_v, a_zp, wzp_v]
         if bias is not None:
             inputs.append(self.const(f"{node.name}_bias", bias.astype(np.float32)))
         y = self.add("MatMulIntegerToFloat", inputs, f"{node.name}_int8", domain=MS_DOMAIN)
@@ -206,13 +228,24 @@ class _Builder:
         for n in dead:
             self.graph.remove(n, safe=True)
 
+    def weight(self, node: ir.Node, form: tuple, w: np.ndarray, lp: LayerPlan,
+               axis: int) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """(W_q, w_scale, w_zp) initializers; layers sharing one float weight (ALBERT's shared
+        layers, a weight read at several call sites) and quantizing it alike share them too."""
+        key = (id(node.inputs[1]), form, None if lp.smooth is None else lp.smooth.tobytes(), lp.weight_bits,
+               lp.per_channel)
+        if key not in self._wcache:
+            wq, ws = quantize_weight(w, lp.weight_bits, axis=axis, per_channel=lp.per_channel)
+            self._wcache[key] = (self.const(f"{node.name}_wq", wq), self.const(f"{node.name}_wscale", ws),
+                                 self.const(f"{node.name}_wzp", np.zeros(w.shape[axis], np.int8)))
+        return self._wcache[key]
+
     def conv(self, node: ir.Node, lp: LayerPlan, act_node: ir.Node | None) -> None:
         xd, act_scale = self._conv_input(node, lp)
         w = node.inputs[1].const_value.numpy().astype(np.float32)
-        wq, ws = quantize_weight(w, lp.weight_bits, axis=0, per_channel=lp.per_channel)
-        wd = self.add("DequantizeLinear", [self.const(f"{node.name}_wq", wq), self.const(f"{node.name}_wscale", ws),
-                                           self.const(f"{node.name}_wzp", np.zeros(w.shape[0], np.int8))],
-                      f"{node.name}_w_dq", axis=0)
+        wq_v, ws_v, wzp_v = self.weight(node, ("conv",), w, lp, axis=0)
+        ws = ws_v.const_value.numpy()
+        wd = self.add("DequantizeLinear", [wq_v, ws_v, wzp_v], f"{node.name}_w_dq", axis=0)
         inputs = [xd, wd]
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             b = node.inputs[2].const_value.numpy().astype(np.float64)
@@ -256,7 +289,9 @@ class _Builder:
             use.node.replace_input_with(use.idx, dq)
         dq.type, dq.shape = y.type, y.shape
         if y.is_graph_output():
-            _replace(self.graph, y, dq)
+            # only the output slot moves to dq: replacing *every* use of y would also rewire
+            # the QuantizeLinear that reads y to its own DequantizeLinear (a cycle)
+            _move_graph_output(self.graph, y, dq)
 
     def _conv_output(self, node: ir.Node, lp: LayerPlan, act_node: ir.Node | None) -> None:
         """QuantizeLinear → DequantizeLinear after the conv (or its Relu/Clip). A Relu/Clip whose
@@ -320,6 +355,47 @@ def bias_add(node: ir.Node) -> ir.Node | None:
     if other.const_value.shape.numpy()[-1] != n:
         return None
     return add
+
+
+def _sort(graph: ir.Graph) -> None:
+    """Topological sort; a cycle (a bug in a rewrite) is a one-line PassFailed naming a node on it."""
+    try:
+        graph.sort()
+    except ValueError as e:
+        on_cycle = _node_on_cycle(graph)
+        raise PassFailed(f"quantizing made the graph cyclic{f' (through {on_cycle})' if on_cycle else ''}: "
+                         f"{e}; please report this model") from e
+
+
+def _node_on_cycle(graph: ir.Graph) -> str | None:
+    state: dict[int, int] = {}
+    for start in graph:
+        stack = [(start, iter(v.producer() for v in start.inputs if v is not None))]
+        state[id(start)] = state.get(id(start), 0) or 1
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, False)
+            if nxt is False:
+                state[id(node)] = 2
+                stack.pop()
+            elif nxt is not None and nxt.graph is graph:
+                st = state.get(id(nxt), 0)
+                if st == 1:
+                    return nxt.name
+                if st == 0:
+                    state[id(nxt)] = 1
+                    stack.append((nxt, iter(v.producer() for v in nxt.inputs if v is not None)))
+    return None
+
+
+def _move_graph_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Make ``new`` the graph output ``old`` was (same name); ``old``'s other uses are kept."""
+    name = old.name
+    for i, v in enumerate(list(graph.outputs)):
+        if v is old:
+            graph.outputs[i] = new
+    old.name = f"{name}__float"
+    new.name = name
 
 
 def _replace(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
