@@ -461,17 +461,20 @@ def build(model: ir.Model, plan: Mapping[str, LayerPlan], embeddings: bool = Fal
 # --- 4. op families by measured latency -----------------------------------------------------
 
 def choose_families(model: ir.Model, layers: Sequence[Layer], plan: Mapping[str, LayerPlan], feed,
-                    opts: QuantizeOptions) -> tuple[set[str], list[dict[str, Any]]]:
+                    opts: QuantizeOptions, timer: Callable[[], float] = time.perf_counter,
+                    ) -> tuple[set[str], list[dict[str, Any]]]:
     """Families to quantize, and a row per measured combination with its latency ratio.
 
     Every non-empty combination of the families present is built and timed interleaved with the
     float model (families interact: a lone int8 family pays quantize/dequantize at its borders,
-    which int8 neighbours would share). The fastest combination wins if it is at least 3% faster
-    than float; otherwise everything stays float.
+    which int8 neighbours would share) in rounds, until each ratio's 95% interval excludes 1.0
+    or ten rounds are spent (:func:`edgecomp.bench.compare_latency`). The fastest combination
+    wins only if its whole interval lies below 1.0 and its ratio is at most 0.97; otherwise
+    everything stays float, so a busy machine cannot talk edgecomp into a slower model.
     """
     from itertools import combinations
 
-    from edgecomp.bench import benchmark
+    from edgecomp.bench import compare_latency
 
     present = [f for f in FAMILIES if any(l.family == f for l in layers)]
     if opts.families == "all":
@@ -484,18 +487,23 @@ def choose_families(model: ir.Model, layers: Sequence[Layer], plan: Mapping[str,
     t0 = time.perf_counter()
     make_session(model, threads=opts.threads).run(None, feed)
     probe = max(time.perf_counter() - t0, 1e-4)
-    runs = int(np.clip(1.0 / (probe * len(variants)), 15, 300))
-    res = benchmark(variants, threads=opts.threads, warmup=3, runs=runs, feed=feed,
-                    labels=["float"] + [",".join(c) for c in combos])
-    ratios = {c: st.ratio_to_first for c, st in zip(combos, res.models[1:])}
-    best = min(combos, key=lambda c: ratios[c])
-    chosen = set(best) if ratios[best] < 0.97 else set()
+    runs = int(np.clip(0.3 / (probe * len(variants)), 5, 100))
+    est = dict(zip(combos, compare_latency(variants, feed, threads=opts.threads, runs_per_round=runs,
+                                           max_rounds=10, labels=["float"] + [",".join(c) for c in combos],
+                                           timer=timer)))
+    best = min(combos, key=lambda c: est[c].ratio)
+    chosen = set(best) if (est[best].faster and est[best].ratio <= 0.97) else set()
     rows = []
     for c in combos:
         win = set(c) == chosen
-        rows.append({"families": ",".join(c), "latency ratio int8/float": ratios[c], "decision": "chosen" if win else "-",
-                     "reason": "fastest combination, measurably faster than float" if win else
-                     ("no combination is >= 3% faster: all float" if not chosen and c == best else "")})
+        reason = ""
+        if win:
+            reason = "fastest combination, faster than float beyond noise"
+        elif not chosen and c == best:
+            reason = "no combination is >= 3% faster beyond noise: all float"
+        rows.append({"families": ",".join(c), "latency ratio int8/float": est[c].ratio,
+                     "95% interval": f"[{est[c].low:.3f}, {est[c].high:.3f}]", "rounds": est[c].rounds,
+                     "decision": "chosen" if win else "-", "reason": reason})
     return chosen, rows
 
 

@@ -226,3 +226,40 @@ def test_unsupported_layers_are_reported():
     reasons = {r["layer"]: r["reason"] for r in skipped}
     assert not layers and reasons["conv3d"].startswith("3-D convolution")
     assert reasons["actmm"].startswith("weight is not a constant")
+
+
+def test_equal_timings_keep_every_family_float_and_a_real_gain_is_taken(tiny_encoder_path, encoder_data, monkeypatch):
+    """The family choice under a clock that shows no difference (a busy machine's worst case)
+    keeps float; a clock on which int8 is clearly faster picks int8."""
+    import edgecomp.bench as bench
+
+    calib, _ = encoder_data
+    real = bench.compare_latency
+
+    def clocked(durations):
+        def compare(models, feed, **kw):
+            kw["timer"] = _RoundRobinClock([durations[0]] + [durations[1]] * (len(models) - 1))
+            return real(models, feed, **kw)
+        return compare
+
+    monkeypatch.setattr(bench, "compare_latency", clocked([1.0, 1.0]))
+    res = _quantize(tiny_encoder_path, calib, families="auto", embeddings=False)
+    assert "MatMulIntegerToFloat" not in {n.op_type for n in to_proto(res.model).graph.node}
+    assert all(r["decision"] != "chosen" for r in res.families) and res.families[0]["rounds"] == 10
+    monkeypatch.setattr(bench, "compare_latency", clocked([1.0, 0.6]))
+    res = _quantize(tiny_encoder_path, calib, families="auto", embeddings=False)
+    assert "MatMulIntegerToFloat" in {n.op_type for n in to_proto(res.model).graph.node}
+    assert any(r["decision"] == "chosen" and "[" in r["95% interval"] for r in res.families)
+
+
+class _RoundRobinClock:
+    """Every timed run of model k lasts durations[k] (runs go round-robin, as compare_latency interleaves)."""
+
+    def __init__(self, durations):
+        self.durations, self.now, self.calls = durations, 0.0, 0
+
+    def __call__(self):
+        if self.calls % 2:
+            self.now += self.durations[(self.calls // 2) % len(self.durations)]
+        self.calls += 1
+        return self.now
