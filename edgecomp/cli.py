@@ -706,7 +706,10 @@ def prune(model, output, sparsity, structured, data, importance, scope, protect,
         click.echo(rpt.table(result.layers, title="layers:"))
         click.echo(", ".join(f"{k}: {v}" for k, v in result.summary.items() if v is not None))
         click.echo(f"wrote {output}")
-        _write_json(json_path, {"summary": result.summary, "groups": result.groups, "layers": result.layers})
+        for line in result.warnings:
+            click.echo(f"warning: {line}", err=True)
+        _write_json(json_path, {"summary": result.summary, "groups": result.groups, "layers": result.layers,
+                                "fidelity": result.fidelity, "warnings": result.warnings})
         return
     from edgecomp.errors import ConfigError
     from edgecomp.passes.base import run_pass

@@ -24,7 +24,7 @@ from edgecomp.errors import DataError, ModelLoadError
 from edgecomp.passes.base import histogram
 from edgecomp.runtime import make_session, run_feed
 
-__all__ = ["ModelSummary", "summarize", "count_macs", "node_macs", "probe_shapes", "INT8_OPS"]
+__all__ = ["ModelSummary", "summarize", "count_parameters", "count_macs", "node_macs", "probe_shapes", "INT8_OPS"]
 
 CONV_OPS = {"Conv", "ConvInteger", "QLinearConv", "FusedConv", "ConvTranspose"}
 MATMUL_OPS = {"MatMul", "Gemm", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat",
@@ -65,6 +65,11 @@ def _param_tensors(graph: ir.Graph):
     for node in ir.traversal.RecursiveGraphIterator(graph):
         if node.op_type == "Constant" and node.domain == "" and "value" in node.attributes:
             yield node.attributes["value"].as_tensor()
+
+
+def count_parameters(model: ir.Model) -> int:
+    """Elements of every initializer and Constant-node tensor, any dtype: what ``inspect`` counts."""
+    return sum(int(np.prod(t.shape.numpy())) for t in _param_tensors(model.graph))
 
 
 def _is_int8(node: ir.Node) -> bool:

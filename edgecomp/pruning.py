@@ -22,18 +22,30 @@ The steps, each a plain function so tests and scripts can drive them one at a ti
    per-layer scope removes ``sparsity`` of each group, global scope ranks scores normalized by
    each group's mean across all groups; ``round_to`` keeps channel counts multiples of N.
 4. :class:`~edgecomp.passes.prune_channels.PruneChannelsPass` applies the plan.
-5. :func:`repair` — least squares re-fit of every consumer whose input channels were removed, so
-   its outputs on calibration samples match the unpruned model's. With ``X`` the unpruned
-   consumer input (plus a ones column for the bias) and ``X̃`` the pruned model's input on the
-   kept channels, streaming over samples::
+5. :func:`repair` — ridge least squares re-fit of every consumer whose input channels were
+   removed, so its outputs on calibration samples match the unpruned model's. With ``X`` the
+   unpruned consumer input (plus a ones column for the bias) and ``X̃`` the pruned model's input
+   on the kept channels, streaming over samples::
 
        A = Σ X̃ᵀX̃,  B = Σ X̃ᵀX,  C = Σ XᵀX
-       W' = (A + λI)⁻¹ B W          (λ = ridge · tr(A) / dim A)
+       W' = (A + λI')⁻¹ B W         (λ = ridge · tr(A_K) / K over the K kept features, ridge 1e-3
+                                     by default; I' leaves the bias unshrunk)
        err(V) = tr(VᵀAV) − 2 tr(VᵀBW) + tr(WᵀCW),   reported as err / tr(WᵀCW)
 
+   Every 5th sample of the data is held out (once there are 5): importance and the fit use the
+   rest. A fit is refused when its rows (positions N·H·W for a conv, tokens for a MatMul) are
+   fewer than its unknowns per output (``dim A``), and applied only when it lowers the error on
+   the held-out samples; otherwise the layer stays as cut and the report says why.
    Memory is three ``(K+1)²`` matrices per consumer input, whatever the number of samples.
    Conv consumers are repaired only for 1x1 kernels without padding (im2col rows would make ``K``
    grow by the kernel area); larger kernels are left as cut and the report says so.
+6. :func:`held_out_fidelity` — with data, the outputs of the result against the unpruned model's
+   on the held-out samples (mean cosine; top-1 agreement for logits).
+
+Before the analysis, :func:`lift_constants` turns Constant-node weights into initializers and
+bypasses Identity nodes of constants. Convs of any rank (1-D ``[N, C, L]`` as 2-D) are followed;
+layers inside If/Loop/Scan subgraphs are kept whole, and so is every channel a subgraph reads.
+When no group can be cut, :class:`NothingToPrune` says why and nothing is written.
 """
 
 from __future__ import annotations
@@ -51,8 +63,9 @@ from edgecomp.data import Dataset, input_specs
 from edgecomp.errors import ConfigError, PassFailed
 from edgecomp.passes.base import rank_of
 
-__all__ = ["PruneOptions", "Layout", "Edit", "Analysis", "PrunePlan", "PruneResult", "const_array", "find_groups",
-           "channel_stats", "plan_pruning", "repair", "prune_model", "verify_pruned", "IMPORTANCES"]
+__all__ = ["PruneOptions", "Layout", "Edit", "Analysis", "PrunePlan", "PruneResult", "NothingToPrune", "const_array",
+           "lift_constants", "find_groups", "channel_stats", "plan_pruning", "repair", "held_out_fidelity", "prune_model",
+           "verify_pruned", "IMPORTANCES", "HOLD_OUT_EVERY", "FIDELITY_WARN"]
 
 IMPORTANCES = ("auto", "l1", "l2", "activation", "obs")
 KINDS = ("channels", "heads")
@@ -63,6 +76,43 @@ _UNARY = {"Relu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "E
 _BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "PRelu", "Sum", "Mean"}
 _POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 _REDUCES = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceSumSquare"}
+_LAYERS = ("Conv", "MatMul", "Gemm")
+HOLD_OUT_EVERY = 5  # with --data, every 5th sample is held out: it checks repairs and the result, never fits them
+FIDELITY_WARN = 0.95  # warn when the held-out mean cosine or top-1 agreement falls below this
+
+
+class NothingToPrune(PassFailed):
+    """No channel group (structured) or no weight (unstructured) can be pruned: nothing is written."""
+
+
+def lift_constants(model: ir.Model) -> int:
+    """Make every main-graph weight a plain initializer: ``Constant`` nodes holding a tensor
+    (PaddlePaddle and some TorchScript exports) become initializers, and ``Identity`` nodes that
+    read a constant (TorchScript's shared, de-duplicated weights) are bypassed. Subgraphs are left
+    alone. The parameter count (:func:`edgecomp.inspection.count_parameters`) and the outputs are
+    unchanged; returns the number of nodes removed."""
+    graph = model.graph
+    outputs = set(graph.outputs)
+    removed = 0
+    for node in list(graph):
+        if node.domain not in ("", "ai.onnx") or len(node.outputs) != 1 or node.outputs[0] in outputs:
+            continue
+        out = node.outputs[0]
+        if node.op_type == "Constant" and set(node.attributes) == {"value"}:
+            t = node.attributes["value"].as_tensor()
+            init = ir.Value(name=out.name, shape=t.shape, type=ir.TensorType(t.dtype), const_value=t)
+            graph.register_initializer(init)
+            out.replace_all_uses_with(init)
+        elif node.op_type == "Identity" and node.inputs and node.inputs[0] is not None:
+            src = node.inputs[0]
+            if src.const_value is None or src.is_graph_input():
+                continue
+            out.replace_all_uses_with(src)
+        else:
+            continue
+        graph.remove(node, safe=True)
+        removed += 1
+    return removed
 
 
 # --- layouts and atoms -----------------------------------------------------------------------
@@ -147,8 +197,9 @@ class Analysis:
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """A value's constant array: an initializer or a Constant node's output."""
-    if value is None:
+    """A value's constant array: an initializer or a Constant node's output (not an initializer
+    that is also a graph input: the caller may feed another value)."""
+    if value is None or value.is_graph_input():
         return None
     if value.const_value is not None:
         return value.const_value.numpy()
@@ -158,15 +209,43 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def _subgraphs(node: ir.Node) -> list[ir.Graph]:
+    graphs: list[ir.Graph] = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs.append(attr.value)
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs.extend(attr.value)
+    return graphs
+
+
 def _attr(node: ir.Node, name: str, default: Any) -> Any:
     a = node.attributes.get(name)
     return default if a is None else a.value
 
 
-def _static_dims(value: ir.Value) -> list[int] | None:
-    if value.shape is None or not all(isinstance(d, int) for d in value.shape):
+def _dims(value: ir.Value) -> list[int | None] | None:
+    """A value's dims (None for a symbolic one), or None when its rank is unknown."""
+    if value.shape is None:
         return None
-    return [int(d) for d in value.shape]
+    return [int(d) if isinstance(d, int) else None for d in value.shape]
+
+
+def _inferred_dims(model: ir.Model) -> dict[str, list[int | None]]:
+    """Dims of every value by onnx shape inference (exports without value_info leave most
+    intermediate shapes unset); empty when inference fails."""
+    import onnx
+
+    try:
+        proto = onnx.shape_inference.infer_shapes(ir.to_proto(model))
+    except Exception:  # contrib ops, an invalid model: analysis goes on with the shapes it has
+        return {}
+    out = {}
+    for vi in [*proto.graph.value_info, *proto.graph.output, *proto.graph.input]:
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            out[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return out
 
 
 class _Analyzer:
@@ -176,6 +255,21 @@ class _Analyzer:
         self.a = Analysis({}, {}, {}, {}, {}, [], {}, set())
         self.layout: dict[ir.Value, Layout] = {}
         self.protected_hits: set[str] = set()
+        self._inferred: dict[str, list[int | None]] | None = None
+
+    def dims(self, value: ir.Value) -> list[int | None] | None:
+        """The value's dims, from its own shape or, where that is missing or symbolic, inference."""
+        own = _dims(value)
+        if own is not None and all(d is not None for d in own):
+            return own
+        if self._inferred is None:
+            self._inferred = _inferred_dims(self.model)
+        inferred = self._inferred.get(value.name)
+        if inferred is None or (own is not None and len(own) != len(inferred)):
+            return own
+        if own is None:
+            return inferred
+        return [a if a is not None else b for a, b in zip(own, inferred)]
 
     # atoms
     def new_atom(self, size: int, kind: str, name: str) -> int:
@@ -217,6 +311,8 @@ class _Analyzer:
     def run(self) -> Analysis:
         for node in list(self.model.graph):
             ins = [self.layout.get(v) if v is not None else None for v in node.inputs]
+            if _subgraphs(node):
+                self.subgraph(node)
             try:
                 self.visit(node, ins)
             except _Stop as stop:
@@ -225,6 +321,27 @@ class _Analyzer:
         for out in self.model.graph.outputs:
             self.block(self.layout.get(out), f"graph output {out.name}")
         return self.a
+
+    def subgraph(self, node: ir.Node) -> None:
+        """A node with subgraphs (If, Loop, Scan): channels it reads from this graph (as inputs or
+        captured inside) stay whole, and its layers get a group each that says why it is kept."""
+        where = f"{node.op_type} subgraph ({node.name})"
+        for g in _subgraphs(node):
+            for v in g.outputs:
+                self.block(self.layout.get(v), f"read inside {where}")
+            for inner in ir.traversal.RecursiveGraphIterator(g):
+                for v in inner.inputs:
+                    if v is not None:
+                        self.block(self.layout.get(v), f"read inside {where}")
+                if inner.op_type not in _LAYERS or inner.domain not in ("", "ai.onnx") or len(inner.inputs) < 2:
+                    continue
+                w = const_array(inner.inputs[1])
+                if w is None or w.ndim < 2:
+                    continue
+                trans_b = inner.op_type == "Gemm" and int(_attr(inner, "transB", 0))
+                size = w.shape[0] if inner.op_type == "Conv" or trans_b else w.shape[-1]
+                atom = self.new_atom(int(size), "channels", inner.name or inner.op_type)
+                self.a.blocked[atom] = [f"inside {where}: layers in subgraphs are not pruned"]
 
     def visit(self, node: ir.Node, ins: list[Layout | None]) -> None:
         op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
@@ -260,7 +377,75 @@ class _Analyzer:
             return self.concat(node, ins)
         if op in ("Flatten", "Reshape"):
             return self.flatten(node, op, ins)
+        if op in ("Squeeze", "Unsqueeze"):
+            return self.squeeze(node, op, ins)
+        if op in ("Pad", "Slice"):
+            return self.off_channel(node, op, ins)
         raise _Stop(op)
+
+    def _axes(self, node: ir.Node, index: int) -> list[int] | None:
+        """An op's ``axes``: the attribute (older opsets) or the constant input at ``index``."""
+        axes = _attr(node, "axes", None)
+        if axes is None and len(node.inputs) > index and node.inputs[index] is not None:
+            c = const_array(node.inputs[index])
+            if c is None:
+                raise _Stop(f"{node.op_type} with computed axes")
+            axes = c.reshape(-1).tolist()
+        return None if axes is None else [int(a) for a in axes]
+
+    def squeeze(self, node: ir.Node, op: str, ins: list[Layout | None]) -> None:
+        lay = ins[0]
+        if lay is None or any(x is not None for x in ins[1:]) or lay.rank is None:
+            raise _Stop(f"{op} of unknown rank" if lay is not None and lay.rank is None else op)
+        axes = self._axes(node, 1)
+        pos = lay.rank + lay.axis
+        if op == "Squeeze":
+            if axes is None:
+                dims = self.dims(node.inputs[0])
+                if dims is None or any(d is None for d in dims):
+                    raise _Stop("Squeeze of unknown input shape")
+                axes = [i for i, d in enumerate(dims) if d == 1]
+            gone = {a % lay.rank for a in axes}
+            if pos in gone:
+                raise _Stop("Squeeze of the channel axis")
+            rank, pos = lay.rank - len(gone), pos - sum(a < pos for a in gone)
+        else:
+            if not axes:
+                raise _Stop("Unsqueeze without axes")
+            rank = lay.rank + len(axes)
+            new = {a % rank for a in axes}
+            pos = [i for i in range(rank) if i not in new][pos]
+        self.set_layout(node.outputs[0], Layout(pos - rank, lay.parts, rank))
+
+    def off_channel(self, node: ir.Node, op: str, ins: list[Layout | None]) -> None:
+        """Pad and Slice keep channel positions when they leave the channel axis alone."""
+        lay = ins[0]
+        if lay is None or any(x is not None for x in ins[1:]) or lay.rank is None:
+            raise _Stop(op)
+        pos = lay.rank + lay.axis
+        if op == "Pad":
+            pads = _attr(node, "pads", None)
+            if pads is None:
+                c = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+                if c is None:
+                    raise _Stop("Pad with computed pads")
+                pads = c.reshape(-1).tolist()
+            if len(node.inputs) > 3 and node.inputs[3] is not None:
+                raise _Stop("Pad with axes")
+            c = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+            if len(pads) != 2 * lay.rank or pads[pos] or pads[pos + lay.rank] or (c is not None and c.size > 1):
+                raise _Stop("Pad of the channel axis")
+        else:
+            starts = _attr(node, "starts", None)  # opset < 10 keeps them as attributes
+            if starts is None and len(node.inputs) > 1 and const_array(node.inputs[1]) is not None:
+                starts = const_array(node.inputs[1]).reshape(-1).tolist()
+            if starts is None:
+                raise _Stop("Slice with computed starts")
+            axes = self._axes(node, 3)
+            axes = list(range(len(starts))) if axes is None else axes
+            if pos in {a % lay.rank for a in axes}:
+                raise _Stop("Slice of the channel axis")
+        self.set_layout(node.outputs[0], lay)
 
     @staticmethod
     def _is_axis(lay: Layout | None, pos: int) -> bool:
@@ -326,6 +511,9 @@ class _Analyzer:
         lay = Layout(base.axis, ((atom, 1),), base.rank)
         for idx, axis in params:
             if idx < len(node.inputs) and node.inputs[idx] is not None:
+                if const_array(node.inputs[idx]) is None:
+                    self.block(lay, f"{node.op_type} with a computed bias ({node.name})")
+                    continue
                 self.a.edits.append(Edit("param", node, idx, lay, axis=axis, role="out" if idx == 1 else "param"))
         if protected:
             self.block(lay, f"protected ({node.name})")
@@ -343,8 +531,8 @@ class _Analyzer:
                 ranks.append(ins[i].rank if ins[i] is not None else 0)
                 continue
             c = const_array(v)
-            dims = list(c.shape) if c is not None else _static_dims(v)
-            if dims is None:
+            dims = list(c.shape) if c is not None else self.dims(v)
+            if dims is None or (len(dims) >= -first.axis and dims[first.axis] is None):
                 raise _Stop(f"{op} with an operand of unknown shape")
             ranks.append(len(dims))
             if len(dims) < -first.axis or dims[first.axis] == 1:
@@ -399,8 +587,8 @@ class _Analyzer:
                     raise _Stop("Concat of channels on different axes")
                 parts += lay.parts
                 continue
-            dims = _static_dims(v) if const_array(v) is None else list(const_array(v).shape)
-            if dims is None:
+            dims = self.dims(v) if const_array(v) is None else list(const_array(v).shape)
+            if dims is None or len(dims) <= axis or dims[axis] is None:
                 raise _Stop("Concat with an untracked input of unknown size")
             fixed = self.new_atom(dims[axis], "channels", v.name)
             self.a.blocked[fixed] = [f"not produced by a prunable layer ({v.name})"]
@@ -411,10 +599,10 @@ class _Analyzer:
         lay = ins[0]
         if lay is None or any(x is not None for x in ins[1:]):
             raise _Stop(op)
-        dims = _static_dims(node.inputs[0])
-        if dims is None:
+        dims = self.dims(node.inputs[0])
+        pos = len(dims) + lay.axis if dims is not None else -1
+        if dims is None or pos < 0 or any(d is None for d in dims[pos + 1:]):
             raise _Stop(f"{op} of unknown input shape")
-        pos = len(dims) + lay.axis
         inner = int(np.prod(dims[pos + 1:])) if pos + 1 < len(dims) else 1
         if op == "Flatten":
             if int(_attr(node, "axis", 1)) % len(dims) != pos:
@@ -426,7 +614,11 @@ class _Analyzer:
             if int(_attr(node, "allowzero", 0)) and 0 in shape.tolist()[pos:]:
                 raise _Stop("Reshape with allowzero")
             lead = shape.tolist()[:pos]
-            if any(s not in (0, d) for s, d in zip(lead, dims[:pos])):
+            # each leading dim copied (0) or equal to the input's; one -1 there is the batch when the
+            # flattened width itself is explicit
+            free = lead.count(-1) == 1 and shape[pos] != -1
+            if any(not (s == 0 or (d is not None and s == d) or (s == -1 and free)) for s, d in zip(lead, dims[:pos])) \
+                    or (shape[pos] != -1 and int(shape[pos]) != lay.width(self.a.sizes) * inner):
                 raise _Stop("Reshape that moves the channels")
             if shape[pos] != -1:
                 self.a.edits.append(Edit("dim", node, 1, lay, position=pos, factor=inner))
@@ -643,7 +835,7 @@ class PruneOptions:
     round_to: int = 0
     kinds: tuple[str, ...] = KINDS  # channels (incl. FFN neurons) and/or heads
     repair: bool = True  # least squares re-fit of consumers (needs data)
-    ridge: float = 1e-4
+    ridge: float = 1e-3  # λ = ridge · tr(A_K) / K (the kept features' Gram) in the repair fit
     max_samples: int | None = None
     threads: int = 1
 
@@ -836,10 +1028,23 @@ def plan_pruning(an: Analysis, opts: PruneOptions, stats: Mapping[str, np.ndarra
 
 # --- calibration statistics and repair -------------------------------------------------------
 
-def _feeds(data: Dataset, model: ir.Model, limit: int | None) -> Iterable[dict[str, np.ndarray]]:
+def _n_used(data: Dataset, limit: int | None) -> int:
+    return len(data) if limit is None else min(len(data), limit)
+
+
+def _is_held(i: int, n: int) -> bool:
+    """Sample ``i`` of ``n`` is held out (every 5th, once there are at least 5)."""
+    return n >= HOLD_OUT_EVERY and i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+
+
+def _feeds(data: Dataset, model: ir.Model, limit: int | None, part: str = "all") -> Iterable[dict[str, np.ndarray]]:
+    """Feeds of DATA: ``all``, the ``fit`` part (not held out) or the ``held`` part."""
     specs = input_specs(model)
     data.check_against(specs)
-    yield from data.feeds_for(specs, limit)
+    n = _n_used(data, limit)
+    for i, feed in enumerate(data.feeds_for(specs, limit)):
+        if part == "all" or (part == "held") == _is_held(i, n):
+            yield feed
 
 
 def _rows(x: np.ndarray, node: ir.Node, subsample: bool) -> np.ndarray:
@@ -853,10 +1058,10 @@ def _rows(x: np.ndarray, node: ir.Node, subsample: bool) -> np.ndarray:
 
 
 def channel_stats(model: ir.Model, an: Analysis, data: Dataset, max_samples: int | None = None,
-                  threads: int = 1, grams: bool = False) -> dict[str, np.ndarray]:
-    """``E[x_c²]`` per input feature of every consumer the analysis found, streamed over samples;
-    with ``grams``, also ``E[x xᵀ]`` (under ``"gram:" + name``) for MatMul/Gemm consumers of up to
-    4096 features, which OBS importance needs."""
+                  threads: int = 1, grams: bool = False, part: str = "all") -> dict[str, np.ndarray]:
+    """``E[x_c²]`` per input feature of every consumer the analysis found, streamed over samples
+    (``part`` as in :func:`_feeds`); with ``grams``, also ``E[x xᵀ]`` (under ``"gram:" + name``)
+    for MatMul/Gemm consumers of up to 4096 features, which OBS importance needs."""
     from edgecomp.runtime import make_session, run_feed
 
     consumers = {e.node.inputs[0].name: e.node for e in an.edits if e.kind == "param" and e.role == "in"}
@@ -866,7 +1071,7 @@ def channel_stats(model: ir.Model, an: Analysis, data: Dataset, max_samples: int
     session = make_session(model, threads=threads, optimization="basic", extra_outputs=names)
     sums: dict[str, np.ndarray] = {}
     counts = dict.fromkeys(names, 0)
-    for feed in _feeds(data, model, max_samples):
+    for feed in _feeds(data, model, max_samples, part):
         for name, x in zip(names, run_feed(session, feed, names)):
             rows = _rows(np.asarray(x, np.float64), consumers[name], False)
             sums[name] = sums.get(name, 0) + (rows ** 2).sum(0)
@@ -917,15 +1122,17 @@ def _repairable(node: ir.Node) -> str | None:
 
 
 def repair(original: ir.Model, pruned: ir.Model, plan: PrunePlan, data: Dataset, max_samples: int | None = None,
-           ridge: float = 1e-4, threads: int = 1) -> list[dict[str, Any]]:
-    """Re-fit, by least squares, every layer whose input channels were removed (module docstring).
+           ridge: float = 1e-3, threads: int = 1) -> list[dict[str, Any]]:
+    """Re-fit, by ridge least squares, every layer whose input channels were removed (module docstring).
 
-    ``pruned`` is ``plan`` applied (changed in place); a row per layer gives the relative
-    reconstruction error on the calibration samples before and after. A fit that does not lower
-    the error is not applied.
+    ``pruned`` is ``plan`` applied (changed in place). The fit uses the samples not held out;
+    it is refused when they give fewer rows than unknowns per output, and applied only when it
+    lowers the reconstruction error on the held-out samples (every 5th). A row per layer says
+    ``applied`` or ``skipped: why``, with the relative error on the fitted samples and on the
+    held-out ones, before and after.
     """
     an, kept = plan.analysis, plan.kept
-    orig_nodes = {n.name: n for n in original.graph if n.op_type in ("Conv", "MatMul", "Gemm")}
+    orig_nodes = {n.name: n for n in original.graph if n.op_type in _LAYERS}
     outs = {e.node.name: e.layout.indices(kept, an.sizes) for e in an.edits
             if e.kind == "param" and e.role == "out" and any(a in kept for a in e.layout.atoms())}
     rows, targets = [], []
@@ -935,7 +1142,7 @@ def repair(original: ir.Model, pruned: ir.Model, plan: PrunePlan, data: Dataset,
         node, ref = e.node, orig_nodes.get(e.node.name)
         why = _repairable(node)
         if why is not None or ref is None:
-            rows.append({"layer": node.name, "repair": f"not repaired: {why or 'layer renamed'}"})
+            rows.append({"layer": node.name, "repair": f"skipped: {why or 'layer renamed'}"})
             continue
         n_out = _layer_weight(ref).shape[1]
         targets.append((node, ref, e.layout.indices(kept, an.sizes), outs.get(node.name, np.arange(n_out))))
@@ -943,28 +1150,34 @@ def repair(original: ir.Model, pruned: ir.Model, plan: PrunePlan, data: Dataset,
         return rows
     # one layer at a time, in graph order: each fit sees the inputs its repaired predecessors give it
     for node, ref, in_idx, out_idx in targets:
-        rows.append(_refit(pruned, node, ref, in_idx, out_idx,
-                           *_grams(original, pruned, node, data, max_samples, threads), ridge))
+        fit, held = _grams(original, pruned, node, data, max_samples, threads)
+        rows.append(_refit(pruned, node, ref, in_idx, out_idx, fit, held, ridge))
     ir.passes.common.RemoveUnusedNodesPass()(pruned)
     return rows
 
 
+_Grams = tuple  # (A, B, C, rows) with A = Σ X̃ᵀX̃, B = Σ X̃ᵀX, C = Σ XᵀX
+
+
 def _grams(original: ir.Model, pruned: ir.Model, node: ir.Node, data: Dataset, max_samples: int | None,
-           threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A = Σ X̃ᵀX̃, B = Σ X̃ᵀX, C = Σ XᵀX for ``node``'s input (ones column appended)."""
+           threads: int) -> tuple[_Grams, _Grams]:
+    """(A, B, C, rows) for ``node``'s input (ones column appended), on the fitted and on the
+    held-out samples."""
     from edgecomp.runtime import make_session, run_feed
 
     name = node.inputs[0].name
     s_orig = make_session(original, threads=threads, optimization="basic", extra_outputs=[name])
     s_new = make_session(pruned, threads=threads, optimization="basic", extra_outputs=[name])
-    a = b = c = 0.0
-    for feed in _feeds(data, original, max_samples):
+    acc = {False: [0.0, 0.0, 0.0, 0], True: [0.0, 0.0, 0.0, 0]}
+    n = _n_used(data, max_samples)
+    for i, feed in enumerate(_feeds(data, original, max_samples)):
         x = _rows(np.asarray(run_feed(s_orig, feed, [name])[0], np.float64), node, True)
         y = _rows(np.asarray(run_feed(s_new, feed, [name])[0], np.float64), node, True)
         x = np.hstack([x, np.ones((len(x), 1))])
         y = np.hstack([y, np.ones((len(y), 1))])
-        a, b, c = a + y.T @ y, b + y.T @ x, c + x.T @ x
-    return a, b, c
+        g = acc[_is_held(i, n)]
+        g[0], g[1], g[2], g[3] = g[0] + y.T @ y, g[1] + y.T @ x, g[2] + x.T @ x, g[3] + len(x)
+    return tuple(acc[False]), tuple(acc[True])
 
 
 def _bias_of(node: ir.Node, n_out: int) -> np.ndarray:
@@ -974,28 +1187,53 @@ def _bias_of(node: ir.Node, n_out: int) -> np.ndarray:
     return np.broadcast_to(const_array(slot[0].inputs[slot[1]]).reshape(-1), (n_out,)).astype(np.float64)
 
 
+def _rel_err(m: np.ndarray, target: np.ndarray, g: _Grams, with_bias: bool) -> float | None:
+    """‖X̃V − XW‖² / ‖XW‖² from the Gram matrices (None without rows)."""
+    a, b, c, n = g
+    if not n:
+        return None
+    if not with_bias:
+        a, b = a[:-1, :-1], b[:-1]
+    energy = float(np.einsum("ij,ik,kj->", target, c, target))
+    e = np.einsum("ij,ik,kj->", m, a, m) - 2 * np.einsum("ij,ik,kj->", m, b, target) + energy
+    return float(max(e, 0.0) / max(energy, 1e-30))
+
+
 def _refit(pruned: ir.Model, node: ir.Node, ref: ir.Node, in_idx: np.ndarray, out_idx: np.ndarray,
-           a: np.ndarray, b: np.ndarray, c: np.ndarray, ridge: float) -> dict[str, Any]:
+           fit: _Grams, held: _Grams, ridge: float) -> dict[str, Any]:
     w_old = _layer_weight(ref).astype(np.float64)
     target = np.vstack([w_old, _bias_of(ref, w_old.shape[1])[None, :]])[:, out_idx]
     keep_rows = np.append(in_idx, w_old.shape[0])  # the bias row stays
     fit_bias = _bias_slot(node) is not None
+    a, b, _, n = fit
     if not fit_bias:  # nowhere to write a bias: fit without the ones column
         a, b, keep_rows = a[:-1, :-1], b[:-1], in_idx
     v0 = target[keep_rows]
-    lam = ridge * np.trace(a) / a.shape[0]
-    v = np.linalg.solve(a + lam * np.eye(a.shape[0]), b @ target)
-    energy = float(np.einsum("ij,ik,kj->", target, c, target))
-
-    def err(m: np.ndarray) -> float:
-        e = np.einsum("ij,ik,kj->", m, a, m) - 2 * np.einsum("ij,ik,kj->", m, b, target) + energy
-        return float(max(e, 0.0) / max(energy, 1e-30))
-
-    before, after = err(v0), err(v)
-    row = {"layer": node.name, "repair": "least squares", "rel err before": before, "rel err after": after}
-    if after >= before:
-        row["repair"] = "fit did not lower the error; left as cut"
+    before, held_before = _rel_err(v0, target, fit, fit_bias), _rel_err(v0, target, held, fit_bias)
+    row = {"layer": node.name, "repair": "", "rel err before": before, "rel err after": before,
+           "held-out err before": held_before, "held-out err after": held_before}
+    unknowns = a.shape[0]
+    if n < unknowns:
+        row["repair"] = (f"skipped: {n} calibration rows < {unknowns} unknowns per output, the fit would "
+                         "overfit (give more --data)")
         return row
+    if not held[3]:
+        row["repair"] = f"skipped: no held-out samples to check the fit (--data has fewer than {HOLD_OUT_EVERY})"
+        return row
+    # λ from the features' own scale: the ones column (a count of rows) would swamp small
+    # activations, and the bias is not shrunk
+    k = len(in_idx)
+    reg = np.zeros(a.shape[0])
+    reg[:k] = ridge * np.trace(a[:k, :k]) / max(k, 1)
+    v = np.linalg.solve(a + np.diag(reg), b @ target)
+    after, held_after = _rel_err(v, target, fit, fit_bias), _rel_err(v, target, held, fit_bias)
+    if held_after >= held_before:
+        row["repair"] = f"skipped: the fit raised the held-out error ({held_before:.3g} → {held_after:.3g})"
+        return row
+    if after >= before:
+        row["repair"] = "skipped: the fit did not lower the error"
+        return row
+    row.update({"repair": "applied", "rel err after": after, "held-out err after": held_after})
     _write_layer(pruned, node, v[:-1] if fit_bias else v, v[-1] if fit_bias else None)
     return row
 
@@ -1025,6 +1263,62 @@ def _write_layer(model: ir.Model, node: ir.Node, w: np.ndarray, bias: np.ndarray
                                                  bias.reshape(shape).astype(old.dtype)))
 
 
+# --- fidelity of the result --------------------------------------------------------------------
+
+def held_out_fidelity(original: ir.Model, pruned: ir.Model, data: Dataset, max_samples: int | None = None,
+                      threads: int = 1) -> dict[str, Any]:
+    """Outputs of ``pruned`` vs ``original`` on the held-out samples (all samples when there are
+    fewer than 5): per output the mean cosine and, for logits, top-1 agreement; overall the
+    worst of each."""
+    from edgecomp.runtime import make_session, run_feed
+    from edgecomp.validate import compare_outputs
+
+    n = _n_used(data, max_samples)
+    part = "held" if n >= HOLD_OUT_EVERY else "all"
+    s0 = make_session(original, threads=threads, optimization="basic")
+    s1 = make_session(pruned, threads=threads, optimization="basic")
+    names = [o.name for o in s0.get_outputs()]
+    ref: list[list[np.ndarray]] = [[] for _ in names]
+    cand: list[list[np.ndarray]] = [[] for _ in names]
+    count = 0
+    for feed in _feeds(data, original, max_samples, part):
+        for store, sess in ((ref, s0), (cand, s1)):
+            for j, arr in enumerate(run_feed(sess, feed)):
+                store[j].append(np.asarray(arr))
+        count += 1
+    outs = [compare_outputs(name, r, c) for name, r, c in zip(names, ref, cand)
+            if r and np.issubdtype(r[0].dtype, np.floating)]
+    top1 = [o.top1_agreement for o in outs if o.top1_agreement is not None]
+    return {"samples": count, "held out": part == "held",
+            "cosine": min((o.cosine_mean for o in outs), default=None),
+            "top-1 agreement": min(top1) if top1 else None,
+            "outputs": [dataclasses.asdict(o) for o in outs]}
+
+
+def _fidelity_text(fid: dict[str, Any]) -> str:
+    parts = []
+    if fid["cosine"] is not None:
+        parts.append(f"mean cosine {fid['cosine']:.4f}")
+    if fid["top-1 agreement"] is not None:
+        parts.append(f"top-1 agreement {fid['top-1 agreement']:.1%}")
+    where = (f"{fid['samples']} held-out samples" if fid["held out"]
+             else f"all {fid['samples']} samples (fewer than {HOLD_OUT_EVERY}: none held out)")
+    return f"{', '.join(parts) or 'no float outputs to compare'} on {where}"
+
+
+def _fidelity_warning(fid: dict[str, Any]) -> str | None:
+    low = []
+    if fid["cosine"] is not None and fid["cosine"] < FIDELITY_WARN:
+        low.append(f"mean cosine {fid['cosine']:.3f} < {FIDELITY_WARN}")
+    if fid["top-1 agreement"] is not None and fid["top-1 agreement"] < FIDELITY_WARN:
+        low.append(f"top-1 agreement {fid['top-1 agreement']:.1%} < {FIDELITY_WARN:.0%}")
+    if not low:
+        return None
+    where = "held-out samples" if fid["held out"] else "samples (none held out)"
+    return (f"the pruned model departs from the original on {fid['samples']} {where} ({'; '.join(low)}); "
+            "lower --sparsity, --protect the sensitive layers or give more --data")
+
+
 # --- orchestration ---------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -1033,6 +1327,8 @@ class PruneResult:
     groups: list[dict[str, Any]]
     layers: list[dict[str, Any]]
     summary: dict[str, Any]
+    fidelity: dict[str, Any] | None = None  # with data: held_out_fidelity of the result
+    warnings: list[str] = dataclasses.field(default_factory=list)  # one line each, for stderr
 
 
 def _copy(model: ir.Model) -> ir.Model:
@@ -1052,10 +1348,11 @@ def _probe(model: ir.Model, feed: Mapping[str, np.ndarray] | None) -> dict[str, 
     return shapes
 
 
-def _layer_table(before: ir.Model, after: ir.Model, sb, sa, repaired: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _layer_table(before: ir.Model, after: ir.Model, sb, sa, repaired: list[dict[str, Any]],
+                 unrepaired: str = "no data") -> list[dict[str, Any]]:
     from edgecomp.inspection import node_macs
 
-    old = {n.name: n for n in before.graph if n.op_type in ("Conv", "MatMul", "Gemm")}
+    old = {n.name: n for n in before.graph if n.op_type in _LAYERS}
     fits = {r["layer"]: r for r in repaired}
     rows = []
     for node in after.graph:
@@ -1072,8 +1369,10 @@ def _layer_table(before: ir.Model, after: ir.Model, sb, sa, repaired: list[dict[
         rows.append({"layer": node.name, "op": node.op_type, "in": f"{k0}→{k1}", "out": f"{n0}→{n1}",
                      "params before": int(w0.size + np.count_nonzero(b0)), "params after": int(w1.size + np.count_nonzero(b1)),
                      "MACs before": node_macs(ref, sb) if sb else None, "MACs after": node_macs(node, sa) if sa else None,
-                     "repair": fit.get("repair", "-" if k0 == k1 else "no data"),
-                     "rel err before": fit.get("rel err before"), "rel err after": fit.get("rel err after")})
+                     "repair": fit.get("repair", "-" if k0 == k1 else unrepaired),
+                     "rel err before": fit.get("rel err before"), "rel err after": fit.get("rel err after"),
+                     "held-out err before": fit.get("held-out err before"),
+                     "held-out err after": fit.get("held-out err after")})
     return rows
 
 
@@ -1099,19 +1398,61 @@ def verify_pruned(model: ir.Model, reference: ir.Model) -> None:
         raise PassFailed(f"onnxruntime cannot load the pruned model ({e}); nothing was written") from e
 
 
+def _reason_key(status: str) -> str:
+    """'kept whole: LSTM (lstm_1); graph output y' → 'LSTM' (the first reason, node names dropped)."""
+    first = status.removeprefix("kept whole: ").split("; ")[0].rstrip(" …")
+    return re.sub(r" \([^()]*\)", "", first).strip() or "kept whole"
+
+
+def nothing_to_prune_message(rows: Sequence[Mapping[str, Any]], opts: PruneOptions, computed: int = 0) -> str:
+    """One line naming the commonest reasons every group was kept whole (``computed``: layers
+    whose weight is computed, e.g. a Transpose of an initializer)."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        key = _reason_key(str(r["status"]))
+        counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        why = (f" ({computed} layer{'s' if computed > 1 else ''} compute their weights from constants: "
+               "`edgecomp optimize` folds them)" if computed else "")
+        return f"nothing to prune: no Conv, MatMul or Gemm layer with a constant weight was found{why}; nothing was written"
+    top = sorted(counts.items(), key=lambda kv: -kv[1])
+    text = ", ".join(f"{k}: {n} group{'s' if n > 1 else ''}" for k, n in top[:3])
+    if len(top) > 3:
+        text += f", {len(top) - 3} more reason{'s' if len(top) > 4 else ''}"
+    hint = ""
+    if "nothing below the threshold" in counts:
+        hint = f"; at --sparsity {opts.sparsity} the rounded channel counts keep every channel (raise it or --round-to 1)"
+    return f"nothing to prune: every channel group is kept whole ({text}){hint}; nothing was written"
+
+
 def prune_model(model: ir.Model, opts: PruneOptions, data: Dataset | None = None) -> PruneResult:
-    """Analyse, rank, cut, repair and check (see the module docstring). ``model`` is changed in place."""
+    """Analyse, rank, cut, repair and check (see the module docstring). ``model`` is changed in place.
+
+    Raises :class:`NothingToPrune` when every group is kept whole, and ``PassFailed`` when the
+    result fails the checks or would hold more parameters than the input. With ``data``, every 5th
+    sample is held out: importance and repair use the rest, and the result's fidelity on the
+    held-out samples is reported (with a warning below 0.95 mean cosine or top-1 agreement).
+    """
+    from edgecomp.inspection import count_macs, count_parameters
     from edgecomp.passes.base import run_pass
     from edgecomp.passes.prune_channels import PruneChannelsPass
 
     opts.validate()
     t0 = time.perf_counter()
+    params0 = count_parameters(model)
+    lift_constants(model)
     original = _copy(model)
     an = find_groups(model, opts.protect, heads="heads" in opts.kinds)
     want_act = opts.importance in ("activation", "obs") or (opts.importance == "auto" and data is not None)
-    stats = (channel_stats(model, an, data, opts.max_samples, opts.threads, grams=opts.importance == "obs")
+    stats = (channel_stats(model, an, data, opts.max_samples, opts.threads, grams=opts.importance == "obs", part="fit")
              if (want_act and data is not None) else None)
     plan = plan_pruning(an, opts, stats)
+    if not plan.kept:
+        computed = sum(n.op_type in _LAYERS and len(n.inputs) > 1 and const_array(n.inputs[1]) is None
+                       and n.inputs[1] is not None and n.inputs[1].producer() is not None
+                       and all(const_array(v) is not None for v in n.inputs[1].producer().inputs if v is not None)
+                       for n in model.graph)
+        raise NothingToPrune(nothing_to_prune_message(plan.rows, opts, computed))
     feed = next(iter(_feeds(data, model, 1))) if data is not None else None
     shapes_before = _probe(original, feed)
     result = run_pass(PruneChannelsPass(plan=plan), model)
@@ -1119,18 +1460,23 @@ def prune_model(model: ir.Model, opts: PruneOptions, data: Dataset | None = None
     if opts.repair and data is not None and result.modified:
         repaired = repair(original, model, plan, data, opts.max_samples, opts.ridge, opts.threads)
     verify_pruned(model, original)
+    params1 = count_parameters(model)
+    if params1 > params0:
+        raise PassFailed(f"pruning would raise the parameter count ({params0:,} → {params1:,}); nothing was written "
+                         "(please report this)")
     shapes_after = _probe(model, feed)
-    layers = _layer_table(original, model, shapes_before, shapes_after, repaired)
-    from edgecomp.inspection import count_macs
-
+    layers = _layer_table(original, model, shapes_before, shapes_after, repaired,
+                          "off (--no-repair)" if data is not None and not opts.repair else "no data")
     macs0 = count_macs(original, shapes_before)[0] if shapes_before else None
     macs1 = count_macs(model, shapes_after)[0] if shapes_after else None
-    params0 = sum(v.const_value.size for v in original.graph.initializers.values() if v.const_value is not None)
-    params1 = sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None)
+    fidelity = held_out_fidelity(original, model, data, opts.max_samples, opts.threads) if data is not None else None
+    warnings = [w for w in [_fidelity_warning(fidelity) if fidelity else None] if w]
     summary = dict(result.summary)
     summary.update({"importance": plan.importance, "scope": opts.scope,
                     "parameters": f"{params0:,} → {params1:,}",
                     "MACs": f"{macs0:,} → {macs1:,}" if macs0 and macs1 else None,
-                    "layers repaired": sum(r.get("repair") == "least squares" for r in repaired),
+                    "layers repaired": sum(r.get("repair") == "applied" for r in repaired),
+                    "repairs skipped": sum(str(r.get("repair")).startswith("skipped") for r in repaired) or None,
+                    "fidelity": _fidelity_text(fidelity) if fidelity else None,
                     "seconds": round(time.perf_counter() - t0, 1)})
-    return PruneResult(model, plan.rows, layers, summary)
+    return PruneResult(model, plan.rows, layers, summary, fidelity, warnings)

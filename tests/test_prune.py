@@ -17,7 +17,7 @@ from edgecomp.errors import ConfigError
 from edgecomp.io import to_proto
 from edgecomp.passes.base import run_pass
 from edgecomp.passes.prune_magnitude import PruneMagnitudePass
-from edgecomp.pruning import PruneOptions, find_groups, prune_model
+from edgecomp.pruning import NothingToPrune, PruneOptions, find_groups, prune_model
 from tests.conftest import make_model, run_ort, save, vinfo
 
 RNG = np.random.default_rng(0)
@@ -216,6 +216,7 @@ def test_repair_matches_numpy_least_squares(tmp_path):
     w = _weights(pruned)
     fc1 = next(n for n in pruned.graph.node if n.name == "fc1")
     kept = [int(np.argmin(np.abs(w1 - col[:, None]).sum(0))) for col in w[fc1.input[1]].T]
+    x = x[np.arange(len(x)) % 5 != 4]  # every 5th sample is held out: the fit uses the rest
     h = np.maximum(x @ w1 + b1, 0)
     target = h @ w2 + b2
     hk = np.hstack([h[:, kept], np.ones((len(x), 1), np.float32)])
@@ -224,6 +225,7 @@ def test_repair_matches_numpy_least_squares(tmp_path):
     got = run_ort(pruned, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
     row = next(r for r in result.layers if r["layer"] == "fc2")
+    assert row["repair"] == "applied" and row["held-out err after"] < row["held-out err before"]
     assert row["rel err after"] < row["rel err before"]
     cut_err = ((h[:, kept] @ w2[kept] + b2 - target) ** 2).sum() / (target ** 2).sum()
     np.testing.assert_allclose(row["rel err before"], cut_err, rtol=1e-3)
@@ -248,12 +250,11 @@ def test_unstructured_sparsity_reached(scope):
     assert "no speed-up" in result.summary["note"]
 
 
-def test_graph_without_prunable_groups_is_left_alone():
+def test_graph_without_prunable_groups_is_refused():
     nodes = [_conv("c1", "x", "w")]
     proto = make_model(nodes, [vinfo("x", [1, 3, 4, 4])], [vinfo("c1", [1, 4, 4, 4])], {"w": _w(4, 3, 1, 1)})
-    _, result = _prune(proto, None, sparsity=0.5)
-    assert result.summary["groups pruned"] == 0
-    assert result.groups[0]["status"].startswith("kept whole: graph output")
+    with pytest.raises(NothingToPrune, match=r"nothing to prune: every channel group is kept whole \(graph output c1"):
+        _prune(proto, None, sparsity=0.5)
 
 
 def test_unknown_op_keeps_the_group_whole_and_is_named():
@@ -261,16 +262,19 @@ def test_unknown_op_keeps_the_group_whole_and_is_named():
              _conv("c2", "n", "w2")]
     proto = make_model(nodes, [vinfo("x", [1, 3, 4, 4])], [vinfo("c2", [1, 4, 4, 4])],
                        {"w1": _w(8, 3, 1, 1), "w2": _w(4, 8, 1, 1)})
-    pruned, result = _prune(proto, None, sparsity=0.5)
-    row = next(r for r in result.groups if r["group"] == "c1")
-    assert row["after"] == 8 and "LpNormalization (norm)" in row["status"]
-    _assert_same_outputs(proto, pruned, {"x": _w(1, 3, 4, 4)})
+    with pytest.raises(NothingToPrune, match=r"\(LpNormalization: 1 group, graph output c2: 1 group\)"):
+        _prune(proto, None, sparsity=0.5)  # neither group can be cut: refused, with both reasons
+    an = find_groups(ir.from_proto(proto))
+    c1 = next(a for a, n in an.names.items() if n == "c1")
+    assert "LpNormalization (norm)" in an.group_blocked(an.root(c1))
 
 
 def test_protect_keeps_layer_whole():
     proto = _ffn()
-    _, result = _prune(proto, None, sparsity=0.25, protect=("^down$",))
-    assert result.summary["groups pruned"] == 0 and "protected (down)" in result.groups[0]["status"]
+    with pytest.raises(NothingToPrune, match=r"\(protected: 2 groups\)"):
+        _prune(proto, None, sparsity=0.25, protect=("^down$",))
+    an = find_groups(ir.from_proto(proto), protect=("^down$",))
+    assert any("protected (down)" in r for r in an.group_blocked(next(iter(an.groups()))))
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 1.0, -0.1, 1.5])

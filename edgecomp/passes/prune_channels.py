@@ -12,8 +12,9 @@ every edit the dependency analysis recorded is applied with those indices. Cases
 - value shapes: the channel dim of every value on a changed path is set to its new width, and
   the shapes inside attention blocks are cleared (onnxruntime infers them again).
 
-Sliced parameters become new initializers (a shared original stays intact for other users);
-the unused originals are removed. Graph inputs and outputs are untouched.
+Sliced parameters become new initializers (a shared original stays intact for other users, and
+two layers that cut one shared parameter the same way share the result); the unused originals
+are removed. Graph inputs and outputs are untouched.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
+from edgecomp.errors import PassFailed
 from edgecomp.passes.base import EdgecompPass, PassReport, add_initializer
 from edgecomp.pruning import PrunePlan, const_array
 
@@ -62,17 +64,25 @@ class PruneChannelsPass(EdgecompPass):
         for e in an.edits:
             if any(a in kept for a in e.layout.atoms()):
                 by_input[(e.node, e.index)].append(e)
+        sliced: dict[tuple, ir.Value] = {}  # a shared parameter cut the same way for two layers stays shared
         for (node, index), edits in by_input.items():
             value = node.inputs[index]
             params = [e for e in edits if e.kind == "param"]
             dims = [e for e in edits if e.kind == "dim"]
             if params:
                 arr = const_array(value)
+                if arr is None:
+                    raise PassFailed(f"input {index} of {node.op_type} {node.name!r} ({value.name if value else None}) "
+                                     "is not a constant; nothing was written (please report this)")
+                key: tuple = (id(value),)
                 for e in params:
                     idx = e.layout.indices(kept, an.sizes)
                     if len(idx) != arr.shape[e.axis]:
                         arr = np.take(arr, idx, axis=e.axis)
-                node.replace_input_with(index, new_initializer(graph, value.name or node.name, arr))
+                        key += (e.axis, idx.tobytes())
+                if key not in sliced:
+                    sliced[key] = new_initializer(graph, value.name or node.name, arr)
+                node.replace_input_with(index, sliced[key])
                 changed += 1
             if dims:
                 arr = const_array(value) if value is not None else None

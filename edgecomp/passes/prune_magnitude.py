@@ -1,6 +1,9 @@
 """PruneMagnitudePass: unstructured magnitude pruning — zero the smallest weights.
 
-Weights of Conv, MatMul and Gemm layers (constant, at least 2-D) are candidates. With scope
+Weights of Conv, MatMul and Gemm layers (constant, at least 2-D, float) are candidates, including
+weights held in Constant nodes or read through Identity (lifted to initializers first) and layers
+inside If/Loop subgraphs (their initializers or Constant nodes are rewritten in place); a model
+with none is refused (``NothingToPrune``) rather than copied unchanged. With scope
 ``per-layer`` each weight loses its ``sparsity`` fraction of smallest ``|w|``; with ``global`` one
 threshold ``t`` (the ``sparsity`` quantile of every candidate's ``|w|``) applies to all::
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -31,6 +34,28 @@ NO_SPEEDUP_NOTE = ("unstructured sparsity: shapes are unchanged and onnxruntime 
 
 def _compressed(arr: np.ndarray) -> int:
     return len(zlib.compress(np.ascontiguousarray(arr).tobytes(), 6))
+
+
+def _source(w: ir.Value | None) -> tuple[Any, ir.TensorProtocol | None]:
+    """Where a weight's tensor lives — the initializer value, or the Constant node (inside a
+    subgraph) producing it — and the tensor; (None, None) for a computed weight."""
+    if w is None or w.is_graph_input():
+        return None, None
+    if w.const_value is not None:
+        return w, w.const_value
+    p = w.producer()
+    if p is not None and p.op_type == "Constant" and p.domain in ("", "ai.onnx") and set(p.attributes) == {"value"}:
+        return p, p.attributes["value"].as_tensor()
+    return None, None
+
+
+def _writer(source: Any, name: str | None) -> Callable[[np.ndarray], None]:
+    def write(arr: np.ndarray) -> None:
+        if isinstance(source, ir.Node):
+            source.attributes["value"] = ir.AttrTensor("value", ir.tensor(arr, name=name))
+        else:
+            source.const_value = ir.tensor(arr, name=name)
+    return write
 
 
 class PruneMagnitudePass(EdgecompPass):
@@ -51,38 +76,62 @@ class PruneMagnitudePass(EdgecompPass):
         self.scope = scope
         self.protect = tuple(protect)
 
-    def _weights(self, model: ir.Model) -> list[tuple[ir.Node, ir.Value]]:
+    def _weights(self, model: ir.Model) -> list[tuple[ir.Node, ir.Value, np.ndarray, Callable[[np.ndarray], None]]]:
+        """(layer, weight value, array, writer) of every candidate, subgraphs (If/Loop) included."""
         patterns = [re.compile(p) for p in self.protect]
         hits = set()
         found, seen = [], set()
-        for node in model.graph:
+        skipped: dict[str, int] = {}  # why layers were passed over, for the nothing-to-prune line
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.inputs) < 2:
                 continue
             w = node.inputs[1]
-            if w is None or w.const_value is None or len(w.const_value.shape) < 2 or w.name in seen:
+            source, tensor = _source(w)
+            if source is not None and id(source) in seen:
                 continue
-            if not w.const_value.dtype.is_floating_point():
+            why = None
+            if tensor is None:
+                p = w.producer() if w is not None else None
+                folded = p is not None and all(_source(v)[1] is not None for v in p.inputs if v is not None)
+                why = "weights computed from constants (`edgecomp optimize` folds them)" if folded else "computed weights"
+            elif len(tensor.shape) < 2:
+                why = "weights of rank < 2"
+            elif not tensor.dtype.is_floating_point():
+                why = f"{tensor.dtype.name.lower()} weights"
+            if why is not None:
+                skipped[why] = skipped.get(why, 0) + 1
                 continue
             matched = [p.pattern for p in patterns if p.search(node.name or "")]
             hits.update(matched)
-            if not matched:
-                found.append((node, w))
-                seen.add(w.name)
+            if matched:
+                skipped["protected"] = skipped.get("protected", 0) + 1
+            else:
+                found.append((node, w, tensor.numpy(), _writer(source, w.name)))
+                seen.add(id(source))
         missing = [p.pattern for p in patterns if p.pattern not in hits]
         if missing:
             raise ConfigError(f"--protect {missing[0]!r} matches no layer with weights; check the node names")
+        if not found:
+            from edgecomp.pruning import NothingToPrune
+
+            why = ", ".join(f"{k}: {n} layer{'s' if n > 1 else ''}" for k, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+            raise NothingToPrune("nothing to prune: no Conv, MatMul or Gemm has a constant float weight to sparsify"
+                                 + (f" ({why})" if why else "") + "; nothing was written")
         return found
 
     def call(self, model: ir.Model) -> PassReport:
+        from edgecomp.pruning import lift_constants
+
+        lift_constants(model)  # main-graph Constant-node and Identity-fed weights become plain initializers
         weights = self._weights(model)
-        arrays = [w.const_value.numpy() for _, w in weights]
+        arrays = [arr for _, _, arr, _ in weights]
         if self.scope == "global" and arrays:
             mags = np.concatenate([np.abs(a).reshape(-1) for a in arrays])
             k = int(round(self.sparsity * mags.size))
             cut = np.partition(mags, k - 1)[k - 1] if k else -1.0
         rows = []
         total = zeros = bytes_before = bytes_after = 0
-        for (node, w), arr in zip(weights, arrays):
+        for node, w, arr, write in weights:
             flat = np.abs(arr).reshape(-1)
             if self.scope == "per-layer":
                 k = int(round(self.sparsity * flat.size))
@@ -91,7 +140,7 @@ class PruneMagnitudePass(EdgecompPass):
             else:
                 mask = flat > cut
             pruned = (arr.reshape(-1) * mask).reshape(arr.shape).astype(arr.dtype)
-            w.const_value = ir.tensor(pruned, name=w.name)
+            write(pruned)
             before, after = _compressed(arr), _compressed(pruned)
             n_zero = int(pruned.size - np.count_nonzero(pruned))
             rows.append({"layer": node.name, "weight": w.name, "params": int(arr.size),
