@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator
 import onnx
 import onnx_ir as ir
 
-from edgecomp.errors import InputFileError, InvalidModelError, ModelLoadError, OutputError
+from edgecomp.errors import ConfigError, InputFileError, InvalidModelError, ModelLoadError, OutputError
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
@@ -41,6 +41,7 @@ __all__ = [
     "atomic_path",
     "verify_model_file",
     "first_line",
+    "read_toml",
     "copy_file",
     "write_json",
     "write_text",
@@ -359,6 +360,28 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
     return Path(dst)
+
+
+def read_toml(path: str | os.PathLike, what: str) -> dict:
+    """The parsed TOML of ``path`` (recipes, targets); every way it cannot be read is one line."""
+    import tomllib
+
+    p = Path(path)
+    if p.is_dir():
+        raise InputFileError(f"{what} {p} is a directory; give a TOML file")
+    if not p.exists():
+        raise InputFileError(f"{what} not found: {p}")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p} is not a UTF-8 text file (TOML expected); give the TOML file") from None
+    except OSError as e:
+        raise InputFileError(f"cannot read {what} {p}: {e.strerror or type(e).__name__}; "
+                             "check that it is a readable file") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
 
 
 def first_line(exc: BaseException) -> str:

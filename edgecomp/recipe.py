@@ -27,13 +27,13 @@ import dataclasses
 import math
 import os
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
 from edgecomp.calibration import METHODS
 from edgecomp.errors import ConfigError, InputFileError
 from edgecomp.export import DEFAULT_OPSET, HF_TASKS
+from edgecomp.io import read_toml
 from edgecomp.pruning import IMPORTANCES, KINDS
 from edgecomp.quantize import FAMILIES, METRICS, compile_patterns
 
@@ -306,17 +306,7 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
     if not p.exists():
         raise ConfigError(f"recipe {str(name_or_path)!r} is neither a file nor a built-in recipe "
                           f"({', '.join(builtins)}); see `edgecomp recipes`")
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{p} is not a UTF-8 text file; a recipe is TOML text") from None
-    except OSError as e:
-        raise InputFileError(f"cannot read recipe {p}: {e.strerror or type(e).__name__}; "
-                             "check that it is a readable file") from None
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    doc = read_toml(p, "recipe")
     return parse_recipe(doc, name=p.stem, source=str(p), base=p.parent)
 
 

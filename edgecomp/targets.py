@@ -12,10 +12,10 @@ import dataclasses
 import os
 import platform
 import re
-import tomllib
 from pathlib import Path
 
-from edgecomp.errors import ConfigError, InputFileError
+from edgecomp.errors import ConfigError
+from edgecomp.io import read_toml
 
 __all__ = ["Isa", "TargetProfile", "BUILTIN_PROFILES", "ARCHES", "host_isa", "load_profiles", "get_profile"]
 
@@ -107,7 +107,7 @@ def load_profiles(path: str | os.PathLike | None = None) -> dict[str, TargetProf
     if path is None:
         return profiles
     p = Path(path)
-    doc = _read_toml(p, "target profile file")
+    doc = read_toml(p, "target profile file")
     shape = "profiles are tables: [profile.NAME] with threads, pin, description, [profile.NAME.isa]"
     extra = sorted(set(doc) - {"profile"})
     if extra:
@@ -164,25 +164,6 @@ def _valid_pin(spec: str) -> bool:
         if hi and int(hi) < int(lo):
             return False
     return True
-
-
-def _read_toml(p: Path, what: str) -> dict:
-    """The parsed TOML of ``p``; every way the file cannot be read becomes one line."""
-    if p.is_dir():
-        raise InputFileError(f"{what} {p} is a directory; give a TOML file")
-    if not p.exists():
-        raise InputFileError(f"{what} not found: {p}")
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{p} is not a UTF-8 text file (TOML expected); give the TOML file") from None
-    except OSError as e:
-        raise InputFileError(f"cannot read {what} {p}: {e.strerror or type(e).__name__}; "
-                             "check that it is a readable file") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p} is not valid TOML: {e}") from None
 
 
 def get_profile(name: str, path: str | os.PathLike | None = None) -> TargetProfile:
