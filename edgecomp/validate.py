@@ -106,10 +106,18 @@ def output_kind(name: str, ref: Sequence[np.ndarray]) -> str | None:
     return None if any(part in lname for part in FEATURE_NAME_PARTS) else "logits"
 
 
-def compare_outputs(name: str, ref: Sequence[np.ndarray], cand: Sequence[np.ndarray], k: int = 10) -> OutputFidelity:
-    """Fidelity of one output over samples (each sample's array may have its own shape)."""
+def compare_outputs(name: str, ref: Sequence[np.ndarray], cand: Sequence[np.ndarray], k: int = 10,
+                    batches: Sequence[int] | None = None) -> OutputFidelity:
+    """Fidelity of one output over samples (each sample's array may have its own shape).
+
+    Cosine is per sample: per row of the leading axis when that axis is the feed's batch
+    (``batches[i]``, default 1 row per leading index), else over the sample's whole array (a
+    recurrent state ``[2, 1, H]`` is one sample, not two).
+    """
     abs_err = [np.abs(r.astype(np.float64) - c.astype(np.float64)) for r, c in zip(ref, cand)]
-    cos = np.concatenate([cosine_rows(r, c) for r, c in zip(ref, cand)])
+    rows = [(r, c) if (batches is None or (r.ndim and r.shape[0] == b)) else (r.reshape(1, -1), c.reshape(1, -1))
+            for r, c, b in zip(ref, cand, batches or [None] * len(ref))]
+    cos = np.concatenate([cosine_rows(r, c) for r, c in rows])
     fid = OutputFidelity(
         name=name,
         max_abs_err=float(max(e.max() for e in abs_err)),
@@ -147,16 +155,24 @@ def validate(ref_path: str | os.PathLike, cand_path: str | os.PathLike, data: st
                         f"{ref_path}'s {out_names}")
     ref_out: list[list[np.ndarray]] = [[] for _ in out_names]
     cand_out: list[list[np.ndarray]] = [[] for _ in out_names]
+    batches: list[int] = []
     for feed in ds.feeds_for(specs):
+        batches.append(_batch_of(feed, specs))
         for store, sess in ((ref_out, ref_s), (cand_out, cand_s)):
             for j, arr in enumerate(run_feed(sess, feed)):
                 store[j].append(arr)
-    result = ValidationResult(len(ds), [compare_outputs(n, r, c, k) for n, r, c in zip(out_names, ref_out, cand_out)])
+    result = ValidationResult(len(ds), [compare_outputs(n, r, c, k, batches)
+                                        for n, r, c in zip(out_names, ref_out, cand_out)])
     if labels is not None:
         y = load_labels(labels, len(ds))
         result.ref_accuracy = _accuracy(ref_out[0], y)
         result.cand_accuracy = _accuracy(cand_out[0], y)
     return result
+
+
+def _batch_of(feed, specs) -> int:
+    """The feed's batch: the leading size of the model's first input that has axes."""
+    return next((feed[s.name].shape[0] for s in specs if feed[s.name].ndim), 1)
 
 
 def _accuracy(logits: list[np.ndarray], y: np.ndarray) -> float:

@@ -39,11 +39,7 @@ SLOW = [n for n in ZOO if n not in FAST and n not in LARGE]
 COMMANDS = ["inspect", "optimize", "quantize", "quantize_all", "prune", "prune_data", "validate", "bench", "bench_data"]
 
 #: (model, command) -> the failure seen today. strict: a fix makes the case pass and fail the run.
-XFAIL: dict[tuple[str, str], str] = {
-    ("silero_vad_half", "validate"): (
-        "validate says cosine 0.9914 for stateN, measured 0.9952: validate takes the cosine per row of axis 0 of "
-        "each sample's output (h and c of state [2,1,128] separately), not per sample as the README says"),
-}
+XFAIL: dict[tuple[str, str], str] = {}
 
 OPT_ATOL = 1e-4
 QUANT_MIN_COS = 0.98
