@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.data import Dataset, Feed, feed_defaults, image_size_hint, input_specs, synthesize_feed
-from edgecomp.errors import ConfigError
+from edgecomp.errors import ConfigError, DataError
 from edgecomp.io import load_model, model_bytes, model_size_bytes
 from edgecomp.runtime import make_session, run_feed
 
@@ -97,6 +97,12 @@ def benchmark(paths: Sequence[str | os.PathLike | ir.Model], threads: int = 1, w
     sessions = [make_session(m, threads=threads) for m in models]
     del models
     for s in sessions:
+        try:
+            run_feed(s, feed)
+        except DataError as e:
+            if not assumed:
+                raise
+            raise DataError(f"{e} (on a made-up feed: {', '.join(assumed)}; give --data, --shape or --value)") from e
         for _ in range(warmup):
             run_feed(s, feed)
     times: list[list[float]] = [[] for _ in sessions]

@@ -102,7 +102,7 @@ def default_shape(spec: InputSpec, image_size: int | None = None) -> tuple[tuple
         if isinstance(dim, int):
             shape.append(dim)
             continue
-        if axis == 0:
+        if axis == 0 or (isinstance(dim, str) and "batch" in dim.lower()):
             size, what = DEFAULT_BATCH, "batch"
         elif len(spec.dims) == 4 and axis >= 2 and np.issubdtype(spec.dtype, np.floating):
             size, what = image_size or DEFAULT_IMAGE, "image side"
