@@ -161,6 +161,7 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
 OUTPUT_MARKER = "edgecomp_output"
 _REPORTS = ("report.json", "sweep.json", "package.json")
 _WORK, _OLD = "edgecomp-work", "edgecomp-old"
+_LEGACY_REPORT = {"recipe", "steps", "host_isa", "gates"}  # report.json of convert before the marker existed
 
 
 def _umask() -> int:
@@ -175,7 +176,7 @@ def _written_by_edgecomp(folder: Path) -> bool:
             doc = json.loads((folder / name).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if isinstance(doc, dict) and doc.get(OUTPUT_MARKER):
+        if isinstance(doc, dict) and (doc.get(OUTPUT_MARKER) or _LEGACY_REPORT <= doc.keys()):
             return True
     return False
 
