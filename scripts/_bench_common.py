@@ -81,7 +81,7 @@ def md_table(rows: list[dict], cols: list[str]) -> str:
             return "—"
         if isinstance(v, float):
             return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
-        return str(v)
+        return str(v).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]

@@ -31,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import onnx  # noqa: E402
 
+from _bench_common import md_table  # noqa: E402
 from zoo import ZOO, Zoo, default_opset, feeds, fidelity, param_count  # noqa: E402
 
 #: The test matrix's small variants are covered by tests/test_zoo.py; the benchmark runs every
@@ -181,19 +182,6 @@ def run_model(zoo: Zoo, name: str, runs: int, max_samples: int | None, outdir: P
             row["note"] = next((ln for ln in stdout.splitlines() if ln.startswith("MACs")), "")[:200]
         rows.append(row)
     return rows
-
-
-def md_table(rows: list[dict], cols: list[str]) -> str:
-    def cell(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> None:

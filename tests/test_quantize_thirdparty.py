@@ -512,7 +512,10 @@ def test_identity_in_an_if_branch_is_left_alone():
         [helper.make_node("Identity", ["h"], ["out_else"])], "else", [], [vinfo("out_else", ["N", 6])]))
     model = ir.from_proto(m)
     run_pass(OptimizeGraphPass(), model)
-    _valid(model)
+    proto = _valid(model)
+    branches = [a.g for n in proto.graph.node if n.op_type == "If" for a in n.attribute if a.type == a.GRAPH]
+    assert any([n.op_type for n in g.node] == ["Identity"] and g.output[0].name == "out_else" and g.node[0].input == ["h"]
+               for g in branches)  # the Identity still reads the outer value under its own name
 
 
 # --- 6. dim_value -1 ---------------------------------------------------------------------------
