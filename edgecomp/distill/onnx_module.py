@@ -18,9 +18,9 @@ Values:
 Ops of the default domain handled (attribute and input forms of each opset):
 
 - elementwise: Add Sub Mul Div (integer division truncates) Pow Mod Sqrt Reciprocal Exp Log Abs
-  Neg Floor Ceil Sin Cos Erf Tanh Sigmoid Relu LeakyRelu PRelu Elu Softplus Clip HardSigmoid
+  Neg Floor Ceil Sign Sin Cos Erf Tanh Sigmoid Relu LeakyRelu PRelu Elu Softplus Clip HardSigmoid
   HardSwish Gelu, Min Max Sum Mean (variadic), Equal Less LessOrEqual Greater GreaterOrEqual
-  Not And Or Xor Where;
+  Not And Or Xor Where IsNaN IsInf;
 - linear algebra: MatMul Gemm (transA/transB, alpha/beta) Einsum;
 - convolution and pooling (1-, 2-, 3-D; pads, strides, dilations, groups, ``auto_pad``): Conv,
   ConvTranspose (``output_padding``, ``output_shape``), MaxPool, AveragePool
@@ -28,7 +28,7 @@ Ops of the default domain handled (attribute and input forms of each opset):
 - normalization (inference): BatchNormalization, InstanceNormalization, LayerNormalization,
   Softmax / LogSoftmax (before opset 13 on the input coerced to 2-D);
 - shape and indexing: Shape Size Reshape (0 and -1, ``allowzero``) Flatten Transpose Unsqueeze
-  Squeeze Concat Split Slice (negative steps) Gather Expand Tile Pad Range Cast CastLike
+  Squeeze Concat Split Slice (negative steps) Gather GatherElements GatherND Trilu Expand Tile Pad Range Cast CastLike
   Constant ConstantOfShape Identity Dropout (inference);
 - reductions (attribute or input axes, ``keepdims``, ``noop_with_empty_axes``): ReduceMean
   ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceSumSquare ReduceLogSumExp,
@@ -46,7 +46,8 @@ import dataclasses
 import functools
 import math
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -57,7 +58,7 @@ from torch import nn
 from edgecomp.errors import DistillError
 from edgecomp.io import first_line
 
-__all__ = ["OnnxModule", "graph_input_names", "SUPPORTED_OPS"]
+__all__ = ["SUPPORTED_OPS", "OnnxModule", "graph_input_names"]
 
 Tensor = torch.Tensor
 
@@ -187,6 +188,11 @@ def _pow(xs, a):
 
 def _mod(xs, a):
     return (torch.fmod if a.get("fmod", 0) else torch.remainder)(xs[0], xs[1])
+
+
+def _is_inf(x: Tensor, a: _Attrs) -> Tensor:
+    pos, neg = a.get("detect_positive", 1), a.get("detect_negative", 1)
+    return (torch.isposinf(x) & bool(pos)) | (torch.isneginf(x) & bool(neg))
 
 
 def _mean(xs, a):
@@ -411,6 +417,30 @@ def _gather(xs, a):
     return out.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1:])
 
 
+def _gather_elements(xs, a):
+    x, idx = xs
+    axis = a.get("axis", 0) % x.dim()
+    return torch.gather(x, axis, torch.where(idx < 0, idx + x.shape[axis], idx))
+
+
+def _gather_nd(xs, a):
+    """``out[b..., m...] = x[b..., idx[b..., m..., :]]`` over the first ``batch_dims`` axes."""
+    x, idx = xs
+    nb, k = a.get("batch_dims", 0), idx.shape[-1]
+    flat = x.reshape((-1,) + tuple(x.shape[nb:]))
+    rows = idx.reshape(flat.shape[0], -1, k)
+    dims = torch.tensor(x.shape[nb:nb + k], device=idx.device)
+    rows = torch.where(rows < 0, rows + dims, rows)
+    batch = torch.arange(flat.shape[0], device=idx.device)[:, None].expand(rows.shape[:2])
+    out = flat[(batch,) + tuple(rows[..., j] for j in range(k))]
+    return out.reshape(tuple(idx.shape[:-1]) + tuple(x.shape[nb + k:]))
+
+
+def _trilu(xs, a):
+    k = int(xs[1].item()) if _opt(xs, 1) is not None else 0
+    return torch.triu(xs[0], k) if a.get("upper", 1) else torch.tril(xs[0], k)
+
+
 def _expand(xs, a):
     x = xs[0]
     return x.expand(torch.broadcast_shapes(x.shape, tuple(_ints(xs[1]))))
@@ -438,7 +468,10 @@ def _pad(xs, a):
     mode = _PAD_MODES[a.get("mode", "constant")]
     if mode == "constant":
         return F.pad(x, _torch_pad(pads), value=value)
-    return F.pad(x, _torch_pad(pads), mode=mode)
+    spec = _torch_pad(pads)
+    while len(spec) > 2 and spec[-2:] == [0, 0]:  # torch pads only the trailing axes in these modes
+        spec = spec[:-2]
+    return F.pad(x, spec, mode=mode)
 
 
 def _cast(xs, a):
@@ -530,7 +563,7 @@ def _resize_plan(x: Tensor, scales: Tensor | None, sizes: Tensor | None, axes) -
             out[ax], scale[ax] = n, n / x.shape[ax]
     else:
         for ax, s in zip(axes, scales.reshape(-1).tolist()):
-            out[ax], scale[ax] = int(math.floor(x.shape[ax] * s)), float(np.float32(s))
+            out[ax], scale[ax] = math.floor(x.shape[ax] * s), float(np.float32(s))
     return out, scale
 
 
@@ -540,7 +573,8 @@ def _resize(xs, a):
     out, scale = _resize_plan(x, scales, sizes, a.get("axes"))
     mode = a.get("coordinate_transformation_mode", "half_pixel" if a.opset >= 11 else "asymmetric")
     if a.get("mode", "nearest") == "nearest":
-        return _resize_nearest(x, out, scale, mode, a.get("nearest_mode", "round_prefer_floor" if a.opset >= 11 else "floor"))
+        rounding = a.get("nearest_mode", "round_prefer_floor" if a.opset >= 11 else "floor")
+        return _resize_nearest(x, out, scale, mode, rounding)
     if out[:2] != list(x.shape[:2]) or not 3 <= x.dim() <= 4:
         raise DistillError(f"linear Resize of a {x.dim()}-D tensor over other axes than its last 1 or 2 is not handled")
     if sizes is not None and sizes.numel():
@@ -553,7 +587,7 @@ def _resize(xs, a):
 def _upsample(xs, a):
     x = xs[0]
     scales = list(a.get("scales")) if "scales" in a else xs[1].reshape(-1).tolist()
-    out = [int(math.floor(n * s)) for n, s in zip(x.shape, scales)]
+    out = [math.floor(n * s) for n, s in zip(x.shape, scales)]
     return _resize_nearest(x, out, [float(np.float32(s)) for s in scales], "asymmetric", "floor")
 
 
@@ -569,7 +603,9 @@ _OPS: dict[str, Callable[[list[Tensor | None], _Attrs], Any]] = {
     "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul), "Div": _div, "Pow": _pow,
     "Mod": _mod, "Sqrt": _unary(torch.sqrt), "Reciprocal": _unary(torch.reciprocal), "Exp": _unary(torch.exp),
     "Log": _unary(torch.log), "Abs": _unary(torch.abs), "Neg": _unary(torch.neg), "Floor": _unary(torch.floor),
-    "Ceil": _unary(torch.ceil), "Sin": _unary(torch.sin), "Cos": _unary(torch.cos), "Erf": _unary(torch.erf),
+    "Ceil": _unary(torch.ceil), "Sign": _unary(torch.sign), "IsNaN": _unary(torch.isnan),
+    "IsInf": lambda xs, a: _is_inf(xs[0], a), "Sin": _unary(torch.sin), "Cos": _unary(torch.cos),
+    "Erf": _unary(torch.erf),
     "Tanh": _unary(torch.tanh), "Sigmoid": _unary(torch.sigmoid), "Relu": _unary(torch.relu),
     "LeakyRelu": lambda xs, a: F.leaky_relu(xs[0], a.get("alpha", 0.01)), "PRelu": _prelu,
     "Elu": lambda xs, a: F.elu(xs[0], a.get("alpha", 1.0)), "Softplus": _unary(F.softplus), "Clip": _clip,
@@ -586,7 +622,8 @@ _OPS: dict[str, Callable[[list[Tensor | None], _Attrs], Any]] = {
     "Softmax": _softmax(torch.softmax), "LogSoftmax": _softmax(torch.log_softmax),
     "Shape": _shape, "Size": _size, "Reshape": _reshape, "Flatten": _flatten, "Transpose": _transpose,
     "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "Concat": _concat, "Split": _split, "Slice": _slice,
-    "Gather": _gather, "Expand": _expand, "Tile": _tile, "Pad": _pad, "Range": _range, "Cast": _cast,
+    "Gather": _gather, "GatherElements": _gather_elements, "GatherND": _gather_nd, "Trilu": _trilu,
+    "Expand": _expand, "Tile": _tile, "Pad": _pad, "Range": _range, "Cast": _cast,
     "CastLike": lambda xs, a: xs[0].to(xs[1].dtype), "ConstantOfShape": _constant_of_shape,
     "Identity": _unary(lambda x: x), "Dropout": _dropout,
     **{op: _reduce(fn) for op, fn in _REDUCTIONS.items()},
@@ -770,7 +807,8 @@ class OnnxModule(nn.Module):
         taken: set[str] = set()
         for name, value in graph.initializers.items():
             if value.const_value is None:
-                raise DistillError(f"{self.source}: initializer {name!r} has no data; load the model with its external data")
+                raise DistillError(f"{self.source}: initializer {name!r} has no data; "
+                                   "load the model with its external data")
             t = _tensor(value.const_value, f"initializer {name!r}")
             key = _safe_name(name, taken)
             learnable = t.is_floating_point() and t.numel() > 1 and bool(slots.get(name, set()) - _FIXED_SLOTS)
@@ -799,12 +837,14 @@ class OnnxModule(nn.Module):
 
     def _bind(self, args: Sequence[Tensor], kwargs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if len(args) > len(self.input_names):
-            raise DistillError(f"{self.source} takes {len(self.input_names)} inputs {self.input_names}, got {len(args)}")
+            raise DistillError(f"{self.source} takes {len(self.input_names)} inputs {self.input_names}, "
+                               f"got {len(args)}")
         feeds = dict(zip(self.input_names, args))
         unknown = sorted(set(kwargs) - set(self.input_names))
         missing = [n for n in self.input_names if n not in feeds and n not in kwargs]
         if unknown or missing:
-            raise DistillError(f"{self.source} takes inputs {self.input_names}; missing {missing}, unexpected {unknown}")
+            raise DistillError(f"{self.source} takes inputs {self.input_names}; "
+                               f"missing {missing}, unexpected {unknown}")
         feeds.update(kwargs)
         return {n: t if self._input_dtypes[n] in (None, t.dtype) else t.to(self._input_dtypes[n])
                 for n, t in feeds.items()}
@@ -834,6 +874,7 @@ class OnnxModule(nn.Module):
             p = self.weights.get_parameter(key).detach().cpu()
             value = inits.get(name)
             if value is None or value.const_value is None or tuple(value.const_value.shape) != tuple(p.shape):
-                raise DistillError(f"cannot write weight {name!r} into the model: it is not the one {self.source} was built from")
+                raise DistillError(f"cannot write weight {name!r} into the model: it is not the one "
+                                   f"{self.source} was built from")
             value.const_value = ir.Tensor(p.numpy(), name=name)
         return model

@@ -1,7 +1,13 @@
 """Distill end to end: check the setup, train (one process or data-parallel), then export the
 student through the same path as ``edgecomp export`` and measure it against the teacher.
 
-The teacher is exported too (to a temporary folder) so both run in onnxruntime: fidelity from
+An ONNX student (an ``OnnxModule``) is not exported again: its trained weights are written into
+its own graph, which keeps the file's structure, names and dynamic axes (tracing the interpreter
+would freeze every shape it computes), and the written file is checked against the trained module
+in onnxruntime as an export is.
+
+A torch teacher is exported too (to a temporary folder; an ONNX teacher is its file) so both run
+in onnxruntime: fidelity from
 ``edgecomp.validate`` on the held-out samples, latency from ``edgecomp.bench`` (interleaved),
 parameters and MACs from ``edgecomp.inspection``. The student file is written atomically after
 training, so an interrupted run never leaves a half-written one; its checkpoint stays for
@@ -18,7 +24,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgecomp.distill.trainer import DistillConfig, Setup, check_resume, prepare, resolve_device, train
+from edgecomp.distill.trainer import (
+    DistillConfig,
+    Setup,
+    check_resume,
+    is_onnx_file,
+    prepare,
+    resolve_device,
+    train,
+)
 from edgecomp.errors import DistillError
 
 __all__ = ["DistillResult", "distill"]
@@ -30,7 +44,7 @@ class DistillResult:
     checkpoint: str
     objective: str
     training: dict[str, Any]
-    exporter: str
+    exporter: str                 # the torch exporter, or "student graph" for an ONNX student
     validation: Any               # edgecomp.validate.ValidationResult, student vs teacher
     bench: Any                    # edgecomp.bench.BenchResult (teacher first) or None
     rows: list[dict[str, Any]]    # teacher vs student, for the report
@@ -75,6 +89,22 @@ def _write_eval(setup: Setup, folder: Path) -> tuple[Path, Path | None, list[dic
     return folder, labels, src.feeds
 
 
+def _write_onnx_student(setup: Setup, example: dict[str, Any], out: Path, protect: list[str]) -> None:
+    """The student's ONNX file with the trained weights, checked in onnxruntime against the trained module."""
+    import torch
+
+    from edgecomp.export import _check_parity
+    from edgecomp.io import load_model, save_model
+
+    model = setup.student.write_weights(load_model(setup.config.student))
+    args = [example[n] for n in setup.input_names]
+    with torch.no_grad():
+        got = setup.student(*args)
+    ref = [t.numpy() for t in ((got,) if isinstance(got, torch.Tensor) else got)]
+    _check_parity(model, setup.input_names, args, ref, atol=1e-4, rtol=1e-3)
+    save_model(model, out, inputs=protect)
+
+
 def distill(config: DistillConfig, output: str | os.PathLike, *, resume: bool = False, nproc: int = 1,
             nnodes: int = 1, rdzv_endpoint: str | None = None, rdzv_id: str | None = None,
             exporter: str = "auto", bench_runs: int = 50, bench_threads: int = 1,
@@ -83,13 +113,14 @@ def distill(config: DistillConfig, output: str | os.PathLike, *, resume: bool = 
 
     Returns None on the machines of a multi-machine run that do not hold global rank 0.
     """
-    from edgecomp.bench import benchmark
     from edgecomp.export import HF_AUTO_ORDER, export_model
-    from edgecomp.inspection import summarize
     from edgecomp.io import check_output_path, load_model, model_size_bytes
-    from edgecomp.validate import validate
+    from edgecomp.measure.bench import benchmark
+    from edgecomp.measure.inspect import summarize
+    from edgecomp.measure.validate import validate
 
-    inputs = [p for p in (config.data, config.text, config.labels, config.teacher_hf) if p]
+    onnx_files = [p for p in (config.teacher, config.student) if is_onnx_file(p)]
+    inputs = [p for p in (config.data, config.text, config.labels, config.teacher_hf, *onnx_files) if p]
     out = check_output_path(output, inputs)
     device = resolve_device(config.device)  # refuse a missing GPU before loading anything
     if device.type == "cuda" and (nproc > 1 or nnodes > 1):
@@ -116,9 +147,17 @@ def distill(config: DistillConfig, output: str | os.PathLike, *, resume: bool = 
     axes = _dynamic_axes(example)
     order = HF_AUTO_ORDER if config.teacher_hf else ("dynamo", "torchscript")
     with tempfile.TemporaryDirectory(prefix="edgecomp-distill-") as tmp:
-        t_path = Path(tmp) / "teacher.onnx"
-        export_model(setup.teacher, example, t_path, dynamic=axes, exporter=exporter, auto_order=order)
-        exp = export_model(student, example, out, dynamic=axes, exporter=exporter, auto_order=order, protect=inputs)
+        if is_onnx_file(config.teacher):
+            t_path = Path(config.teacher)
+        else:
+            t_path = Path(tmp) / "teacher.onnx"
+            export_model(setup.teacher, example, t_path, dynamic=axes, exporter=exporter, auto_order=order)
+        if is_onnx_file(config.student):
+            _write_onnx_student(setup, example, out, inputs)
+            exporter_used = "student graph"
+        else:
+            exporter_used = export_model(student, example, out, dynamic=axes, exporter=exporter, auto_order=order,
+                                         protect=inputs).exporter
         held_dir, held_labels, feeds = _write_eval(setup, Path(tmp) / "held")
         val = validate(t_path, out, held_dir, held_labels)
         feed = {k: np.ascontiguousarray(v) for k, v in feeds[0].items()}
@@ -140,4 +179,4 @@ def distill(config: DistillConfig, output: str | os.PathLike, *, resume: bool = 
             if val.ref_accuracy is not None:
                 row["accuracy"] = val.ref_accuracy if i == 0 else val.cand_accuracy
             rows.append(row)
-    return DistillResult(out, config.checkpoint, setup.objective, training, exp.exporter, val, lat, rows)
+    return DistillResult(out, config.checkpoint, setup.objective, training, exporter_used, val, lat, rows)

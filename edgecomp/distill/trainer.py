@@ -11,6 +11,11 @@ batches, same dropout masks, same updates). A checkpoint holds tensors and plain
 and is read with ``torch.load(weights_only=True)``: a file that would build any other object
 (and so could run code) is refused before anything in it runs.
 
+The teacher may be an ONNX file, and so may the student (e.g. a model cut by ``edgecomp prune``,
+healed against the unpruned one): each runs as an ``OnnxModule``, the student's float
+initializers trained. Their files are hashed into the configuration, so a checkpoint is not
+resumed against a changed file.
+
 Early stopping watches fidelity to the teacher on the held-out split: top-1 agreement for
 logits (ties broken by the lower held-out loss), mean cosine for embeddings. The student
 handed back carries the weights of the best evaluation.
@@ -38,12 +43,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgecomp.distill.losses import MATCH_KINDS, DistillLoss, LossWeights, match_loss, soft_target_kl
+from edgecomp.distill.losses import (
+    MATCH_KINDS,
+    DistillLoss,
+    LossWeights,
+    match_loss,
+    soft_target_kl,
+)
 from edgecomp.distill.samples import Samples, epoch_order, from_data, from_text
 from edgecomp.distill.students import find_layer_stack, layer_map, parse_shrink, shrink
 from edgecomp.errors import DataError, DistillError, InputFileError
 
-__all__ = ["DistillConfig", "Setup", "TrainResult", "prepare", "train", "check_resume", "CHECKPOINT_FORMAT"]
+__all__ = ["DistillConfig", "Setup", "TrainResult", "prepare", "train", "check_resume", "is_onnx_file",
+           "CHECKPOINT_FORMAT"]
 
 #: 2: every value loads with ``torch.load(weights_only=True)`` (RNG states as tensors and lists).
 CHECKPOINT_FORMAT = 2
@@ -57,9 +69,9 @@ _NOT_HASHED = ("checkpoint", "checkpoint_every", "threads", "progress", "data", 
 class DistillConfig:
     """Everything that defines a distillation run (plain values, so worker processes can rebuild it)."""
 
-    teacher: str | None = None          # SPEC, as for `edgecomp export`
+    teacher: str | None = None          # SPEC, as for `edgecomp export`, or an .onnx file
     teacher_hf: str | None = None       # local Hugging Face encoder folder (sentence embeddings)
-    student: str | None = None          # SPEC
+    student: str | None = None          # SPEC or an .onnx file
     shrink: str | None = None           # layers=N or width=W
     project: bool = False               # learn a linear map when the student's output width differs
     data: str | None = None             # DATA keyed by the teacher's inputs
@@ -124,6 +136,11 @@ class TrainResult:
 
 # --- setup ------------------------------------------------------------------------------------
 
+def is_onnx_file(ref: str | None) -> bool:
+    """Whether a teacher or student reference names an ONNX file rather than a SPEC."""
+    return bool(ref) and ref.lower().endswith(".onnx")
+
+
 def _check_options(c: DistillConfig) -> None:
     if bool(c.teacher) == bool(c.teacher_hf):
         raise DistillError("give the teacher as a SPEC or with --teacher-hf PATH (one of them)")
@@ -131,6 +148,12 @@ def _check_options(c: DistillConfig) -> None:
         raise DistillError("give the student as --student SPEC or derive it with --shrink RULE (one of them)")
     if bool(c.data) == bool(c.text):
         raise DistillError("give the samples as --data DATA or --text FILE (one of them)")
+    if c.shrink and is_onnx_file(c.teacher):
+        raise DistillError("--shrink derives the student from a torch teacher; with an ONNX teacher give --student "
+                           "(a SPEC, or an .onnx file such as the output of edgecomp prune)")
+    if c.project and is_onnx_file(c.student):
+        raise DistillError("--project adds a layer the student's ONNX graph does not have; give an ONNX student with "
+                           "the teacher's output shape, or a torch SPEC")
     if c.text and not (c.tokenizer or c.teacher_hf):
         raise DistillError("--text needs --tokenizer PATH (a local Hugging Face tokenizer folder)")
     if c.objective not in ("auto", "logits", "embeddings"):
@@ -170,8 +193,11 @@ def _first_output(out: Any) -> torch.Tensor:
 
 
 def _input_names(module: nn.Module, example: Any) -> list[str]:
+    from edgecomp.distill.onnx_module import OnnxModule
     from edgecomp.export import forward_names
 
+    if isinstance(module, OnnxModule):
+        return list(module.input_names)
     if isinstance(example, Mapping):
         return list(example)
     if example is not None:
@@ -200,9 +226,36 @@ def _load_teacher(c: DistillConfig):
     if c.teacher_hf:
         module, example = hf_encoder(c.teacher_hf)
         return module, example, None
+    if is_onnx_file(c.teacher):
+        from edgecomp.distill.onnx_module import OnnxModule
+        from edgecomp.io import load_model
+
+        return OnnxModule(load_model(c.teacher), source=f"teacher {c.teacher}"), None, None
     factory = load_spec(c.teacher)
     module, example = call_factory(factory, c.teacher)
     return module, example, factory
+
+
+def _onnx_student(path: str, names: list[str]) -> nn.Module:
+    """The student ONNX file as a trainable module, called with the teacher's inputs in the teacher's order."""
+    from edgecomp.distill.onnx_module import OnnxModule, graph_input_names
+    from edgecomp.io import load_model
+
+    model = load_model(path)
+    got = graph_input_names(model)
+    if sorted(got) != sorted(names):
+        raise DistillError(f"the student {path} takes inputs {got} but the teacher takes {names}; "
+                           "give a student with the teacher's input names")
+    return OnnxModule(model, input_order=names, source=f"student {path}")
+
+
+def _file_digests(c: DistillConfig) -> dict[str, str]:
+    """A hash of each ONNX file used as teacher or student (a checkpoint must not resume against another)."""
+    out = {}
+    for role, ref in (("teacher", c.teacher), ("student", c.student)):
+        if is_onnx_file(ref):
+            out[role] = hashlib.sha256(Path(ref).read_bytes()).hexdigest()[:16]
+    return out
 
 
 def _load_samples(c: DistillConfig) -> Samples:
@@ -237,6 +290,8 @@ def prepare(config: DistillConfig) -> Setup:
     seed_all(c.seed)  # the student's initialization depends on the seed only
     if rule is not None:
         student = shrink(teacher, rule, factory)
+    elif is_onnx_file(c.student):
+        student = _onnx_student(c.student, names)
     else:
         student, _ = call_factory(load_spec(c.student), c.student)
     for p in student.parameters():
@@ -272,6 +327,9 @@ def prepare(config: DistillConfig) -> Setup:
 
     pairs: list[tuple[int, int]] = []
     if c.hidden_weight > 0:
+        if is_onnx_file(c.teacher) or is_onnx_file(c.student):
+            raise DistillError("--hidden-weight needs torch modules with a layer stack; an ONNX teacher or student "
+                               "has none, so set it to 0")
         ts, ss = find_layer_stack(teacher), find_layer_stack(student, min_len=1)
         if ts is None or ss is None:
             raise DistillError("--hidden-weight needs teacher and student with a stack of repeated layers; set it to 0")
@@ -281,8 +339,11 @@ def prepare(config: DistillConfig) -> Setup:
     weights = LossWeights(kd=c.kd_weight, match=c.match_weight, hidden=c.hidden_weight,
                           ce=c.ce_weight if samples.labels is not None else 0.0)
     loss = DistillLoss(objective, weights, c.temperature, c.match)
-    blob = json.dumps({"config": c.hashed(), "data": samples.fingerprint(), "format": CHECKPOINT_FORMAT},
-                      sort_keys=True, default=str)
+    hashed = {"config": c.hashed(), "data": samples.fingerprint(), "format": CHECKPOINT_FORMAT}
+    digests = _file_digests(c)
+    if digests:  # absent for SPECs, so their checkpoints keep their hash
+        hashed["models"] = digests
+    blob = json.dumps(hashed, sort_keys=True, default=str)
     return Setup(c, teacher, student, example, names, train_s, held, objective, loss, pairs,
                  hashlib.sha256(blob.encode()).hexdigest()[:16])
 
@@ -344,7 +405,8 @@ def check_resume(path: str | os.PathLike, setup: Setup) -> dict[str, Any]:
     if ckpt["config_hash"] != setup.config_hash:
         now = setup.config.hashed()
         diff = sorted(k for k in set(now) | set(ckpt["config"]) if now.get(k) != ckpt["config"].get(k))
-        what = f"options differ: {', '.join(diff)}" if diff else "the data differs"
+        models = " or an ONNX model file changed" if _file_digests(setup.config) else ""
+        what = f"options differ: {', '.join(diff)}" if diff else f"the data differs{models}"
         raise DistillError(f"checkpoint {p} was written by another configuration ({what}); "
                            "resume with the same options and data, or start again without --resume")
     return ckpt
