@@ -118,7 +118,8 @@ def test_encoder_export_matches_onnxruntime_at_any_batch_and_length(tiny_encoder
         _assert_matches_ort(tiny_encoder_path, _token_feed(batch, seq))
 
 
-def test_hf_bert_export_matches_onnxruntime(tmp_path):
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_hf_bert_export_matches_onnxruntime(tmp_path, exporter):
     from transformers import BertConfig, BertModel
 
     class Hidden(nn.Module):
@@ -134,7 +135,7 @@ def test_hf_bert_export_matches_onnxruntime(tmp_path):
                                 intermediate_size=32, max_position_embeddings=32)).eval()
     example = {k: torch.from_numpy(v) for k, v in _token_feed(2, 8, 100).items()}
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
-    export_model(Hidden(bert), example, tmp_path / "bert.onnx", dynamic=axes, exporter="torchscript")
+    export_model(Hidden(bert), example, tmp_path / "bert.onnx", dynamic=axes, exporter=exporter)
     _assert_matches_ort(tmp_path / "bert.onnx", _token_feed(3, 11, 100))
 
 
@@ -274,8 +275,8 @@ def test_gradients_reach_every_weight(which, cnn_teacher, tiny_encoder_path):
 # --- (c) a pruned CNN healed against its ONNX teacher ------------------------------------------------
 
 def _cfg(teacher, student, data, **kw) -> DistillConfig:
-    base = dict(teacher=str(teacher), student=str(student) if student else None, data=str(data), batch_size=16, lr=3e-3, epochs=3,
-                held_out=0.2, temperature=2.0, threads=1, patience=None)
+    base = {"teacher": str(teacher), "student": str(student) if student else None, "data": str(data), "batch_size": 16,
+            "lr": 3e-3, "epochs": 3, "held_out": 0.2, "temperature": 2.0, "threads": 1, "patience": None}
     base.update(kw)
     return DistillConfig(**base)
 
@@ -312,6 +313,17 @@ def test_pruned_cnn_student_learns_and_resume_is_bit_identical(cnn_teacher, cnn_
     assert resumed.history == whole.history
 
 
+def test_two_gloo_processes_match_one_with_onnx_models(cnn_teacher, cnn_pruned, cnn_data, tmp_path):
+    from edgecomp.distill.launch import launch
+
+    cfg = _cfg(cnn_teacher, cnn_pruned, cnn_data, epochs=2, checkpoint=str(tmp_path / "one.ckpt"))
+    one = train(cfg).student.state_dict()
+    two = launch(dataclasses.replace(cfg, checkpoint=str(tmp_path / "two.ckpt")), 2)  # each rebuilds from the files
+    assert two["steps"] == 2 * (64 // 16)
+    for k, v in one.items():
+        torch.testing.assert_close(two["state"][k], v, atol=1e-5, rtol=1e-4)
+
+
 def test_cli_heals_a_pruned_onnx_student(cnn_teacher, cnn_pruned, cnn_data, tmp_path):
     out = tmp_path / "healed.onnx"
     res = CliRunner().invoke(cli, ["distill", str(cnn_teacher), "--student", str(cnn_pruned), "--data", str(cnn_data),
@@ -332,7 +344,7 @@ def test_cli_heals_a_pruned_onnx_student(cnn_teacher, cnn_pruned, cnn_data, tmp_
         assert _assert_matches_ort(out, {"x": x[:batch]}) < ATOL
     t = torch.from_numpy(run_ort(cnn_teacher, {"x": x})[0])
     kl = [float(soft_target_kl(torch.from_numpy(run_ort(p, {"x": x})[0]), t, 2.0)) for p in (cnn_pruned, out)]
-    assert kl[1] < 0.7 * kl[0], kl
+    assert kl[1] < 0.1 * kl[0], kl  # 7.5e-4 → 9e-6
 
 
 # --- (d) a pruned encoder healed on text ------------------------------------------------------------
@@ -375,7 +387,7 @@ def test_pruned_encoder_student_heals_on_text(tiny_encoder_path, tok_dir, tmp_pa
     assert res.objective == "embeddings" and res.exporter == "student graph"
     teacher_row, student_row = res.rows
     assert student_row["parameters"] < teacher_row["parameters"]
-    assert res.validation.samples == 16 and res.validation.outputs[0].cosine_mean > before, before
+    assert res.validation.samples == 16 and res.validation.outputs[0].cosine_mean > before + 0.02, before  # 0.93 → 0.98
     for batch, seq in ((1, 4), (3, 13)):
         _assert_matches_ort(tmp_path / "healed.onnx", _token_feed(batch, seq))
 
