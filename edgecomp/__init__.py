@@ -2,7 +2,7 @@
 
 Export to ONNX (:mod:`edgecomp.export`), transform the graph with passes
 (:mod:`edgecomp.passes`), and check latency and fidelity with onnxruntime
-(:mod:`edgecomp.bench`, :mod:`edgecomp.validate`).
+(:mod:`edgecomp.measure.bench`, :mod:`edgecomp.measure.validate`).
 """
 
 __version__ = "0.1.0"

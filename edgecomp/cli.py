@@ -12,9 +12,9 @@ from pathlib import Path
 
 import click
 
-from edgecomp import report as rpt
 from edgecomp.errors import EdgecompError
 from edgecomp.export import DEFAULT_OPSET
+from edgecomp.render import text as rpt
 
 __all__ = ["main", "cli"]
 
@@ -354,7 +354,8 @@ def distill(teacher, output, teacher_hf, student, shrink, project, data, text, t
 
         edgecomp distill models.mobilenet_v2:digits_teacher --shrink width=0.35 --data train.npz -o student.onnx
     """
-    from edgecomp.distill import DistillConfig, distill as run_distill
+    from edgecomp.distill import DistillConfig
+    from edgecomp.distill import distill as run_distill
 
     cfg = DistillConfig(teacher=teacher, teacher_hf=teacher_hf, student=student, shrink=shrink, project=project,
                         data=data, text=text, tokenizer=tokenizer, max_len=max_len, labels=labels, held_out=held_out,
@@ -428,8 +429,8 @@ def bench(models, threads, warmup, runs, pin, data, shapes, values, target, targ
 
         edgecomp bench mnv2.onnx mnv2.int8.onnx --runs 100 --threads 1
     """
-    from edgecomp.bench import benchmark, first_feed, pin_cpus
     from edgecomp.io import existing_file
+    from edgecomp.measure.bench import benchmark, first_feed, pin_cpus
     from edgecomp.targets import get_profile
 
     for m in models:
@@ -465,7 +466,7 @@ def validate(reference, candidate, data, labels, threads, json_path):
 
         edgecomp validate mnv2.onnx mnv2.int8.onnx --data digits_test.npz --labels digits_test_labels.npy
     """
-    from edgecomp.validate import validate as run_validate
+    from edgecomp.measure.validate import validate as run_validate
 
     result = run_validate(reference, candidate, data, labels, threads=threads or 1)
     click.echo(rpt.render_validation(result))
@@ -486,8 +487,8 @@ def inspect(model, shapes, values, no_macs, json_path):
 
         edgecomp inspect mnv2.onnx --shape x=1x3x224x224
     """
-    from edgecomp.inspection import summarize
     from edgecomp.io import load_model
+    from edgecomp.measure.inspect import summarize
 
     m = load_model(model)
     shape_map = {k: v[0] for k, v in _parse_shapes(shapes).items()}
@@ -531,7 +532,9 @@ def reduce_embeddings(model, output, bits, block, rank, energy, corpus, tokenize
 
         edgecomp reduce-embeddings minilm.onnx -o minilm.emb.onnx --rank 256 --bits 8 --corpus texts.txt --tokenizer model/
     """
-    from edgecomp.embeddings import ReduceOptions, read_ids, reduce_embeddings as run_reduce, write_tokenizer
+    from edgecomp.embeddings import ReduceOptions
+    from edgecomp.embeddings import reduce_embeddings as run_reduce
+    from edgecomp.embeddings.tokenizer import read_ids, write_tokenizer
     from edgecomp.io import check_output_path, load_model, save_model
     from edgecomp.text import load_tokenizer, read_lines
 
@@ -603,11 +606,12 @@ def quantize(model, output, calibration, method, percentile, per_tensor, weight_
         edgecomp quantize minilm.onnx -o minilm.int8.onnx --calibration calib/ --eval held/ --metric cosine --tolerance 0.003
     """
     from edgecomp.data import load_data, load_labels
-    from edgecomp.io import check_output_path, load_model, save_model
-    from edgecomp.quantize import QuantizeOptions, quantize_dynamic_ort, quantize_model
-    from edgecomp.targets import get_profile
-
     from edgecomp.errors import ConfigError
+    from edgecomp.io import check_output_path, load_model, save_model
+    from edgecomp.quantize import quantize_model
+    from edgecomp.quantize.dynamic import quantize_dynamic_ort
+    from edgecomp.quantize.options import QuantizeOptions
+    from edgecomp.targets import get_profile
 
     check_output_path(output, [p for p in (model, calibration, eval_data, labels, targets_file) if p])
     if labels and not eval_data:
@@ -693,7 +697,8 @@ def prune(model, output, sparsity, structured, data, importance, scope, protect,
     check_output_path(output, [model] + ([data] if data else []))
     m = load_model(model)
     if structured:
-        from edgecomp.pruning import PruneOptions, prune_model
+        from edgecomp.prune import prune_model
+        from edgecomp.prune.options import PruneOptions
 
         opts = PruneOptions(sparsity=sparsity, importance=importance, scope=scope or "per-layer",
                             protect=tuple(protect), round_to=round_to,
@@ -713,8 +718,8 @@ def prune(model, output, sparsity, structured, data, importance, scope, protect,
         return
     from edgecomp.errors import ConfigError
     from edgecomp.passes.base import run_pass
-    from edgecomp.passes.prune_magnitude import PruneMagnitudePass
-    from edgecomp.pruning import verify_pruned
+    from edgecomp.prune import verify_pruned
+    from edgecomp.prune.prune_magnitude import PruneMagnitudePass
 
     ignored = [opt for opt, used in (("--data", data), ("--importance", importance != "auto"), ("--round-to", round_to),
                                      ("--no-repair", no_repair), ("--max-samples", max_samples)) if used]
@@ -751,8 +756,8 @@ def package(model, outdir, data, shapes, values, overwrite):
 
         edgecomp package minilm.int8.onnx -o out/minilm-mobile
     """
-    from edgecomp.bench import first_feed
     from edgecomp.io import OUTPUT_MARKER, check_output_dir, existing_file, replace_dir, work_dir, write_json
+    from edgecomp.measure.bench import first_feed
     from edgecomp.package import package_model
 
     existing_file(model, "ONNX model")
@@ -797,8 +802,8 @@ def _data_options(f):
 
 
 def _convert_source(spec, hf):
-    from edgecomp.convert import Source
     from edgecomp.errors import SpecError
+    from edgecomp.pipeline.convert import Source
 
     if bool(spec) == bool(hf):
         raise SpecError("give either a SPEC or --hf PATH")
@@ -828,8 +833,8 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
         edgecomp convert models.mobilenet_v2:digits_classifier --recipe cnn-int8 -o out/digits \\
             --calibration out/demo/train.npz --eval out/demo/test.npz --labels out/demo/test_labels.npy
     """
-    from edgecomp.convert import convert as run_convert
-    from edgecomp.recipe import load_recipe
+    from edgecomp.pipeline.convert import convert as run_convert
+    from edgecomp.pipeline.recipe import load_recipe
     from edgecomp.targets import get_profile
 
     source = _convert_source(spec, hf_path)
@@ -860,7 +865,7 @@ def recipes(show_options):
 
         edgecomp recipes --options
     """
-    from edgecomp.recipe import STEP_OPTIONS, builtin_recipes, load_recipe
+    from edgecomp.pipeline.recipe import STEP_OPTIONS, builtin_recipes, load_recipe
 
     if show_options:
         rows = [{"step": step, "option": name, "type": "/".join(t.__name__ for t in (o.type if isinstance(o.type, tuple) else (o.type,))),
@@ -902,8 +907,8 @@ def sweep(spec, recipe, grid, outdir, hf_path, calibration, eval_data, labels, t
             --grid quantize.method=minmax,mse --grid quantize.tolerance=0.002,0.01 \\
             --calibration out/demo/train.npz --eval out/demo/test.npz --labels out/demo/test_labels.npy
     """
-    from edgecomp.recipe import load_recipe
-    from edgecomp.sweep import parse_grid, run_sweep
+    from edgecomp.pipeline.recipe import load_recipe
+    from edgecomp.pipeline.sweep import parse_grid, run_sweep
     from edgecomp.targets import get_profile
 
     source = _convert_source(spec, hf_path)

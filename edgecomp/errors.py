@@ -68,3 +68,7 @@ class DistillError(EdgecompError):
 
 class InvalidModelError(EdgecompError):
     """A model edgecomp was about to write fails onnx.checker or does not load in onnxruntime."""
+
+
+class NothingToPrune(PassFailed):
+    """No channel group (structured) or no weight (unstructured) can be pruned: nothing is written."""

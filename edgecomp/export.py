@@ -512,8 +512,13 @@ def _read_config(p: Path) -> Any:
 def _model_class(config: Any, task: str, inferred: bool) -> tuple[Any, bool]:
     """(transformers class to load, whether to take its ``get_encoder()``) for ``task``."""
     import transformers
-    from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForImageClassification,
-                              AutoModelForSequenceClassification, AutoModelForTokenClassification)
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
 
     autos = {"feature-extraction": AutoModel, "text-classification": AutoModelForSequenceClassification,
              "token-classification": AutoModelForTokenClassification,

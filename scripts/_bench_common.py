@@ -15,8 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from edgecomp.io import write_text  # noqa: E402
+from edgecomp.measure.validate import cosine_rows, knn_agreement  # noqa: E402
 from edgecomp.runtime import make_session  # noqa: E402
-from edgecomp.validate import cosine_rows, knn_agreement  # noqa: E402
 
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 

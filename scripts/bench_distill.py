@@ -30,11 +30,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-
 from _bench_common import ROOT, embeddings, export_minilm, fidelity, md_table, minilm_path, text_splits, update_section
 
-from edgecomp.bench import benchmark
-from edgecomp.report import host_line
+from edgecomp.measure.bench import benchmark
+from edgecomp.render.text import host_line
 
 #: Packages whose docstrings give unlabeled training text (with the stdlib modules).
 TEXT_PACKAGES = ("numpy", "scipy", "sklearn", "torch", "onnx", "click", "email", "http", "xml", "logging", "asyncio",
@@ -83,8 +82,8 @@ def quantize_cli(src: Path, dst: Path, calib: Path) -> None:
 
 def bench_minilm(work: Path, args) -> tuple[str, list[str]]:
     from edgecomp.distill import DistillConfig, distill
-    from edgecomp.inspection import summarize
     from edgecomp.io import load_model
+    from edgecomp.measure.inspect import summarize
     from edgecomp.text import load_tokenizer, read_lines, tokenize, write_token_data
 
     t0 = time.perf_counter()
@@ -138,9 +137,9 @@ def bench_minilm(work: Path, args) -> tuple[str, list[str]]:
 def bench_digits(work: Path, args) -> tuple[str, list[str]]:
     from edgecomp.distill import DistillConfig, distill
     from edgecomp.export import export_spec
-    from edgecomp.inspection import summarize
     from edgecomp.io import load_model
-    from edgecomp.validate import validate
+    from edgecomp.measure.inspect import summarize
+    from edgecomp.measure.validate import validate
     from models import digits
 
     if not digits.weights_path("mobilenet_v2", 1.0).is_file():

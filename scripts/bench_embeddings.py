@@ -23,13 +23,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from _bench_common import ROOT, embeddings, export_minilm, fidelity, md_table, minilm_path, text_splits, update_section
 from bench_quantize import edgecomp_quantize
 
-from edgecomp.bench import benchmark
 from edgecomp.io import model_size_bytes
-from edgecomp.report import host_line
+from edgecomp.measure.bench import benchmark
+from edgecomp.render.text import host_line
 from edgecomp.text import docstring_sentences, load_tokenizer, tokenize, write_token_data
 
 SCIENCE = ("numpy", "numpy.linalg", "numpy.fft", "numpy.random", "numpy.ma", "scipy.stats", "scipy.optimize",
@@ -186,9 +185,9 @@ interleaved, batch 1, seq 128, 1 thread, {args.runs} runs, ratio to the quantize
 
 def _int4_fp32(src: Path, dst: Path) -> dict:
     """The quantizer's int4 format (blocks of 32, fp32 scale and offset), for comparison."""
+    from edgecomp.embeddings.quantize_embeddings import QuantizeEmbeddingsPass
     from edgecomp.io import load_model, save_model
     from edgecomp.passes.base import run_pass
-    from edgecomp.passes.quantize_embeddings import QuantizeEmbeddingsPass
 
     rep = run_pass(QuantizeEmbeddingsPass(bits=4, block=32), load_model(src))
     save_model(rep.model, dst)

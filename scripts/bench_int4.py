@@ -18,16 +18,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _bench_common import (ROOT, bench_in_subprocess, embeddings, export_minilm, fidelity, md_table, minilm_path,
-                           text_splits, update_section)
+from _bench_common import (
+    ROOT,
+    bench_in_subprocess,
+    embeddings,
+    export_minilm,
+    fidelity,
+    md_table,
+    minilm_path,
+    text_splits,
+    update_section,
+)
 from bench_quantize import edgecomp_quantize
 
 from edgecomp.io import load_model, model_size_bytes, save_model
 from edgecomp.passes.base import run_pass
-from edgecomp.passes.quantize_matmul_nbits import QuantizeMatMulNBitsPass
-from edgecomp.report import host_line
+from edgecomp.quantize.quantize_matmul_nbits import QuantizeMatMulNBitsPass
+from edgecomp.render.text import host_line
 from edgecomp.text import load_tokenizer, tokenize, write_token_data
-
 
 #: measured on the run of 2026-12-01 (AVX2 host without VNNI); update when the numbers move
 NOTES = """

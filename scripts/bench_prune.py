@@ -20,15 +20,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _bench_common import ROOT, embeddings, export_minilm, fidelity, md_table, minilm_path, text_splits, update_section
 
-from edgecomp.bench import benchmark
 from edgecomp.data import load_data, save_npz
 from edgecomp.export import export_spec
 from edgecomp.io import load_model, save_model
-from edgecomp.pruning import PruneOptions, prune_model
-from edgecomp.report import host_line
+from edgecomp.measure.bench import benchmark
+from edgecomp.prune import prune_model
+from edgecomp.prune.options import PruneOptions
+from edgecomp.render.text import host_line
 from edgecomp.runtime import make_session
 from edgecomp.text import load_tokenizer, tokenize, write_token_data
 

@@ -23,11 +23,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _bench_common import (
+    ROOT,
+    bench_in_subprocess,
+    embeddings,
+    export_minilm,
+    fidelity,
+    md_table,
+    minilm_path,
+    text_splits,
+    update_section,
+)
 
-from _bench_common import (ROOT, bench_in_subprocess, embeddings, export_minilm, fidelity, md_table, minilm_path,
-                           text_splits, update_section)
-
-from edgecomp.report import host_line
+from edgecomp.render.text import host_line
 from edgecomp.text import load_tokenizer, tokenize, write_token_data
 
 

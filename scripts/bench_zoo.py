@@ -30,7 +30,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import onnx  # noqa: E402
-
 from _bench_common import md_table  # noqa: E402
 from zoo import ZOO, Zoo, default_opset, feeds, fidelity, param_count  # noqa: E402
 

@@ -4,8 +4,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from edgecomp.bench import benchmark
-from edgecomp.validate import cosine_rows, knn_agreement, validate
+from edgecomp.measure.bench import benchmark
+from edgecomp.measure.validate import cosine_rows, knn_agreement, validate
 from tests.conftest import run_ort
 
 
@@ -94,7 +94,7 @@ def _two_models(tmp_path):
 
 
 def test_equal_timings_never_count_as_faster(tmp_path):
-    from edgecomp.bench import compare_latency
+    from edgecomp.measure.bench import compare_latency
 
     feed = {"x": np.ones((1, 4), np.float32)}
     est = compare_latency(_two_models(tmp_path), feed, timer=_FakeClock([1.0, 1.0]), max_rounds=6)[0]
@@ -104,7 +104,7 @@ def test_equal_timings_never_count_as_faster(tmp_path):
 
 
 def test_a_real_speedup_is_found_in_few_rounds(tmp_path):
-    from edgecomp.bench import compare_latency
+    from edgecomp.measure.bench import compare_latency
 
     feed = {"x": np.ones((1, 4), np.float32)}
     est = compare_latency(_two_models(tmp_path), feed, timer=_FakeClock([1.0, 0.8], jitter=0.05), max_rounds=12)[0]

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from edgecomp.calibration import ActivationStats, HIST_BINS, choose_range, uint8_qparams
 from edgecomp.errors import DataError
+from edgecomp.quantize.calibration import HIST_BINS, ActivationStats, choose_range, uint8_qparams
 
 
 def _stats(samples, axis=-1, reservoir=64, hist=True):

@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from edgecomp.cli import cli
-from edgecomp.convert import Source, convert
 from edgecomp.errors import ConfigError, DataError, OutputError
-from edgecomp.recipe import builtin_recipes, load_recipe, parse_recipe
+from edgecomp.pipeline.convert import Source, convert
+from edgecomp.pipeline.recipe import builtin_recipes, load_recipe, parse_recipe
 
 ENCODER_EXPORT = ('[[steps]]\nstep = "export"\nexporter = "torchscript"\n'
                   'dynamic = { input_ids = { 0 = "batch", 1 = "seq" }, attention_mask = { 0 = "batch", 1 = "seq" } }\n')
@@ -158,7 +158,7 @@ def test_sweep_of_four_variants_on_local_ray(tmp_path, token_data):
     assert len(data["variants"]) == 4 and all("error" not in v for v in data["variants"])
     assert {(v["quantize.method"], v["quantize.smooth"]) for v in data["variants"]} == {
         ("minmax", "auto"), ("minmax", "off"), ("mse", "auto"), ("mse", "off")}
-    from edgecomp.report import pareto_front
+    from edgecomp.render.text import pareto_front
 
     pts = [(v["latency"], v["quality"]) for v in data["variants"]]
     want = {data["variants"][i]["variant"] for i in pareto_front(pts)}
@@ -173,7 +173,7 @@ def test_sweep_of_four_variants_on_local_ray(tmp_path, token_data):
 
 
 def test_recipe_values_of_the_wrong_type():
-    from edgecomp.recipe import apply_override
+    from edgecomp.pipeline.recipe import apply_override
 
     with pytest.raises(ConfigError, match="gates must be a table"):
         parse_recipe({"gates": 5, "steps": [{"step": "export"}]})

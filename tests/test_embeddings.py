@@ -12,10 +12,10 @@ from onnx import TensorProto, helper
 
 from edgecomp.cli import cli
 from edgecomp.embeddings import ReduceOptions, reduce_embeddings
+from edgecomp.embeddings.factorize_embeddings import factorize, row_weights
+from edgecomp.embeddings.quantize_embeddings import dequantize_rows, quantize_rows
+from edgecomp.embeddings.tables import find_embedding_tables
 from edgecomp.io import to_proto
-from edgecomp.passes._embedding import find_embedding_tables
-from edgecomp.passes.factorize_embeddings import factorize, row_weights
-from edgecomp.passes.quantize_embeddings import dequantize_rows, quantize_rows
 from edgecomp.text import load_tokenizer
 from tests.conftest import make_model, run_ort, vinfo
 
@@ -191,7 +191,7 @@ def test_add_tokens_mean_of_sub_tokens_and_tokenizer(table, tok_dir, tmp_path):
     y, logits = run(res.model, ids)
     np.testing.assert_allclose(y[0, :2], new_rows, atol=1e-6)
     assert logits.shape == (1, 3, V + 2)
-    from edgecomp.embeddings import write_tokenizer
+    from edgecomp.embeddings.tokenizer import write_tokenizer
 
     new_tok = load_tokenizer(write_tokenizer(res.tokenizer_files, tmp_path / "t"))
     assert new_tok("cats the", add_special_tokens=False)["input_ids"] == [V, 4]

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from edgecomp.cli import cli
-from edgecomp.validate import compare_outputs, output_kind
+from edgecomp.measure.validate import compare_outputs, output_kind
 from tests.conftest import run_ort
 
 transformers = pytest.importorskip("transformers")
@@ -380,7 +380,7 @@ def test_unsupported_architectures_and_tasks_are_one_line(tmp_path, bert_cls):
 
 def test_recipe_export_task_option():
     from edgecomp.errors import ConfigError
-    from edgecomp.recipe import STEP_OPTIONS, parse_recipe
+    from edgecomp.pipeline.recipe import STEP_OPTIONS, parse_recipe
 
     opt = STEP_OPTIONS["export"]["task"]
     assert opt.default == "auto" and "text-generation" in opt.choices

@@ -2,7 +2,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx import helper
 
-from edgecomp.inspection import summarize
+from edgecomp.measure.inspect import summarize
 from tests.conftest import make_model, vinfo
 
 

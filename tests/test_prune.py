@@ -13,11 +13,13 @@ from onnx import helper
 
 from edgecomp.cli import cli
 from edgecomp.data import Dataset
-from edgecomp.errors import ConfigError
+from edgecomp.errors import ConfigError, NothingToPrune
 from edgecomp.io import to_proto
 from edgecomp.passes.base import run_pass
-from edgecomp.passes.prune_magnitude import PruneMagnitudePass
-from edgecomp.pruning import NothingToPrune, PruneOptions, find_groups, prune_model
+from edgecomp.prune import prune_model
+from edgecomp.prune.groups import find_groups
+from edgecomp.prune.options import PruneOptions
+from edgecomp.prune.prune_magnitude import PruneMagnitudePass
 from tests.conftest import make_model, run_ort, save, vinfo
 
 RNG = np.random.default_rng(0)
@@ -322,7 +324,7 @@ def test_obs_order_matches_exhaustive_search_and_beats_magnitude(tmp_path):
     """OBS removal order on a down-projection: its first pick is the input whose removal, with the
     rest re-fitted by least squares, costs least (checked exhaustively), and after repair it leaves
     less reconstruction error than activation importance."""
-    from edgecomp.pruning import _obs_order
+    from edgecomp.prune.importance import _obs_order
 
     rng = np.random.default_rng(5)
     h = rng.standard_normal((500, 12)) @ rng.standard_normal((12, 12))  # correlated inputs

@@ -18,13 +18,16 @@ from onnx import helper, numpy_helper
 
 from edgecomp.cli import cli
 from edgecomp.data import Dataset
-from edgecomp.errors import PassFailed
-from edgecomp.inspection import count_parameters, summarize
+from edgecomp.errors import NothingToPrune, PassFailed
+from edgecomp.graph import const_array
 from edgecomp.io import to_proto
+from edgecomp.measure.inspect import count_parameters, summarize
 from edgecomp.passes.base import run_pass
-from edgecomp.passes.prune_magnitude import PruneMagnitudePass
-from edgecomp.pruning import (NothingToPrune, PruneOptions, const_array, find_groups, lift_constants, plan_pruning,
-                              prune_model)
+from edgecomp.prune import prune_model
+from edgecomp.prune.groups import find_groups, lift_constants
+from edgecomp.prune.importance import plan_pruning
+from edgecomp.prune.options import PruneOptions
+from edgecomp.prune.prune_magnitude import PruneMagnitudePass
 from tests.conftest import make_model, run_ort, save, vinfo
 
 RNG = np.random.default_rng(7)
@@ -184,10 +187,10 @@ def test_unstructured_sparsifies_constant_node_and_identity_fed_weights():
 
 
 def test_pruning_that_adds_parameters_is_refused(monkeypatch):
-    import edgecomp.inspection
+    import edgecomp.measure.inspect
 
     counts = iter([100, 101])
-    monkeypatch.setattr(edgecomp.inspection, "count_parameters", lambda model: next(counts))
+    monkeypatch.setattr(edgecomp.measure.inspect, "count_parameters", lambda model: next(counts))
     with pytest.raises(PassFailed, match=r"raise the parameter count \(100 → 101\); nothing was written"):
         prune_model(ir.from_proto(_paddle_style()), PruneOptions(sparsity=0.25, importance="l2"))
 

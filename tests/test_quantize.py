@@ -15,8 +15,10 @@ from edgecomp.data import Dataset
 from edgecomp.errors import ConfigError, DataError, PassFailed
 from edgecomp.io import to_proto
 from edgecomp.passes.base import run_pass
-from edgecomp.passes.quantize_static import LayerPlan, QuantizeStaticPass, quantize_weight
-from edgecomp.quantize import QuantizeOptions, find_layers, quantize_model
+from edgecomp.quantize import quantize_model
+from edgecomp.quantize.layers import find_layers
+from edgecomp.quantize.options import QuantizeOptions
+from edgecomp.quantize.quantize_static import LayerPlan, QuantizeStaticPass, quantize_weight
 from edgecomp.targets import Isa, host_isa
 from tests.conftest import make_model, run_ort, vinfo
 
@@ -231,7 +233,7 @@ def test_unsupported_layers_are_reported():
 def test_equal_timings_keep_every_family_float_and_a_real_gain_is_taken(tiny_encoder_path, encoder_data, monkeypatch):
     """The family choice under a clock that shows no difference (a busy machine's worst case)
     keeps float; a clock on which int8 is clearly faster picks int8."""
-    import edgecomp.bench as bench
+    import edgecomp.measure.bench as bench
 
     calib, _ = encoder_data
     real = bench.compare_latency

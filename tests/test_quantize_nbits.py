@@ -11,8 +11,11 @@ from onnx import helper
 from edgecomp.errors import ConfigError
 from edgecomp.io import to_proto
 from edgecomp.passes.base import run_pass
-from edgecomp.passes.quantize_matmul_nbits import (QuantizeMatMulNBitsPass, dequantize_blocks_4bit,
-                                                   quantize_blocks_4bit)
+from edgecomp.quantize.quantize_matmul_nbits import (
+    QuantizeMatMulNBitsPass,
+    dequantize_blocks_4bit,
+    quantize_blocks_4bit,
+)
 from tests.conftest import make_model, run_ort, vinfo
 
 

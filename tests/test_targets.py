@@ -1,7 +1,7 @@
 import pytest
 
 from edgecomp.errors import ConfigError
-from edgecomp.report import host_line
+from edgecomp.render.text import host_line
 from edgecomp.targets import BUILTIN_PROFILES, Isa, get_profile, host_isa, load_profiles
 
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from edgecomp.cli import cli
 from edgecomp.errors import ConfigError, EdgecompError, InputFileError
-from edgecomp.recipe import STEP_OPTIONS, apply_override, load_recipe, parse_recipe
+from edgecomp.pipeline.recipe import STEP_OPTIONS, apply_override, load_recipe, parse_recipe
 from edgecomp.targets import Isa, load_profiles
 
 SPEC = "import torch\n\n\ndef make():\n    return torch.nn.Linear(4, 2), (torch.randn(1, 4),)\n"
@@ -263,7 +263,7 @@ def test_data_paths_must_exist_relative_to_the_recipe(tmp_path):
     ("gates.max_accuracy_drop", 0.1, r"gate max_accuracy_drop needs a 'validate' step"),
 ])
 def test_grid_overrides_get_the_same_checks(key, value, pattern):
-    from edgecomp.sweep import expand
+    from edgecomp.pipeline.sweep import expand
 
     r = parse_recipe({"steps": [{"step": "export"}, {"step": "prune"}, {"step": "quantize"}, {"step": "bench"}]})
     with pytest.raises(ConfigError, match=pattern):
@@ -346,7 +346,7 @@ def test_sweep_refuses_unreachable_or_malformed_addresses_quickly(tmp_path, addr
 
 
 def test_probe_times_out_on_a_port_that_never_answers():
-    from edgecomp.sweep import parse_address, probe_ray
+    from edgecomp.pipeline.sweep import parse_address, probe_ray
 
     assert parse_address(None) is None and parse_address("auto") is None
     assert parse_address("ray://10.0.0.5:10001") == ("10.0.0.5", 10001)
@@ -363,8 +363,8 @@ def test_probe_times_out_on_a_port_that_never_answers():
 
 
 def test_run_sweep_connect_timeout_must_be_positive(tmp_path):
-    from edgecomp.convert import Source
-    from edgecomp.sweep import run_sweep
+    from edgecomp.pipeline.convert import Source
+    from edgecomp.pipeline.sweep import run_sweep
 
     r = parse_recipe({"steps": [{"step": "export"}, {"step": "quantize"}]})
     for bad in (0, -1, math.nan):
@@ -377,7 +377,7 @@ def test_run_sweep_connect_timeout_must_be_positive(tmp_path):
 # --- quantize --exclude ---------------------------------------------------------------------------
 
 def test_quantize_exclude_regex_is_checked(tmp_path, mlp_path, mlp_data):
-    from edgecomp.quantize import QuantizeOptions
+    from edgecomp.quantize.options import QuantizeOptions
 
     with pytest.raises(ConfigError, match=r"^exclude pattern '\(\[' is not a valid regular expression \(.+\)$"):
         QuantizeOptions(exclude=("fc.*", "([")).validate()
@@ -395,7 +395,8 @@ def test_compiled_exclude_patterns_are_applied(mlp_path, mlp_data):
     from edgecomp.data import load_data
     from edgecomp.errors import PassFailed
     from edgecomp.io import load_model
-    from edgecomp.quantize import QuantizeOptions, quantize_model
+    from edgecomp.quantize import quantize_model
+    from edgecomp.quantize.options import QuantizeOptions
 
     with pytest.raises(PassFailed, match="no quantizable layer"):
         quantize_model(load_model(mlp_path), load_data(mlp_data[0]), QuantizeOptions(exclude=(".",)))

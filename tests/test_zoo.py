@@ -24,10 +24,20 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from zoo import (
+    LARGE,
+    ZOO,
+    Zoo,
+    default_opset,
+    float_outputs,
+    outputs,
+    param_count,
+    pooled_cosine,
+    sample_cosine,
+    session,
+)
 
 from edgecomp.cli import cli
-
-from zoo import LARGE, ZOO, Zoo, default_opset, float_outputs, outputs, param_count, pooled_cosine, sample_cosine, session
 
 #: Run by default: the third-party files and one file per way a user's file arrives.
 FAST = ["silero_vad", "silero_vad_op15", "mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet",

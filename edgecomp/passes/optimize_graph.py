@@ -126,8 +126,8 @@ def _apply_bert_fusions(model: ir.Model, num_heads: int, hidden_size: int) -> No
     """Replace ``model``'s graph with onnxruntime's fused one (in place on the ir.Model)."""
     import logging
 
-    from onnxruntime.transformers.onnx_model_bert import BertOnnxModel
     from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.onnx_model_bert import BertOnnxModel
 
     from edgecomp.io import from_proto, to_proto
 

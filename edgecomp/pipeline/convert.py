@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-
 from edgecomp.errors import ConfigError, DataError
 from edgecomp.io import check_output_dir, copy_file, model_size_bytes, replace_dir, work_dir
-from edgecomp.recipe import Recipe
+from edgecomp.pipeline.recipe import Recipe
 from edgecomp.targets import TargetProfile, host_isa
 
 __all__ = ["Source", "StepRecord", "ConvertResult", "convert", "STEP_RUNNERS"]
@@ -147,7 +146,8 @@ def _run_optimize(ctx: _Context, rec: StepRecord) -> None:
 def _run_quantize(ctx: _Context, rec: StepRecord) -> None:
     from edgecomp.data import load_data, load_labels
     from edgecomp.io import load_model, save_model
-    from edgecomp.quantize import QuantizeOptions, quantize_model
+    from edgecomp.quantize import quantize_model
+    from edgecomp.quantize.options import QuantizeOptions
 
     o = rec.options
     opts = QuantizeOptions(method=o["method"], percentile=o["percentile"], per_channel=o["per_channel"],
@@ -174,7 +174,8 @@ def _run_prune(ctx: _Context, rec: StepRecord) -> None:
     o = rec.options
     model = load_model(ctx.current)
     if o["structured"]:
-        from edgecomp.pruning import PruneOptions, prune_model
+        from edgecomp.prune import prune_model
+        from edgecomp.prune.options import PruneOptions
 
         opts = PruneOptions(sparsity=o["sparsity"], importance=o["importance"], scope=o["scope"],
                             protect=tuple(o["protect"]), round_to=o["round_to"], kinds=tuple(o["kinds"]),
@@ -184,9 +185,8 @@ def _run_prune(ctx: _Context, rec: StepRecord) -> None:
         model, rec.summary, rec.tables = res.model, res.summary, {"pruned groups": res.groups, "pruned layers": res.layers}
     else:
         from edgecomp.passes.base import run_pass
-        from edgecomp.passes.prune_magnitude import PruneMagnitudePass
-
-        from edgecomp.pruning import verify_pruned
+        from edgecomp.prune import verify_pruned
+        from edgecomp.prune.prune_magnitude import PruneMagnitudePass
 
         res = run_pass(PruneMagnitudePass(sparsity=o["sparsity"], scope=o["scope"], protect=tuple(o["protect"])), model)
         verify_pruned(res.model, load_model(ctx.current))
@@ -233,7 +233,7 @@ def _run_reduce_embeddings(ctx: _Context, rec: StepRecord) -> None:
 
 
 def _run_validate(ctx: _Context, rec: StepRecord) -> None:
-    from edgecomp.validate import validate
+    from edgecomp.measure.validate import validate
 
     models = ctx.model_records()
     base = models[0]
@@ -247,7 +247,7 @@ def _run_validate(ctx: _Context, rec: StepRecord) -> None:
 
 
 def _run_bench(ctx: _Context, rec: StepRecord) -> None:
-    from edgecomp.bench import benchmark, first_feed
+    from edgecomp.measure.bench import benchmark, first_feed
 
     models = ctx.model_records()
     feed_src = ctx.data.get("eval") or ctx.data.get("calibration")
@@ -268,9 +268,9 @@ STEP_RUNNERS: dict[str, Callable[[_Context, StepRecord], None]] = {
 
 
 def _measure(rec: StepRecord, shapes_from: str | None) -> None:
-    from edgecomp.bench import first_feed
-    from edgecomp.inspection import summarize
     from edgecomp.io import load_model
+    from edgecomp.measure.bench import first_feed
+    from edgecomp.measure.inspect import summarize
 
     rec.size_bytes = model_size_bytes(rec.model)
     shapes = {k: v.shape for k, v in first_feed(shapes_from, rec.model).items()} if shapes_from else None
@@ -358,7 +358,7 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
     ``protect`` names further inputs (a targets file) that OUTDIR must not hold. ``ort_format``
     also writes ``model.ort`` and the reduced-build operator config (see :mod:`edgecomp.package`).
     """
-    from edgecomp.html_report import write_reports
+    from edgecomp.render.html import write_reports
 
     given = {"calibration": calibration, "eval": eval_data, "labels": labels, "text": text, "tokenizer": tokenizer}
     data = {k: given[k] or recipe.data.get(k) for k in given}
@@ -384,7 +384,7 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
                                isa.describe(), target.matches_host(isa) if target else None, ctx.records,
                                str(out / "model.onnx"), [], True, started)
         if ort_format:
-            from edgecomp.bench import first_feed
+            from edgecomp.measure.bench import first_feed
             from edgecomp.package import package_model
 
             feed_src = data.get("eval") or data.get("calibration")

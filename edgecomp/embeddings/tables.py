@@ -21,7 +21,6 @@ import onnx_ir as ir
 from edgecomp.errors import PassFailed
 from edgecomp.passes.base import add_initializer, rank_of
 
-
 #: metadata key on initializers that hold scales/offsets of a reduced table
 ROLE_KEY = "edgecomp.embedding_role"
 

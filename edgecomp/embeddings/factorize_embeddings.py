@@ -34,11 +34,18 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
+from edgecomp.embeddings.quantize_embeddings import dequantize_rows, quantize_rows
+from edgecomp.embeddings.tables import (
+    EmbeddingTable,
+    Emitter,
+    find_embedding_tables,
+    gather_rows,
+    register_const,
+    register_stored,
+    replace_output,
+)
 from edgecomp.errors import ConfigError
-from edgecomp.passes._embedding import (EmbeddingTable, Emitter, find_embedding_tables, gather_rows, register_const,
-                                        register_stored,                                         replace_output)
 from edgecomp.passes.base import EdgecompPass, PassReport
-from edgecomp.passes.quantize_embeddings import dequantize_rows, quantize_rows
 
 __all__ = ["FactorizeEmbeddingsPass", "factorize", "row_weights"]
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from edgecomp.embeddings.tables import find_embedding_tables, register_const
 from edgecomp.errors import ConfigError
-from edgecomp.passes._embedding import find_embedding_tables, register_const
 from edgecomp.passes.base import EdgecompPass, PassReport
 
 __all__ = ["AddTokensPass"]

@@ -1,6 +1,6 @@
 """PruneChannelsPass: physically remove channels, neurons and heads chosen by a pruning plan.
 
-The plan (:func:`edgecomp.pruning.plan_pruning`) lists, per atom of channels, the indices kept;
+The plan (:func:`edgecomp.prune.importance.plan_pruning`) lists, per atom of channels, the indices kept;
 every edit the dependency analysis recorded is applied with those indices. Cases handled:
 
 - a layer's weight along its output axis (Conv axis 0, MatMul axis 1, Gemm axis 0 with
@@ -27,8 +27,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.errors import PassFailed
+from edgecomp.graph import const_array
 from edgecomp.passes.base import EdgecompPass, PassReport, add_initializer
-from edgecomp.pruning import PrunePlan, const_array
+from edgecomp.prune.importance import PrunePlan
 
 __all__ = ["PruneChannelsPass", "new_initializer"]
 

@@ -50,7 +50,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.errors import EdgecompError, PassFailed
-from edgecomp.inspection import INT8_OPS
+from edgecomp.measure.inspect import INT8_OPS
 from edgecomp.passes.base import EdgecompPass, PassReport, add_initializer
 from edgecomp.passes.upgrade_opset import default_opset
 

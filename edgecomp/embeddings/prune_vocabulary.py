@@ -20,8 +20,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
+from edgecomp.embeddings.tables import Emitter, find_embedding_tables, register_const
 from edgecomp.errors import ConfigError
-from edgecomp.passes._embedding import Emitter, find_embedding_tables, register_const
 from edgecomp.passes.base import EdgecompPass, PassReport
 
 __all__ = ["PruneVocabularyPass", "remap_table"]

@@ -112,7 +112,7 @@ class PruneMagnitudePass(EdgecompPass):
         if missing:
             raise ConfigError(f"--protect {missing[0]!r} matches no layer with weights; check the node names")
         if not found:
-            from edgecomp.pruning import NothingToPrune
+            from edgecomp.errors import NothingToPrune
 
             why = ", ".join(f"{k}: {n} layer{'s' if n > 1 else ''}" for k, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
             raise NothingToPrune("nothing to prune: no Conv, MatMul or Gemm has a constant float weight to sparsify"
@@ -120,7 +120,7 @@ class PruneMagnitudePass(EdgecompPass):
         return found
 
     def call(self, model: ir.Model) -> PassReport:
-        from edgecomp.pruning import lift_constants
+        from edgecomp.prune.groups import lift_constants
 
         lift_constants(model)  # main-graph Constant-node and Identity-fed weights become plain initializers
         weights = self._weights(model)

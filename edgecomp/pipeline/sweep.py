@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from edgecomp.errors import ConfigError
 from edgecomp.io import OUTPUT_MARKER, check_output_dir, copy_file
-from edgecomp.recipe import Recipe, apply_override
+from edgecomp.pipeline.recipe import Recipe, apply_override
 
 __all__ = ["parse_grid", "expand", "run_sweep", "SweepResult", "parse_address", "probe_ray"]
 
@@ -185,7 +185,7 @@ def probe_ray(host: str, port: int, timeout: float = 30.0, shown: str | None = N
 
 
 def _convert_variant(index: int, overrides, recipe, source, outdir, kwargs) -> dict[str, Any]:
-    from edgecomp.convert import convert
+    from edgecomp.pipeline.convert import convert
 
     res = convert(source, recipe, Path(outdir) / f"variant-{index:02d}", **kwargs)
     return _variant_summary(index, overrides, res)
@@ -200,8 +200,8 @@ def run_sweep(source, recipe: Recipe, grid: dict[str, list[Any]], outdir: str | 
     With ``address``, the cluster must answer within ``connect_timeout`` seconds (checked before
     OUTDIR is touched); Ray itself would retry for many minutes.
     """
-    from edgecomp.html_report import html_table, tradeoff_svg
     from edgecomp.io import write_json, write_text
+    from edgecomp.render.html import html_table, tradeoff_svg
 
     if not connect_timeout > 0:  # also refuses NaN
         raise ConfigError(f"connect_timeout must be > 0 seconds, got {connect_timeout!r}")
@@ -265,7 +265,7 @@ def run_sweep(source, recipe: Recipe, grid: dict[str, list[Any]], outdir: str | 
 
 def _marked(done: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Variants sorted by name, each marked whether it is on the latency/quality Pareto front."""
-    from edgecomp.report import pareto_front
+    from edgecomp.render.text import pareto_front
 
     ok = [d for d in done if d.get("latency") is not None and d.get("quality") is not None]
     front = {ok[i]["variant"] for i in pareto_front([(d["latency"], d["quality"]) for d in ok])}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edgecomp.io import OUTPUT_MARKER, write_json, write_text
-from edgecomp.report import fmt_bytes, pareto_front, step_rows, to_jsonable
+from edgecomp.render.text import fmt_bytes, pareto_front, step_rows, to_jsonable
 
 __all__ = ["write_reports", "render_html", "tradeoff_svg", "sensitivity_svg", "html_table"]
 

@@ -29,9 +29,15 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
+from edgecomp.embeddings.tables import (
+    EmbeddingTable,
+    Emitter,
+    find_embedding_tables,
+    gather_rows,
+    register_stored,
+    replace_output,
+)
 from edgecomp.errors import ConfigError, EdgecompError, PassFailed
-from edgecomp.passes._embedding import (EmbeddingTable, Emitter, find_embedding_tables, gather_rows, register_stored,
-                                        replace_output)
 from edgecomp.passes.base import EdgecompPass, PassReport
 
 __all__ = ["QuantizeEmbeddingsPass", "find_embedding_tables", "quantize_rows", "dequantize_rows"]

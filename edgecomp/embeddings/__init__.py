@@ -8,27 +8,32 @@ raises before any file is written, and the CLI writes the model (and, for ``--ad
 ``--remap-tokenizer``, a tokenizer folder beside it) only at the end.
 """
 
+
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
+from edgecomp.embeddings.add_tokens import AddTokensPass
+from edgecomp.embeddings.factorize_embeddings import FactorizeEmbeddingsPass
+from edgecomp.embeddings.prune_vocabulary import PruneVocabularyPass
+from edgecomp.embeddings.quantize_embeddings import QuantizeEmbeddingsPass
+from edgecomp.embeddings.tables import find_embedding_tables
+from edgecomp.embeddings.tokenizer import (
+    add_to_tokenizer,
+    new_token_rows,
+    remap_token_ids,
+    token_counts,
+    tokenizer_texts,
+)
 from edgecomp.errors import ConfigError, DataError, PassFailed
-from edgecomp.passes._embedding import find_embedding_tables
-from edgecomp.passes.add_tokens import AddTokensPass
 from edgecomp.passes.base import PassReport, run_pass
-from edgecomp.passes.factorize_embeddings import FactorizeEmbeddingsPass
-from edgecomp.passes.prune_vocabulary import PruneVocabularyPass
-from edgecomp.passes.quantize_embeddings import QuantizeEmbeddingsPass
 
-__all__ = ["ReduceOptions", "ReduceResult", "reduce_embeddings", "token_counts", "new_token_rows", "read_ids",
-           "write_tokenizer"]
+__all__ = ["ReduceOptions", "ReduceResult", "reduce_embeddings"]
 
 
 @dataclasses.dataclass
@@ -49,6 +54,7 @@ class ReduceOptions:
     min_rows: int = 1000  # smaller tables (positions, token types) are left alone
 
 
+
 @dataclasses.dataclass
 class ReduceResult:
     model: ir.Model
@@ -56,41 +62,6 @@ class ReduceResult:
     summary: dict[str, Any]
     tokenizer_files: dict[str, str]  # file name -> text, for a tokenizer folder beside the model
 
-
-def token_counts(tokenizer, lines: Sequence[str], vocab_size: int) -> np.ndarray:
-    """How often each token id occurs in ``lines`` (special tokens included, as the model sees them)."""
-    counts = np.zeros(vocab_size, np.int64)
-    special = set(tokenizer.all_special_ids)
-    ordinary = 0
-    for ids in tokenizer(list(lines), truncation=False)["input_ids"]:
-        ids = np.asarray(ids, np.int64)
-        np.add.at(counts, ids, 1)
-        ordinary += sum(1 for i in ids if int(i) not in special)
-    if ordinary == 0:
-        raise DataError("the corpus produces no tokens besides special ones; give text in the model's language, "
-                        "one text per line")
-    return counts
-
-
-def new_token_rows(tokenizer, table: np.ndarray, words: Sequence[str]) -> np.ndarray:
-    """Each new word's row: the mean of its sub-token rows under the original vocabulary."""
-    rows = []
-    for w in words:
-        ids = tokenizer(w, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise DataError(f"new token {w!r} tokenizes to nothing; remove it from the --add-tokens file")
-        rows.append(table[np.asarray(ids)].mean(0))
-    return np.stack(rows).astype(table.dtype)
-
-
-def read_ids(path: str | os.PathLike) -> np.ndarray:
-    """Token ids from a text file: integers separated by whitespace or commas."""
-    from edgecomp.text import read_lines
-
-    try:
-        return np.array([int(x) for line in read_lines(path) for x in line.replace(",", " ").split()], np.int64)
-    except ValueError as e:
-        raise DataError(f"{path} must hold integer token ids separated by spaces, commas or newlines ({e})") from e
 
 
 def reduce_embeddings(model: ir.Model, opts: ReduceOptions, tokenizer=None, corpus: Sequence[str] | None = None,
@@ -117,7 +88,7 @@ def reduce_embeddings(model: ir.Model, opts: ReduceOptions, tokenizer=None, corp
     if new_tokens:
         rows = new_token_rows(tokenizer, table, new_tokens)
         reports.append(run_pass(AddTokensPass(rows=rows, vocab_size=vocab_size), model))
-        _add_to_tokenizer(tok_json, new_tokens, vocab_size)
+        add_to_tokenizer(tok_json, new_tokens, vocab_size)
         vocab_size += len(rows)
         if counts is not None:
             counts = np.concatenate([counts, np.zeros(len(rows), np.int64)])
@@ -145,7 +116,7 @@ def reduce_embeddings(model: ir.Model, opts: ReduceOptions, tokenizer=None, corp
             if tok_json is not None and opts.remap_tokenizer:
                 index = np.full(vocab_size, -1, np.int64)
                 index[kept] = np.arange(len(kept))
-                _remap_tokenizer(tok_json, index)
+                remap_token_ids(tok_json, index)
             summary["kept rows"] = len(kept)
             if counts is not None:
                 summary["corpus tokens mapped to unknown"] = int(counts[~keep].sum())
@@ -163,9 +134,10 @@ def reduce_embeddings(model: ir.Model, opts: ReduceOptions, tokenizer=None, corp
             (b for b in (64, 32) if dim % b == 0), dim)
         reports.append(run_pass(QuantizeEmbeddingsPass(bits=opts.bits, block=block, scale_dtype=_scale_dtype(opts),
                                                        min_rows=min(opts.min_rows, vocab_size), tied=True), model))
-    files = _tokenizer_files(tokenizer, tok_json) if tok_json is not None else {}
+    files = tokenizer_texts(tokenizer, tok_json) if tok_json is not None else {}
     summary["bytes before"] = int(table.nbytes)
     return ReduceResult(model, reports, summary, files)
+
 
 
 def _check(opts: ReduceOptions, tokenizer, corpus, keep_ids, new_tokens) -> None:
@@ -188,54 +160,6 @@ def _check(opts: ReduceOptions, tokenizer, corpus, keep_ids, new_tokens) -> None
                               "leave it out to remap ids in the graph")
 
 
+
 def _scale_dtype(opts: ReduceOptions) -> str:
     return opts.scale_dtype or ("float16" if opts.bits == 4 else "float32")
-
-
-def _add_to_tokenizer(j: dict, words: Sequence[str], first_id: int) -> None:
-    j.setdefault("added_tokens", [])
-    for i, w in enumerate(words):
-        j["added_tokens"].append({"id": first_id + i, "content": w, "single_word": False, "lstrip": False,
-                                  "rstrip": False, "normalized": True, "special": False})
-
-
-def _remap_tokenizer(j: dict, index: np.ndarray) -> None:
-    """Renumber a tokenizer.json to the kept ids (``index``: old id -> new id or -1)."""
-    model = j["model"]
-    model["vocab"] = {t: int(index[i]) for t, i in model["vocab"].items() if index[i] >= 0}
-    j["added_tokens"] = [dict(a, id=int(index[a["id"]])) for a in j.get("added_tokens") or [] if index[a["id"]] >= 0]
-
-    def walk(pp: dict | None) -> None:
-        if not pp:
-            return
-        for sub in pp.get("processors") or []:
-            walk(sub)
-        for spec in (pp.get("special_tokens") or {}).values():
-            spec["ids"] = [int(index[i]) for i in spec["ids"]]
-        for key in ("sep", "cls"):
-            if key in pp:
-                pp[key] = [pp[key][0], int(index[pp[key][1]])]
-
-    walk(j.get("post_processor"))
-
-
-def _tokenizer_files(tokenizer, j: dict) -> dict[str, str]:
-    files = {"tokenizer.json": json.dumps(j, ensure_ascii=False, indent=1)}
-    special = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
-    files["tokenizer_config.json"] = json.dumps({**special, "model_max_length": tokenizer.model_max_length}, indent=1)
-    if j["model"]["type"] == "WordPiece":
-        vocab = {i: t for t, i in j["model"]["vocab"].items()}
-        vocab.update({a["id"]: a["content"] for a in j.get("added_tokens") or []})
-        files["vocab.txt"] = "".join(vocab[i] + "\n" for i in sorted(vocab))
-    return files
-
-
-def write_tokenizer(files: dict[str, str], folder: str | os.PathLike) -> Path:
-    """Write the tokenizer folder (each file atomically)."""
-    from edgecomp.io import write_text
-
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        write_text(out / name, text)
-    return out

@@ -21,19 +21,67 @@ Range methods, for an asymmetric uint8 grid of 256 levels:
 Every range is widened to include 0 so that zero (padding) is exact.
 """
 
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import onnx_ir as ir
 
+from edgecomp.data import Dataset, input_specs
 from edgecomp.errors import DataError
+from edgecomp.quantize.layers import Layer
+from edgecomp.quantize.options import QuantizeOptions
+from edgecomp.runtime import make_session
 
-__all__ = ["ActivationStats", "METHODS", "collect_ranges", "collect_histograms", "choose_range", "uint8_qparams"]
+__all__ = ["calibrate", "METHODS", "ActivationStats", "collect_ranges", "collect_histograms", "uint8_qparams", "choose_range"]
+
+
+def sessions_for(model: ir.Model, threads: int) -> Callable[[Sequence[str]], Any]:
+    return lambda names: make_session(model, threads=threads, optimization="basic", extra_outputs=names)
+
+
+
+def calibration_feeds(ds: Dataset, specs, limit: int | None) -> list:
+    class _Limited:
+        def __len__(self):
+            return min(len(ds), limit) if limit else len(ds)
+
+        def __iter__(self):
+            return ds.feeds_for(specs, limit)
+
+    return _Limited()
+
+
+
+def calibrate(model: ir.Model, layers: Sequence[Layer], data: Dataset, opts: QuantizeOptions) -> dict[str, ActivationStats]:
+    """Pass 1 statistics of every layer input (and conv output).
+
+    Only a MatMul/Gemm input needs per-channel statistics (SmoothQuant, simulated error), over its
+    last axis (K, fixed by the weight). Conv and Add tensors get one range per tensor, so no
+    statistic depends on an axis that varies between samples (sequence length, image size) — a
+    tensor read by both kinds of layer gets the MatMul's per-channel statistics."""
+    axes: dict[str, int | None] = {}
+    for layer in layers:
+        if layer.family == "matmul":
+            axes[layer.act] = -1
+        else:
+            axes.setdefault(layer.act, None)
+        if layer.out_value:
+            axes.setdefault(layer.out_value, None)
+    return collect_ranges(sessions_for(model, opts.threads), axes, calibration_feeds(data, input_specs(model), opts.max_samples),
+                          reservoir=opts.reservoir, progress="calibrating" if opts.progress else None)
+
+
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
+
+
+
 HIST_BINS = 2048
+
 
 
 @dataclasses.dataclass
@@ -118,6 +166,7 @@ class ActivationStats:
         self.hist += h
 
 
+
 def _run_activations(session_factory, names: Sequence[str], feeds: Iterable[Mapping[str, np.ndarray]], progress: str | None):
     from tqdm import tqdm
 
@@ -129,6 +178,7 @@ def _run_activations(session_factory, names: Sequence[str], feeds: Iterable[Mapp
     for feed in tqdm(feeds, total=total, desc=progress, disable=None if progress else True, leave=False, unit="sample"):
         outs = session.run(None, dict(feed))
         yield {n: outs[i] for n, i in zip(names, idx)}
+
 
 
 def collect_ranges(session_factory, axes: Mapping[str, int], feeds, reservoir: int = 512, seed: int = 0,
@@ -144,6 +194,7 @@ def collect_ranges(session_factory, axes: Mapping[str, int], feeds, reservoir: i
     if count == 0:
         raise DataError("no calibration samples: give DATA with at least one sample")
     return stats
+
 
 
 def collect_histograms(session_factory, stats: Mapping[str, ActivationStats], feeds,
@@ -165,6 +216,7 @@ def collect_histograms(session_factory, stats: Mapping[str, ActivationStats], fe
             stats[n].update_hist(x)
 
 
+
 def uint8_qparams(lo: float, hi: float, levels: int = 255) -> tuple[np.float32, np.uint8]:
     """Scale and zero point of an asymmetric uint8 grid of ``levels``+1 values (255: all of
     uint8; 127: 7-bit activations in [0, 127]) covering [lo, hi] ∋ 0."""
@@ -172,6 +224,7 @@ def uint8_qparams(lo: float, hi: float, levels: int = 255) -> tuple[np.float32, 
     scale = (hi - lo) / levels if hi > lo else 1.0
     zp = int(np.clip(round(-lo / scale), 0, levels))
     return np.float32(scale), np.uint8(zp)
+
 
 
 def choose_range(s: ActivationStats, method: str = "minmax", percentile: float = 99.99,
@@ -201,10 +254,12 @@ def choose_range(s: ActivationStats, method: str = "minmax", percentile: float =
     return candidates[int(np.argmin(errs))]
 
 
+
 def _shrunk_ranges(lo: float, hi: float, steps: int = 64) -> list[tuple[float, float]]:
     """Candidate ranges: each end independently kept or shrunk toward 0, on a geometric grid."""
     fracs = np.concatenate([[1.0], np.geomspace(1.0, 0.05, steps)[1:]])
     return [(lo * a, hi * b) for a in fracs[::4] for b in fracs]
+
 
 
 def _mse_score(hist: np.ndarray, edges: np.ndarray, lo: float, hi: float) -> float:
@@ -213,6 +268,7 @@ def _mse_score(hist: np.ndarray, edges: np.ndarray, lo: float, hi: float) -> flo
     inside = (centers >= lo) & (centers <= hi)
     clip_err = np.where(centers < lo, (centers - lo) ** 2, np.where(centers > hi, (centers - hi) ** 2, 0.0))
     return float((hist * (clip_err + inside * step * step / 12.0)).sum())
+
 
 
 def _kl_score(hist: np.ndarray, edges: np.ndarray, lo: float, hi: float) -> float:

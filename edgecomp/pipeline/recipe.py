@@ -17,7 +17,7 @@ A recipe is TOML (read with the standard library)::
 
 Each step's options are declared once in :data:`STEP_OPTIONS` (type, default, description);
 unknown steps or keys are rejected with the valid ones listed. Built-in recipes ship in
-``edgecomp/recipes/``.
+``edgecomp/pipeline/recipes/``.
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from edgecomp.calibration import METHODS
 from edgecomp.errors import ConfigError, InputFileError
 from edgecomp.export import DEFAULT_OPSET, HF_TASKS
+from edgecomp.graph import compile_patterns
 from edgecomp.io import read_toml
-from edgecomp.pruning import IMPORTANCES, KINDS
-from edgecomp.quantize import FAMILIES, METRICS, compile_patterns
+from edgecomp.prune.options import IMPORTANCES, KINDS
+from edgecomp.quantize.calibration import METHODS
+from edgecomp.quantize.options import FAMILIES, METRICS
 
 __all__ = ["Option", "STEP_OPTIONS", "GATES", "DATA_KEYS", "Recipe", "load_recipe", "parse_recipe", "builtin_recipes",
            "apply_override", "BUILTIN_DIR"]

@@ -1,0 +1,149 @@
+"""Static int8 quantization: find layers, calibrate, plan, measure, and fall back where needed.
+
+The steps, each a plain function so tests and scripts can drive them one at a time:
+
+0. the model's default opset is raised to 13 (per-channel DequantizeLinear) and the graph
+   cleaned up (constants folded, Constant/Identity-fed weights exposed) — before any calibration.
+1. :func:`find_layers` — MatMul/Gemm with constant weights and 1-D/2-D Conv; everything else
+   stays float, and a layer of a quantizable op that cannot be handled (subgraph layers included)
+   is listed with the reason.
+2. :func:`calibrate` — streaming activation statistics (:mod:`edgecomp.quantize.calibration`).
+3. :func:`make_plan` — per layer: activation range by the calibration method; weight bits from
+   the target ISA (7-bit where u8×s8 can saturate int16, i.e. x86 without VNNI); SmoothQuant
+   divisor ``s_k = max|X_k|^α / max|W_k|^(1-α)`` with α chosen per activation from a grid by the
+   simulated output error on reservoir rows (no smoothing is a candidate, so it is applied only
+   where calibration shows it helps); bias correction ``b' = b - E[X̂Ŵ - XW]`` kept only if it
+   lowers the error on held-back rows.
+4. :func:`choose_families` — each op family (matmul, conv, depthwise conv) is quantized alone
+   and timed interleaved against the float model on the target; a family that is not measurably
+   faster in int8 stays float, and the report says so.
+5. :func:`fit_tolerance` — with evaluation data, rank layers by sensitivity (quantize one at a
+   time) and keep the most sensitive float until the metric is within tolerance of fp32.
+   Without a tolerance, the same search runs on calibration samples whenever an output's cosine
+   to float falls below ``min_cosine`` (0.99; :class:`FidelityEvaluator`, every float output).
+"""
+
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
+
+from edgecomp.data import Dataset, input_specs
+from edgecomp.embeddings.quantize_embeddings import QuantizeEmbeddingsPass
+from edgecomp.errors import ConfigError, PassFailed
+from edgecomp.graph import compile_patterns
+from edgecomp.passes.base import run_pass
+from edgecomp.passes.optimize_graph import OptimizeGraphPass
+from edgecomp.passes.upgrade_opset import UpgradeOpsetPass, new_violations, opset_violations
+from edgecomp.quantize.calibration import calibrate
+from edgecomp.quantize.families import choose_families, family_of
+from edgecomp.quantize.layers import find_layers, no_layer_message
+from edgecomp.quantize.options import MIN_OPSET, OPSET_REASON, QuantizeOptions
+from edgecomp.quantize.plan import bits_reason, build, make_plan
+from edgecomp.quantize.quantize_static import QUANTIZED_OPS, LayerPlan
+from edgecomp.quantize.tolerance import Evaluator, FidelityEvaluator, fit_tolerance
+
+__all__ = ["QuantizeResult", "quantize_model"]
+
+
+@dataclasses.dataclass
+class QuantizeResult:
+    model: ir.Model
+    plan: dict[str, LayerPlan]
+    rows: list[dict[str, Any]]  # per layer: decision, reason, sensitivity...
+    summary: dict[str, Any]
+    families: list[dict[str, Any]]
+    met_tolerance: bool | None = None
+    embeddings: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+
+def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions, *,
+                   eval_data: Dataset | None = None, metric: str = "cosine", tolerance: float | None = None,
+                   labels: np.ndarray | None = None) -> QuantizeResult:
+    """The whole static quantization of ``model`` (a float model; it is modified in place by the
+    opset upgrade and the cleanup). Everything that can refuse the model — opset, layers — runs
+    before calibration."""
+    opts.validate()
+    if any(n.op_type in QUANTIZED_OPS for n in model.graph):
+        raise PassFailed("the model is already quantized; give the float model")
+    if tolerance is not None and tolerance < 0:
+        raise ConfigError("--tolerance must be >= 0")
+    specs = input_specs(model)
+    calibration.check_against(specs)
+    if eval_data is not None:
+        eval_data.check_against(specs)
+    t0 = time.perf_counter()
+    upgrade = run_pass(UpgradeOpsetPass(min_opset=MIN_OPSET, reason=OPSET_REASON), model)
+    invalid_before = opset_violations(model)
+    cleanup = run_pass(OptimizeGraphPass(), model)
+    ir.passes.common.NameFixPass()(model)
+    layers, skipped = find_layers(model)
+    exclude = compile_patterns(opts.exclude, "exclude pattern")
+    excluded = [l for l in layers if any(p.search(l.node) for p in exclude)]
+    layers = [l for l in layers if l not in excluded]
+    if not layers:
+        raise PassFailed(no_layer_message(model, skipped, excluded))
+    stats = calibrate(model, layers, calibration, opts)
+    plan, rows = make_plan(model, layers, stats, opts, calibration)
+    feed = next(iter(calibration.feeds_for(specs)))
+    families, family_rows = choose_families(model, layers, plan, feed, opts)
+    plan = {k: v for k, v in plan.items() if family_of(layers, k) in families}
+    met, loss, sens, kept = None, None, {}, []
+    fidelity = None
+    kept_why = "among the most sensitive: kept float to meet the tolerance"
+    if eval_data is not None and tolerance is not None and plan:
+        evaluator = Evaluator(model, list(eval_data.feeds_for(specs)), metric, labels, opts.threads)
+        plan, sens, kept, met, loss = fit_tolerance(model, plan, evaluator, tolerance, opts.progress, opts.embeddings)
+    elif tolerance is None and opts.min_cosine is not None and plan:
+        # no accuracy target given: still never write a model whose outputs drift from float on
+        # the calibration samples (a per-tensor output grid can wreck a downstream magnitude or
+        # recurrent state that no per-layer statistic shows)
+        evaluator = FidelityEvaluator(model, list(calibration.feeds_for(specs, opts.fidelity_samples)), opts.threads)
+        floor = float(opts.min_cosine)
+        plan, sens, kept, ok, fid_loss = fit_tolerance(model, plan, evaluator, 1.0 - floor, opts.progress,
+                                                       opts.embeddings)
+        fidelity = {"fidelity": f"lowest output cosine {1.0 - fid_loss:.4f} on {len(evaluator.feeds)} calibration "
+                                f"samples (floor {floor:g}{'' if ok else ', not met'})"}
+        if kept:
+            fidelity["fidelity"] += f"; {len(kept)} most sensitive layer(s) kept float to reach it"
+        kept_why = f"among the most sensitive: kept float so every output keeps cosine >= {floor:g} to float"
+    for row in rows:
+        name = row["layer"]
+        if name in sens:
+            row["sensitivity"] = sens[name]
+        if name in plan:
+            row["decision"], row["reason"] = "int8", "quantized"
+        elif name in kept:
+            row["decision"], row["reason"] = "float", kept_why
+        else:
+            row["decision"], row["reason"] = "float", f"{row['family']} family: int8 not measurably faster here"
+    rows += [{"layer": l.node, "op": l.op, "family": l.family, "decision": "float", "reason": "--exclude"}
+             for l in excluded]
+    rows += skipped
+    quantized = build(model, plan) if plan else model
+    embedding_rows = []
+    if opts.embeddings:
+        emb = run_pass(QuantizeEmbeddingsPass(bits=8), quantized)
+        quantized, embedding_rows = emb.model, emb.rows
+    invalid = new_violations(quantized, invalid_before)
+    if invalid:
+        raise PassFailed(f"the quantized model has a node its opset does not allow: {invalid[0]}")
+    layouts = sorted({f"{p.act_bits}/{p.weight_bits}" for p in plan.values()})
+    summary = {"layers int8": len(plan), "layers float": len(rows) - len(plan), "bits a/w": ", ".join(layouts),
+               "bits reason": bits_reason(opts), "activations": "uint8 asymmetric, per tensor, static",
+               "method": opts.method, "calibration samples": min(len(calibration), opts.max_samples or 10**9),
+               "cleanup": cleanup.summary, "seconds": round(time.perf_counter() - t0, 1)}
+    if upgrade.modified:
+        summary = {"opset": upgrade.summary["opset"], **summary}
+    if loss is not None:
+        summary.update({"metric": metric, "tolerance": tolerance, "loss": loss, "met tolerance": met})
+    if fidelity:
+        summary.update(fidelity)
+    return QuantizeResult(quantized, plan, rows, summary, family_rows, met, embedding_rows)
