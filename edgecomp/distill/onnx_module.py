@@ -258,10 +258,7 @@ def _conv_transpose(xs, a):
         pads = ([t // 2 if upper else t - t // 2 for t in totals] + [t - t // 2 if upper else t // 2 for t in totals])
     else:
         pads = [0] * 2 * nd if mode == "VALID" else list(a.get("pads", [0] * 2 * nd))
-    grow = [max(0, e - s + 1) for e, s in zip(extra, strides)]  # torch needs output_padding < stride
-    y = _CONV_T[nd](x, w, b, strides, 0, [e - g for e, g in zip(extra, grow)], a.get("group", 1), dilations)
-    if any(grow):
-        y = F.pad(y, _torch_pad([0] * nd + grow))
+    y = _CONV_T[nd](x, w, b, strides, 0, extra, a.get("group", 1), dilations)
     return F.pad(y, _torch_pad([-p for p in pads]))
 
 

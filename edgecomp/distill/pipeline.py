@@ -24,15 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgecomp.distill.trainer import (
-    DistillConfig,
-    Setup,
-    check_resume,
-    is_onnx_file,
-    prepare,
-    resolve_device,
-    train,
-)
+from edgecomp.distill.trainer import DistillConfig, Setup, check_resume, is_onnx_file, prepare, resolve_device, train
 from edgecomp.errors import DistillError
 
 __all__ = ["DistillResult", "distill"]

@@ -43,13 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgecomp.distill.losses import (
-    MATCH_KINDS,
-    DistillLoss,
-    LossWeights,
-    match_loss,
-    soft_target_kl,
-)
+from edgecomp.distill.losses import MATCH_KINDS, DistillLoss, LossWeights, match_loss, soft_target_kl
 from edgecomp.distill.samples import Samples, epoch_order, from_data, from_text
 from edgecomp.distill.students import find_layer_stack, layer_map, parse_shrink, shrink
 from edgecomp.errors import DataError, DistillError, InputFileError
