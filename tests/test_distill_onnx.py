@@ -260,6 +260,14 @@ def test_single_op_matches_onnxruntime(case):
     _assert_matches_ort(*SINGLE_OPS[case]())
 
 
+def test_nodes_out_of_file_order_run_after_their_producers():
+    nodes = [helper.make_node("Mul", ["h", "w"], ["y"]), helper.make_node("Relu", ["x"], ["h"])]
+    proto = make_model(nodes, [vinfo("x", ["N", 3])], [vinfo("y", ["N", 3])], {"w": _fa(1, 2, 3)})
+    x = _f(4, 3)
+    np.testing.assert_allclose(_module_outputs(OnnxModule(ir.from_proto(proto)), {"x": x})[0],
+                               np.maximum(x, 0) * _fa(1, 2, 3), atol=ATOL)
+
+
 # --- (b) gradients --------------------------------------------------------------------------------
 
 def _float_weights(path) -> set[str]:
@@ -272,7 +280,7 @@ def _float_weights(path) -> set[str]:
 def test_gradients_reach_every_weight(which, cnn_teacher, tiny_encoder_path):
     path = cnn_teacher if which == "cnn" else tiny_encoder_path
     module = OnnxModule(load_model(path))
-    assert set(module._trained.values()) == _float_weights(path)  # one parameter per initializer, shared ones too
+    assert set(module.trained.values()) == _float_weights(path)  # one parameter per initializer, shared ones too
     feed = {"x": _f(3, 3, 12, 12)} if which == "cnn" else _token_feed(3, 7)
     out = module(**{k: torch.from_numpy(v) for k, v in feed.items()})
     (out * torch.from_numpy(_f(*out.shape, seed=5))).sum().backward()

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -657,8 +658,14 @@ def _unsupported_variant(op: str, a: _Attrs) -> str | None:
 
 # --- graph reading ----------------------------------------------------------------------------
 
+#: Element types a tensor of the file may have (numpy, which reads them, has no bfloat16).
+_LOADABLE = frozenset(_DTYPES) - {ir.DataType.BFLOAT16}
+_CONSTANT_FORMS = (("value_float", torch.float32), ("value_floats", torch.float32), ("value_int", torch.int64),
+                   ("value_ints", torch.int64))
+
+
 def _tensor(t: ir.TensorProtocol, what: str) -> Tensor:
-    if t.dtype not in _DTYPES or t.dtype == ir.DataType.BFLOAT16:  # numpy has no bfloat16
+    if t.dtype not in _LOADABLE:
         raise DistillError(f"{what} has element type {t.dtype.name}, which OnnxModule does not handle")
     return torch.from_numpy(np.array(t.numpy()))  # a writable copy, owned by torch
 
@@ -672,17 +679,21 @@ def _attr_value(attr: ir.Attr, where: str) -> Any:
     return attr.value
 
 
-def _constant_value(node: ir.Node, where: str) -> Tensor | None:
-    """The tensor a Constant node holds, or None for the forms not handled (sparse, strings)."""
+def _constant_handled(node: ir.Node) -> bool:
+    """Whether a Constant node holds a form read here (not sparse, not strings)."""
     attrs = node.attributes
     if "value" in attrs:
-        return _tensor(attrs["value"].value, where)
-    for key, dtype in (("value_float", torch.float32), ("value_floats", torch.float32), ("value_int", torch.int64),
-                       ("value_ints", torch.int64)):
-        if key in attrs:
-            v = attrs[key].value
-            return torch.tensor(list(v) if isinstance(v, Sequence) else v, dtype=dtype)
-    return None
+        return attrs["value"].value.dtype in _LOADABLE
+    return any(key in attrs for key, _ in _CONSTANT_FORMS)
+
+
+def _constant_value(node: ir.Node) -> Tensor:
+    attrs = node.attributes
+    if "value" in attrs:
+        return _tensor(attrs["value"].value, f"the value of Constant {node.name!r}")
+    key, dtype = next((k, d) for k, d in _CONSTANT_FORMS if k in attrs)
+    v = attrs[key].value
+    return torch.tensor(list(v) if isinstance(v, Sequence) else v, dtype=dtype)
 
 
 def _default_opset(model: ir.Model) -> int:
@@ -699,16 +710,15 @@ def _topological(graph: ir.Graph) -> list[ir.Node]:
     for n in nodes:
         for p in waiting[id(n)]:
             users.setdefault(p, []).append(n)
-    ready = [n for n in nodes if not waiting[id(n)]]
+    ready = [i for i, n in enumerate(nodes) if not waiting[id(n)]]  # a heap of file positions
     order: list[ir.Node] = []
     while ready:
-        ready.sort(key=lambda n: position[id(n)], reverse=True)
-        node = ready.pop()
+        node = nodes[heapq.heappop(ready)]
         order.append(node)
         for user in users.get(id(node), []):
             waiting[id(user)].discard(id(node))
             if not waiting[id(user)]:
-                ready.append(user)
+                heapq.heappush(ready, position[id(user)])
     if len(order) != len(nodes):
         raise DistillError("the ONNX graph has a cycle; check it with onnx.checker")
     return order
@@ -727,7 +737,7 @@ def _unsupported(nodes: Iterable[ir.Node], opset: int) -> dict[str, list[str]]:
         reason = None
         if op not in SUPPORTED_OPS:
             reason = op
-        elif op == "Constant" and _constant_value(node, node.name) is None:
+        elif op == "Constant" and not _constant_handled(node):
             reason = "Constant(sparse or string)"
         elif op in _FIRST_OUTPUT_ONLY and any(o.name for o in node.outputs[1:]):
             reason = f"{op}(extra outputs)"
@@ -791,7 +801,7 @@ class OnnxModule(nn.Module):
         self.output_names: list[str] = [v.name for v in graph.outputs]
         self.weights, self.consts = nn.Module(), nn.Module()
         self._values: dict[str, tuple[nn.Module, str]] = {}   # ONNX value name → (holder, attribute)
-        self._trained: dict[str, str] = {}                    # parameter name → initializer name
+        self.trained: dict[str, str] = {}                     # parameter name (under weights) → initializer
         self._add_initializers(graph, nodes)
         self._steps = self._compile(nodes, opset)
 
@@ -811,14 +821,14 @@ class OnnxModule(nn.Module):
             learnable = t.is_floating_point() and t.numel() > 1 and bool(slots.get(name, set()) - _FIXED_SLOTS)
             if learnable:
                 self.weights.register_parameter(key, nn.Parameter(t))
-                self._values[name], self._trained[key] = (self.weights, key), name
+                self._values[name], self.trained[key] = (self.weights, key), name
             else:
                 self.consts.register_buffer(key, t)
                 self._values[name] = (self.consts, key)
         for node in nodes:
             if node.op_type == "Constant":
                 key = _safe_name(node.outputs[0].name, taken)
-                self.consts.register_buffer(key, _constant_value(node, node.name))
+                self.consts.register_buffer(key, _constant_value(node))
                 self._values[node.outputs[0].name] = (self.consts, key)
 
     def _compile(self, nodes: list[ir.Node], opset: int) -> list[_Step]:
@@ -853,8 +863,6 @@ class OnnxModule(nn.Module):
             xs = [env[n] if n else None for n in step.inputs]
             try:
                 out = step.run(xs, step.attrs)
-            except DistillError:
-                raise
             except Exception as e:
                 raise DistillError(f"{self.source}: node {step.name!r} ({step.op}) failed: {type(e).__name__}: "
                                    f"{first_line(e)}") from e
@@ -867,7 +875,7 @@ class OnnxModule(nn.Module):
     def write_weights(self, model: ir.Model) -> ir.Model:
         """Put the current parameter values into ``model``'s initializers (the model this module was built from)."""
         inits = model.graph.initializers
-        for key, name in self._trained.items():
+        for key, name in self.trained.items():
             p = self.weights.get_parameter(key).detach().cpu()
             value = inits.get(name)
             if value is None or value.const_value is None or tuple(value.const_value.shape) != tuple(p.shape):
