@@ -12,8 +12,15 @@ from pathlib import Path
 
 import click
 
-from edgecomp.errors import EdgecompError
-from edgecomp.export import DEFAULT_OPSET
+from edgecomp.distill.options import OPTIONS as DISTILL_OPTIONS
+from edgecomp.embeddings.options import OPTIONS as EMBEDDING_OPTIONS
+from edgecomp.errors import DataNeeded, EdgecompError, OptionError
+from edgecomp.export import OPTIONS as EXPORT_OPTIONS
+from edgecomp.measure.options import BENCH_OPTIONS, VALIDATE_OPTIONS
+from edgecomp.options import fields_of
+from edgecomp.passes.optimize_graph import OPTIONS as OPTIMIZE_OPTIONS
+from edgecomp.prune.options import OPTIONS as PRUNE_OPTIONS
+from edgecomp.quantize.options import OPTIONS as QUANTIZE_OPTIONS
 from edgecomp.render import text as rpt
 
 __all__ = ["main", "cli"]
@@ -45,6 +52,11 @@ class _Group(click.Group):
                 raise _UsageLine(e) from None
             except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
                 raise
+            except (OptionError, DataNeeded) as e:
+                if debug:
+                    raise
+                sub = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+                raise click.ClickException(_in_flags(e, sub)) from None
             except Exception as e:
                 if debug:
                     raise
@@ -59,6 +71,27 @@ class _UsageLine(click.ClickException):
     def __init__(self, e: click.UsageError):
         cmd = e.ctx.command_path if e.ctx else "edgecomp"
         super().__init__(f"{e.format_message()} (see '{cmd} --help')")
+
+
+_DATA_METAVARS = {"calibration": "DATA", "eval": "DATA", "labels": "LABELS.npy", "text": "TEXT_FILE",
+                  "tokenizer": "TOKENIZER_DIR"}
+
+
+def _in_flags(e: OptionError | DataNeeded, command: click.Command | None) -> str:
+    """A library message about an option or data key, in the command's own flags."""
+    params = command.params if command else []
+
+    def flag(name: str) -> str:
+        return next((p.opts[0] for p in params if p.name == name), f"--{name.replace('_', '-')}")
+
+    def data_flag(key: str) -> str:
+        return next((p.opts[0] for p in params if getattr(p, "data_key", None) == key), f"--{key}")
+
+    if isinstance(e, OptionError):
+        return f"{flag(e.option)} {e.problem}"
+    what = e.what.replace(e.option, flag(e.option), 1) if e.option else (
+        data_flag(e.what) if e.what in _DATA_METAVARS else e.what)
+    return f"{what} needs {data_flag(e.key)} {_DATA_METAVARS.get(e.key, 'PATH')}"
 
 
 def _one_line(e: Exception) -> str:
@@ -161,6 +194,97 @@ _NON_NEGATIVE = _Number(0)
 _FRACTION = _Number(0, 1, low_open=True, high_open=True)
 _ANY = _Number()
 
+class _Checked(click.ParamType):
+    """A declared option's value: text turned into its type, then refused with the option's own
+    check (the same one a recipe value passes)."""
+
+    def __init__(self, opt):
+        self.opt = opt
+        types = opt.type if isinstance(opt.type, tuple) else (opt.type,)
+        self.name = "text" if str in types else types[0].__name__
+        self.to = next((t for t in types if t in (int, float)), None) if str not in types else None
+
+    def convert(self, value, param, ctx):
+        import math
+
+        if self.to is not None and isinstance(value, str):
+            try:
+                value = self.to(value)
+            except ValueError:
+                self.fail(f"{value!r} is not {'an integer' if self.to is int else 'a number'}", param, ctx)
+            if isinstance(value, float) and not math.isfinite(value):
+                self.fail(f"{value!r} is not a finite number", param, ctx)
+        problem = self.opt.problem(value)
+        if problem:
+            self.fail(problem, param, ctx)
+        return value
+
+
+def _click_option(opt):
+    """The click option generated from one declaration (edgecomp.options.Option)."""
+    flag = opt.flag or f"--{opt.name.replace('_', '-')}"
+    text = opt.describe(choices=False)
+    kw = dict(help=text[:1].upper() + text[1:] + ".")
+    if opt.type is bool:
+        if "/" not in flag:
+            flag = f"{flag}/--no-{opt.name.replace('_', '-')}"
+        return click.option(flag, opt.name, default=opt.default, show_default=True, **kw)
+    if opt.type is list and opt.split:
+        def split(ctx, param, value):
+            parts = [v.strip() for v in value.split(opt.split) if v.strip()]
+            problem = opt.problem(parts)
+            if problem:
+                raise click.BadParameter(problem, ctx, param)
+            return parts
+        return click.option(flag, opt.name, default=opt.split.join(opt.default), show_default=True, callback=split,
+                            metavar=opt.metavar or "A,B", **kw)
+    if opt.type is list or opt.type is dict:
+        def collect(ctx, param, value):
+            result = opt.parse(value) if opt.parse else list(value)
+            problem = opt.problem(result)
+            if problem:
+                raise click.BadParameter(problem, ctx, param)
+            return result
+        return click.option(flag, opt.name, multiple=True, callback=collect, metavar=opt.metavar, **kw)
+    if opt.choices:
+        def typed(ctx, param, value):  # the declared choice itself: 4, not "4"
+            return next((c for c in opt.choices if str(c) == value), value)
+        return click.option(flag, opt.name, type=click.Choice([str(c) for c in opt.choices]), callback=typed,
+                            default=None if opt.default is None else str(opt.default),
+                            show_default=opt.default is not None, **kw)
+    return click.option(flag, opt.name, type=_Checked(opt), default=opt.default, show_default=opt.default is not None,
+                        metavar=opt.metavar, **kw)
+
+
+def _declared(options):
+    """Decorate a command with the click options generated from ``options`` (in their order)."""
+
+    def decorate(f):
+        for opt in reversed([o for o in options if o.cli]):
+            f = _click_option(opt)(f)
+        return f
+
+    return decorate
+
+
+def _values(options, params: dict) -> dict:
+    """Take the declared options' values out of a command's parameters."""
+    return {o.name: params.pop(o.name) for o in options if o.cli}
+
+
+class _DataOption(click.Option):
+    """A path option that gives a step its data (``key``: calibration, eval, labels, text, tokenizer);
+    errors about missing data name the flag through it."""
+
+    def __init__(self, *args, data_key: str, **kw):
+        super().__init__(*args, **kw)
+        self.data_key = data_key
+
+
+def _data_option(flag: str, key: str, help: str, dest: str | None = None):
+    return click.option(flag, dest or key, cls=_DataOption, data_key=key, type=click.Path(), help=help)
+
+
 def _output_option(f):
     return click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
                         help="Output file (written atomically; never one of the inputs).")(f)
@@ -235,21 +359,8 @@ def _write_json(path, obj) -> None:
 @_output_option
 @click.option("--hf", "hf_path", type=click.Path(exists=True, file_okay=False),
               help="Export a local Hugging Face model folder instead of a SPEC, by the task its config.json names.")
-@click.option("--hf-output", type=click.Choice(["embeddings", "hidden"]), default="embeddings", show_default=True,
-              help="feature-extraction: pooled, L2-normalized embeddings (text: mean pooling; ViT: [CLS]; "
-                   "Whisper: mean over frames) or last hidden states.")
-@click.option("--task", metavar="NAME", default=None,
-              help="With --hf: feature-extraction, text-classification, token-classification, image-classification "
-                   "or text-generation, instead of the task inferred from config.json's architectures.")
-@click.option("--input", "inputs", multiple=True, metavar="NAME=SHAPE[:dtype]",
-              help="Example input shape when the factory gives none, e.g. x=1x3x224x224 (repeatable).")
-@click.option("--dynamic", multiple=True, metavar="NAME:AXIS=label",
-              help="Make an input axis symbolic, e.g. x:0=batch (repeatable).")
-@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
-@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
-              help="auto tries torch's dynamo exporter first and falls back to TorchScript.")
-@click.option("--atol", type=_POSITIVE, default=1e-4, show_default=True, help="Parity tolerance (absolute).")
-def export(spec, output, hf_path, hf_output, task, inputs, dynamic, opset, exporter, atol):
+@_declared(EXPORT_OPTIONS)
+def export(spec, output, hf_path, **options):
     """Export a PyTorch model to ONNX and check it against torch in onnxruntime.
 
     SPEC is package.module:factory or path/to/file.py:factory; the factory returns an
@@ -261,29 +372,9 @@ def export(spec, output, hf_path, hf_output, task, inputs, dynamic, opset, expor
 
         edgecomp export models.mobilenet_v2:imagenet_224 -o mnv2.onnx --dynamic x:0=batch
     """
-    from edgecomp.errors import SpecError
-    from edgecomp.export import export_hf, export_spec
+    from edgecomp.export import run
 
-    shapes = _parse_shapes(inputs, "--input")
-    axes: dict[str, dict[int, str]] = {}
-    for d in dynamic:
-        try:
-            left, label = d.split("=", 1)
-            name, axis = left.rsplit(":", 1)
-            axes.setdefault(name, {})[int(axis)] = label
-        except ValueError:
-            raise SpecError(f"bad --dynamic {d!r}; write NAME:AXIS=label, e.g. x:0=batch") from None
-    kwargs = dict(input_shapes=shapes, dynamic=axes, opset=opset, exporter=exporter, atol=atol)
-    if hf_path:
-        if spec:
-            raise SpecError("give either a SPEC or --hf, not both")
-        res = export_hf(hf_path, output, output=hf_output, task=task, **kwargs)
-    elif task:
-        raise SpecError("--task applies to --hf PATH; a SPEC's factory builds the model itself")
-    elif spec:
-        res = export_spec(spec, output, **kwargs)
-    else:
-        raise SpecError("give a SPEC (package.module:factory or file.py:factory) or --hf PATH")
+    res = run(output, _values(EXPORT_OPTIONS, options), spec=spec, hf=hf_path)
     if res.fallback_reason:
         click.echo(f"note: fell back to the {res.exporter} exporter ({res.fallback_reason})")
     what = f", task {res.task} (from {res.task_source})," if res.task else ""
@@ -297,73 +388,45 @@ def export(spec, output, hf_path, hf_output, task, inputs, dynamic, opset, expor
 @_output_option
 @click.option("--teacher-hf", type=click.Path(exists=True, file_okay=False),
               help="Teacher: a local Hugging Face encoder folder (sentence embeddings) instead of a SPEC.")
-@click.option("--student", help="Student SPEC (package.module:factory or file.py:factory).")
-@click.option("--shrink", help="Derive the student: layers=N (encoders, evenly spaced teacher layers) or width=W (CNNs).")
-@click.option("--project", is_flag=True, help="Learn a linear map when the student's output width differs.")
-@click.option("--data", type=click.Path(), help="DATA keyed by the teacher's inputs (unlabeled is enough).")
-@click.option("--text", type=click.Path(), help="Text file, one sample per line (with --tokenizer).")
-@click.option("--tokenizer", type=click.Path(), help="Local Hugging Face tokenizer folder (default: --teacher-hf).")
-@click.option("--max-len", type=click.IntRange(2), default=128, show_default=True, help="Token limit for --text.")
-@click.option("--labels", type=click.Path(), help=".npy of class ids for the samples: adds cross-entropy.")
-@click.option("--objective", type=click.Choice(["auto", "logits", "embeddings"]), default="auto", show_default=True,
-              help="auto: soft targets for logits, matching for unit-norm embeddings.")
-@click.option("--temperature", type=_POSITIVE, default=4.0, show_default=True, help="Soft-target temperature.")
-@click.option("--kd-weight", type=_NON_NEGATIVE, default=1.0, show_default=True, help="Weight of the soft-target KL (logits).")
-@click.option("--match", type=click.Choice(["cosine", "mse"]), default="cosine", show_default=True,
-              help="Embedding / hidden-state matching loss.")
-@click.option("--match-weight", type=_NON_NEGATIVE, default=1.0, show_default=True, help="Weight of output matching (embeddings).")
-@click.option("--hidden-weight", type=_NON_NEGATIVE, default=0.0, show_default=True, help="Weight of hidden-state matching.")
-@click.option("--ce-weight", type=_NON_NEGATIVE, default=1.0, show_default=True, help="Weight of cross-entropy (with --labels).")
-@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
-@click.option("--max-steps", type=click.IntRange(1), help="Stop after this many steps (overrides --epochs).")
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Global batch size.")
-@click.option("--lr", type=_POSITIVE, default=1e-3, show_default=True, help="AdamW peak learning rate (cosine decay).")
-@click.option("--held-out", type=_Number(0, 1, high_open=True), default=0.1, show_default=True,
-              help="Fraction held out for early stopping and validation.")
-@click.option("--eval-every", type=click.IntRange(1), help="Steps between held-out evaluations (default: each epoch).")
-@click.option("--patience", type=click.IntRange(1), default=3, show_default=True,
-              help="Evaluations without better fidelity before stopping.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Fixes initialization, split and data order.")
+@_declared(DISTILL_OPTIONS)
+@_data_option("--data", "calibration", "DATA keyed by the teacher's inputs (unlabeled is enough).")
+@_data_option("--text", "text", "Text file, one sample per line (with --tokenizer).")
+@_data_option("--tokenizer", "tokenizer", "Local Hugging Face tokenizer folder (default: --teacher-hf).")
+@_data_option("--labels", "labels", ".npy of class ids for the samples: adds cross-entropy.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint file (default: OUTPUT.ckpt).")
-@click.option("--checkpoint-every", type=click.IntRange(1), default=100, show_default=True, help="Steps between checkpoints.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint (refused if written by other options or data).")
 @click.option("--nproc", type=click.IntRange(1), default=1, show_default=True,
               help="Data-parallel processes on this machine (torch.distributed, gloo).")
 @click.option("--nnodes", type=click.IntRange(1), default=1, show_default=True, help="Machines (torchrun rendezvous).")
 @click.option("--rdzv-endpoint", metavar="HOST:PORT", help="torchrun c10d rendezvous endpoint, for --nnodes > 1.")
 @click.option("--rdzv-id", help="torchrun rendezvous id (the same on every machine).")
-@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True)
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
+              help="How a torch student is exported (an ONNX student keeps its own graph).")
 @click.option("--bench-runs", type=click.IntRange(0), default=50, show_default=True,
               help="Interleaved latency runs, teacher vs student (0 skips).")
-@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
-              help="Where to train: auto takes a CUDA GPU when torch sees one (bf16 mixed precision), else the CPU.")
 @_training_threads_option
 @_json_option
-def distill(teacher, output, teacher_hf, student, shrink, project, data, text, tokenizer, max_len, labels, objective,
-            temperature, kd_weight, match, match_weight, hidden_weight, ce_weight, epochs, max_steps, batch_size, lr,
-            held_out, eval_every, patience, seed, checkpoint, checkpoint_every, resume, nproc, nnodes, rdzv_endpoint,
-            rdzv_id, exporter, bench_runs, device, threads, json_path):
-    """Train a smaller student to imitate TEACHER (a SPEC) and export it to ONNX.
+def distill(teacher, output, teacher_hf, calibration, text, tokenizer, labels, checkpoint, resume, nproc, nnodes,
+            rdzv_endpoint, rdzv_id, exporter, bench_runs, threads, json_path, **options):
+    """Train a smaller student to imitate TEACHER (a SPEC or an .onnx file) and export it to ONNX.
 
-    The student comes from --student SPEC or --shrink (layers=3 for encoders, width=0.5 for
-    CNNs). Training runs on CPU with held-out early stopping, checkpoints and --resume; the
+    The student comes from --student (a SPEC, or an .onnx file such as a pruned model, which is
+    healed: its weights are trained and written back into its own graph) or --shrink (layers=3
+    for encoders, width=0.5 for CNNs). Training runs on CPU with held-out early stopping, checkpoints and --resume; the
     student is then exported like `edgecomp export` and compared with the teacher
     (parameters, MACs, size, interleaved latency, fidelity, accuracy).
 
     Example:
 
         edgecomp distill models.mobilenet_v2:digits_teacher --shrink width=0.35 --data train.npz -o student.onnx
+        edgecomp distill teacher.onnx --student pruned.onnx --text corpus.txt --tokenizer tok/ -o healed.onnx
     """
     from edgecomp.distill import DistillConfig
     from edgecomp.distill import distill as run_distill
 
-    cfg = DistillConfig(teacher=teacher, teacher_hf=teacher_hf, student=student, shrink=shrink, project=project,
-                        data=data, text=text, tokenizer=tokenizer, max_len=max_len, labels=labels, held_out=held_out,
-                        objective=objective, temperature=temperature, kd_weight=kd_weight, match=match,
-                        match_weight=match_weight, hidden_weight=hidden_weight, ce_weight=ce_weight, epochs=epochs,
-                        max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every,
-                        patience=patience, checkpoint=checkpoint, checkpoint_every=checkpoint_every, threads=threads,
-                        progress=True, device=device)
+    cfg = DistillConfig(teacher=teacher, teacher_hf=teacher_hf, data=calibration, text=text, tokenizer=tokenizer,
+                        labels=labels, checkpoint=checkpoint, threads=threads, progress=True,
+                        **_values(DISTILL_OPTIONS, options))
     result = run_distill(cfg, output, resume=resume, nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
                          rdzv_id=rdzv_id, exporter=exporter, bench_runs=bench_runs, bench_threads=threads or 1)
     if result is None:
@@ -375,7 +438,9 @@ def distill(teacher, output, teacher_hf, student, shrink, project, data, text, t
     rows = [{k: (rpt.fmt_bytes(v) if k == "size bytes" else v) for k, v in r.items()} for r in result.rows]
     click.echo(rpt.table(rows, title="teacher vs student (held-out samples):"))
     click.echo(rpt.render_validation(result.validation))
-    click.echo(f"wrote {result.output} ({result.exporter} exporter)")
+    how = ("trained weights written into the student's graph" if result.exporter == "student graph"
+           else f"{result.exporter} exporter")
+    click.echo(f"wrote {result.output} ({how})")
     _write_json(json_path, {"training": t, "rows": result.rows, "validation": result.validation,
                             "bench": result.bench})
 
@@ -383,11 +448,9 @@ def distill(teacher, output, teacher_hf, student, shrink, project, data, text, t
 @cli.command()
 @click.argument("model", type=click.Path())
 @_output_option
-@click.option("--fusions", type=click.Choice(["none", "bert"]), default="none", show_default=True,
-              help="Also apply onnxruntime's transformer fusions (Attention, SkipLayerNorm, BiasGelu).")
-@click.option("--no-fold", is_flag=True, help="Skip constant folding / BatchNorm folding.")
+@_declared(OPTIMIZE_OPTIONS)
 @_json_option
-def optimize(model, output, fusions, no_fold, json_path):
+def optimize(model, output, fusions, fold_constants, json_path):
     """Clean up a graph: fold constants and BatchNorms, optionally fuse transformer blocks.
 
     Example:
@@ -400,7 +463,7 @@ def optimize(model, output, fusions, no_fold, json_path):
 
     check_output_path(output, [model])
     m = load_model(model)
-    result = run_pass(OptimizeGraphPass(fold_constants=not no_fold, fusions=fusions), m)
+    result = run_pass(OptimizeGraphPass(fold_constants=fold_constants, fusions=fusions), m)
     save_model(result.model, output, inputs=[model])
     click.echo(rpt.render_pass(result))
     click.echo(f"wrote {output}")
@@ -409,9 +472,7 @@ def optimize(model, output, fusions, no_fold, json_path):
 
 @cli.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path())
-@_threads_option
-@click.option("--warmup", type=click.IntRange(0), default=10, show_default=True, help="Untimed runs per model.")
-@click.option("--runs", type=click.IntRange(1), default=50, show_default=True, help="Timed runs per model.")
+@_declared(BENCH_OPTIONS)
 @click.option("--pin", metavar="CPUS", help="Pin to CPUs, e.g. 0 or 0-1.")
 @click.option("--data", type=click.Path(), help="DATA whose first sample is the feed (else synthesized).")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=SHAPE",
@@ -454,9 +515,10 @@ def bench(models, threads, warmup, runs, pin, data, shapes, values, target, targ
 @click.argument("candidate", type=click.Path())
 @click.option("--data", required=True, type=click.Path(), help="DATA: .npz with a sample axis, or a folder of .npz feeds.")
 @click.option("--labels", type=click.Path(), help=".npy of integer labels: report task accuracy of both models.")
+@_declared(VALIDATE_OPTIONS)
 @_threads_option
 @_json_option
-def validate(reference, candidate, data, labels, threads, json_path):
+def validate(reference, candidate, data, labels, k, threads, json_path):
     """Compare a candidate model's outputs with a reference model's on real inputs.
 
     Reports max/mean abs error, cosine (mean, worst), top-1 agreement for logits, k-NN
@@ -468,7 +530,7 @@ def validate(reference, candidate, data, labels, threads, json_path):
     """
     from edgecomp.measure.validate import validate as run_validate
 
-    result = run_validate(reference, candidate, data, labels, threads=threads or 1)
+    result = run_validate(reference, candidate, data, labels, threads=threads or 1, k=k)
     click.echo(rpt.render_validation(result))
     _write_json(json_path, result)
 
@@ -501,27 +563,14 @@ def inspect(model, shapes, values, no_macs, json_path):
 @cli.command("reduce-embeddings")
 @click.argument("model", type=click.Path())
 @_output_option
-@click.option("--bits", type=click.Choice(["8", "4"]), help="Row-wise int8, or int4 in blocks (of the low-rank factor with --rank).")
-@click.option("--block", type=click.IntRange(2), help="Values per scale within a row. Default: whole row (int8), 64 (int4).")
-@click.option("--rank", type=click.IntRange(1), help="Low-rank factorization: [V, R] table + [R, D] projection.")
-@click.option("--energy", type=_Number(0, 1, low_open=True), help="Instead of --rank: the smallest rank retaining this energy, e.g. 0.99.")
-@click.option("--corpus", type=click.Path(), help="Text file, one text per line: its token counts weight the factorization / pick kept ids.")
-@click.option("--tokenizer", type=click.Path(), help="The model's tokenizer folder (tokenizer.json).")
-@click.option("--exact-rows", type=click.IntRange(0), default=2000, show_default=True,
-              help="With --corpus and --rank: keep this many most frequent tokens exact (residual table).")
-@click.option("--weight-power", type=_ANY, default=0.5, show_default=True,
-              help="With --corpus: row weight (count + 1) ** power in the factorization.")
-@click.option("--prune-vocab", is_flag=True, help="Keep only token ids in --corpus / --keep-ids plus special tokens.")
+@_declared(EMBEDDING_OPTIONS)
+@_data_option("--corpus", "text", "Text file, one text per line: its token counts weight the factorization / "
+              "pick kept ids.")
+@_data_option("--tokenizer", "tokenizer", "The model's tokenizer folder (tokenizer.json).")
 @click.option("--keep-ids", type=click.Path(), help="File of token ids to keep (whitespace or comma separated).")
-@click.option("--unk-id", type=click.IntRange(0), help="Unknown-token id for pruned ids (default: the tokenizer's).")
-@click.option("--remap-tokenizer", is_flag=True,
-              help="Write a renumbered tokenizer beside the model instead of an id map in the graph.")
 @click.option("--add-tokens", type=click.Path(), help="File of new words, one a line: appended rows = mean of their sub-tokens.")
-@click.option("--min-rows", type=click.IntRange(0), default=1000, show_default=True,
-              help="Quantize only tables with at least this many rows.")
 @_json_option
-def reduce_embeddings(model, output, bits, block, rank, energy, corpus, tokenizer, exact_rows, weight_power, prune_vocab,
-                      keep_ids, unk_id, remap_tokenizer, add_tokens, min_rows, json_path):
+def reduce_embeddings(model, output, text, tokenizer, keep_ids, add_tokens, json_path, **options):
     """Shrink embedding tables: row-wise int8/int4, low rank, vocabulary pruning, added tokens.
 
     Tables are float initializers read by Gather with run-time ids (also when tied to an
@@ -532,26 +581,23 @@ def reduce_embeddings(model, output, bits, block, rank, energy, corpus, tokenize
 
         edgecomp reduce-embeddings minilm.onnx -o minilm.emb.onnx --rank 256 --bits 8 --corpus texts.txt --tokenizer model/
     """
-    from edgecomp.embeddings import ReduceOptions
-    from edgecomp.embeddings import reduce_embeddings as run_reduce
+    from edgecomp.data import StepData
+    from edgecomp.embeddings import ReduceOptions, run
     from edgecomp.embeddings.tokenizer import read_ids, write_tokenizer
     from edgecomp.io import check_output_path, load_model, save_model
-    from edgecomp.text import load_tokenizer, read_lines
+    from edgecomp.text import read_lines
 
-    inputs = [model] + [p for p in (corpus, keep_ids, add_tokens, tokenizer) if p]
+    inputs = [model] + [p for p in (text, keep_ids, add_tokens, tokenizer) if p]
     check_output_path(output, inputs)
+    opts = ReduceOptions(**fields_of(_values(EMBEDDING_OPTIONS, options)))
     tok_folder = Path(output).parent / (Path(output).stem + ".tokenizer")
-    if tokenizer and (remap_tokenizer or add_tokens) and tok_folder.resolve() == Path(tokenizer).resolve():
+    if tokenizer and (opts.remap_tokenizer or add_tokens) and tok_folder.resolve() == Path(tokenizer).resolve():
         from edgecomp.errors import OutputError
 
         raise OutputError(f"the tokenizer written beside {output} would replace --tokenizer {tokenizer}; choose another -o")
-    opts = ReduceOptions(bits=int(bits) if bits else None, block=block, rank=rank, energy=energy, power=weight_power,
-                         exact_rows=exact_rows, prune_vocab=prune_vocab, remap_tokenizer=remap_tokenizer,
-                         unk_id=unk_id, min_rows=min_rows)
-    m = load_model(model)
-    result = run_reduce(m, opts, tokenizer=load_tokenizer(tokenizer) if tokenizer else None,
-                        corpus=read_lines(corpus) if corpus else None, keep_ids=read_ids(keep_ids) if keep_ids else None,
-                        new_tokens=read_lines(add_tokens) if add_tokens else None)
+    result = run(load_model(model), opts, StepData(text=text, tokenizer=tokenizer),
+                 keep_ids=read_ids(keep_ids) if keep_ids else None,
+                 new_tokens=read_lines(add_tokens) if add_tokens else None)
     save_model(result.model, output, inputs=inputs)
     for r in result.reports:
         click.echo(rpt.render_pass(r))
@@ -566,34 +612,18 @@ def reduce_embeddings(model, output, bits, block, rank, energy, corpus, tokenize
 @cli.command()
 @click.argument("model", type=click.Path())
 @_output_option
-@click.option("--calibration", type=click.Path(), help="DATA to calibrate activation ranges on (static mode).")
-@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax",
-              show_default=True, help="How activation ranges are chosen from calibration statistics.")
-@click.option("--percentile", type=_Number(0, 100, low_open=True), default=99.99, show_default=True, help="For --method percentile.")
-@click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per output channel.")
-@click.option("--weight-bits", type=click.Choice(["auto", "7", "8"]), default="auto", show_default=True,
-              help="auto: 7 where u8xs8 can saturate (x86 without VNNI), else 8.")
-@click.option("--smooth", default="auto", show_default=True,
-              help="SmoothQuant: auto (alpha per activation where it lowers the simulated error), off, or an alpha.")
-@click.option("--bias-correction", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
-@click.option("--families", default="auto", show_default=True,
-              help="Op families to quantize: auto (those measured faster in int8), all, or e.g. matmul,conv.")
-@click.option("--exclude", multiple=True, metavar="REGEX", help="Keep layers whose node name matches float.")
-@click.option("--no-embeddings", is_flag=True, help="Keep embedding tables (Gather) float.")
-@click.option("--max-samples", type=click.IntRange(1), help="Use at most this many calibration samples.")
-@click.option("--eval", "eval_data", type=click.Path(), help="DATA for accuracy-aware fallback (held out).")
-@click.option("--labels", type=click.Path(), help="Labels for --eval (makes --metric top1 task accuracy).")
-@click.option("--metric", type=click.Choice(["cosine", "top1", "mae"]), default="cosine", show_default=True)
-@click.option("--tolerance", type=_NON_NEGATIVE, help="Allowed loss vs fp32: 1-cosine, accuracy drop (fraction), or MAE.")
+@_data_option("--calibration", "calibration", "DATA to calibrate activation ranges on (static mode).")
+@_declared(QUANTIZE_OPTIONS)
+@_data_option("--eval", "eval", "Held-out DATA for --tolerance (the accuracy-aware fallback).", dest="eval_data")
+@_data_option("--labels", "labels", "Labels for --eval (makes --metric top1 task accuracy).")
 @click.option("--target", help="Target profile whose ISA decides weight bits (default: this host).")
 @click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
 @click.option("--mode", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
               help="dynamic runs onnxruntime's quantize_dynamic, for comparison only.")
 @_threads_option
 @_json_option
-def quantize(model, output, calibration, method, percentile, per_tensor, weight_bits, smooth, bias_correction,
-             families, exclude, no_embeddings, max_samples, eval_data, labels, metric, tolerance, target, targets_file, mode,
-             threads, json_path):
+def quantize(model, output, calibration, eval_data, labels, target, targets_file, mode, threads, json_path,
+             **options):
     """Static int8 quantization, calibrated and accuracy-aware, in onnxruntime's fast form.
 
     Activation scales are fixed from calibration (no DynamicQuantizeLinear). With --eval and
@@ -605,39 +635,30 @@ def quantize(model, output, calibration, method, percentile, per_tensor, weight_
 
         edgecomp quantize minilm.onnx -o minilm.int8.onnx --calibration calib/ --eval held/ --metric cosine --tolerance 0.003
     """
-    from edgecomp.data import load_data, load_labels
-    from edgecomp.errors import ConfigError
+    from edgecomp.data import StepData
     from edgecomp.io import check_output_path, load_model, save_model
-    from edgecomp.quantize import quantize_model
+    from edgecomp.quantize import run
     from edgecomp.quantize.dynamic import quantize_dynamic_ort
     from edgecomp.quantize.options import QuantizeOptions
     from edgecomp.targets import get_profile
 
     check_output_path(output, [p for p in (model, calibration, eval_data, labels, targets_file) if p])
-    if labels and not eval_data:
-        raise ConfigError("--labels score --eval samples; give --eval DATA with them (or drop --labels)")
+    data = StepData(calibration=calibration, eval=eval_data, labels=labels)
+    values = _values(QUANTIZE_OPTIONS, options)
+    if eval_data and values["tolerance"] is None:
+        raise click.UsageError("--eval is read by --tolerance X (the accuracy-aware fallback); give both")
     profile = get_profile(target, targets_file) if target else None
     if mode == "dynamic":
-        if calibration or eval_data or tolerance is not None:
-            raise ConfigError("--mode dynamic takes no --calibration, --eval or --tolerance (it is onnxruntime's "
-                              "quantize_dynamic, for comparison)")
+        if calibration or eval_data or values["tolerance"] is not None:
+            raise click.UsageError("--mode dynamic takes no --calibration, --eval or --tolerance (it is "
+                                   "onnxruntime's quantize_dynamic, for comparison)")
         quantize_dynamic_ort(model, output, profile.isa if profile else None)
         click.echo(f"wrote {output} (onnxruntime quantize_dynamic, for comparison)")
         return
-    if not calibration:
-        raise ConfigError("static quantization needs --calibration DATA (samples to fix activation ranges on)")
-    m = load_model(model)
-    opts = QuantizeOptions(method=method, percentile=percentile, per_channel=not per_tensor, weight_bits=weight_bits,
-                           smooth=smooth, bias_correction=bias_correction, families=families, exclude=tuple(exclude),
-                           embeddings=not no_embeddings,
-                           max_samples=max_samples, isa=profile.isa if profile else None,
+    opts = QuantizeOptions(**fields_of(values), isa=profile.isa if profile else None,
                            threads=threads or (profile.threads if profile else 1), progress=True)
-    calib = load_data(calibration)
-    ev = load_data(eval_data) if eval_data else None
-    y = load_labels(labels, len(ev)) if (labels and ev is not None) else None
-    if (eval_data is None) != (tolerance is None):
-        raise ConfigError("accuracy-aware mode needs both --eval DATA and --tolerance X")
-    result = quantize_model(m, calib, opts, eval_data=ev, metric=metric, tolerance=tolerance, labels=y)
+    opts.validate()
+    result = run(load_model(model), opts, data)
     save_model(result.model, output, inputs=[model])
     click.echo(rpt.host_line(profile))
     click.echo(rpt.table(result.families, title="op families (latency measured on this host):"))
@@ -657,85 +678,52 @@ def quantize(model, output, calibration, method, percentile, per_tensor, weight_
 @cli.command()
 @click.argument("model", type=click.Path())
 @_output_option
-@click.option("--sparsity", type=_FRACTION, required=True,
-              help="Fraction removed, in (0, 1): of each group's channels/heads (structured) or of weights.")
-@click.option("--structured/--unstructured", default=True, show_default=True,
-              help="Remove whole channels, neurons and heads (faster), or zero single weights (smaller zipped only).")
-@click.option("--data", type=click.Path(), help="DATA for activation-based importance and least-squares repair.")
-@click.option("--importance", type=click.Choice(["auto", "l1", "l2", "activation", "obs"]), default="auto", show_default=True,
-              help="auto: activation-based with --data, else L2 weight magnitude.")
-@click.option("--scope", type=click.Choice(["per-layer", "global"]), default=None,
-              help="Rank per group or across the model. Default: per-layer (structured), global (unstructured).")
-@click.option("--protect", multiple=True, metavar="REGEX", help="Keep layers whose node name matches whole (repeatable).")
-@click.option("--round-to", type=click.IntRange(0), default=0, show_default=True,
-              help="Keep channel counts multiples of N; 0 = auto: 8 for groups of >= 32 channels "
-                   "(odd counts ran up to 2x slower in onnxruntime), else 1.")
-@click.option("--kinds", default="channels,heads", show_default=True,
-              help="What structured pruning removes: channels (incl. FFN neurons), heads, or both.")
-@click.option("--no-repair", is_flag=True, help="With --data, skip the least-squares re-fit of consumer layers.")
-@click.option("--max-samples", type=click.IntRange(1), help="Use at most this many DATA samples.")
+@_declared(PRUNE_OPTIONS)
+@_data_option("--data", "calibration", "DATA for activation-based importance, least-squares repair and the held-out "
+              "fidelity of the result.")
 @_threads_option
 @_json_option
-def prune(model, output, sparsity, structured, data, importance, scope, protect, round_to, kinds, no_repair,
-          max_samples, threads, json_path):
+def prune(model, output, calibration, threads, json_path, **options):
     """Prune a model: physically remove channels, neurons and attention heads (structured, the
     default), or zero the smallest weights (--unstructured).
 
     Structured pruning finds the channels that must go together from the graph (residual
     Add/Concat, depthwise convs, Flatten into a Linear, FFN neurons, attention heads); a group
     reaching an op it cannot follow stays whole and the report names the op. With --data,
-    consumer layers are re-fitted by least squares to the unpruned model's outputs. The result
-    is checked with onnx.checker and onnxruntime before it is written.
+    consumer layers are re-fitted by least squares to the unpruned model's outputs, and the
+    result's fidelity on held-out samples is reported. The result is checked with onnx.checker
+    and onnxruntime before it is written.
 
     Example:
 
         edgecomp prune mnv2.onnx -o mnv2.pruned.onnx --sparsity 0.3 --data calib.npz --max-samples 200
     """
-    from edgecomp.data import load_data
+    from edgecomp.data import StepData
     from edgecomp.io import check_output_path, load_model, save_model
+    from edgecomp.prune import run
+    from edgecomp.prune.options import PruneOptions
 
-    check_output_path(output, [model] + ([data] if data else []))
-    m = load_model(model)
-    if structured:
-        from edgecomp.prune import prune_model
-        from edgecomp.prune.options import PruneOptions
-
-        opts = PruneOptions(sparsity=sparsity, importance=importance, scope=scope or "per-layer",
-                            protect=tuple(protect), round_to=round_to,
-                            kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
-                            repair=not no_repair, max_samples=max_samples, threads=threads or 1)
-        opts.validate()
-        result = prune_model(m, opts, load_data(data) if data else None)
-        save_model(result.model, output, inputs=[model])
+    check_output_path(output, [model] + ([calibration] if calibration else []))
+    opts = PruneOptions(**fields_of(_values(PRUNE_OPTIONS, options)), threads=threads or 1)
+    if calibration and not opts.structured:
+        raise click.UsageError("--unstructured ranks weights by magnitude alone; drop --data")
+    result = run(load_model(model), opts, StepData(calibration=calibration))
+    save_model(result.model, output, inputs=[model])
+    s = result.summary
+    if opts.structured:
         click.echo(rpt.table(result.groups, title="groups:"))
         click.echo(rpt.table(result.layers, title="layers:"))
-        click.echo(", ".join(f"{k}: {v}" for k, v in result.summary.items() if v is not None))
-        click.echo(f"wrote {output}")
-        for line in result.warnings:
-            click.echo(f"warning: {line}", err=True)
-        _write_json(json_path, {"summary": result.summary, "groups": result.groups, "layers": result.layers,
-                                "fidelity": result.fidelity, "warnings": result.warnings})
-        return
-    from edgecomp.errors import ConfigError
-    from edgecomp.passes.base import run_pass
-    from edgecomp.prune import verify_pruned
-    from edgecomp.prune.prune_magnitude import PruneMagnitudePass
-
-    ignored = [opt for opt, used in (("--data", data), ("--importance", importance != "auto"), ("--round-to", round_to),
-                                     ("--no-repair", no_repair), ("--max-samples", max_samples)) if used]
-    if ignored:
-        raise ConfigError(f"--unstructured ranks weights by magnitude alone; drop {', '.join(ignored)}")
-    reference = load_model(model)
-    result = run_pass(PruneMagnitudePass(sparsity=sparsity, scope=scope or "global", protect=protect), m)
-    verify_pruned(result.model, reference)
-    save_model(result.model, output, inputs=[model])
-    click.echo(rpt.table(result.rows, title="layers:"))
-    s = result.summary
-    click.echo(f"sparsity reached {s['sparsity reached']:.2%}; zipped weights {rpt.fmt_bytes(s['zipped weights before'])} "
-               f"→ {rpt.fmt_bytes(s['zipped weights after'])}")
-    click.echo(f"note: {s['note']}")
+        click.echo(", ".join(f"{k}: {v}" for k, v in s.items() if v is not None))
+    else:
+        click.echo(rpt.table(result.layers, title="layers:"))
+        click.echo(f"sparsity reached {s['sparsity reached']:.2%}; zipped weights "
+                   f"{rpt.fmt_bytes(s['zipped weights before'])} → {rpt.fmt_bytes(s['zipped weights after'])}")
+        click.echo(f"note: {s['note']}")
     click.echo(f"wrote {output}")
-    _write_json(json_path, result)
+    for line in result.warnings:
+        click.echo(f"warning: {line}", err=True)
+    _write_json(json_path, {"summary": result.summary, "groups": result.groups, "layers": result.layers,
+                            "fidelity": result.fidelity, "warnings": result.warnings})
 
 
 @cli.command()
@@ -869,7 +857,7 @@ def recipes(show_options):
 
     if show_options:
         rows = [{"step": step, "option": name, "type": "/".join(t.__name__ for t in (o.type if isinstance(o.type, tuple) else (o.type,))),
-                 "default": o.default, "meaning": o.help} for step, opts in STEP_OPTIONS.items() for name, o in opts.items()]
+                 "default": o.default, "meaning": o.describe()} for step, opts in STEP_OPTIONS.items() for name, o in opts.items()]
         click.echo(rpt.table(rows, title="step options:"))
 
     rows = []

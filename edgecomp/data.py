@@ -17,7 +17,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from edgecomp.errors import DataError, InputFileError
+from edgecomp.errors import DataError, DataNeeded, InputFileError
 
 __all__ = [
     "InputSpec",
@@ -359,3 +359,29 @@ def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Path:
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)  # a file object: savez would append .npz to a path
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class StepData:
+    """The data a command or recipe step may read, as paths: DATA to calibrate (and fit repairs,
+    train) on, held-out eval DATA and its labels, a text corpus and the tokenizer that reads it."""
+
+    calibration: str | None = None
+    eval: str | None = None
+    labels: str | None = None
+    text: str | None = None
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.labels and not self.eval:
+            raise DataNeeded("eval", "labels")  # labels score the eval samples
+
+    def need(self, key: str, what: str, option: str | None = None) -> str:
+        """The path for ``key``, or :class:`DataNeeded` saying that ``what`` needs it."""
+        path = getattr(self, key)
+        if not path:
+            raise DataNeeded(key, what, option)
+        return path
+
+    def available(self) -> dict[str, bool]:
+        return {f.name: bool(getattr(self, f.name)) for f in dataclasses.fields(self)}

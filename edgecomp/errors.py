@@ -17,8 +17,11 @@ __all__ = [
     "PassFailed",
     "OutputError",
     "ConfigError",
+    "OptionError",
+    "DataNeeded",
     "DistillError",
     "InvalidModelError",
+    "NothingToPrune",
 ]
 
 
@@ -60,6 +63,23 @@ class OutputError(EdgecompError):
 
 class ConfigError(EdgecompError):
     """A target profile, recipe or option value is invalid."""
+
+
+class OptionError(ConfigError):
+    """An option's value is not allowed. The message names the option neutrally ("sparsity must be
+    in (0, 1), got 7.5"); the CLI says --sparsity, a recipe names its step."""
+
+    def __init__(self, option: str, problem: str):
+        self.option, self.problem = option, problem
+        super().__init__(f"{option} {problem}")
+
+
+class DataNeeded(ConfigError):
+    """A step needs data that was not given: ``key`` is calibration, eval, labels, text or tokenizer."""
+
+    def __init__(self, key: str, what: str, option: str | None = None):
+        self.key, self.what, self.option = key, what, option  # option: the option named in ``what``
+        super().__init__(f"{what} needs {key} data")
 
 
 class DistillError(EdgecompError):

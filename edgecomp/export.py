@@ -31,13 +31,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from edgecomp.errors import ExportError, ParityError, SpecError
-from edgecomp.io import check_output_path, model_from_bytes, save_model
+from edgecomp.errors import ExportError, OptionError, ParityError, SpecError
+from edgecomp.io import Terminated, check_output_path, model_from_bytes, save_model
+from edgecomp.options import Option, in_range
 from edgecomp.runtime import make_session, run_feed
 
 __all__ = ["ExportResult", "load_spec", "call_factory", "forward_names", "export_model", "export_spec", "hf_encoder",
            "hf_model", "export_hf", "infer_hf_task", "HFModel", "HF_TASKS", "HF_OUTPUTS", "opset_ranges", "DEFAULT_OPSET",
-           "HF_AUTO_ORDER"]
+           "HF_AUTO_ORDER", "OPTIONS", "run"]
 
 #: For Hugging Face encoders ``auto`` tries TorchScript first. Measured here (onnxruntime 1.32,
 #: all-MiniLM-L6-v2, seq 128, 1 thread): onnxruntime fuses the dynamo graph's residual Add +
@@ -87,6 +88,8 @@ def load_spec(spec: str) -> Any:
         sys.path.insert(0, folder)
         try:
             file_spec.loader.exec_module(module)
+        except Terminated:
+            raise
         except SystemExit as e:  # KeyboardInterrupt still propagates
             raise SpecError(f"importing {path} exited ({_exit_call(e)}); a SPEC module must not exit") from None
         except Exception as e:
@@ -99,6 +102,8 @@ def load_spec(spec: str) -> Any:
             sys.path.insert(0, os.getcwd())  # like `python -m`, resolve modules from the working dir
         try:
             module = importlib.import_module(target)
+        except Terminated:
+            raise
         except SystemExit as e:
             raise SpecError(f"importing {target!r} from SPEC {spec!r} exited ({_exit_call(e)}); "
                             "a SPEC module must not exit") from None
@@ -115,6 +120,8 @@ def call_factory(factory: Any, spec: str):
 
     try:
         made = factory()
+    except Terminated:
+        raise
     except SystemExit as e:  # KeyboardInterrupt still propagates
         raise SpecError(f"factory {spec} exited ({_exit_call(e)}) instead of returning an nn.Module") from None
     except Exception as e:
@@ -271,6 +278,8 @@ def _torch_outputs(module, args, names: Sequence[str] = (), label: str = "the mo
     try:
         with torch.no_grad():
             out = module(*args)
+    except Terminated:
+        raise
     except SystemExit as e:  # KeyboardInterrupt still propagates
         raise SpecError(f"{label}: forward exited ({_exit_call(e)}) on inputs {_describe_inputs(names, args)}") from None
     except Exception as e:
@@ -330,6 +339,8 @@ def export_model(module: Any, example: Any, out: str | os.PathLike, *,
             _check_written_opset(got, opset, name)
             model, used = got, name
             break
+        except Terminated:
+            raise
         except (Exception, SystemExit) as e:  # a forward may exit while traced; KeyboardInterrupt propagates
             what = _exit_call(e) if isinstance(e, SystemExit) else _first_line(e)
             reasons.append(f"{name}: {what}" if isinstance(e, ExportError) else f"{name}: {type(e).__name__}: {what}")
@@ -862,3 +873,102 @@ def _SentenceEncoder(encoder, output: str):
     if output not in ("embeddings", "hidden"):
         raise SpecError(f"unknown HF output {output!r}; use embeddings or hidden")
     return _sentence_encoder_class()(encoder, output)
+
+
+# --- options and the entry point shared by `edgecomp export` and a recipe's export step ---------
+
+def _parse_dynamic(values: Sequence[str]) -> dict[str, dict[str, str]]:
+    axes: dict[str, dict[str, str]] = {}
+    for d in values:
+        left, sep, label = d.partition("=")
+        name, colon, axis = left.rpartition(":")
+        if not (sep and colon and name and axis.isdigit() and label):
+            raise SpecError(f"bad dynamic axis {d!r}; write NAME:AXIS=label, e.g. x:0=batch")
+        axes.setdefault(name, {})[axis] = label
+    return axes
+
+
+def _parse_inputs(values: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        name, sep, shape = v.partition("=")
+        if not sep or not name:
+            raise SpecError(f"bad input shape {v!r}; write NAME=1x3x224x224")
+        out[name] = shape
+    return out
+
+
+def _dynamic_problem(v: dict) -> str | None:
+    for name, axes in v.items():
+        if not isinstance(axes, dict) or not all(
+                str(a).isdigit() and isinstance(lbl, str) and lbl for a, lbl in axes.items()):
+            return (f"must map input names to {{axis = 'label'}} tables, e.g. {{x = {{0 = 'batch'}}}}; "
+                    f"got {name} = {axes!r}")
+    return None
+
+
+def _shapes_problem(v: dict) -> str | None:
+    from edgecomp.data import parse_shape
+    from edgecomp.errors import DataError
+
+    for name, text in v.items():
+        if not isinstance(text, str):
+            return f"must map input names to shape text, e.g. {{x = '1x3x224x224'}}; got {name} = {text!r}"
+        try:
+            parse_shape(text)
+        except DataError as e:
+            return f"{name}: {e}"
+    return None
+
+
+def _opset_problem(v: int) -> str | None:
+    if 7 <= v <= 23:  # within torch 2.13's exporters; the exporter-specific range is checked at export
+        return None
+    import torch
+
+    ranges = opset_ranges()
+    (ts_lo, ts_hi), (dy_lo, dy_hi) = ranges["torchscript"], ranges["dynamo"]
+    low, high = min(ts_lo, dy_lo), max(ts_hi, dy_hi)
+    if low <= v <= high:
+        return None
+    return (f"{v} is outside {low}..{high} that torch {torch.__version__.split('+')[0]}'s ONNX exporters support "
+            f"(TorchScript {ts_lo}..{ts_hi}, dynamo {dy_lo}..{dy_hi}); choose an opset in that range")
+
+
+OPTIONS = (
+    Option("exporter", str, "auto", "auto tries torch's dynamo exporter first (TorchScript first for --hf) and "
+           "falls back to the other", choices=("auto", "dynamo", "torchscript")),
+    Option("opset", int, DEFAULT_OPSET, "ONNX opset", check=_opset_problem),
+    Option("dynamic", dict, {}, "make an input axis symbolic, e.g. x:0=batch (repeatable; recipe: "
+           "{x = {0 = 'batch'}})", check=_dynamic_problem, parse=_parse_dynamic, metavar="NAME:AXIS=label"),
+    Option("input", dict, {}, "example input shape when the factory gives none, e.g. x=1x3x224x224 "
+           "(repeatable; recipe: {x = '1x3x224x224'})", check=_shapes_problem, parse=_parse_inputs,
+           metavar="NAME=SHAPE[:dtype]"),
+    Option("hf_output", str, "embeddings", "Hugging Face feature-extraction: pooled, L2-normalized embeddings "
+           "(text: mean pooling; ViT: [CLS]; Whisper: mean over frames) or last hidden states",
+           choices=HF_OUTPUTS),
+    Option("task", str, "auto", "Hugging Face folders: the task; auto infers it from config.json's "
+           "architectures", choices=("auto", *HF_TASKS)),
+    Option("atol", float, 1e-4, "parity tolerance vs torch (absolute)", check=in_range(0, open_lo=True)),
+)
+
+
+def run(out: str | os.PathLike, values: Mapping[str, Any], *, spec: str | None = None,
+        hf: str | os.PathLike | None = None) -> ExportResult:
+    """What ``edgecomp export`` and a recipe's export step call: export ``spec`` or the Hugging
+    Face folder ``hf`` with the declared option ``values``."""
+    from edgecomp.data import parse_shape
+
+    kw = dict(input_shapes={k: parse_shape(v) for k, v in values["input"].items()},
+              dynamic={k: {int(a): str(lbl) for a, lbl in v.items()} for k, v in values["dynamic"].items()},
+              opset=values["opset"], exporter=values["exporter"], atol=values["atol"])
+    if hf and spec:
+        raise SpecError("give either a SPEC or a Hugging Face folder, not both")
+    if hf:
+        task = None if values["task"] == "auto" else values["task"]
+        return export_hf(hf, out, output=values["hf_output"], task=task, **kw)
+    if values["task"] != "auto":
+        raise OptionError("task", "applies to Hugging Face folders; a SPEC's factory builds the model itself")
+    if not spec:
+        raise SpecError("give a SPEC (package.module:factory or file.py:factory) or a Hugging Face folder")
+    return export_spec(spec, out, **kw)

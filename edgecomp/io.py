@@ -263,6 +263,10 @@ def work_dir(out: str | os.PathLike) -> Iterator[Path]:
             raise
 
 
+class Terminated(SystemExit):
+    """SIGTERM, as SystemExit(143): code that turns a user's own SystemExit into an error lets it through."""
+
+
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
     """Turn SIGTERM into SystemExit(143) so cleanup code runs (main thread only)."""
@@ -273,7 +277,7 @@ def _sigterm_raises() -> Iterator[None]:
         return
 
     def _terminate(signum, frame):
-        raise SystemExit(128 + signum)
+        raise Terminated(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -134,7 +134,7 @@ def test_bad_recipes(tmp_path, token_data):
     with pytest.raises(ConfigError, match="neither a file nor a built-in recipe"):
         load_recipe("nope-recipe")
     r = parse_recipe({"steps": [{"step": "export"}, {"step": "validate"}]})
-    with pytest.raises(DataError, match="step 'validate' needs eval data"):
+    with pytest.raises(DataError, match=r"step 2 \(validate\): validate needs eval data: pass --eval or set \[data\] eval"):
         convert(Source(spec="models.text_encoder:tiny_encoder"), r, tmp_path / "o1")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("user file")

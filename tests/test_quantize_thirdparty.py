@@ -129,7 +129,7 @@ def test_failed_opset_upgrade_refuses_before_calibration(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx.version_converter, "convert_version", boom)
     monkeypatch.setattr("edgecomp.quantize.calibrate", no_calibration)
     with pytest.raises(PassFailed) as e:
-        quantize_model(ir.from_proto(proto), data, _opts(), eval_data=data, tolerance=0.01)
+        quantize_model(ir.from_proto(proto), data, _opts(tolerance=0.01), eval_data=data)
     msg = str(e.value)
     assert "\n" not in msg and "opset 11" in msg and "13" in msg and "No Adapter For Foo" in msg
 

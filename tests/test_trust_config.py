@@ -113,7 +113,7 @@ BAD_STEPS = [
     ("prune", "sparsity", 7.5, r"sparsity must be in \(0, 1\), got 7.5"),
     ("prune", "sparsity", 0, r"sparsity must be in \(0, 1\), got 0.0"),
     ("prune", "importance", "random", r"importance must be one of auto, l1, l2, activation, obs, got 'random'"),
-    ("prune", "scope", "local", r"scope must be one of per-layer, global"),
+    ("prune", "scope", "local", r"scope must be one of auto, per-layer, global"),
     ("prune", "protect", ["(["], r"protect pattern '\(\[' is not a valid regular expression"),
     ("prune", "kinds", [], r"kinds must be a non-empty list of channels, heads"),
     ("prune", "kinds", ["rows"], r"kinds must be a non-empty list"),
@@ -131,10 +131,10 @@ BAD_STEPS = [
     ("quantize", "exclude", ["(["], r"exclude pattern '\(\[' is not a valid regular expression"),
     ("quantize", "exclude", [3], r"exclude pattern 3 is not a string"),
     ("quantize", "metric", "f1", r"metric must be one of cosine, top1, mae"),
-    ("quantize", "max_samples", -5, r"max_samples must be >= 0"),
+    ("quantize", "max_samples", -5, r"max_samples must be >= 1"),
     ("export", "exporter", "onnx", r"exporter must be one of auto, dynamo, torchscript, got 'onnx'"),
-    ("export", "opset", 3, r"opset must be in \[7, 30\], got 3"),
-    ("export", "opset", 1000, r"opset must be in \[7, 30\]"),
+    ("export", "opset", 3, r"opset 3 is outside 7\.\.23 that torch .*ONNX exporters support"),
+    ("export", "opset", 1000, r"opset 1000 is outside 7\.\.23"),
     ("export", "atol", 0, r"atol must be > 0, got 0.0"),
     ("export", "atol", -1e-3, r"atol must be > 0"),
     ("export", "hf_output", "pooled", r"hf_output must be one of embeddings, hidden"),
@@ -154,13 +154,13 @@ BAD_STEPS = [
     ("distill", "shrink", "depth=2", r"shrink must be layers=N"),
     ("distill", "student", "no_colon", r"student must be a SPEC like package.module:factory"),
     ("distill", "student", "nowhere/student.py:make", r"student names the file nowhere/student.py, which does not exist"),
-    ("reduce-embeddings", "bits", 3, r"bits must be one of 0, 4, 8, got 3"),
-    ("reduce-embeddings", "energy", 1.5, r"energy must be in \[0, 1\], got 1.5"),
-    ("reduce-embeddings", "rank", -1, r"rank must be >= 0"),
+    ("reduce-embeddings", "bits", 3, r"bits must be one of 8, 4, got 3"),
+    ("reduce-embeddings", "energy", 1.5, r"energy must be in \(0, 1\], got 1.5"),
+    ("reduce-embeddings", "rank", -1, r"rank must be >= 1"),
     ("validate", "k", 0, r"k must be >= 1, got 0"),
     ("bench", "runs", 0, r"runs must be >= 1, got 0"),
     ("bench", "warmup", -1, r"warmup must be >= 0"),
-    ("bench", "threads", -1, r"threads must be >= 0, got -1"),
+    ("bench", "threads", -1, r"threads must be >= 1, got -1"),
     ("bench", "runs", True, r"runs: expected int, got a boolean"),
     ("bench", "runs", "many", r"runs: expected int, got 'many'"),
 ]
@@ -188,25 +188,33 @@ def test_the_message_reads_like_the_file_step_and_value(tmp_path):
 
 
 @pytest.mark.parametrize("step, pattern", [
-    ({"step": "reduce-embeddings", "rank": 8, "energy": 0.9}, r"give rank or energy, not both"),
+    ({"step": "reduce-embeddings", "rank": 8, "energy": 0.9}, r"energy replaces rank; give one of them"),
     ({"step": "reduce-embeddings"}, r"nothing to do; set bits, rank, energy or prune_vocab"),
-    ({"step": "distill", "shrink": "", "student": ""}, r"give shrink \(e.g. layers=3\) or student = SPEC"),
+    ({"step": "distill"}, r"give shrink \(e.g. layers=3\) or student = SPEC or \.onnx file \(one of them\)"),
+    ({"step": "distill", "shrink": "layers=2", "student": "m:f"}, r"give shrink .* \(one of them\)"),
 ])
 def test_step_option_combinations(step, pattern):
     with pytest.raises(ConfigError, match=rf"step 2 \({step['step']}\): {pattern}"):
         parse_recipe({"steps": [{"step": "export"}, step]}, source="r.toml")
 
 
-def test_defaults_and_unset_placeholders_pass_their_own_checks():
+def test_defaults_pass_their_own_checks_and_unset_means_left_out():
     for step, options in STEP_OPTIONS.items():
         for name, opt in options.items():
             assert opt.problem(opt.default) is None, (step, name)
-    # the placeholders the runners read as "unset" stay valid when written out
-    parse_recipe({"steps": [{"step": "export"}, {"step": "quantize", "tolerance": -1.0, "max_samples": 0},
-                            {"step": "prune", "round_to": 0, "max_samples": 0},
-                            {"step": "distill", "max_steps": 0, "student": "", "shrink": "width=0.5"},
-                            {"step": "reduce-embeddings", "bits": 8, "block": 0, "rank": 0, "energy": 0.0},
-                            {"step": "bench", "threads": 0}]})
+    r = parse_recipe({"steps": [{"step": "export"}, {"step": "quantize"}, {"step": "prune"},
+                                {"step": "distill", "shrink": "width=0.5"}, {"step": "reduce-embeddings", "bits": 8},
+                                {"step": "bench"}]})
+    q, p, d, e, b = r.steps[1:]
+    assert (q["tolerance"], q["max_samples"], p["max_samples"], d["max_steps"], d["student"], e["rank"], e["energy"],
+            b["threads"]) == (None,) * 8
+    # the old placeholders for "unset" (-1, 0, "") are values now, refused like any other
+    for step, key, value, msg in [("quantize", "tolerance", -1.0, "tolerance must be >= 0, got -1.0"),
+                                  ("quantize", "max_samples", 0, "max_samples must be >= 1, got 0"),
+                                  ("distill", "shrink", "", "shrink must be layers=N"),
+                                  ("bench", "threads", 0, "threads must be >= 1, got 0")]:
+        with pytest.raises(ConfigError, match=re.escape(msg)):
+            parse_recipe({"steps": [{"step": "export"}, {"step": step, key: value}]})
     r = parse_recipe({"steps": [{"step": "export", "dynamic": {"x": {"0": "batch"}}, "input": {"x": "1x4:float32"}},
                                 {"step": "quantize", "weight_bits": 7, "smooth": 0.5, "families": "matmul,conv"}]})
     assert r.steps[1]["weight_bits"] == 7
@@ -274,7 +282,7 @@ def test_grid_overrides_get_the_same_checks(key, value, pattern):
 
 def test_grid_override_of_a_step_combination():
     r = parse_recipe({"steps": [{"step": "export"}, {"step": "reduce-embeddings", "rank": 8}]})
-    with pytest.raises(ConfigError, match=r"reduce-embeddings\) with --grid reduce-embeddings.energy=0.9: give rank or energy"):
+    with pytest.raises(ConfigError, match=r"reduce-embeddings\) with --grid reduce-embeddings.energy=0.9: energy replaces rank"):
         apply_override(r, "reduce-embeddings.energy", 0.9)
 
 
@@ -296,7 +304,7 @@ def test_convert_refuses_a_bad_recipe_before_any_step(tmp_path):
 
 
 @pytest.mark.parametrize("recipe_text, targets_text, pattern", [
-    ('[[steps]]\nstep = "export"\nopset = 3\n', None, r"step 1 \(export\): opset must be in \[7, 30\]"),
+    ('[[steps]]\nstep = "export"\nopset = 3\n', None, r"step 1 \(export\): opset 3 is outside 7\.\.23"),
     ('[gates]\nmax_size_mb = nan\n[[steps]]\nstep = "export"\n', None, r"gate max_size_mb must be a finite number"),
     ('[data]\neval = "missing.npz"\n[[steps]]\nstep = "export"\n', None, r"\[data\] eval = 'missing.npz'"),
     ('[[steps]]\nstep = "export"\n', "[profile.board]\nthreads = 0\n", r"profile 'board': threads must be"),
@@ -387,7 +395,8 @@ def test_quantize_exclude_regex_is_checked(tmp_path, mlp_path, mlp_data):
     res = CliRunner().invoke(cli, ["quantize", str(mlp_path), "-o", str(out), "--calibration", str(calib),
                                    "--exclude", "(["])
     line = _one_error_line(res)
-    assert line.startswith("Error: exclude pattern '([' is not a valid regular expression"), line
+    assert line.startswith("Error: Invalid value for '--exclude': pattern '([' is not a valid regular expression"), line
+    assert res.exit_code == 2
     assert not out.exists()
 
 

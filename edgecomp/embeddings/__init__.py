@@ -18,8 +18,10 @@ from typing import Any, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from edgecomp.data import StepData
 from edgecomp.embeddings.add_tokens import AddTokensPass
 from edgecomp.embeddings.factorize_embeddings import FactorizeEmbeddingsPass
+from edgecomp.embeddings.options import ReduceOptions
 from edgecomp.embeddings.prune_vocabulary import PruneVocabularyPass
 from edgecomp.embeddings.quantize_embeddings import QuantizeEmbeddingsPass
 from edgecomp.embeddings.tables import find_embedding_tables
@@ -30,29 +32,10 @@ from edgecomp.embeddings.tokenizer import (
     token_counts,
     tokenizer_texts,
 )
-from edgecomp.errors import ConfigError, DataError, PassFailed
+from edgecomp.errors import ConfigError, DataError, DataNeeded, OptionError, PassFailed
 from edgecomp.passes.base import PassReport, run_pass
 
-__all__ = ["ReduceOptions", "ReduceResult", "reduce_embeddings"]
-
-
-@dataclasses.dataclass
-class ReduceOptions:
-    """What ``edgecomp reduce-embeddings`` does (see its ``--help`` for each option)."""
-
-    bits: int | None = None  # 8 or 4: row-wise storage (of the low-rank factor when rank/energy is set)
-    block: int | None = None  # values per scale; default: whole row for int8, 64 for int4
-    scale_dtype: str | None = None  # default: float32 for int8, float16 for int4
-    rank: int | None = None
-    energy: float | None = None
-    power: float = 0.5  # row weight (count + smoothing) ** power
-    smoothing: float = 1.0
-    exact_rows: int = 2000  # most frequent corpus tokens kept exact (with a corpus)
-    prune_vocab: bool = False
-    remap_tokenizer: bool = False
-    unk_id: int | None = None  # default: the tokenizer's
-    min_rows: int = 1000  # smaller tables (positions, token types) are left alone
-
+__all__ = ["ReduceOptions", "ReduceResult", "reduce_embeddings", "run"]
 
 
 @dataclasses.dataclass
@@ -141,25 +124,34 @@ def reduce_embeddings(model: ir.Model, opts: ReduceOptions, tokenizer=None, corp
 
 
 def _check(opts: ReduceOptions, tokenizer, corpus, keep_ids, new_tokens) -> None:
+    opts.validate()
     if opts.bits is None and opts.rank is None and opts.energy is None and not opts.prune_vocab and not new_tokens:
-        raise ConfigError("nothing to do: give --bits, --rank/--energy, --prune-vocab or --add-tokens")
+        raise ConfigError("nothing to do: set bits, rank or energy, prune_vocab, or add tokens")
     if corpus is not None and tokenizer is None:
-        raise ConfigError("--corpus needs --tokenizer (the model's tokenizer folder) to count tokens")
+        raise DataNeeded("tokenizer", "text")  # the corpus is counted in the model's tokens
     if new_tokens and tokenizer is None:
-        raise ConfigError("--add-tokens needs --tokenizer to split new words into sub-tokens")
+        raise DataNeeded("tokenizer", "adding tokens")
     if opts.prune_vocab and corpus is None and keep_ids is None:
-        raise ConfigError("--prune-vocab needs --corpus FILE or --keep-ids FILE to know which tokens to keep")
+        raise DataNeeded("text", "prune_vocab", option="prune_vocab")
     if opts.remap_tokenizer and (not opts.prune_vocab or tokenizer is None):
-        raise ConfigError("--remap-tokenizer goes with --prune-vocab and --tokenizer")
-    if opts.bits not in (None, 4, 8):
-        raise ConfigError(f"--bits must be 8 or 4, got {opts.bits}")
+        raise OptionError("remap_tokenizer", "goes with prune_vocab and a tokenizer")
     if tokenizer is not None and (new_tokens or opts.remap_tokenizer):
         kind = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["type"]
         if opts.remap_tokenizer and kind not in ("WordPiece", "WordLevel"):
-            raise ConfigError(f"--remap-tokenizer supports WordPiece and WordLevel vocabularies, not {kind}; "
-                              "leave it out to remap ids in the graph")
-
+            raise OptionError("remap_tokenizer", f"supports WordPiece and WordLevel vocabularies, not {kind}; leave it "
+                              "out to remap ids in the graph")
 
 
 def _scale_dtype(opts: ReduceOptions) -> str:
     return opts.scale_dtype or ("float16" if opts.bits == 4 else "float32")
+
+
+def run(model: ir.Model, opts: ReduceOptions, data: StepData, *, keep_ids: np.ndarray | None = None,
+        new_tokens: Sequence[str] | None = None) -> ReduceResult:
+    """What ``edgecomp reduce-embeddings`` and a recipe's reduce-embeddings step call: the corpus
+    is ``data.text`` (one text a line), read with the tokenizer folder ``data.tokenizer``."""
+    from edgecomp.text import load_tokenizer, read_lines
+
+    tokenizer = load_tokenizer(data.tokenizer) if data.tokenizer else None
+    corpus = read_lines(data.text) if data.text else None
+    return reduce_embeddings(model, opts, tokenizer, corpus, keep_ids=keep_ids, new_tokens=new_tokens)

@@ -23,10 +23,17 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.errors import ConfigError, EdgecompError, PassFailed
+from edgecomp.options import Option
 from edgecomp.passes.base import EdgecompPass, PassReport, histogram
 from edgecomp.passes.upgrade_opset import drop_unsupported_defaults, new_violations, opset_violations
 
-__all__ = ["OptimizeGraphPass"]
+__all__ = ["OptimizeGraphPass", "OPTIONS"]
+
+OPTIONS = (
+    Option("fusions", str, "none", "also apply onnxruntime's transformer fusions (Attention, SkipLayerNorm, BiasGelu)",
+           choices=("none", "bert")),
+    Option("fold_constants", bool, True, "constant and BatchNorm folding", flag="--fold/--no-fold"),
+)
 
 
 class OptimizeGraphPass(EdgecompPass):

@@ -17,9 +17,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from edgecomp.errors import ConfigError, DataError
+from edgecomp.data import StepData
+from edgecomp.errors import ConfigError, DataError, DataNeeded, EdgecompError, OptionError
 from edgecomp.io import check_output_dir, copy_file, model_size_bytes, replace_dir, work_dir
-from edgecomp.pipeline.recipe import Recipe
+from edgecomp.options import fields_of, need_data
+from edgecomp.pipeline.recipe import STEP_OPTIONS, Recipe
 from edgecomp.targets import TargetProfile, host_isa
 
 __all__ = ["Source", "StepRecord", "ConvertResult", "convert", "STEP_RUNNERS"]
@@ -85,19 +87,38 @@ class ConvertResult:
 
 
 class _Context:
-    """What steps share: the folder, data, target, and the models produced so far."""
+    """What steps share: the folder, data, target, and the models produced so far (the latest one
+    also in memory, so the next step does not read back the file just written)."""
 
-    def __init__(self, source: Source, outdir: Path, data: dict[str, str | None], target: TargetProfile | None,
-                 progress: bool):
+    def __init__(self, source: Source, outdir: Path, data: StepData, target: TargetProfile | None, progress: bool):
         self.source, self.outdir, self.data, self.target, self.progress = source, outdir, data, target, progress
         self.records: list[StepRecord] = []
         self.current: Path | None = None
+        self._model: Any = None  # ir.Model of self.current
 
-    def need(self, key: str, step: str) -> str:
-        value = self.data.get(key)
-        if not value:
-            raise DataError(f"step '{step}' needs {key} data: pass --{key} DATA or set [data].{key} in the recipe")
-        return value
+    def latest_model(self):
+        """The latest model (read from its file once); steps change :meth:`latest` instead."""
+        from edgecomp.io import load_model
+
+        if self._model is None:
+            self._model = load_model(self.current)
+        return self._model
+
+    def latest(self):
+        """A copy of the latest model, for a step to change."""
+        return self.latest_model().clone()
+
+    def forget(self) -> None:
+        """The latest model was written by a step itself (export, distill): read it when needed."""
+        self._model = None
+
+    def save(self, rec: StepRecord, model) -> None:
+        """Write a step's model (verified, atomically) and make it the latest."""
+        from edgecomp.io import save_model
+
+        save_model(model, self.out_path(rec))
+        rec.model = str(self.out_path(rec))
+        self._model = model
 
     def model_records(self) -> list[StepRecord]:
         return [r for r in self.records if r.model]
@@ -111,123 +132,76 @@ class _Context:
 
 
 def _run_export(ctx: _Context, rec: StepRecord) -> None:
-    from edgecomp.data import parse_shape
-    from edgecomp.export import export_hf, export_spec
+    from edgecomp.export import run
 
-    o = rec.options
-    dynamic = {k: {int(a): str(lbl) for a, lbl in v.items()} for k, v in o["dynamic"].items()}
-    kw = dict(input_shapes={k: parse_shape(v) for k, v in o["input"].items()}, dynamic=dynamic, opset=o["opset"],
-              exporter=o["exporter"], atol=o["atol"])
     out = ctx.out_path(rec)
-    if ctx.source.hf:
-        res = export_hf(ctx.source.hf, out, output=o["hf_output"], task=o["task"], **kw)
-    else:
-        if o["task"] != "auto":
-            raise ConfigError(f"export task = {o['task']!r} applies to --hf sources; a SPEC's factory builds the model")
-        res = export_spec(ctx.source.spec, out, **kw)
+    res = run(out, rec.options, spec=ctx.source.spec, hf=ctx.source.hf)
     rec.model = str(out)
+    ctx.forget()
     rec.summary = {"exporter": res.exporter, "fallback": res.fallback_reason, "max abs diff vs torch": res.max_abs_diff}
     if res.task:
         rec.summary["task"] = f"{res.task} (from {res.task_source})"
 
 
 def _run_optimize(ctx: _Context, rec: StepRecord) -> None:
-    from edgecomp.io import load_model, save_model
     from edgecomp.passes.base import run_pass
     from edgecomp.passes.optimize_graph import OptimizeGraphPass
 
-    res = run_pass(OptimizeGraphPass(fold_constants=rec.options["fold_constants"], fusions=rec.options["fusions"]),
-                   load_model(ctx.current))
-    save_model(res.model, ctx.out_path(rec))
-    rec.model = str(ctx.out_path(rec))
+    res = run_pass(OptimizeGraphPass(**rec.options), ctx.latest())
+    ctx.save(rec, res.model)
     rec.summary, rec.tables = res.summary, {"ops changed": res.rows}
 
 
 def _run_quantize(ctx: _Context, rec: StepRecord) -> None:
-    from edgecomp.data import load_data, load_labels
-    from edgecomp.io import load_model, save_model
-    from edgecomp.quantize import quantize_model
+    from edgecomp.quantize import run
     from edgecomp.quantize.options import QuantizeOptions
 
-    o = rec.options
-    opts = QuantizeOptions(method=o["method"], percentile=o["percentile"], per_channel=o["per_channel"],
-                           weight_bits=o["weight_bits"], smooth=o["smooth"], bias_correction=o["bias_correction"],
-                           families=o["families"], exclude=tuple(o["exclude"]), embeddings=o["embeddings"],
-                           max_samples=o["max_samples"] or None, isa=ctx.target.isa if ctx.target else None,
+    opts = QuantizeOptions(**fields_of(rec.options), isa=ctx.target.isa if ctx.target else None,
                            threads=ctx.threads, progress=ctx.progress)
-    kw: dict[str, Any] = {}
-    if o["tolerance"] >= 0:
-        ev = load_data(ctx.need("eval", "quantize"))
-        labels = load_labels(ctx.data["labels"], len(ev)) if ctx.data.get("labels") else None
-        kw = dict(eval_data=ev, metric=o["metric"], tolerance=o["tolerance"], labels=labels)
-    res = quantize_model(load_model(ctx.current), load_data(ctx.need("calibration", "quantize")), opts, **kw)
-    save_model(res.model, ctx.out_path(rec))
-    rec.model = str(ctx.out_path(rec))
+    res = run(ctx.latest(), opts, ctx.data)
+    ctx.save(rec, res.model)
     rec.summary = res.summary
     rec.tables = {"layers": res.rows, "op families": res.families, "embedding tables": res.embeddings}
 
 
 def _run_prune(ctx: _Context, rec: StepRecord) -> None:
-    from edgecomp.data import load_data
-    from edgecomp.io import load_model, save_model
+    from edgecomp.prune import run
+    from edgecomp.prune.options import PruneOptions
 
-    o = rec.options
-    model = load_model(ctx.current)
-    if o["structured"]:
-        from edgecomp.prune import prune_model
-        from edgecomp.prune.options import PruneOptions
-
-        opts = PruneOptions(sparsity=o["sparsity"], importance=o["importance"], scope=o["scope"],
-                            protect=tuple(o["protect"]), round_to=o["round_to"], kinds=tuple(o["kinds"]),
-                            repair=o["repair"], max_samples=o["max_samples"] or None, threads=ctx.threads)
-        data = load_data(ctx.data["calibration"]) if ctx.data.get("calibration") else None
-        res = prune_model(model, opts, data)
-        model, rec.summary, rec.tables = res.model, res.summary, {"pruned groups": res.groups, "pruned layers": res.layers}
-    else:
-        from edgecomp.passes.base import run_pass
-        from edgecomp.prune import verify_pruned
-        from edgecomp.prune.prune_magnitude import PruneMagnitudePass
-
-        res = run_pass(PruneMagnitudePass(sparsity=o["sparsity"], scope=o["scope"], protect=tuple(o["protect"])), model)
-        verify_pruned(res.model, load_model(ctx.current))
-        model, rec.summary, rec.tables = res.model, res.summary, {"sparsified layers": res.rows}
-    save_model(model, ctx.out_path(rec))
-    rec.model = str(ctx.out_path(rec))
+    opts = PruneOptions(**fields_of(rec.options), threads=ctx.threads)
+    data = ctx.data if opts.structured else StepData()  # magnitude pruning reads no data
+    res = run(ctx.latest(), opts, data)
+    ctx.save(rec, res.model)
+    rec.summary = res.summary
+    rec.tables = ({"pruned groups": res.groups, "pruned layers": res.layers} if opts.structured
+                  else {"sparsified layers": res.layers})
 
 
 def _run_distill(ctx: _Context, rec: StepRecord) -> None:
     from edgecomp.distill import DistillConfig, distill
 
-    o = rec.options
-    text = ctx.data.get("text")
-    cfg = DistillConfig(teacher=ctx.source.spec, teacher_hf=ctx.source.hf, student=o["student"] or None,
-                        shrink=None if o["student"] else (o["shrink"] or None), text=text,
-                        tokenizer=ctx.data.get("tokenizer") or (ctx.source.hf if text else None),
-                        data=None if text else ctx.need("calibration", "distill"), max_len=o["max_len"],
-                        held_out=o["held_out"], temperature=o["temperature"], match=o["match"],
-                        hidden_weight=o["hidden_weight"], epochs=o["epochs"], max_steps=o["max_steps"] or None,
-                        batch_size=o["batch_size"], lr=o["lr"], seed=o["seed"], patience=o["patience"],
+    text = ctx.data.text
+    o = dict(rec.options)
+    cfg = DistillConfig(teacher=ctx.source.spec, teacher_hf=ctx.source.hf, text=text,
+                        tokenizer=ctx.data.tokenizer or (ctx.source.hf if text else None),
+                        data=None if text else ctx.data.need("calibration", "distill"),
                         checkpoint=str(ctx.outdir / f"{rec.index:02d}-distill.ckpt"), threads=ctx.threads,
-                        progress=ctx.progress, device=o["device"])
+                        progress=ctx.progress, **o)
     res = distill(cfg, ctx.out_path(rec), bench_runs=0)
     rec.model = str(ctx.out_path(rec))
+    ctx.forget()
     rec.summary = {k: v for k, v in res.training.items() if isinstance(v, (int, float, str))}
     rec.tables = {"teacher vs student": res.rows}
 
 
 def _run_reduce_embeddings(ctx: _Context, rec: StepRecord) -> None:
-    from edgecomp.embeddings import ReduceOptions, reduce_embeddings
-    from edgecomp.io import load_model, save_model
-    from edgecomp.text import load_tokenizer, read_lines
+    from edgecomp.embeddings import ReduceOptions, run
 
-    o = rec.options
-    opts = ReduceOptions(bits=o["bits"] or None, block=o["block"] or None, rank=o["rank"] or None,
-                         energy=o["energy"] or None, exact_rows=o["exact_rows"], prune_vocab=o["prune_vocab"])
-    text, tok_path = ctx.data.get("text"), ctx.data.get("tokenizer") or ctx.source.hf
-    tokenizer = load_tokenizer(tok_path) if (text and tok_path) else None
-    res = reduce_embeddings(load_model(ctx.current), opts, tokenizer, read_lines(text) if tokenizer else None)
-    save_model(res.model, ctx.out_path(rec))
-    rec.model = str(ctx.out_path(rec))
+    data = dataclasses.replace(ctx.data, tokenizer=ctx.data.tokenizer or ctx.source.hf)
+    if not data.tokenizer:
+        data = dataclasses.replace(data, text=None)  # without a tokenizer the corpus cannot be read
+    res = run(ctx.latest(), ReduceOptions(**fields_of(rec.options)), data)
+    ctx.save(rec, res.model)
     rec.summary = res.summary
     rec.tables = {r.name: r.rows for r in res.reports if r.rows}
 
@@ -238,7 +212,7 @@ def _run_validate(ctx: _Context, rec: StepRecord) -> None:
     models = ctx.model_records()
     base = models[0]
     for m in models:
-        v = validate(base.model, m.model, ctx.need("eval", "validate"), ctx.data.get("labels"), threads=ctx.threads,
+        v = validate(base.model, m.model, ctx.data.need("eval", "validate"), ctx.data.labels, threads=ctx.threads,
                      k=rec.options["k"])
         o = v.outputs[0]
         m.cos_mean, m.cos_min, m.top1_agreement, m.knn_agreement = o.cosine_mean, o.cosine_min, o.top1_agreement, o.knn_agreement
@@ -250,7 +224,7 @@ def _run_bench(ctx: _Context, rec: StepRecord) -> None:
     from edgecomp.measure.bench import benchmark, first_feed
 
     models = ctx.model_records()
-    feed_src = ctx.data.get("eval") or ctx.data.get("calibration")
+    feed_src = ctx.data.eval or ctx.data.calibration
     feed = first_feed(feed_src, models[0].model) if feed_src else None
     threads = rec.options["threads"] or ctx.threads
     res = benchmark([m.model for m in models], threads=threads, warmup=rec.options["warmup"],
@@ -267,52 +241,54 @@ STEP_RUNNERS: dict[str, Callable[[_Context, StepRecord], None]] = {
 }
 
 
-def _measure(rec: StepRecord, shapes_from: str | None) -> None:
-    from edgecomp.io import load_model
+def _measure(rec: StepRecord, model, shapes_from: str | None) -> None:
+    """Size, MACs and the int8 share of MACs of a step's model (in memory; the file for its size)."""
     from edgecomp.measure.bench import first_feed
     from edgecomp.measure.inspect import summarize
 
     rec.size_bytes = model_size_bytes(rec.model)
-    shapes = {k: v.shape for k, v in first_feed(shapes_from, rec.model).items()} if shapes_from else None
     try:
-        s = summarize(load_model(rec.model), shapes)
+        shapes = {k: v.shape for k, v in first_feed(shapes_from, model).items()} if shapes_from else None
+        s = summarize(model, shapes)
         rec.macs, rec.int8_mac_share = s.macs, s.int8_mac_share
-    except Exception:  # MACs are informative; a model whose inputs need --shape just has none
+    except EdgecompError:  # MACs are informative; a model whose inputs the data does not fit just has none
         rec.macs = None
 
 
-def _check_steps(recipe: Recipe, data: dict[str, str | None], source: Source) -> None:
+#: Data a step always reads; what its option values need is declared with the options.
+_STEP_NEEDS = {"quantize": ("calibration", "static quantization"), "validate": ("eval", "validate")}
+
+
+def _check_steps(recipe: Recipe, data: StepData, source: Source) -> None:
     """Refuse, before anything runs, a recipe whose steps miss the data they need."""
     names = recipe.step_names()
     if names[0] != "export":
         raise ConfigError(f"{recipe.source}: the first step must be export (the fp32 baseline), not {names[0]!r}")
-    task = recipe.steps[0].get("task", "auto")
-    if source.spec and task != "auto":
-        raise ConfigError(f"{recipe.source}: export task = {task!r} applies to Hugging Face folders (--hf), "
-                          "not to a SPEC; drop it or convert --hf PATH")
-
-    def need(key: str, step: str, why: str = "") -> None:
-        if not data.get(key):
-            raise DataError(f"{recipe.source}: step '{step}' needs {key} data{why}: pass --{key} or set [data].{key}")
-
-    if data.get("labels") and not data.get("eval"):
-        raise DataError(f"{recipe.source}: labels score the eval samples; pass --eval DATA with --labels")
-    for s in recipe.steps:
+    available = data.available()
+    available["tokenizer"] = available["tokenizer"] or bool(source.hf)
+    for i, s in enumerate(recipe.steps, start=1):
         step = s["step"]
-        if step == "validate":
-            need("eval", step)
-        elif step == "quantize":
-            need("calibration", step)
-            if s["tolerance"] >= 0:
-                need("eval", step, " for its tolerance")
-        elif step == "prune" and s["importance"] in ("activation", "obs"):
-            need("calibration", step, f" for {s['importance']} importance")
-        elif step == "distill" and not data.get("text"):
-            need("calibration", step, " (or --text) to train on")
-        elif step == "reduce-embeddings" and s["prune_vocab"]:
-            need("text", step, " (the corpus) for prune_vocab")
-        if step in ("distill", "reduce-embeddings") and data.get("text") and not (data.get("tokenizer") or source.hf):
-            need("tokenizer", step, " to read --text")
+        try:
+            if step == "export" and source.spec and s["task"] != "auto":
+                raise OptionError("task", "applies to Hugging Face folders (--hf), not to a SPEC; drop it or "
+                                          "convert --hf PATH")
+            if step in _STEP_NEEDS:
+                data.need(*_STEP_NEEDS[step])
+            need_data(list(STEP_OPTIONS[step].values()), s, available)
+            if step == "distill" and not data.text:
+                data.need("calibration", "distill (or text)")
+            if step in ("distill", "reduce-embeddings") and data.text and not available["tokenizer"]:
+                data.need("tokenizer", "text")
+        except (OptionError, DataNeeded) as e:
+            raise in_recipe_words(e, recipe.source, i, step) from None
+
+
+def in_recipe_words(e: OptionError | DataNeeded, source: str, index: int, step: str) -> ConfigError | DataError:
+    """A library error about an option or data key, as a recipe user reads it."""
+    where = f"{source}: step {index} ({step})"
+    if isinstance(e, OptionError):
+        return ConfigError(f"{where}: {e}")
+    return DataError(f"{where}: {e.what} needs {e.key} data: pass --{e.key} or set [data] {e.key} in the recipe")
 
 
 def _gates(recipe: Recipe, steps: list[StepRecord]) -> list[dict[str, Any]]:
@@ -361,8 +337,12 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
     from edgecomp.render.html import write_reports
 
     given = {"calibration": calibration, "eval": eval_data, "labels": labels, "text": text, "tokenizer": tokenizer}
-    data = {k: given[k] or recipe.data.get(k) for k in given}
-    out = check_output_dir(outdir, [*data.values(), source.hf, source.spec_file(), recipe.source, *protect], overwrite)
+    try:
+        data = StepData(**{k: given[k] or recipe.data.get(k) for k in given})
+    except DataNeeded as e:
+        raise ConfigError(f"{recipe.source}: labels score the eval samples; pass --eval DATA with --labels") from e
+    out = check_output_dir(outdir, [*dataclasses.astuple(data), source.hf, source.spec_file(), recipe.source,
+                                    *protect], overwrite)
     _check_steps(recipe, data, source)
     started = datetime.datetime.now().isoformat(timespec="seconds")
     with work_dir(out) as work:
@@ -371,11 +351,14 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
             rec = StepRecord(i, options["step"], {k: v for k, v in options.items() if k != "step"})
             ctx.records.append(rec)
             t0 = time.perf_counter()
-            STEP_RUNNERS[rec.step](ctx, rec)
+            try:
+                STEP_RUNNERS[rec.step](ctx, rec)
+            except (OptionError, DataNeeded) as e:
+                raise in_recipe_words(e, recipe.source, i, rec.step) from None
             rec.seconds = time.perf_counter() - t0
             if rec.model:
                 ctx.current = Path(rec.model)
-                _measure(rec, data.get("eval") or data.get("calibration"))
+                _measure(rec, ctx.latest_model(), data.eval or data.calibration)
             if on_step:
                 on_step(rec)
         copy_file(ctx.current, work / "model.onnx")
@@ -387,7 +370,7 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
             from edgecomp.measure.bench import first_feed
             from edgecomp.package import package_model
 
-            feed_src = data.get("eval") or data.get("calibration")
+            feed_src = data.eval or data.calibration
             result.package = package_model(work / "model.onnx", work,
                                            feed=first_feed(feed_src, ctx.current) if feed_src else None)
         result.gates = _gates(recipe, ctx.records)

@@ -59,17 +59,18 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from edgecomp.data import Dataset, input_specs
-from edgecomp.errors import NothingToPrune, PassFailed
+from edgecomp.data import Dataset, StepData, input_specs, load_data
+from edgecomp.errors import NothingToPrune, OptionError, PassFailed
 from edgecomp.graph import const_array
+from edgecomp.options import need_data
 from edgecomp.prune.fidelity import fidelity_text, fidelity_warning, held_out_fidelity
 from edgecomp.prune.groups import PRUNABLE_OPS, find_groups, lift_constants
 from edgecomp.prune.importance import channel_stats, plan_pruning
-from edgecomp.prune.options import PruneOptions
+from edgecomp.prune.options import OPTIONS, PruneOptions
 from edgecomp.prune.repair import bias_of, layer_weight, repair
 from edgecomp.prune.samples import feeds
 
-__all__ = ["PruneResult", "verify_pruned", "prune_model"]
+__all__ = ["PruneResult", "verify_pruned", "prune_model", "prune_weights", "run"]
 
 
 @dataclasses.dataclass
@@ -230,7 +231,7 @@ def prune_model(model: ir.Model, opts: PruneOptions, data: Dataset | None = None
     fidelity = held_out_fidelity(original, model, data, opts.max_samples, opts.threads) if data is not None else None
     warnings = [w for w in [fidelity_warning(fidelity) if fidelity else None] if w]
     summary = dict(result.summary)
-    summary.update({"importance": plan.importance, "scope": opts.scope,
+    summary.update({"importance": plan.importance, "scope": opts.resolved_scope(),
                     "parameters": f"{params0:,} → {params1:,}",
                     "MACs": f"{macs0:,} → {macs1:,}" if macs0 and macs1 else None,
                     "layers repaired": sum(r.get("repair") == "applied" for r in repaired),
@@ -238,3 +239,33 @@ def prune_model(model: ir.Model, opts: PruneOptions, data: Dataset | None = None
                     "fidelity": fidelity_text(fidelity) if fidelity else None,
                     "seconds": round(time.perf_counter() - t0, 1)})
     return PruneResult(model, plan.rows, layers, summary, fidelity, warnings)
+
+
+def prune_weights(model: ir.Model, opts: PruneOptions) -> PruneResult:
+    """Unstructured pruning: zero the smallest weights (:class:`PruneMagnitudePass`), checked
+    against the input like structured pruning. Options that only structured pruning reads are
+    refused when they are set."""
+    from edgecomp.passes.base import run_pass
+    from edgecomp.prune.prune_magnitude import PruneMagnitudePass
+
+    opts.validate()
+    for opt in OPTIONS:
+        if opt.name in ("importance", "round_to", "kinds", "repair", "max_samples") and \
+                getattr(opts, opt.name) != (tuple(opt.default) if isinstance(opt.default, list) else opt.default):
+            raise OptionError(opt.name, "has no effect on unstructured pruning (it ranks weights by magnitude alone); "
+                                        "drop it")
+    reference = model.clone()
+    result = run_pass(PruneMagnitudePass(sparsity=opts.sparsity, scope=opts.resolved_scope(), protect=opts.protect),
+                      model)
+    verify_pruned(result.model, reference)
+    return PruneResult(result.model, [], result.rows, dict(result.summary))
+
+
+def run(model: ir.Model, opts: PruneOptions, data: StepData) -> PruneResult:
+    """What ``edgecomp prune`` and a recipe's prune step call: structured pruning (with the
+    calibration data of ``data``, when given, for importance, repair and held-out fidelity) or
+    unstructured magnitude pruning."""
+    need_data(OPTIONS, {o.name: getattr(opts, o.name) for o in OPTIONS}, data.available())
+    if not opts.structured:
+        return prune_weights(model, opts)
+    return prune_model(model, opts, load_data(data.calibration) if data.calibration else None)

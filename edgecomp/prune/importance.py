@@ -172,14 +172,14 @@ def plan_pruning(an: Analysis, opts: PruneOptions, stats: Mapping[str, np.ndarra
         else:
             prunable.append((root, row))
     kept: dict[int, np.ndarray] = {}
-    if opts.scope == "global":
+    if opts.resolved_scope() == "global":
         normed = {r: scores[r] / max(scores[r].mean(), 1e-30) for r, _ in prunable}
         allv = np.concatenate(list(normed.values())) if normed else np.zeros(0)
         cut = np.quantile(allv, opts.sparsity) if len(allv) else 0.0
     for root, row in prunable:
         s, size = scores[root], an.sizes[root]
         order = np.argsort(-s, kind="stable")
-        if opts.scope == "global":
+        if opts.resolved_scope() == "global":
             keep = max(1, int((normed[root] > cut).sum()))
             keep = _round_keep(keep, size, opts.round_to)
         else:

@@ -34,9 +34,9 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
-from edgecomp.data import Dataset, input_specs
+from edgecomp.data import Dataset, StepData, input_specs, load_data, load_labels
 from edgecomp.embeddings.quantize_embeddings import QuantizeEmbeddingsPass
-from edgecomp.errors import ConfigError, PassFailed
+from edgecomp.errors import DataNeeded, PassFailed
 from edgecomp.graph import compile_patterns
 from edgecomp.passes.base import run_pass
 from edgecomp.passes.optimize_graph import OptimizeGraphPass
@@ -49,7 +49,7 @@ from edgecomp.quantize.plan import bits_reason, build, make_plan
 from edgecomp.quantize.quantize_static import QUANTIZED_OPS, LayerPlan
 from edgecomp.quantize.tolerance import Evaluator, FidelityEvaluator, fit_tolerance
 
-__all__ = ["QuantizeResult", "quantize_model"]
+__all__ = ["QuantizeResult", "quantize_model", "run"]
 
 
 @dataclasses.dataclass
@@ -65,16 +65,15 @@ class QuantizeResult:
 
 
 def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions, *,
-                   eval_data: Dataset | None = None, metric: str = "cosine", tolerance: float | None = None,
-                   labels: np.ndarray | None = None) -> QuantizeResult:
+                   eval_data: Dataset | None = None, labels: np.ndarray | None = None) -> QuantizeResult:
     """The whole static quantization of ``model`` (a float model; it is modified in place by the
-    opset upgrade and the cleanup). Everything that can refuse the model — opset, layers — runs
-    before calibration."""
+    opset upgrade and the cleanup). With ``opts.tolerance`` and ``eval_data``, the accuracy-aware
+    fallback. Everything that can refuse the model — opset, layers — runs before calibration."""
     opts.validate()
+    if opts.tolerance is not None and eval_data is None:
+        raise DataNeeded("eval", "tolerance", option="tolerance")
     if any(n.op_type in QUANTIZED_OPS for n in model.graph):
         raise PassFailed("the model is already quantized; give the float model")
-    if tolerance is not None and tolerance < 0:
-        raise ConfigError("--tolerance must be >= 0")
     specs = input_specs(model)
     calibration.check_against(specs)
     if eval_data is not None:
@@ -98,10 +97,10 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     met, loss, sens, kept = None, None, {}, []
     fidelity = None
     kept_why = "among the most sensitive: kept float to meet the tolerance"
-    if eval_data is not None and tolerance is not None and plan:
-        evaluator = Evaluator(model, list(eval_data.feeds_for(specs)), metric, labels, opts.threads)
-        plan, sens, kept, met, loss = fit_tolerance(model, plan, evaluator, tolerance, opts.progress, opts.embeddings)
-    elif tolerance is None and opts.min_cosine is not None and plan:
+    if opts.tolerance is not None and plan:
+        evaluator = Evaluator(model, list(eval_data.feeds_for(specs)), opts.metric, labels, opts.threads)
+        plan, sens, kept, met, loss = fit_tolerance(model, plan, evaluator, opts.tolerance, opts.progress, opts.embeddings)
+    elif opts.tolerance is None and opts.min_cosine is not None and plan:
         # no accuracy target given: still never write a model whose outputs drift from float on
         # the calibration samples (a per-tensor output grid can wreck a downstream magnitude or
         # recurrent state that no per-layer statistic shows)
@@ -143,7 +142,16 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     if upgrade.modified:
         summary = {"opset": upgrade.summary["opset"], **summary}
     if loss is not None:
-        summary.update({"metric": metric, "tolerance": tolerance, "loss": loss, "met tolerance": met})
+        summary.update({"metric": opts.metric, "tolerance": opts.tolerance, "loss": loss, "met tolerance": met})
     if fidelity:
         summary.update(fidelity)
     return QuantizeResult(quantized, plan, rows, summary, family_rows, met, embedding_rows)
+
+
+def run(model: ir.Model, opts: QuantizeOptions, data: StepData) -> QuantizeResult:
+    """What ``edgecomp quantize`` and a recipe's quantize step call: :func:`quantize_model` on the
+    calibration (and, with a tolerance, eval) data named by ``data``."""
+    calibration = load_data(data.need("calibration", "static quantization"))
+    ev = load_data(data.need("eval", "tolerance", "tolerance")) if opts.tolerance is not None else None
+    labels = load_labels(data.labels, len(ev)) if (ev is not None and data.labels) else None
+    return quantize_model(model, calibration, opts, eval_data=ev, labels=labels)

@@ -33,7 +33,7 @@ import onnx_ir as ir
 from edgecomp.data import Dataset, input_specs
 from edgecomp.errors import DataError
 from edgecomp.quantize.layers import Layer
-from edgecomp.quantize.options import QuantizeOptions
+from edgecomp.quantize.options import METHODS, QuantizeOptions
 from edgecomp.runtime import make_session
 
 __all__ = ["calibrate", "METHODS", "ActivationStats", "collect_ranges", "collect_histograms", "uint8_qparams", "choose_range"]
@@ -76,7 +76,7 @@ def calibrate(model: ir.Model, layers: Sequence[Layer], data: Dataset, opts: Qua
 
 
 
-METHODS = ("minmax", "percentile", "entropy", "mse")
+
 
 
 

@@ -1,31 +1,55 @@
-"""The options of static int8 quantization, with their defaults and allowed values."""
+"""The options of static int8 quantization, declared once (:mod:`edgecomp.options`), and the
+:class:`QuantizeOptions` that the pass pipeline reads."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from edgecomp.errors import ConfigError
-from edgecomp.graph import compile_patterns
+from edgecomp.errors import OptionError
+from edgecomp.options import Option, check_values, in_range, regexes
 from edgecomp.targets import Isa
 
-__all__ = ["METRICS", "QuantizeOptions"]
+__all__ = ["METHODS", "METRICS", "FAMILIES", "OPTIONS", "QuantizeOptions", "MIN_OPSET", "OPSET_REASON"]
 
-
+METHODS = ("minmax", "percentile", "entropy", "mse")
 METRICS = ("cosine", "top1", "mae")
-
-
-
 FAMILIES = ("matmul", "conv", "conv-depthwise")
-
-
-
 MIN_OPSET = 13
-
-
-
 OPSET_REASON = "per-channel DequantizeLinear needs 13"
 
+
+def _smooth(v: str | float) -> str | None:
+    if v in ("auto", "off"):
+        return None
+    return None if 0 < _number(v) < 1 else f"must be auto, off, or an alpha in (0, 1), got {v!r}"
+
+
+def _families(v: str) -> str | None:
+    if v in ("auto", "all") or (v and not set(v.split(",")) - set(FAMILIES)):
+        return None
+    return f"must be auto, all, or a comma list of {', '.join(FAMILIES)}, got {v!r}"
+
+
+OPTIONS = (
+    Option("method", str, "minmax", "how activation ranges are chosen from calibration statistics", choices=METHODS),
+    Option("percentile", float, 99.99, "for method percentile", check=in_range(50, 100, open_lo=True, open_hi=True)),
+    Option("per_channel", bool, True, "one weight scale per output channel (or one per tensor)",
+           flag="--per-channel/--per-tensor"),
+    Option("weight_bits", (str, int), "auto", "auto: 7 where u8xs8 can saturate (x86 without VNNI), else 8",
+           choices=("auto", 7, 8)),
+    Option("smooth", (str, float), "auto", "SmoothQuant: auto (an alpha per activation where it lowers the "
+           "simulated error), off, or an alpha in (0, 1)", check=_smooth),
+    Option("bias_correction", str, "auto", "correct the mean shift int8 weights cause", choices=("auto", "on", "off")),
+    Option("families", str, "auto", "op families made int8: auto (those measured faster in int8 on this host), all, "
+           f"or a comma list of {','.join(FAMILIES)}", check=_families),
+    Option("exclude", list, [], "regexes of node names kept float (repeatable)", check=regexes, metavar="REGEX"),
+    Option("embeddings", bool, True, "int8 row-wise embedding tables (Gather)"),
+    Option("max_samples", int, None, "calibration samples to use (default: all)", check=in_range(1)),
+    Option("metric", str, "cosine", "what tolerance bounds: 1-cosine, top-1 accuracy drop, or MAE", choices=METRICS),
+    Option("tolerance", float, None, "allowed loss vs fp32 on eval data; the most sensitive layers stay float "
+           "until it is met (exit status 3 when it cannot be)", check=in_range(0), needs=lambda v: "eval"),
+)
 
 
 @dataclasses.dataclass
@@ -42,6 +66,8 @@ class QuantizeOptions:
     exclude: tuple[str, ...] = ()  # regexes of node names kept float
     embeddings: bool = True  # int8 row-wise embedding tables (Gather) of >= 1000 rows
     max_samples: int | None = None
+    metric: str = "cosine"
+    tolerance: float | None = None  # with eval data: accuracy-aware fallback
     reservoir: int = 512
     isa: Isa | None = None  # target ISA (default: the host's)
     threads: int = 1
@@ -52,26 +78,9 @@ class QuantizeOptions:
     fidelity_samples: int = 32
 
     def validate(self) -> None:
-        from edgecomp.quantize.calibration import METHODS
-
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown --method {self.method!r}; use one of {', '.join(METHODS)}")
-        if not 50 < self.percentile < 100:
-            raise ConfigError("--percentile must be in (50, 100), e.g. 99.99")
-        if str(self.weight_bits) not in ("auto", "7", "8"):
-            raise ConfigError("--weight-bits must be auto, 7 or 8")
-        if self.smooth not in ("auto", "off") and not (0.0 < _number(self.smooth) < 1.0):
-            raise ConfigError("--smooth must be auto, off, or an alpha in (0, 1)")
-        if self.bias_correction not in ("auto", "on", "off"):
-            raise ConfigError("--bias-correction must be auto, on or off")
-        if self.families not in ("auto", "all"):
-            bad = set(self.families.split(",")) - set(FAMILIES)
-            if bad:
-                raise ConfigError(f"unknown op families {sorted(bad)}; use {', '.join(FAMILIES)}, auto or all")
-        compile_patterns(self.exclude, "exclude pattern")
+        check_values(OPTIONS, {o.name: getattr(self, o.name) for o in OPTIONS})
         if self.min_cosine is not None and not 0.0 < _number(self.min_cosine) <= 1.0:
-            raise ConfigError("min_cosine must be in (0, 1], or None to skip the fidelity check")
-
+            raise OptionError("min_cosine", "must be in (0, 1], or None to skip the fidelity check")
 
 
 def _number(value: Any) -> float:

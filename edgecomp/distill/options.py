@@ -1,0 +1,85 @@
+"""The options of distillation, declared once (:mod:`edgecomp.options`); the fields of
+:class:`~edgecomp.distill.trainer.DistillConfig` carry the same names and defaults.
+
+This module imports no torch: the CLI and recipes read it at startup.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from edgecomp.options import Option, check_values, in_range
+
+__all__ = ["OPTIONS", "check_config"]
+
+_SHRINK = re.compile(r"\s*(layers|width)\s*=\s*([0-9.]+)\s*")
+
+
+def _shrink(v: str) -> str | None:
+    # The grammar of edgecomp.distill.students.parse_shrink, which imports torch.
+    m = _SHRINK.fullmatch(v)
+    if m:
+        try:
+            value = float(m.group(2))
+        except ValueError:
+            value = float("nan")
+        if (m.group(1) == "layers" and value >= 1 and value == int(value)) or (m.group(1) == "width" and 0 < value < 1):
+            return None
+    return f"must be layers=N (N >= 1, transformer encoders) or width=W (0 < W < 1, CNNs), got {v!r}"
+
+
+def _model(v: str) -> str | None:
+    """A SPEC (package.module:factory or path/to/file.py:factory) or an existing .onnx file."""
+    if v.endswith(".onnx"):
+        return None if Path(v).is_file() else f"names the ONNX file {v}, which does not exist"
+    target, sep, attr = v.rpartition(":")
+    if not sep or not target or not attr:
+        return f"must be a SPEC like package.module:factory or path/to/file.py:factory, or an .onnx file; got {v!r}"
+    if target.endswith(".py") and not Path(target).is_file():
+        return f"names the file {target}, which does not exist (relative to the working directory)"
+    return None
+
+
+def _device(v: str) -> str | None:
+    # Availability is checked when training starts (edgecomp.distill.trainer.resolve_device imports torch).
+    return None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else f"must be auto, cpu or cuda[:N], got {v!r}"
+
+
+_WEIGHT = in_range(0)
+
+OPTIONS = (
+    Option("student", str, None, "student: a SPEC, or an .onnx file (e.g. from edgecomp prune: its weights are "
+           "trained in place and written back into its graph)", check=_model),
+    Option("shrink", str, None, "derive the student from a torch teacher: layers=N (encoders, evenly spaced "
+           "teacher layers) or width=W (CNNs)", check=_shrink),
+    Option("project", bool, False, "learn a linear map when the student's output width differs",
+           flag="--project/--no-project"),
+    Option("max_len", int, 128, "token limit for text samples", check=in_range(2)),
+    Option("objective", str, "auto", "auto: soft targets for logits, matching for unit-norm embeddings",
+           choices=("auto", "logits", "embeddings")),
+    Option("temperature", float, 4.0, "soft-target temperature", check=in_range(0, open_lo=True)),
+    Option("kd_weight", float, 1.0, "weight of the soft-target KL (logits)", check=_WEIGHT),
+    Option("match", str, "cosine", "embedding / hidden-state matching loss", choices=("cosine", "mse")),
+    Option("match_weight", float, 1.0, "weight of output matching (embeddings)", check=_WEIGHT),
+    Option("hidden_weight", float, 0.0, "weight of hidden-state matching", check=_WEIGHT),
+    Option("ce_weight", float, 1.0, "weight of cross-entropy (with labels)", check=_WEIGHT),
+    Option("epochs", int, 10, "passes over the training data", check=in_range(1)),
+    Option("max_steps", int, None, "stop after this many steps (overrides epochs)", check=in_range(1)),
+    Option("batch_size", int, 32, "global batch size", check=in_range(1)),
+    Option("lr", float, 1e-3, "AdamW peak learning rate (cosine decay)", check=in_range(0, open_lo=True)),
+    Option("held_out", float, 0.1, "fraction held out for early stopping and validation",
+           check=in_range(0, 1, open_hi=True)),
+    Option("eval_every", int, None, "steps between held-out evaluations (default: each epoch)", check=in_range(1)),
+    Option("patience", int, 3, "evaluations without better fidelity before stopping", check=in_range(1)),
+    Option("seed", int, 0, "fixes initialization, split and data order", check=in_range(0, 2**32 - 1)),
+    Option("checkpoint_every", int, 100, "steps between checkpoints", check=in_range(1)),
+    Option("device", str, "auto", "where to train: auto takes a CUDA GPU when torch sees one (bf16 mixed precision), "
+           "else the CPU; cpu; cuda[:N]", check=_device, metavar="auto|cpu|cuda[:N]"),
+)
+
+
+def check_config(values: dict[str, Any]) -> None:
+    """The declared values of a DistillConfig (or a recipe step), checked."""
+    check_values(OPTIONS, values)

@@ -1,0 +1,18 @@
+"""The options of validation and benchmarking, declared once (:mod:`edgecomp.options`)."""
+
+from __future__ import annotations
+
+from edgecomp.options import Option, in_range
+
+__all__ = ["VALIDATE_OPTIONS", "BENCH_OPTIONS"]
+
+VALIDATE_OPTIONS = (
+    Option("k", int, 10, "neighbours for the k-NN agreement of embeddings", check=in_range(1)),
+)
+
+BENCH_OPTIONS = (
+    Option("threads", int, None, "onnxruntime intra-op threads (inter-op is 1); default: the target profile's, else 1",
+           check=in_range(1)),
+    Option("warmup", int, 10, "untimed runs per model", check=in_range(0)),
+    Option("runs", int, 50, "timed runs per model (interleaved)", check=in_range(1)),
+)

@@ -1,0 +1,1 @@
+"""Reports: text tables for the terminal (text) and report.html (html)."""
