@@ -167,6 +167,10 @@ def _normalize_example(module: Any, example: Any, input_shapes: Mapping[str, tup
 
 
 def _dynamic_axes(names: Sequence[str], dynamic: Mapping[str, Mapping[int, str]]) -> dict[str, dict[int, str]]:
+    """The axes per input; ``*`` names every input (``*:0=batch`` makes every batch axis symbolic)."""
+    if "*" in dynamic:
+        every = dynamic["*"]
+        dynamic = {**{n: dict(every) for n in names}, **{k: v for k, v in dynamic.items() if k != "*"}}
     unknown = set(dynamic) - set(names)
     if unknown:
         raise SpecError(f"--dynamic names unknown input(s) {sorted(unknown)}; inputs are {list(names)}")
@@ -939,8 +943,8 @@ OPTIONS = (
     Option("exporter", str, "auto", "auto tries torch's dynamo exporter first (TorchScript first for --hf) and "
            "falls back to the other", choices=("auto", "dynamo", "torchscript")),
     Option("opset", int, DEFAULT_OPSET, "ONNX opset", check=_opset_problem),
-    Option("dynamic", dict, {}, "make an input axis symbolic, e.g. x:0=batch (repeatable; recipe: "
-           "{x = {0 = 'batch'}})", check=_dynamic_problem, parse=_parse_dynamic, metavar="NAME:AXIS=label"),
+    Option("dynamic", dict, {}, "make an input axis symbolic, e.g. x:0=batch, or *:0=batch for every input "
+           "(repeatable; recipe: {x = {0 = 'batch'}})", check=_dynamic_problem, parse=_parse_dynamic, metavar="NAME:AXIS=label"),
     Option("input", dict, {}, "example input shape when the factory gives none, e.g. x=1x3x224x224 "
            "(repeatable; recipe: {x = '1x3x224x224'})", check=_shapes_problem, parse=_parse_inputs,
            metavar="NAME=SHAPE[:dtype]"),

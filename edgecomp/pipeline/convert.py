@@ -178,20 +178,35 @@ def _run_prune(ctx: _Context, rec: StepRecord) -> None:
 
 
 def _run_distill(ctx: _Context, rec: StepRecord) -> None:
+    """Distill a student from the source model; after a prune step, heal the pruned model (the
+    latest) by training it against the model that went into the prune."""
     from edgecomp.distill import DistillConfig, distill
 
     text = ctx.data.text
-    o = dict(rec.options)
-    cfg = DistillConfig(teacher=ctx.source.spec, teacher_hf=ctx.source.hf, text=text,
-                        tokenizer=ctx.data.tokenizer or (ctx.source.hf if text else None),
+    before_prune = _input_of_first_prune(ctx)
+    models = dict(teacher=ctx.source.spec, teacher_hf=ctx.source.hf)
+    if before_prune:
+        models = dict(teacher=before_prune, teacher_hf=None, student=str(ctx.current))
+    cfg = DistillConfig(**{**rec.options, **models}, text=text, tokenizer=ctx.data.tokenizer or (ctx.source.hf if text else None),
                         data=None if text else ctx.data.need("calibration", "distill"),
                         checkpoint=str(ctx.outdir / f"{rec.index:02d}-distill.ckpt"), threads=ctx.threads,
-                        progress=ctx.progress, **o)
+                        progress=ctx.progress)
     res = distill(cfg, ctx.out_path(rec), bench_runs=0)
     rec.model = str(ctx.out_path(rec))
     ctx.forget()
     rec.summary = {k: v for k, v in res.training.items() if isinstance(v, (int, float, str))}
+    if before_prune:
+        rec.summary["healed"] = f"{Path(ctx.current).name} against {Path(before_prune).name}"
     rec.tables = {"teacher vs student": res.rows}
+
+
+def _input_of_first_prune(ctx: _Context) -> str | None:
+    """The model a prune step started from (the latest model before the first prune), if one ran."""
+    models = ctx.model_records()
+    for i, r in enumerate(models):
+        if r.step == "prune":
+            return models[i - 1].model if i else None
+    return None
 
 
 def _run_reduce_embeddings(ctx: _Context, rec: StepRecord) -> None:

@@ -122,6 +122,7 @@ def parse_recipe(doc: dict[str, Any], name: str = "recipe", source: str = "<reci
     if not isinstance(raw_steps, list) or not raw_steps:
         raise ConfigError(f"{source}: no [[steps]]; a recipe lists at least one step ({', '.join(STEP_OPTIONS)})")
     steps = [_parse_step(s, i, source) for i, s in enumerate(raw_steps)]
+    _check_students(steps, source)
     for table in ("gates", "data"):
         if not isinstance(doc.get(table, {}), dict):
             raise ConfigError(f"{source}: {table} must be a table ([{table}] with key = value lines)")
@@ -192,8 +193,6 @@ def _coerce(value: Any, opt: Option, where: str, key: str) -> Any:
 def _check_step(step: dict[str, Any], where: str) -> None:
     """What one option alone cannot say: combinations that the step would refuse when it runs."""
     kind = step["step"]
-    if kind == "distill" and bool(step["student"]) == bool(step["shrink"]):
-        raise ConfigError(f"{where}: give shrink (e.g. layers=3) or student = SPEC or .onnx file (one of them)")
     if kind == "reduce-embeddings":
         opts = ReduceOptions(**{k: v for k, v in step.items() if k != "step"})
         try:
@@ -202,6 +201,23 @@ def _check_step(step: dict[str, Any], where: str) -> None:
             raise ConfigError(f"{where}: {e}") from None
         if not (opts.bits or opts.rank or opts.energy or opts.prune_vocab):
             raise ConfigError(f"{where}: nothing to do; set bits, rank, energy or prune_vocab")
+
+
+def _check_students(steps: list[dict[str, Any]], source: str) -> None:
+    """A distill step after a prune step heals the pruned model against the model before the prune
+    (no shrink or student); elsewhere it needs shrink or student (one of them)."""
+    pruned = False
+    for i, s in enumerate(steps, start=1):
+        pruned = pruned or s["step"] == "prune"
+        if s["step"] != "distill":
+            continue
+        where = f"{source}: step {i} (distill)"
+        if pruned and (s["student"] or s["shrink"]):
+            raise ConfigError(f"{where}: after a prune step distill trains the pruned model against the unpruned one; "
+                              "drop shrink and student")
+        if not pruned and bool(s["student"]) == bool(s["shrink"]):
+            raise ConfigError(f"{where}: give shrink (e.g. layers=3) or student = SPEC or .onnx file (one of them), "
+                              "or put distill after a prune step to heal the pruned model")
 
 
 def apply_override(recipe: Recipe, key: str, value: Any) -> Recipe:
@@ -233,4 +249,5 @@ def apply_override(recipe: Recipe, key: str, value: Any) -> Recipe:
         where = f"{recipe.source}: step {i} ({head})"
         s[opt] = _coerce(value, STEP_OPTIONS[head][opt], f"{where} with --grid", opt)
         _check_step(s, f"{where} with --grid {key}={value!r}")
+    _check_students(out.steps, f"{recipe.source} with --grid {key}={value!r}")
     return out
