@@ -163,3 +163,13 @@ def test_eval_data_is_needed():
     with pytest.raises(DataNeeded) as e:
         prune_to_tolerance(ir.from_proto(_two_branches()), PruneOptions(), None, None, tolerance=0.1)
     assert e.value.key == "eval"
+
+
+def test_evaluation_budget_is_respected(tmp_path):
+    proto = _two_branches()
+    _, ev = _data(tmp_path, "eval", 10, 8)
+    result, met = prune_to_tolerance(ir.from_proto(proto), PruneOptions(), None, ev, tolerance=1e-3, max_evaluations=2)
+    _checked(proto, result)
+    assert result.summary["evaluations"] == 2 and any("2 evaluations" in w for w in result.warnings)
+    b = _row(result, "b1")  # a1 (sensitive) and b1 at 25% measured: b1's deeper levels were never tried
+    assert met and b["after"] == 12 and b["loss at 50%"] is None

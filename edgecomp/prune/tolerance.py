@@ -53,6 +53,7 @@ from edgecomp.prune.options import PruneOptions
 
 if TYPE_CHECKING:
     from edgecomp.prune import PruneResult
+    from edgecomp.quantize.tolerance import Evaluator
 
 __all__ = ["LEVELS", "prune_to_tolerance"]
 
@@ -76,7 +77,7 @@ class _Search:
     """Builds and measures candidates (cut, no repair) from the unpruned model; counts evaluations."""
 
     def __init__(self, base: ir.Model, an: Analysis, plans: dict[float, PrunePlan], groups: dict[int, _Group],
-                 evaluator, tolerance: float, budget: int | None):
+                 evaluator: Evaluator, tolerance: float, budget: int | None):
         from edgecomp.measure.inspect import count_parameters
 
         self.base, self.an, self.plans, self.groups = base, an, plans, groups
@@ -126,8 +127,11 @@ def _key(choice: Choice) -> tuple:
 def _analysis_for(an: Analysis, source: ir.Model, copy: ir.Model) -> Analysis:
     """``an`` (found on ``source``) with its edits on the matching nodes of ``copy``, a clone of
     ``source``: a clone keeps every graph's node order."""
-    nodes = {id(a): b for a, b in zip(ir.traversal.RecursiveGraphIterator(source.graph),
-                                      ir.traversal.RecursiveGraphIterator(copy.graph))}
+    src, dst = list(ir.traversal.RecursiveGraphIterator(source.graph)), list(ir.traversal.RecursiveGraphIterator(copy.graph))
+    pairs = list(zip(src, dst))
+    if len(src) != len(dst) or any(a.op_type != b.op_type or a.name != b.name for a, b in pairs):
+        raise PassFailed("a copy of the model differs from it node by node; nothing was written (please report this)")
+    nodes = {id(a): b for a, b in pairs}
     return dataclasses.replace(an, edits=[dataclasses.replace(e, node=nodes[id(e.node)]) for e in an.edits])
 
 
