@@ -188,24 +188,26 @@ def _sweep(search: _Search, progress: bool) -> None:
 
 
 
+def _priority(g: _Group, i: int, params0: int) -> tuple[float, int]:
+    """(loss added per parameter removed, − parameters removed) of taking ``g`` from level i−1 to i."""
+    loss0, p0 = (g.losses[i - 2], g.params[i - 2]) if i > 1 else (0.0, params0)
+    removed = p0 - g.params[i - 1]
+    return max(g.losses[i - 1] - loss0, 0.0) / max(removed, 1), -removed
+
+
+
 def _step_order(groups: dict[int, _Group], params0: int, tolerance: float) -> list[tuple[int, int]]:
     """Steps (root, level), each group's in level order, the least loss per parameter removed first
     among the groups' next steps; levels past the tolerance alone are left out."""
     heads = {r: 1 for r in groups}
     order = []
     while heads:
-        def priority(r: int) -> tuple[float, int]:
-            g, i = groups[r], heads[r]
-            loss0, p0 = (g.losses[i - 2], g.params[i - 2]) if i > 1 else (0.0, params0)
-            removed = p0 - g.params[i - 1]
-            return max(g.losses[i - 1] - loss0, 0.0) / max(removed, 1), -removed
-
         ready = [r for r in heads if heads[r] <= len(groups[r].losses) and groups[r].losses[heads[r] - 1] <= tolerance]
         for r in set(heads) - set(ready):
             del heads[r]
         if not ready:
             break
-        r = min(ready, key=priority)
+        r = min(ready, key=lambda r: _priority(groups[r], heads[r], params0))
         order.append((r, heads[r]))
         heads[r] += 1
     return order
@@ -221,7 +223,7 @@ def _apply(steps: Sequence[tuple[int, int]], choice: Choice | None = None) -> Ch
 
 
 def _search(search: _Search, order: list[tuple[int, int]]) -> Choice:
-    """The deepest combined cut within the tolerance (steps 4 of the module docstring); {} if none."""
+    """The deepest combined cut within the tolerance (step 4 of the module docstring); {} if none."""
     lo, hi = 0, None  # prefix lengths: lo within the tolerance, hi past it (or unmeasured)
     k = 1
     while k <= len(order):
@@ -254,7 +256,7 @@ def _search(search: _Search, order: list[tuple[int, int]]) -> Choice:
 
 
 def _fallback(search: _Search) -> Choice:
-    """The single-group cut with the least loss measured (fewer parameters breaking ties)."""
+    """The single-group cut with the least loss measured (the smaller model breaking ties)."""
     best = min(((g.losses[i], g.params[i], g.root, i + 1) for g in search.groups.values() for i in range(len(g.losses))),
                default=None)
     return {} if best is None else {best[2]: best[3]}
