@@ -1,4 +1,5 @@
-"""Graph helpers shared by every capability: constants, attributes, subgraphs, uses, name patterns.
+"""Graph helpers shared by every capability: constants, attributes, subgraphs, uses, fresh names,
+a layer's weight and bias, op counts, name patterns.
 
 One copy of each: a second one is a bug waiting to diverge.
 """
@@ -6,20 +7,45 @@ One copy of each: a second one is a bug waiting to diverge.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from edgecomp.errors import ConfigError
 
-__all__ = ["const_array", "compile_patterns"]
+__all__ = [
+    "INT8_OPS",
+    "NameAllocator",
+    "add_initializer",
+    "attribute",
+    "bias_add",
+    "bias_slot",
+    "compile_patterns",
+    "const_array",
+    "count_parameters",
+    "histogram",
+    "layer_bias",
+    "layer_weight",
+    "param_tensors",
+    "rank_of",
+    "single_use",
+    "subgraphs",
+    "unique_name",
+    "used_names",
+]
+
+#: ops that compute in int8 (onnxruntime's integer kernels), whatever form they come from
+INT8_OPS = frozenset({"ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat",
+                      "DynamicQuantizeMatMul", "QAttention", "QGemm"})
 
 
-def const_array(value: ir.Value | None) -> np.ndarray | None:
+def const_array(value: ir.Value | None, *, graph_inputs: bool = False) -> np.ndarray | None:
     """A value's constant array: an initializer or a Constant node's output (not an initializer
-    that is also a graph input: the caller may feed another value)."""
-    if value is None or value.is_graph_input():
+    that is also a graph input, the caller may feed another value; with ``graph_inputs``, such an
+    initializer gives its stored default too)."""
+    if value is None or (value.is_graph_input() and not graph_inputs):
         return None
     if value.const_value is not None:
         return value.const_value.numpy()
@@ -41,7 +67,9 @@ def subgraphs(node: ir.Node) -> list[ir.Graph]:
 
 
 
-def attribute(node: ir.Node, name: str, default: Any) -> Any:
+def attribute(node: ir.Node, name: str, default: Any = None) -> Any:
+    """The value of ``node``'s attribute ``name`` (an int, float, str, tuple of them, tensor or
+    graph, as the attribute's type says), or ``default`` when the node does not set it."""
     a = node.attributes.get(name)
     return default if a is None else a.value
 
@@ -51,6 +79,139 @@ def single_use(value: ir.Value) -> ir.Node | None:
     uses = list(value.uses())
     return uses[0].node if len(uses) == 1 and value not in value.graph.outputs else None
 
+
+
+def used_names(graph: ir.Graph) -> set[str]:
+    """Every name in use in ``graph`` and its subgraphs: values (inputs, initializers, node
+    outputs) and nodes."""
+    names = set(graph.initializers) | {v.name for v in graph.inputs if v.name}
+    for node in graph.all_nodes():
+        if node.name:
+            names.add(node.name)
+        names.update(o.name for o in node.outputs if o.name)
+    return names
+
+
+class NameAllocator:
+    """Fresh names for one graph: not in use there (:func:`used_names`) and not handed out before.
+
+    Value and node names are drawn from one pool, so a name given to a node is never given to a
+    value too; the names an emitter reserves stay reserved across its calls."""
+
+    def __init__(self, graph: ir.Graph):
+        self._taken = used_names(graph)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._taken
+
+    def claim(self, name: str) -> bool:
+        """Reserve ``name`` if it is free; whether it was."""
+        if name in self._taken:
+            return False
+        self._taken.add(name)
+        return True
+
+    def unique(self, base: str) -> str:
+        """``base`` if free, else the first free of ``base_1``, ``base_2``, ...; reserved."""
+        name, i = base, 0
+        while not self.claim(name):
+            i += 1
+            name = f"{base}_{i}"
+        return name
+
+
+def unique_name(graph: ir.Graph, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first name not yet used in ``graph``."""
+    return NameAllocator(graph).unique(base)
+
+
+def add_initializer(graph: ir.Graph, name: str, array: Any, metadata: dict[str, str] | None = None) -> ir.Value:
+    """Register ``array`` as an initializer named ``name`` (the caller picks a free name)."""
+    t = ir.tensor(array, name=name)
+    t.metadata_props.update(metadata or {})
+    v = ir.Value(name=name, const_value=t)
+    graph.register_initializer(v)
+    return v
+
+
+def rank_of(v: ir.Value) -> int | None:
+    return len(v.shape) if v.shape is not None else None
+
+
+def histogram(model: ir.Model) -> dict[str, int]:
+    """Op counts, ``domain.op`` for non-default domains."""
+    counts: dict[str, int] = {}
+    for node in model.graph:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def param_tensors(graph: ir.Graph):
+    """Every initializer's tensor and every Constant node's tensor (subgraphs included)."""
+    for v in graph.initializers.values():
+        if v.const_value is not None:
+            yield v.const_value
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if node.op_type == "Constant" and node.domain == "" and "value" in node.attributes:
+            yield node.attributes["value"].as_tensor()
+
+
+def count_parameters(model: ir.Model) -> int:
+    """Elements of every initializer and Constant-node tensor, any dtype: what ``inspect`` counts."""
+    return sum(int(np.prod(t.shape.numpy())) for t in param_tensors(model.graph))
+
+
+# A layer: MatMul(x, W [K, N]) with an optional bias Add after it, Gemm(x, B, C), Conv(x, W, b).
+
+def layer_weight(node: ir.Node, *, graph_inputs: bool = False) -> np.ndarray | None:
+    """A MatMul/Gemm/Conv layer's weight as [K, N] (input features × outputs): MatMul's W, Gemm's
+    B (transposed when ``transB``), a pointwise Conv's [N, K, 1, ...] as [K, N]; None when the
+    weight is not a constant (``graph_inputs``: as :func:`const_array`). The dtype is the stored one."""
+    w = const_array(node.inputs[1] if len(node.inputs) > 1 else None, graph_inputs=graph_inputs)
+    if w is None:
+        return None
+    if node.op_type == "Conv":
+        return w.reshape(w.shape[0], w.shape[1]).T
+    if node.op_type == "Gemm" and int(attribute(node, "transB", 0)):
+        return w.T
+    return w
+
+
+def bias_add(node: ir.Node, *, graph_inputs: bool = False) -> ir.Node | None:
+    """The Add of a constant bias (N values, the last dim N) that is the only use of a MatMul's
+    output (not also a graph output), if any."""
+    out = node.outputs[0]
+    add = single_use(out)
+    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None
+    w = const_array(node.inputs[1], graph_inputs=graph_inputs)
+    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+    c = const_array(other, graph_inputs=graph_inputs)
+    if w is None or w.ndim != 2 or c is None or c.ndim == 0:
+        return None
+    n = w.shape[1]
+    return add if c.size == n and c.shape[-1] == n else None
+
+
+def bias_slot(node: ir.Node, *, graph_inputs: bool = False) -> tuple[ir.Node, int] | None:
+    """Where the layer's bias lives, as (node, input index): Conv/Gemm input 2 (present or not),
+    a MatMul's :func:`bias_add` (None without one)."""
+    if node.op_type in ("Conv", "Gemm"):
+        return node, 2
+    add = bias_add(node, graph_inputs=graph_inputs)
+    if add is None:
+        return None
+    return add, 0 if add.inputs[1] is node.outputs[0] else 1
+
+
+def layer_bias(node: ir.Node, n_out: int, *, graph_inputs: bool = False) -> np.ndarray | None:
+    """The layer's bias broadcast to [n_out] (stored dtype), or None when it has none."""
+    slot = bias_slot(node, graph_inputs=graph_inputs)
+    if slot is None or slot[1] >= len(slot[0].inputs) or slot[0].inputs[slot[1]] is None:
+        return None
+    b = const_array(slot[0].inputs[slot[1]], graph_inputs=graph_inputs)
+    return None if b is None else np.broadcast_to(b.reshape(-1), (n_out,)).copy()
 
 
 def compile_patterns(patterns: Sequence[str], what: str) -> list[re.Pattern]:

@@ -19,7 +19,7 @@ import onnx
 import onnx_ir as ir
 
 from edgecomp.errors import PassFailed
-from edgecomp.passes.base import add_initializer, rank_of
+from edgecomp.graph import NameAllocator, add_initializer, attribute, rank_of
 
 #: metadata key on initializers that hold scales/offsets of a reduced table
 ROLE_KEY = "edgecomp.embedding_role"
@@ -59,7 +59,7 @@ def find_embedding_tables(model: ir.Model, min_rows: int = 0,
             continue  # scales of an already reduced table are read by Gather too
         uses = list(value.uses())
         gathers = [u.node for u in uses if u.node.op_type == "Gather" and u.idx == 0 and _default_domain(u.node)
-                   and _int_attr(u.node, "axis", 0) == 0 and u.node.inputs[1].const_value is None]
+                   and attribute(u.node, "axis", 0) == 0 and u.node.inputs[1].const_value is None]
         if not gathers:
             continue
         rows, dim = t.shape.numpy()
@@ -83,20 +83,15 @@ def _default_domain(node: ir.Node) -> bool:
     return node.domain in ("", "ai.onnx")
 
 
-def _int_attr(node: ir.Node, name: str, default: int) -> int:
-    a = node.attributes.get(name)
-    return a.as_int() if a is not None else default
-
-
 def _is_head(use) -> bool:
     node = use.node
     if not _default_domain(node) or use.idx != (0 if node.op_type == "Transpose" else 1):
         return False
     if node.op_type == "Gemm":
-        return _int_attr(node, "transB", 0) == 1 and _int_attr(node, "transA", 0) == 0
+        return attribute(node, "transB", 0) == 1 and attribute(node, "transA", 0) == 0
     if node.op_type == "Transpose":
-        perm = node.attributes.get("perm")
-        if perm is not None and list(perm.as_ints()) != [1, 0]:
+        perm = attribute(node, "perm")
+        if perm is not None and list(perm) != [1, 0]:
             return False
         return all(u.node.op_type == "MatMul" and u.idx == 1 for u in node.outputs[0].uses())
     return False
@@ -129,14 +124,14 @@ class Emitter:
     def __init__(self, graph: ir.Graph, anchor: ir.Node):
         self.graph, self.anchor, self.n = graph, anchor, 0
         # passes run one after another on the same anchor: names must not repeat earlier ones
-        self._taken = {n.name for n in graph} | set(graph.initializers)
+        self._names = NameAllocator(graph)
 
     def _name(self, op: str) -> str:
+        """``{anchor}_{op}_{n}``, n counting up over this emitter's names past any already used."""
         while True:
             self.n += 1
             name = f"{self.anchor.name}_{op}_{self.n}"
-            if name not in self._taken:
-                self._taken.add(name)
+            if self._names.claim(name):
                 return name
 
     def const(self, array: np.ndarray) -> ir.Value:
@@ -145,7 +140,7 @@ class Emitter:
     def op(self, op_type: str, inputs, **attrs) -> ir.Value:
         name = self._name(op_type)
         node = ir.node(op_type, inputs, attributes=attrs or None, name=name, num_outputs=1)
-        node.outputs[0].name = f"{name}_out"
+        node.outputs[0].name = self._names.unique(f"{name}_out")
         self.graph.insert_before(self.anchor, node)
         return node.outputs[0]
 

@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from edgecomp.data import InputSpec, feed_defaults, image_size_hint, input_specs, synthesize_feed
 from edgecomp.errors import DataError, ModelLoadError
-from edgecomp.passes.base import histogram
+from edgecomp.graph import INT8_OPS, attribute, count_parameters, histogram, param_tensors
 from edgecomp.runtime import make_session, run_feed
 
 __all__ = ["ModelSummary", "summarize", "count_parameters", "count_macs", "node_macs", "probe_shapes", "INT8_OPS"]
@@ -30,8 +30,6 @@ CONV_OPS = {"Conv", "ConvInteger", "QLinearConv", "FusedConv", "ConvTranspose"}
 MATMUL_OPS = {"MatMul", "Gemm", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat",
               "DynamicQuantizeMatMul", "FusedMatMul", "MatMulNBits", "QGemm"}
 ATTENTION_OPS = {"Attention", "QAttention"}
-INT8_OPS = {"ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat",
-            "DynamicQuantizeMatMul", "QAttention", "QGemm"}
 
 
 @dataclasses.dataclass
@@ -56,20 +54,6 @@ class ModelSummary:
         if not self.macs:
             return None
         return self.int8_macs / self.macs
-
-
-def _param_tensors(graph: ir.Graph):
-    for v in graph.initializers.values():
-        if v.const_value is not None:
-            yield v.const_value
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        if node.op_type == "Constant" and node.domain == "" and "value" in node.attributes:
-            yield node.attributes["value"].as_tensor()
-
-
-def count_parameters(model: ir.Model) -> int:
-    """Elements of every initializer and Constant-node tensor, any dtype: what ``inspect`` counts."""
-    return sum(int(np.prod(t.shape.numpy())) for t in _param_tensors(model.graph))
 
 
 def _is_int8(node: ir.Node) -> bool:
@@ -121,7 +105,7 @@ def node_macs(node: ir.Node, shapes: Mapping[str, Sequence[int]]) -> int:
         if a is None:
             return 0
         k = a[-1]
-        if node.op_type == "Gemm" and node.attributes.get("transA") is not None and node.attributes["transA"].as_int():
+        if node.op_type == "Gemm" and attribute(node, "transA", 0):
             k = a[0]
         return n_out * int(k)
     if node.op_type in ATTENTION_OPS:
@@ -149,7 +133,7 @@ def summarize(model: ir.Model, shapes: Mapping[str, Sequence[int]] | None = None
     """
     hist = collections.Counter(histogram(model))
     by_dtype: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
-    for t in _param_tensors(model.graph):
+    for t in param_tensors(model.graph):
         entry = by_dtype[t.dtype.name.lower()]
         entry[0] += int(np.prod(t.shape.numpy()))
         entry[1] += t.nbytes

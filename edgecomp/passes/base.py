@@ -8,6 +8,7 @@ from typing import Any
 import onnx_ir as ir
 
 from edgecomp.errors import EdgecompError, PassFailed
+from edgecomp.graph import add_initializer, histogram, rank_of  # graph helpers, kept importable from here
 
 __all__ = ["PassReport", "EdgecompPass", "run_pass", "histogram", "add_initializer", "rank_of"]
 
@@ -54,24 +55,3 @@ def run_pass(pass_: ir.passes.PassBase, model: ir.Model) -> PassReport:
         result = PassReport(result.model, result.modified, type(pass_).__name__)
     return result
 
-
-def add_initializer(graph: ir.Graph, name: str, array: Any, metadata: dict[str, str] | None = None) -> ir.Value:
-    """Register ``array`` as an initializer named ``name`` (the caller picks a free name)."""
-    t = ir.tensor(array, name=name)
-    t.metadata_props.update(metadata or {})
-    v = ir.Value(name=name, const_value=t)
-    graph.register_initializer(v)
-    return v
-
-
-def rank_of(v: ir.Value) -> int | None:
-    return len(v.shape) if v.shape is not None else None
-
-
-def histogram(model: ir.Model) -> dict[str, int]:
-    """Op counts, ``domain.op`` for non-default domains."""
-    counts: dict[str, int] = {}
-    for node in model.graph:
-        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-        counts[key] = counts.get(key, 0) + 1
-    return counts

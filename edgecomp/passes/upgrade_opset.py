@@ -24,6 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from edgecomp.errors import PassFailed
+from edgecomp.graph import attribute
 from edgecomp.passes.base import EdgecompPass, PassReport
 
 __all__ = ["UpgradeOpsetPass", "default_opset", "opset_violations", "new_violations", "drop_unsupported_defaults"]
@@ -123,7 +124,7 @@ def _kind(line: str) -> str:
 
 
 def _reshape_allowzero_droppable(node: ir.Node) -> bool:
-    a = node.attributes["allowzero"].as_int()
+    a = attribute(node, "allowzero", 0)
     if a == 0:
         return True
     shape = node.inputs[1] if len(node.inputs) > 1 else None

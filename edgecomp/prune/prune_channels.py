@@ -27,21 +27,17 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.errors import PassFailed
-from edgecomp.graph import const_array
-from edgecomp.passes.base import EdgecompPass, PassReport, add_initializer
+from edgecomp.graph import add_initializer, const_array, unique_name
+from edgecomp.passes.base import EdgecompPass, PassReport
 from edgecomp.prune.importance import PrunePlan
 
 __all__ = ["PruneChannelsPass", "new_initializer"]
 
 
 def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as an initializer under a name derived from ``base`` not yet used."""
-    taken = set(graph.initializers) | {o.name for n in graph for o in n.outputs} | {v.name for v in graph.inputs}
-    name, i = f"{base}_pruned", 0
-    while name in taken:
-        i += 1
-        name = f"{base}_pruned_{i}"
-    return add_initializer(graph, name, np.ascontiguousarray(array))
+    """Register ``array`` (contiguous) as an initializer named ``{base}_pruned``, or
+    ``{base}_pruned_1``, ... : the first name not yet used."""
+    return add_initializer(graph, unique_name(graph, f"{base}_pruned"), np.ascontiguousarray(array))
 
 
 class PruneChannelsPass(EdgecompPass):

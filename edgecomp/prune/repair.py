@@ -9,39 +9,13 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.data import Dataset
-from edgecomp.graph import attribute, const_array
+from edgecomp.graph import attribute, bias_slot, const_array, layer_bias, layer_weight
 from edgecomp.prune.groups import PRUNABLE_OPS
 from edgecomp.prune.importance import PrunePlan
 from edgecomp.prune.options import HOLD_OUT_EVERY
 from edgecomp.prune.samples import feature_rows, feeds, is_held, n_used
 
-__all__ = ["repair"]
-
-
-def layer_weight(node: ir.Node) -> np.ndarray:
-    """The layer's weight as [K, N] (input features × outputs)."""
-    w = const_array(node.inputs[1])
-    if node.op_type == "Conv":
-        return w.reshape(w.shape[0], w.shape[1]).T
-    if node.op_type == "Gemm" and int(attribute(node, "transB", 0)):
-        return w.T
-    return w
-
-
-
-def _bias_slot(node: ir.Node) -> tuple[ir.Node, int] | None:
-    """Where the layer's bias lives (node, input index): Conv/Gemm input 2, or a MatMul's Add."""
-    if node.op_type in ("Conv", "Gemm"):
-        return node, 2
-    uses = list(node.outputs[0].uses())
-    if len(uses) == 1 and uses[0].node.op_type == "Add":
-        add = uses[0].node
-        other = 1 - uses[0].idx
-        c = const_array(add.inputs[other])
-        if c is not None and c.ndim == 1 and c.shape[0] == const_array(node.inputs[1]).shape[1]:
-            return add, other
-    return None
-
+__all__ = ["repair", "layer_weight", "bias_of"]
 
 
 def _repairable(node: ir.Node) -> str | None:
@@ -124,10 +98,9 @@ def _grams(original: ir.Model, pruned: ir.Model, node: ir.Node, data: Dataset, m
 
 
 def bias_of(node: ir.Node, n_out: int) -> np.ndarray:
-    slot = _bias_slot(node)
-    if slot is None or slot[1] >= len(slot[0].inputs) or slot[0].inputs[slot[1]] is None:
-        return np.zeros(n_out)
-    return np.broadcast_to(const_array(slot[0].inputs[slot[1]]).reshape(-1), (n_out,)).astype(np.float64)
+    """The layer's bias as float64 [n_out] (:func:`edgecomp.graph.layer_bias`), zeros without one."""
+    b = layer_bias(node, n_out)
+    return np.zeros(n_out) if b is None else b.astype(np.float64)
 
 
 
@@ -149,7 +122,7 @@ def _refit(pruned: ir.Model, node: ir.Node, ref: ir.Node, in_idx: np.ndarray, ou
     w_old = layer_weight(ref).astype(np.float64)
     target = np.vstack([w_old, bias_of(ref, w_old.shape[1])[None, :]])[:, out_idx]
     keep_rows = np.append(in_idx, w_old.shape[0])  # the bias row stays
-    fit_bias = _bias_slot(node) is not None
+    fit_bias = bias_slot(node) is not None
     a, b, _, n = fit
     if not fit_bias:  # nowhere to write a bias: fit without the ones column
         a, b, keep_rows = a[:-1, :-1], b[:-1], in_idx
@@ -198,7 +171,7 @@ def _write_layer(model: ir.Model, node: ir.Node, w: np.ndarray, bias: np.ndarray
     node.replace_input_with(1, new_initializer(model.graph, node.inputs[1].name, arr.astype(old.dtype)))
     if bias is None:
         return
-    slot, idx = _bias_slot(node)
+    slot, idx = bias_slot(node)
     if idx >= len(slot.inputs):
         slot.resize_inputs(idx + 1)
     current = slot.inputs[idx]

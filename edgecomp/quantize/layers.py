@@ -9,6 +9,8 @@ from typing import Any, Mapping, Sequence
 
 import onnx_ir as ir
 
+from edgecomp.graph import attribute, subgraphs
+
 __all__ = ["Layer", "find_layers"]
 
 
@@ -45,7 +47,7 @@ def find_layers(model: ir.Model) -> tuple[list[Layer], list[dict[str, Any]]]:
             continue
         if node.op_type == "Conv":
             w = node.inputs[1].const_value.shape.numpy()
-            group = node.attributes["group"].as_int() if "group" in node.attributes else 1
+            group = attribute(node, "group", 1)
             family = "conv-depthwise" if group > 1 and group == w[0] and w[1] == 1 else "conv"
             tail = _activation_after(node)
             out = (tail or node).outputs[0]
@@ -62,10 +64,7 @@ def _subgraph_layers(model: ir.Model) -> list[dict[str, Any]]:
     """A row per MatMul/Gemm/Conv inside a subgraph (If branches, Loop/Scan bodies)."""
     rows = []
     for owner in model.graph:
-        for attr in owner.attributes.values():
-            graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else (
-                list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
-            for g in graphs:
+        for g in subgraphs(owner):
                 for node in ir.traversal.RecursiveGraphIterator(g):
                     if node.domain in ("", "ai.onnx") and node.op_type in LAYER_OPS:
                         rows.append({"layer": node.name, "op": node.op_type, "decision": "float",
@@ -107,8 +106,7 @@ def _unsupported(node: ir.Node) -> str | None:
     if rank != 2:
         return f"weight has rank {rank} (batched MatMul)"
     if node.op_type == "Gemm":
-        attrs = {k: v.value for k, v in node.attributes.items()}
-        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        if attribute(node, "transA", 0) or attribute(node, "alpha", 1.0) != 1.0 or attribute(node, "beta", 1.0) != 1.0:
             return "Gemm with transA or alpha/beta != 1"
         if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is None:
             return "Gemm bias is not a constant"

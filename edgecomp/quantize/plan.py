@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from edgecomp.data import Dataset, input_specs
 from edgecomp.embeddings.quantize_embeddings import QuantizeEmbeddingsPass
+from edgecomp.graph import attribute
 from edgecomp.passes.base import run_pass
 from edgecomp.quantize.calibration import (
     ActivationStats,
@@ -185,7 +186,7 @@ def _weight_tied_activations(nodes: Mapping[str, ir.Node], layers: Sequence[Laye
         if l.family != "matmul":
             continue
         node = nodes[l.node]
-        trans = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int()
+        trans = node.op_type == "Gemm" and attribute(node, "transB", 0)
         by_weight.setdefault((node.inputs[1].name, bool(trans)), []).append(l.act)
     group: dict[str, list[str]] = {}
     for acts in by_weight.values():

@@ -30,7 +30,8 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.errors import ConfigError
-from edgecomp.passes.base import EdgecompPass, PassReport, add_initializer
+from edgecomp.graph import add_initializer, unique_name
+from edgecomp.passes.base import EdgecompPass, PassReport
 
 __all__ = ["QuantizeMatMulNBitsPass", "quantize_blocks_4bit", "dequantize_blocks_4bit"]
 
@@ -92,9 +93,9 @@ class QuantizeMatMulNBitsPass(EdgecompPass):
             k, n = w.shape
             packed, scales, zps = quantize_blocks_4bit(w, self.block_size)
             name = node.name or f"matmul_{replaced}"
-            b = add_initializer(graph, _free(graph, f"{name}_w_int4"), packed)
-            s = add_initializer(graph, _free(graph, f"{name}_w_scales"), scales)
-            z = add_initializer(graph, _free(graph, f"{name}_w_zero_points"), zps)
+            b = add_initializer(graph, unique_name(graph, f"{name}_w_int4"), packed)
+            s = add_initializer(graph, unique_name(graph, f"{name}_w_scales"), scales)
+            z = add_initializer(graph, unique_name(graph, f"{name}_w_zero_points"), zps)
             new = ir.Node(MS_DOMAIN, "MatMulNBits", [node.inputs[0], b, s, z], name=f"{name}_int4",
                           attributes=[ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", 4),
                                       ir.AttrInt64("block_size", self.block_size),
@@ -136,10 +137,3 @@ class QuantizeMatMulNBitsPass(EdgecompPass):
             return "activation is not float32"
         return None
 
-
-def _free(graph: ir.Graph, base: str) -> str:
-    name, i = base, 1
-    taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs if v.name}
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    return name

@@ -50,8 +50,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.errors import EdgecompError, PassFailed
-from edgecomp.measure.inspect import INT8_OPS
-from edgecomp.passes.base import EdgecompPass, PassReport, add_initializer
+from edgecomp.graph import INT8_OPS, NameAllocator, add_initializer, attribute, bias_add, layer_bias, layer_weight
+from edgecomp.io import first_line
+from edgecomp.passes.base import EdgecompPass, PassReport
 from edgecomp.passes.upgrade_opset import default_opset
 
 __all__ = ["LayerPlan", "QuantizeStaticPass", "quantize_weight", "matmul_parts", "bias_add", "QUANTIZED_OPS", "MS_DOMAIN"]
@@ -132,8 +133,7 @@ class QuantizeStaticPass(EdgecompPass):
         except EdgecompError:
             raise
         except Exception as e:  # an unforeseen graph shape: one line, never a traceback
-            raise PassFailed(f"QuantizeStaticPass failed on this model: {type(e).__name__}: "
-                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+            raise PassFailed(f"QuantizeStaticPass failed on this model: {type(e).__name__}: {first_line(e)}") from e
 
     def _call(self, model: ir.Model) -> PassReport:
         builder = _Builder(model)
@@ -175,17 +175,11 @@ class _Builder:
         self._qcache: dict[tuple, ir.Value] = {}
         self._wcache: dict[tuple, tuple[ir.Value, ir.Value, ir.Value]] = {}
         self._output_dq: set[str] = set()  # DequantizeLinear nodes after quantized conv outputs
-        self._names: set[str] = {v for v in self.graph.initializers} | {
-            o.name for n in self.graph for o in n.outputs if o.name}
+        self._names = NameAllocator(self.graph)
         self.quantize_ops = 0
 
     def _unique(self, base: str) -> str:
-        name, i = base, 0
-        while name in self._names:
-            i += 1
-            name = f"{base}_{i}"
-        self._names.add(name)
-        return name
+        return self._names.unique(base)
 
     def const(self, base: str, array: np.ndarray) -> ir.Value:
         return add_initializer(self.graph, self._unique(base), np.asarray(array))
@@ -217,7 +211,7 @@ class _Builder:
             w = w * lp.smooth[:, None]
         if lp.bias_delta is not None:
             bias = (bias if bias is not None else np.zeros(w.shape[1], np.float32)) - lp.bias_delta
-        trans = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int()
+        trans = node.op_type == "Gemm" and attribute(node, "transB", 0)
         wq_v, ws_v, wzp_v = self.weight(node, ("matmul", bool(trans)), w, lp, axis=1)
         xq, a_scale, a_zp = self.quantized_input(node.inputs[0], lp)
         inputs = [xq, wq_v, a_scale, ws_v, a_zp, wzp_v]
@@ -316,45 +310,23 @@ def _clip_covers(act: ir.Node, scale: np.float32, zp: np.uint8) -> bool:
     ins = list(act.inputs[1:3]) + [None] * (3 - len(act.inputs))
     cmin, cmax = (v.const_value.numpy().item() if v is not None else None for v in ins[:2])
     if "min" in act.attributes or "max" in act.attributes:  # opset < 11
-        cmin = act.attributes["min"].as_float() if "min" in act.attributes else None
-        cmax = act.attributes["max"].as_float() if "max" in act.attributes else None
+        cmin, cmax = attribute(act, "min"), attribute(act, "max")
     return (cmin is None or cmin <= lo + 1e-12) and (cmax is None or cmax >= hi - 1e-6 * max(1.0, abs(hi)))
 
 
 def matmul_parts(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None, ir.Value, list[ir.Node]]:
-    """(W [K,N], bias or None, the value the fused op replaces, nodes that become dead)."""
+    """(W [K,N] float32, bias [N] float32 or None, the value the fused op replaces, nodes that become
+    dead). Weights and biases are read as :func:`edgecomp.graph.layer_weight` and
+    :func:`edgecomp.graph.layer_bias` do, an initializer that is also a graph input included."""
+    w = layer_weight(node, graph_inputs=True).astype(np.float32)
+    bias = layer_bias(node, w.shape[1], graph_inputs=True)
+    bias = None if bias is None else bias.astype(np.float32)
     if node.op_type == "Gemm":
-        b = node.inputs[1].const_value.numpy().astype(np.float32)
-        trans_b = node.attributes.get("transB")
-        w = b.T if (trans_b is not None and trans_b.as_int()) else b
-        bias = None
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            bias = np.broadcast_to(node.inputs[2].const_value.numpy().astype(np.float32).reshape(-1), (w.shape[1],)).copy()
         return w, bias, node.outputs[0], [node]
-    w = node.inputs[1].const_value.numpy().astype(np.float32)
-    add = bias_add(node)
+    add = bias_add(node, graph_inputs=True)
     if add is None:
         return w, None, node.outputs[0], [node]
-    other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
-    return w, other.const_value.numpy().astype(np.float32).reshape(-1), add.outputs[0], [add, node]
-
-
-def bias_add(node: ir.Node) -> ir.Node | None:
-    """The Add of a constant [N] bias that is the only use of a MatMul's output, if any."""
-    out = node.outputs[0]
-    uses = list(out.uses())
-    if len(uses) != 1 or out.is_graph_output():
-        return None
-    add = uses[0].node
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
-        return None
-    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-    n = node.inputs[1].const_value.shape[1]
-    if other is None or other.const_value is None or int(np.prod(other.const_value.shape.numpy())) != n:
-        return None
-    if other.const_value.shape.numpy()[-1] != n:
-        return None
-    return add
+    return w, bias, add.outputs[0], [add, node]
 
 
 def _sort(graph: ir.Graph) -> None:
