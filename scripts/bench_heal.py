@@ -1,0 +1,216 @@
+#!/usr/bin/env python
+"""Prune → heal → quantize benchmark → BENCHMARKS.md (section "heal", issue #15).
+
+    .venv/bin/python scripts/bench_heal.py --part minilm   # all-MiniLM-L6-v2 (~15-20 min on 2 cores)
+    .venv/bin/python scripts/bench_heal.py --part digits   # MobileNetV2 digits classifier (~5 min)
+
+MiniLM: 50% of every FFN removed (OBS selection + least-squares repair on 200 calibration
+sentences, as `edgecomp prune --kinds channels --importance obs`), then healed with `edgecomp
+distill fp32.onnx --student pruned.onnx --text ...` (the pruned ONNX graph trained against the
+unpruned one; cosine loss on the sentence embeddings, docstring sentences that exclude the
+held-out ones), then static int8 (`edgecomp quantize`). Fidelity on the 870 held-out sentences;
+latency at seq 128, batch 1, 1 thread, interleaved in a fresh process. With ``--tolerance``:
+the cut `prune --tolerance 0.01` finds with no training, on the 200 eval sentences.
+
+Digits: the trained MobileNetV2 width 0.5 classifier, 50% of channels (activation importance +
+repair on 200 training images), healed on the 1437 training images (soft targets + labels),
+then int8; top-1 on the 360 held-out digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import time
+from pathlib import Path
+
+import numpy as np
+from _bench_common import (ROOT, bench_in_subprocess, embeddings, export_minilm, fidelity, md_table, minilm_path,
+                           text_splits, update_section)
+
+from edgecomp.data import load_data, save_npz
+from edgecomp.io import load_model, save_model
+from edgecomp.render.text import host_line
+
+
+def _prune(src: Path, dst: Path, data, **opts) -> dict:
+    from edgecomp.prune import prune_model
+    from edgecomp.prune.options import PruneOptions
+
+    t0 = time.perf_counter()
+    res = prune_model(load_model(src), PruneOptions(**opts), data)
+    save_model(res.model, dst)
+    return {"seconds": time.perf_counter() - t0, "summary": res.summary}
+
+
+def _quantize(src: Path, dst: Path, calib: Path, samples: int = 300) -> None:
+    from edgecomp.data import Dataset
+    from edgecomp.quantize import quantize_model
+    from edgecomp.quantize.options import QuantizeOptions
+
+    res = quantize_model(load_model(src), Dataset(calib), QuantizeOptions(max_samples=samples, families="all"))
+    save_model(res.model, dst)
+
+
+def _heal(teacher: Path, student: Path, out: Path, **cfg) -> dict:
+    from edgecomp.distill import DistillConfig, distill
+
+    res = distill(DistillConfig(teacher=str(teacher), student=str(student), progress=True, **cfg), out, bench_runs=0)
+    return res.training
+
+
+def _curve(history: list[dict], key: str) -> str:
+    return ", ".join(f"{h[key]:.3f}@{h['step']}" for h in history if key in h)
+
+
+def bench_minilm(work: Path, args) -> tuple[str, list[str]]:
+    from bench_distill import training_sentences
+
+    from edgecomp.text import load_tokenizer, read_lines, tokenize, write_token_data
+
+    fp32 = export_minilm(work / "minilm.onnx")
+    tok = load_tokenizer(minilm_path())
+    splits = text_splits()
+    calib = work / "calib200"
+    if not calib.exists():
+        write_token_data(tokenize(tok, splits["calib"][:200]), calib)
+    pruned = work / "minilm.ffn50.onnx"
+    cut = _prune(fp32, pruned, load_data(calib), sparsity=0.5, kinds=("channels",), importance="obs")
+    text = training_sentences(work, args.sentences)
+    t0 = time.perf_counter()
+    healed = work / "minilm.ffn50.healed.onnx"
+    t = _heal(fp32, pruned, healed, text=str(text), tokenizer=str(minilm_path()), max_len=128, batch_size=32,
+              lr=args.lr, epochs=args.epochs, max_steps=args.steps, match="cosine", held_out=0.03, eval_every=100,
+              patience=4, seed=0, checkpoint_every=100, threads=args.threads)
+    heal_s = time.perf_counter() - t0
+    calib300 = work / "calib300"
+    if not calib300.exists():
+        write_token_data(tokenize(tok, read_lines(text)[:300]), calib300)
+    healed_q = work / "minilm.ffn50.healed.int8.onnx"
+    _quantize(healed, healed_q, calib300)
+    variants = {"fp32 all-MiniLM-L6-v2": fp32, "FFN 50% pruned + repair (no training)": pruned,
+                "FFN 50% pruned + healed": healed, "FFN 50% pruned + healed, int8": healed_q}
+    if args.tolerance:
+        from edgecomp.data import Dataset
+        from edgecomp.prune.options import PruneOptions
+        from edgecomp.prune.tolerance import prune_to_tolerance
+
+        ev = work / "eval200"
+        if not ev.exists():
+            write_token_data(tokenize(tok, splits["eval"]), ev)
+        tol = work / "minilm.tol001.onnx"
+        res = prune_to_tolerance(load_model(fp32), PruneOptions(kinds=("channels", "heads")), load_data(calib),
+                                 Dataset(ev), metric="cosine", tolerance=0.01)
+        save_model(res.model, tol)
+        variants["prune --tolerance 0.01 (cosine), no training"] = tol
+    test_feeds = tokenize(tok, splits["test"])
+    ref = embeddings(fp32, test_feeds)
+    feed = tokenize(tok, [" ".join(splits["test"][:40])], max_len=128)[0]
+    lat = bench_in_subprocess(list(variants.values()), list(variants), feed, runs=args.runs)
+    rows = []
+    for (name, path), st in zip(variants.items(), lat):
+        row = {"model": name, "size MB": path.stat().st_size / 1e6, "latency vs fp32": st["ratio_to_first"],
+               "p50 ms": st["p50_ms"]}
+        row.update(fidelity(ref, embeddings(path, test_feeds)))
+        rows.append(row)
+    r = {row["model"]: row for row in rows}
+    h, q = r["FFN 50% pruned + healed"], r["FFN 50% pruned + healed, int8"]
+    met = h["mean cos"] >= 0.98 and h["NN@10"] >= 0.90 and h["latency vs fp32"] <= 0.70
+    met_q = q["latency vs fp32"] <= 0.28 and q["mean cos"] >= 0.97
+    notes = [f"prune: {cut['summary'].get('parameters')} parameters, {cut['seconds']:.0f} s; heal: "
+             f"{len(read_lines(text))} docstring sentences (3% held out), batch 32, AdamW lr {args.lr:g}, cosine loss; "
+             f"{t['steps']} steps in {t['seconds']:.0f} s of training ({heal_s:.0f} s with setup and the parity check), "
+             f"device {t.get('device', 'cpu')}, best held-out step {t['best_step']}",
+             f"held-out cosine by step: {_curve(t['history'], 'held-out cos')}",
+             f"targets: healed mean cos ≥ 0.98, NN@10 ≥ 0.90, latency ≤ 0.70x: **{'met' if met else 'MISSED'}** "
+             f"({h['mean cos']:.4f}, {h['NN@10']:.3f}, {h['latency vs fp32']:.2f}x); then int8 latency ≤ 0.28x and cos "
+             f"≥ 0.97: **{'met' if met_q else 'MISSED'}** ({q['latency vs fp32']:.2f}x, {q['mean cos']:.4f})"]
+    if args.tolerance:
+        tr = r["prune --tolerance 0.01 (cosine), no training"]
+        notes.append(f"`--tolerance 0.01` target latency ≤ 0.85x with no training: "
+                     f"**{'met' if tr['latency vs fp32'] <= 0.85 else 'MISSED'}** ({tr['latency vs fp32']:.2f}x, "
+                     f"held-out cos {tr['mean cos']:.4f})")
+    cols = ["model", "size MB", "latency vs fp32", "p50 ms", "mean cos", "min cos", "NN@10"]
+    return md_table(rows, cols), notes
+
+
+def _top1(path: Path, x: np.ndarray, y: np.ndarray) -> float:
+    from edgecomp.runtime import make_session
+
+    s = make_session(path)
+    name = s.get_inputs()[0].name
+    return float((np.argmax(s.run(None, {name: x})[0], axis=1) == y).mean())
+
+
+def bench_digits(work: Path, args) -> tuple[str, list[str]]:
+    from models.digits import load_digits_32
+
+    from edgecomp.export import export_spec
+
+    fp32 = work / "digits.onnx"
+    if not fp32.exists():
+        export_spec("models.mobilenet_v2:digits_classifier", fp32, dynamic={"x": {0: "batch"}})
+    xtr, ytr = load_digits_32("train")
+    xte, yte = load_digits_32("test")
+    calib = save_npz(work / "digits_train200.npz", {"x": xtr[:200].astype(np.float32)})
+    train = save_npz(work / "digits_train.npz", {"x": xtr.astype(np.float32)})
+    np.save(work / "digits_train_labels.npy", ytr.astype(np.int64))
+    pruned = work / "digits.s50.onnx"
+    cut = _prune(fp32, pruned, load_data(calib), sparsity=0.5, importance="activation", max_samples=200)
+    healed = work / "digits.s50.healed.onnx"
+    t = _heal(fp32, pruned, healed, data=str(train), labels=str(work / "digits_train_labels.npy"), batch_size=64,
+              lr=args.digits_lr, epochs=args.digits_epochs, held_out=0.1, patience=5, seed=0, threads=args.threads)
+    healed_q = work / "digits.s50.healed.int8.onnx"
+    _quantize(healed, healed_q, calib, samples=200)
+    variants = {"fp32 MobileNetV2 0.5": fp32, "50% channels + repair (no training)": pruned,
+                "50% channels + healed": healed, "50% channels + healed, int8": healed_q}
+    feed = {"x": xte[:1].astype(np.float32)}
+    lat = bench_in_subprocess(list(variants.values()), list(variants), feed, runs=args.runs * 4)
+    ref = _top1(fp32, xte, yte)
+    rows = [{"model": name, "size MB": path.stat().st_size / 1e6, "top-1": _top1(path, xte, yte),
+             "vs fp32 (points)": (_top1(path, xte, yte) - ref) * 100, "latency vs fp32": st["ratio_to_first"],
+             "p50 ms": st["p50_ms"]} for (name, path), st in zip(variants.items(), lat)]
+    h = rows[2]
+    met = h["vs fp32 (points)"] >= -0.5 and h["latency vs fp32"] <= 0.70
+    notes = [f"prune: {cut['summary'].get('parameters')} parameters, MACs {cut['summary'].get('MACs')}; heal: "
+             f"{len(xtr)} training images (10% held out), soft targets + labels, batch 64, AdamW lr {args.digits_lr:g}, "
+             f"{t['steps']} steps in {t['seconds']:.0f} s, best held-out step {t['best_step']}",
+             f"target: healed top-1 within 0.5 points of fp32 and latency ≤ 0.70x: **{'met' if met else 'MISSED'}** "
+             f"({h['vs fp32 (points)']:+.2f} points, {h['latency vs fp32']:.2f}x)"]
+    cols = ["model", "size MB", "top-1", "vs fp32 (points)", "latency vs fp32", "p50 ms"]
+    return md_table(rows, cols), notes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench_heal")
+    ap.add_argument("--part", choices=["minilm", "digits"], action="append")
+    ap.add_argument("--runs", type=int, default=40)
+    ap.add_argument("--sentences", type=int, default=6000)
+    ap.add_argument("--steps", type=int, default=1000, help="MiniLM heal steps (batch 32)")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--digits-epochs", type=int, default=15)
+    ap.add_argument("--digits-lr", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--tolerance", action="store_true", help="also time the cut `prune --tolerance 0.01` finds")
+    args = ap.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    parts = {"minilm": ("all-MiniLM-L6-v2: FFN 50% → heal → int8 (fidelity on 870 held-out sentences vs fp32)",
+                        "--part minilm --tolerance", bench_minilm),
+             "digits": ("MobileNetV2 digits: 50% channels → heal → int8 (top-1 on the 360 held-out digits)",
+                        "--part digits", bench_digits)}
+    body = [f"## Prune → heal → quantize\n\nMeasured {datetime.date.today()}; {host_line()}. Latency: median of "
+            "interleaved onnxruntime runs in a fresh process, batch 1, 1 intra-op thread; ratios to the fp32 row.\n"]
+    for name in args.part or parts:
+        title, flags, fn = parts[name]
+        t0 = time.perf_counter()
+        table, notes = fn(args.workdir, args)
+        body.append(f"### {title}\n\nReproduce: `.venv/bin/python scripts/bench_heal.py {flags}` "
+                    f"({time.perf_counter() - t0:.0f} s wall)\n\n{table}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    update_section("heal", "\n".join(body))
+    print("\n".join(body))
+
+
+if __name__ == "__main__":
+    main()
