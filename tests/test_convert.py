@@ -83,6 +83,7 @@ def test_encoder_recipe_and_failing_gate_exit_status(tmp_path, token_data):
     assert gates == {"max_size_mb": False, "max_accuracy_drop": True}
 
 
+@pytest.mark.slow  # built-in recipe
 @pytest.mark.parametrize("name", sorted(builtin_recipes()))
 def test_each_builtin_recipe_on_a_tiny_model(name, tmp_path, token_data, digits_onnx):
     recipe = load_recipe(name)
@@ -152,6 +153,7 @@ def test_bad_recipes(tmp_path, token_data):
     assert (tmp_path / "busy" / "keep.txt").read_text() == "user file"
 
 
+@pytest.mark.slow  # Ray
 def test_sweep_of_four_variants_on_local_ray(tmp_path, token_data):
     calib, ev = token_data
     rfile = tmp_path / "sweep.toml"

