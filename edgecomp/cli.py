@@ -681,9 +681,11 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
 @_declared(PRUNE_OPTIONS)
 @_data_option("--data", "calibration", "DATA for activation-based importance, least-squares repair and the held-out "
               "fidelity of the result.")
+@_data_option("--eval", "eval", "Held-out DATA that --tolerance measures the loss on.", dest="eval_data")
+@_data_option("--labels", "labels", "Labels for --eval (makes --metric top1 task accuracy).")
 @_threads_option
 @_json_option
-def prune(model, output, calibration, threads, json_path, **options):
+def prune(model, output, calibration, eval_data, labels, threads, json_path, **options):
     """Prune a model: physically remove channels, neurons and attention heads (structured, the
     default), or zero the smallest weights (--unstructured).
 
@@ -694,20 +696,28 @@ def prune(model, output, calibration, threads, json_path, **options):
     result's fidelity on held-out samples is reported. The result is checked with onnx.checker
     and onnxruntime before it is written.
 
+    With --eval and --tolerance, the cut is fitted to the loss instead of --sparsity: each group
+    is cut as far as the measured loss on --eval allows (uneven per group); the best model found is
+    always written, and the exit status is 3 when no cut stays within the tolerance.
+
     Example:
 
         edgecomp prune mnv2.onnx -o mnv2.pruned.onnx --sparsity 0.3 --data calib.npz --max-samples 200
+        edgecomp prune minilm.onnx -o minilm.p.onnx --data calib/ --eval held/ --metric cosine --tolerance 0.01
     """
     from edgecomp.data import StepData
     from edgecomp.io import check_output_path, load_model, save_model
     from edgecomp.prune import run
     from edgecomp.prune.options import PruneOptions
 
-    check_output_path(output, [model] + ([calibration] if calibration else []))
+    check_output_path(output, [p for p in (model, calibration, eval_data, labels) if p])
     opts = PruneOptions(**fields_of(_values(PRUNE_OPTIONS, options)), threads=threads or 1)
     if calibration and not opts.structured:
         raise click.UsageError("--unstructured ranks weights by magnitude alone; drop --data")
-    result = run(load_model(model), opts, StepData(calibration=calibration))
+    if eval_data and opts.tolerance is None:
+        raise click.UsageError("--eval is read by --tolerance X (the cut fitted to a loss); give both")
+    result = run(load_model(model), opts, StepData(calibration=calibration, eval=eval_data, labels=labels),
+                 progress=True)
     save_model(result.model, output, inputs=[model])
     s = result.summary
     if opts.structured:
@@ -724,6 +734,8 @@ def prune(model, output, calibration, threads, json_path, **options):
         click.echo(f"warning: {line}", err=True)
     _write_json(json_path, {"summary": result.summary, "groups": result.groups, "layers": result.layers,
                             "fidelity": result.fidelity, "warnings": result.warnings})
+    if result.met_tolerance is False:
+        raise click.exceptions.Exit(3)
 
 
 @cli.command()

@@ -173,3 +173,40 @@ def test_evaluation_budget_is_respected(tmp_path):
     assert result.summary["evaluations"] == 2 and any("2 evaluations" in w for w in result.warnings)
     b = _row(result, "b1")  # a1 (sensitive) and b1 at 25% measured: b1's deeper levels were never tried
     assert met and b["after"] == 12 and b["loss at 50%"] is None
+
+
+# --- from the CLI and a recipe ---------------------------------------------------------------------
+
+def test_cli_prune_tolerance_writes_the_best_model_and_exits_3_when_unmet(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from edgecomp.cli import cli
+    from tests.conftest import save
+
+    src = save(_two_branches(), tmp_path / "m.onnx")
+    _data(tmp_path, "calib", 40, 1)
+    _data(tmp_path, "ev", 30, 2)
+    common = ["prune", str(src), "--data", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "ev.npz")]
+    ok = CliRunner().invoke(cli, [*common, "-o", str(tmp_path / "ok.onnx"), "--tolerance", "0.001",
+                                  "--json", str(tmp_path / "ok.json")])
+    assert ok.exit_code == 0, ok.output
+    summary = json.loads((tmp_path / "ok.json").read_text())["summary"]
+    assert summary["met tolerance"] is True and summary["loss"] <= 0.001
+    unmet = CliRunner().invoke(cli, [*common, "-o", str(tmp_path / "no.onnx"), "--tolerance", "0"])
+    assert unmet.exit_code == 3, unmet.output
+    assert (tmp_path / "no.onnx").exists() and "warning:" in unmet.output
+    used = CliRunner().invoke(cli, ["prune", str(src), "-o", str(tmp_path / "x.onnx"), "--eval", str(tmp_path / "ev.npz")])
+    assert used.exit_code == 2 and "--eval is read by --tolerance" in used.output
+
+
+def test_recipe_prune_tolerance_needs_eval_before_anything_runs(tmp_path):
+    from edgecomp.errors import DataError
+    from edgecomp.pipeline.convert import Source, convert
+    from edgecomp.pipeline.recipe import parse_recipe
+
+    recipe = parse_recipe({"steps": [{"step": "export"}, {"step": "prune", "tolerance": 0.01, "metric": "top1"}]})
+    with pytest.raises(DataError, match=r"step 2 \(prune\): tolerance 0.01 needs eval data"):
+        convert(Source(spec="models.text_encoder:tiny_encoder"), recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

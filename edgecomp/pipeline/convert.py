@@ -170,7 +170,7 @@ def _run_prune(ctx: _Context, rec: StepRecord) -> None:
 
     opts = PruneOptions(**fields_of(rec.options), threads=ctx.threads)
     data = ctx.data if opts.structured else StepData()  # magnitude pruning reads no data
-    res = run(ctx.latest(), opts, data)
+    res = run(ctx.latest(), opts, data, progress=ctx.progress)
     ctx.save(rec, res.model)
     rec.summary = res.summary
     rec.tables = ({"pruned groups": res.groups, "pruned layers": res.layers} if opts.structured

@@ -59,7 +59,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from edgecomp.data import Dataset, StepData, input_specs, load_data
+from edgecomp.data import Dataset, StepData, input_specs, load_data, load_labels
 from edgecomp.errors import NothingToPrune, OptionError, PassFailed
 from edgecomp.graph import const_array
 from edgecomp.options import need_data
@@ -81,11 +81,7 @@ class PruneResult:
     summary: dict[str, Any]
     fidelity: dict[str, Any] | None = None  # with data: held_out_fidelity of the result
     warnings: list[str] = dataclasses.field(default_factory=list)  # one line each, for stderr
-
-
-
-def _copy(model: ir.Model) -> ir.Model:
-    return model.clone()
+    met_tolerance: bool | None = None  # with a tolerance: whether the result is within it
 
 
 
@@ -200,7 +196,7 @@ def prune_model(model: ir.Model, opts: PruneOptions, data: Dataset | None = None
     t0 = time.perf_counter()
     params0 = count_parameters(model)
     lift_constants(model)
-    original = _copy(model)
+    original = model.clone()
     an = find_groups(model, opts.protect, heads="heads" in opts.kinds)
     want_act = opts.importance in ("activation", "obs") or (opts.importance == "auto" and data is not None)
     stats = (channel_stats(model, an, data, opts.max_samples, opts.threads, grams=opts.importance == "obs", part="fit")
@@ -261,11 +257,23 @@ def prune_weights(model: ir.Model, opts: PruneOptions) -> PruneResult:
     return PruneResult(result.model, [], result.rows, dict(result.summary))
 
 
-def run(model: ir.Model, opts: PruneOptions, data: StepData) -> PruneResult:
+def run(model: ir.Model, opts: PruneOptions, data: StepData, progress: bool = False) -> PruneResult:
     """What ``edgecomp prune`` and a recipe's prune step call: structured pruning (with the
-    calibration data of ``data``, when given, for importance, repair and held-out fidelity) or
-    unstructured magnitude pruning."""
+    calibration data of ``data``, when given, for importance, repair and held-out fidelity; with
+    ``opts.tolerance``, the cut fitted to it on the eval data) or unstructured magnitude pruning."""
     need_data(OPTIONS, {o.name: getattr(opts, o.name) for o in OPTIONS}, data.available())
     if not opts.structured:
+        if opts.tolerance is not None:
+            raise OptionError("tolerance", "fits structured cuts; unstructured pruning takes sparsity alone")
         return prune_weights(model, opts)
-    return prune_model(model, opts, load_data(data.calibration) if data.calibration else None)
+    calibration = load_data(data.calibration) if data.calibration else None
+    if opts.tolerance is None:
+        return prune_model(model, opts, calibration)
+    from edgecomp.prune.tolerance import prune_to_tolerance  # it builds on this module's helpers
+
+    ev = load_data(data.need("eval", "tolerance", "tolerance"))
+    labels = load_labels(data.labels, len(ev)) if data.labels else None
+    result, met = prune_to_tolerance(model, opts, calibration, ev, metric=opts.metric, tolerance=opts.tolerance,
+                                     labels=labels, progress=progress)
+    result.met_tolerance = met
+    return result

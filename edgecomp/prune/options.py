@@ -40,6 +40,11 @@ OPTIONS = (
            check=_kinds, split=","),
     Option("repair", bool, True, "with data, re-fit the consumers of cut channels by least squares"),
     Option("max_samples", int, None, "data samples to use (default: all)", check=in_range(1)),
+    Option("metric", str, "cosine", "what tolerance bounds: 1-cosine, top-1 accuracy drop, or MAE",
+           choices=("cosine", "top1", "mae")),
+    Option("tolerance", float, None, "allowed loss vs the input on eval data: instead of sparsity, the largest "
+           "uneven cut (per group) whose measured loss stays within it (exit status 3 when none does)",
+           check=in_range(0), needs=lambda v: "eval"),
 )
 
 
@@ -59,6 +64,8 @@ class PruneOptions:
     repair: bool = True  # least squares re-fit of consumers (needs data)
     ridge: float = 1e-3  # λ = ridge · tr(A_K) / K (the kept features' Gram) in the repair fit
     max_samples: int | None = None
+    metric: str = "cosine"
+    tolerance: float | None = None  # with eval data: the cut is fitted to it (prune.tolerance)
     threads: int = 1
 
     def validate(self) -> None:
