@@ -110,3 +110,40 @@ def test_a_real_speedup_is_found_in_few_rounds(tmp_path):
     est = compare_latency(_two_models(tmp_path), feed, timer=_FakeClock([1.0, 0.8], jitter=0.05), max_rounds=12)[0]
     assert est.faster and est.ratio == pytest.approx(0.8, rel=0.05) and est.rounds == 3
     assert est.low <= est.ratio <= est.high < 1.0
+
+
+def test_validate_takes_in_memory_models_feeds_and_labels(mlp_path, mlp_data, tmp_path):
+    import onnx_ir as ir
+
+    data, labels = mlp_data
+    cand = _perturbed(mlp_path, tmp_path)
+    from_files = validate(mlp_path, cand, data, labels)
+    x, y = np.load(data)["x"], np.load(labels)
+    in_memory = validate(ir.load(str(mlp_path)), ir.load(str(cand)), [{"x": x[i:i + 1]} for i in range(len(x))], y)
+    assert in_memory.samples == from_files.samples == len(x)
+    a, b = in_memory.outputs[0], from_files.outputs[0]
+    assert (a.cosine_mean, a.max_abs_err, a.top1_agreement) == pytest.approx((b.cosine_mean, b.max_abs_err,
+                                                                              b.top1_agreement), rel=1e-6)
+    assert in_memory.cand_accuracy == pytest.approx(from_files.cand_accuracy)
+
+
+def test_a_model_with_far_more_work_measures_slower(tmp_path):
+    """Interleaved timing tells a ~100x heavier model from a light one (the ratio is computed, not 1.0)."""
+    from onnx import TensorProto, helper
+
+    from tests.conftest import make_model, save, vinfo
+
+    def chain(n, width):
+        rng = np.random.default_rng(0)
+        nodes, inits, prev = [], {}, "x"
+        for i in range(n):
+            inits[f"w{i}"] = (rng.standard_normal((width, width)) / width).astype(np.float32)
+            nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"]))
+            prev = f"h{i}"
+        nodes.append(helper.make_node("Identity", [prev], ["y"]))
+        return save(make_model(nodes, [vinfo("x", [1, width])], [vinfo("y", [1, width], TensorProto.FLOAT)], inits),
+                    tmp_path / f"chain{n}x{width}.onnx")
+
+    light, heavy = chain(1, 256), chain(12, 256)
+    res = benchmark([light, heavy], threads=1, warmup=3, runs=30, feed={"x": np.ones((1, 256), np.float32)})
+    assert res.models[1].ratio_to_first > 2.0, [m.p50_ms for m in res.models]

@@ -66,19 +66,10 @@ def _example(setup: Setup) -> dict[str, Any]:
     return {n: b[n] for n in setup.input_names}
 
 
-def _write_eval(setup: Setup, folder: Path) -> tuple[Path, Path | None, list[dict[str, np.ndarray]]]:
-    """The held-out samples as DATA (one .npz per feed), their labels, and the feeds."""
-    from edgecomp.data import save_npz
-
+def _held_samples(setup: Setup) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
+    """The held-out feeds the student is compared on, and their labels."""
     src = setup.held if len(setup.held) else setup.train.subset(range(min(200, len(setup.train))))
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, feed in enumerate(src.feeds):
-        save_npz(folder / f"{i:05d}.npz", feed)
-    labels = None
-    if src.labels is not None:
-        labels = folder.parent / "held_labels.npy"
-        np.save(labels, src.labels)
-    return folder, labels, src.feeds
+    return src.feeds, src.labels
 
 
 def _write_onnx_student(setup: Setup, example: dict[str, Any], out: Path, protect: list[str]) -> None:
@@ -150,8 +141,8 @@ def distill(config: DistillConfig, output: str | os.PathLike, *, resume: bool = 
         else:
             exporter_used = export_model(student, example, out, dynamic=axes, exporter=exporter, auto_order=order,
                                          protect=inputs).exporter
-        held_dir, held_labels, feeds = _write_eval(setup, Path(tmp) / "held")
-        val = validate(t_path, out, held_dir, held_labels)
+        feeds, held_labels = _held_samples(setup)
+        val = validate(t_path, out, feeds, held_labels)
         feed = {k: np.ascontiguousarray(v) for k, v in feeds[0].items()}
         lat = (benchmark([t_path, out], threads=bench_threads, runs=bench_runs, feed=feed, labels=["teacher", "student"])
                if bench_runs else None)

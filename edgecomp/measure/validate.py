@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
+import onnx_ir as ir
 
-from edgecomp.data import check_label_range, input_specs, load_data, load_labels
+from edgecomp.data import Dataset, check_label_range, input_specs, load_data, load_labels
 from edgecomp.errors import DataError
 from edgecomp.io import load_model
 from edgecomp.runtime import make_session, run_feed
@@ -138,36 +139,49 @@ def compare_outputs(name: str, ref: Sequence[np.ndarray], cand: Sequence[np.ndar
     return fid
 
 
-def validate(ref_path: str | os.PathLike, cand_path: str | os.PathLike, data: str | os.PathLike,
-             labels: str | os.PathLike | None = None, threads: int = 1, k: int = 10) -> ValidationResult:
-    """Run both models on every sample of DATA and compare their outputs."""
-    ref_model, cand_model = load_model(ref_path), load_model(cand_path)
+def validate(reference: str | os.PathLike | ir.Model, candidate: str | os.PathLike | ir.Model,
+             data: str | os.PathLike | Dataset | Sequence[Mapping[str, np.ndarray]],
+             labels: str | os.PathLike | np.ndarray | None = None, threads: int = 1, k: int = 10) -> ValidationResult:
+    """Run both models (files or in-memory models) on every sample of ``data`` (DATA, a Dataset,
+    or a list of feeds) and compare their outputs; with ``labels`` (a .npy or an array), also the
+    task accuracy of both."""
+    ref_name, cand_name = _label(reference, "the reference"), _label(candidate, "the candidate")
+    ref_model, cand_model = (m if isinstance(m, ir.Model) else load_model(m) for m in (reference, candidate))
     specs = input_specs(ref_model)
     cand_names = {s.name for s in input_specs(cand_model)}
     if cand_names != {s.name for s in specs}:
-        raise DataError(f"{cand_path} has inputs {sorted(cand_names)} but {ref_path} has "
+        raise DataError(f"{cand_name} has inputs {sorted(cand_names)} but {ref_name} has "
                         f"{sorted(s.name for s in specs)}; compare models with the same inputs")
-    ds = load_data(data, specs)
+    if isinstance(data, (str, os.PathLike, Dataset)):
+        ds = data if isinstance(data, Dataset) else load_data(data, specs)
+        ds.check_against(specs)
+        feeds, n = ds.feeds_for(specs), len(ds)
+    else:
+        feeds, n = list(data), len(data)
     ref_s, cand_s = make_session(ref_model, threads), make_session(cand_model, threads)
     out_names = [o.name for o in ref_s.get_outputs()]
     if [o.name for o in cand_s.get_outputs()] != out_names:
-        raise DataError(f"{cand_path} outputs {[o.name for o in cand_s.get_outputs()]} differ from "
-                        f"{ref_path}'s {out_names}")
+        raise DataError(f"{cand_name} outputs {[o.name for o in cand_s.get_outputs()]} differ from "
+                        f"{ref_name}'s {out_names}")
     ref_out: list[list[np.ndarray]] = [[] for _ in out_names]
     cand_out: list[list[np.ndarray]] = [[] for _ in out_names]
     batches: list[int] = []
-    for feed in ds.feeds_for(specs):
+    for feed in feeds:
         batches.append(_batch_of(feed, specs))
         for store, sess in ((ref_out, ref_s), (cand_out, cand_s)):
             for j, arr in enumerate(run_feed(sess, feed)):
                 store[j].append(arr)
-    result = ValidationResult(len(ds), [compare_outputs(n, r, c, k, batches)
-                                        for n, r, c in zip(out_names, ref_out, cand_out)])
+    result = ValidationResult(n, [compare_outputs(name, r, c, k, batches)
+                                  for name, r, c in zip(out_names, ref_out, cand_out)])
     if labels is not None:
-        y = load_labels(labels, len(ds))
+        y = labels if isinstance(labels, np.ndarray) else load_labels(labels, n)
         result.ref_accuracy = _accuracy(ref_out[0], y)
         result.cand_accuracy = _accuracy(cand_out[0], y)
     return result
+
+
+def _label(model: str | os.PathLike | ir.Model, default: str) -> str:
+    return default if isinstance(model, ir.Model) else str(model)
 
 
 def _batch_of(feed, specs) -> int:
