@@ -32,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.errors import ExportError, OptionError, ParityError, SpecError
-from edgecomp.io import Terminated, check_output_path, model_from_bytes, save_model
+from edgecomp.io import Terminated, check_output_path, first_line, model_from_bytes, save_model
 from edgecomp.options import Option, in_range
 from edgecomp.runtime import make_session, run_feed
 
@@ -62,12 +62,6 @@ class ExportResult:
     task_source: str | None = None  # where the task came from: "architectures X", "model_type y" or "--task"
 
 
-def _first_line(e: BaseException) -> str:
-    """The first line of an exception's message (at most 300 characters), or its type."""
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
-
-
 def _exit_call(e: SystemExit) -> str:
     return "sys.exit()" if e.code is None else f"sys.exit({e.code!r})"
 
@@ -93,7 +87,7 @@ def load_spec(spec: str) -> Any:
         except SystemExit as e:  # KeyboardInterrupt still propagates
             raise SpecError(f"importing {path} exited ({_exit_call(e)}); a SPEC module must not exit") from None
         except Exception as e:
-            raise SpecError(f"importing {path} failed: {type(e).__name__}: {_first_line(e)}") from e
+            raise SpecError(f"importing {path} failed: {type(e).__name__}: {first_line(e, 300)}") from e
         finally:
             if folder in sys.path:
                 sys.path.remove(folder)
@@ -108,7 +102,7 @@ def load_spec(spec: str) -> Any:
             raise SpecError(f"importing {target!r} from SPEC {spec!r} exited ({_exit_call(e)}); "
                             "a SPEC module must not exit") from None
         except Exception as e:
-            raise SpecError(f"cannot import {target!r} from SPEC {spec!r}: {type(e).__name__}: {_first_line(e)}") from e
+            raise SpecError(f"cannot import {target!r} from SPEC {spec!r}: {type(e).__name__}: {first_line(e, 300)}") from e
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise SpecError(f"{target} has no callable {attr!r}; SPEC names a function that returns an nn.Module")
@@ -125,7 +119,7 @@ def call_factory(factory: Any, spec: str):
     except SystemExit as e:  # KeyboardInterrupt still propagates
         raise SpecError(f"factory {spec} exited ({_exit_call(e)}) instead of returning an nn.Module") from None
     except Exception as e:
-        raise SpecError(f"calling the factory of {spec!r} failed: {type(e).__name__}: {_first_line(e)}") from e
+        raise SpecError(f"calling the factory of {spec!r} failed: {type(e).__name__}: {first_line(e, 300)}") from e
     module, example = (made if isinstance(made, tuple) and len(made) == 2 else (made, None))
     if not isinstance(module, torch.nn.Module):
         raise SpecError(f"the factory of {spec!r} returned {type(module).__name__}, not an nn.Module "
@@ -288,7 +282,7 @@ def _torch_outputs(module, args, names: Sequence[str] = (), label: str = "the mo
         raise SpecError(f"{label}: forward exited ({_exit_call(e)}) on inputs {_describe_inputs(names, args)}") from None
     except Exception as e:
         raise SpecError(f"{label}: forward failed on inputs {_describe_inputs(names, args)} "
-                        f"({type(e).__name__}: {_first_line(e)})") from e
+                        f"({type(e).__name__}: {first_line(e, 300)})") from e
     if isinstance(out, torch.Tensor):
         out = (out,)
     elif isinstance(out, Mapping):
@@ -346,7 +340,7 @@ def export_model(module: Any, example: Any, out: str | os.PathLike, *,
         except Terminated:
             raise
         except (Exception, SystemExit) as e:  # a forward may exit while traced; KeyboardInterrupt propagates
-            what = _exit_call(e) if isinstance(e, SystemExit) else _first_line(e)
+            what = _exit_call(e) if isinstance(e, SystemExit) else first_line(e, 300)
             reasons.append(f"{name}: {what}" if isinstance(e, ExportError) else f"{name}: {type(e).__name__}: {what}")
     if model is None:
         raise ExportError("export failed with " + "; ".join(reasons))
@@ -509,7 +503,7 @@ def _read_config(p: Path) -> Any:
     try:
         raw = json.loads((p / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise SpecError(f"cannot read {p / 'config.json'}: {type(e).__name__}: {_first_line(e)}") from e
+        raise SpecError(f"cannot read {p / 'config.json'}: {type(e).__name__}: {first_line(e, 300)}") from e
     if not isinstance(raw, dict):
         raise SpecError(f"{p / 'config.json'} is not a JSON object")
     model_type = raw.get("model_type")
@@ -521,7 +515,7 @@ def _read_config(p: Path) -> Any:
         with _quiet_transformers():
             return AutoConfig.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
     except Exception as e:
-        raise SpecError(f"cannot load the config in {p}: {type(e).__name__}: {_first_line(e)}") from e
+        raise SpecError(f"cannot load the config in {p}: {type(e).__name__}: {first_line(e, 300)}") from e
 
 
 def _model_class(config: Any, task: str, inferred: bool) -> tuple[Any, bool]:
@@ -594,7 +588,7 @@ def _load(cls: Any, p: Path) -> Any:
                 return cls.from_pretrained(str(p), **kw)  # a model without an eager implementation
             except Exception:
                 raise SpecError(f"cannot load {cls.__name__} from {p}: {type(first).__name__}: "
-                                f"{_first_line(first)}") from first
+                                f"{first_line(first, 300)}") from first
 
 
 def _tokenized(p: Path, seq_len: int, vocab: int, pad: int | None):

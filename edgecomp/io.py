@@ -389,10 +389,11 @@ def read_toml(path: str | os.PathLike, what: str) -> dict:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, or its type when it has none."""
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or its type when
+    it has none."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -11,11 +11,47 @@ back into the ONNX pipeline (export → validate → bench).
 - ``pipeline``: ``distill()`` end to end.
 """
 
-from edgecomp.distill.losses import DistillLoss, LossWeights, match_loss, soft_target_kl
-from edgecomp.distill.onnx_module import OnnxModule
-from edgecomp.distill.pipeline import DistillResult, distill
-from edgecomp.distill.students import ShrinkRule, parse_shrink, shrink
-from edgecomp.distill.trainer import DistillConfig, Setup, TrainResult, check_resume, prepare, train
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgecomp.distill.losses import DistillLoss, LossWeights, match_loss, soft_target_kl
+    from edgecomp.distill.onnx_module import OnnxModule
+    from edgecomp.distill.pipeline import DistillResult, distill
+    from edgecomp.distill.students import ShrinkRule, parse_shrink, shrink
+    from edgecomp.distill.trainer import DistillConfig, Setup, TrainResult, check_resume, prepare, train
+
+# The names below are loaded on first use: importing the package (``edgecomp.distill.options``,
+# which the CLI reads) must not import torch.
+_EXPORTS = {
+    "losses": ("DistillLoss", "LossWeights", "match_loss", "soft_target_kl"),
+    "onnx_module": ("OnnxModule",),
+    "pipeline": ("DistillResult", "distill"),
+    "students": ("ShrinkRule", "parse_shrink", "shrink"),
+    "trainer": ("DistillConfig", "Setup", "TrainResult", "check_resume", "prepare", "train"),
+}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+_SUBMODULES = {*_EXPORTS, "launch", "options", "samples"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:  # ``edgecomp.distill.trainer`` without importing it first, as before
+        return importlib.import_module(f"{__name__}.{name}")
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME))
 
 __all__ = ["DistillConfig", "DistillResult", "DistillLoss", "LossWeights", "OnnxModule", "Setup", "ShrinkRule",
            "TrainResult", "check_resume", "distill", "match_loss", "parse_shrink", "prepare", "shrink", "soft_target_kl", "train"]

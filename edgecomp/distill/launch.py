@@ -44,6 +44,7 @@ def launch(config, nproc: int, *, nnodes: int = 1, rdzv_endpoint: str | None = N
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from edgecomp.errors import DistillError
+    from edgecomp.io import first_line
 
     if nproc < 1 or nnodes < 1:
         raise DistillError("--nproc and --nnodes must be >= 1")
@@ -59,6 +60,6 @@ def launch(config, nproc: int, *, nnodes: int = 1, rdzv_endpoint: str | None = N
     try:
         results = elastic_launch(lc, _worker)(dataclasses.asdict(config), resume)
     except Exception as e:
-        raise DistillError(f"distributed training failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
-                           if str(e).strip() else f"distributed training failed: {type(e).__name__}") from e
+        why = f"{type(e).__name__}: {first_line(e, 300)}" if str(e).strip() else type(e).__name__
+        raise DistillError(f"distributed training failed: {why}") from e
     return results.get(0)

@@ -47,6 +47,7 @@ from edgecomp.distill.losses import MATCH_KINDS, DistillLoss, LossWeights, match
 from edgecomp.distill.samples import Samples, epoch_order, from_data, from_text
 from edgecomp.distill.students import find_layer_stack, layer_map, parse_shrink, shrink
 from edgecomp.errors import DataError, DistillError, InputFileError
+from edgecomp.io import first_line
 
 __all__ = ["DistillConfig", "Setup", "TrainResult", "prepare", "train", "check_resume", "is_onnx_file",
            "CHECKPOINT_FORMAT"]
@@ -163,11 +164,6 @@ def _check_options(c: DistillConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise DistillError(msg)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def seed_all(seed: int) -> None:
@@ -298,13 +294,13 @@ def prepare(config: DistillConfig) -> Setup:
         try:
             t_out = teacher(*args)
         except Exception as e:
-            raise DistillError(f"the teacher cannot run on the samples {names}: {type(e).__name__}: {_first_line(e)}") from e
+            raise DistillError(f"the teacher cannot run on the samples {names}: {type(e).__name__}: {first_line(e, 300)}") from e
         t_out = _first_output(t_out)
         try:
             s_out = _first_output(student(*args))
         except Exception as e:
             raise DistillError(f"the student cannot run on the teacher's inputs {names}: {type(e).__name__}: "
-                               f"{_first_line(e)}") from e
+                               f"{first_line(e, 300)}") from e
     if s_out.shape != t_out.shape:
         if c.project and s_out.dim() == 2 and t_out.dim() == 2:
             student = _Projected(student, s_out.shape[1], t_out.shape[1])
@@ -413,7 +409,7 @@ def _damaged(path: Path):
         yield
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
         raise DistillError(f"checkpoint {path} is damaged or does not fit this run ({type(e).__name__}: "
-                           f"{_first_line(e)[:200]}); delete it and start again") from e
+                           f"{first_line(e, 200)}); delete it and start again") from e
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:

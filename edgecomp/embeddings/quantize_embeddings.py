@@ -38,6 +38,7 @@ from edgecomp.embeddings.tables import (
     replace_output,
 )
 from edgecomp.errors import ConfigError, EdgecompError, PassFailed
+from edgecomp.io import first_line
 from edgecomp.passes.base import EdgecompPass, PassReport
 
 __all__ = ["QuantizeEmbeddingsPass", "find_embedding_tables", "quantize_rows", "dequantize_rows"]
@@ -109,9 +110,7 @@ class QuantizeEmbeddingsPass(EdgecompPass):
         except EdgecompError:
             raise
         except Exception as e:  # an unforeseen graph shape: one line, never a traceback
-            text = str(e).strip()
-            raise PassFailed(f"QuantizeEmbeddingsPass failed on this model: {type(e).__name__}: "
-                             f"{text.splitlines()[0] if text else ''}") from e
+            raise PassFailed(f"QuantizeEmbeddingsPass failed on this model: {type(e).__name__}: {first_line(e)}") from e
 
     def _call(self, model: ir.Model) -> PassReport:
         tables, rows = find_embedding_tables(model, self.min_rows, tied=self.tied)

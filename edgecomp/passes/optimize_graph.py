@@ -23,8 +23,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.errors import ConfigError, EdgecompError, PassFailed
+from edgecomp.graph import histogram
 from edgecomp.options import Option
-from edgecomp.passes.base import EdgecompPass, PassReport, histogram
+from edgecomp.passes.base import EdgecompPass, PassReport
 from edgecomp.passes.upgrade_opset import drop_unsupported_defaults, new_violations, opset_violations
 
 __all__ = ["OptimizeGraphPass", "OPTIONS"]

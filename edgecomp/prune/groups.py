@@ -13,8 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.errors import ConfigError
-from edgecomp.graph import attribute, const_array, subgraphs
-from edgecomp.passes.base import rank_of
+from edgecomp.graph import attribute, const_array, rank_of, subgraphs
 from edgecomp.prune.analysis import Analysis, Edit, Layout, NotChannelwise
 from edgecomp.prune.attention import find_heads
 
@@ -47,7 +46,7 @@ def lift_constants(model: ir.Model) -> int:
     """Make every main-graph weight a plain initializer: ``Constant`` nodes holding a tensor
     (PaddlePaddle and some TorchScript exports) become initializers, and ``Identity`` nodes that
     read a constant (TorchScript's shared, de-duplicated weights) are bypassed. Subgraphs are left
-    alone. The parameter count (:func:`edgecomp.measure.inspect.count_parameters`) and the outputs are
+    alone. The parameter count (:func:`edgecomp.graph.count_parameters`) and the outputs are
     unchanged; returns the number of nodes removed."""
     graph = model.graph
     outputs = set(graph.outputs)
