@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import onnx_ir as ir
 
-from edgecomp.graph import attribute, subgraphs
+from edgecomp.graph import attribute, single_use, subgraphs
 
 __all__ = ["Layer", "find_layers"]
 
@@ -115,11 +115,9 @@ def _unsupported(node: ir.Node) -> str | None:
 
 
 def _activation_after(conv: ir.Node) -> ir.Node | None:
-    uses = list(conv.outputs[0].uses())
-    if len(uses) == 1 and not conv.outputs[0].is_graph_output():
-        nxt = uses[0].node
-        if nxt.op_type in ("Relu", "Clip") and nxt.domain in ("", "ai.onnx"):
-            return nxt
+    nxt = single_use(conv.outputs[0])
+    if nxt is not None and nxt.op_type in ("Relu", "Clip") and nxt.domain in ("", "ai.onnx"):
+        return nxt
     return None
 
 

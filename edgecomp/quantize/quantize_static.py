@@ -178,15 +178,12 @@ class _Builder:
         self._names = NameAllocator(self.graph)
         self.quantize_ops = 0
 
-    def _unique(self, base: str) -> str:
-        return self._names.unique(base)
-
     def const(self, base: str, array: np.ndarray) -> ir.Value:
-        return add_initializer(self.graph, self._unique(base), np.asarray(array))
+        return add_initializer(self.graph, self._names.unique(base), np.asarray(array))
 
     def add(self, op: str, inputs, name: str, domain: str = "", **attrs) -> ir.Value:
-        node = ir.node(op, inputs, attributes=attrs or None, domain=domain, name=self._unique(name), num_outputs=1)
-        node.outputs[0].name = self._unique(f"{name}_out")
+        node = ir.node(op, inputs, attributes=attrs or None, domain=domain, name=self._names.unique(name), num_outputs=1)
+        node.outputs[0].name = self._names.unique(f"{name}_out")
         self.graph.append(node)
         return node.outputs[0]
 
