@@ -62,9 +62,14 @@ def repair(original: ir.Model, pruned: ir.Model, plan: PrunePlan, data: Dataset,
         targets.append((node, ref, e.layout.indices(kept, an.sizes), outs.get(node.name, np.arange(n_out))))
     if not targets:
         return rows
+    from edgecomp.runtime import make_session
+
+    # the original never changes: one session gives every target's unpruned input
+    s_orig = make_session(original, threads=threads, optimization="basic",
+                          extra_outputs=sorted({node.inputs[0].name for node, *_ in targets}))
     # one layer at a time, in graph order: each fit sees the inputs its repaired predecessors give it
     for node, ref, in_idx, out_idx in targets:
-        fit, held = _grams(original, pruned, node, data, max_samples, threads)
+        fit, held = _grams(s_orig, original, pruned, node, data, max_samples, threads)
         rows.append(_refit(pruned, node, ref, in_idx, out_idx, fit, held, ridge))
     ir.passes.common.RemoveUnusedNodesPass()(pruned)
     return rows
@@ -75,14 +80,13 @@ _Grams = tuple  # (A, B, C, rows) with A = Σ X̃ᵀX̃, B = Σ X̃ᵀX, C = Σ 
 
 
 
-def _grams(original: ir.Model, pruned: ir.Model, node: ir.Node, data: Dataset, max_samples: int | None,
+def _grams(s_orig, original: ir.Model, pruned: ir.Model, node: ir.Node, data: Dataset, max_samples: int | None,
            threads: int) -> tuple[_Grams, _Grams]:
     """(A, B, C, rows) for ``node``'s input (ones column appended), on the fitted and on the
-    held-out samples."""
+    held-out samples; ``s_orig`` is a session of ``original`` that exposes that input."""
     from edgecomp.runtime import make_session, run_feed
 
     name = node.inputs[0].name
-    s_orig = make_session(original, threads=threads, optimization="basic", extra_outputs=[name])
     s_new = make_session(pruned, threads=threads, optimization="basic", extra_outputs=[name])
     acc = {False: [0.0, 0.0, 0.0, 0], True: [0.0, 0.0, 0.0, 0]}
     n = n_used(data, max_samples)
