@@ -1,0 +1,111 @@
+"""edgecomp.graph: the shared attribute reader, name allocator and layer weight/bias accessors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from edgecomp.graph import (
+    NameAllocator,
+    add_initializer,
+    attribute,
+    bias_add,
+    bias_slot,
+    layer_bias,
+    layer_weight,
+    unique_name,
+)
+
+
+def _graph() -> ir.Graph:
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 3]))
+    return ir.Graph([x], [], nodes=[], opset_imports={"": 17}, name="g")
+
+
+def _matmul_add(graph: ir.Graph, bias: np.ndarray, output: bool = False) -> tuple[ir.Node, ir.Node]:
+    w = add_initializer(graph, "w", np.arange(12, dtype=np.float32).reshape(3, 4))
+    b = add_initializer(graph, "b", bias)
+    mm = ir.node("MatMul", [graph.inputs[0], w], name="mm")
+    add = ir.node("Add", [b, mm.outputs[0]], name="add")
+    graph.extend([mm, add])
+    graph.outputs.append(add.outputs[0])
+    if output:
+        graph.outputs.append(mm.outputs[0])
+    return mm, add
+
+
+def test_attribute_reads_every_kind_and_defaults():
+    node = ir.node("Foo", [], attributes={"i": 2, "f": 0.5, "s": "NOTSET", "ints": [1, 0]})
+    assert attribute(node, "i", 0) == 2
+    assert attribute(node, "f", 1.0) == 0.5
+    assert attribute(node, "s", "") == "NOTSET"
+    assert list(attribute(node, "ints", [])) == [1, 0]
+    assert attribute(node, "missing", 7) == 7
+    assert attribute(node, "missing") is None
+
+
+def test_names_are_fresh_across_values_nodes_and_initializers():
+    g = _graph()
+    mm, _ = _matmul_add(g, np.zeros(4, np.float32))
+    mm.outputs[0].name = "y"
+    names = NameAllocator(g)
+    assert names.unique("x") == "x_1"  # a graph input
+    assert names.unique("w") == "w_1"  # an initializer
+    assert names.unique("mm") == "mm_1"  # a node
+    assert names.unique("y") == "y_1"  # a node output
+    assert names.unique("y") == "y_2"  # handed out before
+    assert names.unique("fresh") == "fresh"
+    assert not names.claim("fresh") and names.claim("other") and "other" in names
+    assert unique_name(g, "w") == "w_1"  # nothing reserved by a one-off
+    add_initializer(g, "w_1", np.zeros(1, np.float32))
+    assert unique_name(g, "w") == "w_2"
+
+
+def test_matmul_bias_add_and_slot():
+    g = _graph()
+    mm, add = _matmul_add(g, np.arange(4, dtype=np.float32))
+    assert layer_weight(mm).shape == (3, 4)
+    assert bias_add(mm) is add
+    assert bias_slot(mm) == (add, 0)
+    np.testing.assert_array_equal(layer_bias(mm, 4), np.arange(4, dtype=np.float32))
+
+
+def test_a_bias_of_n_values_in_a_leading_one_shape_counts():
+    g = _graph()
+    mm, add = _matmul_add(g, np.arange(4, dtype=np.float32).reshape(1, 4))
+    assert bias_add(mm) is add
+    assert layer_bias(mm, 4).shape == (4,)
+
+
+def test_no_bias_when_the_matmul_output_is_also_a_graph_output_or_the_add_is_not_a_bias():
+    g = _graph()
+    mm, _ = _matmul_add(g, np.zeros(4, np.float32), output=True)
+    assert bias_add(mm) is None and bias_slot(mm) is None and layer_bias(mm, 4) is None
+    g = _graph()
+    mm, _ = _matmul_add(g, np.zeros(3, np.float32))  # not [N]
+    assert bias_add(mm) is None
+
+
+def test_a_fed_initializer_is_read_only_when_asked():
+    g = _graph()
+    mm, add = _matmul_add(g, np.zeros(4, np.float32))
+    g.inputs.append(g.initializers["b"])
+    assert bias_add(mm) is None
+    assert bias_add(mm, graph_inputs=True) is add
+
+
+def test_gemm_and_conv_weights_as_k_by_n():
+    g = _graph()
+    b = add_initializer(g, "B", np.arange(12, dtype=np.float32).reshape(4, 3))
+    c = add_initializer(g, "C", np.float32(1.5).reshape(1))
+    gemm = ir.node("Gemm", [g.inputs[0], b, c], attributes={"transB": 1}, name="gemm")
+    g.append(gemm)
+    assert layer_weight(gemm).shape == (3, 4)
+    np.testing.assert_array_equal(layer_weight(gemm), b.const_value.numpy().T)
+    assert bias_slot(gemm) == (gemm, 2)
+    np.testing.assert_array_equal(layer_bias(gemm, 4), np.full(4, 1.5, np.float32))
+    w = add_initializer(g, "W", np.arange(6, dtype=np.float32).reshape(2, 3, 1, 1))
+    conv = ir.node("Conv", [g.inputs[0], w], name="conv")
+    g.append(conv)
+    np.testing.assert_array_equal(layer_weight(conv), w.const_value.numpy().reshape(2, 3).T)
+    assert bias_slot(conv) == (conv, 2) and layer_bias(conv, 2) is None
