@@ -86,16 +86,16 @@ def benchmark(paths: Sequence[str | os.PathLike | ir.Model], threads: int = 1, w
     """
     if runs < 1 or warmup < 0:
         raise ConfigError("--runs must be >= 1 and --warmup >= 0")
-    models = [p if isinstance(p, ir.Model) else load_model(p) for p in paths]
     labels = list(labels) if labels else [str(p) for p in paths]
-    sizes = [len(model_bytes(m)) if isinstance(p, ir.Model) else model_size_bytes(p) for p, m in zip(paths, models)]
+    sizes = [len(model_bytes(p)) if isinstance(p, ir.Model) else model_size_bytes(p) for p in paths]
     assumed: list[str] = []
     if feed is None:
-        specs, image = input_specs(models[0]), image_size_hint(models[0])
+        first = paths[0] if isinstance(paths[0], ir.Model) else load_model(paths[0])
+        specs, image = input_specs(first), image_size_hint(first)
         feed = synthesize_feed(specs, shapes, values=values, image_size=image)
         assumed = feed_defaults(specs, shapes, values, image)
-    sessions = [make_session(m, threads=threads) for m in models]
-    del models
+        del first
+    sessions = [make_session(p, threads=threads) for p in paths]  # files are opened by onnxruntime itself
     for s in sessions:
         try:
             run_feed(s, feed)
