@@ -624,7 +624,8 @@ def reduce_embeddings(model, output, text, tokenizer, keep_ids, add_tokens, json
 @_json_option
 def quantize(model, output, calibration, eval_data, labels, target, targets_file, mode, threads, json_path,
              **options):
-    """Static int8 quantization, calibrated and accuracy-aware, in onnxruntime's fast form.
+    """Static int8 quantization, calibrated and accuracy-aware, in onnxruntime's fast form
+    (or, with --format qdq, the QuantizeLinear/DequantizeLinear form mobile EPs consume).
 
     Activation scales are fixed from calibration (no DynamicQuantizeLinear). With --eval and
     --tolerance, the most sensitive layers stay float until the metric is within tolerance;

@@ -99,7 +99,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     kept_why = "among the most sensitive: kept float to meet the tolerance"
     if opts.tolerance is not None and plan:
         evaluator = Evaluator(model, list(eval_data.feeds_for(specs)), opts.metric, labels, opts.threads)
-        plan, sens, kept, met, loss = fit_tolerance(model, plan, evaluator, opts.tolerance, opts.progress, opts.embeddings)
+        plan, sens, kept, met, loss = fit_tolerance(model, plan, evaluator, opts.tolerance, opts.progress, opts.embeddings,
+                                                    opts.format)
     elif opts.tolerance is None and opts.min_cosine is not None and plan:
         # no accuracy target given: still never write a model whose outputs drift from float on
         # the calibration samples (a per-tensor output grid can wreck a downstream magnitude or
@@ -107,7 +108,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         evaluator = FidelityEvaluator(model, list(calibration.feeds_for(specs, opts.fidelity_samples)), opts.threads)
         floor = float(opts.min_cosine)
         plan, sens, kept, ok, fid_loss = fit_tolerance(model, plan, evaluator, 1.0 - floor, opts.progress,
-                                                       opts.embeddings)
+                                                       opts.embeddings, opts.format)
         fidelity = {"fidelity": f"lowest output cosine {1.0 - fid_loss:.4f} on {len(evaluator.feeds)} calibration "
                                 f"samples (floor {floor:g}{'' if ok else ', not met'})"}
         if kept:
@@ -126,7 +127,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     rows += [{"layer": l.node, "op": l.op, "family": l.family, "decision": "float", "reason": "--exclude"}
              for l in excluded]
     rows += skipped
-    quantized = build(model, plan) if plan else model
+    quantized = build(model, plan, format=opts.format) if plan else model
     embedding_rows = []
     if opts.embeddings:
         emb = run_pass(QuantizeEmbeddingsPass(bits=8), quantized)
@@ -136,7 +137,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         raise PassFailed(f"the quantized model has a node its opset does not allow: {invalid[0]}")
     layouts = sorted({f"{p.act_bits}/{p.weight_bits}" for p in plan.values()})
     summary = {"layers int8": len(plan), "layers float": len(rows) - len(plan), "bits a/w": ", ".join(layouts),
-               "bits reason": bits_reason(opts), "activations": "uint8 asymmetric, per tensor, static",
+               "bits reason": bits_reason(opts), "format": opts.format,
+               "activations": "uint8 asymmetric, per tensor, static",
                "method": opts.method, "calibration samples": min(len(calibration), opts.max_samples or 10**9),
                "cleanup": cleanup.summary, "seconds": round(time.perf_counter() - t0, 1)}
     if upgrade.modified:

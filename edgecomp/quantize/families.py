@@ -22,7 +22,8 @@ def choose_families(model: ir.Model, layers: Sequence[Layer], plan: Mapping[str,
                     ) -> tuple[set[str], list[dict[str, Any]]]:
     """Families to quantize, and a row per measured combination with its latency ratio.
 
-    Every non-empty combination of the families present is built and timed interleaved with the
+    Every non-empty combination of the families present is built (in ``opts.format``: the QDQ form
+    runs at its own speed here) and timed interleaved with the
     float model (families interact: a lone int8 family pays quantize/dequantize at its borders,
     which int8 neighbours would share) in rounds, until each ratio's 95% interval excludes 1.0
     or ten rounds are spent (:func:`edgecomp.measure.bench.compare_latency`). The fastest combination
@@ -40,7 +41,8 @@ def choose_families(model: ir.Model, layers: Sequence[Layer], plan: Mapping[str,
         wanted = set(opts.families.split(",")) & set(present)
         return wanted, [{"families": ",".join(sorted(wanted)), "decision": "int8", "reason": "--families"}]
     combos = [c for k in range(1, len(present) + 1) for c in combinations(present, k)]
-    variants = [model] + [build(model, {n: p for n, p in plan.items() if family_of(layers, n) in c}) for c in combos]
+    variants = [model] + [build(model, {n: p for n, p in plan.items() if family_of(layers, n) in c}, format=opts.format)
+                          for c in combos]
     t0 = time.perf_counter()
     make_session(model, threads=opts.threads).run(None, feed)
     probe = max(time.perf_counter() - t0, 1e-4)

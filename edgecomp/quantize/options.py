@@ -8,6 +8,7 @@ from typing import Any
 
 from edgecomp.errors import OptionError
 from edgecomp.options import Option, check_values, in_range, regexes
+from edgecomp.quantize.quantize_static import FORMATS
 from edgecomp.targets import Isa
 
 __all__ = ["METHODS", "METRICS", "FAMILIES", "OPTIONS", "QuantizeOptions", "MIN_OPSET", "OPSET_REASON"]
@@ -49,6 +50,9 @@ OPTIONS = (
     Option("metric", str, "cosine", "what tolerance bounds: 1-cosine, top-1 accuracy drop, or MAE", choices=METRICS),
     Option("tolerance", float, None, "allowed loss vs fp32 on eval data; the most sensitive layers stay float "
            "until it is met (exit status 3 when it cannot be)", check=in_range(0), needs=lambda v: "eval"),
+    Option("format", str, "contrib", "contrib: onnxruntime's fastest CPU form (com.microsoft ops); qdq: standard "
+           "QuantizeLinear/DequantizeLinear pairs that mobile EPs (XNNPACK, NNAPI, CoreML, QNN) consume",
+           choices=FORMATS),
 )
 
 
@@ -68,6 +72,7 @@ class QuantizeOptions:
     max_samples: int | None = None
     metric: str = "cosine"
     tolerance: float | None = None  # with eval data: accuracy-aware fallback
+    format: str = "contrib"  # contrib (com.microsoft, onnxruntime CPU) | qdq (ai.onnx only, mobile EPs)
     reservoir: int = 512
     isa: Isa | None = None  # target ISA (default: the host's)
     threads: int = 1

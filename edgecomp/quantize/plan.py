@@ -219,10 +219,11 @@ def _plan_bias_correction(lp: LayerPlan, nodes, layer: Layer, st: ActivationStat
 
 
 
-def build(model: ir.Model, plan: Mapping[str, LayerPlan], embeddings: bool = False) -> ir.Model:
-    """A quantized copy of ``model`` (the float model is untouched); ``embeddings`` also stores
-    embedding tables in row-wise int8."""
-    out = run_pass(QuantizeStaticPass(plan=plan), model.clone()).model
+def build(model: ir.Model, plan: Mapping[str, LayerPlan], embeddings: bool = False,
+          format: str = "contrib") -> ir.Model:
+    """A quantized copy of ``model`` (the float model is untouched) in ``format`` (contrib | qdq);
+    ``embeddings`` also stores embedding tables in row-wise int8."""
+    out = run_pass(QuantizeStaticPass(plan=plan, format=format), model.clone()).model
     if embeddings:
         out = run_pass(QuantizeEmbeddingsPass(bits=8), out).model
     return out

@@ -1,4 +1,5 @@
-"""QuantizeStaticPass: rewrite float layers into onnxruntime's fast static int8 form.
+"""QuantizeStaticPass: rewrite float layers into static int8, in onnxruntime's fast CPU form or
+in the standard QDQ form that mobile execution providers consume.
 
 The pass applies a *plan* — per layer, fixed activation scale/zero point, optional SmoothQuant
 divisor, weight bits and bias correction — computed beforehand from calibration
@@ -22,6 +23,19 @@ Cases handled:
   The fused op dequantizes and adds the bias inside the int8 GEMM: this is the form
   onnxruntime's dynamic quantization reaches, without the DynamicQuantizeLinear pass over
   every activation.
+  With ``format="qdq"`` the same plan becomes standard ai.onnx QuantizeLinear/DequantizeLinear
+  pairs around the original float op (XNNPACK, NNAPI, CoreML and QNN take this form; onnxruntime
+  on CPU fuses it back into an int8 GEMM)::
+
+      x_s = Mul(x, 1/s)                          (only with SmoothQuant: stays a float Mul)
+      x_d = DequantizeLinear(QuantizeLinear(x_s, a_scale, a_zp), a_scale, a_zp)
+      y   = MatMul(x_d, DequantizeLinear(W_q, w_scale, 0, axis 1)) + bias'
+            (Gemm: Gemm(x_d, DequantizeLinear(W_q^T, w_scale, 0, axis 0), bias', transB) when transB)
+
+  with the same ``a_scale``, ``a_zp``, ``W_q``, ``w_scale`` and ``bias'`` (float), so both forms
+  compute ``dequantize(quantize(x_s)) · dequantize(W_q) + bias'`` and differ only by float
+  rounding. 7-bit weights or activations (the VPMADDUBSW rule) mean nothing to a QDQ consumer
+  but are kept as planned: the plan's error estimates were made for them.
 - a residual ``Add`` of two quantized conv-branch tensors gets its output quantized too, so
   onnxruntime runs it as QLinearAdd;
 - ``Conv(x, W, b)`` (1-D or 2-D, any group) becomes the QDQ form onnxruntime fuses into QLinearConv::
@@ -35,9 +49,10 @@ Layers not in the plan are left float. Outputs keep their names, so the graph's 
 unchanged (a quantized tensor that is also a graph output: the output moves to its
 DequantizeLinear, the QuantizeLinear still reads the float tensor). There is never a
 DynamicQuantizeLinear in the result. Every node emitted exists at opset 13 (the pass requires 13
-for convolutions: per-channel DequantizeLinear needs its ``axis``): QuantizeLinear and
-DequantizeLinear with scalar or per-axis scales only (no ``block_size``, ``saturate`` or
-``output_dtype``), Mul, Conv, and com.microsoft.MatMulIntegerToFloat.
+for convolutions and for the QDQ form: per-channel DequantizeLinear needs its ``axis``):
+QuantizeLinear and DequantizeLinear with scalar or per-axis scales only (no ``block_size``,
+``saturate`` or ``output_dtype``), Mul, Conv, and com.microsoft.MatMulIntegerToFloat — or, in
+the QDQ form, MatMul, Gemm and Add instead of the latter: no op outside ai.onnx.
 """
 
 from __future__ import annotations
@@ -49,15 +64,17 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
-from edgecomp.errors import EdgecompError, PassFailed
+from edgecomp.errors import EdgecompError, OptionError, PassFailed
 from edgecomp.graph import INT8_OPS, NameAllocator, add_initializer, attribute, bias_add, layer_bias, layer_weight
 from edgecomp.io import first_line
 from edgecomp.passes.base import EdgecompPass, PassReport
 from edgecomp.passes.upgrade_opset import default_opset
 
-__all__ = ["LayerPlan", "QuantizeStaticPass", "quantize_weight", "matmul_parts", "bias_add", "QUANTIZED_OPS", "MS_DOMAIN"]
+__all__ = ["LayerPlan", "QuantizeStaticPass", "quantize_weight", "matmul_parts", "bias_add", "QUANTIZED_OPS", "MS_DOMAIN",
+           "FORMATS"]
 
 MS_DOMAIN = "com.microsoft"
+FORMATS = ("contrib", "qdq")
 QUANTIZED_OPS = INT8_OPS | {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits"}
 
 
@@ -103,13 +120,18 @@ class QuantizeStaticPass(EdgecompPass):
 
     Args:
         plan: per-layer quantization parameters, keyed by node name.
+        format: ``"contrib"`` (com.microsoft.MatMulIntegerToFloat, onnxruntime's fastest CPU form)
+            or ``"qdq"`` (only ai.onnx QuantizeLinear/DequantizeLinear around float ops).
     """
 
-    def __init__(self, *, plan: Mapping[str, LayerPlan]):
+    def __init__(self, *, plan: Mapping[str, LayerPlan], format: str = "contrib"):
+        if format not in FORMATS:
+            raise OptionError("format", f"must be one of {', '.join(FORMATS)}, got {format!r}")
         self.plan = dict(plan)
+        self.format = format
 
     def options(self) -> dict[str, Any]:
-        return {"layers": len(self.plan)}
+        return {"layers": len(self.plan), "format": self.format}
 
     def requires(self, model: ir.Model) -> None:
         ops = {n.op_type for n in model.graph} & QUANTIZED_OPS
@@ -120,10 +142,17 @@ class QuantizeStaticPass(EdgecompPass):
         missing = sorted(set(self.plan) - names)
         if missing:
             raise PassFailed(f"plan names nodes not in the graph: {missing[:5]}")
+        qdq = self.format == "qdq"
+        foreign = _foreign_ops(model) if qdq else []
+        if foreign:
+            raise PassFailed(f"the QDQ form holds only ai.onnx ops, but the model already has {', '.join(foreign)}; "
+                             "give a model exported without onnxruntime contrib ops")
         opset = default_opset(model)
-        if opset is not None and opset < 13 and any(p.kind in ("conv", "add") for p in self.plan.values()):
-            raise PassFailed(f"the model declares opset {opset}; quantized convolutions use per-channel "
-                             "DequantizeLinear (axis), which needs opset 13: run UpgradeOpsetPass(min_opset=13) first")
+        needs_axis = bool(self.plan) if qdq else any(p.kind in ("conv", "add") for p in self.plan.values())
+        if opset is not None and opset < 13 and needs_axis:
+            raise PassFailed(f"the model declares opset {opset}; {'QDQ layers' if qdq else 'quantized convolutions'} "
+                             "use per-channel DequantizeLinear (axis), which needs opset 13: "
+                             "run UpgradeOpsetPass(min_opset=13) first")
         if opset is not None and opset < 10:
             raise PassFailed(f"the model declares opset {opset}; QuantizeLinear needs opset 10 or later")
 
@@ -142,7 +171,7 @@ class QuantizeStaticPass(EdgecompPass):
         for name, lp in self.plan.items():
             node = nodes[name]
             if lp.kind in ("matmul", "gemm"):
-                builder.matmul(node, lp)
+                builder.matmul_qdq(node, lp) if self.format == "qdq" else builder.matmul(node, lp)
             elif lp.kind == "conv":
                 builder.conv(node, lp, nodes.get(lp.out_after) if lp.out_after else None)
             elif lp.kind == "add":
@@ -155,16 +184,20 @@ class QuantizeStaticPass(EdgecompPass):
                          "smoothquant": lp.smooth is not None, "bias corrected": lp.bias_delta is not None,
                          "act scale": float(lp.act_scale), "act zp": int(lp.act_zp)})
         if self.plan:
-            if MS_DOMAIN not in model.opset_imports and any(p.kind != "conv" for p in self.plan.values()):
+            if (self.format == "contrib" and MS_DOMAIN not in model.opset_imports
+                    and any(p.kind != "conv" for p in self.plan.values())):
                 model.opset_imports[MS_DOMAIN] = 1
             _sort(model.graph)
             ir.passes.common.RemoveUnusedNodesPass()(model)  # the float weights
-        return self.report(model, bool(self.plan), {"quantized layers": len(self.plan),
+        return self.report(model, bool(self.plan), {"quantized layers": len(self.plan), "format": self.format,
                                                     "quantize ops": builder.quantize_ops}, rows)
 
     def ensures(self, model: ir.Model) -> None:
         if any(n.op_type == "DynamicQuantizeLinear" for n in model.graph):
             raise PassFailed("static quantization produced a DynamicQuantizeLinear")
+        foreign = _foreign_ops(model) if self.format == "qdq" else []
+        if foreign:
+            raise PassFailed(f"the QDQ form produced {', '.join(foreign)}, which is not an ai.onnx op")
 
 
 class _Builder:
@@ -203,11 +236,7 @@ class _Builder:
         return self._qcache[key]
 
     def matmul(self, node: ir.Node, lp: LayerPlan) -> None:
-        w, bias, out, dead = matmul_parts(node)
-        if lp.smooth is not None:
-            w = w * lp.smooth[:, None]
-        if lp.bias_delta is not None:
-            bias = (bias if bias is not None else np.zeros(w.shape[1], np.float32)) - lp.bias_delta
+        w, bias, out, dead = _planned_parts(node, lp)
         trans = node.op_type == "Gemm" and attribute(node, "transB", 0)
         wq_v, ws_v, wzp_v = self.weight(node, ("matmul", bool(trans)), w, lp, axis=1)
         xq, a_scale, a_zp = self.quantized_input(node.inputs[0], lp)
@@ -215,6 +244,26 @@ class _Builder:
         if bias is not None:
             inputs.append(self.const(f"{node.name}_bias", bias.astype(np.float32)))
         y = self.add("MatMulIntegerToFloat", inputs, f"{node.name}_int8", domain=MS_DOMAIN)
+        _replace(self.graph, out, y)
+        for n in dead:
+            self.graph.remove(n, safe=True)
+
+    def matmul_qdq(self, node: ir.Node, lp: LayerPlan) -> None:
+        """The QDQ form of a MatMul/Gemm layer: float op on DequantizeLinear'd input and weight,
+        float bias (see the module docstring)."""
+        w, bias, out, dead = _planned_parts(node, lp)
+        trans = bool(node.op_type == "Gemm" and attribute(node, "transB", 0))
+        stored, axis = (w.T, 0) if trans else (w, 1)  # the output channel's axis in the stored weight
+        wd = self.add("DequantizeLinear", list(self.weight(node, ("qdq", trans), stored, lp, axis=axis)),
+                      f"{node.name}_w_dq", axis=axis)
+        xd, _ = self._dequantized_input(node, lp)
+        b = None if bias is None else self.const(f"{node.name}_bias", bias.astype(np.float32))
+        if node.op_type == "Gemm":
+            y = self.add("Gemm", [xd, wd] + ([b] if b is not None else []), f"{node.name}_qdq", transB=int(trans))
+        else:
+            y = self.add("MatMul", [xd, wd], f"{node.name}_qdq")
+            if b is not None:
+                y = self.add("Add", [y, b], f"{node.name}_qdq_bias")
         _replace(self.graph, out, y)
         for n in dead:
             self.graph.remove(n, safe=True)
@@ -232,7 +281,7 @@ class _Builder:
         return self._wcache[key]
 
     def conv(self, node: ir.Node, lp: LayerPlan, act_node: ir.Node | None) -> None:
-        xd, act_scale = self._conv_input(node, lp)
+        xd, act_scale = self._dequantized_input(node, lp)
         w = node.inputs[1].const_value.numpy().astype(np.float32)
         wq_v, ws_v, wzp_v = self.weight(node, ("conv",), w, lp, axis=0)
         ws = ws_v.const_value.numpy()
@@ -251,12 +300,13 @@ class _Builder:
         if lp.out_scale is not None:
             self._conv_output(node, lp, act_node)
 
-    def _conv_input(self, node: ir.Node, lp: LayerPlan) -> tuple[ir.Value, float]:
+    def _dequantized_input(self, node: ir.Node, lp: LayerPlan) -> tuple[ir.Value, float]:
         """The dequantized input and its scale; an input that is already the DequantizeLinear of
-        a quantized producer's output is used as it is (one Q/DQ pair per tensor)."""
+        a quantized producer's output is used as it is (one Q/DQ pair per tensor), unless the
+        layer smooths it (the Mul by 1/s must come before the QuantizeLinear)."""
         x = node.inputs[0]
         p = x.producer()
-        if p is not None and p.op_type == "DequantizeLinear" and p.name in self._output_dq:
+        if lp.smooth is None and p is not None and p.op_type == "DequantizeLinear" and p.name in self._output_dq:
             return x, float(p.inputs[1].const_value.numpy())
         xq, a_scale, a_zp = self.quantized_input(x, lp)
         return self.add("DequantizeLinear", [xq, a_scale, a_zp], f"{node.name}_x_dq"), float(lp.act_scale)
@@ -309,6 +359,22 @@ def _clip_covers(act: ir.Node, scale: np.float32, zp: np.uint8) -> bool:
     if "min" in act.attributes or "max" in act.attributes:  # opset < 11
         cmin, cmax = attribute(act, "min"), attribute(act, "max")
     return (cmin is None or cmin <= lo + 1e-12) and (cmax is None or cmax >= hi - 1e-6 * max(1.0, abs(hi)))
+
+
+def _planned_parts(node: ir.Node, lp: LayerPlan) -> tuple[np.ndarray, np.ndarray | None, ir.Value, list[ir.Node]]:
+    """:func:`matmul_parts` with the plan applied: ``diag(s) W`` and ``bias - delta``."""
+    w, bias, out, dead = matmul_parts(node)
+    if lp.smooth is not None:
+        w = w * lp.smooth[:, None]
+    if lp.bias_delta is not None:
+        bias = (bias if bias is not None else np.zeros(w.shape[1], np.float32)) - lp.bias_delta
+    return w, bias, out, dead
+
+
+def _foreign_ops(model: ir.Model) -> list[str]:
+    """``domain.op`` of every node outside the default (ai.onnx) domain, subgraphs included."""
+    return sorted({f"{n.domain}.{n.op_type}" for n in ir.traversal.RecursiveGraphIterator(model.graph)
+                   if n.domain not in ("", "ai.onnx")})
 
 
 def matmul_parts(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None, ir.Value, list[ir.Node]]:

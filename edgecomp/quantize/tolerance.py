@@ -95,26 +95,28 @@ def _pooled_cosine(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> floa
 
 
 def fit_tolerance(model: ir.Model, plan: dict[str, LayerPlan], evaluator: Evaluator, tolerance: float,
-                  progress: bool = False, embeddings: bool = False) -> tuple[dict[str, LayerPlan], dict[str, float], list[str], bool, float]:
+                  progress: bool = False, embeddings: bool = False, format: str = "contrib",
+                  ) -> tuple[dict[str, LayerPlan], dict[str, float], list[str], bool, float]:
     """Keep the most sensitive layers float until the loss is within ``tolerance``.
 
     Returns (final plan, sensitivity per layer, layers kept float, met, final loss). Sensitivity
     is the loss with only that layer quantized. Float layers are added in order of sensitivity,
-    doubling the count, then bisecting to the fewest that meet the tolerance.
+    doubling the count, then bisecting to the fewest that meet the tolerance. Every candidate is
+    built in ``format``, the form that will be written.
     """
     from tqdm import tqdm
 
-    _, loss = evaluator.drop(build(model, plan, embeddings))
+    _, loss = evaluator.drop(build(model, plan, embeddings, format))
     if loss <= tolerance:
         return plan, {}, [], True, loss
     sens = {}
     for name in tqdm(list(plan), desc="sensitivity", disable=None if progress else True, leave=False):
-        sens[name] = evaluator.drop(build(model, {name: plan[name]}))[1]
+        sens[name] = evaluator.drop(build(model, {name: plan[name]}, format=format))[1]
     order = sorted(plan, key=lambda n: -sens[n])
 
     def trial(k: int) -> float:
         keep = set(order[:k])
-        return evaluator.drop(build(model, {n: p for n, p in plan.items() if n not in keep}, embeddings))[1]
+        return evaluator.drop(build(model, {n: p for n, p in plan.items() if n not in keep}, embeddings, format))[1]
 
     losses = {0: loss}
     k = 1
