@@ -20,7 +20,7 @@ from edgecomp.errors import DataError
 from edgecomp.io import load_model
 from edgecomp.runtime import make_session, run_feed
 
-__all__ = ["OutputFidelity", "ValidationResult", "validate", "compare_outputs", "knn_agreement", "cosine_rows",
+__all__ = ["OutputFidelity", "ValidationResult", "validate", "validate_many", "compare_outputs", "knn_agreement", "cosine_rows",
            "output_kind", "FEATURE_NAME_PARTS"]
 
 #: Output names containing one of these (case-insensitive) are features, never logits: ViT's
@@ -145,39 +145,53 @@ def validate(reference: str | os.PathLike | ir.Model, candidate: str | os.PathLi
     """Run both models (files or in-memory models) on every sample of ``data`` (DATA, a Dataset,
     or a list of feeds) and compare their outputs; with ``labels`` (a .npy or an array), also the
     task accuracy of both."""
-    ref_name, cand_name = _label(reference, "the reference"), _label(candidate, "the candidate")
-    ref_model, cand_model = (m if isinstance(m, ir.Model) else load_model(m) for m in (reference, candidate))
+    return validate_many(reference, [candidate], data, labels, threads, k)[0]
+
+
+def validate_many(reference: str | os.PathLike | ir.Model, candidates: Sequence[str | os.PathLike | ir.Model],
+                  data: str | os.PathLike | Dataset | Sequence[Mapping[str, np.ndarray]],
+                  labels: str | os.PathLike | np.ndarray | None = None, threads: int = 1,
+                  k: int = 10) -> list[ValidationResult]:
+    """:func:`validate` of each candidate against one reference, which runs once."""
+    ref_name = _label(reference, "the reference")
+    ref_model = reference if isinstance(reference, ir.Model) else load_model(reference)
     specs = input_specs(ref_model)
-    cand_names = {s.name for s in input_specs(cand_model)}
-    if cand_names != {s.name for s in specs}:
-        raise DataError(f"{cand_name} has inputs {sorted(cand_names)} but {ref_name} has "
-                        f"{sorted(s.name for s in specs)}; compare models with the same inputs")
     if isinstance(data, (str, os.PathLike, Dataset)):
         ds = data if isinstance(data, Dataset) else load_data(data, specs)
         ds.check_against(specs)
-        feeds, n = ds.feeds_for(specs), len(ds)
+        feeds, n = list(ds.feeds_for(specs)), len(ds)
     else:
         feeds, n = list(data), len(data)
-    ref_s, cand_s = make_session(ref_model, threads), make_session(cand_model, threads)
-    out_names = [o.name for o in ref_s.get_outputs()]
-    if [o.name for o in cand_s.get_outputs()] != out_names:
-        raise DataError(f"{cand_name} outputs {[o.name for o in cand_s.get_outputs()]} differ from "
-                        f"{ref_name}'s {out_names}")
-    ref_out: list[list[np.ndarray]] = [[] for _ in out_names]
-    cand_out: list[list[np.ndarray]] = [[] for _ in out_names]
-    batches: list[int] = []
+    out_names, ref_out = _outputs(make_session(ref_model, threads), feeds)
+    batches = [_batch_of(feed, specs) for feed in feeds]
+    y = None if labels is None else (labels if isinstance(labels, np.ndarray) else load_labels(labels, n))
+    results = []
+    for candidate in candidates:
+        cand_name = _label(candidate, "the candidate")
+        cand_model = candidate if isinstance(candidate, ir.Model) else load_model(candidate)
+        cand_names = {s.name for s in input_specs(cand_model)}
+        if cand_names != {s.name for s in specs}:
+            raise DataError(f"{cand_name} has inputs {sorted(cand_names)} but {ref_name} has "
+                            f"{sorted(s.name for s in specs)}; compare models with the same inputs")
+        names, cand_out = _outputs(make_session(cand_model, threads), feeds)
+        if names != out_names:
+            raise DataError(f"{cand_name} outputs {names} differ from {ref_name}'s {out_names}")
+        result = ValidationResult(n, [compare_outputs(name, r, c, k, batches)
+                                      for name, r, c in zip(out_names, ref_out, cand_out)])
+        if y is not None:
+            result.ref_accuracy, result.cand_accuracy = _accuracy(ref_out[0], y), _accuracy(cand_out[0], y)
+        results.append(result)
+    return results
+
+
+def _outputs(session, feeds) -> tuple[list[str], list[list[np.ndarray]]]:
+    """The session's output names and, per output, its value on each feed."""
+    names = [o.name for o in session.get_outputs()]
+    out: list[list[np.ndarray]] = [[] for _ in names]
     for feed in feeds:
-        batches.append(_batch_of(feed, specs))
-        for store, sess in ((ref_out, ref_s), (cand_out, cand_s)):
-            for j, arr in enumerate(run_feed(sess, feed)):
-                store[j].append(arr)
-    result = ValidationResult(n, [compare_outputs(name, r, c, k, batches)
-                                  for name, r, c in zip(out_names, ref_out, cand_out)])
-    if labels is not None:
-        y = labels if isinstance(labels, np.ndarray) else load_labels(labels, n)
-        result.ref_accuracy = _accuracy(ref_out[0], y)
-        result.cand_accuracy = _accuracy(cand_out[0], y)
-    return result
+        for j, arr in enumerate(run_feed(session, feed)):
+            out[j].append(arr)
+    return names, out
 
 
 def _label(model: str | os.PathLike | ir.Model, default: str) -> str:

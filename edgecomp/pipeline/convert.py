@@ -222,17 +222,16 @@ def _run_reduce_embeddings(ctx: _Context, rec: StepRecord) -> None:
 
 
 def _run_validate(ctx: _Context, rec: StepRecord) -> None:
-    from edgecomp.measure.validate import validate
+    from edgecomp.measure.validate import validate_many
 
     models = ctx.model_records()
-    base = models[0]
-    for m in models:
-        v = validate(base.model, m.model, ctx.data.need("eval", "validate"), ctx.data.labels, threads=ctx.threads,
-                     k=rec.options["k"])
+    results = validate_many(models[0].model, [m.model for m in models], ctx.data.need("eval", "validate"),
+                            ctx.data.labels, threads=ctx.threads, k=rec.options["k"])
+    for m, v in zip(models, results):
         o = v.outputs[0]
         m.cos_mean, m.cos_min, m.top1_agreement, m.knn_agreement = o.cosine_mean, o.cosine_min, o.top1_agreement, o.knn_agreement
         m.accuracy = v.cand_accuracy
-    rec.summary = {"samples": v.samples, "models": len(models)}
+    rec.summary = {"samples": results[0].samples, "models": len(models)}
 
 
 def _run_bench(ctx: _Context, rec: StepRecord) -> None:
