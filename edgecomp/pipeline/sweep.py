@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from edgecomp.errors import ConfigError
-from edgecomp.io import OUTPUT_MARKER, check_output_dir, copy_file
+from edgecomp.io import OUTPUT_MARKER, check_output_dir, copy_file, first_line
 from edgecomp.pipeline.recipe import Recipe, apply_override
 
 __all__ = ["parse_grid", "expand", "run_sweep", "SweepResult", "parse_address", "probe_ray"]
@@ -245,7 +245,7 @@ def run_sweep(source, recipe: Recipe, grid: dict[str, list[Any]], outdir: str | 
                 summary = ray.get(ref)
             except Exception as e:  # one failed variant does not stop the sweep
                 cause = getattr(e, "cause", None) or e
-                summary = {"variant": f"variant-{index:02d}", **variants[index - 1][0], "error": str(cause).splitlines()[0],
+                summary = {"variant": f"variant-{index:02d}", **variants[index - 1][0], "error": first_line(cause),
                            "gates passed": False, "quality": None, "latency": None}
             done.append(summary)
             if "error" not in summary and _better(summary, best):

@@ -62,6 +62,7 @@ import onnx_ir as ir
 from edgecomp.data import Dataset, StepData, input_specs, load_data, load_labels
 from edgecomp.errors import NothingToPrune, OptionError, PassFailed
 from edgecomp.graph import const_array
+from edgecomp.io import first_line
 from edgecomp.options import need_data
 from edgecomp.prune.fidelity import fidelity_text, fidelity_warning, held_out_fidelity
 from edgecomp.prune.groups import PRUNABLE_OPS, find_groups, lift_constants
@@ -142,12 +143,11 @@ def verify_pruned(model: ir.Model, reference: ir.Model) -> None:
     try:
         check_model(model)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PassFailed(f"the pruned model fails onnx.checker ({first}); nothing was written") from e
+        raise PassFailed(f"the pruned model fails onnx.checker ({first_line(e)}); nothing was written") from e
     try:
         make_session(model, optimization="disable")
     except Exception as e:
-        raise PassFailed(f"onnxruntime cannot load the pruned model ({e}); nothing was written") from e
+        raise PassFailed(f"onnxruntime cannot load the pruned model ({first_line(e)}); nothing was written") from e
 
 
 
