@@ -656,6 +656,12 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
         quantize_dynamic_ort(model, output, profile.isa if profile else None)
         click.echo(f"wrote {output} (onnxruntime quantize_dynamic, for comparison)")
         return
+    if profile and profile.ep:
+        if click.get_current_context().get_parameter_source("format").name != "DEFAULT" and \
+                values["format"] != profile.quant_format:
+            raise click.UsageError(f"--target {profile.name} runs on the {profile.ep} EP, which has no kernels for "
+                                   f"the {values['format']} form; drop --format (it follows the target: qdq)")
+        values["format"] = profile.quant_format
     opts = QuantizeOptions(**fields_of(values), isa=profile.isa if profile else None,
                            threads=threads or (profile.threads if profile else 1), progress=True)
     opts.validate()
@@ -788,8 +794,9 @@ def targets(targets_file):
     profiles = load_profiles(targets_file)
     isa = host_isa()
     click.echo(rpt.host_line(isa=isa))
-    rows = [{"name": p.name, "threads": p.threads, "ISA": p.isa.describe(), "matches host": p.matches_host(isa),
-             "description": p.description} for p in profiles.values()]
+    rows = [{"name": p.name, "threads": p.threads, "ISA": p.isa.describe(), "EP": p.ep or "CPU",
+             "int8 form": p.quant_format, "matches host": p.matches_host(isa), "description": p.description}
+            for p in profiles.values()]
     click.echo(rpt.table(rows))
 
 

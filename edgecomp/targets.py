@@ -17,7 +17,7 @@ from pathlib import Path
 from edgecomp.errors import ConfigError
 from edgecomp.io import read_toml
 
-__all__ = ["Isa", "TargetProfile", "BUILTIN_PROFILES", "ARCHES", "host_isa", "load_profiles", "get_profile"]
+__all__ = ["Isa", "TargetProfile", "BUILTIN_PROFILES", "ARCHES", "MOBILE_EPS", "host_isa", "load_profiles", "get_profile"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +48,12 @@ class TargetProfile:
     threads: int
     isa: Isa
     pin: str | None = None
+    ep: str | None = None  # a mobile execution provider (MOBILE_EPS) that runs the model; None: the CPU EP
+
+    @property
+    def quant_format(self) -> str:
+        """The int8 form this target runs: QDQ for a mobile EP (it has no com.microsoft kernels)."""
+        return "qdq" if self.ep else "contrib"
 
     def matches_host(self, host: Isa | None = None) -> bool:
         return self.isa == (host or host_isa())
@@ -65,6 +71,8 @@ BUILTIN_PROFILES: dict[str, TargetProfile] = {
                       Isa("aarch64", arm_dot=True)),
         TargetProfile("arm-board-4core", "Raspberry-Pi-class 4-core ARMv8 board without dot-product", 4,
                       Isa("aarch64")),
+        TargetProfile("arm-phone-nnapi", "ARMv8.2 Android phone running the model on onnxruntime's NNAPI EP "
+                      "(int8 in QDQ form)", 4, Isa("aarch64", arm_dot=True), ep="NNAPI"),
     )
 }
 
@@ -93,7 +101,9 @@ def host_isa() -> Isa:
 #: Architectures whose int8 kernel choice this module understands (see :class:`Isa`).
 ARCHES = ("x86_64", "aarch64")
 _ISA_FLAGS = {"avx2": "x86_64", "avx512": "x86_64", "vnni": "x86_64", "arm_dot": "aarch64"}
-_PROFILE_KEYS = ("description", "threads", "pin", "isa")
+_PROFILE_KEYS = ("description", "threads", "pin", "isa", "ep")
+#: Execution providers a profile may name: they take standard QDQ int8, not onnxruntime's contrib ops.
+MOBILE_EPS = ("XNNPACK", "NNAPI", "CoreML", "QNN")
 _PIN = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
 
 
@@ -136,6 +146,10 @@ def _parse_profile(p: Path, name: str, t: dict) -> TargetProfile:
         pin = str(pin)
     if pin is not None and not (isinstance(pin, str) and _valid_pin(pin)):
         raise ConfigError(f"{where}: pin must be a CPU list like \"0\", \"0-3\" or \"0,2\", got {pin!r}")
+    ep = t.get("ep")
+    if ep is not None and ep not in MOBILE_EPS:
+        raise ConfigError(f"{where}: ep must be one of {', '.join(MOBILE_EPS)} (leave it out for the CPU EP), "
+                          f"got {ep!r}")
     isa = t.get("isa", {})
     if not isinstance(isa, dict):
         raise ConfigError(f"{where}: isa must be a table ([profile.{name}.isa] with arch and feature flags), "
@@ -153,7 +167,7 @@ def _parse_profile(p: Path, name: str, t: dict) -> TargetProfile:
         if value and arch != flag_arch:
             raise ConfigError(f"{where}: isa.{flag} is an {flag_arch} feature, but isa.arch is {arch}")
     return TargetProfile(name=name, description=description, threads=threads, isa=Isa(**{**isa, "arch": arch}),
-                         pin=pin)
+                         pin=pin, ep=ep)
 
 
 def _valid_pin(spec: str) -> bool:

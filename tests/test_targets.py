@@ -45,3 +45,32 @@ def test_profile_values_of_the_wrong_type(tmp_path):
     f.write_text("profile = 3\n")
     with pytest.raises(ConfigError, match="profiles are tables"):
         load_profiles(f)
+
+
+def test_a_profile_with_a_mobile_ep_takes_the_qdq_form(tmp_path):
+    assert BUILTIN_PROFILES["arm-phone-nnapi"].quant_format == "qdq"
+    assert BUILTIN_PROFILES["x86-avx2-2core"].quant_format == "contrib"
+    f = tmp_path / "t.toml"
+    f.write_text('[profile.pixel]\nthreads = 4\nep = "XNNPACK"\n[profile.pixel.isa]\narch = "aarch64"\narm_dot = true\n')
+    assert load_profiles(f)["pixel"].ep == "XNNPACK" and load_profiles(f)["pixel"].quant_format == "qdq"
+    f.write_text('[profile.pixel]\nep = "TensorRT"\n')
+    with pytest.raises(ConfigError, match=r"profile 'pixel': ep must be one of XNNPACK, NNAPI, CoreML, QNN"):
+        load_profiles(f)
+
+
+def test_quantize_for_a_mobile_ep_target_writes_standard_ops_only(tmp_path, mlp_path, mlp_data):
+    import onnx
+    from click.testing import CliRunner
+
+    from edgecomp.cli import cli
+
+    calib, _ = mlp_data
+    out = tmp_path / "q.onnx"
+    res = CliRunner().invoke(cli, ["quantize", str(mlp_path), "-o", str(out), "--calibration", str(calib),
+                                   "--target", "arm-phone-nnapi", "--families", "all"])
+    assert res.exit_code == 0, res.output
+    ops = {(n.domain or "ai.onnx", n.op_type) for n in onnx.load(str(out)).graph.node}
+    assert ("ai.onnx", "DequantizeLinear") in ops and {d for d, _ in ops} == {"ai.onnx"}, ops
+    bad = CliRunner().invoke(cli, ["quantize", str(mlp_path), "-o", str(tmp_path / "c.onnx"), "--calibration",
+                                   str(calib), "--target", "arm-phone-nnapi", "--format", "contrib"])
+    assert bad.exit_code == 2 and "runs on the NNAPI EP" in bad.output and not (tmp_path / "c.onnx").exists()

@@ -156,7 +156,10 @@ def _run_quantize(ctx: _Context, rec: StepRecord) -> None:
     from edgecomp.quantize import run
     from edgecomp.quantize.options import QuantizeOptions
 
-    opts = QuantizeOptions(**fields_of(rec.options), isa=ctx.target.isa if ctx.target else None,
+    values = dict(rec.options)
+    if ctx.target and ctx.target.ep:  # a mobile EP runs the QDQ form only
+        values["format"] = ctx.target.quant_format
+    opts = QuantizeOptions(**fields_of(values), isa=ctx.target.isa if ctx.target else None,
                            threads=ctx.threads, progress=ctx.progress)
     res = run(ctx.latest(), opts, ctx.data)
     ctx.save(rec, res.model)
