@@ -676,6 +676,8 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
         click.echo(rpt.table(result.embeddings, title="embedding tables:"))
     click.echo(", ".join(f"{k}: {v}" for k, v in result.summary.items() if k != "cleanup"))
     click.echo(f"wrote {output}")
+    for line in result.warnings:
+        click.echo(f"warning: {line}", err=True)
     _write_json(json_path, {"summary": result.summary, "families": result.families, "layers": result.rows,
                             "embeddings": result.embeddings})
     if result.met_tolerance is False:

@@ -2,6 +2,7 @@
 accuracy-aware fallback, and bad inputs."""
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -265,3 +266,19 @@ class _RoundRobinClock:
             self.now += self.durations[(self.calls // 2) % len(self.durations)]
         self.calls += 1
         return self.now
+
+
+def test_forced_families_report_the_measured_speed_and_warn_when_slower(mlp_path, mlp_data, monkeypatch):
+    """With --families all the written model is timed against float; slower beyond noise is a warning."""
+    import edgecomp.measure.bench as bench
+
+    calib, _ = mlp_data
+    res = _quantize(mlp_path, calib)
+    assert re.fullmatch(r"\d+\.\d{3} \[\d+\.\d{3}, \d+\.\d{3}\] over \d+ rounds", res.summary["latency vs float (this host)"])
+    slower = bench.RatioEstimate("int8", 1.3, 1.2, 1.4, 6)
+    monkeypatch.setattr(bench, "compare_latency", lambda *a, **k: [slower])
+    res = _quantize(mlp_path, calib)
+    assert res.warnings == ["the int8 model runs 1.30x the float model's latency on this host (1.300 [1.200, 1.400] "
+                            "over 6 rounds): families all were forced; families auto keeps float where int8 does "
+                            "not pay"]
+    assert _quantize(mlp_path, calib, isa=Isa("aarch64", arm_dot=True)).warnings == []  # another target's latency

@@ -48,6 +48,8 @@ from edgecomp.quantize.options import MIN_OPSET, OPSET_REASON, QuantizeOptions
 from edgecomp.quantize.plan import bits_reason, build, make_plan
 from edgecomp.quantize.quantize_static import QUANTIZED_OPS, LayerPlan
 from edgecomp.quantize.tolerance import Evaluator, FidelityEvaluator, fit_tolerance
+from edgecomp.runtime import make_session, run_feed
+from edgecomp.targets import host_isa
 
 __all__ = ["QuantizeResult", "quantize_model", "run"]
 
@@ -61,6 +63,7 @@ class QuantizeResult:
     families: list[dict[str, Any]]
     met_tolerance: bool | None = None
     embeddings: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)  # one line each, for stderr
 
 
 
@@ -147,7 +150,28 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         summary.update({"metric": opts.metric, "tolerance": opts.tolerance, "loss": loss, "met tolerance": met})
     if fidelity:
         summary.update(fidelity)
-    return QuantizeResult(quantized, plan, rows, summary, family_rows, met, embedding_rows)
+    warnings = []
+    if plan and opts.families != "auto" and opts.format == "contrib" and opts.isa in (None, host_isa()):
+        speed = _latency_vs_float(model, quantized, feed, opts.threads)
+        summary["latency vs float (this host)"] = speed.text()
+        if speed.low > 1.0:
+            warnings.append(f"the int8 model runs {speed.ratio:.2f}x the float model's latency on this host "
+                            f"({speed.text()}): families {opts.families} were forced; families auto keeps float "
+                            "where int8 does not pay")
+    return QuantizeResult(quantized, plan, rows, summary, family_rows, met, embedding_rows, warnings)
+
+
+def _latency_vs_float(model: ir.Model, quantized: ir.Model, feed, threads: int):
+    """The written model's latency over the float model's, interleaved, with its 95% interval
+    (:func:`edgecomp.measure.bench.compare_latency`), in about a second."""
+    from edgecomp.measure.bench import compare_latency
+
+    session = make_session(model, threads=threads)
+    t0 = time.perf_counter()
+    run_feed(session, feed)
+    runs = int(np.clip(0.1 / max(time.perf_counter() - t0, 1e-4), 3, 50))
+    return compare_latency([model, quantized], feed, threads=threads, runs_per_round=runs, max_rounds=6,
+                           labels=["float", "int8"])[0]
 
 
 def run(model: ir.Model, opts: QuantizeOptions, data: StepData) -> QuantizeResult:
