@@ -18,7 +18,7 @@ from edgecomp.cli import cli
 from edgecomp.distill import DistillConfig, distill, parse_shrink, prepare, shrink, train
 from edgecomp.distill.losses import soft_target_kl
 from edgecomp.distill.students import kept_layers, layer_map
-from edgecomp.errors import DataError, DistillError, InputFileError
+from edgecomp.errors import DataError, DistillError, InputFileError, OptionError
 
 TINY = '''
 import torch
@@ -180,18 +180,19 @@ def test_shrink_rules():
     assert isinstance(s, MobileNetV2) and s.width == pytest.approx(0.35) and s.num_classes == 10
     assert sum(p.numel() for p in s.parameters()) < sum(p.numel() for p in t.parameters()) / 3
     for bad in ("depth=2", "layers=1.5", "width=2"):
-        with pytest.raises(DistillError, match="--shrink"):
+        with pytest.raises(OptionError, match="^shrink "):
             parse_shrink(bad)
-    with pytest.raises(DistillError, match="width multiplier"):
+    with pytest.raises(OptionError, match="^shrink width=W needs .* width multiplier"):
         shrink(torch.nn.Sequential(torch.nn.Linear(2, 2)), parse_shrink("width=0.5"))
     from models.text_encoder import tiny_encoder
 
-    with pytest.raises(DistillError, match="choose 1 to 1"):
+    with pytest.raises(OptionError, match="^shrink layers=2: .*choose 1 to 1"):
         shrink(tiny_encoder()[0], parse_shrink("layers=2"))
 
 
 def test_bad_setups_fail_before_training(tiny, tmp_path):
-    with pytest.raises(DistillError, match=r"output \[2, 6\] does not match the teacher's \[2, 4\].*--project"):
+    with pytest.raises(OptionError, match=r"^project is off and the student's output \[2, 6\] does not match the "
+                                          r"teacher's \[2, 4\]; turn it on"):
         prepare(_cfg(tiny, student=f"{tiny}/tiny.py:student_wide_output"))
     assert prepare(_cfg(tiny, student=f"{tiny}/tiny.py:student_wide_output", project=True)).student is not None
     np.savez(tmp_path / "empty.npz", x=np.zeros((0, 8), np.float32))
@@ -203,9 +204,9 @@ def test_bad_setups_fail_before_training(tiny, tmp_path):
     np.save(tmp_path / "short.npy", np.zeros(5, np.int64))
     with pytest.raises(DataError, match="5 entries but DATA has 96"):
         prepare(_cfg(tiny, labels=str(tmp_path / "short.npy")))
-    with pytest.raises(DataError, match="fewer than --batch-size"):
+    with pytest.raises(OptionError, match="^batch_size 128 is more than the .* training samples"):
         prepare(_cfg(tiny, batch_size=128))
-    with pytest.raises(DistillError, match="one of them"):
+    with pytest.raises(OptionError, match="^shrink or a student SPEC gives the student; give one of them"):
         prepare(_cfg(tiny, shrink="width=0.5"))
 
 
@@ -254,3 +255,20 @@ def test_device_choice_and_a_missing_gpu_is_one_line(tiny, tmp_path):
     res = CliRunner().invoke(cli, [*args, "--device", "cpu", "--json", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "r.json").read_text())["training"]["device"] == "cpu"
+
+
+def test_cli_names_the_flags_of_library_option_errors(tiny, tmp_path):
+    """The library says batch_size, shrink and text; the CLI says --batch-size, --shrink, --text."""
+    out = tmp_path / "s.onnx"
+    base = ["distill", f"{tiny}/tiny.py:teacher", "-o", str(out), "--exporter", "torchscript", "--bench-runs", "0"]
+    student = ["--student", f"{tiny}/tiny.py:student"]
+    data = ["--data", str(tiny / "x.npz")]
+    for args, line in [
+        ([*student, *data, "--batch-size", "128"], "Error: --batch-size 128 is more than the "),
+        ([*student, *data, "--shrink", "layers=1"], "Error: --shrink or a student SPEC gives the student; give one"),
+        ([*student, "--text", str(tmp_path / "t.txt")], "Error: --text needs --tokenizer TOKENIZER_DIR"),
+        (student, "Error: distill (or --text) needs --data DATA"),
+    ]:
+        res = CliRunner().invoke(cli, [*base, *args])
+        assert res.exit_code == 1 and res.stderr.startswith(line), (args, res.output)
+        assert len(res.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -20,7 +20,7 @@ from edgecomp.cli import cli
 from edgecomp.distill import DistillConfig, distill, prepare, train
 from edgecomp.distill.losses import soft_target_kl
 from edgecomp.distill.onnx_module import OnnxModule
-from edgecomp.errors import DistillError
+from edgecomp.errors import DistillError, OptionError
 from edgecomp.export import export_model
 from edgecomp.io import load_model, save_model
 from tests.conftest import make_model, run_ort, save, vinfo
@@ -438,11 +438,11 @@ def test_onnx_setups_refused_before_training(cnn_teacher, cnn_pruned, cnn_data, 
                             {"w": _f(432, 4)}), tmp_path / "other.onnx")
     with pytest.raises(DistillError, match=r"other.onnx takes inputs \['image'\] but the teacher takes \['x'\]"):
         prepare(_cfg(cnn_teacher, other, cnn_data))
-    with pytest.raises(DistillError, match="--shrink derives the student from a torch teacher"):
+    with pytest.raises(OptionError, match="^shrink derives the student from a torch teacher"):
         prepare(_cfg(cnn_teacher, None, cnn_data, shrink="width=0.5"))
-    with pytest.raises(DistillError, match="--project adds a layer"):
+    with pytest.raises(OptionError, match="^project adds a layer"):
         prepare(_cfg(cnn_teacher, cnn_pruned, cnn_data, project=True))
-    with pytest.raises(DistillError, match="--hidden-weight needs torch modules with a layer stack"):
+    with pytest.raises(OptionError, match="^hidden_weight needs torch modules with a layer stack"):
         prepare(_cfg(cnn_teacher, cnn_pruned, cnn_data, hidden_weight=1.0))
     student = tmp_path / "student.onnx"
     shutil.copy(cnn_pruned, student)

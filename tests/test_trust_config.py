@@ -223,7 +223,7 @@ def test_defaults_pass_their_own_checks_and_unset_means_left_out():
 def test_choices_mirror_the_modules_that_use_them():
     from edgecomp.distill.losses import MATCH_KINDS
     from edgecomp.distill.students import parse_shrink
-    from edgecomp.errors import DistillError
+    from edgecomp.errors import OptionError
 
     assert set(STEP_OPTIONS["distill"]["match"].choices) == set(MATCH_KINDS)
     check = STEP_OPTIONS["distill"]["shrink"].check
@@ -231,7 +231,7 @@ def test_choices_mirror_the_modules_that_use_them():
         try:
             parse_shrink(text)
             ok = True
-        except DistillError:
+        except OptionError:
             ok = False
         assert (check(text) is None) == ok, text
 

@@ -43,13 +43,15 @@ def launch(config, nproc: int, *, nnodes: int = 1, rdzv_endpoint: str | None = N
     """Train with ``nproc`` processes per machine; rank 0's result, or None on the other machines."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from edgecomp.errors import DistillError
+    from edgecomp.errors import DistillError, OptionError
     from edgecomp.io import first_line
 
-    if nproc < 1 or nnodes < 1:
-        raise DistillError("--nproc and --nnodes must be >= 1")
+    for option, n in (("nproc", nproc), ("nnodes", nnodes)):
+        if n < 1:
+            raise OptionError(option, f"must be >= 1, got {n}")
     if nnodes > 1 and not rdzv_endpoint:
-        raise DistillError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every machine)")
+        raise OptionError("rdzv_endpoint", f"is needed with {nnodes} machines (nnodes): HOST:PORT, the same on "
+                                           "every machine")
     local = nnodes == 1 and not rdzv_endpoint
     if local:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # stay on the loopback interface

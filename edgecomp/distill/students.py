@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from edgecomp.errors import DistillError
+from edgecomp.errors import DistillError, OptionError
 
 __all__ = ["ShrinkRule", "parse_shrink", "find_layer_stack", "kept_layers", "layer_map", "shrink_layers",
            "shrink_width", "shrink"]
@@ -43,13 +43,14 @@ def parse_shrink(text: str) -> ShrinkRule:
     """``layers=3`` or ``width=0.5``."""
     m = re.fullmatch(r"\s*(layers|width)\s*=\s*([0-9.]+)\s*", text or "")
     if not m:
-        raise DistillError(f"bad --shrink {text!r}; write layers=N (transformer encoders) or width=W (CNNs), "
-                           "e.g. layers=3 or width=0.5")
+        raise OptionError("shrink", f"{text!r} is not a rule; write layers=N (transformer encoders) or width=W "
+                                    "(CNNs), e.g. layers=3 or width=0.5")
     kind, value = m.group(1), float(m.group(2))
     if kind == "layers" and (value < 1 or value != int(value)):
-        raise DistillError(f"--shrink layers={m.group(2)} must be a whole number >= 1")
+        raise OptionError("shrink", f"layers={m.group(2)}: the number of layers must be a whole number >= 1")
     if kind == "width" and not 0 < value < 1:
-        raise DistillError(f"--shrink width={m.group(2)} must be between 0 and 1 (a fraction of the teacher's width)")
+        raise OptionError("shrink", f"width={m.group(2)}: the width must be between 0 and 1 (a fraction of the "
+                                    "teacher's width)")
     return ShrinkRule(kind, value)
 
 
@@ -82,12 +83,12 @@ def shrink_layers(teacher: nn.Module, n: int) -> nn.Module:
     """A copy of ``teacher`` keeping ``n`` evenly spaced layers of its layer stack."""
     found = find_layer_stack(teacher)
     if found is None:
-        raise DistillError("--shrink layers needs a model with a stack of repeated layers (an nn.ModuleList), "
-                           "like a transformer encoder; give --student SPEC instead")
+        raise OptionError("shrink", "layers=N needs a model with a stack of repeated layers (an nn.ModuleList), "
+                                    "like a transformer encoder; give a student SPEC instead")
     name, stack = found
     if not 1 <= n < len(stack):
-        raise DistillError(f"--shrink layers={n}: the teacher has {len(stack)} layers in {name}; "
-                           f"choose 1 to {len(stack) - 1}")
+        raise OptionError("shrink", f"layers={n}: the teacher has {len(stack)} layers in {name}; "
+                                    f"choose 1 to {len(stack) - 1}")
     student = copy.deepcopy(teacher)
     parent_name, _, attr = name.rpartition(".")
     parent = student.get_submodule(parent_name) if parent_name else student
@@ -129,8 +130,8 @@ def shrink_width(teacher: nn.Module, width: float, factory: Callable | None = No
         except Exception as e:
             raise DistillError(f"calling the teacher's factory with width={width:g} failed: {type(e).__name__}: {e}") from e
         return made[0] if isinstance(made, tuple) else made
-    raise DistillError(f"--shrink width needs a model whose class or factory takes a width multiplier; "
-                       f"{type(teacher).__name__} does not, so give --student SPEC")
+    raise OptionError("shrink", f"width=W needs a model whose class or factory takes a width multiplier; "
+                                f"{type(teacher).__name__} does not, so give a student SPEC")
 
 
 def shrink(teacher: nn.Module, rule: ShrinkRule, factory: Callable | None = None) -> nn.Module:

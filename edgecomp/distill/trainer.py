@@ -46,7 +46,7 @@ from torch import nn
 from edgecomp.distill.losses import MATCH_KINDS, DistillLoss, LossWeights, match_loss, soft_target_kl
 from edgecomp.distill.samples import Samples, epoch_order, from_data, from_text
 from edgecomp.distill.students import find_layer_stack, layer_map, parse_shrink, shrink
-from edgecomp.errors import DataError, DistillError, InputFileError
+from edgecomp.errors import DataError, DataNeeded, DistillError, InputFileError, OptionError
 from edgecomp.io import first_line
 
 __all__ = ["DistillConfig", "Setup", "TrainResult", "prepare", "train", "check_resume", "is_onnx_file",
@@ -138,32 +138,34 @@ def is_onnx_file(ref: str | None) -> bool:
 
 def _check_options(c: DistillConfig) -> None:
     if bool(c.teacher) == bool(c.teacher_hf):
-        raise DistillError("give the teacher as a SPEC or with --teacher-hf PATH (one of them)")
+        raise OptionError("teacher_hf", "or a teacher SPEC gives the teacher; give one of them")
     if bool(c.student) == bool(c.shrink):
-        raise DistillError("give the student as --student SPEC or derive it with --shrink RULE (one of them)")
-    if bool(c.data) == bool(c.text):
-        raise DistillError("give the samples as --data DATA or --text FILE (one of them)")
+        raise OptionError("shrink", "or a student SPEC gives the student; give one of them")
+    if c.data and c.text:
+        raise OptionError("text", "replaces the calibration data as the samples; give one of them")
+    if not (c.data or c.text):
+        raise DataNeeded("calibration", "distill (or text)", option="text")
     if c.shrink and is_onnx_file(c.teacher):
-        raise DistillError("--shrink derives the student from a torch teacher; with an ONNX teacher give --student "
-                           "(a SPEC, or an .onnx file such as the output of edgecomp prune)")
+        raise OptionError("shrink", "derives the student from a torch teacher; with an ONNX teacher give a student "
+                                    "(a SPEC, or an .onnx file such as the output of edgecomp prune)")
     if c.project and is_onnx_file(c.student):
-        raise DistillError("--project adds a layer the student's ONNX graph does not have; give an ONNX student with "
-                           "the teacher's output shape, or a torch SPEC")
+        raise OptionError("project", "adds a layer the student's ONNX graph does not have; give an ONNX student "
+                                     "with the teacher's output shape, or a torch SPEC")
     if c.text and not (c.tokenizer or c.teacher_hf):
-        raise DistillError("--text needs --tokenizer PATH (a local Hugging Face tokenizer folder)")
+        raise DataNeeded("tokenizer", "text")  # a local Hugging Face tokenizer folder
     if c.objective not in ("auto", "logits", "embeddings"):
-        raise DistillError(f"unknown objective {c.objective!r}; use auto, logits or embeddings")
+        raise OptionError("objective", f"must be auto, logits or embeddings, got {c.objective!r}")
     if c.match not in MATCH_KINDS:
-        raise DistillError(f"unknown --match {c.match!r}; use mse or cosine")
-    checks = [(c.batch_size >= 1, "--batch-size must be >= 1"), (c.epochs >= 1, "--epochs must be >= 1"),
-              (c.lr > 0, "--lr must be > 0"), (c.temperature > 0, "--temperature must be > 0"),
-              (0 <= c.held_out < 1, "--held-out must be in [0, 1)"), (c.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
-              (0 <= c.warmup < 1, "--warmup must be a fraction in [0, 1)"),
-              (c.max_steps is None or c.max_steps >= 1, "--max-steps must be >= 1"),
-              (min(c.kd_weight, c.match_weight, c.hidden_weight, c.ce_weight) >= 0, "loss weights must be >= 0")]
-    for ok, msg in checks:
+        raise OptionError("match", f"must be {' or '.join(MATCH_KINDS)}, got {c.match!r}")
+    checks = [("batch_size", c.batch_size >= 1, ">= 1"), ("epochs", c.epochs >= 1, ">= 1"),
+              ("lr", c.lr > 0, "> 0"), ("temperature", c.temperature > 0, "> 0"),
+              ("held_out", 0 <= c.held_out < 1, "in [0, 1)"), ("checkpoint_every", c.checkpoint_every >= 1, ">= 1"),
+              ("warmup", 0 <= c.warmup < 1, "a fraction in [0, 1)"),
+              ("max_steps", c.max_steps is None or c.max_steps >= 1, ">= 1"),
+              *((w, getattr(c, w) >= 0, ">= 0") for w in ("kd_weight", "match_weight", "hidden_weight", "ce_weight"))]
+    for option, ok, allowed in checks:
         if not ok:
-            raise DistillError(msg)
+            raise OptionError(option, f"must be {allowed}, got {getattr(c, option)}")
 
 
 def seed_all(seed: int) -> None:
@@ -274,8 +276,8 @@ def prepare(config: DistillConfig) -> Setup:
                         f"(missing {missing}, unexpected {extra}); rename the arrays")
     train_s, held = samples.split(c.held_out, c.seed)
     if len(train_s) < c.batch_size:
-        raise DataError(f"{len(train_s)} training samples are fewer than --batch-size {c.batch_size}; "
-                        "give more data or a smaller batch")
+        raise OptionError("batch_size", f"{c.batch_size} is more than the {len(train_s)} training samples; "
+                                        "give more data or a smaller batch")
 
     seed_all(c.seed)  # the student's initialization depends on the seed only
     if rule is not None:
@@ -304,25 +306,28 @@ def prepare(config: DistillConfig) -> Setup:
     if s_out.shape != t_out.shape:
         if c.project and s_out.dim() == 2 and t_out.dim() == 2:
             student = _Projected(student, s_out.shape[1], t_out.shape[1])
+        elif s_out.dim() == 2 and t_out.dim() == 2:
+            raise OptionError("project", f"is off and the student's output {list(s_out.shape)} does not match the "
+                                         f"teacher's {list(t_out.shape)}; turn it on to learn a linear map, or give a "
+                                         "student with the teacher's output shape")
         else:
-            hint = "; add --project to learn a linear map" if s_out.dim() == 2 and t_out.dim() == 2 else ""
             raise DistillError(f"the student's output {list(s_out.shape)} does not match the teacher's "
-                               f"{list(t_out.shape)}; give a student with the teacher's output shape{hint}")
+                               f"{list(t_out.shape)}; give a student with the teacher's output shape")
     objective = c.objective
     if objective == "auto":
         unit = t_out.dim() == 2 and torch.allclose(t_out.norm(dim=1), torch.ones(t_out.shape[0]), atol=1e-3)
         objective = "logits" if t_out.dim() == 2 and not unit else "embeddings"
     if samples.labels is not None and objective != "logits":
-        raise DistillError("--labels need a teacher whose output is class logits; leave them out for embeddings")
+        raise OptionError("labels", "need a teacher whose output is class logits; leave them out for embeddings")
 
     pairs: list[tuple[int, int]] = []
     if c.hidden_weight > 0:
         if is_onnx_file(c.teacher) or is_onnx_file(c.student):
-            raise DistillError("--hidden-weight needs torch modules with a layer stack; an ONNX teacher or student "
-                               "has none, so set it to 0")
+            raise OptionError("hidden_weight", "needs torch modules with a layer stack; an ONNX teacher or student "
+                                               "has none, so set it to 0")
         ts, ss = find_layer_stack(teacher), find_layer_stack(student, min_len=1)
         if ts is None or ss is None:
-            raise DistillError("--hidden-weight needs teacher and student with a stack of repeated layers; set it to 0")
+            raise OptionError("hidden_weight", "needs teacher and student with a stack of repeated layers; set it to 0")
         pairs = list(enumerate(layer_map(len(ts[1]), len(ss[1]))))
 
     _freeze_unused(student, args)
@@ -544,8 +549,8 @@ def _train(c: DistillConfig, setup: Setup, resume: bool, callback) -> TrainResul
     t0 = time.perf_counter()
     rank, world = _dist()
     if c.batch_size % world:
-        raise DistillError(f"--batch-size {c.batch_size} is not divisible by the {world} processes; "
-                           "every process takes an equal share of each batch")
+        raise OptionError("batch_size", f"{c.batch_size} is not divisible by the {world} processes; "
+                                        "every process takes an equal share of each batch")
     ckpt_path = Path(c.checkpoint) if c.checkpoint else None
     ckpt = check_resume(ckpt_path, setup) if resume else None
     student, teacher, names = setup.student, setup.teacher, setup.input_names
