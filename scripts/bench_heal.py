@@ -25,8 +25,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _bench_common import (ROOT, bench_in_subprocess, embeddings, export_minilm, fidelity, md_table, minilm_path,
-                           text_splits, update_section)
+from _bench_common import (
+    ROOT,
+    bench_in_subprocess,
+    embeddings,
+    export_minilm,
+    fidelity,
+    md_table,
+    minilm_path,
+    text_splits,
+    update_section,
+)
 
 from edgecomp.data import load_data, save_npz
 from edgecomp.io import load_model, save_model
@@ -143,9 +152,8 @@ def _top1(path: Path, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def bench_digits(work: Path, args) -> tuple[str, list[str]]:
-    from models.digits import load_digits_32
-
     from edgecomp.export import export_spec
+    from models.digits import load_digits_32
 
     fp32 = work / "digits.onnx"
     if not fp32.exists():

@@ -37,8 +37,7 @@ from edgecomp.embeddings.tables import (
     register_stored,
     replace_output,
 )
-from edgecomp.errors import ConfigError, EdgecompError, PassFailed
-from edgecomp.io import first_line
+from edgecomp.errors import ConfigError
 from edgecomp.passes.base import EdgecompPass, PassReport
 
 __all__ = ["QuantizeEmbeddingsPass", "find_embedding_tables", "quantize_rows", "dequantize_rows"]
@@ -105,14 +104,6 @@ class QuantizeEmbeddingsPass(EdgecompPass):
         self.tied = tied
 
     def call(self, model: ir.Model) -> PassReport:
-        try:
-            return self._call(model)
-        except EdgecompError:
-            raise
-        except Exception as e:  # an unforeseen graph shape: one line, never a traceback
-            raise PassFailed(f"QuantizeEmbeddingsPass failed on this model: {type(e).__name__}: {first_line(e)}") from e
-
-    def _call(self, model: ir.Model) -> PassReport:
         tables, rows = find_embedding_tables(model, self.min_rows, tied=self.tied)
         for t in tables:
             table = t.array

@@ -9,6 +9,7 @@ import onnx_ir as ir
 
 from edgecomp.errors import EdgecompError, PassFailed
 from edgecomp.graph import add_initializer, histogram, rank_of  # graph helpers, kept importable from here
+from edgecomp.io import first_line
 
 __all__ = ["PassReport", "EdgecompPass", "run_pass", "histogram", "add_initializer", "rank_of"]
 
@@ -40,7 +41,8 @@ class EdgecompPass(ir.passes.InPlacePass):
 
 
 def run_pass(pass_: ir.passes.PassBase, model: ir.Model) -> PassReport:
-    """Run a pass, turning onnx-ir's invariant errors into a one-line ``PassFailed``."""
+    """Run a pass, turning onnx-ir's invariant errors and any unforeseen failure inside it into a
+    one-line ``PassFailed`` naming the pass."""
     try:
         result = pass_(model)
     except EdgecompError:
@@ -51,6 +53,10 @@ def run_pass(pass_: ir.passes.PassBase, model: ir.Model) -> PassReport:
     except (ir.passes.PostconditionError, ir.passes.PassError) as e:
         cause = e.__cause__ or e
         raise PassFailed(f"{type(pass_).__name__} produced an invalid model: {cause}") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # an unforeseen graph shape inside a pass: one line, never a traceback
+        raise PassFailed(f"{type(pass_).__name__} failed on this model: {type(e).__name__}: {first_line(e)}") from e
     if not isinstance(result, PassReport):
         result = PassReport(result.model, result.modified, type(pass_).__name__)
     return result

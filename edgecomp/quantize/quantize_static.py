@@ -64,9 +64,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
-from edgecomp.errors import EdgecompError, OptionError, PassFailed
+from edgecomp.errors import OptionError, PassFailed
 from edgecomp.graph import INT8_OPS, NameAllocator, add_initializer, attribute, bias_add, layer_bias, layer_weight
-from edgecomp.io import first_line
 from edgecomp.passes.base import EdgecompPass, PassReport
 from edgecomp.passes.upgrade_opset import default_opset
 
@@ -157,14 +156,6 @@ class QuantizeStaticPass(EdgecompPass):
             raise PassFailed(f"the model declares opset {opset}; QuantizeLinear needs opset 10 or later")
 
     def call(self, model: ir.Model) -> PassReport:
-        try:
-            return self._call(model)
-        except EdgecompError:
-            raise
-        except Exception as e:  # an unforeseen graph shape: one line, never a traceback
-            raise PassFailed(f"QuantizeStaticPass failed on this model: {type(e).__name__}: {first_line(e)}") from e
-
-    def _call(self, model: ir.Model) -> PassReport:
         builder = _Builder(model)
         nodes = {n.name: n for n in model.graph}
         rows = []
