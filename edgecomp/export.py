@@ -139,7 +139,8 @@ def _normalize_example(module: Any, example: Any, input_shapes: Mapping[str, tup
 
     if example is None:
         if not input_shapes:
-            raise SpecError("the factory gives no example inputs; pass --input NAME=1x3x224x224[:dtype]")
+            raise OptionError("input", "is needed: the factory gives no example inputs; give shapes like "
+                                       "NAME=1x3x224x224[:dtype]")
         names, tensors = [], []
         for name, (shape, dtype) in input_shapes.items():
             names.append(name)
@@ -156,7 +157,7 @@ def _normalize_example(module: Any, example: Any, input_shapes: Mapping[str, tup
     example = tuple(example)
     names = list(input_shapes) if input_shapes else forward_names(module, len(example))
     if len(names) != len(example):
-        raise SpecError(f"--input names {names} do not match the {len(example)} example inputs of the factory")
+        raise OptionError("input", f"names {names} do not match the {len(example)} example inputs of the factory")
     return names, example
 
 
@@ -167,7 +168,7 @@ def _dynamic_axes(names: Sequence[str], dynamic: Mapping[str, Mapping[int, str]]
         dynamic = {**{n: dict(every) for n in names}, **{k: v for k, v in dynamic.items() if k != "*"}}
     unknown = set(dynamic) - set(names)
     if unknown:
-        raise SpecError(f"--dynamic names unknown input(s) {sorted(unknown)}; inputs are {list(names)}")
+        raise OptionError("dynamic", f"names unknown input(s) {sorted(unknown)}; inputs are {list(names)}")
     return {k: dict(v) for k, v in dynamic.items()}
 
 
@@ -363,7 +364,7 @@ def _check_parity(model: ir.Model, names, args, ref: list[np.ndarray], atol: flo
         worst = max(worst, float(d.max(initial=0.0)))
         if not np.all(d <= atol + rtol * np.abs(r)):
             raise ParityError(f"onnxruntime and torch disagree: max abs diff {worst:.3g} exceeds atol {atol} + rtol {rtol}; "
-                              "try --exporter torchscript or report the model")
+                              "try the torchscript exporter or report the model")
     return worst
 
 
@@ -480,8 +481,8 @@ def infer_hf_task(config: Any) -> tuple[str, str]:
         if task is None and arch.endswith("ForConditionalGeneration") and getattr(config, "is_encoder_decoder", False):
             task, encoder_only = "feature-extraction", True
         if task is None:
-            raise ExportError(f"{arch} is not an architecture --hf exports; {_supported_tasks()}; "
-                              "--task feature-extraction exports its base model without the head")
+            raise ExportError(f"{arch} is not an architecture edgecomp exports from Hugging Face folders; "
+                              f"{_supported_tasks()}; task feature-extraction exports its base model without the head")
         source = f"architectures {arch}"
         if task == "feature-extraction" and getattr(config, "is_encoder_decoder", False):
             encoder_only = True
@@ -510,7 +511,7 @@ def _read_config(p: Path) -> Any:
     if model_type not in CONFIG_MAPPING:
         archs = raw.get("architectures") or []
         raise ExportError(f"{p}: model_type {model_type!r} (architectures {', '.join(map(str, archs)) or 'none'}) is not a "
-                          f"transformers {transformers.__version__} model and --hf runs no remote code; {_supported_tasks()}")
+                          f"transformers {transformers.__version__} model and edgecomp runs no remote code; {_supported_tasks()}")
     try:
         with _quiet_transformers():
             return AutoConfig.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
@@ -536,13 +537,13 @@ def _model_class(config: Any, task: str, inferred: bool) -> tuple[Any, bool]:
     arch = str(archs[0]) if archs else None
     arch_cls = getattr(transformers, arch, None) if arch else None
     if arch and arch_cls is None and inferred:
-        raise ExportError(f"architecture {arch} is not in transformers {transformers.__version__} and --hf runs no "
-                          f"remote code; {_supported_tasks()}; --task NAME exports the {config.model_type} model "
+        raise ExportError(f"architecture {arch} is not in transformers {transformers.__version__} and edgecomp runs "
+                          f"no remote code; {_supported_tasks()}; naming a task exports the {config.model_type} model "
                           "with transformers' class for that task")
     encdec = bool(getattr(config, "is_encoder_decoder", False))
     if task == "text-generation" and encdec:
         raise ExportError(f"text-generation exports decoder-only models; {config.model_type} is an encoder-decoder model: "
-                          "--task feature-extraction exports its encoder")
+                          "task feature-extraction exports its encoder")
     if task == "feature-extraction" and encdec:
         if arch and arch.endswith("EncoderModel") and arch_cls is not None:
             return arch_cls, False
@@ -555,8 +556,8 @@ def _model_class(config: Any, task: str, inferred: bool) -> tuple[Any, bool]:
         return arch_cls, False
     cls = _mapped_class(autos[task], config)
     if cls is None:
-        raise ExportError(f"--task {task} does not apply to {config.model_type} models ({type(config).__name__}); "
-                          f"{_supported_tasks()}")
+        raise OptionError("task", f"{task} does not apply to {config.model_type} models ({type(config).__name__}); "
+                                  f"{_supported_tasks()}")
     return cls, False
 
 
@@ -567,12 +568,13 @@ def _modality(cls: Any, config: Any, task: str) -> str:
                                        for k in ("num_mel_bins", "max_source_positions")):
         modality = None  # Speech2Text-style features (frames x bins): not a layout --hf builds
     if modality is None:
-        raise ExportError(f"{cls.__name__} reads {name}; --hf exports models that read input_ids (text), pixel_values "
-                          f"(images) or Whisper-style input_features (audio); {_supported_tasks()}")
+        raise ExportError(f"{cls.__name__} reads {name}; edgecomp exports Hugging Face models that read input_ids "
+                          f"(text), pixel_values (images) or Whisper-style input_features (audio); {_supported_tasks()}")
     needs = {"text-classification": "text", "token-classification": "text", "text-generation": "text",
              "image-classification": "vision"}.get(task)
     if needs and modality != needs:
-        raise ExportError(f"--task {task} needs a {needs} model, {cls.__name__} is a {modality} model; {_supported_tasks()}")
+        raise OptionError("task", f"{task} needs a {needs} model, {cls.__name__} is a {modality} model; "
+                                  f"{_supported_tasks()}")
     return modality
 
 
@@ -773,7 +775,7 @@ def hf_model(path: str | os.PathLike, output: str = "embeddings", task: str | No
     try:
         import transformers
     except ImportError as e:
-        raise SpecError("--hf needs transformers: pip install 'edgecomp[hf]'") from e
+        raise SpecError("exporting a Hugging Face folder needs transformers: pip install 'edgecomp[hf]'") from e
     if output not in HF_OUTPUTS:
         raise SpecError(f"unknown HF output {output!r}; use {' or '.join(HF_OUTPUTS)}")
     if task not in (None, "auto") and task not in HF_TASKS:
@@ -783,8 +785,8 @@ def hf_model(path: str | os.PathLike, output: str = "embeddings", task: str | No
     inferred = task in (None, "auto")
     task, source = infer_hf_task(config) if inferred else (task, "--task")
     if output != "embeddings" and task != "feature-extraction":
-        raise ExportError(f"--hf-output {output} applies to feature-extraction; {task} writes logits "
-                          "(--task feature-extraction exports the base model's outputs)")
+        raise OptionError("hf_output", f"{output} applies to feature-extraction; {task} writes logits "
+                                       "(task feature-extraction exports the base model's outputs)")
     cls, take_encoder = _model_class(config, task, inferred)
     modality = _modality(cls, config, task)
     model = _load(cls, p).eval()

@@ -2,8 +2,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from click.testing import CliRunner
 
-from edgecomp.errors import ParityError, SpecError
+from edgecomp.cli import cli
+from edgecomp.errors import OptionError, ParityError, SpecError
 from edgecomp.export import export_model, export_spec, load_spec
 from tests.conftest import run_ort
 
@@ -48,8 +50,22 @@ def test_file_spec_and_input_shapes(tmp_path):
     f.write_text("import torch\ndef make():\n    torch.manual_seed(0)\n    return torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Tanh())\n")
     res = export_spec(f"{f}:make", tmp_path / "m.onnx", input_shapes={"features": ((2, 6), None)})
     assert res.input_names == ["features"]
-    with pytest.raises(SpecError, match="pass --input"):
+    with pytest.raises(OptionError, match="^input is needed: the factory gives no example inputs"):
         export_spec(f"{f}:make", tmp_path / "m2.onnx")
+    with pytest.raises(OptionError, match=r"^input names \['a', 'b'\] do not match the 1 example inputs"):
+        export_spec("models.resnet:small_resnet", tmp_path / "m3.onnx", input_shapes={"a": ((1, 1, 32, 32), None),
+                                                                                      "b": ((1,), None)})
+    with pytest.raises(OptionError, match=r"^dynamic names unknown input\(s\) \['y'\]"):
+        export_spec("models.resnet:small_resnet", tmp_path / "m4.onnx", dynamic={"y": {0: "batch"}})
+
+
+def test_cli_names_the_flags_of_export_option_errors(tmp_path):
+    f = tmp_path / "mymodel.py"
+    f.write_text("import torch\ndef make():\n    return torch.nn.Sequential(torch.nn.Linear(6, 3))\n")
+    for args, line in [([], "Error: --input is needed: the factory gives no example inputs"),
+                       (["--input", "x=1x6", "--dynamic", "y:0=batch"], "Error: --dynamic names unknown input(s) ['y']")]:
+        res = CliRunner().invoke(cli, ["export", f"{f}:make", "-o", str(tmp_path / "m.onnx"), *args])
+        assert res.exit_code == 1 and res.stderr.startswith(line), res.output
 
 
 @pytest.mark.parametrize("spec,msg", [
