@@ -147,3 +147,20 @@ def test_a_model_with_far_more_work_measures_slower(tmp_path):
     light, heavy = chain(1, 256), chain(12, 256)
     res = benchmark([light, heavy], threads=1, warmup=3, runs=30, feed={"x": np.ones((1, 256), np.float32)})
     assert res.models[1].ratio_to_first > 2.0, [m.p50_ms for m in res.models]
+
+
+def test_bench_option_errors_name_the_option_and_the_cli_names_the_flag(mlp_path):
+    from click.testing import CliRunner
+
+    from edgecomp.cli import cli
+    from edgecomp.errors import OptionError
+    from edgecomp.measure.bench import pin_cpus
+
+    with pytest.raises(OptionError, match="^runs must be >= 1, got 0"):
+        benchmark([mlp_path], runs=0)
+    with pytest.raises(OptionError, match="^warmup must be >= 0, got -1"):
+        benchmark([mlp_path], warmup=-1)
+    with pytest.raises(OptionError, match="^pin 'x' is not a list of CPUs"):
+        pin_cpus("x")
+    res = CliRunner().invoke(cli, ["bench", str(mlp_path), "--pin", "x"])
+    assert res.exit_code == 1 and res.stderr.startswith("Error: --pin 'x' is not a list of CPUs"), res.output

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.data import Dataset, Feed, feed_defaults, image_size_hint, input_specs, synthesize_feed
-from edgecomp.errors import ConfigError, DataError
+from edgecomp.errors import DataError, OptionError
 from edgecomp.io import load_model, model_bytes, model_size_bytes
 from edgecomp.runtime import make_session, run_feed
 
@@ -58,13 +58,13 @@ def pin_cpus(spec: str) -> list[int]:
     try:
         cpus = sorted({c for part in spec.split(",") for c in _cpu_range(part)})
     except ValueError:
-        raise ConfigError(f"bad --pin {spec!r}; write CPUs like 0 or 0-3 or 0,2") from None
+        raise OptionError("pin", f"{spec!r} is not a list of CPUs; write CPUs like 0 or 0-3 or 0,2") from None
     if not hasattr(os, "sched_setaffinity"):
-        raise ConfigError("--pin needs Linux (sched_setaffinity)")
+        raise OptionError("pin", "needs Linux (sched_setaffinity)")
     available = os.sched_getaffinity(0)
     if not set(cpus) <= available:
-        raise ConfigError(f"--pin {spec}: CPUs {sorted(set(cpus) - available)} are not available here "
-                          f"(this process may use {sorted(available)})")
+        raise OptionError("pin", f"{spec}: CPUs {sorted(set(cpus) - available)} are not available here "
+                                 f"(this process may use {sorted(available)})")
     os.sched_setaffinity(0, cpus)
     return cpus
 
@@ -84,8 +84,10 @@ def benchmark(paths: Sequence[str | os.PathLike | ir.Model], threads: int = 1, w
     symbolic dims, ``values`` fixes inputs, the rest get documented defaults) unless given; every
     model must accept it.
     """
-    if runs < 1 or warmup < 0:
-        raise ConfigError("--runs must be >= 1 and --warmup >= 0")
+    if runs < 1:
+        raise OptionError("runs", f"must be >= 1, got {runs}")
+    if warmup < 0:
+        raise OptionError("warmup", f"must be >= 0, got {warmup}")
     labels = list(labels) if labels else [str(p) for p in paths]
     sizes = [len(model_bytes(p)) if isinstance(p, ir.Model) else model_size_bytes(p) for p in paths]
     assumed: list[str] = []
@@ -102,7 +104,8 @@ def benchmark(paths: Sequence[str | os.PathLike | ir.Model], threads: int = 1, w
         except DataError as e:
             if not assumed:
                 raise
-            raise DataError(f"{e} (on a made-up feed: {', '.join(assumed)}; give --data, --shape or --value)") from e
+            raise DataError(f"{e} (on a made-up feed: {', '.join(assumed)}; give data, or the inputs' shapes or "
+                            "values)") from e
         for _ in range(warmup):
             run_feed(s, feed)
     times: list[list[float]] = [[] for _ in sessions]
