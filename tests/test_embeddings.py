@@ -216,7 +216,18 @@ def test_bad_inputs_one_line_nothing_written(table, tok_dir, tmp_path):
     mlp = ir.from_proto(make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [vinfo("x", [1, D])],
                                    [vinfo("y", [1, D])], {"W": table[:D]}))
     assert "no embedding table" in _bad(tmp_path, _save(mlp, tmp_path, "mlp.onnx"), "--bits", "8")
-    assert "choose a rank below 8" in _bad(tmp_path, src, "--rank", "8", "--min-rows", "0")
+    assert "Error: --rank 8 does not reduce E (40x8); choose a rank below 8" in _bad(tmp_path, src, "--rank", "8",
+                                                                                    "--min-rows", "0")
+    assert "Error: --block 3 does not divide the embedding width 8" in _bad(tmp_path, src, "--bits", "8", "--block", "3",
+                                                                            "--min-rows", "0")
+    ids_file = tmp_path / "keep.txt"
+    ids_file.write_text("4 99\n")
+    assert "Error: --keep-ids holds ids outside the vocabulary [0, 40)" in _bad(
+        tmp_path, src, "--prune-vocab", "--keep-ids", ids_file, "--unk-id", "1", "--min-rows", "0")
+    assert "Error: --unk-id is needed to prune the vocabulary without a tokenizer" in _bad(
+        tmp_path, src, "--prune-vocab", "--keep-ids", ids_file, "--min-rows", "0")
+    assert "Error: --unk-id 77 is outside the vocabulary [0, 40)" in _bad(
+        tmp_path, src, "--prune-vocab", "--keep-ids", ids_file, "--unk-id", "77", "--min-rows", "0")
     empty = tmp_path / "empty.txt"
     empty.write_text("\u0000\u0001\n")
     assert "no tokens" in _bad(tmp_path, src, "--prune-vocab", "--corpus", empty, "--tokenizer", tok_dir)

@@ -78,14 +78,18 @@ def reduce_embeddings(model: ir.Model, opts: ReduceOptions, tokenizer=None, corp
         summary["added tokens"] = len(rows)
 
     if opts.prune_vocab:
-        if unk is None or not 0 <= unk < vocab_size:
-            raise ConfigError("pruning needs the unknown token's id: give --tokenizer or --unk-id")
+        if unk is None:  # the unknown token's id comes from unk_id or the tokenizer
+            raise OptionError("unk_id", "is needed to prune the vocabulary without a tokenizer")
+        if not 0 <= unk < vocab_size:
+            if opts.unk_id is not None:
+                raise OptionError("unk_id", f"{unk} is outside the vocabulary [0, {vocab_size})")
+            raise DataError(f"the tokenizer's unknown token id {unk} is outside the vocabulary [0, {vocab_size})")
         keep = np.zeros(vocab_size, bool)
         if counts is not None:
             keep |= counts > 0
         if keep_ids is not None:
             if len(keep_ids) and (keep_ids.min() < 0 or keep_ids.max() >= vocab_size):
-                raise DataError(f"--keep-ids holds ids outside [0, {vocab_size})")
+                raise OptionError("keep_ids", f"holds ids outside the vocabulary [0, {vocab_size})")
             keep[keep_ids] = True
         if tokenizer is not None:
             keep[tokenizer.all_special_ids] = True

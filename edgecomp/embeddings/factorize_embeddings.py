@@ -44,7 +44,7 @@ from edgecomp.embeddings.tables import (
     register_stored,
     replace_output,
 )
-from edgecomp.errors import ConfigError
+from edgecomp.errors import OptionError
 from edgecomp.passes.base import EdgecompPass, PassReport
 
 __all__ = ["FactorizeEmbeddingsPass", "factorize", "row_weights"]
@@ -85,14 +85,16 @@ class FactorizeEmbeddingsPass(EdgecompPass):
     def __init__(self, *, rank: int | None = None, energy: float | None = None, counts: np.ndarray | None = None,
                  power: float = 0.5, smoothing: float = 1.0, exact_rows: int = 0, bits: int | None = None,
                  block: int | None = None, scale_dtype: str = "float32", min_rows: int = 1000, tied: bool = True):
-        if (rank is None) == (energy is None):
-            raise ConfigError("give exactly one of --rank R or --energy E")
+        if rank is not None and energy is not None:
+            raise OptionError("energy", "replaces rank; give one of them")
+        if rank is None and energy is None:
+            raise OptionError("rank", "or energy must be set (one of them)")
         if rank is not None and rank < 1:
-            raise ConfigError(f"--rank must be at least 1, got {rank}")
+            raise OptionError("rank", f"must be at least 1, got {rank}")
         if energy is not None and not 0 < energy <= 1:
-            raise ConfigError(f"--energy must be in (0, 1], e.g. 0.99; got {energy}")
+            raise OptionError("energy", f"must be in (0, 1], e.g. 0.99; got {energy}")
         if bits not in (None, 4, 8):
-            raise ConfigError(f"--bits must be 8 or 4, got {bits}")
+            raise OptionError("bits", f"must be 8 or 4, got {bits}")
         self.rank, self.energy, self.power, self.smoothing = rank, energy, power, smoothing
         self.exact_rows, self.bits, self.block, self.scale_dtype = exact_rows, bits, block, scale_dtype
         self.min_rows, self.tied = min_rows, tied
@@ -105,8 +107,8 @@ class FactorizeEmbeddingsPass(EdgecompPass):
         for t in tables:
             v, d = t.value.const_value.shape.numpy()
             if self.rank is not None and self.rank >= min(v, d):
-                raise ConfigError(f"--rank {self.rank} does not reduce {t.value.name} ({v}x{d}); "
-                                  f"choose a rank below {min(v, d)}")
+                raise OptionError("rank", f"{self.rank} does not reduce {t.value.name} ({v}x{d}); "
+                                          f"choose a rank below {min(v, d)}")
             counts = self._counts if self._counts is not None and len(self._counts) == v else None
             exact = self.exact_rows if counts is not None else 0
             if exact and t.heads:

@@ -37,7 +37,7 @@ from edgecomp.embeddings.tables import (
     register_stored,
     replace_output,
 )
-from edgecomp.errors import ConfigError
+from edgecomp.errors import OptionError
 from edgecomp.passes.base import EdgecompPass, PassReport
 
 __all__ = ["QuantizeEmbeddingsPass", "find_embedding_tables", "quantize_rows", "dequantize_rows"]
@@ -49,7 +49,7 @@ def quantize_rows(table: np.ndarray, bits: int, block: int | None,
     v, d = table.shape
     b = block or d
     if d % b:
-        raise ConfigError(f"--block {b} does not divide the embedding width {d}; choose a divisor of {d}")
+        raise OptionError("block", f"{b} does not divide the embedding width {d}; choose a divisor of {d}")
     t = table.astype(np.float32).reshape(v, d // b, b)
     if bits == 8:
         scale = np.abs(t).max(-1, keepdims=True) / 127.0
@@ -58,13 +58,13 @@ def quantize_rows(table: np.ndarray, bits: int, block: int | None,
         return {"q": q.reshape(v, d), "scale": scale.reshape(v, d // b)}
     if bits == 4:
         if b % 2:
-            raise ConfigError("int4 blocks must hold an even number of values; give an even --block")
+            raise OptionError("block", f"{b} is odd; int4 blocks must hold an even number of values")
         lo, hi = t.min(-1, keepdims=True).astype(scale_dtype), t.max(-1, keepdims=True)
         scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(scale_dtype)
         q = np.clip(np.round((t - lo.astype(np.float32)) / scale.astype(np.float32)), 0, 15).astype(np.uint8).reshape(v, d)
         packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
         return {"q": packed, "scale": scale.reshape(v, d // b), "lo": lo.reshape(v, d // b)}
-    raise ConfigError(f"bits must be 8 or 4, got {bits}")
+    raise OptionError("bits", f"must be 8 or 4, got {bits}")
 
 
 def dequantize_rows(stored: dict[str, np.ndarray], bits: int, block: int | None, dim: int) -> np.ndarray:
@@ -94,9 +94,9 @@ class QuantizeEmbeddingsPass(EdgecompPass):
     def __init__(self, *, bits: int = 8, block: int | None = None, min_rows: int = 1000,
                  scale_dtype: str = "float32", tied: bool = False):
         if bits not in (4, 8):
-            raise ConfigError(f"--bits must be 8 or 4, got {bits}")
+            raise OptionError("bits", f"must be 8 or 4, got {bits}")
         if scale_dtype not in ("float32", "float16"):
-            raise ConfigError(f"scale_dtype must be float32 or float16, got {scale_dtype}")
+            raise OptionError("scale_dtype", f"must be float32 or float16, got {scale_dtype}")
         self.bits = bits
         self.block = block if block is not None else (32 if bits == 4 else None)
         self.min_rows = min_rows

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgecomp.errors import DataError
+from edgecomp.errors import DataError, OptionError
 
 __all__ = ["token_counts", "new_token_rows", "read_ids", "write_tokenizer"]
 
@@ -38,7 +38,7 @@ def new_token_rows(tokenizer, table: np.ndarray, words: Sequence[str]) -> np.nda
     for w in words:
         ids = tokenizer(w, add_special_tokens=False)["input_ids"]
         if not ids:
-            raise DataError(f"new token {w!r} tokenizes to nothing; remove it from the --add-tokens file")
+            raise OptionError("add_tokens", f"holds {w!r}, which tokenizes to nothing; remove it")
         rows.append(table[np.asarray(ids)].mean(0))
     return np.stack(rows).astype(table.dtype)
 
