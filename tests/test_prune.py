@@ -13,7 +13,7 @@ from onnx import helper
 
 from edgecomp.cli import cli
 from edgecomp.data import Dataset
-from edgecomp.errors import ConfigError, NothingToPrune
+from edgecomp.errors import ConfigError, NothingToPrune, OptionError
 from edgecomp.io import to_proto
 from edgecomp.passes.base import run_pass
 from edgecomp.prune import prune_model
@@ -283,15 +283,24 @@ def test_protect_keeps_layer_whole():
 def test_sparsity_outside_open_interval(sparsity):
     with pytest.raises(ConfigError, match=r"^sparsity must be in \(0, 1\), got "):
         prune_model(ir.from_proto(_ffn()), PruneOptions(sparsity=sparsity))
-    with pytest.raises(ConfigError, match="between 0 and 1"):
+    with pytest.raises(OptionError, match="^sparsity must be strictly between 0 and 1"):
         PruneMagnitudePass(sparsity=sparsity)
 
 
-def test_protect_pattern_that_protects_nothing():
-    with pytest.raises(ConfigError, match="matches no"):
+def test_protect_pattern_that_protects_nothing(tmp_path):
+    with pytest.raises(OptionError, match="^protect 'no_such_layer' matches no prunable layer"):
         find_groups(ir.from_proto(_ffn()), protect=("no_such_layer",))
-    with pytest.raises(ConfigError, match="matches no"):
+    with pytest.raises(OptionError, match="^protect 'no_such_layer' matches no layer with weights"):
         run_pass(PruneMagnitudePass(sparsity=0.5, protect=("no_such_layer",)), ir.from_proto(_ffn()))
+    with pytest.raises(OptionError, match="^scope must be global or per-layer, got 'x'"):
+        PruneMagnitudePass(sparsity=0.5, scope="x")
+    src = save(_ffn(), tmp_path / "ffn.onnx")
+    for extra, what in (([], "prunable layer"), (["--unstructured"], "layer with weights")):
+        res = CliRunner().invoke(cli, ["prune", str(src), "-o", str(tmp_path / "p.onnx"), "--sparsity", "0.5",
+                                       "--protect", "no_such_layer", *extra])
+        assert res.exit_code == 1 and res.stderr.startswith(f"Error: --protect 'no_such_layer' matches no {what}"), \
+            res.output
+        assert not (tmp_path / "p.onnx").exists()
 
 
 def test_cli_prune_structured_and_unstructured(tmp_path):

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from edgecomp.errors import ConfigError
+from edgecomp.errors import OptionError
 from edgecomp.graph import attribute, const_array, rank_of, subgraphs
 from edgecomp.prune.analysis import Analysis, Edit, Layout, NotChannelwise
 from edgecomp.prune.attention import find_heads
@@ -486,6 +486,6 @@ def find_groups(model: ir.Model, protect: Sequence[str] = (), heads: bool = True
         find_heads(model, an)
     missing = [p.pattern for p in an.protect if p.pattern not in an.protected_hits]
     if missing:
-        raise ConfigError(f"--protect {missing[0]!r} matches no prunable layer; check the node names "
-                          "(`edgecomp inspect` lists ops) or drop the option")
+        raise OptionError("protect", f"{missing[0]!r} matches no prunable layer; check the node names "
+                                     "(`edgecomp inspect` lists ops) or drop it")
     return an.a

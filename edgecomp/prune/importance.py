@@ -9,7 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.data import Dataset
-from edgecomp.errors import ConfigError
+from edgecomp.errors import DataNeeded
 from edgecomp.graph import const_array
 from edgecomp.prune.analysis import Analysis, Edit, Layout
 from edgecomp.prune.options import PruneOptions
@@ -152,7 +152,7 @@ def plan_pruning(an: Analysis, opts: PruneOptions, stats: Mapping[str, np.ndarra
     if how == "auto":
         how = "activation" if stats else "l2"
     if how in ("activation", "obs") and not stats:
-        raise ConfigError(f"--importance {how} needs calibration samples; give --data DATA")
+        raise DataNeeded("calibration", f"importance {how}", option="importance")
     scores = _group_scores(an, how, stats, opts.sparsity)
     groups = an.groups()
     rows, prunable = [], []

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from edgecomp.errors import ConfigError
+from edgecomp.errors import OptionError
 from edgecomp.passes.base import EdgecompPass, PassReport
 
 __all__ = ["PruneMagnitudePass", "NO_SPEEDUP_NOTE"]
@@ -69,9 +69,9 @@ class PruneMagnitudePass(EdgecompPass):
 
     def __init__(self, *, sparsity: float, scope: str = "global", protect: Sequence[str] = ()):
         if not 0.0 < sparsity < 1.0:
-            raise ConfigError(f"--sparsity must be strictly between 0 and 1, got {sparsity}")
+            raise OptionError("sparsity", f"must be strictly between 0 and 1, got {sparsity}")
         if scope not in ("global", "per-layer"):
-            raise ConfigError(f"--scope must be global or per-layer, got {scope!r}")
+            raise OptionError("scope", f"must be global or per-layer, got {scope!r}")
         self.sparsity = sparsity
         self.scope = scope
         self.protect = tuple(protect)
@@ -110,7 +110,7 @@ class PruneMagnitudePass(EdgecompPass):
                 seen.add(id(source))
         missing = [p.pattern for p in patterns if p.pattern not in hits]
         if missing:
-            raise ConfigError(f"--protect {missing[0]!r} matches no layer with weights; check the node names")
+            raise OptionError("protect", f"{missing[0]!r} matches no layer with weights; check the node names")
         if not found:
             from edgecomp.errors import NothingToPrune
 
