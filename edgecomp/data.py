@@ -17,7 +17,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from edgecomp.errors import DataError, DataNeeded, InputFileError
+from edgecomp.errors import DataError, DataNeeded, InputFileError, OptionError
 
 __all__ = [
     "InputSpec",
@@ -135,9 +135,9 @@ def synthesize_feed(specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[in
     """
     shapes, values = dict(shapes or {}), dict(values or {})
     names = {s.name for s in specs}
-    for what, given in (("--shape", shapes), ("--value", values)):
+    for what, given in (("shapes", shapes), ("values", values)):  # DataError: inspect notes it and goes on
         if set(given) - names:
-            raise DataError(f"{what} names unknown input(s) {sorted(set(given) - names)}; the model's inputs are "
+            raise DataError(f"{what} name unknown input(s) {sorted(set(given) - names)}; the model's inputs are "
                             f"{sorted(names)}")
     rng = np.random.default_rng(seed)
     feed = {}
@@ -179,20 +179,20 @@ def parse_value(text: str) -> tuple[str, np.ndarray]:
             raise ValueError
         return name, np.array([float(v) for v in raw.split(",")])
     except ValueError:
-        raise DataError(f"bad --value {text!r}; write NAME=16000 or NAME=0.5,0.5") from None
+        raise OptionError("values", f"{text!r} is not NAME=VALUES; write NAME=16000 or NAME=0.5,0.5") from None
 
 
 def _fixed_value(spec: InputSpec, raw: np.ndarray) -> np.ndarray:
     """``raw`` as the input's dtype: a scalar for rank 0, one value filling the input's shape, or
     exactly as many values as a fixed-shape input holds."""
     if np.issubdtype(spec.dtype, np.integer) and not np.all(raw == np.round(raw)):
-        raise DataError(f"--value {spec.name}: the model wants {spec.dtype}, got {raw.tolist()}")
+        raise DataError(f"the value of input {spec.name!r}: the model wants {spec.dtype}, got {raw.tolist()}")
     arr = raw.astype(spec.dtype)
     shape = default_shape(spec)[0]
     if arr.size == 1:
         return np.full(shape, arr[0], dtype=spec.dtype)
     if arr.size != int(np.prod(shape)) or not all(isinstance(d, int) for d in spec.dims):
-        raise DataError(f"--value {spec.name}: give one value (it fills {'x'.join(map(str, shape)) or 'the scalar'}) "
+        raise DataError(f"the value of input {spec.name!r}: give one value (it fills {'x'.join(map(str, shape)) or 'the scalar'}) "
                         f"or exactly {int(np.prod(shape))} for its fixed shape")
     return arr.reshape(shape)
 
@@ -204,7 +204,7 @@ def _check_dims(spec: InputSpec, shape: Sequence[int]) -> None:
     for i, (want, got) in enumerate(zip(spec.dims, shape)):
         if isinstance(want, int) and want != got:
             raise DataError(f"input {spec.name!r} needs size {want} at axis {i} ({spec.shape_text()}), "
-                            f"got {'x'.join(map(str, shape))}; fix the data or the --shape")
+                            f"got {'x'.join(map(str, shape))}; fix the data or the shape")
 
 
 def _check_values(a: np.ndarray, where: str, per_sample: bool) -> None:

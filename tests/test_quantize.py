@@ -282,3 +282,13 @@ def test_forced_families_report_the_measured_speed_and_warn_when_slower(mlp_path
                             "over 6 rounds): families all were forced; families auto keeps float where int8 does "
                             "not pay"]
     assert _quantize(mlp_path, calib, isa=Isa("aarch64", arm_dot=True)).warnings == []  # another target's latency
+
+
+def test_tolerance_evaluator_names_its_option_and_data_neutrally():
+    from edgecomp.errors import DataError, OptionError
+    from edgecomp.quantize.tolerance import METRICS, Evaluator
+
+    with pytest.raises(OptionError, match="^metric must be one of .*, got 'bogus'"):
+        Evaluator(None, [{}], "bogus", None, 1)
+    with pytest.raises(DataError, match="^the eval data holds no samples"):
+        Evaluator(None, [], METRICS[0], None, 1)

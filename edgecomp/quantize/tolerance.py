@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.data import check_label_range
-from edgecomp.errors import ConfigError, DataError
+from edgecomp.errors import DataError, OptionError
 from edgecomp.quantize.options import METRICS
 from edgecomp.quantize.plan import build
 from edgecomp.quantize.quantize_static import LayerPlan
@@ -24,13 +24,13 @@ class Evaluator:
 
     def __init__(self, model: ir.Model, feeds: list, metric: str, labels: np.ndarray | None, threads: int):
         if metric not in METRICS:
-            raise ConfigError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
+            raise OptionError("metric", f"must be one of {', '.join(METRICS)}, got {metric!r}")
         if not feeds:
-            raise DataError("--eval DATA holds no samples")
+            raise DataError("the eval data holds no samples")
         self.feeds, self.metric, self.labels, self.threads = feeds, metric, labels, threads
         self.ref = self._outputs(model)
         if labels is not None:
-            check_label_range(labels, int(np.prod(self.ref[0].shape[1:])), "--labels")
+            check_label_range(labels, int(np.prod(self.ref[0].shape[1:])), "labels")
         self.ref_score = self._score(self.ref)
 
     def _outputs(self, model: ir.Model) -> list[np.ndarray]:
