@@ -17,14 +17,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from edgecomp.errors import ConfigError
-from edgecomp.io import OUTPUT_MARKER, check_output_dir, copy_file, first_line
+from edgecomp.io import OUTPUT_MARKER, check_output_dir, copy_file, first_line, replace_dir, work_dir
 from edgecomp.pipeline.recipe import Recipe, apply_override
 
 __all__ = ["parse_grid", "expand", "run_sweep", "SweepResult", "parse_address", "probe_ray"]
@@ -221,43 +220,40 @@ def run_sweep(source, recipe: Recipe, grid: dict[str, list[Any]], outdir: str | 
                 runtime_env={"env_vars": env})
     if address is None:
         init["num_cpus"] = max_parallel
-    _ray_init(ray, init, address)  # before OUTDIR is replaced: a cluster that cannot be reached leaves it alone
-    try:
-        if out.exists():
-            shutil.rmtree(out)  # check_output_dir allowed it: a sweep folder edgecomp wrote
-        out.mkdir()
-        _write_sweep(out, [], None, write_json, write_text, html_table, tradeoff_svg)  # marks the folder as ours
-    except BaseException:
-        ray.shutdown()
-        raise
+    _ray_init(ray, init, address)  # before any folder is made: a cluster that cannot be reached leaves OUTDIR alone
     task = ray.remote(num_cpus=1, max_retries=0)(_convert_variant)
     kwargs = dict(convert_kwargs, overwrite=False)
-    pending = {task.remote(i, ov, r, source, str(out), kwargs): i for i, (ov, r) in enumerate(variants, 1)}
     done: list[dict[str, Any]] = []
     best = None
     interrupted = False
     try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            ref = ready[0]
-            index = pending.pop(ref)
+        # built beside OUTDIR and swapped in at the end: an old sweep is replaced only by a whole new one
+        with work_dir(out) as work:
+            _write_sweep(work, [], None, write_json, write_text, html_table, tradeoff_svg)
+            pending = {task.remote(i, ov, r, source, str(work), kwargs): i for i, (ov, r) in enumerate(variants, 1)}
             try:
-                summary = ray.get(ref)
-            except Exception as e:  # one failed variant does not stop the sweep
-                cause = getattr(e, "cause", None) or e
-                summary = {"variant": f"variant-{index:02d}", **variants[index - 1][0], "error": first_line(cause),
-                           "gates passed": False, "quality": None, "latency": None}
-            done.append(summary)
-            if "error" not in summary and _better(summary, best):
-                best = summary
-                copy_file(summary["model"], out / "best.onnx")
-            _write_sweep(out, done, best, write_json, write_text, html_table, tradeoff_svg)
-            if on_result:
-                on_result(summary)
-    except KeyboardInterrupt:
-        interrupted = True
-        for ref in pending:
-            ray.cancel(ref, force=True)
+                while pending:
+                    ready, _ = ray.wait(list(pending), num_returns=1)
+                    ref = ready[0]
+                    index = pending.pop(ref)
+                    try:
+                        summary = ray.get(ref)
+                    except Exception as e:  # one failed variant does not stop the sweep
+                        cause = getattr(e, "cause", None) or e
+                        summary = {"variant": f"variant-{index:02d}", **variants[index - 1][0],
+                                   "error": first_line(cause), "gates passed": False, "quality": None, "latency": None}
+                    done.append(summary)
+                    if "error" not in summary and _better(summary, best):
+                        best = summary
+                        copy_file(summary["model"], work / "best.onnx")
+                    _write_sweep(work, done, best, write_json, write_text, html_table, tradeoff_svg)
+                    if on_result:
+                        on_result(summary)
+            except KeyboardInterrupt:  # the variants done so far are kept
+                interrupted = True
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+            replace_dir(work, out)
     finally:
         ray.shutdown()
     return SweepResult(str(out), _marked(done), best, interrupted)
