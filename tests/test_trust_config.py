@@ -202,10 +202,9 @@ def test_defaults_pass_their_own_checks_and_unset_means_left_out():
     for step, options in STEP_OPTIONS.items():
         for name, opt in options.items():
             assert opt.problem(opt.default) is None, (step, name)
-    r = parse_recipe({"steps": [{"step": "export"}, {"step": "quantize"}, {"step": "prune"},
-                                {"step": "distill", "shrink": "width=0.5"}, {"step": "reduce-embeddings", "bits": 8},
-                                {"step": "bench"}]})
-    q, p, d, e, b = r.steps[1:]
+    r = parse_recipe({"steps": [{"step": "export"}, {"step": "distill", "shrink": "width=0.5"}, {"step": "quantize"},
+                                {"step": "prune"}, {"step": "reduce-embeddings", "bits": 8}, {"step": "bench"}]})
+    d, q, p, e, b = r.steps[1:]
     assert (q["tolerance"], q["max_samples"], p["max_samples"], d["max_steps"], d["student"], e["rank"], e["energy"],
             b["threads"]) == (None,) * 8
     # the old placeholders for "unset" (-1, 0, "") are values now, refused like any other
