@@ -40,10 +40,9 @@ __all__ = ["ExportResult", "load_spec", "call_factory", "forward_names", "export
            "hf_model", "export_hf", "infer_hf_task", "HFModel", "HF_TASKS", "HF_OUTPUTS", "opset_ranges", "DEFAULT_OPSET",
            "HF_AUTO_ORDER", "OPTIONS", "run"]
 
-#: For Hugging Face encoders ``auto`` tries TorchScript first. Measured here (onnxruntime 1.32,
-#: all-MiniLM-L6-v2, seq 128, 1 thread): onnxruntime fuses the dynamo graph's residual Add +
-#: LayerNormalization into SkipLayerNormalization, which ran ~10x slower than LayerNorm + Add,
-#: making the fp32 model 16% and the int8 model 36% slower than from the TorchScript graph.
+#: For Hugging Face encoders ``auto`` tries TorchScript first: onnxruntime fuses the dynamo graph's
+#: residual Add + LayerNormalization into SkipLayerNormalization, which ran slower than LayerNorm +
+#: Add on the CPUs measured (BENCHMARKS.md, "Static int8 quantization").
 HF_AUTO_ORDER = ("torchscript", "dynamo")
 
 DEFAULT_OPSET = 18

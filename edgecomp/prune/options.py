@@ -35,7 +35,7 @@ OPTIONS = (
     Option("protect", list, [], "regexes of node names kept whole (repeatable)", check=regexes,
            metavar="REGEX"),
     Option("round_to", int, 0, "kept channel counts multiple of N; 0 = auto: 8 for groups of >= 32 channels "
-           "(odd counts ran up to 2x slower in onnxruntime), else 1", check=in_range(0)),
+           "(odd counts run slower in onnxruntime's blocked kernels), else 1", check=in_range(0)),
     Option("kinds", list, list(KINDS), "what structured pruning removes: channels (incl. FFN neurons), heads, or both",
            check=_kinds, split=","),
     Option("repair", bool, True, "with data, re-fit the consumers of cut channels by least squares"),
@@ -58,7 +58,7 @@ class PruneOptions:
     scope: str = "auto"  # auto (per-layer structured, global unstructured) | per-layer | global
     protect: tuple[str, ...] = ()  # regexes on node names: layers kept whole
     # Kept channel counts are multiples of this; 0 = auto: 8 for groups of >= 32 channels, else 1
-    # (odd counts made the pruned digits MobileNetV2 1.6-2x slower in onnxruntime 1.32).
+    # (onnxruntime's conv kernels are blocked by 8: odd counts ran slower, see BENCHMARKS.md).
     round_to: int = 0
     kinds: tuple[str, ...] = KINDS  # channels (incl. FFN neurons) and/or heads
     repair: bool = True  # least squares re-fit of consumers (needs data)
