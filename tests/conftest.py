@@ -102,3 +102,21 @@ def digits_onnx(tmp_path_factory, trained_digits) -> tuple[Path, Path, Path]:
     np.savez(d / "test.npz", x=x)
     np.save(d / "labels.npy", y)
     return d / "digits.onnx", d / "test.npz", d / "labels.npy"
+
+
+def resume_after_kill(train, cfg, checkpoint: Path, step: int, **kw):
+    """Train ``cfg`` into ``checkpoint``, killed (an exception from the callback) at ``step``, then
+    resume it from the checkpoint; the resumed result."""
+    import dataclasses
+
+    class Killed(Exception):
+        pass
+
+    def kill(at, _rec):
+        if at == step:
+            raise Killed
+
+    cut = dataclasses.replace(cfg, checkpoint=str(checkpoint))
+    with pytest.raises(Killed):
+        train(cut, callback=kill, **kw)
+    return train(cut, resume=True, **kw)

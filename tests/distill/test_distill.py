@@ -19,6 +19,7 @@ from edgecomp.distill import DistillConfig, distill, parse_shrink, prepare, shri
 from edgecomp.distill.losses import soft_target_kl
 from edgecomp.distill.students import kept_layers, layer_map
 from edgecomp.errors import DataError, DistillError, InputFileError, OptionError
+from tests.conftest import resume_after_kill
 
 TINY = '''
 import torch
@@ -85,17 +86,7 @@ def test_same_seed_same_student_and_resume_is_bit_identical(tiny, tmp_path):
     whole = train(cfg)
     again = train(dataclasses.replace(cfg, checkpoint=str(tmp_path / "b.ckpt")))
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_6(step, _rec):
-        if step == 6:
-            raise Killed
-
-    cut = dataclasses.replace(cfg, checkpoint=str(tmp_path / "c.ckpt"))
-    with pytest.raises(Killed):
-        train(cut, callback=kill_at_6)
-    resumed = train(cut, resume=True)
+    resumed = resume_after_kill(train, cfg, tmp_path / "c.ckpt", 6)
     assert resumed.resumed_from == 4  # a kill loses at most one checkpoint interval
     for other in (again, resumed):
         a, b = whole.student.state_dict(), other.student.state_dict()

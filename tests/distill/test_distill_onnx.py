@@ -23,7 +23,7 @@ from edgecomp.distill.onnx_module import OnnxModule
 from edgecomp.errors import DistillError, OptionError
 from edgecomp.export import export_model
 from edgecomp.io import load_model, save_model
-from tests.conftest import make_model, run_ort, save, vinfo
+from tests.conftest import make_model, resume_after_kill, run_ort, save, vinfo
 
 ATOL = 1e-5
 INT64_MAX = np.iinfo(np.int64).max
@@ -313,17 +313,7 @@ def test_pruned_cnn_student_learns_and_resume_is_bit_identical(cnn_teacher, cnn_
     after = _kd(setup)
     assert after < 0.7 * before, (before, after)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_5(step, _rec):
-        if step == 5:
-            raise Killed
-
-    cut = dataclasses.replace(cfg, checkpoint=str(tmp_path / "c.ckpt"))
-    with pytest.raises(Killed):
-        train(cut, callback=kill_at_5)
-    resumed = train(cut, resume=True)
+    resumed = resume_after_kill(train, cfg, tmp_path / "c.ckpt", 5)
     assert resumed.resumed_from == 3
     a, b = whole.student.state_dict(), resumed.student.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
