@@ -175,7 +175,7 @@ def nothing_to_prune_message(rows: Sequence[Mapping[str, Any]], opts: PruneOptio
         text += f", {len(top) - 3} more reason{'s' if len(top) > 4 else ''}"
     hint = ""
     if "nothing below the threshold" in counts:
-        hint = f"; at --sparsity {opts.sparsity} the rounded channel counts keep every channel (raise it or --round-to 1)"
+        hint = f"; at sparsity {opts.sparsity} the rounded channel counts keep every channel (raise sparsity or set round_to 1)"
     return f"nothing to prune: every channel group is kept whole ({text}){hint}; nothing was written"
 
 

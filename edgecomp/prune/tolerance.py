@@ -380,7 +380,7 @@ def prune_to_tolerance(model: ir.Model, opts: PruneOptions, data: Dataset | None
     warnings = [w for w in [fidelity_warning(fidelity) if fidelity else None] if w]
     if not met:
         warnings.append(f"no cut keeps the {metric} loss within {tolerance:g} on the eval data: the least harmful "
-                        f"one found loses {loss:.4g}; raise the tolerance or --protect the sensitive layers")
+                        f"one found loses {loss:.4g}; raise the tolerance or protect the sensitive layers")
     if search.spent():
         warnings.append(f"the search stopped at its {max_evaluations} evaluations; some cuts were not tried")
     summary = dict(cut_summary)
