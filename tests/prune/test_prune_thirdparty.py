@@ -387,7 +387,7 @@ def test_sparsity_too_low_for_the_rounding_names_the_fix():
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"), helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("MatMul", ["r", "w2"], ["y"], name="down")]
     proto = make_model(nodes, [vinfo("x", ["N", 8])], [vinfo("y", ["N", 4])], {"w1": w1, "w2": w2})
-    with pytest.raises(NothingToPrune, match=r"at --sparsity 0.1 the rounded channel counts keep every channel"):
+    with pytest.raises(NothingToPrune, match=r"at sparsity 0.1 the rounded channel counts keep every channel"):
         prune_model(ir.from_proto(proto), PruneOptions(sparsity=0.1))
 
 
