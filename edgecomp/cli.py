@@ -190,9 +190,6 @@ class _Number(click.ParamType):
 
 
 _POSITIVE = _Number(0, low_open=True)
-_NON_NEGATIVE = _Number(0)
-_FRACTION = _Number(0, 1, low_open=True, high_open=True)
-_ANY = _Number()
 
 class _Checked(click.ParamType):
     """A declared option's value: text turned into its type, then refused with the option's own
