@@ -191,6 +191,7 @@ class _Number(click.ParamType):
 
 _POSITIVE = _Number(0, low_open=True)
 
+
 class _Checked(click.ParamType):
     """A declared option's value: text turned into its type, then refused with the option's own
     check (the same one a recipe value passes)."""
