@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import time
 from pathlib import Path
 
@@ -42,14 +43,28 @@ from edgecomp.io import load_model, save_model
 from edgecomp.render.text import host_line
 
 
-def _prune(src: Path, dst: Path, data, **opts) -> dict:
+def _cached(out: Path, reuse: bool, make) -> dict:
+    """``make()`` (which writes ``out`` and returns its record), or with ``reuse`` the record kept
+    beside an ``out`` written before (``OUT.json``), so a rerun measures without retraining."""
+    record = out.with_name(out.name + ".json")
+    if reuse and out.exists() and record.exists():
+        return json.loads(record.read_text())
+    rec = make()
+    record.write_text(json.dumps(rec, default=str))
+    return rec
+
+
+def _prune(src: Path, dst: Path, data, reuse: bool = False, **opts) -> dict:
     from edgecomp.prune import prune_model
     from edgecomp.prune.options import PruneOptions
 
-    t0 = time.perf_counter()
-    res = prune_model(load_model(src), PruneOptions(**opts), data)
-    save_model(res.model, dst)
-    return {"seconds": time.perf_counter() - t0, "summary": res.summary}
+    def make():
+        t0 = time.perf_counter()
+        res = prune_model(load_model(src), PruneOptions(**opts), data)
+        save_model(res.model, dst)
+        return {"seconds": time.perf_counter() - t0, "summary": res.summary}
+
+    return _cached(dst, reuse, make)
 
 
 def _quantize(src: Path, dst: Path, calib: Path, samples: int = 300) -> None:
@@ -61,11 +76,17 @@ def _quantize(src: Path, dst: Path, calib: Path, samples: int = 300) -> None:
     save_model(res.model, dst)
 
 
-def _heal(teacher: Path, student: Path, out: Path, **cfg) -> dict:
+def _heal(teacher: Path, student: Path, out: Path, reuse: bool = False, **cfg) -> dict:
     from edgecomp.distill import DistillConfig, distill
 
-    res = distill(DistillConfig(teacher=str(teacher), student=str(student), progress=True, **cfg), out, bench_runs=0)
-    return res.training
+    def make():
+        t0 = time.perf_counter()
+        res = distill(DistillConfig(teacher=str(teacher), student=str(student), progress=True, **cfg), out,
+                      bench_runs=0)
+        return {**{k: res.training[k] for k in ("steps", "seconds", "best_step", "history", "device")},
+                "wall": time.perf_counter() - t0}
+
+    return _cached(out, reuse, make)
 
 
 def _curve(history: list[dict], key: str) -> str:
@@ -84,14 +105,12 @@ def bench_minilm(work: Path, args) -> tuple[str, list[str]]:
     if not calib.exists():
         write_token_data(tokenize(tok, splits["calib"][:200]), calib)
     pruned = work / "minilm.ffn50.onnx"
-    cut = _prune(fp32, pruned, load_data(calib), sparsity=0.5, kinds=("channels",), importance="obs")
+    cut = _prune(fp32, pruned, load_data(calib), args.reuse, sparsity=0.5, kinds=("channels",), importance="obs")
     text = training_sentences(work, args.sentences)
-    t0 = time.perf_counter()
     healed = work / "minilm.ffn50.healed.onnx"
-    t = _heal(fp32, pruned, healed, text=str(text), tokenizer=str(minilm_path()), max_len=128, batch_size=32,
+    t = _heal(fp32, pruned, healed, args.reuse, text=str(text), tokenizer=str(minilm_path()), max_len=128, batch_size=32,
               lr=args.lr, epochs=args.epochs, max_steps=args.steps, match="cosine", held_out=0.03, eval_every=100,
               patience=4, seed=0, checkpoint_every=100, threads=args.threads)
-    heal_s = time.perf_counter() - t0
     calib300 = work / "calib300"
     if not calib300.exists():
         write_token_data(tokenize(tok, read_lines(text)[:300]), calib300)
@@ -108,9 +127,10 @@ def bench_minilm(work: Path, args) -> tuple[str, list[str]]:
         if not ev.exists():
             write_token_data(tokenize(tok, splits["eval"]), ev)
         tol = work / "minilm.tol001.onnx"
-        res = prune_to_tolerance(load_model(fp32), PruneOptions(kinds=("channels", "heads")), load_data(calib),
-                                 Dataset(ev), metric="cosine", tolerance=0.01)
+        res, met = prune_to_tolerance(load_model(fp32), PruneOptions(kinds=("channels", "heads")), load_data(calib),
+                                      Dataset(ev), metric="cosine", tolerance=0.01)
         save_model(res.model, tol)
+        tol_summary = {k: res.summary.get(k) for k in ("loss", "met tolerance", "evaluations", "parameters")}
         variants["prune --tolerance 0.01 (cosine), no training"] = tol
     test_feeds = tokenize(tok, splits["test"])
     ref = embeddings(fp32, test_feeds)
@@ -128,7 +148,7 @@ def bench_minilm(work: Path, args) -> tuple[str, list[str]]:
     met_q = q["latency vs fp32"] <= 0.28 and q["mean cos"] >= 0.97
     notes = [f"prune: {cut['summary'].get('parameters')} parameters, {cut['seconds']:.0f} s; heal: "
              f"{len(read_lines(text))} docstring sentences (3% held out), batch 32, AdamW lr {args.lr:g}, cosine loss; "
-             f"{t['steps']} steps in {t['seconds']:.0f} s of training ({heal_s:.0f} s with setup and the parity check), "
+             f"{t['steps']} steps in {t['seconds']:.0f} s of training ({t['wall']:.0f} s with setup and the parity check), "
              f"device {t.get('device', 'cpu')}, best held-out step {t['best_step']}",
              f"held-out cosine by step: {_curve(t['history'], 'held-out cos')}",
              f"targets: healed mean cos ≥ 0.98, NN@10 ≥ 0.90, latency ≤ 0.70x: **{'met' if met else 'MISSED'}** "
@@ -138,7 +158,8 @@ def bench_minilm(work: Path, args) -> tuple[str, list[str]]:
         tr = r["prune --tolerance 0.01 (cosine), no training"]
         notes.append(f"`--tolerance 0.01` target latency ≤ 0.85x with no training: "
                      f"**{'met' if tr['latency vs fp32'] <= 0.85 else 'MISSED'}** ({tr['latency vs fp32']:.2f}x, "
-                     f"held-out cos {tr['mean cos']:.4f})")
+                     f"held-out cos {tr['mean cos']:.4f}; eval-set loss {tol_summary['loss']:.4g}, parameters "
+                     f"{tol_summary['parameters']}, {tol_summary['evaluations']} evaluations)")
     cols = ["model", "size MB", "latency vs fp32", "p50 ms", "mean cos", "min cos", "NN@10"]
     return md_table(rows, cols), notes
 
@@ -164,9 +185,9 @@ def bench_digits(work: Path, args) -> tuple[str, list[str]]:
     train = save_npz(work / "digits_train.npz", {"x": xtr.astype(np.float32)})
     np.save(work / "digits_train_labels.npy", ytr.astype(np.int64))
     pruned = work / "digits.s50.onnx"
-    cut = _prune(fp32, pruned, load_data(calib), sparsity=0.5, importance="activation", max_samples=200)
+    cut = _prune(fp32, pruned, load_data(calib), args.reuse, sparsity=0.5, importance="activation", max_samples=200)
     healed = work / "digits.s50.healed.onnx"
-    t = _heal(fp32, pruned, healed, data=str(train), labels=str(work / "digits_train_labels.npy"), batch_size=64,
+    t = _heal(fp32, pruned, healed, args.reuse, data=str(train), labels=str(work / "digits_train_labels.npy"), batch_size=64,
               lr=args.digits_lr, epochs=args.digits_epochs, held_out=0.1, patience=5, seed=0, threads=args.threads)
     healed_q = work / "digits.s50.healed.int8.onnx"
     _quantize(healed, healed_q, calib, samples=200)
@@ -202,6 +223,8 @@ def main() -> None:
     ap.add_argument("--digits-lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tolerance", action="store_true", help="also time the cut `prune --tolerance 0.01` finds")
+    ap.add_argument("--reuse", action="store_true", help="measure the pruned/healed models of an earlier run again "
+                    "(their records are kept beside them) instead of pruning and training anew")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     parts = {"minilm": ("all-MiniLM-L6-v2: FFN 50% → heal → int8 (fidelity on 870 held-out sentences vs fp32)",
