@@ -188,7 +188,7 @@ def bench_digits(work: Path, args) -> tuple[str, list[str]]:
     cut = _prune(fp32, pruned, load_data(calib), args.reuse, sparsity=0.5, importance="activation", max_samples=200)
     healed = work / "digits.s50.healed.onnx"
     t = _heal(fp32, pruned, healed, args.reuse, data=str(train), labels=str(work / "digits_train_labels.npy"), batch_size=64,
-              lr=args.digits_lr, epochs=args.digits_epochs, held_out=0.1, patience=5, seed=0, threads=args.threads)
+              lr=args.digits_lr, epochs=args.digits_epochs, held_out=0.1, patience=10, seed=0, threads=args.threads)
     healed_q = work / "digits.s50.healed.int8.onnx"
     _quantize(healed, healed_q, calib, samples=200)
     variants = {"fp32 MobileNetV2 0.5": fp32, "50% channels + repair (no training)": pruned,
@@ -219,7 +219,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000, help="MiniLM heal steps (batch 32)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--digits-epochs", type=int, default=15)
+    ap.add_argument("--digits-epochs", type=int, default=40)
     ap.add_argument("--digits-lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tolerance", action="store_true", help="also time the cut `prune --tolerance 0.01` finds")
