@@ -38,7 +38,7 @@ from edgecomp.embeddings.tables import (
     replace_output,
 )
 from edgecomp.errors import OptionError
-from edgecomp.passes.base import EdgecompPass, PassReport
+from edgecomp.passes.base import EdgecompPass, PassReport, one_line_failures
 
 __all__ = ["QuantizeEmbeddingsPass", "find_embedding_tables", "quantize_rows", "dequantize_rows"]
 
@@ -103,6 +103,7 @@ class QuantizeEmbeddingsPass(EdgecompPass):
         self.scale_dtype = scale_dtype
         self.tied = tied
 
+    @one_line_failures
     def call(self, model: ir.Model) -> PassReport:
         tables, rows = find_embedding_tables(model, self.min_rows, tied=self.tied)
         for t in tables:

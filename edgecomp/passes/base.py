@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import onnx_ir as ir
@@ -11,7 +12,7 @@ from edgecomp.errors import EdgecompError, PassFailed
 from edgecomp.graph import add_initializer, histogram, rank_of  # graph helpers, kept importable from here
 from edgecomp.io import first_line
 
-__all__ = ["PassReport", "EdgecompPass", "run_pass", "histogram", "add_initializer", "rank_of"]
+__all__ = ["PassReport", "EdgecompPass", "run_pass", "one_line_failures", "histogram", "add_initializer", "rank_of"]
 
 
 @dataclasses.dataclass
@@ -40,9 +41,24 @@ class EdgecompPass(ir.passes.InPlacePass):
         return PassReport(model, modified, type(self).__name__, self.options(), summary or {}, rows or [])
 
 
+def one_line_failures(call):
+    """For a pass whose ``call`` walks graph shapes it cannot all foresee (third-party files): an
+    unexpected exception becomes one ``PassFailed`` line naming the pass, never a traceback."""
+
+    @functools.wraps(call)
+    def guarded(self, model: ir.Model):
+        try:
+            return call(self, model)
+        except EdgecompError:
+            raise
+        except Exception as e:
+            raise PassFailed(f"{type(self).__name__} failed on this model: {type(e).__name__}: {first_line(e)}") from e
+
+    return guarded
+
+
 def run_pass(pass_: ir.passes.PassBase, model: ir.Model) -> PassReport:
-    """Run a pass, turning onnx-ir's invariant errors and any unforeseen failure inside it into a
-    one-line ``PassFailed`` naming the pass."""
+    """Run a pass, turning onnx-ir's invariant errors into a one-line ``PassFailed``."""
     try:
         result = pass_(model)
     except EdgecompError:
@@ -53,10 +69,6 @@ def run_pass(pass_: ir.passes.PassBase, model: ir.Model) -> PassReport:
     except (ir.passes.PostconditionError, ir.passes.PassError) as e:
         cause = e.__cause__ or e
         raise PassFailed(f"{type(pass_).__name__} produced an invalid model: {cause}") from e
-    except MemoryError:
-        raise
-    except Exception as e:  # an unforeseen graph shape inside a pass: one line, never a traceback
-        raise PassFailed(f"{type(pass_).__name__} failed on this model: {type(e).__name__}: {first_line(e)}") from e
     if not isinstance(result, PassReport):
         result = PassReport(result.model, result.modified, type(pass_).__name__)
     return result

@@ -66,7 +66,7 @@ import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.errors import OptionError, PassFailed
 from edgecomp.graph import INT8_OPS, NameAllocator, add_initializer, attribute, bias_add, layer_bias, layer_weight
-from edgecomp.passes.base import EdgecompPass, PassReport
+from edgecomp.passes.base import EdgecompPass, PassReport, one_line_failures
 from edgecomp.passes.upgrade_opset import default_opset
 
 __all__ = ["LayerPlan", "QuantizeStaticPass", "quantize_weight", "matmul_parts", "bias_add", "QUANTIZED_OPS", "MS_DOMAIN",
@@ -155,6 +155,7 @@ class QuantizeStaticPass(EdgecompPass):
         if opset is not None and opset < 10:
             raise PassFailed(f"the model declares opset {opset}; QuantizeLinear needs opset 10 or later")
 
+    @one_line_failures
     def call(self, model: ir.Model) -> PassReport:
         builder = _Builder(model)
         nodes = {n.name: n for n in model.graph}
