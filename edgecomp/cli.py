@@ -258,7 +258,7 @@ def _declared(options):
     """Decorate a command with the click options generated from ``options`` (in their order)."""
 
     def decorate(f):
-        for opt in reversed([o for o in options if o.cli]):
+        for opt in reversed(options):
             f = _click_option(opt)(f)
         return f
 
@@ -267,7 +267,7 @@ def _declared(options):
 
 def _values(options, params: dict) -> dict:
     """Take the declared options' values out of a command's parameters."""
-    return {o.name: params.pop(o.name) for o in options if o.cli}
+    return {o.name: params.pop(o.name) for o in options}
 
 
 class _DataOption(click.Option):

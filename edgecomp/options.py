@@ -37,7 +37,6 @@ class Option:
     needs (``"calibration"``, ``"eval"``) or None. The CLI spelling can be set with ``flag``
     (``"--per-channel/--per-tensor"``); list options are repeatable flags, or one comma list with
     ``split=","``; ``parse`` turns the repeated CLI strings into the value (a dict for ``dynamic``).
-    ``cli`` / ``recipe`` = False keep an option out of one of the two.
     """
 
     name: str
@@ -51,8 +50,6 @@ class Option:
     split: str | None = None
     parse: Callable[[Sequence[str]], Any] | None = None
     metavar: str | None = None
-    cli: bool = True
-    recipe: bool = True
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with an (already type-checked) value, or None."""

@@ -42,11 +42,9 @@ def _param(command: str, name: str) -> click.Parameter:
 
 @pytest.mark.parametrize("step, command, options", CAPABILITIES, ids=[c[0] for c in CAPABILITIES])
 def test_the_recipe_schema_and_the_cli_come_from_one_declaration(step, command, options):
-    assert STEP_OPTIONS[step] == {o.name: o for o in options if o.recipe}
+    assert STEP_OPTIONS[step] == {o.name: o for o in options}
     for opt in options:
-        assert STEP_OPTIONS[step].get(opt.name, opt) is opt  # the same object, not a copy
-        if not opt.cli:
-            continue
+        assert STEP_OPTIONS[step][opt.name] is opt  # the same object, not a copy
         p = _param(command, opt.name)
         assert (p.help or "").lower().startswith(opt.describe(choices=False)[:20].lower()), (command, opt.name)
         if p.multiple:  # repeatable: no flag gives the declared empty default through the option's parser

@@ -48,7 +48,7 @@ __all__ = ["STEP_OPTIONS", "GATES", "DATA_KEYS", "Recipe", "load_recipe", "parse
 BUILTIN_DIR = Path(__file__).resolve().parent / "recipes"
 
 def _step(options) -> dict[str, Option]:
-    return {o.name: o for o in options if o.recipe}
+    return {o.name: o for o in options}
 
 
 #: Each step's options: the capability's own declarations (also the CLI's options).
