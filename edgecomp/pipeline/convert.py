@@ -190,7 +190,8 @@ def _run_distill(ctx: _Context, rec: StepRecord) -> None:
     models = dict(teacher=ctx.source.spec, teacher_hf=ctx.source.hf)
     if before_prune:
         models = dict(teacher=before_prune, teacher_hf=None, student=str(ctx.current))
-    cfg = DistillConfig(**{**rec.options, **models}, text=text, tokenizer=ctx.data.tokenizer or (ctx.source.hf if text else None),
+    cfg = DistillConfig(**{**rec.options, **models}, text=text,
+                        tokenizer=ctx.data.tokenizer or (ctx.source.hf if text else None),
                         data=None if text else ctx.data.need("calibration", "distill"),
                         checkpoint=str(ctx.outdir / f"{rec.index:02d}-distill.ckpt"), threads=ctx.threads,
                         progress=ctx.progress)
