@@ -60,7 +60,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.data import Dataset, StepData, input_specs, load_data, load_labels
-from edgecomp.errors import NothingToPrune, OptionError, PassFailed
+from edgecomp.errors import EdgecompError, NothingToPrune, OptionError, PassFailed
 from edgecomp.graph import const_array
 from edgecomp.io import first_line
 from edgecomp.options import need_data
@@ -93,7 +93,7 @@ def _probe(model: ir.Model, feed: Mapping[str, np.ndarray] | None) -> dict[str, 
     try:
         feed = dict(feed) if feed is not None else synthesize_feed(input_specs(model))
         shapes = probe_shapes(model, feed)
-    except Exception:  # MACs are informative only: a model we cannot probe (symbolic dims, no data) has none
+    except EdgecompError:  # MACs are informative only: a model we cannot probe (symbolic dims, no data) has none
         return None
     shapes.update({k: list(v.shape) for k, v in feed.items()})
     return shapes
