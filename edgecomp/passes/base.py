@@ -9,10 +9,9 @@ from typing import Any
 import onnx_ir as ir
 
 from edgecomp.errors import EdgecompError, PassFailed
-from edgecomp.graph import add_initializer, histogram, rank_of  # graph helpers, kept importable from here
 from edgecomp.io import first_line
 
-__all__ = ["PassReport", "EdgecompPass", "run_pass", "one_line_failures", "histogram", "add_initializer", "rank_of"]
+__all__ = ["PassReport", "EdgecompPass", "run_pass", "one_line_failures"]
 
 
 @dataclasses.dataclass

@@ -61,14 +61,14 @@ import onnx_ir as ir
 
 from edgecomp.data import Dataset, StepData, input_specs, load_data, load_labels
 from edgecomp.errors import EdgecompError, NothingToPrune, OptionError, PassFailed
-from edgecomp.graph import const_array
+from edgecomp.graph import const_array, layer_weight
 from edgecomp.io import first_line
 from edgecomp.options import need_data
 from edgecomp.prune.fidelity import fidelity_text, fidelity_warning, held_out_fidelity
 from edgecomp.prune.groups import PRUNABLE_OPS, find_groups, lift_constants
 from edgecomp.prune.importance import channel_stats, plan_pruning
 from edgecomp.prune.options import OPTIONS, PruneOptions
-from edgecomp.prune.repair import bias_of, layer_weight, repair
+from edgecomp.prune.repair import bias_of, repair
 from edgecomp.prune.samples import feeds
 
 __all__ = ["PruneResult", "verify_pruned", "prune_model", "prune_weights", "run"]

@@ -15,7 +15,7 @@ from edgecomp.prune.importance import PrunePlan
 from edgecomp.prune.options import HOLD_OUT_EVERY
 from edgecomp.prune.samples import feature_rows, feeds, is_held, n_used
 
-__all__ = ["bias_of", "layer_weight", "repair"]
+__all__ = ["bias_of", "repair"]
 
 
 def _repairable(node: ir.Node) -> str | None:
