@@ -28,7 +28,9 @@ model's top-1 without labels), ``mae`` the mean absolute error.
    The result passes :func:`verify_pruned` and never has more parameters than the input.
 
 When no cut is within the tolerance, the result is the single-group cut with the least loss, and
-the tolerance is reported as not met. Work: at most ``G·L`` evaluations for the sweep (``G``
+the tolerance is reported as not met. The summary gives the number of eval samples and the loss's
+95% upper bound, with a warning when the bound exceeds the tolerance or the eval set is small
+(:class:`edgecomp.quantize.tolerance.LossEstimate`); "met" is decided on the measured loss. Work: at most ``G·L`` evaluations for the sweep (``G``
 prunable groups, ``L`` levels), about ``2·log2(G·L) + G·L`` for the search and 1 for the repair;
 ``max_evaluations`` caps the total (a step not measured is not taken).
 """
@@ -322,8 +324,8 @@ def prune_to_tolerance(model: ir.Model, opts: PruneOptions, data: Dataset | None
     left as it is. Returns the result and whether its loss is within ``tolerance``: when no cut is,
     the result is the least harmful single-group cut found. The group rows add the sparsity reached
     and ``loss at 25%`` … (each level cut alone); the summary adds ``metric``, ``tolerance``,
-    ``loss``, ``met tolerance`` and ``evaluations``. Raises :class:`NothingToPrune` when no level
-    of any group cuts a channel.
+    ``loss``, ``met tolerance``, ``eval samples``, ``loss 95% upper bound`` and ``evaluations``.
+    Raises :class:`NothingToPrune` when no level of any group cuts a channel.
     """
     from edgecomp.measure.inspect import count_macs, count_parameters
     from edgecomp.prune import PruneResult, _layer_table, _probe, nothing_to_prune_message, verify_pruned
@@ -383,6 +385,8 @@ def prune_to_tolerance(model: ir.Model, opts: PruneOptions, data: Dataset | None
                         f"one found loses {loss:.4g}; raise the tolerance or protect the sensitive layers")
     if search.spent():
         warnings.append(f"the search stopped at its {max_evaluations} evaluations; some cuts were not tried")
+    estimate = evaluator.estimate(pruned)  # the model returned: n and the loss's 95% upper bound
+    warnings += [w for w in [estimate.warning(tolerance)] if w]
     summary = dict(cut_summary)
     summary.update({"importance": plan.importance, "scope": "per group, fitted to the tolerance",
                     "parameters": f"{search.params0:,} → {params1:,}",
@@ -392,6 +396,7 @@ def prune_to_tolerance(model: ir.Model, opts: PruneOptions, data: Dataset | None
                     "repair": repair_note,
                     "fidelity": fidelity_text(fidelity) if fidelity else None,
                     "metric": metric, "tolerance": tolerance, "loss": loss, "met tolerance": met,
+                    "eval samples": estimate.n, "loss 95% upper bound": estimate.upper,
                     "evaluations": search.evaluations,
                     "search": f"{len(groups)} groups × up to {len(plans)} levels ({', '.join(f'{s:.0%}' for s in plans)})",
                     "seconds": round(time.perf_counter() - t0, 1)})

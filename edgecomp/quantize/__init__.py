@@ -146,11 +146,14 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
                "cleanup": cleanup.summary, "seconds": round(time.perf_counter() - t0, 1)}
     if upgrade.modified:
         summary = {"opset": upgrade.summary["opset"], **summary}
+    warnings = []
     if loss is not None:
-        summary.update({"metric": opts.metric, "tolerance": opts.tolerance, "loss": loss, "met tolerance": met})
+        estimate = evaluator.estimate(quantized)  # the model written: n and the loss's 95% upper bound
+        summary.update({"metric": opts.metric, "tolerance": opts.tolerance, "loss": loss, "met tolerance": met,
+                        "eval samples": estimate.n, "loss 95% upper bound": estimate.upper})
+        warnings += [w for w in [estimate.warning(opts.tolerance)] if w]
     if fidelity:
         summary.update(fidelity)
-    warnings = []
     if plan and opts.families != "auto" and opts.format == "contrib" and opts.isa in (None, host_isa()):
         speed = _latency_vs_float(model, quantized, feed, opts.threads)
         summary["latency vs float (this host)"] = speed.text()
