@@ -43,6 +43,7 @@ from edgecomp.passes.optimize_graph import OptimizeGraphPass
 from edgecomp.passes.upgrade_opset import UpgradeOpsetPass, new_violations, opset_violations
 from edgecomp.quantize.calibration import calibrate
 from edgecomp.quantize.families import choose_families, family_of
+from edgecomp.quantize.int4 import apply_int4, describe, int4_step, latency_vs_int8
 from edgecomp.quantize.layers import find_layers, no_layer_message
 from edgecomp.quantize.options import MIN_OPSET, OPSET_REASON, QuantizeOptions
 from edgecomp.quantize.plan import bits_reason, build, make_plan
@@ -117,6 +118,10 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         if kept:
             fidelity["fidelity"] += f"; {len(kept)} most sensitive layer(s) kept float to reach it"
         kept_why = f"among the most sensitive: kept float so every output keeps cosine >= {floor:g} to float"
+    int8_plan = plan
+    int4 = int4_step(model, plan, calibration, opts, eval_data=eval_data, labels=labels)
+    if int4:
+        plan = {k: v for k, v in plan.items() if k not in int4.codes}
     for row in rows:
         name = row["layer"]
         if name in sens:
@@ -131,6 +136,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
              for l in excluded]
     rows += skipped
     quantized = build(model, plan, format=opts.format) if plan else model
+    if int4 and int4.codes:
+        quantized = apply_int4(quantized, int4.codes, int4.block)
     embedding_rows = []
     if opts.embeddings:
         emb = run_pass(QuantizeEmbeddingsPass(bits=8), quantized)
@@ -154,6 +161,15 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         warnings += [w for w in [estimate.warning(opts.tolerance)] if w]
     if fidelity:
         summary.update(fidelity)
+    if int4:
+        summary.update(describe(int4, rows, len(plan)))
+        summary["layers float"] -= len(int4.codes)
+        if int4.codes and opts.isa in (None, host_isa()):
+            speed = latency_vs_int8(model, int8_plan, quantized, feed, opts)
+            summary["int4 latency vs int8 (this host)"] = speed.text()
+            if speed.low > 1.0:
+                warnings.append(f"the int4 model runs {speed.ratio:.2f}x the int8 model's latency on this host "
+                                f"({speed.text()}): MatMulNBits is slower than MatMulIntegerToFloat here")
     if plan and opts.families != "auto" and opts.format == "contrib" and opts.isa in (None, host_isa()):
         speed = _latency_vs_float(model, quantized, feed, opts.threads)
         summary["latency vs float (this host)"] = speed.text()

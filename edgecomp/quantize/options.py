@@ -32,6 +32,12 @@ def _families(v: str) -> str | None:
     return f"must be auto, all, or a comma list of {', '.join(FAMILIES)}, got {v!r}"
 
 
+def _int4(v: str) -> str | None:
+    if v in ("off", "auto"):
+        return None
+    return regexes([p for p in v.split(",") if p]) if v.strip(",") else "must be off, auto, or comma regexes"
+
+
 OPTIONS = (
     Option("method", str, "minmax", "how activation ranges are chosen from calibration statistics", choices=METHODS),
     Option("percentile", float, 99.99, "for method percentile", check=in_range(50, 100, open_lo=True, open_hi=True)),
@@ -53,6 +59,11 @@ OPTIONS = (
     Option("format", str, "contrib", "contrib: onnxruntime's fastest CPU form (com.microsoft ops); qdq: standard "
            "QuantizeLinear/DequantizeLinear pairs that mobile EPs (XNNPACK, NNAPI, CoreML, QNN) consume",
            choices=FORMATS),
+    Option("int4", str, "off", "int4 MatMul weights (onnxruntime MatMulNBits, int8 compute): off, auto (the layers "
+           "int4 costs least, while the fidelity bound or the tolerance holds), or comma regexes of node names",
+           check=_int4),
+    Option("int4_block", int, 32, "int4 weights per scale along K (a power of two >= 16)",
+           check=lambda v: None if v >= 16 and not v & (v - 1) else f"must be a power of two >= 16, got {v!r}"),
 )
 
 
@@ -73,6 +84,8 @@ class QuantizeOptions:
     metric: str = "cosine"
     tolerance: float | None = None  # with eval data: accuracy-aware fallback
     format: str = "contrib"  # contrib (com.microsoft, onnxruntime CPU) | qdq (ai.onnx only, mobile EPs)
+    int4: str = "off"  # off | auto (by measured cost, within the bound) | comma regexes of node names
+    int4_block: int = 32
     reservoir: int = 512
     isa: Isa | None = None  # target ISA (default: the host's)
     threads: int = 1
@@ -84,6 +97,8 @@ class QuantizeOptions:
 
     def validate(self) -> None:
         check_values(OPTIONS, {o.name: getattr(self, o.name) for o in OPTIONS})
+        if self.int4 != "off" and self.format != "contrib":
+            raise OptionError("int4", "needs format contrib (MatMulNBits is an onnxruntime contrib op)")
         if self.min_cosine is not None and not 0.0 < _number(self.min_cosine) <= 1.0:
             raise OptionError("min_cosine", "must be in (0, 1], or None to skip the fidelity check")
 

@@ -16,6 +16,10 @@ of each pair in the low nibble, ``scales`` ``[N * n_blocks]``, ``zero_points`` u
 kernel compute in int8 (activations quantized per block at run time), the fast path on AVX2,
 AVX-512 and ARM; 0 dequantizes to float.
 
+``codes`` maps node names to codes computed elsewhere (``(B, scales, zero_points)`` in the
+layout above; :mod:`edgecomp.quantize.int4` fits them to calibration data), stored as given
+instead of the round-to-nearest codes.
+
 Layers whose node name matches ``exclude`` (or whose weights are not a 2-D float constant, or
 whose ``K`` is smaller than one block) are left alone and listed with the reason. A bias Add
 after the MatMul stays as it is.
@@ -24,7 +28,7 @@ after the MatMul stays as it is.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -33,7 +37,7 @@ from edgecomp.errors import ConfigError
 from edgecomp.graph import add_initializer, unique_name
 from edgecomp.passes.base import EdgecompPass, PassReport
 
-__all__ = ["QuantizeMatMulNBitsPass", "quantize_blocks_4bit", "dequantize_blocks_4bit"]
+__all__ = ["QuantizeMatMulNBitsPass", "dequantize_blocks_4bit", "quantize_blocks_4bit"]
 
 MS_DOMAIN = "com.microsoft"
 
@@ -70,7 +74,8 @@ class QuantizeMatMulNBitsPass(EdgecompPass):
     """Replace MatMuls with constant weights by 4-bit ``MatMulNBits`` (see the module docstring)."""
 
     def __init__(self, block_size: int = 32, accuracy_level: int = 4, exclude: Sequence[str] = (),
-                 only: Sequence[str] | None = None):
+                 only: Sequence[str] | None = None,
+                 codes: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None):
         if block_size < 16 or block_size & (block_size - 1):
             raise ConfigError(f"int4 block size must be a power of two >= 16, got {block_size}")
         if accuracy_level not in (0, 1, 2, 3, 4):
@@ -78,6 +83,7 @@ class QuantizeMatMulNBitsPass(EdgecompPass):
         self.block_size, self.accuracy_level = block_size, accuracy_level
         self.exclude, self.only = tuple(exclude), None if only is None else tuple(only)
         self._patterns = [re.compile(p) for p in self.exclude]
+        self.codes = dict(codes or {})
 
     def call(self, model: ir.Model) -> PassReport:
         graph = model.graph
@@ -91,7 +97,10 @@ class QuantizeMatMulNBitsPass(EdgecompPass):
                 continue
             w = node.inputs[1].const_value.numpy().astype(np.float32)
             k, n = w.shape
-            packed, scales, zps = quantize_blocks_4bit(w, self.block_size)
+            packed, scales, zps = self.codes.get(node.name) or quantize_blocks_4bit(w, self.block_size)
+            if packed.shape != (n, -(-k // self.block_size), self.block_size // 2):
+                raise ConfigError(f"int4 codes for {node.name!r} have shape {packed.shape}, not those of a {k}x{n} "
+                                  f"weight in blocks of {self.block_size}")
             name = node.name or f"matmul_{replaced}"
             b = add_initializer(graph, unique_name(graph, f"{name}_w_int4"), packed)
             s = add_initializer(graph, unique_name(graph, f"{name}_w_scales"), scales)
