@@ -1,20 +1,23 @@
 """report.json and a self-contained report.html (tables and inline SVG plots, no network).
 
 Plots (matplotlib, rendered to inline SVG): latency vs accuracy/fidelity of every step (and
-sweep point) with the Pareto front marked, and per-layer quantization sensitivity.
+sweep point) with the Pareto front marked; the size/fidelity/latency frontier (size vs quality,
+each point coloured by its latency, the front of models neither larger nor worse marked); and
+per-layer quantization sensitivity.
 """
 
 from __future__ import annotations
 
 import html
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from edgecomp.io import OUTPUT_MARKER, write_json, write_text
 from edgecomp.render.text import fmt_bytes, pareto_front, step_rows, to_jsonable
 
-__all__ = ["write_reports", "render_html", "tradeoff_svg", "sensitivity_svg", "html_table"]
+__all__ = ["frontier_svg", "html_table", "render_html", "sensitivity_svg", "tradeoff_svg", "write_reports"]
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}
@@ -74,6 +77,41 @@ def tradeoff_svg(points: Sequence[dict[str, Any]], quality_label: str) -> str | 
     return _svg(fig)
 
 
+def frontier_svg(points: Sequence[dict[str, Any]], quality_label: str) -> str | None:
+    """Size in MB (x, lower is better) vs quality (y), each point coloured by its latency ratio
+    (the third dimension; grey where latency was not measured), the size/quality front marked."""
+    pts = [p for p in points if p.get("size") is not None and p.get("quality") is not None]
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mb = [p["size"] / 1e6 for p in pts]
+    front = pareto_front([(m, p["quality"]) for m, p in zip(mb, pts)])
+    fig, ax = plt.subplots(figsize=(6.6, 4.2))
+    timed = [i for i, p in enumerate(pts) if p.get("latency") is not None]
+    untimed = [i for i in range(len(pts)) if i not in timed]
+    if untimed:
+        ax.scatter([mb[i] for i in untimed], [pts[i]["quality"] for i in untimed], color="#9e9e9e", zorder=3,
+                   label="latency not measured")
+    if timed:
+        dots = ax.scatter([mb[i] for i in timed], [pts[i]["quality"] for i in timed], zorder=3, cmap="viridis_r",
+                          c=[pts[i]["latency"] for i in timed], s=60, edgecolors="black", linewidths=0.5)
+        fig.colorbar(dots, ax=ax, label="latency vs fp32 (lower is better)")
+    for m, p in zip(mb, pts):
+        ax.annotate(p["label"], (m, p["quality"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.plot([mb[i] for i in front], [pts[i]["quality"] for i in front], color="#e8710a", label="size/quality front",
+            zorder=2)
+    ax.set_xlabel("model size, MB (lower is better)")
+    ax.set_ylabel(quality_label)
+    ax.set_title("size / quality / latency frontier", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _svg(fig)
+
+
 def sensitivity_svg(rows: Sequence[dict[str, Any]]) -> str | None:
     """Per-layer sensitivity (loss when only that layer is int8), float layers highlighted."""
     rs = [r for r in rows if r.get("sensitivity") is not None]
@@ -101,14 +139,14 @@ def _quality(result) -> tuple[list[dict[str, Any]], str]:
     models = [s for s in result.steps if s.model]
     use_acc = any(s.accuracy is not None for s in models)
     label = "task accuracy" if use_acc else "mean cosine vs fp32"
-    pts = [{"label": f"{s.index:02d}-{s.step}", "latency": s.latency_ratio,
+    pts = [{"label": f"{s.index:02d}-{s.step}", "latency": s.latency_ratio, "size": s.size_bytes,
             "quality": s.accuracy if use_acc else s.cos_mean} for s in models]
     return pts, label
 
 
 def render_html(result, extra_points: Sequence[dict[str, Any]] = ()) -> str:
     pts, qlabel = _quality(result)
-    plots = [tradeoff_svg([*pts, *extra_points], qlabel)]
+    plots = [tradeoff_svg([*pts, *extra_points], qlabel), frontier_svg([*pts, *extra_points], qlabel)]
     sections = []
     for s in result.steps:
         for name, rows in s.tables.items():
