@@ -1,19 +1,26 @@
 #!/usr/bin/env python
-"""int4 MatMul weights on all-MiniLM-L6-v2 → BENCHMARKS.md (section "int4").
+"""int4 MatMul weights chosen per layer on all-MiniLM-L6-v2: the size/fidelity/latency frontier →
+BENCHMARKS.md (section "int4").
 
     .venv/bin/python scripts/bench_int4.py [--workdir out/bench_int4] [--texts 400] [--runs 40]
 
-Size / fidelity / latency of: fp32; edgecomp's static int8 (defaults); int4 MatMulNBits for every
-encoder MatMul (block 32, accuracy_level 4) with the token table in int8 rows or int4 blocks of 64.
-Fidelity on held-out stdlib docstring sentences vs the fp32 embeddings; latency interleaved in a
-fresh process (`edgecomp bench`), 1 thread, seq 128. Targets (issue 16): whole model <= 12 MB at
-mean cos >= 0.99 and NN@10 >= 0.90, latency no worse than the int8 model.
+Rows: fp32; `edgecomp quantize` defaults (int8); `quantize --int4 auto` over the int8 token table,
+over low-rank tables (rank 128 / 96, `reduce-embeddings --rank R --bits 8` on a stdlib-docstring
+corpus), over the int4 table (`--bits 4 --block 64`); `--int4 .` (every MatMul int4, with the
+fitted codes) for the size floor; and `--prune-vocab` on a domain corpus (docstrings of the
+numpy/scipy/sklearn/torch family, 2,000 sentences) + int4 table + `--int4 auto`, measured on
+held-out sentences of that domain. Fidelity on held-out sentences vs the fp32 embeddings (mean /
+min cosine, NN@10 agreement); latency interleaved in a fresh process (`edgecomp bench`), 1 thread,
+seq 128, as a ratio to fp32 and to the int8 model. Targets (issue 16): whole model <= 12 MB at
+mean cos >= 0.99 and NN@10 >= 0.90, latency no worse than the int8 model; <= 9 MB with
+--prune-vocab on a domain corpus.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -29,92 +36,123 @@ from _bench_common import (
     text_splits,
     update_section,
 )
+from bench_embeddings import SCIENCE
 from bench_quantize import edgecomp_quantize
 
-from edgecomp.io import load_model, model_size_bytes, save_model
-from edgecomp.passes.base import run_pass
-from edgecomp.quantize.quantize_matmul_nbits import QuantizeMatMulNBitsPass
+from edgecomp.io import model_size_bytes
 from edgecomp.render.text import host_line
-from edgecomp.text import load_tokenizer, tokenize, write_token_data
-
-#: measured on the run of 2026-12-01 (AVX2 host without VNNI); update when the numbers move
-NOTES = """
-Targets missed, all three: smallest 13.3 MB (> 12), mean cos 0.957-0.974 (< 0.99), and int4 runs
-1.16-1.25x fp32 here, slower than int8 (0.69x). Diagnosis:
-- Fidelity: round-to-nearest 4-bit codes on every MatMul lose ~0.026 cosine, as onnxruntime's own RTN
-  int4 does (0.971 in FACTS.md); the table's int4 adds only 0.001. Needed: int4 chosen per layer by
-  sensitivity with the rest int8 (the QuantizeMatMulNBitsPass takes `only=`/`exclude=` for that, not
-  wired into `quantize` yet), and better codes (GPTQ/AWQ-style error feedback) for the FFN layers.
-- Latency: MatMulNBits with accuracy_level 4 quantizes activations per block at run time; on this
-  AVX2 host (no VNNI) its int8 kernel is slower than the fp32 GEMM at seq 128, and the contrib
-  MatMulIntegerToFloat form of `quantize` is faster. Expect the ratio to differ on VNNI/ARM dot-product.
-- Size: the int4 encoder is ~6.6 MB and the int4 table ~6.2 MB (blocks of 64 with fp16 scales);
-  <= 12 MB needs the low-rank table (rank 128, ~4.3 MB at int8) under int4 MatMuls.
-"""
+from edgecomp.text import docstring_sentences, load_tokenizer, tokenize, write_token_data
 
 
-def int4_matmuls(src: Path, dst: Path, block: int) -> Path:
-    res = run_pass(QuantizeMatMulNBitsPass(block_size=block, accuracy_level=4), load_model(src))
-    return save_model(res.model, dst)
-
-
-def reduce_table(src: Path, dst: Path, *args: str) -> Path:
-    proc = subprocess.run([sys.executable, "-m", "edgecomp.cli", "reduce-embeddings", str(src), "-o", str(dst), *args],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(proc.stdout + proc.stderr)
+def reduce_table(src: Path, dst: Path, *args) -> Path:
+    if not dst.exists():
+        proc = subprocess.run([sys.executable, "-m", "edgecomp.cli", "reduce-embeddings", str(src), "-o", str(dst),
+                               *map(str, args)], capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise RuntimeError(proc.stdout + proc.stderr)
     return dst
+
+
+def quantize(src: Path, dst: Path, calib: Path, *extra: str) -> dict:
+    """`edgecomp quantize` (its JSON report kept beside the model; reused when both exist)."""
+    report = Path(str(dst) + ".json")
+    if dst.exists() and report.exists():
+        return json.loads(report.read_text())
+    print(f"quantize {src.name} -> {dst.name} {' '.join(extra)}", flush=True)
+    return edgecomp_quantize(src, dst, calib, *extra)
+
+
+def _int4_count(report: dict) -> str:
+    text = report.get("summary", {}).get("int4", "")
+    return text.split(" in int4")[0].replace(" int8 MatMuls", "") if " of " in text else "0"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench_int4")
-    ap.add_argument("--texts", type=int, default=400, help="held-out test sentences")
+    ap.add_argument("--texts", type=int, default=400, help="held-out test sentences (each domain)")
     ap.add_argument("--runs", type=int, default=40)
     args = ap.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     fp32 = export_minilm(work / "minilm.onnx")
-    tok = load_tokenizer(minilm_path())
+    tok_path = minilm_path()
+    tok = load_tokenizer(tok_path)
     splits = text_splits()
     calib = work / "calib"
     if not calib.exists():
         write_token_data(tokenize(tok, splits["calib"][:200]), calib)
-    test_feeds = tokenize(tok, splits["test"][: args.texts])
+    held = set(splits["test"])
+    (work / "std_corpus.txt").write_text("\n".join(s for s in docstring_sentences() if s not in held) + "\n")
+    sci = docstring_sentences(SCIENCE)
+    sci_corpus, sci_test = sci[:2000], sci[2000:2000 + args.texts]
+    (work / "sci_corpus.txt").write_text("\n".join(sci_corpus) + "\n")
+    sci_calib = work / "sci_calib"
+    if not sci_calib.exists():
+        write_token_data(tokenize(tok, sci_corpus[:200]), sci_calib)
+    std = ["--corpus", work / "std_corpus.txt", "--tokenizer", tok_path]
+    dom = ["--corpus", work / "sci_corpus.txt", "--tokenizer", tok_path]
+
+    t4 = reduce_table(fp32, work / "t4.onnx", "--bits", 4)
+    r128 = reduce_table(fp32, work / "r128.onnx", "--rank", 128, "--bits", 8, *std)
+    r96 = reduce_table(fp32, work / "r96.onnx", "--rank", 96, "--bits", 8, *std)
+    pruned = reduce_table(fp32, work / "pruned_t4.onnx", "--prune-vocab", "--bits", 4, "--min-rows", 500, *dom)
+    # (label, model, quantize report, held-out text: stdlib or the domain)
+    plan = [("int8 (quantize defaults)", fp32, "int8.onnx", (), calib, "stdlib"),
+            ("int4 auto + int8 table", fp32, "i4_t8.onnx", ("--int4", "auto"), calib, "stdlib"),
+            ("int4 every MatMul + int8 table", fp32, "i4all_t8.onnx", ("--int4", "."), calib, "stdlib"),
+            ("int4 auto + rank-128 table", r128, "i4_r128.onnx", ("--int4", "auto"), calib, "stdlib"),
+            ("int4 auto + rank-96 table", r96, "i4_r96.onnx", ("--int4", "auto"), calib, "stdlib"),
+            ("int4 every MatMul + rank-128 table", r128, "i4all_r128.onnx", ("--int4", "."), calib, "stdlib"),
+            ("int4 auto + int4 table", t4, "i4_t4.onnx", ("--int4", "auto"), calib, "stdlib"),
+            ("pruned vocab (domain) + int4 table + int4 auto", pruned, "i4_pruned.onnx", ("--int4", "auto"), sci_calib,
+             "domain")]
+    variants = [("fp32", fp32, {}, "stdlib")]
+    for label, src, name, extra, cal, text in plan:
+        variants.append((label, work / name, quantize(src, work / name, cal, *extra), text))
+
+    feeds = {"stdlib": tokenize(tok, splits["test"][: args.texts]), "domain": tokenize(tok, sci_test)}
+    refs = {k: embeddings(fp32, f) for k, f in feeds.items()}
     latency_feed = tokenize(tok, [" ".join(splits["test"][:40])], max_len=128)[0]
-
-    variants = {"fp32": fp32}
-    int8 = work / "int8.onnx"
-    if not int8.exists():
-        edgecomp_quantize(fp32, int8, calib)
-    variants["edgecomp static int8 (defaults)"] = int8
-    e8, e4 = work / "table8.onnx", work / "table4.onnx"
-    if not e8.exists():
-        reduce_table(fp32, e8, "--bits", "8")
-    if not e4.exists():
-        reduce_table(fp32, e4, "--bits", "4", "--block", "64")
-    variants["int4 MatMuls (block 32) + int8 table rows"] = int4_matmuls(e8, work / "int4_t8.onnx", 32)
-    variants["int4 MatMuls (block 32) + int4 table (block 64)"] = int4_matmuls(e4, work / "int4_t4.onnx", 32)
-    variants["int4 MatMuls (block 128) + int4 table (block 64)"] = int4_matmuls(e4, work / "int4b128_t4.onnx", 128)
-
-    ref = embeddings(fp32, test_feeds)
-    stats = bench_in_subprocess(list(variants.values()), list(variants), latency_feed, args.runs)
+    stats = bench_in_subprocess([v[1] for v in variants], [v[0] for v in variants], latency_feed, args.runs)
+    int8_ratio = next(st["ratio_to_first"] for v, st in zip(variants, stats) if v[0].startswith("int8"))
     rows = []
-    for (label, path), st in zip(variants.items(), stats):
-        rows.append({"variant": label, "size MB": model_size_bytes(path) / 1e6, "latency vs fp32": st["ratio_to_first"],
-                     **fidelity(ref, embeddings(path, test_feeds))})
-        print(rows[-1], flush=True)
+    for (label, path, report, text), st in zip(variants, stats):
+        summary = report.get("summary", {})
+        row = {"variant": label, "text": text, "size MB": model_size_bytes(path) / 1e6,
+               "latency vs fp32": st["ratio_to_first"], "latency vs int8": st["ratio_to_first"] / int8_ratio,
+               "int4 layers": _int4_count(report) if report else "—",
+               **fidelity(refs[text], embeddings(path, feeds[text]))}
+        row["quantize said"] = summary.get("int4", "")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    (work / "rows.json").write_text(json.dumps(rows, indent=1))
+    cols = ["variant", "text", "size MB", "latency vs fp32", "latency vs int8", "mean cos", "min cos", "NN@10",
+            "int4 layers"]
     body = "\n".join([
-        "## int4 MatMul weights (issue 16, size target)",
+        "## int4 MatMul weights chosen per layer (issue 16, size target)",
         "",
-        f"Measured {datetime.date.today()} on {host_line()}; {args.texts} held-out sentences, latency 1 thread, seq 128,",
-        f"{args.runs} interleaved runs in a fresh process. Reproduce: `.venv/bin/python scripts/bench_int4.py`.",
+        (f"Measured {datetime.date.today()} on {host_line()}; {args.texts} held-out sentences per text (stdlib "
+         "docstrings; `domain` = numpy/scipy/sklearn/torch docstrings not in the 2,000-sentence pruning corpus), "
+         f"latency 1 thread, seq 128, {args.runs} interleaved runs in a fresh process. int4 = `quantize --int4 auto` "
+         "(MatMulNBits, block 32, accuracy_level 4: int8 compute) held to the default fidelity floor (every output's "
+         "cosine >= 0.99 on 32 calibration samples); `int4 every MatMul` = `--int4 .`. "
+         "Reproduce: `.venv/bin/python scripts/bench_int4.py`."),
         "",
-        md_table(rows, ["variant", "size MB", "latency vs fp32", "mean cos", "min cos", "NN@10"]),
+        md_table(rows, cols),
+        "",
+        "What quantize reported for each int4 variant:",
+        "",
+        *[f"- {r['variant']}: {r['quantize said']}" for r in rows if r.get("quantize said")],
+        "",
         NOTES,
     ])
     update_section("int4", body)
     print(body)
+
+
+#: the diagnosis of the measured run (targets met / missed, and why); update when the numbers move
+NOTES = """(diagnosis pending: written after the run)"""
 
 
 if __name__ == "__main__":

@@ -247,6 +247,7 @@ class Int4Choice:
     trials: int = 0
     bound_text: str = ""
     is_cosine: bool = True
+    note: str = ""  # why there was no candidate
 
 
 def _candidates(model: ir.Model, plan: Mapping[str, LayerPlan], block: int) -> dict[str, ir.Node]:
@@ -282,7 +283,8 @@ def choose_int4(model: ir.Model, plan: Mapping[str, LayerPlan], calibration: Dat
         pats = [re.compile(p) for p in selection.split(",") if p]
         cands = {n: node for n, node in cands.items() if any(p.search(n) for p in pats)}
     if not cands:
-        return Int4Choice({}, {}, None, bound, None, block)
+        what = "matches the int4 patterns" if selection != "auto" else f"has constant 2-D weights with K >= {block}"
+        return Int4Choice({}, {}, None, bound, None, block, note=f"no MatMul of the int8 plan {what}")
     weights = {n: node.inputs[1].const_value.numpy().astype(np.float32) for n, node in cands.items()}
     grams, _ = gram_matrices(model, [node.inputs[0].name for node in cands.values()], calibration, limit, threads)
     codes, rows = {}, {}
@@ -340,7 +342,8 @@ def int4_step(model: ir.Model, plan: Mapping[str, LayerPlan], calibration: Datas
     if opts.int4 == "off":
         return None
     if not plan:
-        return Int4Choice({}, {}, None, None, None, opts.int4_block, bound_text="no int8 layer to start from")
+        return Int4Choice({}, {}, None, None, None, opts.int4_block,
+                          note="no layer is int8 to start from (int4 replaces int8 MatMuls)")
     specs = input_specs(model)
     evaluator, bound = None, None
     if opts.tolerance is not None:
@@ -374,6 +377,8 @@ def describe(choice: Int4Choice, rows: list[dict[str, Any]], layers_int8: int) -
         elif row.get("decision") == "int8":
             row["reason"] = f"quantized; int4 left out: {choice.bound_text} would not hold"
     selected = sorted(choice.codes)
+    if not choice.rows:
+        return {"int4": f"none: {choice.note}"}
     text = (f"{len(selected)} of {len(choice.rows)} int8 MatMuls in int4 (MatMulNBits, block {choice.block}, "
             f"int8 compute), {layers_int8} still int8")
     if choice.loss is not None:
