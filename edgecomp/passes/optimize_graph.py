@@ -7,6 +7,13 @@ Cases handled:
   lifted to initializers and Identities bypassed, so a MatMul/Conv/Gemm sees its constant weight;
 - a dim stored as a negative number (``dim_value: -1``) becomes an unnamed symbolic dim before
   folding (folding would otherwise take -1 for a size); the model still loads with any batch;
+- folding never grows the model: a node whose folded output would hold more elements than its
+  constant inputs together (Expand/Tile/ConstantOfShape/Range of a constant, a broadcast Mul of an
+  initializer) is left to run, unless the output is shape-sized (at most ``GROW_LIMIT`` elements);
+  onnxruntime computes it at session load anyway, so the file only gets bigger by folding it.
+  Initializers left without a use after folding are dropped in every graph (subgraphs included),
+  and a ``Reshape`` to ``[batch, features]`` that the rewriter made from ``Flatten`` (or that was
+  there) is written as ``Flatten`` again, which needs no shape tensor;
 - everything written stays valid at the model's declared opset: an attribute the rewriter adds
   that the opset lacks (``Reshape allowzero`` before 14) is dropped where it changes nothing,
   otherwise the pass fails with the node named;
@@ -19,8 +26,12 @@ Cases handled:
 
 from __future__ import annotations
 
+import functools
+import math
+
+import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
+import onnx_ir.passes.common
 
 from edgecomp.errors import ConfigError, EdgecompError, PassFailed
 from edgecomp.graph import histogram
@@ -28,7 +39,11 @@ from edgecomp.options import Option
 from edgecomp.passes.base import EdgecompPass, PassReport
 from edgecomp.passes.upgrade_opset import drop_unsupported_defaults, new_violations, opset_violations
 
-__all__ = ["OptimizeGraphPass", "OPTIONS"]
+__all__ = ["GROW_LIMIT", "OPTIONS", "OptimizeGraphPass"]
+
+#: A folded output may hold more elements than its constant inputs when it is at most this big: the
+#: shape arithmetic (Shape → Gather → Concat) that folding is for; 64 is past any tensor rank.
+GROW_LIMIT = 64
 
 OPTIONS = (
     Option("fusions", str, "none", "also apply onnxruntime's transformer fusions (Attention, SkipLayerNorm, BiasGelu)",
@@ -58,19 +73,13 @@ class OptimizeGraphPass(EdgecompPass):
         before, weights_before = histogram(model), _weights(model)
         invalid_before = opset_violations(model)
         negative = _negative_dims_unknown(model)
+        unfolded = 0
         if self.fold_constants:
-            import onnxscript.optimizer
-
-            try:
-                onnxscript.optimizer.optimize_ir(model)
-            except EdgecompError:
-                raise
-            except Exception as e:
-                from edgecomp.io import first_line
-
-                raise PassFailed(f"graph cleanup (onnxscript's optimizer) failed on this model: "
-                                 f"{type(e).__name__}: {first_line(e)}") from e
+            unfolded = _fold_without_growth(model)
         _expose_constant_weights(model)
+        if self.fold_constants:
+            _drop_unused_initializers(model)
+            _reshapes_to_flatten(model)
         if self.fusions == "bert":
             _apply_bert_fusions(model, self.num_heads, self.hidden_size)
         dropped = drop_unsupported_defaults(model)
@@ -84,9 +93,132 @@ class OptimizeGraphPass(EdgecompPass):
         summary = {"nodes_before": sum(before.values()), "nodes_after": sum(after.values())}
         if negative:
             summary["negative dims made symbolic"] = negative
+        if unfolded:
+            summary["folds skipped (they would copy a weight)"] = unfolded
         if dropped:
             summary["attributes dropped"] = len(dropped)
         return self.report(model, changed or bool(dropped) or bool(negative), summary, rows)
+
+
+def _fold_without_growth(model: ir.Model, attempts: int = 3) -> int:
+    """onnxscript's optimizer on ``model``, without the folds that grow it; returns how many folded
+    tensors were given up.
+
+    Node by node, :func:`_fold_unless_it_grows` refuses an output larger than its constant inputs.
+    A chain can still copy a weight that stays: ``Concat(Slice(b), ...)`` folds to a tensor as big
+    as its inputs while ``b`` is still read elsewhere (another If branch). So the optimizer runs
+    on a copy; each folded tensor of more than ``GROW_LIMIT`` elements whose source weights are
+    still in the result marks its whole chain (onnxscript's ``folded_from``) not to fold, and the
+    optimizer runs again on a fresh copy, at most ``attempts`` times; the copy replaces the graph."""
+    import onnxscript.optimizer
+
+    from edgecomp.io import first_line
+
+    sources = {name for g in _graphs(model) for name in g.initializers} | {
+        n.outputs[0].name for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "Constant"}
+    blocked: set[str] = set()
+    given_up = 0
+    for _ in range(attempts):
+        work = model.clone()
+        try:
+            onnxscript.optimizer.optimize_ir(work, should_fold=functools.partial(_fold_unless_it_grows, blocked=blocked))
+        except EdgecompError:
+            raise
+        except Exception as e:
+            raise PassFailed(f"graph cleanup (onnxscript's optimizer) failed on this model: "
+                             f"{type(e).__name__}: {first_line(e)}") from e
+        copies = _copied_weights(work, sources)
+        if not copies:
+            break
+        given_up += len(copies)
+        for name, chain in copies.items():
+            blocked |= chain | {name}
+    model.graph = work.graph  # a model's opset_imports are its graph's: they come along
+    model.functions.clear()
+    model.functions.update(work.functions)
+    return given_up
+
+
+def _copied_weights(model: ir.Model, sources: set[str]) -> dict[str, set[str]]:
+    """Folded tensors of more than ``GROW_LIMIT`` elements whose source weights are still in
+    ``model``: name → the values it was folded from."""
+    import onnxscript.optimizer
+
+    alive = {name for g in _graphs(model) for name in g.initializers}
+    out = {}
+    for g in _graphs(model):
+        for name, v in g.initializers.items():
+            chain = v.meta.get(onnxscript.optimizer.FOLDED_FROM_KEY)
+            if (chain and name not in sources and v.const_value is not None and v.const_value.size > GROW_LIMIT
+                    and chain & sources & alive):
+                out[name] = set(chain)
+    return out
+
+
+def _fold_unless_it_grows(node: ir.Node, blocked: set[str] = frozenset()) -> bool | None:
+    """False (do not fold) when an output of ``node`` is in ``blocked``, or when its output, as
+    inferred, holds more than ``GROW_LIMIT`` elements and more than its constant inputs together;
+    None leaves the decision to the folder."""
+    if any(o.name in blocked for o in node.outputs):
+        return False
+    out = node.outputs[0] if node.outputs else None
+    size = _static_size(out)
+    if size is None or size <= GROW_LIMIT:
+        return None
+    inputs = sum(v.const_value.size for v in node.inputs if v is not None and v.const_value is not None)
+    return False if size > inputs else None
+
+
+def _static_size(v: ir.Value | None) -> int | None:
+    if v is None or v.shape is None or not all(isinstance(d, int) for d in v.shape):
+        return None
+    return math.prod(v.shape)
+
+
+def _graphs(model: ir.Model) -> list[ir.Graph]:
+    """The main graph and every subgraph."""
+    return [model.graph] + [g for node in ir.traversal.RecursiveGraphIterator(model.graph)
+                            for a in node.attributes.values()
+                            for g in ([a.value] if a.type == ir.AttributeType.GRAPH else
+                                      list(a.value) if a.type == ir.AttributeType.GRAPHS else [])]
+
+
+def _drop_unused_initializers(model: ir.Model) -> None:
+    """Initializers no node reads (a subgraph's, after its readers were folded) are removed;
+    onnx-ir's unused-node removal clears the main graph's only."""
+    for g in _graphs(model):
+        keep = {*g.inputs, *g.outputs}
+        for name, v in list(g.initializers.items()):
+            if not v.uses() and v not in keep:
+                del g.initializers[name]
+
+
+def _reshapes_to_flatten(model: ir.Model) -> None:
+    """``Reshape(x, [0 or d0, -1 or prod(x.shape[1:])])`` → ``Flatten(x, axis=1)``: the same
+    result (``allowzero`` off) without a shape tensor. x's rank must be known and > 2."""
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        x, shape = node.inputs
+        if (x is None or shape is None or shape.const_value is None or x.shape is None or len(x.shape) <= 2
+                or int(node.attributes.get("allowzero", ir.AttrInt64("allowzero", 0)).value)):
+            continue
+        s = shape.const_value.numpy().ravel()
+        if s.size != 2 or not np.issubdtype(s.dtype, np.integer):
+            continue
+        rest = x.shape[1:]
+        features = math.prod(rest) if all(isinstance(d, int) for d in rest) else None
+        if s[0] != 0 and not (isinstance(x.shape[0], int) and s[0] == x.shape[0]):
+            continue
+        if s[1] != -1 and (features is None or s[1] != features):
+            continue
+        flat = ir.node("Flatten", [x], attributes={"axis": 1}, name=node.name)
+        flat.outputs[0].shape, flat.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
+        node.graph.insert_before(node, flat)
+        node.outputs[0].replace_all_uses_with(flat.outputs[0], replace_graph_outputs=True)
+        flat.outputs[0].name = node.outputs[0].name
+        node.graph.remove(node, safe=True)
+    _drop_unused_initializers(model)
 
 
 def _negative_dims_unknown(model: ir.Model) -> int:

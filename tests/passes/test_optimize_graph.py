@@ -47,3 +47,66 @@ def test_bert_fusions_on_tiny_encoder(tiny_encoder_path):
     rng = np.random.default_rng(0)
     feed = {"input_ids": rng.integers(0, 1000, (1, 12)), "attention_mask": np.ones((1, 12), np.int64)}
     np.testing.assert_allclose(run_ort(to_proto(result.model), feed)[0], run_ort(proto, feed)[0], atol=1e-4)
+
+
+def _params(proto: onnx.ModelProto) -> int:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from zoo import param_count
+
+    return param_count(proto)
+
+
+def test_expand_of_a_constant_is_not_materialized():
+    """Expand(c [1, 256] → [64, 256]) folded would write 64x the constant; it is left to run."""
+    c = np.random.default_rng(2).standard_normal((1, 256)).astype(np.float32)
+    nodes = [helper.make_node("Expand", ["c", "shape"], ["big"]), helper.make_node("Add", ["x", "big"], ["y"])]
+    proto = make_model(nodes, [vinfo("x", [64, 256])], [vinfo("y", [64, 256])],
+                       {"c": c, "shape": np.array([64, 256], np.int64)})
+    out = to_proto(run_pass(OptimizeGraphPass(), ir.from_proto(proto)).model)
+    onnx.checker.check_model(out)
+    assert _params(out) <= _params(proto) and max(int(np.prod(t.dims)) for t in out.graph.initializer) == 256
+    x = np.random.default_rng(3).standard_normal((64, 256)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(out, {"x": x})[0], run_ort(proto, {"x": x})[0], atol=1e-6)
+
+
+def test_a_fold_that_copies_a_weight_still_read_elsewhere_is_given_up():
+    """Concat(Slice(w), Slice(w)) folds to a tensor as big as w, but w stays (the Mul reads it):
+    folding would write w twice."""
+    w = np.random.default_rng(4).standard_normal(512).astype(np.float32)
+    i64 = lambda *v: np.array(v, np.int64)
+    nodes = [helper.make_node("Slice", ["w", "s0", "e0"], ["a"]), helper.make_node("Slice", ["w", "s1", "e1"], ["b"]),
+             helper.make_node("Concat", ["b", "a"], ["ba"], axis=0), helper.make_node("Add", ["x", "ba"], ["p"]),
+             helper.make_node("Mul", ["p", "w"], ["y"])]
+    proto = make_model(nodes, [vinfo("x", [2, 512])], [vinfo("y", [2, 512])],
+                       {"w": w, "s0": i64(0), "e0": i64(256), "s1": i64(256), "e1": i64(512)})
+    result = run_pass(OptimizeGraphPass(), ir.from_proto(proto))
+    out = to_proto(result.model)
+    onnx.checker.check_model(out)
+    assert _params(out) <= _params(proto)
+    assert result.summary["folds skipped (they would copy a weight)"] == 1
+    x = np.random.default_rng(5).standard_normal((2, 512)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(out, {"x": x})[0], run_ort(proto, {"x": x})[0], atol=1e-6)
+
+
+def test_optimize_never_adds_parameters_on_zoo_models(tmp_path):
+    """resnet-ts11 (Flatten, which the rewriter turns into Reshape with a shape tensor) and
+    silero_vad (an LSTM bias folded in one If branch while the other still reads it)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from zoo import Zoo, feeds
+
+    zoo = Zoo(tmp_path)
+    for name in ("resnet-ts11", "silero_vad"):
+        path, data = zoo.get(name)
+        proto = onnx.load(str(path))
+        out = to_proto(run_pass(OptimizeGraphPass(), ir.from_proto(proto)).model)
+        assert _params(out) <= _params(proto), name
+        feed = feeds(data, 1)[0]
+        feed = {i.name: feed[i.name] for i in proto.graph.input if i.name in feed}
+        for a, b in zip(run_ort(out, feed), run_ort(proto, feed)):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
