@@ -11,9 +11,9 @@ Cases handled:
   constant inputs together (Expand/Tile/ConstantOfShape/Range of a constant, a broadcast Mul of an
   initializer) is left to run, unless the output is shape-sized (at most ``GROW_LIMIT`` elements);
   onnxruntime computes it at session load anyway, so the file only gets bigger by folding it.
-  Initializers left without a use after folding are dropped in every graph (subgraphs included),
-  and a ``Reshape`` to ``[batch, features]`` that the rewriter made from ``Flatten`` (or that was
-  there) is written as ``Flatten`` again, which needs no shape tensor;
+  a folded chain that copies a weight still read elsewhere is given up (see
+  :func:`_fold_without_growth`), and a ``Reshape`` to ``[batch, features]`` that the rewriter made
+  from ``Flatten`` (or that was there) is written as ``Flatten`` again, which needs no shape tensor;
 - everything written stays valid at the model's declared opset: an attribute the rewriter adds
   that the opset lacks (``Reshape allowzero`` before 14) is dropped where it changes nothing,
   otherwise the pass fails with the node named;
@@ -78,7 +78,6 @@ class OptimizeGraphPass(EdgecompPass):
             unfolded = _fold_without_growth(model)
         _expose_constant_weights(model)
         if self.fold_constants:
-            _drop_unused_initializers(model)
             _reshapes_to_flatten(model)
         if self.fusions == "bert":
             _apply_bert_fusions(model, self.num_heads, self.hidden_size)
@@ -184,8 +183,8 @@ def _graphs(model: ir.Model) -> list[ir.Graph]:
 
 
 def _drop_unused_initializers(model: ir.Model) -> None:
-    """Initializers no node reads (a subgraph's, after its readers were folded) are removed;
-    onnx-ir's unused-node removal clears the main graph's only."""
+    """Initializers no node reads are removed in every graph (onnx-ir's unused-node removal clears
+    the main graph's only)."""
     for g in _graphs(model):
         keep = {*g.inputs, *g.outputs}
         for name, v in list(g.initializers.items()):
