@@ -45,8 +45,10 @@ class Edit:
     kind ``param``: take ``indices(layout)`` of ``node.inputs[index]`` along ``axis`` (``role``
     says whether it is a layer's weight as producer ``out`` or consumer ``in``, or another
     parameter); ``group``: set a depthwise Conv's ``group`` to the kept width; ``dim``: set element
-    ``position`` of the constant at ``node.inputs[index]`` to ``factor ·`` the kept width (left
-    alone where it is -1 or 0, which Reshape infers or copies).
+    ``position`` of the constant at ``node.inputs[index]`` (of the ints attribute ``attr`` when
+    that is set, ``index`` -1) to ``factor ·`` the kept width; ``take``: read ``node.inputs[index]``
+    through a Gather of the kept positions along ``axis`` (after an Expand to ``expand`` when that
+    is set), for a computed tensor with an axis per head (an attention score bias).
     """
 
     kind: str
@@ -57,6 +59,8 @@ class Edit:
     role: str = "param"
     position: int = 0
     factor: int = 1
+    attr: str | None = None
+    expand: tuple[int, ...] | None = None
 
 
 

@@ -478,12 +478,31 @@ class _Analyzer:
 
 
 
+def _tie_shared_weights(an: _Analyzer) -> None:
+    """One weight read by several layers (ALBERT calls one layer per depth, TorchScript shares
+    equal initializers) is cut the same way for all of them: their atoms along that axis join one
+    group. Otherwise each would get its own slice and the model would grow."""
+    by_weight: dict[tuple[int, int, tuple], list[Edit]] = {}
+    for e in an.a.edits:
+        if e.kind == "param" and e.role in ("out", "in", "dw"):
+            value = e.node.inputs[e.index]
+            key = (id(value), e.axis, tuple(r for _, r in e.layout.parts))
+            by_weight.setdefault(key, []).append(e)
+    for edits in by_weight.values():
+        if len({id(e.node) for e in edits}) > 1:
+            for e in edits[1:]:
+                if not an.union(edits[0].layout, e.layout):
+                    an.block(edits[0].layout, f"weight shared with a layer cut differently ({e.node.name})")
+                    an.block(e.layout, f"weight shared with a layer cut differently ({edits[0].node.name})")
+
+
 def find_groups(model: ir.Model, protect: Sequence[str] = (), heads: bool = True) -> Analysis:
     """Dependency analysis (see the module docstring); a protect regex that matches no node is an error."""
     an = _Analyzer(model, protect)
     an.run()
     if heads:
         find_heads(model, an)
+    _tie_shared_weights(an)
     missing = [p.pattern for p in an.protect if p.pattern not in an.protected_hits]
     if missing:
         raise OptionError("protect", f"{missing[0]!r} matches no prunable layer; check the node names "

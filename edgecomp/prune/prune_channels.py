@@ -8,7 +8,10 @@ every edit the dependency analysis recorded is applied with those indices. Cases
 - per-channel parameters: biases, BatchNorm scale/bias/mean/var, per-channel constants of
   Add/Mul/Clip/PRelu, a depthwise Conv's weight and its ``group`` attribute;
 - shapes: the flattened width of a Reshape into a Linear, and the head count and merged width
-  of the Reshapes around attention (a constant or a Concat piece, left alone where it is -1);
+  of the Reshapes around attention (a constant or a Concat piece, left alone where it is -1),
+  the q/k/v sizes of a fused projection's Split (input or attribute) or Slice bounds;
+- attention score terms with a heads axis that are computed (T5/MPNet position bias): read
+  through a Gather of the kept heads (after an Expand where that axis may broadcast);
 - value shapes: the channel dim of every value on a changed path is set to its new width, and
   the shapes inside attention blocks are cleared (onnxruntime infers them again).
 
@@ -63,6 +66,17 @@ class PruneChannelsPass(EdgecompPass):
                 by_input[(e.node, e.index)].append(e)
         sliced: dict[tuple, ir.Value] = {}  # a shared parameter cut the same way for two layers stays shared
         for (node, index), edits in by_input.items():
+            if index < 0:  # an ints attribute (a Split's sizes, a Slice's bounds before opset 10)
+                for e in edits:
+                    ints = list(node.attributes[e.attr].as_ints())
+                    ints[e.position] = len(e.layout.indices(kept, an.sizes)) * e.factor
+                    node.attributes[e.attr] = ir.AttrInt64s(e.attr, ints)
+                changed += 1
+                continue
+            for e in edits:
+                if e.kind == "take":
+                    self._take(graph, node, index, e.axis, e.layout.indices(kept, an.sizes), e.expand)
+                    changed += 1
             value = node.inputs[index]
             params = [e for e in edits if e.kind == "param"]
             dims = [e for e in edits if e.kind == "dim"]
@@ -101,6 +115,23 @@ class PruneChannelsPass(EdgecompPass):
                    "channels removed": sum(r["before"] - r["after"] for r in pruned if r["kind"] == "channels"),
                    "heads removed": sum(r["before"] - r["after"] for r in pruned if r["kind"] == "heads")}
         return self.report(model, bool(changed), summary, self.plan.rows)
+
+    @staticmethod
+    def _take(graph: ir.Graph, node: ir.Node, index: int, axis: int, idx: np.ndarray,
+              expand: tuple[int, ...] | None) -> None:
+        """Read ``node.inputs[index]`` through Gather(idx, axis), after an Expand to ``expand``."""
+        src = node.inputs[index]
+        if expand is not None:
+            shape = new_initializer(graph, f"{src.name}_expand_shape", np.array(expand, np.int64))
+            ex = ir.node("Expand", [src, shape], name=unique_name(graph, f"{node.name}/heads_expand"))
+            graph.insert_before(node, ex)
+            src = ex.outputs[0]
+            src.name = unique_name(graph, f"{node.name}/heads_expand_output")
+        g = ir.node("Gather", [src, new_initializer(graph, f"{node.name}_heads_kept", idx)], {"axis": axis},
+                    name=unique_name(graph, f"{node.name}/heads_gather"))
+        graph.insert_before(node, g)
+        g.outputs[0].name = unique_name(graph, f"{node.name}/heads_gather_output")
+        node.replace_input_with(index, g.outputs[0])
 
     def _update_shapes(self, model: ir.Model) -> None:
         an, kept = self.plan.analysis, self.plan.kept
