@@ -46,6 +46,7 @@ from edgecomp.quantize.families import choose_families, family_of
 from edgecomp.quantize.int4 import apply_int4, describe, int4_step, latency_vs_int8
 from edgecomp.quantize.layers import find_layers, no_layer_message
 from edgecomp.quantize.options import MIN_OPSET, OPSET_REASON, QuantizeOptions
+from edgecomp.quantize.outputs import calibrate_outputs, plan_outputs
 from edgecomp.quantize.plan import bits_reason, build, make_plan
 from edgecomp.quantize.quantize_static import QUANTIZED_OPS, LayerPlan
 from edgecomp.quantize.tolerance import Evaluator, FidelityEvaluator, fit_tolerance
@@ -94,7 +95,11 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     if not layers:
         raise PassFailed(no_layer_message(model, skipped, excluded))
     stats = calibrate(model, layers, calibration, opts)
+    if opts.format == "qdq":  # whole node units: every layer's output gets a calibrated grid too
+        stats.update(calibrate_outputs(model, layers, calibration, opts, stats))
     plan, rows = make_plan(model, layers, stats, opts, calibration)
+    if opts.format == "qdq":
+        plan_outputs(model, plan, layers, stats, opts)
     feed = next(iter(calibration.feeds_for(specs)))
     families, family_rows = choose_families(model, layers, plan, feed, opts)
     plan = {k: v for k, v in plan.items() if family_of(layers, k) in families}

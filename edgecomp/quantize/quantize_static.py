@@ -33,8 +33,11 @@ Cases handled:
             (Gemm: Gemm(x_d, DequantizeLinear(W_q^T, w_scale, 0, axis 0), bias', transB) when transB)
 
   with the same ``a_scale``, ``a_zp``, ``W_q``, ``w_scale`` and ``bias'`` (float), so both forms
-  compute ``dequantize(quantize(x_s)) · dequantize(W_q) + bias'`` and differ only by float
-  rounding. 7-bit weights or activations (the VPMADDUBSW rule) mean nothing to a QDQ consumer
+  compute ``dequantize(quantize(x_s)) · dequantize(W_q) + bias'``. With the plan's output grids
+  (``out_scale``, and ``mid_scale`` for a MatMul's bias Add; :mod:`edgecomp.quantize.outputs`)
+  each layer is a whole node unit, ``DQ → MatMul → Q`` then ``DQ, DQ(bias' as uint8) → Add → Q``,
+  and the next quantized layer reads that DequantizeLinear: the QDQ form then also rounds each
+  output to its grid (one step: its range / 255), which the contrib form does not. 7-bit weights or activations (the VPMADDUBSW rule) mean nothing to a QDQ consumer
   but are kept as planned: the plan's error estimates were made for them.
 - a residual ``Add`` of two quantized conv-branch tensors gets its output quantized too, so
   onnxruntime runs it as QLinearAdd;
@@ -91,8 +94,10 @@ class LayerPlan:
     per_channel: bool = True
     smooth: np.ndarray | None = None  # divisor s per input channel (MatMul/Gemm)
     bias_delta: np.ndarray | None = None  # subtracted from the bias (bias correction)
-    out_scale: float | None = None  # conv: output QuantizeLinear
+    out_scale: float | None = None  # conv, and every layer in the QDQ form: output QuantizeLinear
     out_zp: int | None = None
+    mid_scale: float | None = None  # QDQ MatMul with a bias Add: the MatMul's own output QuantizeLinear
+    mid_zp: int | None = None
     out_after: str | None = None  # conv: name of the Relu/Clip node the output Q follows
 
 
@@ -248,17 +253,44 @@ class _Builder:
         stored, axis = (w.T, 0) if trans else (w, 1)  # the output channel's axis in the stored weight
         wd = self.add("DequantizeLinear", list(self.weight(node, ("qdq", trans), stored, lp, axis=axis)),
                       f"{node.name}_w_dq", axis=axis)
-        xd, _ = self._dequantized_input(node, lp)
+        xd, act_scale = self._dequantized_input(node, lp)
         b = None if bias is None else self.const(f"{node.name}_bias", bias.astype(np.float32))
+        if b is not None and node.op_type == "Gemm" and lp.out_scale is not None:  # the Gemm unit's int32 bias
+            b = self._int32_bias(node.name, bias, act_scale, self.weight(node, ("qdq", trans), stored, lp, axis=axis)[1])
         if node.op_type == "Gemm":
             y = self.add("Gemm", [xd, wd] + ([b] if b is not None else []), f"{node.name}_qdq", transB=int(trans))
         else:
             y = self.add("MatMul", [xd, wd], f"{node.name}_qdq")
             if b is not None:
+                if lp.mid_scale is not None:  # the MatMul and the bias Add each a node unit
+                    y = self._fake_quant(y, f"{node.name}_mm", np.float32(lp.mid_scale), np.uint8(lp.mid_zp))
+                    b = self._uint8_constant(f"{node.name}_bias", bias)
                 y = self.add("Add", [y, b], f"{node.name}_qdq_bias")
         _replace(self.graph, out, y)
         for n in dead:
             self.graph.remove(n, safe=True)
+        if lp.out_scale is not None:
+            self.quantize_output(y, node.name, lp)
+
+    def quantize_output(self, y: ir.Value, name: str, lp: LayerPlan) -> None:
+        """The planned output grid on ``y`` (QuantizeLinear → DequantizeLinear, read by every consumer)."""
+        self._quantize_output(y, name, np.float32(lp.out_scale), np.uint8(lp.out_zp))
+
+    def _fake_quant(self, y: ir.Value, name: str, scale: np.float32, zp: np.uint8) -> ir.Value:
+        """DequantizeLinear(QuantizeLinear(y)) for a tensor read by one node, built here."""
+        s, z = self.const(f"{name}_scale", scale), self.const(f"{name}_zero_point", zp)
+        self.quantize_ops += 1
+        return self.add("DequantizeLinear", [self.add("QuantizeLinear", [y, s, z], f"{name}_quantize"), s, z],
+                        f"{name}_dq")
+
+    def _uint8_constant(self, name: str, a: np.ndarray) -> ir.Value:
+        """DequantizeLinear of ``a`` stored as uint8 over [min a, max a] ∋ 0 (one scale)."""
+        from edgecomp.quantize.calibration import uint8_qparams
+
+        scale, zp = uint8_qparams(float(a.min()), float(a.max()))
+        q = np.clip(np.round(a / scale) + int(zp), 0, 255).astype(np.uint8)
+        return self.add("DequantizeLinear", [self.const(f"{name}_q", q), self.const(f"{name}_scale", scale),
+                                             self.const(f"{name}_zero_point", zp)], f"{name}_dq")
 
     def weight(self, node: ir.Node, form: tuple, w: np.ndarray, lp: LayerPlan,
                axis: int) -> tuple[ir.Value, ir.Value, ir.Value]:
@@ -276,21 +308,21 @@ class _Builder:
         xd, act_scale = self._dequantized_input(node, lp)
         w = node.inputs[1].const_value.numpy().astype(np.float32)
         wq_v, ws_v, wzp_v = self.weight(node, ("conv",), w, lp, axis=0)
-        ws = ws_v.const_value.numpy()
         wd = self.add("DequantizeLinear", [wq_v, ws_v, wzp_v], f"{node.name}_w_dq", axis=0)
         inputs = [xd, wd]
         if len(node.inputs) > 2 and node.inputs[2] is not None:
-            b = node.inputs[2].const_value.numpy().astype(np.float64)
-            bscale = (np.float64(act_scale) * ws).astype(np.float32)
-            bq = np.round(b / bscale).astype(np.int32)
-            inputs.append(self.add("DequantizeLinear", [self.const(f"{node.name}_bq", bq),
-                                                        self.const(f"{node.name}_bscale", bscale),
-                                                        self.const(f"{node.name}_bzp", np.zeros_like(bq))],
-                                   f"{node.name}_b_dq", axis=0))
+            inputs.append(self._int32_bias(node.name, node.inputs[2].const_value.numpy(), act_scale, ws_v))
         for i, v in enumerate(inputs):
             node.replace_input_with(i, v)
         if lp.out_scale is not None:
             self._conv_output(node, lp, act_node)
+
+    def _int32_bias(self, name: str, b: np.ndarray, act_scale: float, ws_v: ir.Value) -> ir.Value:
+        """DequantizeLinear(b_q int32, a_scale * w_scale, axis 0) with ``b_q = round(b / (a_scale * w_scale))``."""
+        bscale = (np.float64(act_scale) * ws_v.const_value.numpy()).astype(np.float32)
+        bq = np.round(b.astype(np.float64) / bscale).astype(np.int32)
+        return self.add("DequantizeLinear", [self.const(f"{name}_bq", bq), self.const(f"{name}_bscale", bscale),
+                                             self.const(f"{name}_bzp", np.zeros_like(bq))], f"{name}_b_dq", axis=0)
 
     def _dequantized_input(self, node: ir.Node, lp: LayerPlan) -> tuple[ir.Value, float]:
         """The dequantized input and its scale; an input that is already the DequantizeLinear of
