@@ -305,7 +305,8 @@ def _ancestors(value: ir.Value, limit: int = 400) -> list[ir.Node]:
             continue
         seen.add(id(p))
         out.append(p)
-        todo += [v for v in p.inputs if v is not None]
+        if p.op_type != "Shape":  # a shape read carries no values
+            todo += [v for v in p.inputs if v is not None]
     return out
 
 
@@ -399,7 +400,8 @@ def _terms(qk: ir.Node, chain: list[ir.Node]) -> list[tuple[ir.Node, int]]:
     out = []
     for n in chain:
         for i, v in enumerate(n.inputs):
-            if v is not None and v is not qk.outputs[0] and v.producer() not in chain:
+            if v is not None and v is not qk.outputs[0] and v.producer() not in chain \
+                    and not (n.op_type == "Reshape" and i == 1):
                 out.append((n, i))
     return out
 
@@ -438,15 +440,14 @@ def _match(softmax: ir.Node, an: _Analyzer, probed: dict[str, list[int]]) -> Non
     qk = _find_qk(scores, chain)
     if int(attribute(softmax, "axis", -1)) not in (-1, 3):
         raise _NoMatch("Softmax off the last axis")
-    if any(n.op_type == "Reshape" for n in chain):
-        raise _NoMatch("scores reshaped between q·kᵀ and Softmax: heads folded into the batch axis "
-                       "[batch·heads, seq, seq] are not followed")
-    # the score terms other than q·kᵀ
     operands = _terms(qk, chain)
     for n, i in operands:
         if any(_is_product(a) for a in _ancestors(n.inputs[i])):
             raise _NoMatch("disentangled relative attention (scores plus products with position embeddings, "
                            "DeBERTa c2p/p2c) is not followed")
+    if any(n.op_type == "Reshape" for n in chain):
+        raise _NoMatch("scores reshaped between q·kᵀ and Softmax: heads folded into the batch axis "
+                       "[batch·heads, seq, seq] are not followed")
     readers = [u.node for u in weights.uses()]
     if len(readers) != 1 or readers[0].op_type != "MatMul" or readers[0].inputs[0] is not weights:
         raise _NoMatch("attention weights are read by more than the context MatMul")

@@ -55,6 +55,8 @@ def repair(original: ir.Model, pruned: ir.Model, plan: PrunePlan, data: Dataset,
             continue
         node, ref = e.node, orig_nodes.get(e.node.name)
         why = _repairable(node)
+        if why is None and len({u.node.name for u in node.inputs[1].uses()}) > 1:
+            why = "weight shared with another layer (one fit per call site would copy it)"
         if why is not None or ref is None:
             rows.append({"layer": node.name, "repair": f"skipped: {why or 'layer renamed'}"})
             continue
