@@ -62,6 +62,46 @@ def quantize(src: Path, dst: Path, calib: Path, *extra: str) -> dict:
     return edgecomp_quantize(src, dst, calib, *extra)
 
 
+def op_rows(seq: int = 128, rounds: int = 12) -> list[dict]:
+    """One MiniLM-shaped MatMul (seq x 384 @ 384 x 1536, and 1536 x 384), timed interleaved in one
+    thread: fp32, the int8 form of `quantize` (MatMulIntegerToFloat), MatMulNBits int4 blocks 32 /
+    64 / 128 with int8 compute (accuracy_level 4) and block 32 dequantized to fp32 (level 0)."""
+    import numpy as np
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from edgecomp.data import Dataset
+    from edgecomp.measure.bench import compare_latency
+    from edgecomp.passes.base import run_pass
+    from edgecomp.quantize import quantize_model
+    from edgecomp.quantize.options import QuantizeOptions
+    from edgecomp.quantize.quantize_matmul_nbits import QuantizeMatMulNBitsPass
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for k, n in ((384, 1536), (1536, 384)):
+        w = helper.make_tensor("w", TensorProto.FLOAT, (k, n), (rng.standard_normal((k, n)) * 0.05).astype(np.float32))
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, n])], [w])
+        fp32 = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+        x = rng.standard_normal((1, seq, k)).astype(np.float32)
+        calib = Path(f"/tmp/bench_int4_op_{k}.npz")
+        np.savez(calib, x=x)
+        int8 = quantize_model(fp32.clone(), Dataset(calib), QuantizeOptions(families="all", min_cosine=None)).model
+        forms = {"fp32": fp32, "int8 MatMulIntegerToFloat": int8}
+        for block, level in ((32, 4), (64, 4), (128, 4), (32, 0)):
+            nbits = QuantizeMatMulNBitsPass(block_size=block, accuracy_level=level)
+            forms[f"int4 MatMulNBits block {block}, level {level}"] = run_pass(nbits, fp32.clone()).model
+        est = compare_latency(list(forms.values()), {"x": x}, runs_per_round=20, min_rounds=rounds, max_rounds=rounds,
+                              labels=list(forms))
+        int8_ratio = est[0].ratio
+        for e in est:
+            rows.append({"MatMul": f"{seq}x{k} @ {k}x{n}", "form": e.label, "latency vs fp32": e.ratio,
+                         "95% interval": f"[{e.low:.3f}, {e.high:.3f}]", "vs int8": e.ratio / int8_ratio})
+    return rows
+
+
 def _int4_count(report: dict) -> str:
     text = report.get("summary", {}).get("int4", "")
     return text.split(" in int4")[0].replace(" int8 MatMuls", "") if " of " in text else "0"
@@ -72,7 +112,13 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench_int4")
     ap.add_argument("--texts", type=int, default=400, help="held-out test sentences (each domain)")
     ap.add_argument("--runs", type=int, default=40)
+    ap.add_argument("--ops-only", action="store_true", help="only time the single-MatMul forms")
     args = ap.parse_args()
+    ops = op_rows()
+    for r in ops:
+        print(json.dumps(r), flush=True)
+    if args.ops_only:
+        return
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     fp32 = export_minilm(work / "minilm.onnx")
@@ -104,6 +150,8 @@ def main() -> None:
             ("int4 auto + rank-128 table", r128, "i4_r128.onnx", ("--int4", "auto"), calib, "stdlib"),
             ("int4 auto + rank-96 table", r96, "i4_r96.onnx", ("--int4", "auto"), calib, "stdlib"),
             ("int4 every MatMul + rank-128 table", r128, "i4all_r128.onnx", ("--int4", "."), calib, "stdlib"),
+            ("int4 auto, block 128 + rank-128 table", r128, "i4b128_r128.onnx", ("--int4", "auto", "--int4-block", "128"),
+             calib, "stdlib"),
             ("int4 auto + int4 table", t4, "i4_t4.onnx", ("--int4", "auto"), calib, "stdlib"),
             ("pruned vocab (domain) + int4 table + int4 auto", pruned, "i4_pruned.onnx", ("--int4", "auto"), sci_calib,
              "domain")]
@@ -140,6 +188,10 @@ def main() -> None:
          "Reproduce: `.venv/bin/python scripts/bench_int4.py`."),
         "",
         md_table(rows, cols),
+        "",
+        "One MatMul of MiniLM's shapes, each form timed interleaved (1 thread, 12 rounds of 20 runs):",
+        "",
+        md_table(ops, ["MatMul", "form", "latency vs fp32", "95% interval", "vs int8"]),
         "",
         "What quantize reported for each int4 variant:",
         "",

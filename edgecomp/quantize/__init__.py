@@ -21,6 +21,9 @@ The steps, each a plain function so tests and scripts can drive them one at a ti
    time) and keep the most sensitive float until the metric is within tolerance of fp32.
    Without a tolerance, the same search runs on calibration samples whenever an output's cosine
    to float falls below ``min_cosine`` (0.99; :class:`FidelityEvaluator`, every float output).
+6. with ``int4`` (auto or regexes), :func:`edgecomp.quantize.int4.int4_step` — the planned MatMuls
+   whose int4 codes (fitted to calibration data) cost least move to ``MatMulNBits`` while the same
+   bound holds; the report lists them, the measured fidelity and the latency vs the int8 model.
 """
 
 
