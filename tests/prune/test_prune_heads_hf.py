@@ -30,8 +30,8 @@ ATOL = 1e-4  # pruned vs zeroed-unpruned, onnxruntime both, absolute
 DROP = (1, 3)  # the heads zeroed (and so pruned) in every block
 HEADS, D = 4, 16
 
-_B = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=128,
-          max_position_embeddings=64, initializer_range=0.2)
+_B = {"vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": HEADS,
+      "intermediate_size": 128, "max_position_embeddings": 64, "initializer_range": 0.2}
 
 
 def _models():
