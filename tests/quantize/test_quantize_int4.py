@@ -51,9 +51,9 @@ def calib(tmp_path_factory):
     return d
 
 
-def _quantize(proto, calib, **kw):
+def _quantize(proto, calib, eval_data=None, **kw):
     opts = QuantizeOptions(**{"families": "all", "isa": host_isa(), "smooth": "off", **kw})
-    return quantize_model(ir.from_proto(proto), Dataset(calib), opts)
+    return quantize_model(ir.from_proto(proto), Dataset(calib), opts, eval_data=eval_data)
 
 
 def _lowest_cosine(proto_ref, proto, calib):
@@ -133,3 +133,22 @@ def test_int4_options_are_checked():
         QuantizeOptions(int4="auto", int4_block=24).validate()
     with pytest.raises(OptionError, match="int4"):
         QuantizeOptions(int4="fc[").validate()
+
+
+def test_with_a_tolerance_the_bound_is_the_eval_loss(calib, tmp_path):
+    proto = _mlp(sensitive=True)
+    rng = np.random.default_rng(5)
+    for i in range(8):
+        np.savez(tmp_path / f"{i:02d}.npz", x=rng.standard_normal((16, D)).astype(np.float32))
+    res = _quantize(proto, calib, int4="auto", tolerance=0.015, eval_data=Dataset(tmp_path))
+    decisions = {r["layer"]: r["decision"] for r in res.rows}
+    assert decisions["fc2"] == "int8" and "int4" in decisions.values()
+    # the loss quantize states is 1 - mean cosine of the first output on the eval samples, recomputed here
+    out = to_proto(res.model)
+    cos = []
+    for feed in Dataset(tmp_path):
+        a, b = run_ort(proto, feed)[0].astype(np.float64), run_ort(out, feed)[0].astype(np.float64)
+        cos += list((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1))
+    loss = 1.0 - float(np.mean(cos))
+    assert loss <= 0.015
+    assert f"loss {loss:.4g}" in res.summary["int4"] and "on eval data" in res.summary["int4"]
