@@ -199,17 +199,16 @@ def _back_scalars(value: ir.Value, nodes: list[ir.Node]) -> ir.Value:
     return value
 
 
-def _splitter(value: ir.Value, an: _Analyzer) -> tuple[_Fused, int]:
-    """``value`` is one of three parts that Split or Slice cut from a fused projection."""
+def _splitter(value: ir.Value, an: _Analyzer, rank: int) -> tuple[_Fused, int]:
+    """``value`` (of ``rank`` dims, as the head Reshape it feeds says) is one of three parts that
+    Split or Slice cut from a fused projection."""
     sp = value.producer()
     src = sp.inputs[0]
-    dims = an.dims(src)
-    rank = len(dims) if dims is not None else None
     if sp.op_type == "Split":
         if len(sp.outputs) != 3:
             raise _NoMatch(f"Split {sp.name} into {len(sp.outputs)} parts, not q, k, v")
         axis = int(attribute(sp, "axis", 0))
-        if not (axis == -1 or (rank is not None and axis == rank - 1)):
+        if axis % rank != rank - 1:
             raise _NoMatch(f"Split {sp.name} off the last axis")
         part = list(sp.outputs).index(value)
         parts = {i: i for i in range(3)}
@@ -226,7 +225,7 @@ def _splitter(value: ir.Value, an: _Analyzer) -> tuple[_Fused, int]:
             starts = c[0].reshape(-1).tolist()
             axes = None if c[2] is None else c[2].reshape(-1).tolist()
         axes = list(range(len(starts))) if axes is None else list(axes)
-        if len(starts) != 1 or not (axes[0] == -1 or (rank is not None and axes[0] == rank - 1)):
+        if len(starts) != 1 or int(axes[0]) % rank != rank - 1:
             raise _NoMatch(f"Slice {sp.name} off the last axis")
         readers = [u.node for u in src.uses()]
         if len(readers) != 3 or any(r.op_type != "Slice" for r in readers):
@@ -292,7 +291,7 @@ def _branch(value: ir.Value, want: str, key: str, an: _Analyzer) -> _Branch:
         raise _NoMatch(f"the {key} projection output is read elsewhere")
     sp = src.producer()
     if sp is not None and sp.op_type in ("Split", "Slice"):
-        fused, part = _splitter(src, an)
+        fused, part = _splitter(src, an, 3)
         return _Branch(p, entries, nodes, None, fused, part)
     return _Branch(p, entries, nodes, _layer(src), None)
 
