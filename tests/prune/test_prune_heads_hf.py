@@ -223,3 +223,19 @@ def test_channels_and_heads_never_grow(exported, arch):
     onnx.checker.check_model(ir.to_proto(result.model))
     run_ort(ir.to_proto(result.model), _feed(proto))
     assert count_parameters(result.model) < count_parameters(ir.from_proto(proto))
+
+
+def test_unknown_score_term_is_expanded_then_gathered(exported, monkeypatch):
+    """Where a score term's heads axis is unknown (no probe: a model synthesized inputs cannot run),
+    it is expanded to [1, h, 1, 1] and gathered: still exact, whether it broadcast (BERT's mask) or not."""
+    from edgecomp.prune import attention
+
+    monkeypatch.setattr(attention, "_probe_terms", lambda *a: {})
+    for arch in ("bert", "mpnet"):
+        proto = onnx.load(str(exported(arch)))
+        zeroed, _ = _zero_heads(proto)
+        result = _prune_heads(zeroed)
+        assert any(n.op_type == "Expand" and "heads_expand" in (n.name or "") for n in result.model.graph)
+        feed = _feed(proto)
+        for r, g in zip(run_ort(zeroed, feed), run_ort(ir.to_proto(result.model), feed)):
+            np.testing.assert_allclose(g, r, atol=ATOL, rtol=0)
