@@ -19,12 +19,16 @@ Forms followed:
 - score terms with a heads axis (T5's position bias, MPNet's relative position bias) keep the
   kept heads through a Gather on that axis (after an Expand to ``[1, h, 1, 1]`` where its size
   there is unknown, 1 or ``h``); a constant one is sliced;
+- heads folded into the batch axis (DeBERTa-v2 without relative attention: q·kᵀ of ``[b·h, s, d]``,
+  the scores unfolded to ``[-1, h, s, s]`` around Softmax, the context unfolded to ``[-1, h, s, d]``;
+  every fold infers its first dim, the unfolds' head counts are rewritten), a scale computed as a
+  one-element value (DeBERTa's ``sqrt(d)`` from a Shape);
 - Softmax between Cast/Dropout, or wrapped in Flatten/Reshape (``onnx.version_converter``'s
   Softmax 11 → 13 adapter); Reshape shapes as constants or a Concat of pieces (TorchScript);
   a merged context reshaped to 2-D before a Gemm (GPT-2).
 
 A Softmax that reads a product of two computed tensors and feeds a MatMul but matches none of this
-(DeBERTa's disentangled c2p/p2c terms, heads folded into the batch axis, ...) gets a heads group
+(DeBERTa's disentangled c2p/p2c terms, a score term on the folded scores, ...) gets a heads group
 kept whole whose reason says what stopped the match. Blocks that share weights (ALBERT calls one
 layer several times) are tied into one group by :func:`edgecomp.prune.groups.find_groups`, so the
 same heads go at every call site.
@@ -183,20 +187,50 @@ def _layer(value: ir.Value) -> _Proj:
     return _Proj(p, w_axis, int(w.shape[w_axis]), bias, [p] + nodes)
 
 
-def _back_scalars(value: ir.Value, nodes: list[ir.Node]) -> ir.Value:
-    """Walk up through Mul/Div by a scalar constant (a scale); a per-element one stops the match."""
+def _back_scalars(value: ir.Value, nodes: list[ir.Node], an: _Analyzer) -> ir.Value:
+    """Walk up through Mul/Div by a scalar (a scale: a constant, or a computed value of one element
+    such as DeBERTa's sqrt(d) from a Shape); a per-element constant stops the match."""
     p = value.producer()
-    while p is not None and p.op_type in ("Mul", "Div"):
-        computed = [v for v in p.inputs if const_array(v) is None]
-        consts = [v for v in p.inputs if const_array(v) is not None]
-        if len(computed) != 1 or len(consts) != 1 or (p.op_type == "Div" and p.inputs[0] is not computed[0]):
+    while p is not None and p.op_type in ("Mul", "Div") and len(p.inputs) == 2:
+        a, b = p.inputs
+        one = [_scalar(v) or (const_array(v) is None and (dims := an.dims(v)) is not None
+                              and all(d == 1 for d in dims)) for v in (a, b)]
+        if one[1] and not one[0]:
+            main = a
+        elif one[0] and not one[1] and p.op_type == "Mul":
+            main = b
+        else:
+            if any(const_array(v) is not None and const_array(v).size > 1 for v in (a, b)):
+                raise _NoMatch(f"{p.op_type} {p.name} by a non-scalar constant inside the block")
             break
-        if not _scalar(consts[0]):
-            raise _NoMatch(f"{p.op_type} {p.name} by a non-scalar constant inside the block")
         nodes.append(p)
-        value = computed[0]
+        value = main
         p = value.producer()
     return value
+
+
+def _transposes(value: ir.Value, nodes: list[ir.Node], an: _Analyzer) -> tuple[ir.Value, list[list[int]]]:
+    """Walk up through scales and Transposes; the perms, nearest last."""
+    perms = []
+    while True:
+        value = _back_scalars(value, nodes, an)
+        p = value.producer()
+        if p is None or p.op_type != "Transpose":
+            return value, perms
+        nodes.append(p)
+        perms.append(list(attribute(p, "perm", list(range(len(value.shape or [0, 0, 0, 0])))[::-1])))
+        value = p.inputs[0]
+
+
+def _fold_entries(node: ir.Node | None, n: int) -> list | None:
+    """The shape entries of a Reshape with ``n`` dims whose first is -1 (the batch·heads or batch
+    axis inferred, so it follows the kept heads), else None."""
+    if node is None or node.op_type != "Reshape":
+        return None
+    entries = _shape_entries(node)
+    if entries is None or len(entries) != n or _entry(entries[0]) != -1:
+        return None
+    return entries
 
 
 def _splitter(value: ir.Value, an: _Analyzer, rank: int) -> tuple[_Fused, int]:
@@ -253,27 +287,35 @@ def _splitter(value: ir.Value, an: _Analyzer, rank: int) -> tuple[_Fused, int]:
     return _Fused(proj, sp, reshape, parts), part
 
 
-def _branch(value: ir.Value, want: str, key: str, an: _Analyzer) -> _Branch:
-    """From the Q, K or V operand of a MatMul back to its head Reshape and projection."""
-    nodes, perms = [], []
-    v = value
-    while True:
-        v = _back_scalars(v, nodes)
-        p = v.producer()
-        if p is None or p.op_type != "Transpose":
-            break
+def _branch(value: ir.Value, want: str, key: str, an: _Analyzer) -> tuple[_Branch, bool]:
+    """From the Q, K or V operand of a MatMul back to its head Reshape and projection; whether its
+    heads are folded into the batch axis ([b·h, s, d], DeBERTa) on the way."""
+    nodes: list[ir.Node] = []
+    v, perms = _transposes(value, nodes, an)
+    p = v.producer()
+    folded = False
+    if p is not None and p.op_type == "Reshape" and len(_shape_entries(p) or []) == 3:
+        if _fold_entries(p, 3) is None:
+            raise _NoMatch(f"the {key} Reshape to [batch·heads, seq, d] does not infer its first dim (-1)")
+        labels3 = list("Bsd")
+        for perm in reversed(perms):
+            if len(perm) != 3:
+                raise _NoMatch(f"{key} Transpose of rank {len(perm)} after folding the heads")
+            labels3 = [labels3[i] for i in perm]
+        if "".join(labels3) != want.replace("bh", "B"):
+            raise _NoMatch(f"folded {key} laid out [{','.join(labels3)}]")
         nodes.append(p)
-        perms.append(list(attribute(p, "perm", [3, 2, 1, 0])))
-        v = p.inputs[0]
+        if not _shape_reads_ok(p.inputs[0], p, None, last_ok=True):
+            raise _NoMatch(f"the {key} heads are read elsewhere")
+        folded = True
+        v, perms = _transposes(p.inputs[0], nodes, an)
+        want = "bhsd"
+        p = v.producer()
     if p is None or p.op_type != "Reshape":
         raise _NoMatch(f"{key} is not a Reshape to heads ({p.op_type if p is not None else 'graph input'})")
     entries = _shape_entries(p)
     if entries is None:
         raise _NoMatch(f"the {key} head Reshape has a computed shape")
-    if len(entries) == 3:
-        t = p.inputs[0].producer()
-        if t is not None and t.op_type == "Transpose":
-            raise _NoMatch("heads folded into the batch axis ([batch·heads, seq, d]) are not followed")
     if len(entries) != 4:
         raise _NoMatch(f"the {key} head Reshape has {len(entries)} dims, not [batch, seq, heads, d]")
     labels = list("bshd")
@@ -286,14 +328,14 @@ def _branch(value: ir.Value, want: str, key: str, an: _Analyzer) -> _Branch:
     nodes.append(p)
     if not _shape_reads_ok(p.inputs[0], p, 3):
         raise _NoMatch(f"the {key} projection output is read elsewhere")
-    src = _back_scalars(p.inputs[0], nodes)
+    src = _back_scalars(p.inputs[0], nodes, an)
     if src is not p.inputs[0] and single_use(src) is None:
         raise _NoMatch(f"the {key} projection output is read elsewhere")
     sp = src.producer()
     if sp is not None and sp.op_type in ("Split", "Slice"):
         fused, part = _splitter(src, an, 3)
-        return _Branch(p, entries, nodes, None, fused, part)
-    return _Branch(p, entries, nodes, _layer(src), None)
+        return _Branch(p, entries, nodes, None, fused, part), folded
+    return _Branch(p, entries, nodes, _layer(src), None), folded
 
 
 def _ancestors(value: ir.Value, limit: int = 400) -> list[ir.Node]:
@@ -444,21 +486,45 @@ def _match(softmax: ir.Node, an: _Analyzer, probed: dict[str, list[int]]) -> Non
         if any(_is_product(a) for a in _ancestors(n.inputs[i])):
             raise _NoMatch("disentangled relative attention (scores plus products with position embeddings, "
                            "DeBERTa c2p/p2c) is not followed")
-    if any(n.op_type == "Reshape" for n in chain):
-        raise _NoMatch("scores reshaped between q·kᵀ and Softmax: heads folded into the batch axis "
-                       "[batch·heads, seq, seq] are not followed")
+    # heads folded into the batch axis (q·kᵀ of [b·h, s, d]): the scores are unfolded to
+    # [b, h, s, s] before Softmax and folded back for the context; both Reshapes infer b (-1)
+    unfolds = [n for n in chain if n.op_type == "Reshape"]
+    counts = []  # shape entries holding the head count outside the head Reshapes
+    folded_terms: set[int] = set()
+    if unfolds:
+        entries = _fold_entries(unfolds[0], 4)
+        if len(unfolds) > 1 or entries is None:
+            raise _NoMatch("scores reshaped between q·kᵀ and Softmax other than [batch·heads, s, s] → [-1, heads, s, s]")
+        counts.append(entries[1])
+        folded_terms = {id(n) for n in chain[:chain.index(unfolds[0])]}
+        fold = _data_reader(weights)
+        if _fold_entries(fold, 3) is None:
+            raise _NoMatch("attention weights not folded back to [batch·heads, s, s] for the context")
+        nodes.append(fold)
+        weights = fold.outputs[0]
     readers = [u.node for u in weights.uses()]
     if len(readers) != 1 or readers[0].op_type != "MatMul" or readers[0].inputs[0] is not weights:
         raise _NoMatch("attention weights are read by more than the context MatMul")
     ctx = readers[0]
-    branches = {"q": _branch(qk.inputs[0], "bhsd", "q", an), "k": _branch(qk.inputs[1], "bhds", "k", an),
-                "v": _branch(ctx.inputs[1], "bhsd", "v", an)}
+    found = {"q": _branch(qk.inputs[0], "bhsd", "q", an), "k": _branch(qk.inputs[1], "bhds", "k", an),
+             "v": _branch(ctx.inputs[1], "bhsd", "v", an)}
+    branches = {k: b for k, (b, _) in found.items()}
+    if any(f != bool(unfolds) for _, f in found.values()):
+        raise _NoMatch("heads folded into the batch axis for some of q, k, v and the scores only")
     fused = [b.fused for b in branches.values()]
     if any(f is not None for f in fused) and (any(f is None for f in fused) or len({id(f.proj.node) for f in fused}) != 1
                                              or sorted(b.part for b in branches.values()) != [0, 1, 2]):
         raise _NoMatch("q, k and v are not the three parts of one fused projection")
-    # context → Transpose → Reshape [b, s, h·d] (→ Reshape [-1, h·d]) → W_o
+    # context (→ Reshape [-1, h, s, d] where folded) → Transpose → Reshape [b, s, h·d] (→ Reshape [-1, h·d]) → W_o
     perms, merges, v = [], [], ctx.outputs[0]
+    if unfolds:
+        unfold = _data_reader(v)
+        entries = _fold_entries(unfold, 4)
+        if entries is None:
+            raise _NoMatch("folded context not unfolded to [-1, heads, s, d]")
+        counts.append(entries[1])
+        nodes.append(unfold)
+        v = unfold.outputs[0]
     while (u := _data_reader(v)) is not None and u.op_type == "Transpose":
         nodes.append(u)
         perms.append(list(attribute(u, "perm", [3, 2, 1, 0])))
@@ -504,12 +570,22 @@ def _match(softmax: ir.Node, an: _Analyzer, probed: dict[str, list[int]]) -> Non
         eh, ed = _entry(b.entries[2]), _entry(b.entries[3])
         if (ed is not None and ed > 0 and ed != d) or (eh is not None and eh > 0 and eh != heads):
             raise _NoMatch(f"the {key} Reshape splits into other heads than q")
+    if any(_entry(e) not in (None, -1, heads) for e in counts):
+        raise _NoMatch(f"an unfold Reshape splits into other than {heads} heads")
+    for n, i in operands:
+        if id(n) in folded_terms:  # a term of the folded scores must broadcast over batch·heads
+            dims = probed.get(n.inputs[i].name, an.dims(n.inputs[i]))
+            c = const_array(n.inputs[i])
+            dims = list(c.shape) if c is not None else dims
+            if dims is None or (len(dims) >= 3 and dims[-3] != 1):
+                raise _NoMatch(f"score term {n.inputs[i].name} on the folded [batch·heads, s, s] scores")
+    operands = [(n, i) for n, i in operands if id(n) not in folded_terms]
     _emit(an, out.name or softmax.name, heads, d, branches, chain, operands, nodes + [qk, ctx], merges, out, in_axis,
-          probed)
+          probed, counts)
 
 
 def _emit(an: _Analyzer, name: str, heads: int, d: int, branches: dict[str, _Branch], chain, operands, nodes,
-          merges, out: ir.Node, in_axis: int, probed: dict[str, list[int]]) -> None:
+          merges, out: ir.Node, in_axis: int, probed: dict[str, list[int]], counts: list) -> None:
     edits = an.a.edits
     fused = branches["q"].fused
     if fused is None:
@@ -554,8 +630,10 @@ def _emit(an: _Analyzer, name: str, heads: int, d: int, branches: dict[str, _Bra
             dim_edit(entries[-1], three)
             changed.append(fused.reshape)
         _split_edits(fused, part_atoms, d, edits, changed)
-    for i, (node, entries) in enumerate(merges):
+    for node, entries in merges:
         dim_edit(entries[-1], cols)
+    for entry in counts:
+        dim_edit(entry, count)
     edits.append(Edit("param", out, 1, cols, axis=in_axis, role="in"))
     for n, i in operands:
         v = n.inputs[i]

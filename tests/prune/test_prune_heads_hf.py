@@ -1,9 +1,10 @@
 """Head pruning on the attention forms of tiny random Hugging Face models (hidden 64, 4 heads of 16,
 2 layers), exported with `edgecomp export --hf`: BERT, ALBERT (one layer called twice), MPNet
 (relative position bias), T5 encoder (position bias, no scaling, no biases), Whisper encoder
-(scaled q, k_proj without bias), GPT-2 (fused QKV Gemm + Split, its sizes an input or, at opset 12,
-an attribute) and the reference encoder after onnx.version_converter (Softmax wrapped in Flatten/Reshape); DeBERTa-v2 (heads folded into the batch axis, c2p/p2c) is kept whole with the
-reason.
+(scaled q, k_proj without bias), DeBERTa-v2 without relative attention (heads folded into the batch
+axis, a computed sqrt(d) scale), GPT-2 (fused QKV Gemm + Split, its sizes an input or, at opset 12,
+an attribute) and the reference encoder after onnx.version_converter (Softmax wrapped in
+Flatten/Reshape); DeBERTa-v2 with relative attention (c2p/p2c) is kept whole with the reason.
 
 The exact check: the heads the analysis would drop are zeroed first (their columns of W_q, W_k,
 W_v and rows of W_o), so L2 importance picks them, and the pruned model must equal the zeroed
@@ -130,7 +131,8 @@ def _prune_heads(proto, **opts):
     return prune_model(ir.from_proto(proto), PruneOptions(kinds=("heads",), sparsity=0.5, importance="l2", **opts))
 
 
-@pytest.mark.parametrize("arch", ["bert", "albert", "mpnet", "t5", "whisper", "gpt2", "gpt2-opset12", "encoder-vc17"])
+@pytest.mark.parametrize("arch", ["bert", "albert", "mpnet", "t5", "whisper", "gpt2", "gpt2-opset12", "deberta",
+                                  "encoder-vc17"])
 def test_pruned_heads_match_the_zeroed_model(exported, arch):
     proto = onnx.load(str(exported(arch)))
     zeroed, blocks = _zero_heads(proto)
@@ -198,10 +200,7 @@ def test_albert_shared_layer_is_cut_once_with_data(exported, tmp_path):
         assert len(sites) == 2 and sites[0].inputs[1] is sites[1].inputs[1], layer
 
 
-@pytest.mark.parametrize("arch, reason", [
-    ("deberta", "heads folded into the batch axis"),
-    ("deberta-rel", "disentangled relative attention"),
-])
+@pytest.mark.parametrize("arch, reason", [("deberta-rel", "disentangled relative attention")])
 def test_unfollowed_attention_says_why(exported, arch, reason, tmp_path):
     path = exported(arch)
     res = CliRunner().invoke(cli, ["prune", str(path), "--kinds", "heads", "-o", str(tmp_path / "p.onnx")])
@@ -216,7 +215,7 @@ def test_unfollowed_attention_says_why(exported, arch, reason, tmp_path):
     assert count_parameters(result.model) <= count_parameters(ir.from_proto(onnx.load(str(path))))
 
 
-@pytest.mark.parametrize("arch", ["bert", "albert", "mpnet", "t5", "whisper", "gpt2"])
+@pytest.mark.parametrize("arch", ["bert", "albert", "mpnet", "t5", "whisper", "gpt2", "deberta"])
 def test_channels_and_heads_never_grow(exported, arch):
     proto = onnx.load(str(exported(arch)))
     result = prune_model(ir.from_proto(proto), PruneOptions(sparsity=0.5))
