@@ -98,9 +98,10 @@ def bench_minilm(work: Path, runs: int) -> tuple[str, dict]:
     calib_feeds = tokenize(tok, splits["calib"])
     calib_dir = write_token_data(calib_feeds, work / "calib500")
     test_feeds = tokenize(tok, splits["test"])
-    long_text = " ".join(splits["test"][:40])
-    latency_feed = tokenize(tok, [long_text], max_len=128)[0]
-    assert latency_feed["input_ids"].shape[1] == 128
+    long_text = " ".join(splits["test"][:80])
+    seq_feeds = {n: tokenize(tok, [long_text], max_len=n)[0] for n in (32, 128, 256)}
+    assert all(f["input_ids"].shape[1] == n for n, f in seq_feeds.items())
+    latency_feed = seq_feeds[128]
 
     variants: dict[str, Path] = {"fp32 (ORT_ENABLE_ALL)": fp32}
     notes = {}
@@ -120,6 +121,8 @@ def bench_minilm(work: Path, runs: int) -> tuple[str, dict]:
     host = edgecomp_quantize(fp32, work / "edgecomp.onnx", calib_dir)
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     variants["edgecomp quantize (host ISA, defaults)"] = work / "edgecomp.onnx"
+    weights_only = edgecomp_quantize(fp32, work / "edgecomp_matmul.onnx", calib_dir, "--families", "matmul")
+    variants["edgecomp quantize --families matmul (weight MatMuls only, attention float)"] = work / "edgecomp_matmul.onnx"
     avx2 = edgecomp_quantize(fp32, work / "edgecomp_avx2.onnx", calib_dir, "--target", "x86-avx2-1thread")
     variants["edgecomp quantize --target x86-avx2 (saturation-safe bits)"] = work / "edgecomp_avx2.onnx"
 
@@ -133,14 +136,71 @@ def bench_minilm(work: Path, runs: int) -> tuple[str, dict]:
     for row, st in zip(rows, lat):
         row["latency vs fp32"] = st["ratio_to_first"]
         row["p50 ms"] = st["p50_ms"]
+    shapes = _other_shapes(variants, seq_feeds, runs)
+    profile = _op_profile([fp32, work / "edgecomp.onnx"], ["fp32", "edgecomp int8 (default)"], latency_feed)
+    fams = "; ".join(f"{r['families']}: {r.get('latency ratio int8/float', 0):.3f} {r.get('95% interval', '')}"
+                     f"{' (chosen)' if r.get('decision') == 'chosen' else ''}" for r in host["families"])
     extra = {"edgecomp calibration": f"{len(calib_feeds)} samples, {host['summary']['seconds']} s in the pass, "
                                      f"{host['wall s']:.0f} s wall, peak RSS of the whole command {peak_mb:.0f} MB"
                                      f" (before: {before / 1024:.0f} MB)",
              "edgecomp host choice": f"bits a/w {host['summary']['bits a/w']}: {host['summary']['bits reason']}",
-             "edgecomp AVX2 choice": f"bits a/w {avx2['summary']['bits a/w']}: {avx2['summary']['bits reason']}",
+             "edgecomp AVX2 choice": f"bits a/w {avx2['summary']['bits a/w']}: {avx2['summary']['bits reason']}; "
+                                     f"families {_chosen(avx2)}",
+             "edgecomp op families (int8/float latency on this host, interleaved; seq of the calibration sample)": fams,
+             "edgecomp host default": f"families {_chosen(host)}; {host['summary'].get('fidelity', '')}",
+             "edgecomp --families matmul": f"{weights_only['summary'].get('fidelity', '')}",
              **notes}
     table = md_table(rows, ["variant", "size MB", "latency vs fp32", "p50 ms", "mean cos", "min cos", "NN@10"])
-    return table, extra
+    shapes_title = ("Other shapes and threads (latency vs fp32 of the same shape and threads, interleaved in a "
+                    "fresh process):")
+    profile_title = ("Where the time goes at seq 128, 1 thread (onnxruntime profiling, ORT_ENABLE_ALL, kernel time "
+                     "per op type and run):")
+    return "\n\n".join([table, shapes_title, shapes, profile_title, profile]), extra
+
+
+def _chosen(report: dict) -> str:
+    chosen = [r["families"] for r in report["families"] if r.get("decision") in ("chosen", "int8")]
+    return chosen[0] if chosen else "none (all float)"
+
+
+def _other_shapes(variants: dict[str, Path], seq_feeds: dict[int, dict], runs: int) -> str:
+    """fp32 and the edgecomp rows at (threads, seq) other than (1, 128)."""
+    picked = {k: v for k, v in variants.items() if k.startswith(("fp32", "edgecomp"))}
+    rows = []
+    for threads, seq in ((2, 128), (1, 32), (1, 256), (2, 256)):
+        lat = bench_in_subprocess(list(picked.values()), list(picked), seq_feeds[seq], max(runs // 2, 20), warmup=5,
+                                  threads=threads)
+        for name, st in zip(picked, lat):
+            rows.append({"threads": threads, "seq": seq, "variant": name, "latency vs fp32": st["ratio_to_first"],
+                         "p50 ms": st["p50_ms"]})
+    return md_table(rows, ["threads", "seq", "variant", "latency vs fp32", "p50 ms"])
+
+
+def _op_profile(paths: list[Path], labels: list[str], feed: dict, runs: int = 50) -> str:
+    """Kernel time per op type and run (ms), from onnxruntime's profiler, 1 thread."""
+    import onnxruntime as ort
+
+    per: list[dict[str, float]] = []
+    for path in paths:
+        o = ort.SessionOptions()
+        o.intra_op_num_threads, o.inter_op_num_threads = 1, 1
+        o.enable_profiling = True
+        o.profile_file_prefix = str(path.with_suffix("")) + "_profile"
+        s = ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            s.run(None, feed)
+        prof = Path(s.end_profiling())
+        tot: dict[str, float] = {}
+        for e in json.loads(prof.read_text()):
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                tot[e["args"]["op_name"]] = tot.get(e["args"]["op_name"], 0.0) + e["dur"] / 1000 / runs
+        prof.unlink()
+        per.append(tot)
+    ops = sorted(set().union(*per), key=lambda k: -max(p.get(k, 0.0) for p in per))
+    rows = [{"op type": op, **{f"{lab} ms": p.get(op) for lab, p in zip(labels, per)}} for op in ops
+            if max(p.get(op, 0.0) for p in per) >= 0.05]
+    rows.append({"op type": "total (kernels)", **{f"{lab} ms": sum(p.values()) for lab, p in zip(labels, per)}})
+    return md_table(rows, ["op type", *[f"{lab} ms" for lab in labels]])
 
 
 def bench_digits(work: Path, runs: int) -> tuple[str, dict]:

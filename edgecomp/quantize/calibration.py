@@ -69,8 +69,9 @@ def calibrate(model: ir.Model, layers: Sequence[Layer], data: Dataset, opts: Qua
             axes[layer.act] = -1
         else:
             axes.setdefault(layer.act, None)
-        if layer.out_value:
-            axes.setdefault(layer.out_value, None)
+        for other in (layer.out_value, layer.act_b):
+            if other:
+                axes.setdefault(other, None)
     return collect_ranges(sessions_for(model, opts.threads), axes, calibration_feeds(data, input_specs(model), opts.max_samples),
                           reservoir=opts.reservoir, progress="calibrating" if opts.progress else None)
 

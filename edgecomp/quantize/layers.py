@@ -22,6 +22,7 @@ class Layer:
     act: str
     out_after: str | None = None  # conv: the Relu/Clip whose output gets the output Q
     out_value: str | None = None  # conv: the value the output Q quantizes
+    act_b: str | None = None  # attention: the second activation (the MatMul's B input)
 
 
 
@@ -40,6 +41,10 @@ def find_layers(model: ir.Model) -> tuple[list[Layer], list[dict[str, Any]]]:
     layers, skipped = [], []
     for node in model.graph:
         if node.domain not in ("", "ai.onnx") or node.op_type not in LAYER_OPS:
+            continue
+        if node.op_type == "MatMul" and all(v is not None and v.const_value is None for v in node.inputs[:2]):
+            # Q·Kᵀ and softmax·V: both operands are activations, quantized per tensor (edgecomp.quantize.attention)
+            layers.append(Layer(node.name, "MatMul", "attention", node.inputs[0].name, act_b=node.inputs[1].name))
             continue
         reason = _unsupported(node)
         if reason:

@@ -15,7 +15,7 @@ __all__ = ["METHODS", "METRICS", "FAMILIES", "OPTIONS", "QuantizeOptions", "MIN_
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 METRICS = ("cosine", "top1", "mae")
-FAMILIES = ("matmul", "conv", "conv-depthwise")
+FAMILIES = ("matmul", "conv", "conv-depthwise", "attention")  # attention: activation x activation MatMuls
 MIN_OPSET = 13
 OPSET_REASON = "per-channel DequantizeLinear needs 13"
 

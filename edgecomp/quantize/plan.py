@@ -17,6 +17,7 @@ from edgecomp.data import Dataset, input_specs
 from edgecomp.embeddings.quantize_embeddings import QuantizeEmbeddingsPass
 from edgecomp.graph import attribute
 from edgecomp.passes.base import run_pass
+from edgecomp.quantize.attention import plan_attention
 from edgecomp.quantize.calibration import (
     ActivationStats,
     calibration_feeds,
@@ -153,6 +154,11 @@ def make_plan(model: ir.Model, layers: Sequence[Layer], stats: Mapping[str, Acti
     plan: dict[str, LayerPlan] = {}
     rows: list[dict[str, Any]] = []
     for layer in layers:
+        if layer.family == "attention":
+            plan[layer.node], row = plan_attention(nodes[layer.node], layer, stats, opts.method, opts.percentile,
+                                                   layouts[0])
+            rows.append(row)
+            continue
         st = stats[layer.act]
         s = smooth.get(layer.act)
         lo, hi = choose_range(st, opts.method, opts.percentile, s)

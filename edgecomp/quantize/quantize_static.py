@@ -99,6 +99,7 @@ class LayerPlan:
     mid_scale: float | None = None  # QDQ MatMul with a bias Add: the MatMul's own output QuantizeLinear
     mid_zp: int | None = None
     out_after: str | None = None  # conv: name of the Relu/Clip node the output Q follows
+    b_scale: float | None = None  # attention: the B activation's symmetric int8 scale (zero point 0)
 
 
 def quantize_weight(w: np.ndarray, bits: int, axis: int, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -171,6 +172,12 @@ class QuantizeStaticPass(EdgecompPass):
                 builder.matmul_qdq(node, lp) if self.format == "qdq" else builder.matmul(node, lp)
             elif lp.kind == "conv":
                 builder.conv(node, lp, nodes.get(lp.out_after) if lp.out_after else None)
+            elif lp.kind == "attention":
+                from edgecomp.quantize.attention import emit_attention
+
+                emit_attention(builder, node, lp, self.format)
+                if self.format == "qdq" and lp.out_scale is not None:
+                    builder.quantize_output(node.outputs[0], node.name, lp)
             elif lp.kind == "add":
                 if not builder.residual_add(node, lp):
                     rows.append({"layer": name, "kind": "add", "skipped": "an input is not a quantized tensor"})

@@ -112,7 +112,7 @@ def _cosine_vs_float(path, model, eval_dir):
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
 def test_each_method_on_variable_length_samples(method, tiny_encoder_path, encoder_data):
     calib, ev = encoder_data
-    res = _quantize(tiny_encoder_path, calib, method=method)
+    res = _quantize(tiny_encoder_path, calib, method=method, families="matmul")  # attention: test_quantize_attention
     proto = to_proto(res.model)
     onnx.checker.check_model(proto)
     ops = [n.op_type for n in proto.graph.node]
@@ -120,7 +120,7 @@ def test_each_method_on_variable_length_samples(method, tiny_encoder_path, encod
     assert ops.count("QuantizeLinear") == 8  # Q/K/V share one per layer: 4 per layer
     assert _cosine_vs_float(tiny_encoder_path, res.model, ev) > 0.99
     skipped = [r for r in res.rows if r["decision"] == "float"]
-    assert skipped and all("activation x activation" in r["reason"] for r in skipped)  # attention products
+    assert skipped and all(r["family"] == "attention" for r in skipped)  # attention products stay float
 
 
 def test_target_isa_decides_weight_bits(tiny_encoder_path, encoder_data):
@@ -136,7 +136,7 @@ def test_target_isa_decides_weight_bits(tiny_encoder_path, encoder_data):
 def test_smoothing_is_chosen_by_simulated_error(tiny_encoder_path, encoder_data):
     calib, _ = encoder_data
     rows = _quantize(tiny_encoder_path, calib, smooth="auto").rows
-    quant = [r for r in rows if r["decision"] == "int8"]
+    quant = [r for r in rows if r["decision"] == "int8" and r["family"] == "matmul"]  # weights: smoothing applies
     assert quant and all(r["sim error"] is not None for r in quant)
     fixed = {r["layer"]: r for r in _quantize(tiny_encoder_path, calib, smooth="0.5").rows}
     for r in quant:  # auto searches a grid that holds 0.5 and "none": never worse than either
@@ -153,10 +153,10 @@ def test_tolerance_keeps_sensitive_layers_float(tiny_encoder_path, encoder_data)
     res = _quantize(tiny_encoder_path, calib, embeddings=False, eval_data=Dataset(ev), metric="cosine", tolerance=tol)
     assert res.met_tolerance
     kept = [r for r in res.rows if r["reason"].startswith("among the most sensitive")]
-    assert kept and len(res.plan) < 12
+    assert kept and len(res.plan) < len(full.plan)
     assert 1 - _cosine_vs_float(tiny_encoder_path, res.model, ev) <= tol + 1e-9
     sens = [r["sensitivity"] for r in res.rows if "sensitivity" in r]
-    assert len(sens) == 12
+    assert len(sens) == len(full.plan)
     assert min(r["sensitivity"] for r in kept) >= max(
         r["sensitivity"] for r in res.rows if r.get("decision") == "int8")
 
@@ -227,8 +227,8 @@ def test_unsupported_layers_are_reported():
                    [vinfo("y", None), vinfo("z", None)], {"w": w3})
     layers, skipped = find_layers(ir.from_proto(m))
     reasons = {r["layer"]: r["reason"] for r in skipped}
-    assert not layers and reasons["conv3d"].startswith("3-D convolution")
-    assert reasons["actmm"].startswith("weight is not a constant")
+    assert reasons["conv3d"].startswith("3-D convolution")
+    assert [(l.node, l.family, l.act, l.act_b) for l in layers] == [("actmm", "attention", "a", "b")]
 
 
 def test_equal_timings_keep_every_family_float_and_a_real_gain_is_taken(tiny_encoder_path, encoder_data, monkeypatch):

@@ -1,0 +1,163 @@
+"""Static int8 for activation × activation MatMuls: attention's ``Q·Kᵀ`` and ``softmax·V``.
+
+Both operands are activations, so both are quantized per tensor with scales fixed at
+calibration (no DynamicQuantizeLinear)::
+
+    A_q = QuantizeLinear(A, s_a, z_a)       uint8, asymmetric; s_a, z_a from A's calibrated range,
+                                            or [0, 1] (s_a = 1/255, z_a = 0) when A is a Softmax output
+    B_q = QuantizeLinear(B, s_b, 0)         int8, symmetric: s_b = max(|lo_B|, |hi_B|) / qmax
+    y   = com.microsoft.MatMulIntegerToFloat(A_q, B_q, s_a, c·s_b, z_a, 0)
+        = c · (A_q - z_a)·B_q · s_a s_b
+
+where ``c`` folds a following ``Mul``/``Div`` by a scalar constant (attention's ``1/√d``) into
+the output scale (``c = 1`` when there is none: the Mul stays). The weight-bit rule of the target
+applies to B as it does to weights: qmax is 127, or 63 where u8×s8 pair sums can saturate int16
+(x86 without VNNI); 7-bit activations use [0, 127] of A's grid.
+
+In the QDQ form (``format="qdq"``) the MatMul stays and reads ``DequantizeLinear(QuantizeLinear(·))``
+of each operand, with the same scales (no scalar is folded): the standard form a mobile EP can
+run as an int8 product, and that onnxruntime on CPU runs at about float speed — the family
+timing keeps it float there unless it measures faster.
+
+These layers form the op family ``attention``: :func:`edgecomp.quantize.families.choose_families`
+keeps it only where it is measured faster, and the fidelity/tolerance fallback can keep any
+one of them float, like any other layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from edgecomp.graph import single_use
+from edgecomp.quantize.calibration import ActivationStats, choose_range, uint8_qparams
+from edgecomp.quantize.layers import Layer
+from edgecomp.quantize.quantize_static import MS_DOMAIN, LayerPlan, _replace
+
+__all__ = ["emit_attention", "plan_attention", "softmax_input"]
+
+
+def softmax_input(node: ir.Node) -> bool:
+    """Whether the MatMul's A operand is a Softmax output over the reduced (last) axis, whose
+    values lie in [0, 1] whatever the data."""
+    p = node.inputs[0].producer()
+    if p is None or p.op_type != "Softmax" or p.domain not in ("", "ai.onnx"):
+        return False
+    axis = p.attributes.get("axis")
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    return axis is None or axis.as_int() == -1 or (rank is not None and axis.as_int() == rank - 1)
+
+
+def plan_attention(node: ir.Node, layer: Layer, stats: Mapping[str, ActivationStats], method: str, percentile: float,
+                   layout: tuple[int, int]) -> tuple[LayerPlan, dict[str, Any]]:
+    """The :class:`LayerPlan` of one activation × activation MatMul and its report row.
+
+    ``layout`` is (activation bits, B bits) as for weights (:func:`edgecomp.quantize.plan.bit_layouts`)."""
+    ab, bb = layout
+    levels = 255 if ab == 8 else 127
+    if softmax_input(node):
+        lo, hi = 0.0, 1.0
+        a_why = "softmax [0, 1]"
+    else:
+        lo, hi = choose_range(stats[layer.act], method, percentile)
+        a_why = f"[{lo:.3g}, {hi:.3g}]"
+    scale, zp = uint8_qparams(lo, hi, levels)
+    blo, bhi = choose_range(stats[layer.act_b], method, percentile)
+    qmax = 127 if bb == 8 else 63
+    absmax = max(abs(float(blo)), abs(float(bhi)))
+    b_scale = absmax / qmax if absmax > 0 else 1.0
+    lp = LayerPlan(layer.node, "attention", layer.act, float(scale), int(zp), weight_bits=bb, act_bits=ab,
+                   per_channel=False, b_scale=float(b_scale))
+    row = {"layer": layer.node, "op": layer.op, "family": layer.family,
+           "act range": f"{a_why} x ±{absmax:.3g}", "bits a/w": f"{ab}/{bb}"}
+    return lp, row
+
+
+def emit_attention(builder, node: ir.Node, lp: LayerPlan, format: str) -> None:
+    """Rewrite one planned activation × activation MatMul (see the module docstring); ``builder``
+    is the :class:`edgecomp.quantize.quantize_static.QuantizeStaticPass` node emitter."""
+    if format == "qdq":
+        aq, a_scale, a_zp = builder.quantized_input(node.inputs[0], lp)
+        bq, b_scale, b_zp = _quantize_b(builder, node.inputs[1], lp)
+        node.replace_input_with(0, builder.add("DequantizeLinear", [aq, a_scale, a_zp], f"{node.name}_a_dq"))
+        node.replace_input_with(1, builder.add("DequantizeLinear", [bq, b_scale, b_zp], f"{node.name}_b_dq"))
+        return
+    a_src, a_moves = _moves_above(node.inputs[0])
+    b_src, b_moves = _moves_above(node.inputs[1])
+    aq, a_scale, a_zp = builder.quantized_input(a_src, lp)
+    bq, b_scale, b_zp = _quantize_b(builder, b_src, lp)
+    aq, bq = _retype(a_moves, aq, ir.DataType.UINT8) or aq, _retype(b_moves, bq, ir.DataType.INT8) or bq
+    out, dead, c = node.outputs[0], [node], _scalar_after(node)
+    if c is not None:
+        factor, scaler = c
+        out, dead = scaler.outputs[0], [scaler, node]
+        b_scale = builder.const(f"{node.name}_out_scale", np.float32(lp.b_scale * factor))
+    y = builder.add("MatMulIntegerToFloat", [aq, bq, a_scale, b_scale, a_zp, b_zp], f"{node.name}_int8",
+                    domain=MS_DOMAIN)
+    _replace(builder.graph, out, y)
+    for n in dead:
+        builder.graph.remove(n, safe=True)
+
+
+def _quantize_b(builder, b: ir.Value, lp: LayerPlan) -> tuple[ir.Value, ir.Value, ir.Value]:
+    scale = builder.const(f"{b.name}_scale", np.float32(lp.b_scale))
+    zp = builder.const(f"{b.name}_zero_point", np.int8(0))
+    builder.quantize_ops += 1
+    return builder.add("QuantizeLinear", [b, scale, zp], f"{b.name}_quantize"), scale, zp
+
+
+#: ops that only move or relabel elements: quantizing before them is the same as after, and
+#: they then move a quarter of the bytes
+_MOVES = ("Transpose", "Reshape", "Squeeze", "Unsqueeze")
+
+
+def _moves_above(x: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
+    """(the float tensor above a chain of Transpose/Reshape nodes that feed only this chain,
+    the chain top-down); ``(x, [])`` when ``x`` is not such a chain's end."""
+    chain: list[ir.Node] = []
+    v = x
+    while True:
+        p = v.producer()
+        if p is None or p.op_type not in _MOVES or p.domain not in ("", "ai.onnx") or v.is_graph_output():
+            break
+        if len(list(v.uses())) != 1:
+            break
+        chain.insert(0, p)
+        v = p.inputs[0]
+    return (v, chain) if chain else (x, [])
+
+
+def _retype(chain: list[ir.Node], q: ir.Value, dtype: ir.DataType) -> ir.Value | None:
+    """Feed the quantized ``q`` into the top of ``chain`` (whose outputs become ``dtype``), and
+    return the chain's end; None without a chain."""
+    if not chain:
+        return None
+    chain[0].replace_input_with(0, q)
+    for n in chain:
+        out = n.outputs[0]
+        out.type = ir.TensorType(dtype)
+    return chain[-1].outputs[0]
+
+
+def _scalar_after(node: ir.Node) -> tuple[float, ir.Node] | None:
+    """(c, the node) when the MatMul's only consumer multiplies (or divides) it by a constant
+    float scalar c (1/c for Div), which then folds into the output scale."""
+    nxt = single_use(node.outputs[0])
+    if nxt is None or nxt.op_type not in ("Mul", "Div") or nxt.domain not in ("", "ai.onnx"):
+        return None
+    if nxt.op_type == "Div" and nxt.inputs[0] is not node.outputs[0]:
+        return None
+    other = nxt.inputs[1] if nxt.inputs[0] is node.outputs[0] else nxt.inputs[0]
+    if other is None or other.const_value is None:
+        return None
+    v = other.const_value.numpy()
+    if v.size != 1 or not np.issubdtype(v.dtype, np.floating) or not np.isfinite(v).all() or float(v.reshape(())) == 0:
+        return None
+    shape = node.outputs[0].shape
+    if v.ndim and (shape is None or v.ndim > len(shape)):
+        return None  # broadcasting could raise the rank
+    c = float(v.reshape(()))
+    return (1.0 / c if nxt.op_type == "Div" else c), nxt
