@@ -48,7 +48,7 @@ from edgecomp.prune.analysis import Edit, Layout
 if TYPE_CHECKING:
     from edgecomp.prune.groups import _Analyzer
 
-__all__ = ["find_heads"]
+__all__ = ["find_heads", "shape_entries"]
 
 _SCORE_OPS = {"Add", "Mul", "Div", "Sub", "Where", "Cast"}
 _PASS_THROUGH = {"Cast", "Dropout", "Identity"}
@@ -95,7 +95,7 @@ def _scalar(v: ir.Value | None) -> bool:
     return c is not None and c.size == 1
 
 
-def _shape_entries(reshape: ir.Node) -> list[tuple[ir.Node, int, int, np.ndarray | None]] | None:
+def shape_entries(reshape: ir.Node) -> list[tuple[ir.Node, int, int, np.ndarray | None]] | None:
     """Per output dim of a Reshape: (node, input index, position, constant or None) to rewrite."""
     shape = reshape.inputs[1]
     c = const_array(shape)
@@ -227,7 +227,7 @@ def _fold_entries(node: ir.Node | None, n: int) -> list | None:
     axis inferred, so it follows the kept heads), else None."""
     if node is None or node.op_type != "Reshape":
         return None
-    entries = _shape_entries(node)
+    entries = shape_entries(node)
     if entries is None or len(entries) != n or _entry(entries[0]) != -1:
         return None
     return entries
@@ -277,7 +277,7 @@ def _splitter(value: ir.Value, an: _Analyzer, rank: int) -> tuple[_Fused, int]:
     reshape = None
     p = src.producer()
     if p is not None and p.op_type == "Reshape":
-        entries = _shape_entries(p)
+        entries = shape_entries(p)
         if entries is None or not _shape_reads_ok(src, sp, rank) or single_use(p.outputs[0]) is None:
             raise _NoMatch(f"fused projection reshaped by {p.name} with a computed shape")
         reshape, src = p, p.inputs[0]
@@ -294,7 +294,7 @@ def _branch(value: ir.Value, want: str, key: str, an: _Analyzer) -> tuple[_Branc
     v, perms = _transposes(value, nodes, an)
     p = v.producer()
     folded = False
-    if p is not None and p.op_type == "Reshape" and len(_shape_entries(p) or []) == 3:
+    if p is not None and p.op_type == "Reshape" and len(shape_entries(p) or []) == 3:
         if _fold_entries(p, 3) is None:
             raise _NoMatch(f"the {key} Reshape to [batch·heads, seq, d] does not infer its first dim (-1)")
         labels3 = list("Bsd")
@@ -313,7 +313,7 @@ def _branch(value: ir.Value, want: str, key: str, an: _Analyzer) -> tuple[_Branc
         p = v.producer()
     if p is None or p.op_type != "Reshape":
         raise _NoMatch(f"{key} is not a Reshape to heads ({p.op_type if p is not None else 'graph input'})")
-    entries = _shape_entries(p)
+    entries = shape_entries(p)
     if entries is None:
         raise _NoMatch(f"the {key} head Reshape has a computed shape")
     if len(entries) != 4:
@@ -535,7 +535,7 @@ def _match(softmax: ir.Node, an: _Analyzer, probed: dict[str, list[int]]) -> Non
     if "".join(labels) != "bshd":
         raise _NoMatch(f"context laid out [{','.join(labels)}] before the merge, not [b,s,h,d]")
     while u is not None and u.op_type == "Reshape":
-        entries = _shape_entries(u)
+        entries = shape_entries(u)
         if entries is None or len(entries) not in (2, 3) or len(merges) == 2:
             raise _NoMatch(f"merge Reshape {u.name} with a computed or unexpected shape")
         merges.append((u, entries))
@@ -626,7 +626,7 @@ def _emit(an: _Analyzer, name: str, heads: int, d: int, branches: dict[str, _Bra
             edits.append(Edit("param", node, idx, three, axis=axis))
         changed += proj.nodes + [fused.splitter]
         if fused.reshape is not None:
-            entries = _shape_entries(fused.reshape)
+            entries = shape_entries(fused.reshape)
             dim_edit(entries[-1], three)
             changed.append(fused.reshape)
         _split_edits(fused, part_atoms, d, edits, changed)

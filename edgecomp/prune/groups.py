@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.errors import OptionError
-from edgecomp.graph import attribute, const_array, rank_of, subgraphs
+from edgecomp.graph import attribute, const_array, rank_of, single_use, subgraphs
 from edgecomp.prune.analysis import Analysis, Edit, Layout, NotChannelwise
 from edgecomp.prune.attention import find_heads
 
@@ -232,7 +232,35 @@ class _Analyzer:
             return self.squeeze(node, op, ins)
         if op in ("Pad", "Slice"):
             return self.off_channel(node, op, ins)
+        if op == "Shape" and self._harmless_shape(node, ins[0]):
+            return None
         raise NotChannelwise(op)
+
+    def _harmless_shape(self, node: ir.Node, lay: Layout | None) -> bool:
+        """A Shape whose reads never see the channel count: Gathers of other dims, or (channels on
+        the last axis) a Slice of the last dim feeding the shape of a Reshape of the same value that
+        keeps it last (GPT-2's ``x.view(-1, x.size(-1))``), which then follows by itself."""
+        if lay is None or lay.rank is None or attribute(node, "start", None) is not None \
+                or attribute(node, "end", None) is not None:
+            return False
+        pos = lay.rank + lay.axis
+        for use in node.outputs[0].uses():
+            g = use.node
+            idx = const_array(g.inputs[1]) if len(g.inputs) > 1 else None
+            if g.op_type == "Gather" and idx is not None and idx.size == 1 and int(idx.reshape(-1)[0]) % lay.rank != pos:
+                continue
+            if g.op_type == "Slice" and lay.axis == -1 and idx is not None and int(idx.reshape(-1)[0]) == -1:
+                v = g.outputs[0]
+                while (u := single_use(v)) is not None and u.op_type in ("Squeeze", "Unsqueeze", "Cast"):
+                    v = u.outputs[0]
+                concat = single_use(v)
+                if concat is not None and concat.op_type == "Concat" and concat.inputs[-1] is v:
+                    readers = [r.node for r in concat.outputs[0].uses()]
+                    if readers and all(r.op_type == "Reshape" and r.inputs[0] is node.inputs[0]
+                                       and r.inputs[1] is concat.outputs[0] for r in readers):
+                        continue
+            return False
+        return True
 
     def _axes(self, node: ir.Node, index: int) -> list[int] | None:
         """An op's ``axes``: the attribute (older opsets) or the constant input at ``index``."""
@@ -446,10 +474,45 @@ class _Analyzer:
             parts.append((fixed, 1))
         self.set_layout(node.outputs[0], Layout(first.axis, tuple(parts), first.rank))
 
+    def _keeps_last(self, node: ir.Node, lay: Layout) -> list | None:
+        """A Reshape that only regroups the leading dims of channels on the last axis
+        (``[N, C] → [B, S, C]`` and back around GPT-2's Gemms): its last entry is the channel
+        width as a constant (returned, to rewrite) or the input's own last dim read through Shape
+        (it follows by itself). The shape entries, or None."""
+        from edgecomp.prune.attention import shape_entries
+
+        if lay.axis != -1 or int(attribute(node, "allowzero", 0)):
+            return None
+        entries = shape_entries(node)
+        if not entries:
+            return None
+        last = entries[-1][3]
+        if last is not None:
+            return entries if int(last.reshape(-1)[0]) == lay.width(self.a.sizes) else None
+        piece = entries[-1][0].inputs[entries[-1][1]]
+        p = piece.producer()
+        while p is not None and p.op_type in ("Unsqueeze", "Squeeze", "Cast"):
+            p = p.inputs[0].producer()
+        if p is not None and p.op_type in ("Slice", "Gather"):
+            start = const_array(p.inputs[1])
+            shape = p.inputs[0].producer()
+            if start is not None and start.size == 1 and int(start.reshape(-1)[0]) == -1 and shape is not None \
+                    and shape.op_type == "Shape" and shape.inputs[0] is node.inputs[0] \
+                    and attribute(shape, "start", None) is None and attribute(shape, "end", None) is None \
+                    and (p.op_type == "Gather" or len(p.inputs) < 4 or const_array(p.inputs[3]) is not None):
+                return [e[:3] + (None,) for e in entries[:-1]] + [entries[-1][:3] + ("own",)]
+        return None
+
     def flatten(self, node: ir.Node, op: str, ins: list[Layout | None]) -> None:
         lay = ins[0]
         if lay is None or any(x is not None for x in ins[1:]):
             raise NotChannelwise(op)
+        kept_last = self._keeps_last(node, lay) if op == "Reshape" else None
+        if kept_last is not None:
+            node_, idx, pos, c = kept_last[-1]
+            if not isinstance(c, str):
+                self.a.edits.append(Edit("dim", node_, idx, lay, position=pos))
+            return self.set_layout(node.outputs[0], Layout(-1, lay.parts, len(kept_last)))
         dims = self.dims(node.inputs[0])
         pos = len(dims) + lay.axis if dims is not None else -1
         if dims is None or pos < 0 or any(d is None for d in dims[pos + 1:]):

@@ -103,12 +103,15 @@ def _feed(proto):
     return feed
 
 
-def _zero_heads(proto, drop=DROP):
-    """Zero the slices of every matched block's weights that belong to heads ``drop``."""
+def _zero_heads(proto, drop=DROP, kind="heads"):
+    """Zero the slices of every prunable group's weights that belong to its units ``drop`` (heads,
+    or channels: then every other one)."""
     model = ir.from_proto(proto)
     lift_constants(model)
     an = find_groups(model)
-    heads = {a for a, k in an.kinds.items() if k == "heads" and not an.blocked.get(a)}
+    heads = {a for a, k in an.kinds.items() if k == kind and not an.group_blocked(an.root(a))}
+    if kind == "channels":
+        drop = range(0, max(an.sizes[a] for a in heads), 2)
     done = set()
     for e in an.edits:
         if e.kind != "param" or e.role not in ("in", "out") or not set(e.layout.atoms()) & heads:
@@ -238,3 +241,16 @@ def test_unknown_score_term_is_expanded_then_gathered(exported, monkeypatch):
         feed = _feed(proto)
         for r, g in zip(run_ort(zeroed, feed), run_ort(ir.to_proto(result.model), feed)):
             np.testing.assert_allclose(g, r, atol=ATOL, rtol=0)
+
+
+def test_gpt2_ffn_neurons_follow_its_2d_reshapes(exported):
+    """GPT-2 runs its Conv1D as Gemm on [-1, C] with Reshapes around it (and a Shape read of the
+    width, which follows by itself): the FFN neurons are a group, and cutting the zeroed half is exact."""
+    proto = onnx.load(str(exported("gpt2")))
+    zeroed, groups = _zero_heads(proto, kind="channels")
+    assert groups == 2  # c_fc of each block
+    result = prune_model(ir.from_proto(zeroed), PruneOptions(kinds=("channels",), sparsity=0.5, importance="l2"))
+    assert result.summary["channels removed"] == 256
+    feed = _feed(proto)
+    for r, g in zip(run_ort(zeroed, feed), run_ort(ir.to_proto(result.model), feed)):
+        np.testing.assert_allclose(g, r, atol=ATOL, rtol=0)
