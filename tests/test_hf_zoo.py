@@ -20,9 +20,9 @@ output names and shapes on the DATA, and keeps its promise against the fp32 expo
 A refusal is exit status != 0, one stderr line starting "Error:", no traceback, no "internal
 error", and no output file. The refusals seen today are listed in REFUSED, each with the words its
 line must hold: a command that turns from works to refused fails, and so does a fixed one (then
-its entry goes). Head pruning is being extended (edgecomp/prune/attention.py): for HEADS_OPEN
-it may work (then every check above applies) or refuse; a refusal that does not say which
-attention block it could not match is reported as xfail.
+its entry goes). Head pruning works on every architecture here since edgecomp/prune/attention.py
+follows fused QKV splits (GPT-2), folded heads (DeBERTa-v2), relative position biases (MPNet, T5)
+and ViT/Whisper attention: none of it is listed as a refusal.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ pytest.importorskip("transformers")
 #: The tiny models; the real MiniLM is the benchmark's (scripts/bench_hf_zoo.py).
 NAMES = [n for n in HF_ZOO if n != MINILM]
 #: The dynamo exports take seconds each: with the slow cases.
-SLOW = {"bert-spec-dynamo", "vit-cls-spec-dynamo", "vit-cls-spec-torchscript"}
+SLOW = {"bert-spec-torchscript", "bert-spec-dynamo", "vit-cls-spec-dynamo", "vit-cls-spec-torchscript"}
 COMMANDS = ["quantize", "prune_channels", "prune_heads", "reduce_embeddings", "validate"]
 
 QUANT_MIN_COS = 0.98
@@ -61,9 +61,6 @@ REFUSED: dict[tuple[str, str], str] = {
     # GPT-2's attention splits q, k, v out of one Conv1D with a Reshape the channel walk cannot follow
     ("gpt2", "prune_channels"): r"nothing to prune: every channel group is kept whole \(Reshape",
 }
-#: Head pruning on these may work or refuse (edgecomp/prune/attention.py is being extended to them).
-HEADS_OPEN = {"mpnet", "deberta-v2", "gpt2", "vit", "vit-cls", "vit-pooler", "vit-cls-spec-torchscript",
-              "whisper-encoder"}
 
 
 def command_args(cmd: str, model: Path, data: Path, out: Path, candidate: Path | None = None) -> list[str]:
@@ -202,10 +199,6 @@ def test_hf_zoo(hf_run: HFZooRun, name: str, cmd: str) -> None:
     if not o.ok:
         check_refusal(o)
         assert not o.out.exists(), f"refused but wrote {o.out}"
-        if cmd == "prune_heads" and name in HEADS_OPEN:
-            if not re.search(r"attention|head", o.message.split("(", 1)[-1]):
-                pytest.xfail(f"head pruning refused without saying which attention block: {o.message}")
-            return
         assert expected is not None, f"{name} {cmd} refused: {o.message}"
         assert re.search(expected, o.message), f"refused, but not as expected ({expected!r}): {o.message}"
         return
