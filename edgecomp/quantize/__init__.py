@@ -139,7 +139,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         elif name in kept:
             row["decision"], row["reason"] = "float", kept_why
         else:
-            row["decision"], row["reason"] = "float", f"{row['family']} family: int8 not measurably faster here"
+            row["decision"], row["reason"] = "float", (row.pop("float reason", None)
+                                                       or f"{row['family']} family: int8 not measurably faster here")
     rows += [{"layer": l.node, "op": l.op, "family": l.family, "decision": "float", "reason": "--exclude"}
              for l in excluded]
     rows += skipped

@@ -19,6 +19,12 @@ of each operand, with the same scales (no scalar is folded): the standard form a
 run as an int8 product, and that onnxruntime on CPU runs at about float speed — the family
 timing keeps it float there unless it measures faster.
 
+The plan simulates each product's int8 error on a few calibration samples (:func:`simulate_attention`,
+the relative squared error the weight layers' ``sim error`` reports); a product whose error exceeds
+the worst planned weight layer's stays float with families auto (a family the user names is
+quantized whole) — softmax·V often does: the probabilities under half
+a step of the [0, 1] grid (1/510) round to zero, and at sequence 128 they can be a third of them.
+
 These layers form the op family ``attention``: :func:`edgecomp.quantize.families.choose_families`
 keeps it only where it is measured faster, and the fidelity/tolerance fallback can keep any
 one of them float, like any other layer.
@@ -26,18 +32,18 @@ one of them float, like any other layer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from edgecomp.graph import single_use
-from edgecomp.quantize.calibration import ActivationStats, choose_range, uint8_qparams
+from edgecomp.quantize.calibration import ActivationStats, choose_range, sessions_for, uint8_qparams
 from edgecomp.quantize.layers import Layer
 from edgecomp.quantize.quantize_static import MS_DOMAIN, LayerPlan, _replace
 
-__all__ = ["emit_attention", "plan_attention", "softmax_input"]
+__all__ = ["emit_attention", "plan_attention", "simulate_attention", "softmax_input"]
 
 
 def softmax_input(node: ir.Node) -> bool:
@@ -74,6 +80,31 @@ def plan_attention(node: ir.Node, layer: Layer, stats: Mapping[str, ActivationSt
     row = {"layer": layer.node, "op": layer.op, "family": layer.family,
            "act range": f"{a_why} x ±{absmax:.3g}", "bits a/w": f"{ab}/{bb}"}
     return lp, row
+
+
+def simulate_attention(model: ir.Model, layers: Sequence[Layer], plan: Mapping[str, LayerPlan], feeds,
+                       threads: int = 1) -> dict[str, float]:
+    """Per planned attention layer, the relative squared error ``‖Q(A)·Q(B) − A·B‖² / ‖A·B‖²`` of
+    its int8 product on ``feeds`` (a few calibration samples), the measure the weight layers'
+    ``sim error`` uses."""
+    mine = [l for l in layers if l.node in plan and plan[l.node].kind == "attention"]
+    if not mine:
+        return {}
+    names = sorted({n for l in mine for n in (l.act, l.act_b)})
+    session = sessions_for(model, threads)(names)
+    num = dict.fromkeys((l.node for l in mine), 0.0)
+    den = dict.fromkeys((l.node for l in mine), 0.0)
+    for feed in feeds:
+        values = dict(zip(names, session.run(names, dict(feed))))
+        for l in mine:
+            lp, a, b = plan[l.node], values[l.act].astype(np.float32), values[l.act_b].astype(np.float32)
+            qmax_a, qmax_b = (255 if lp.act_bits == 8 else 127), (127 if lp.weight_bits == 8 else 63)
+            aq = (np.clip(np.round(a / lp.act_scale) + lp.act_zp, 0, qmax_a) - lp.act_zp) * lp.act_scale
+            bq = np.clip(np.round(b / lp.b_scale), -qmax_b, qmax_b) * lp.b_scale
+            y = np.matmul(a, b)
+            num[l.node] += float(((np.matmul(aq, bq) - y) ** 2).sum())
+            den[l.node] += float((y ** 2).sum())
+    return {n: num[n] / max(den[n], 1e-30) for n in num}
 
 
 def emit_attention(builder, node: ir.Node, lp: LayerPlan, format: str) -> None:

@@ -42,7 +42,8 @@ def find_layers(model: ir.Model) -> tuple[list[Layer], list[dict[str, Any]]]:
     for node in model.graph:
         if node.domain not in ("", "ai.onnx") or node.op_type not in LAYER_OPS:
             continue
-        if node.op_type == "MatMul" and all(v is not None and v.const_value is None for v in node.inputs[:2]):
+        if node.op_type == "MatMul" and all(v is not None and v.const_value is None and v.dtype in (None, ir.DataType.FLOAT)
+                                            for v in node.inputs[:2]):
             # Q·Kᵀ and softmax·V: both operands are activations, quantized per tensor (edgecomp.quantize.attention)
             layers.append(Layer(node.name, "MatMul", "attention", node.inputs[0].name, act_b=node.inputs[1].name))
             continue
@@ -100,7 +101,7 @@ def _residual_adds(model: ir.Model, layers: Sequence[Layer]) -> list[Layer]:
 def _unsupported(node: ir.Node) -> str | None:
     w = node.inputs[1] if len(node.inputs) > 1 else None
     if w is None or w.const_value is None:
-        return "weight is not a constant initializer (activation x activation product)"
+        return "weight is not a constant initializer (of products of two activations, only MatMul is handled)"
     rank = len(w.const_value.shape)
     if node.op_type == "Conv":
         if rank not in (3, 4):

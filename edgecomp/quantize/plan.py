@@ -17,7 +17,7 @@ from edgecomp.data import Dataset, input_specs
 from edgecomp.embeddings.quantize_embeddings import QuantizeEmbeddingsPass
 from edgecomp.graph import attribute
 from edgecomp.passes.base import run_pass
-from edgecomp.quantize.attention import plan_attention
+from edgecomp.quantize.attention import plan_attention, simulate_attention
 from edgecomp.quantize.calibration import (
     ActivationStats,
     calibration_feeds,
@@ -180,7 +180,29 @@ def make_plan(model: ir.Model, layers: Sequence[Layer], stats: Mapping[str, Acti
             lp.out_after = layer.out_after
         plan[layer.node] = lp
         rows.append(row)
+    _gate_attention(model, layers, plan, rows, opts, data)
     return plan, rows
+
+
+def _gate_attention(model: ir.Model, layers: Sequence[Layer], plan: dict[str, LayerPlan], rows: list[dict[str, Any]],
+                    opts: QuantizeOptions, data: Dataset | None) -> None:
+    """With families auto, attention products whose simulated int8 error exceeds the worst planned
+    weight layer's stay float (:mod:`edgecomp.quantize.attention`); a family named by the user is
+    quantized whole (the fidelity floor and the tolerance still apply)."""
+    weight_errors = [r["sim error"] for r in rows if r.get("sim error") is not None]
+    if (opts.families != "auto" or data is None or not weight_errors
+            or not any(p.kind == "attention" for p in plan.values())):
+        return
+    errors = simulate_attention(model, layers, plan, calibration_feeds(data, input_specs(model), 4), opts.threads)
+    worst = max(weight_errors)
+    for row in rows:
+        err = errors.get(row["layer"])
+        if err is None:
+            continue
+        row["sim error"] = err
+        if err > worst:
+            del plan[row["layer"]]
+            row["float reason"] = f"simulated int8 error {err:.2g} above the worst weight layer's {worst:.2g}"
 
 
 

@@ -132,8 +132,14 @@ def test_equal_timings_keep_attention_float_and_a_gain_is_taken(tiny_encoder_pat
     assert [r["families"] for r in res.families] == ["matmul", "attention", "matmul,attention"]
     monkeypatch.setattr(bench, "compare_latency", clocked([1.0, 1.0, 0.6, 1.0]))
     res = _quantize(tiny_encoder_path, calib, families="auto")
-    assert {p.kind for p in res.plan.values()} == {"attention"}
+    assert {p.kind for p in res.plan.values()} <= {"attention"}
     assert next(r for r in res.families if r["decision"] == "chosen")["families"] == "attention"
+    # auto also keeps float each product whose simulated error exceeds the worst weight layer's
+    worst = max(r["sim error"] for r in res.rows if r.get("family") == "matmul")
+    for r in _attention_rows(res):
+        assert (r["decision"] == "int8") == (r["sim error"] <= worst)
+        if r["decision"] == "float":
+            assert r["reason"].startswith("simulated int8 error")
 
 
 def test_fidelity_fallback_can_keep_an_attention_matmul_float(tiny_encoder_path, encoder_data):  # noqa: F811

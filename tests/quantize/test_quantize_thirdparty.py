@@ -399,7 +399,7 @@ def test_layers_inside_if_subgraphs_are_reported(tmp_path):
 
 def test_no_quantizable_layer_says_which_ops_and_why(tmp_path):
     m = _if_model()
-    m.graph.node[0].input[1] = "x_t"  # top MatMul now multiplies two activations
+    m.graph.node[0].input[:] = ["w0", "x_t"]  # top MatMul now multiplies a constant by an activation
     m.graph.node.insert(0, helper.make_node("Transpose", ["x"], ["x_t"]))
     d = tmp_path / "d"
     d.mkdir()
