@@ -15,7 +15,8 @@ applies to B as it does to weights: qmax is 127, or 63 where u8×s8 pair sums ca
 (x86 without VNNI); 7-bit activations use [0, 127] of A's grid.
 
 In the QDQ form (``format="qdq"``) the MatMul stays and reads ``DequantizeLinear(QuantizeLinear(·))``
-of each operand, with the same scales (no scalar is folded): the standard form a mobile EP can
+of each operand, with the same scales (no scalar is folded; the output gets the QDQ form's output
+pair, as every layer there, :mod:`edgecomp.quantize.outputs`): the standard form a mobile EP can
 run as an int8 product, and that onnxruntime on CPU runs at about float speed — the family
 timing keeps it float there unless it measures faster.
 

@@ -39,6 +39,9 @@ Cases handled:
   and the next quantized layer reads that DequantizeLinear: the QDQ form then also rounds each
   output to its grid (one step: its range / 255), which the contrib form does not. 7-bit weights or activations (the VPMADDUBSW rule) mean nothing to a QDQ consumer
   but are kept as planned: the plan's error estimates were made for them.
+- ``MatMul(A, B)`` of two activations (attention's Q·Kᵀ and softmax·V, plan kind ``attention``):
+  both operands quantized per tensor (uint8 A, symmetric int8 B) into one MatMulIntegerToFloat,
+  or DequantizeLinear(QuantizeLinear(·)) on each in the QDQ form (:mod:`edgecomp.quantize.attention`);
 - a residual ``Add`` of two quantized conv-branch tensors gets its output quantized too, so
   onnxruntime runs it as QLinearAdd;
 - ``Conv(x, W, b)`` (1-D or 2-D, any group) becomes the QDQ form onnxruntime fuses into QLinearConv::
