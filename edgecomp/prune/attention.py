@@ -77,7 +77,7 @@ class _Fused:
     proj: _Proj
     splitter: ir.Node
     reshape: ir.Node | None  # a 2-D → 3-D Reshape between the layer and the splitter
-    parts: dict[int, int]  # output index of the splitter → part (0, 1, 2 in column order)
+    parts: dict[int, int]  # id of each of the three outputs → its part (0, 1, 2 in column order)
 
 
 @dataclasses.dataclass
@@ -245,7 +245,7 @@ def _splitter(value: ir.Value, an: _Analyzer, rank: int) -> tuple[_Fused, int]:
         if axis % rank != rank - 1:
             raise _NoMatch(f"Split {sp.name} off the last axis")
         part = list(sp.outputs).index(value)
-        parts = {i: i for i in range(3)}
+        parts = {id(o): i for i, o in enumerate(sp.outputs)}
     else:  # Slice: three of them read the fused output
         starts = attribute(sp, "starts", None)
         axes = attribute(sp, "axes", None)

@@ -15,7 +15,7 @@ import onnx_ir as ir
 from edgecomp.errors import OptionError
 from edgecomp.graph import attribute, const_array, rank_of, single_use, subgraphs
 from edgecomp.prune.analysis import Analysis, Edit, Layout, NotChannelwise
-from edgecomp.prune.attention import find_heads
+from edgecomp.prune.attention import find_heads, shape_entries
 
 __all__ = ["lift_constants", "find_groups"]
 
@@ -474,34 +474,33 @@ class _Analyzer:
             parts.append((fixed, 1))
         self.set_layout(node.outputs[0], Layout(first.axis, tuple(parts), first.rank))
 
-    def _keeps_last(self, node: ir.Node, lay: Layout) -> list | None:
+    def _keeps_last(self, node: ir.Node, lay: Layout) -> tuple[int, Edit | None] | None:
         """A Reshape that only regroups the leading dims of channels on the last axis
         (``[N, C] → [B, S, C]`` and back around GPT-2's Gemms): its last entry is the channel
-        width as a constant (returned, to rewrite) or the input's own last dim read through Shape
-        (it follows by itself). The shape entries, or None."""
-        from edgecomp.prune.attention import shape_entries
-
+        width as a constant (rewritten) or the input's own last dim read through Shape (it follows
+        by itself). Its output rank and the edit, or None."""
         if lay.axis != -1 or int(attribute(node, "allowzero", 0)):
             return None
         entries = shape_entries(node)
         if not entries:
             return None
-        last = entries[-1][3]
+        at, idx, pos, last = entries[-1]
         if last is not None:
-            return entries if int(last.reshape(-1)[0]) == lay.width(self.a.sizes) else None
-        piece = entries[-1][0].inputs[entries[-1][1]]
-        p = piece.producer()
+            if int(last.reshape(-1)[0]) != lay.width(self.a.sizes):
+                return None
+            return len(entries), Edit("dim", at, idx, lay, position=pos)
+        p = at.inputs[idx].producer()
         while p is not None and p.op_type in ("Unsqueeze", "Squeeze", "Cast"):
             p = p.inputs[0].producer()
-        if p is not None and p.op_type in ("Slice", "Gather"):
-            start = const_array(p.inputs[1])
-            shape = p.inputs[0].producer()
-            if start is not None and start.size == 1 and int(start.reshape(-1)[0]) == -1 and shape is not None \
-                    and shape.op_type == "Shape" and shape.inputs[0] is node.inputs[0] \
-                    and attribute(shape, "start", None) is None and attribute(shape, "end", None) is None \
-                    and (p.op_type == "Gather" or len(p.inputs) < 4 or const_array(p.inputs[3]) is not None):
-                return [e[:3] + (None,) for e in entries[:-1]] + [entries[-1][:3] + ("own",)]
-        return None
+        if p is None or p.op_type not in ("Slice", "Gather"):
+            return None
+        start = const_array(p.inputs[1])
+        shape = p.inputs[0].producer()
+        own = start is not None and start.size == 1 and int(start.reshape(-1)[0]) == -1 and shape is not None \
+            and shape.op_type == "Shape" and shape.inputs[0] is node.inputs[0] \
+            and attribute(shape, "start", None) is None and attribute(shape, "end", None) is None \
+            and (p.op_type == "Gather" or len(p.inputs) < 4 or const_array(p.inputs[3]) is not None)
+        return (len(entries), None) if own else None
 
     def flatten(self, node: ir.Node, op: str, ins: list[Layout | None]) -> None:
         lay = ins[0]
@@ -509,10 +508,10 @@ class _Analyzer:
             raise NotChannelwise(op)
         kept_last = self._keeps_last(node, lay) if op == "Reshape" else None
         if kept_last is not None:
-            node_, idx, pos, c = kept_last[-1]
-            if not isinstance(c, str):
-                self.a.edits.append(Edit("dim", node_, idx, lay, position=pos))
-            return self.set_layout(node.outputs[0], Layout(-1, lay.parts, len(kept_last)))
+            rank, edit = kept_last
+            if edit is not None:
+                self.a.edits.append(edit)
+            return self.set_layout(node.outputs[0], Layout(-1, lay.parts, rank))
         dims = self.dims(node.inputs[0])
         pos = len(dims) + lay.axis if dims is not None else -1
         if dims is None or pos < 0 or any(d is None for d in dims[pos + 1:]):
