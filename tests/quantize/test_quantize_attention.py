@@ -148,3 +148,29 @@ def test_fidelity_fallback_can_keep_an_attention_matmul_float(tiny_encoder_path,
     kept = [r for r in _attention_rows(res) if r["reason"].startswith("among the most sensitive")]
     assert kept and all(r["decision"] == "float" and r["layer"] not in res.plan for r in kept)
     assert all(r.get("sensitivity") is not None for r in _attention_rows(res))
+
+
+def test_simulated_error_matches_numpy():
+    from edgecomp.quantize.attention import simulate_attention
+    from edgecomp.quantize.layers import find_layers
+
+    rng = np.random.default_rng(2)
+    feed = {n: rng.standard_normal(SHAPE).astype(np.float32) for n in "qkv"}
+    model = ir.from_proto(_attention_core())
+    layers, _ = find_layers(model)
+    assert [(l.node, l.family, l.act, l.act_b) for l in layers] == [("qk", "attention", "q", "kt"),
+                                                                     ("pv", "attention", "p", "v")]
+    plan = {"qk": LayerPlan("qk", "attention", "q", 4.0 / 255, 128, b_scale=3.0 / 127),
+            "pv": LayerPlan("pv", "attention", "p", 1 / 255, 0, b_scale=2.5 / 127)}
+    got = simulate_attention(model, layers, plan, [feed])
+    q, kt, v = feed["q"], feed["k"].transpose(0, 1, 3, 2), feed["v"]
+    p = _softmax(q @ kt / 2)
+
+    def rel(a, sa, za, b, sb):
+        aq = (np.clip(np.round(a / sa) + za, 0, 255) - za) * sa
+        bq = np.clip(np.round(b / sb), -127, 127) * sb
+        return float(((aq @ bq - a @ b) ** 2).sum() / ((a @ b) ** 2).sum())
+
+    assert got["qk"] == pytest.approx(rel(q, 4.0 / 255, 128, kt, 3.0 / 127), rel=1e-3)
+    assert got["pv"] == pytest.approx(rel(p, 1 / 255, 0, v, 2.5 / 127), rel=1e-3)
+    assert 0 < got["qk"] < 0.01 and 0 < got["pv"] < 0.05
