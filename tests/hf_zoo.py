@@ -88,7 +88,8 @@ def wordpiece_tokenizer(folder: Path, vocab: int = VOCAB):
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(text_sentences(1500), trainers.WordPieceTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False))
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(text_sentences(1500), trainer)
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
                                                        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
@@ -155,7 +156,7 @@ def export_cli(args: list[str]) -> str:
     return res.output
 
 
-SPEC_TEMPLATE = '''"""SPEC of the {name} zoo entry: the Hugging Face folder beside it, as edgecomp.export.hf_encoder builds it."""
+SPEC_TEMPLATE = '''"""SPEC of the {name} zoo entry: its Hugging Face folder, as edgecomp.export.hf_encoder builds it."""
 from edgecomp.export import hf_encoder
 
 
@@ -326,7 +327,8 @@ HF_ZOO: dict[str, HFEntry] = {
                            "XLMRobertaModel"),
     "electra": HFEntry(_bert_like("ElectraModel", "ElectraConfig", **ELECTRA), "feature-extraction",
                        "ElectraModel (embedding 32 projected to hidden 64)"),
-    "mpnet": HFEntry(_bert_like("MPNetModel", "MPNetConfig"), "feature-extraction", "MPNetModel (relative position bias)"),
+    "mpnet": HFEntry(_bert_like("MPNetModel", "MPNetConfig"), "feature-extraction",
+                     "MPNetModel (relative position bias)"),
     "deberta-v2": HFEntry(_bert_like("DebertaV2Model", "DebertaV2Config"), "feature-extraction",
                           "DebertaV2Model (disentangled attention)"),
     "albert": HFEntry(_bert_like("AlbertModel", "AlbertConfig", **ALBERT), "feature-extraction",

@@ -144,7 +144,8 @@ def check_prune_report(o: Outcome, kind: str) -> None:
     before, after = param_count(src), param_count(got)
     assert after <= before, f"pruned model has {after} parameters, its input {before}"
     assert o.out.stat().st_size <= o.model.stat().st_size, "pruned file is larger than its input"
-    assert _arrow(s["parameters"]) == (before, after), f"report says parameters {s['parameters']}, files {before} → {after}"
+    assert _arrow(s["parameters"]) == (before, after), \
+        f"report says parameters {s['parameters']}, the files hold {before} → {after}"
     groups = [g for g in report["groups"] if g["kind"] == kind]
     removed = sum(g["before"] - g["after"] for g in groups)
     assert removed == s[f"{kind} removed"] > 0, f"{kind} removed {s[f'{kind} removed']}, groups add up to {removed}"
@@ -172,7 +173,8 @@ def check_validate(o: Outcome) -> None:
     for (n, r), (_, g) in zip(float_outputs(names, ref), float_outputs(names, got)):
         assert n in theirs, f"validate does not report output {n} ({sorted(theirs)})"
         c = sample_cosine(r, g)
-        assert abs(theirs[n]["cosine_mean"] - c) <= VALIDATE_ATOL, f"validate says {theirs[n]['cosine_mean']:.4f}, {c:.4f}"
+        assert abs(theirs[n]["cosine_mean"] - c) <= VALIDATE_ATOL, \
+            f"validate says cosine {theirs[n]['cosine_mean']:.4f} for {n}, measured {c:.4f}"
         logits_like = "logits" in n or (r[0].ndim == 2 and not np.allclose(np.linalg.norm(r[0], axis=1), 1, atol=1e-3)
                                         and not re.search("pooler|hidden|embed|feature", n))
         assert (theirs[n]["top1_agreement"] is not None) == logits_like, f"{n}: top-1 {theirs[n]['top1_agreement']}"
