@@ -48,14 +48,10 @@ __all__ = ["emit_attention", "plan_attention", "simulate_attention", "softmax_in
 
 
 def softmax_input(node: ir.Node) -> bool:
-    """Whether the MatMul's A operand is a Softmax output over the reduced (last) axis, whose
-    values lie in [0, 1] whatever the data."""
+    """Whether the MatMul's A operand is a Softmax output, whose values lie in [0, 1] whatever the
+    data (and whatever the axis)."""
     p = node.inputs[0].producer()
-    if p is None or p.op_type != "Softmax" or p.domain not in ("", "ai.onnx"):
-        return False
-    axis = p.attributes.get("axis")
-    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
-    return axis is None or axis.as_int() == -1 or (rank is not None and axis.as_int() == rank - 1)
+    return p is not None and p.op_type == "Softmax" and p.domain in ("", "ai.onnx")
 
 
 def plan_attention(node: ir.Node, layer: Layer, stats: Mapping[str, ActivationStats], method: str, percentile: float,
