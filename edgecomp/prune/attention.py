@@ -23,12 +23,13 @@ Forms followed:
   the scores unfolded to ``[-1, h, s, s]`` around Softmax, the context unfolded to ``[-1, h, s, d]``;
   every fold infers its first dim, the unfolds' head counts are rewritten), a scale computed as a
   one-element value (DeBERTa's ``sqrt(d)`` from a Shape);
+- rotary position embeddings on q and k (Llama: ``x·cos + rotate_half(x)·sin``, per head);
 - Softmax between Cast/Dropout, or wrapped in Flatten/Reshape (``onnx.version_converter``'s
   Softmax 11 → 13 adapter); Reshape shapes as constants or a Concat of pieces (TorchScript);
   a merged context reshaped to 2-D before a Gemm (GPT-2).
 
 A Softmax that reads a product of two computed tensors and feeds a MatMul but matches none of this
-(DeBERTa's disentangled c2p/p2c terms, a score term on the folded scores, ...) gets a heads group
+(DeBERTa's disentangled c2p/p2c terms, grouped-query attention, a score term on the folded scores, ...) gets a heads group
 kept whole whose reason says what stopped the match. Blocks that share weights (ALBERT calls one
 layer several times) are tied into one group by :func:`edgecomp.prune.groups.find_groups`, so the
 same heads go at every call site.
@@ -209,11 +210,56 @@ def _back_scalars(value: ir.Value, nodes: list[ir.Node], an: _Analyzer) -> ir.Va
     return value
 
 
+def _slices_last(node: ir.Node | None, x: ir.Value) -> bool:
+    """``node`` is a Slice of ``x`` along its last axis (rank 4) with step 1."""
+    if node is None or node.op_type != "Slice" or node.inputs[0] is not x or len(node.inputs) < 4:
+        return False
+    axes = const_array(node.inputs[3])
+    steps = const_array(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else np.ones(1)
+    return axes is not None and axes.size == 1 and int(axes.reshape(-1)[0]) in (-1, 3) \
+        and steps is not None and int(steps.reshape(-1)[0]) == 1
+
+
+def _back_rotary(value: ir.Value, nodes: list[ir.Node], an: _Analyzer) -> ir.Value | None:
+    """``x·cos + rotate_half(x)·sin`` (rotary position embedding, Llama; rotate_half =
+    Concat(-x[..., d/2:], x[..., :d/2])) → ``x``. It works within each head's d, so it follows
+    any head count as long as cos and sin broadcast over heads."""
+    add = value.producer()
+    if add is None or add.op_type != "Add" or len(add.inputs) != 2:
+        return None
+    muls = [v.producer() for v in add.inputs]
+    if any(m is None or m.op_type != "Mul" for m in muls):
+        return None
+    for direct, rot in (muls, muls[::-1]):
+        for j in (0, 1):
+            x, cos = direct.inputs[j], direct.inputs[1 - j]
+            for k in (0, 1):
+                cat, sin = rot.inputs[k].producer(), rot.inputs[1 - k]
+                if cat is None or cat.op_type != "Concat" or len(cat.inputs) != 2 \
+                        or int(attribute(cat, "axis", 0)) not in (-1, 3):
+                    continue
+                neg = cat.inputs[0].producer()
+                if neg is None or neg.op_type != "Neg" or not _slices_last(neg.inputs[0].producer(), x) \
+                        or not _slices_last(cat.inputs[1].producer(), x):
+                    continue
+                for t in (cos, sin):
+                    dims = list(const_array(t).shape) if const_array(t) is not None else an.dims(t)
+                    if dims is None or (len(dims) >= 3 and dims[-3] != 1):
+                        raise _NoMatch(f"rotary embedding {t.name} not known to broadcast over heads")
+                nodes += [add, direct, rot, cat, neg, neg.inputs[0].producer(), cat.inputs[1].producer()]
+                return x
+    return None
+
+
 def _transposes(value: ir.Value, nodes: list[ir.Node], an: _Analyzer) -> tuple[ir.Value, list[list[int]]]:
-    """Walk up through scales and Transposes; the perms, nearest last."""
+    """Walk up through scales, rotary embeddings and Transposes; the perms, nearest last."""
     perms = []
     while True:
         value = _back_scalars(value, nodes, an)
+        x = _back_rotary(value, nodes, an)
+        if x is not None:
+            value = x
+            continue
         p = value.producer()
         if p is None or p.op_type != "Transpose":
             return value, perms
@@ -312,7 +358,10 @@ def _branch(value: ir.Value, want: str, key: str, an: _Analyzer) -> tuple[_Branc
         want = "bhsd"
         p = v.producer()
     if p is None or p.op_type != "Reshape":
-        raise _NoMatch(f"{key} is not a Reshape to heads ({p.op_type if p is not None else 'graph input'})")
+        raise _NoMatch(f"{key} is not a Reshape to heads but {p.op_type if p is not None else 'a graph input'}")
+    e = p.inputs[0].producer()
+    if e is not None and e.op_type == "Expand":
+        raise _NoMatch("grouped-query attention (each k/v head repeated for several q heads) is not followed")
     entries = shape_entries(p)
     if entries is None:
         raise _NoMatch(f"the {key} head Reshape has a computed shape")

@@ -2,9 +2,10 @@
 2 layers), exported with `edgecomp export --hf`: BERT, ALBERT (one layer called twice), MPNet
 (relative position bias), T5 encoder (position bias, no scaling, no biases), Whisper encoder
 (scaled q, k_proj without bias), DeBERTa-v2 without relative attention (heads folded into the batch
-axis, a computed sqrt(d) scale), GPT-2 (fused QKV Gemm + Split, its sizes an input or, at opset 12,
-an attribute) and the reference encoder after onnx.version_converter (Softmax wrapped in
-Flatten/Reshape); DeBERTa-v2 with relative attention (c2p/p2c) is kept whole with the reason.
+axis, a computed sqrt(d) scale), Llama with as many k/v heads as q heads (rotary embeddings), GPT-2
+(fused QKV Gemm + Split, its sizes an input or, at opset 12, an attribute) and the reference encoder
+after onnx.version_converter (Softmax wrapped in Flatten/Reshape); DeBERTa-v2 with relative
+attention (c2p/p2c) and grouped-query Llama are kept whole with the reason.
 
 The exact check: the heads the analysis would drop are zeroed first (their columns of W_q, W_k,
 W_v and rows of W_o), so L2 importance picks them, and the pruned model must equal the zeroed
@@ -34,6 +35,9 @@ HEADS, D = 4, 16
 _B = {"vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": HEADS,
       "intermediate_size": 128, "max_position_embeddings": 64, "initializer_range": 0.2}
 
+_LLAMA = {"vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": HEADS,
+          "intermediate_size": 128, "max_position_embeddings": 64}
+
 
 def _models():
     t = transformers
@@ -51,6 +55,8 @@ def _models():
         "gpt2": lambda: t.GPT2Model(t.GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=HEADS, n_positions=64,
                                                  initializer_range=0.2, bos_token_id=1, eos_token_id=1)),
         "deberta": lambda: t.DebertaV2Model(t.DebertaV2Config(**_B)),
+        "llama": lambda: t.LlamaModel(t.LlamaConfig(**_LLAMA, num_key_value_heads=HEADS)),
+        "llama-gqa": lambda: t.LlamaModel(t.LlamaConfig(**_LLAMA, num_key_value_heads=2)),
         "deberta-rel": lambda: t.DebertaV2Model(t.DebertaV2Config(**_B, relative_attention=True,
                                                                   pos_att_type=["p2c", "c2p"], position_buckets=8)),
     }
@@ -135,7 +141,7 @@ def _prune_heads(proto, **opts):
 
 
 @pytest.mark.parametrize("arch", ["bert", "albert", "mpnet", "t5", "whisper", "gpt2", "gpt2-opset12", "deberta",
-                                  "encoder-vc17"])
+                                  "llama", "encoder-vc17"])
 def test_pruned_heads_match_the_zeroed_model(exported, arch):
     proto = onnx.load(str(exported(arch)))
     zeroed, blocks = _zero_heads(proto)
@@ -203,7 +209,8 @@ def test_albert_shared_layer_is_cut_once_with_data(exported, tmp_path):
         assert len(sites) == 2 and sites[0].inputs[1] is sites[1].inputs[1], layer
 
 
-@pytest.mark.parametrize("arch, reason", [("deberta-rel", "disentangled relative attention")])
+@pytest.mark.parametrize("arch, reason", [("deberta-rel", "disentangled relative attention"),
+                                          ("llama-gqa", "grouped-query attention")])
 def test_unfollowed_attention_says_why(exported, arch, reason, tmp_path):
     path = exported(arch)
     res = CliRunner().invoke(cli, ["prune", str(path), "--kinds", "heads", "-o", str(tmp_path / "p.onnx")])
