@@ -24,7 +24,7 @@ each layer keeps the method of least held-out error.
 
 The choice (``int4 = auto``): the layers of the int8 plan whose weight is a MatMul's, ordered by
 that held-out error (the cheapest first); the most that still meet the bound (the fidelity
-floor on calibration samples, or the tolerance on eval data) are found by bisection on their
+floor on the odd calibration samples, or the tolerance on eval data) are found by bisection on their
 count, each candidate built whole (int8 rest, int4 part) and run in onnxruntime, then the next
 cheapest are tried one at a time (:data:`GREEDY_TRIES`). ``int4 = REGEX,...`` converts the
 planned MatMuls whose names match, and only measures the result.
@@ -336,7 +336,8 @@ def int4_step(model: ir.Model, plan: Mapping[str, LayerPlan], calibration: Datas
               eval_data: Dataset | None = None, labels: np.ndarray | None = None) -> Int4Choice | None:
     """What :func:`edgecomp.quantize.quantize_model` calls after the int8 plan is final: the int4
     layers by ``opts.int4``, held to the bound the int8 plan was held to — ``tolerance`` on eval
-    data when given, else every output's cosine ``>= min_cosine`` on calibration samples."""
+    data when given, else every output's cosine ``>= min_cosine`` on up to ``fidelity_samples``
+    calibration samples the codes were not fitted to (the odd ones)."""
     from edgecomp.quantize.tolerance import Evaluator, FidelityEvaluator
 
     if opts.int4 == "off":
@@ -350,14 +351,17 @@ def int4_step(model: ir.Model, plan: Mapping[str, LayerPlan], calibration: Datas
         evaluator = Evaluator(model, list(eval_data.feeds_for(specs)), opts.metric, labels, opts.threads)
         bound = float(opts.tolerance)
     elif opts.min_cosine is not None:
-        evaluator = FidelityEvaluator(model, list(calibration.feeds_for(specs, opts.fidelity_samples)), opts.threads)
+        # the odd samples: the codes were fitted to the even ones (a check on them flatters GPTQ)
+        feeds = list(calibration.feeds_for(specs, 2 * opts.fidelity_samples))
+        evaluator = FidelityEvaluator(model, feeds[1::2] or feeds, opts.threads)
         bound = 1.0 - float(opts.min_cosine)
     elif opts.int4 == "auto":
         raise OptionError("int4", "auto needs a bound to hold: a tolerance with eval data, or min_cosine")
     choice = choose_int4(model, plan, calibration, opts.int4, opts.int4_block, evaluator=evaluator, bound=bound,
                          embeddings=opts.embeddings, limit=opts.max_samples, threads=opts.threads)
     choice.bound_text = (f"{opts.metric} loss <= {opts.tolerance:g} on eval data" if opts.tolerance is not None
-                         else f"every output's cosine >= {opts.min_cosine:g} on calibration samples")
+                         else f"every output's cosine >= {opts.min_cosine:g} on {len(evaluator.feeds)} held-out "
+                              "calibration samples")
     choice.is_cosine = opts.tolerance is None
     return choice
 
