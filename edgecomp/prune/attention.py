@@ -699,6 +699,14 @@ def _emit(an: _Analyzer, name: str, heads: int, d: int, branches: dict[str, _Bra
         else:
             edits.append(Edit("take", n, i, count, axis=1, expand=(1, heads, 1, 1)))
     changed += chain
+    inside = {id(n) for n in changed} | {id(out)}
+    for n in changed:  # every value whose heads change is read inside the block (or only for its shape)
+        for o in n.outputs:
+            if o in o.graph.outputs:
+                raise _NoMatch(f"{o.name} inside the block is a graph output")
+            for u in o.uses():
+                if id(u.node) not in inside and not _shape_only(u.node):
+                    raise _NoMatch(f"{o.name} inside the block is also read by {u.node.op_type} {u.node.name}")
     for n in changed + [out]:
         if n is not None and an.is_protected(n):
             blocked.append(f"protected ({n.name})")
@@ -707,6 +715,17 @@ def _emit(an: _Analyzer, name: str, heads: int, d: int, branches: dict[str, _Bra
     for n in changed:
         for o in n.outputs:
             an.a.head_values.add(o.name)
+
+
+def _shape_only(node: ir.Node, depth: int = 0) -> bool:
+    """``node`` is a Shape, or a layout op (Transpose, Cast, Identity) whose results only Shape reads:
+    a read that follows the new head count by itself (T5 takes the key length that way)."""
+    if node.op_type == "Shape":
+        return True
+    if node.op_type not in ("Transpose", "Cast", "Identity") or depth > 3:
+        return False
+    return all(o not in o.graph.outputs and all(_shape_only(u.node, depth + 1) for u in o.uses())
+               for o in node.outputs)
 
 
 def _split_edits(fused: _Fused, part_atoms: dict[int, int], d: int, edits: list[Edit], changed: list) -> None:
