@@ -261,3 +261,15 @@ def test_gpt2_ffn_neurons_follow_its_2d_reshapes(exported):
     feed = _feed(proto)
     for r, g in zip(run_ort(zeroed, feed), run_ort(ir.to_proto(result.model), feed)):
         np.testing.assert_allclose(g, r, atol=ATOL, rtol=0)
+
+
+def test_attention_probabilities_read_outside_keep_the_block_whole(exported):
+    """A model that also outputs a block's attention probabilities (output_attentions): cutting its
+    heads would change that output, so the block is kept whole and says why; the other is cut."""
+    proto = onnx.load(str(exported("bert")))
+    softmax = next(n for n in proto.graph.node if n.op_type == "Softmax")
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(softmax.output[0], onnx.TensorProto.FLOAT,
+                                                                        ["batch", HEADS, "seq", "seq"]))
+    result = _prune_heads(proto)
+    heads = sorted((r["status"] for r in result.groups if r["kind"] == "heads"), key=len)
+    assert heads[0] == "pruned" and "inside the block is a graph output" in heads[1], heads
