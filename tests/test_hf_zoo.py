@@ -58,8 +58,6 @@ _NO_TABLE = r"no embedding table .* nothing to reduce"
 #: (model, command) -> what its one refusal line says today.
 REFUSED: dict[tuple[str, str], str] = {
     **{(n, "reduce_embeddings"): _NO_TABLE for n in NAMES if n.startswith(("vit", "whisper"))},
-    # GPT-2's attention splits q, k, v out of one Conv1D with a Reshape the channel walk cannot follow
-    ("gpt2", "prune_channels"): r"nothing to prune: every channel group is kept whole \(Reshape",
 }
 
 
