@@ -179,6 +179,11 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
             if speed.low > 1.0:
                 warnings.append(f"the int4 model runs {speed.ratio:.2f}x the int8 model's latency on this host "
                                 f"({speed.text()}): MatMulNBits is slower than MatMulIntegerToFloat here")
+    if not plan and not (int4 and int4.codes):
+        why = ("every planned layer was kept float by the fidelity check" if families else
+               next((r["reason"] for r in family_rows if r.get("reason")), "no family was chosen"))
+        warnings.append(f"no layer was made int8 ({why}); the weights written are float"
+                        + ("" if opts.families != "auto" else " (families all forces int8)"))
     if plan and opts.families != "auto" and opts.format == "contrib" and opts.isa in (None, host_isa()):
         speed = _latency_vs_float(model, quantized, feed, opts.threads)
         summary["latency vs float (this host)"] = speed.text()

@@ -292,3 +292,17 @@ def test_tolerance_evaluator_names_its_option_and_data_neutrally():
         Evaluator(None, [{}], "bogus", None, 1)
     with pytest.raises(DataError, match="^the eval data holds no samples"):
         Evaluator(None, [], METRICS[0], None, 1)
+
+
+def test_auto_families_that_keep_everything_float_say_so(mlp_path, mlp_data, monkeypatch):
+    """A quantize whose timing keeps every family float writes float weights and warns: never a silent copy."""
+    import edgecomp.measure.bench as bench
+
+    calib, _ = mlp_data
+    monkeypatch.setattr(bench, "compare_latency", lambda variants, *a, **k: [
+        bench.RatioEstimate(str(i), 1.0, 0.95, 1.05, 10) for i in range(1, len(variants))])
+    res = _quantize(mlp_path, calib, families="auto")
+    assert res.plan == {} and res.summary["layers int8"] == 0
+    assert res.warnings == ["no layer was made int8 (no combination is >= 3% faster beyond noise: all float); the "
+                            "weights written are float (families all forces int8)"]
+    assert not any("no layer was made int8" in w for w in _quantize(mlp_path, calib).warnings)
