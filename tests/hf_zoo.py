@@ -388,23 +388,9 @@ class HFZoo:
 
 
 def main(argv=None) -> None:
-    import argparse
-    import time
+    import zoo
 
-    import onnx
-    from zoo import default_opset, param_count
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("outdir")
-    ap.add_argument("names", nargs="*", help="zoo models (default: all)")
-    a = ap.parse_args(argv)
-    zoo = HFZoo(a.outdir)
-    for name in a.names or HF_ZOO:
-        t0 = time.perf_counter()
-        path, data = zoo.get(name)
-        m = onnx.load(str(path))
-        print(f"{name:26s} {time.perf_counter() - t0:5.2f}s opset {default_opset(m):2d} params {param_count(m):8d} "
-              f"{path} {data}")
+    zoo.main(argv, HFZoo, HF_ZOO, __doc__)
 
 
 if __name__ == "__main__":

@@ -715,21 +715,24 @@ class Zoo:
         return self._built[name]
 
 
-def main(argv=None) -> None:
+def main(argv=None, zoo_class=None, entries=None, description: str = __doc__) -> None:
+    """Build the zoo's models (all, or those named) into OUTDIR and print a line for each."""
     import argparse
     import time
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    zoo_class, entries = zoo_class or Zoo, entries if entries is not None else ZOO
+    ap = argparse.ArgumentParser(description=description.splitlines()[0])
     ap.add_argument("outdir")
     ap.add_argument("names", nargs="*", help="zoo models (default: all)")
     a = ap.parse_args(argv)
-    zoo = Zoo(a.outdir)
-    for name in a.names or ZOO:
+    zoo = zoo_class(a.outdir)
+    width = max(map(len, entries)) + 2
+    for name in a.names or entries:
         t0 = time.perf_counter()
         path, data = zoo.get(name)
         m = onnx.load(str(path))
-        print(f"{name:22s} {time.perf_counter() - t0:5.2f}s opset {default_opset(m):2d} params {param_count(m):8d} "
-              f"{path} {data}")
+        print(f"{name:{width}s} {time.perf_counter() - t0:5.2f}s opset {default_opset(m):2d} "
+              f"params {param_count(m):8d} {path} {data}")
 
 
 if __name__ == "__main__":

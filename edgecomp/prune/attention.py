@@ -333,6 +333,17 @@ def _splitter(value: ir.Value, an: _Analyzer, rank: int) -> tuple[_Fused, int]:
     return _Fused(proj, sp, reshape, parts), part
 
 
+def _permuted(labels: str, perms: list, key: str, after: str = "") -> str:
+    """Axis ``labels`` moved through the Transposes ``perms`` (nearest the Reshape last); a
+    Transpose of another rank is no match."""
+    out = list(labels)
+    for perm in reversed(perms):
+        if len(perm) != len(out):
+            raise _NoMatch(f"{key} Transpose of rank {len(perm)}{after}")
+        out = [out[i] for i in perm]
+    return "".join(out)
+
+
 def _branch(value: ir.Value, want: str, key: str, an: _Analyzer) -> tuple[_Branch, bool]:
     """From the Q, K or V operand of a MatMul back to its head Reshape and projection; whether its
     heads are folded into the batch axis ([b·h, s, d], DeBERTa) on the way."""
@@ -343,12 +354,8 @@ def _branch(value: ir.Value, want: str, key: str, an: _Analyzer) -> tuple[_Branc
     if p is not None and p.op_type == "Reshape" and len(shape_entries(p) or []) == 3:
         if _fold_entries(p, 3) is None:
             raise _NoMatch(f"the {key} Reshape to [batch·heads, seq, d] does not infer its first dim (-1)")
-        labels3 = list("Bsd")
-        for perm in reversed(perms):
-            if len(perm) != 3:
-                raise _NoMatch(f"{key} Transpose of rank {len(perm)} after folding the heads")
-            labels3 = [labels3[i] for i in perm]
-        if "".join(labels3) != want.replace("bh", "B"):
+        labels3 = _permuted("Bsd", perms, key, " after folding the heads")
+        if labels3 != want.replace("bh", "B"):
             raise _NoMatch(f"folded {key} laid out [{','.join(labels3)}]")
         nodes.append(p)
         if not _shape_reads_ok(p.inputs[0], p, None, last_ok=True):
@@ -367,12 +374,8 @@ def _branch(value: ir.Value, want: str, key: str, an: _Analyzer) -> tuple[_Branc
         raise _NoMatch(f"the {key} head Reshape has a computed shape")
     if len(entries) != 4:
         raise _NoMatch(f"the {key} head Reshape has {len(entries)} dims, not [batch, seq, heads, d]")
-    labels = list("bshd")
-    for perm in reversed(perms):
-        if len(perm) != 4:
-            raise _NoMatch(f"{key} Transpose of rank {len(perm)}")
-        labels = [labels[i] for i in perm]
-    if "".join(labels) != want:
+    labels = _permuted("bshd", perms, key)
+    if labels != want:
         raise _NoMatch(f"{key} laid out [{','.join(labels)}], not [{','.join(want)}]")
     nodes.append(p)
     if not _shape_reads_ok(p.inputs[0], p, 3):
