@@ -553,6 +553,10 @@ def validate(reference, candidate, data, labels, k, threads, json_path, targets,
     from edgecomp.measure.validate import validate as run_validate
 
     profiles = _emulated_profiles(targets, targets_file)
+    if profiles:  # a missing or broken emulated runtime is refused before any work
+        from edgecomp.emulate.setup import load_runtime
+
+        runtime = load_runtime(cache_dir)
     result = run_validate(reference, candidate, data, labels, threads=threads or 1, k=k)
     click.echo(rpt.render_validation(result))
     if not profiles:
@@ -560,10 +564,9 @@ def validate(reference, candidate, data, labels, k, threads, json_path, targets,
         return
     from edgecomp.emulate.numerics import fidelity_rows, target_fidelity
     from edgecomp.emulate.runner import LATENCY_NOTE
-    from edgecomp.emulate.setup import load_runtime
 
     on_targets = target_fidelity(reference, candidate, data, profiles, max_samples=max_samples, timeout_s=timeout,
-                                 runtime=load_runtime(cache_dir), k=k, threads=threads or 1)
+                                 runtime=runtime, k=k, threads=threads or 1)
     click.echo(rpt.table(fidelity_rows(on_targets), title="numerics on emulated targets (onnxruntime aarch64 "
                                                            "under qemu-user)"))
     click.echo(f"note: {LATENCY_NOTE}")
