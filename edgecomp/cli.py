@@ -573,6 +573,15 @@ def validate(reference, candidate, data, labels, k, threads, json_path, targets,
     _write_json(json_path, {**rpt.to_jsonable(result), "targets": rpt.to_jsonable(on_targets)})
 
 
+def _target_runner(profile, samples):
+    """The emulated target's runner for a profile with an emulate entry (None otherwise)."""
+    if profile is None or not profile.emulate:
+        return None
+    from edgecomp.emulate import Emulation, TargetRunner, load_runtime
+
+    return TargetRunner(Emulation.of(profile), load_runtime(), max_samples=samples)
+
+
 def _emulated_profiles(names, targets_file):
     from edgecomp.emulate.runner import Emulation
     from edgecomp.targets import get_profile
@@ -664,14 +673,17 @@ def reduce_embeddings(model, output, text, tokenizer, keep_ids, add_tokens, json
 @_declared(QUANTIZE_OPTIONS)
 @_data_option("--eval", "eval", "Held-out DATA for --tolerance (the accuracy-aware fallback).", dest="eval_data")
 @_data_option("--labels", "labels", "Labels for --eval (makes --metric top1 task accuracy).")
-@click.option("--target", help="Target profile whose ISA decides weight bits (default: this host).")
+@click.option("--target", help="Target profile whose ISA decides weight bits (default: this host); one with an "
+              "emulated CPU (arm64-*) also judges --tolerance and the fidelity floor on its numerics.")
 @click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
+@click.option("--target-samples", type=click.IntRange(1), default=16, show_default=True,
+              help="Samples an emulated --target runs per candidate (~1.5-3 s each for a MiniLM int8).")
 @click.option("--mode", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
               help="dynamic runs onnxruntime's quantize_dynamic, for comparison only.")
 @_threads_option
 @_json_option
-def quantize(model, output, calibration, eval_data, labels, target, targets_file, mode, threads, json_path,
-             **options):
+def quantize(model, output, calibration, eval_data, labels, target, targets_file, target_samples, mode, threads,
+             json_path, **options):
     """Static int8 quantization, calibrated and accuracy-aware, in onnxruntime's fast form
     (or, with --format qdq, the QuantizeLinear/DequantizeLinear form mobile EPs consume).
 
@@ -711,7 +723,8 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
                                    f"the {values['format']} form; drop --format (it follows the target: qdq)")
         values["format"] = profile.quant_format
     opts = QuantizeOptions(**fields_of(values), isa=profile.isa if profile else None,
-                           threads=threads or (profile.threads if profile else 1), progress=True)
+                           threads=threads or (profile.threads if profile else 1), progress=True,
+                           target_runner=_target_runner(profile, target_samples))
     opts.validate()
     result = run(load_model(model), opts, data)
     save_model(result.model, output, inputs=[model])

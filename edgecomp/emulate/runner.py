@@ -40,7 +40,7 @@ from edgecomp.emulate.setup import Runtime, load_runtime
 from edgecomp.errors import ConfigError, DataError, EmulationError, ModelLoadError
 from edgecomp.io import load_model, model_bytes, model_from_bytes
 
-__all__ = ["Emulation", "EmulatedRun", "EmulatedRunner", "LATENCY_NOTE", "DEFAULT_TIMEOUT_S", "self_check"]
+__all__ = ["Emulation", "EmulatedRun", "EmulatedRunner", "TargetRunner", "LATENCY_NOTE", "DEFAULT_TIMEOUT_S", "self_check"]
 
 DEFAULT_TIMEOUT_S = 1800.0
 LATENCY_NOTE = ("latency under emulation says nothing about the target (qemu runs ~100-300x slower than the "
@@ -226,6 +226,27 @@ class EmulatedRunner:
             if self.cache:
                 os.replace(f, self.runtime.results / f"{keys[i]}.npz")
         return got
+
+
+class TargetRunner:
+    """``runner(model, feeds)`` for :class:`edgecomp.quantize.tolerance.Evaluator`: each sample's outputs
+    on the emulated target (cached, so the final check of the chosen model costs nothing new)."""
+
+    def __init__(self, emulation: Emulation, runtime: Runtime | None = None, max_samples: int = 16,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, workers: int | None = None):
+        if max_samples < 1:
+            raise ConfigError(f"the target sample count must be >= 1, got {max_samples}")
+        self.emulation, self.max_samples = emulation, max_samples
+        self._runner = EmulatedRunner(emulation, runtime, workers, timeout_s, progress=False)
+
+    def __call__(self, model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]]:
+        return self._runner.run(model, feeds, label="a candidate").outputs
+
+    def describe(self) -> str:
+        em = self.emulation
+        text = (f"{em.name} (onnxruntime {self._runner.runtime.onnxruntime} for aarch64 under qemu -cpu {em.cpu}"
+                f"{'' if em.kleidiai else ', KleidiAI off'}; float reference on this host)")
+        return text + (f"; {em.note}" if em.note else "")
 
 
 def self_check(runtime: Runtime, cpu: str = "cortex-a53") -> str:
