@@ -935,6 +935,10 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
     source = _convert_source(spec, hf_path)
     r = load_recipe(recipe)
     profile = get_profile(target, targets_file) if target else None
+    if profile and profile.emulate:  # refused before any step runs when the emulated runtime is missing
+        from edgecomp.emulate import load_runtime
+
+        load_runtime()
     res = run_convert(source, r, outdir, calibration=calibration, eval_data=eval_data, labels=labels, text=text,
                       tokenizer=tokenizer, target=profile,
                       overwrite=overwrite, progress=True, protect=[p for p in (targets_file,) if p], ort_format=ort_format,
