@@ -80,7 +80,10 @@ class Runtime:
         for entry in self.sysroot.iterdir():
             link = root / entry.name
             if entry.name != "proc" and not link.is_symlink():
-                link.symlink_to(entry)
+                try:
+                    link.symlink_to(entry)
+                except FileExistsError:  # another process made it meanwhile
+                    pass
         info = cpuinfo_text(cpu, os.cpu_count() or 1)
         path = root / "proc" / "cpuinfo"
         if not path.exists() or path.read_text() != info:
