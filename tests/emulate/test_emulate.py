@@ -1,7 +1,6 @@
 """The emulated ARM targets: parity, platform gap, caching and every failure as one line."""
 
 import json
-import os
 import uuid
 
 import numpy as np
