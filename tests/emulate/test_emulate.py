@@ -179,3 +179,30 @@ def test_a_model_the_target_cannot_load_is_one_line(arm64_runtime, tmp_path):
     with pytest.raises(ModelLoadError, match=r"for aarch64 \(arm64-neon\) cannot load the model: .*NoSuchOp"):
         runner.run(m.SerializeToString(), _feeds(1))
     assert not any((arm64_runtime.cache / "tmp").iterdir())
+
+
+def test_setup_without_network_is_one_line_and_leaves_no_runtime(arm64_runtime, tmp_path, monkeypatch):
+    from edgecomp.emulate import prepare
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apt-get").write_text("#!/bin/sh\necho 'E: Failed to fetch http://deb.debian.org/ Temporary failure "
+                                     "resolving deb.debian.org'\nexit 100\n")
+    (bin_dir / "apt-get").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("EDGECOMP_QEMU", arm64_runtime.qemu)
+    cache = tmp_path / "cache"
+    with pytest.raises(EmulationError, match=r"cannot download the arm64 packages \(E: Failed to fetch .*\); run "
+                                             r"`edgecomp targets setup arm64` where Debian's mirror is reachable"):
+        prepare(cache)
+    assert not (cache / "manifest.json").exists() and not (cache / "sysroot").exists()
+    with pytest.raises(EmulationError, match="no arm64 runtime in"):
+        load_runtime(cache)
+
+
+def test_setup_is_idempotent_and_offline_once_prepared(arm64_runtime, monkeypatch):
+    from edgecomp.emulate import prepare
+
+    monkeypatch.setenv("PATH", "/nonexistent")  # no apt-get, no pip network: everything must come from the cache
+    monkeypatch.setenv("EDGECOMP_QEMU", arm64_runtime.qemu)
+    assert prepare(arm64_runtime.cache) == arm64_runtime
