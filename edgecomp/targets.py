@@ -50,7 +50,7 @@ class TargetProfile:
     pin: str | None = None
     ep: str | None = None  # a mobile execution provider (MOBILE_EPS) that runs the model; None: the CPU EP
     emulate: str | None = None  # a qemu-user -cpu model whose numerics stand for this target (edgecomp.emulate)
-    kleidiai: bool = True  # False sets onnxruntime's mlas.disable_kleidiai=1 (under emulation and on the device)
+    kleidiai: bool = True  # False: emulated runs set mlas.disable_kleidiai=1 (set the same session config on the device)
 
     @property
     def quant_format(self) -> str:
