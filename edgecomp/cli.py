@@ -508,6 +508,23 @@ def bench(models, threads, warmup, runs, pin, data, shapes, values, target, targ
     _write_json(json_path, {"host_isa": rpt.host_line(profile), **rpt.to_jsonable(result)})
 
 
+def _emulation_options(f):
+    """--target (several), --targets-file, --max-samples, --timeout and --cache-dir of target numerics."""
+    from edgecomp.emulate.numerics import DEFAULT_MAX_SAMPLES
+    from edgecomp.emulate.runner import DEFAULT_TIMEOUT_S
+
+    f = click.option("--cache-dir", type=click.Path(file_okay=False),
+                     help="The emulated runtime's folder (default ~/.cache/edgecomp/arm64 or $EDGECOMP_ARM64_CACHE).")(f)
+    f = click.option("--timeout", type=click.FloatRange(min=1), default=DEFAULT_TIMEOUT_S, show_default=True,
+                     help="Seconds the emulated runs of one target may take in all.")(f)
+    f = click.option("--max-samples", type=click.IntRange(1), default=DEFAULT_MAX_SAMPLES, show_default=True,
+                     help="Samples run on each emulated target (the first of DATA).")(f)
+    f = click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")(f)
+    f = click.option("--target", "targets", multiple=True,
+                     help="An emulated target profile (arm64-*, or one with emulate = ...); repeat for several.")(f)
+    return f
+
+
 @cli.command()
 @click.argument("reference", type=click.Path())
 @click.argument("candidate", type=click.Path())
@@ -515,22 +532,64 @@ def bench(models, threads, warmup, runs, pin, data, shapes, values, target, targ
 @click.option("--labels", type=click.Path(), help=".npy of integer labels: report task accuracy of both models.")
 @_declared(VALIDATE_OPTIONS)
 @_threads_option
+@_emulation_options
 @_json_option
-def validate(reference, candidate, data, labels, k, threads, json_path):
+def validate(reference, candidate, data, labels, k, threads, json_path, targets, targets_file, max_samples, timeout,
+             cache_dir):
     """Compare a candidate model's outputs with a reference model's on real inputs.
 
     Reports max/mean abs error, cosine (mean, worst), top-1 agreement for logits, k-NN
-    agreement for embeddings, and accuracy of both with --labels.
+    agreement for embeddings, and accuracy of both with --labels. Each --target with an emulated
+    CPU (arm64-*, see `edgecomp targets`) also runs the candidate in onnxruntime's own aarch64
+    build under qemu: fidelity to the host's fp32 reference and the platform gap (the candidate,
+    target vs host), on the first --max-samples samples. Numerics only, never latency.
 
     Example:
 
         edgecomp validate mnv2.onnx mnv2.int8.onnx --data digits_test.npz --labels digits_test_labels.npy
+
+        edgecomp validate minilm.onnx minilm.int8.onnx --data sentences.npz --target arm64-dotprod --target arm64-sme
     """
     from edgecomp.measure.validate import validate as run_validate
 
+    profiles = _emulated_profiles(targets, targets_file)
+    if profiles:  # a missing or broken emulated runtime is refused before any work
+        from edgecomp.emulate.setup import load_runtime
+
+        runtime = load_runtime(cache_dir)
     result = run_validate(reference, candidate, data, labels, threads=threads or 1, k=k)
     click.echo(rpt.render_validation(result))
-    _write_json(json_path, result)
+    if not profiles:
+        _write_json(json_path, result)
+        return
+    from edgecomp.emulate.numerics import fidelity_rows, target_fidelity
+    from edgecomp.emulate.runner import LATENCY_NOTE
+
+    on_targets = target_fidelity(reference, candidate, data, profiles, max_samples=max_samples, timeout_s=timeout,
+                                 runtime=runtime, k=k, threads=threads or 1)
+    click.echo(rpt.table(fidelity_rows(on_targets), title="numerics on emulated targets (onnxruntime aarch64 "
+                                                           "under qemu-user)"))
+    click.echo(f"note: {LATENCY_NOTE}")
+    _write_json(json_path, {**rpt.to_jsonable(result), "targets": rpt.to_jsonable(on_targets)})
+
+
+def _target_runner(profile, samples):
+    """The emulated target's runner for a profile with an emulate entry (None otherwise)."""
+    if profile is None or not profile.emulate:
+        return None
+    from edgecomp.emulate import Emulation, TargetRunner, load_runtime
+
+    return TargetRunner(Emulation.of(profile), load_runtime(), max_samples=samples)
+
+
+def _emulated_profiles(names, targets_file):
+    from edgecomp.emulate.runner import Emulation
+    from edgecomp.targets import get_profile
+
+    profiles = [get_profile(n, targets_file) for n in dict.fromkeys(names)]
+    for p in profiles:
+        Emulation.of(p)
+    return profiles
 
 
 @cli.command()
@@ -614,14 +673,17 @@ def reduce_embeddings(model, output, text, tokenizer, keep_ids, add_tokens, json
 @_declared(QUANTIZE_OPTIONS)
 @_data_option("--eval", "eval", "Held-out DATA for --tolerance (the accuracy-aware fallback).", dest="eval_data")
 @_data_option("--labels", "labels", "Labels for --eval (makes --metric top1 task accuracy).")
-@click.option("--target", help="Target profile whose ISA decides weight bits (default: this host).")
+@click.option("--target", help="Target profile whose ISA decides weight bits (default: this host); one with an "
+              "emulated CPU (arm64-*) also judges --tolerance and the fidelity floor on its numerics.")
 @click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
+@click.option("--target-samples", type=click.IntRange(1), default=16, show_default=True,
+              help="Samples an emulated --target runs per candidate (~1.5-3 s each for a MiniLM int8).")
 @click.option("--mode", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
               help="dynamic runs onnxruntime's quantize_dynamic, for comparison only.")
 @_threads_option
 @_json_option
-def quantize(model, output, calibration, eval_data, labels, target, targets_file, mode, threads, json_path,
-             **options):
+def quantize(model, output, calibration, eval_data, labels, target, targets_file, target_samples, mode, threads,
+             json_path, **options):
     """Static int8 quantization, calibrated and accuracy-aware, in onnxruntime's fast form
     (or, with --format qdq, the QuantizeLinear/DequantizeLinear form mobile EPs consume).
 
@@ -661,7 +723,8 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
                                    f"the {values['format']} form; drop --format (it follows the target: qdq)")
         values["format"] = profile.quant_format
     opts = QuantizeOptions(**fields_of(values), isa=profile.isa if profile else None,
-                           threads=threads or (profile.threads if profile else 1), progress=True)
+                           threads=threads or (profile.threads if profile else 1), progress=True,
+                           target_runner=_target_runner(profile, target_samples))
     opts.validate()
     result = run(load_model(model), opts, data)
     save_model(result.model, output, inputs=[model])
@@ -780,24 +843,48 @@ def package(model, outdir, data, shapes, values, overwrite):
     click.echo(f"wrote {out}/model.ort, required_operators_and_types.config, package.json")
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
-def targets(targets_file):
-    """List target CPU profiles and say which match this host's ISA.
+@click.pass_context
+def targets(ctx, targets_file):
+    """List target CPU profiles and say which match this host's ISA; `targets setup arm64`
+    prepares the emulated ARM runtime that checks numerics on arm64-* targets.
 
     Example:
 
         edgecomp targets --targets-file my_devices.toml
     """
+    if ctx.invoked_subcommand:
+        return
     from edgecomp.targets import host_isa, load_profiles
 
     profiles = load_profiles(targets_file)
     isa = host_isa()
     click.echo(rpt.host_line(isa=isa))
     rows = [{"name": p.name, "threads": p.threads, "ISA": p.isa.describe(), "EP": p.ep or "CPU",
-             "int8 form": p.quant_format, "matches host": p.matches_host(isa), "description": p.description}
+             "int8 form": p.quant_format, "matches host": p.matches_host(isa),
+             "emulate": (p.emulate or "") + ("" if p.kleidiai else " (no KleidiAI)"), "description": p.description}
             for p in profiles.values()]
     click.echo(rpt.table(rows))
+
+
+@targets.command("setup")
+@click.argument("arch", type=click.Choice(["arm64"]))
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Where the runtime is kept (default ~/.cache/edgecomp/arm64 or $EDGECOMP_ARM64_CACHE).")
+def targets_setup(arch, cache_dir):
+    """Prepare the emulated ARM runtime: Debian's qemu-user, an aarch64 CPython and onnxruntime's
+    aarch64 wheel of this host's version, cached outside the repo; then check it on a tiny model.
+    Idempotent and offline once prepared.
+
+    Example:
+
+        edgecomp targets setup arm64
+    """
+    from edgecomp.emulate import prepare, self_check
+
+    runtime = prepare(cache_dir, log=lambda line: click.echo(line, err=True))
+    click.echo(self_check(runtime))
 
 
 def _data_options(f):
@@ -848,6 +935,10 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
     source = _convert_source(spec, hf_path)
     r = load_recipe(recipe)
     profile = get_profile(target, targets_file) if target else None
+    if profile and profile.emulate:  # refused before any step runs when the emulated runtime is missing
+        from edgecomp.emulate import load_runtime
+
+        load_runtime()
     res = run_convert(source, r, outdir, calibration=calibration, eval_data=eval_data, labels=labels, text=text,
                       tokenizer=tokenizer, target=profile,
                       overwrite=overwrite, progress=True, protect=[p for p in (targets_file,) if p], ort_format=ort_format,

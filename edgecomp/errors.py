@@ -22,6 +22,7 @@ __all__ = [
     "DistillError",
     "InvalidModelError",
     "NothingToPrune",
+    "EmulationError",
 ]
 
 
@@ -92,3 +93,8 @@ class InvalidModelError(EdgecompError):
 
 class NothingToPrune(PassFailed):
     """No channel group (structured) or no weight (unstructured) can be pruned: nothing is written."""
+
+
+class EmulationError(EdgecompError):
+    """The emulated target runtime (qemu-user + onnxruntime's aarch64 build) is missing, broken,
+    timed out or was killed; the message names what to do."""

@@ -49,6 +49,8 @@ class TargetProfile:
     isa: Isa
     pin: str | None = None
     ep: str | None = None  # a mobile execution provider (MOBILE_EPS) that runs the model; None: the CPU EP
+    emulate: str | None = None  # a qemu-user -cpu model whose numerics stand for this target (edgecomp.emulate)
+    kleidiai: bool = True  # False: emulated runs set mlas.disable_kleidiai=1 (set the same session config on the device)
 
     @property
     def quant_format(self) -> str:
@@ -68,11 +70,23 @@ BUILTIN_PROFILES: dict[str, TargetProfile] = {
         TargetProfile("x86-vnni-4core", "4-core x86-64 server with AVX-512 VNNI", 4,
                       Isa("x86_64", avx2=True, avx512=True, vnni=True)),
         TargetProfile("arm-phone-4core", "4 big cores of an ARMv8.2 phone SoC with dot-product", 4,
-                      Isa("aarch64", arm_dot=True)),
+                      Isa("aarch64", arm_dot=True), emulate="cortex-a76"),
         TargetProfile("arm-board-4core", "Raspberry-Pi-class 4-core ARMv8 board without dot-product", 4,
-                      Isa("aarch64")),
+                      Isa("aarch64"), emulate="cortex-a53"),
         TargetProfile("arm-phone-nnapi", "ARMv8.2 Android phone running the model on onnxruntime's NNAPI EP "
                       "(int8 in QDQ form)", 4, Isa("aarch64", arm_dot=True), ep="NNAPI"),
+        # Emulated targets (qemu-user running onnxruntime's aarch64 build): numerics, never latency.
+        TargetProfile("arm64-neon", "ARMv8.0 core, NEON only (emulated Cortex-A53)", 1, Isa("aarch64"),
+                      emulate="cortex-a53"),
+        TargetProfile("arm64-dotprod", "ARMv8.2 core with dot-product (emulated Cortex-A76)", 1,
+                      Isa("aarch64", arm_dot=True), emulate="cortex-a76"),
+        TargetProfile("arm64-i8mm", "ARMv8.6 core with i8mm, no SVE (emulated qemu max,sve=off)", 1,
+                      Isa("aarch64", arm_dot=True), emulate="max,sve=off"),
+        TargetProfile("arm64-sve", "ARMv8.2 core with SVE (emulated A64FX)", 1, Isa("aarch64"), emulate="a64fx"),
+        TargetProfile("arm64-sme", "ARMv9 core with SVE2 and SME, KleidiAI kernels (emulated qemu max)", 1,
+                      Isa("aarch64", arm_dot=True), emulate="max"),
+        TargetProfile("arm64-sme-nokleidiai", "ARMv9 core with SME, KleidiAI off (mlas.disable_kleidiai=1)", 1,
+                      Isa("aarch64", arm_dot=True), emulate="max", kleidiai=False),
     )
 }
 
@@ -101,7 +115,7 @@ def host_isa() -> Isa:
 #: Architectures whose int8 kernel choice this module understands (see :class:`Isa`).
 ARCHES = ("x86_64", "aarch64")
 _ISA_FLAGS = {"avx2": "x86_64", "avx512": "x86_64", "vnni": "x86_64", "arm_dot": "aarch64"}
-_PROFILE_KEYS = ("description", "threads", "pin", "isa", "ep")
+_PROFILE_KEYS = ("description", "threads", "pin", "isa", "ep", "emulate", "kleidiai")
 #: Execution providers a profile may name: they take standard QDQ int8, not onnxruntime's contrib ops.
 MOBILE_EPS = ("XNNPACK", "NNAPI", "CoreML", "QNN")
 _PIN = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
@@ -166,8 +180,20 @@ def _parse_profile(p: Path, name: str, t: dict) -> TargetProfile:
             raise ConfigError(f"{where}: isa.{flag} must be true or false, got {value!r}")
         if value and arch != flag_arch:
             raise ConfigError(f"{where}: isa.{flag} is an {flag_arch} feature, but isa.arch is {arch}")
+    emulate, kleidiai = t.get("emulate"), t.get("kleidiai", True)
+    if emulate is not None:
+        from edgecomp.emulate.cpus import parse_cpu
+
+        try:
+            parse_cpu(emulate)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        if arch != "aarch64":
+            raise ConfigError(f"{where}: emulate runs an aarch64 CPU, but isa.arch is {arch}; add isa.arch = \"aarch64\"")
+    if not isinstance(kleidiai, bool):
+        raise ConfigError(f"{where}: kleidiai must be true or false, got {kleidiai!r}")
     return TargetProfile(name=name, description=description, threads=threads, isa=Isa(**{**isa, "arch": arch}),
-                         pin=pin, ep=ep)
+                         pin=pin, ep=ep, emulate=emulate, kleidiai=kleidiai)
 
 
 def _valid_pin(spec: str) -> bool:

@@ -21,7 +21,7 @@ from edgecomp.io import load_model
 from edgecomp.runtime import make_session, run_feed
 
 __all__ = ["OutputFidelity", "ValidationResult", "validate", "validate_many", "compare_outputs", "knn_agreement", "cosine_rows",
-           "output_kind", "FEATURE_NAME_PARTS"]
+           "output_kind", "FEATURE_NAME_PARTS", "batch_of"]
 
 #: Output names containing one of these (case-insensitive) are features, never logits: ViT's
 #: ``pooler_output``, ``last_hidden_state``, ``sentence_embedding``, ...
@@ -163,7 +163,7 @@ def validate_many(reference: str | os.PathLike | ir.Model, candidates: Sequence[
     else:
         feeds, n = list(data), len(data)
     out_names, ref_out = _outputs(make_session(ref_model, threads), feeds)
-    batches = [_batch_of(feed, specs) for feed in feeds]
+    batches = [batch_of(feed, specs) for feed in feeds]
     y = None if labels is None else (labels if isinstance(labels, np.ndarray) else load_labels(labels, n))
     results = []
     for candidate in candidates:
@@ -198,7 +198,7 @@ def _label(model: str | os.PathLike | ir.Model, default: str) -> str:
     return default if isinstance(model, ir.Model) else str(model)
 
 
-def _batch_of(feed, specs) -> int:
+def batch_of(feed, specs) -> int:
     """The feed's batch: the leading size of the model's first input that has axes."""
     return next((feed[s.name].shape[0] for s in specs if feed[s.name].ndim), 1)
 

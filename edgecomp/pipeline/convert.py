@@ -160,7 +160,7 @@ def _run_quantize(ctx: _Context, rec: StepRecord) -> None:
     if ctx.target and ctx.target.ep:  # a mobile EP runs the QDQ form only
         values["format"] = ctx.target.quant_format
     opts = QuantizeOptions(**fields_of(values), isa=ctx.target.isa if ctx.target else None,
-                           threads=ctx.threads, progress=ctx.progress)
+                           threads=ctx.threads, progress=ctx.progress, target_runner=_target_runner(ctx))
     res = run(ctx.latest(), opts, ctx.data)
     ctx.save(rec, res.model)
     rec.summary = res.summary
@@ -236,6 +236,25 @@ def _run_validate(ctx: _Context, rec: StepRecord) -> None:
         m.cos_mean, m.cos_min, m.top1_agreement, m.knn_agreement = o.cosine_mean, o.cosine_min, o.top1_agreement, o.knn_agreement
         m.accuracy = v.cand_accuracy
     rec.summary = {"samples": results[0].samples, "models": len(models)}
+    if ctx.target and ctx.target.emulate:  # the artifact's numerics on the target, beside the host's
+        from edgecomp.emulate import LATENCY_NOTE
+        from edgecomp.emulate.numerics import fidelity_rows, target_fidelity
+
+        on_target = target_fidelity(models[0].model, models[-1].model, ctx.data.need("eval", "validate"), [ctx.target],
+                                    threads=ctx.threads, k=rec.options["k"], progress=False if not ctx.progress else None)
+        rec.tables = {**(rec.tables or {}), f"numerics on {ctx.target.name} (emulated)": fidelity_rows(on_target)}
+        fid, gap = on_target[0].fidelity[0], on_target[0].platform_gap[0]
+        rec.summary.update({"target cos mean": fid.cosine_mean, "target platform gap 1-cos": 1.0 - gap.cosine_mean,
+                            "target latency": LATENCY_NOTE})
+
+
+def _target_runner(ctx: _Context):
+    """Candidates judged on the target's numerics when the target profile has an emulated CPU."""
+    if not (ctx.target and ctx.target.emulate):
+        return None
+    from edgecomp.emulate import Emulation, TargetRunner
+
+    return TargetRunner(Emulation.of(ctx.target))
 
 
 def _run_bench(ctx: _Context, rec: StepRecord) -> None:

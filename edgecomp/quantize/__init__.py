@@ -110,14 +110,17 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     fidelity = None
     kept_why = "among the most sensitive: kept float to meet the tolerance"
     if opts.tolerance is not None and plan:
-        evaluator = Evaluator(model, list(eval_data.feeds_for(specs)), opts.metric, labels, opts.threads)
+        evaluator = Evaluator(model, list(eval_data.feeds_for(specs, _target_limit(opts))), opts.metric, labels,
+                              opts.threads, runner=opts.target_runner)
         plan, sens, kept, met, loss = fit_tolerance(model, plan, evaluator, opts.tolerance, opts.progress, opts.embeddings,
                                                     opts.format)
     elif opts.tolerance is None and opts.min_cosine is not None and plan:
         # no accuracy target given: still never write a model whose outputs drift from float on
         # the calibration samples (a per-tensor output grid can wreck a downstream magnitude or
         # recurrent state that no per-layer statistic shows)
-        evaluator = FidelityEvaluator(model, list(calibration.feeds_for(specs, opts.fidelity_samples)), opts.threads)
+        limit = min(opts.fidelity_samples, _target_limit(opts) or opts.fidelity_samples)
+        evaluator = FidelityEvaluator(model, list(calibration.feeds_for(specs, limit)), opts.threads,
+                                      runner=opts.target_runner)
         floor = float(opts.min_cosine)
         plan, sens, kept, ok, fid_loss = fit_tolerance(model, plan, evaluator, 1.0 - floor, opts.progress,
                                                        opts.embeddings, opts.format)
@@ -170,6 +173,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         warnings += [w for w in [estimate.warning(opts.tolerance)] if w]
     if fidelity:
         summary.update(fidelity)
+    if opts.target_runner is not None and (fidelity or loss is not None):
+        summary["numerics judged on"] = opts.target_runner.describe()
     if int4:
         summary.update(describe(int4, rows, len(plan)))
         summary["layers float"] -= len(int4.codes)
@@ -192,6 +197,11 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
                             f"({speed.text()}): families {opts.families} were forced; families auto keeps float "
                             "where int8 does not pay")
     return QuantizeResult(quantized, plan, rows, summary, family_rows, met, embedding_rows, warnings)
+
+
+def _target_limit(opts: QuantizeOptions) -> int | None:
+    """How many samples an emulated target runs (None: no target runner, every sample)."""
+    return opts.target_runner.max_samples if opts.target_runner is not None else None
 
 
 def _latency_vs_float(model: ir.Model, quantized: ir.Model, feed, threads: int):

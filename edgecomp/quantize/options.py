@@ -90,6 +90,9 @@ class QuantizeOptions:
     isa: Isa | None = None  # target ISA (default: the host's)
     threads: int = 1
     progress: bool = False
+    # runs candidates on an emulated target (edgecomp.emulate.TargetRunner): the tolerance fallback and
+    # the fidelity floor judge on the target's numerics, on its first max_samples samples
+    target_runner: Any = None
     # without --tolerance: every float output must keep this cosine to float on up to
     # fidelity_samples calibration samples, else the most sensitive layers stay float (None: off)
     min_cosine: float | None = 0.99

@@ -74,22 +74,33 @@ class LossEstimate:
 
 
 class Evaluator:
-    """Scores a candidate against the float model's first output on evaluation feeds."""
+    """Scores a candidate against the float model's first output on evaluation feeds.
 
-    def __init__(self, model: ir.Model, feeds: list, metric: str, labels: np.ndarray | None, threads: int):
+    ``runner(model, feeds)``, when given, computes the candidates' outputs (each sample's list of
+    outputs) instead of the host's onnxruntime: an emulated target's
+    (:class:`edgecomp.emulate.TargetRunner`), so the fallback keeps float what breaks there. The
+    float reference always runs on the host.
+    """
+
+    def __init__(self, model: ir.Model, feeds: list, metric: str, labels: np.ndarray | None, threads: int,
+                 runner=None):
         if metric not in METRICS:
             raise OptionError("metric", f"must be one of {', '.join(METRICS)}, got {metric!r}")
         if not feeds:
             raise DataError("the eval data holds no samples")
-        self.feeds, self.metric, self.labels, self.threads = feeds, metric, labels, threads
-        self.ref = self._outputs(model)
+        self.feeds, self.metric, self.labels, self.threads, self.runner = feeds, metric, labels, threads, None
+        self.ref = self._outputs(model)  # the float reference, on the host
+        self.runner = runner
         if labels is not None:
             check_label_range(labels, int(np.prod(self.ref[0].shape[1:])), "labels")
         self.ref_score = self._score(self.ref)
 
     def _outputs(self, model: ir.Model) -> list[np.ndarray]:
+        if self.runner is not None:
+            return [o[0] for o in self.runner(model, self.feeds)]
         s = make_session(model, threads=self.threads)
-        return [run_feed(s, f)[0] for f in self.feeds]
+        first = [s.get_outputs()[0].name]
+        return [run_feed(s, f, first)[0] for f in self.feeds]
 
     def _score(self, outs: list[np.ndarray]) -> float:
         from edgecomp.measure.validate import cosine_rows
@@ -140,15 +151,18 @@ class FidelityEvaluator(Evaluator):
     compared over all samples together: one value's cosine is only its sign). The loss is
     1 - score; the float model scores 1."""
 
-    def __init__(self, model: ir.Model, feeds: list, threads: int):
+    def __init__(self, model: ir.Model, feeds: list, threads: int, runner=None):
         if not feeds:
             raise DataError("no samples for the fidelity check")
-        self.feeds, self.metric, self.labels, self.threads = feeds, "cosine", None, threads
-        self.ref = self._outputs(model)
+        self.feeds, self.metric, self.labels, self.threads, self.runner = feeds, "cosine", None, threads, None
+        self.ref = self._outputs(model)  # the float reference, on the host
+        self.runner = runner
         self.floats = [i for i, r in enumerate(self.ref[0]) if np.issubdtype(np.asarray(r).dtype, np.floating)]
         self.ref_score = 1.0
 
     def _outputs(self, model: ir.Model) -> list:
+        if self.runner is not None:
+            return self.runner(model, self.feeds)
         s = make_session(model, threads=self.threads)
         return [run_feed(s, f) for f in self.feeds]
 
