@@ -42,6 +42,7 @@ from edgecomp.embeddings.quantize_embeddings import QuantizeEmbeddingsPass
 from edgecomp.errors import DataNeeded, PassFailed
 from edgecomp.graph import compile_patterns
 from edgecomp.passes.base import run_pass
+from edgecomp.passes.float_precision import in_float32, refuse_unrunnable_floats
 from edgecomp.passes.optimize_graph import OptimizeGraphPass
 from edgecomp.passes.upgrade_opset import UpgradeOpsetPass, new_violations, opset_violations
 from edgecomp.quantize.calibration import calibrate
@@ -210,7 +211,9 @@ def _latency_vs_float(model: ir.Model, quantized: ir.Model, feed, threads: int):
 def run(model: ir.Model, opts: QuantizeOptions, data: StepData) -> QuantizeResult:
     """What ``edgecomp quantize`` and a recipe's quantize step call: :func:`quantize_model` on the
     calibration (and, with a tolerance, eval) data named by ``data``."""
+    refuse_unrunnable_floats(model)
     calibration = load_data(data.need("calibration", "static quantization"))
     ev = load_data(data.need("eval", "tolerance", "tolerance")) if opts.tolerance is not None else None
     labels = load_labels(data.labels, len(ev)) if (ev is not None and data.labels) else None
-    return quantize_model(model, calibration, opts, eval_data=ev, labels=labels)
+    # a float16 model is quantized in float32 and keeps its float16 interface and float weights
+    return in_float32(model, lambda m: quantize_model(m, calibration, opts, eval_data=ev, labels=labels))
