@@ -371,3 +371,22 @@ def test_bfloat16_model_refused_in_one_line_before_any_work(tmp_path, cmd):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and "bfloat16" in lines[0], res.stderr
     assert "internal error" not in lines[0] and not out.exists()
+
+
+def test_lift_on_silero_vad_fp16_matches_the_float32_original(tmp_path):
+    """A real float16 model with If subgraphs (silero-vad through onnxruntime's float16
+    converter): lifted, every float inside is float32, the interface stays float16, and the
+    speech probabilities match the float32 model the wheel ships."""
+    from zoo import ZOO, outputs, pooled_cosine, silero_dir
+
+    model, data = ZOO["silero_vad_fp16"].build(tmp_path)
+    lifted = tmp_path / "lifted.onnx"
+    out, _ = _lifted(onnx.load(str(model)))
+    onnx.save(out, str(lifted))
+    assert _elem_types(out) == ([F16, F16, TensorProto.INT64], [F16, F16])
+    subgraphs = [a.g for n in out.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    assert subgraphs and all(F16 not in _all_float_types(onnx.helper.make_model(g)) for g in subgraphs)
+    _, ref = outputs(silero_dir() / "silero_vad.onnx", data, limit=12)
+    _, got = outputs(lifted, data, limit=12)
+    assert pooled_cosine(ref[0], got[0]) >= 0.999  # speech probability of each chunk
+    assert max(float(np.abs(r - g.astype(np.float32)).max()) for r, g in zip(ref[0], got[0])) < 5e-3
