@@ -659,7 +659,11 @@ def _large(kind: str):
             module, _ = small_resnet(width=1.0, num_classes=10, in_channels=3)
             module, args = _randomize_bn(module), (_torch(imagenet_scale(image_crops(1, 32, seed=99))),)
             names, dyn, data = ("x",), {"x": {0: "batch"}}, _image_data(32, 32)
-        if not out.exists():
+        if not out.exists() and kind.endswith("-half"):  # export's parity check is float32's: check as "half" does
+            proto = _torchscript_proto(module, args, names, 17, dyn)
+            _check_against_torch(proto, module, args, names, atol=2e-2, rtol=2e-2)
+            onnx.save(proto, str(out))
+        elif not out.exists():
             _export(module, args, names, out, "torchscript", 17, dyn)
         return out, data(folder)
     return build
