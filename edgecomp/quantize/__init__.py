@@ -1,6 +1,8 @@
 """Static int8 quantization: find layers, calibrate, plan, measure, and fall back where needed.
 
-The steps, each a plain function so tests and scripts can drive them one at a time:
+The steps, each a plain function so tests and scripts can drive them one at a time (a float16
+model goes through them lifted to float32 by :func:`run`, and keeps its float16 interface and
+float weights: :mod:`edgecomp.passes.float_precision`):
 
 0. the model's default opset is raised to 13 (per-channel DequantizeLinear) and the graph
    cleaned up (constants folded, Constant/Identity-fed weights exposed) — before any calibration.
