@@ -181,6 +181,8 @@ class LiftFloat16Pass(EdgecompPass):
             if id(v) not in keep and _lift_type(v):
                 counts["values"] += 1
         for v in interface:
+            if not v.uses():  # only passed through to an output: nothing reads it in float32
+                continue
             cast_out = ir.Value(name=names.unique(f"{v.name}_float32"), type=ir.TensorType(F32), shape=v.shape)
             v.replace_all_uses_with(cast_out)
             _insert_first(graph, ir.Node("", "Cast", [v], {"to": ir.AttrInt64("to", F32)}, outputs=[cast_out],

@@ -390,3 +390,16 @@ def test_lift_on_silero_vad_fp16_matches_the_float32_original(tmp_path):
     _, got = outputs(lifted, data, limit=12)
     assert pooled_cosine(ref[0], got[0]) >= 0.999  # speech probability of each chunk
     assert max(float(np.abs(r - g.astype(np.float32)).max()) for r, g in zip(ref[0], got[0])) < 5e-3
+
+
+def test_lift_keeps_an_overridable_float16_initializer_an_input_that_is_read():
+    proto = half_mlp()
+    w0 = next(t for t in proto.graph.initializer if t.name == "w0")
+    proto.graph.input.append(vinfo("w0", list(w0.dims), F16))  # a default the caller may override (IR >= 4)
+    out, _ = _lifted(proto)
+    assert [(v.name, v.type.tensor_type.elem_type) for v in out.graph.input] == [("x", F16), ("w0", F16)]
+    assert {t.name: t.data_type for t in out.graph.initializer}["w0"] == F16
+    x = _x((3, 64))
+    other = np.zeros((64, 128), np.float16)
+    np.testing.assert_array_equal(run_ort(out, {"x": x, "w0": other})[0], run_ort(proto, {"x": x, "w0": other})[0])
+    assert not np.array_equal(run_ort(out, {"x": x, "w0": other})[0], run_ort(out, {"x": x})[0])
