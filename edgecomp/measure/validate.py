@@ -19,7 +19,7 @@ from edgecomp.data import Dataset, check_label_range, input_specs, load_data, lo
 from edgecomp.errors import DataError
 from edgecomp.io import load_model
 from edgecomp.passes.float_precision import refuse_unrunnable_floats
-from edgecomp.runtime import make_session, run_feed
+from edgecomp.runtime import make_session, run_feed, with_input_floats
 
 __all__ = ["OutputFidelity", "ValidationResult", "validate", "validate_many", "compare_outputs", "knn_agreement", "cosine_rows",
            "output_kind", "FEATURE_NAME_PARTS"]
@@ -172,12 +172,12 @@ def validate_many(reference: str | os.PathLike | ir.Model, candidates: Sequence[
         cand_name = _label(candidate, "the candidate")
         cand_model = candidate if isinstance(candidate, ir.Model) else load_model(candidate)
         refuse_unrunnable_floats(cand_model)
-        cand_specs = input_specs(cand_model)
-        cand_names = {s.name for s in cand_specs}
+        cand_names = {s.name for s in input_specs(cand_model)}
         if cand_names != {s.name for s in specs}:
             raise DataError(f"{cand_name} has inputs {sorted(cand_names)} but {ref_name} has "
                             f"{sorted(s.name for s in specs)}; compare models with the same inputs")
-        names, cand_out = _outputs(make_session(cand_model, threads), [_as_float_types(f, cand_specs) for f in feeds])
+        session = make_session(cand_model, threads)
+        names, cand_out = _outputs(session, [with_input_floats(session, f) for f in feeds])
         if names != out_names:
             raise DataError(f"{cand_name} outputs {names} differ from {ref_name}'s {out_names}")
         result = ValidationResult(n, [compare_outputs(name, r, c, k, batches)
@@ -196,14 +196,6 @@ def _outputs(session, feeds) -> tuple[list[str], list[list[np.ndarray]]]:
         for j, arr in enumerate(run_feed(session, feed)):
             out[j].append(arr)
     return names, out
-
-
-def _as_float_types(feed, specs) -> dict[str, np.ndarray]:
-    """``feed`` with float arrays cast to the candidate's float input types (a float16 model
-    against its float32 original, or back), as DATA's float arrays are cast to any float input."""
-    dtypes = {s.name: s.dtype for s in specs}
-    return {k: v.astype(dtypes[k]) if k in dtypes and v.dtype.kind == "f" and dtypes[k].kind == "f" else v
-            for k, v in feed.items()}
 
 
 def _label(model: str | os.PathLike | ir.Model, default: str) -> str:

@@ -403,3 +403,14 @@ def test_lift_keeps_an_overridable_float16_initializer_an_input_that_is_read():
     other = np.zeros((64, 128), np.float16)
     np.testing.assert_array_equal(run_ort(out, {"x": x, "w0": other})[0], run_ort(proto, {"x": x, "w0": other})[0])
     assert not np.array_equal(run_ort(out, {"x": x, "w0": other})[0], run_ort(out, {"x": x})[0])
+
+
+def test_bench_runs_a_float32_model_and_its_float16_export_on_one_feed(tmp_path):
+    f32, data = _write(tmp_path, half_mlp(np.float32), "mlp32", (64,))
+    f16 = tmp_path / "mlp16.onnx"
+    onnx.save(half_mlp(), str(f16))
+    for extra in ([], ["--data", data]):  # a made-up feed from the first model, or DATA: cast for each model
+        for first, second in ((f32, f16), (f16, f32)):
+            res = _cli("bench", first, second, "--runs", "3", "--warmup", "1", *extra)
+            assert res.exit_code == 0, res.output
+            assert str(second) in res.output
