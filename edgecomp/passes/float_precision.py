@@ -50,10 +50,11 @@ from edgecomp.graph import NameAllocator
 from edgecomp.passes.base import EdgecompPass, PassReport, run_pass
 
 __all__ = ["LiftFloat16Pass", "StoreFloat16Pass", "refuse_unrunnable_floats", "has_float16", "float32_tensor_names",
-           "in_float32", "FLOAT16_MAX"]
+           "in_float32"]
 
+R = TypeVar("R")
 F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
-FLOAT16_MAX = float(np.finfo(np.float16).max)
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 #: float types onnxruntime's CPU EP computes in (float16 mostly through inserted Casts)
 _RUNNABLE = {F16, F32, ir.DataType.DOUBLE}
@@ -327,7 +328,7 @@ def _fits_float16(a: np.ndarray) -> bool:
     at most ``2^-10`` (normal-range rounding alone gives at most ``2^-11``; a tensor of values
     below float16's normal range, such as a tiny scale, fails it)."""
     a = a.astype(np.float64)
-    if not np.isfinite(a).all() or np.abs(a).max(initial=0.0) > FLOAT16_MAX:
+    if not np.isfinite(a).all() or np.abs(a).max(initial=0.0) > _FLOAT16_MAX:
         return False
     norm = np.linalg.norm(a)
     return bool(norm == 0 or np.linalg.norm(a - a.astype(np.float16)) <= norm * 2.0**-10)
@@ -365,9 +366,6 @@ def _store_constant(graph: ir.Graph, node: ir.Node, t: ir.TensorProtocol, names:
     out.type = ir.TensorType(F16)
     _read_through_cast(graph, out, out, name, node, names)
     return t.nbytes // 2
-
-
-R = TypeVar("R")
 
 
 def in_float32(model: ir.Model, work: Callable[[ir.Model], R]) -> R:
