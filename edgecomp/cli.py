@@ -457,10 +457,12 @@ def optimize(model, output, fusions, fold_constants, json_path):
     """
     from edgecomp.io import check_output_path, load_model, save_model
     from edgecomp.passes.base import run_pass
+    from edgecomp.passes.float_precision import refuse_unrunnable_floats
     from edgecomp.passes.optimize_graph import OptimizeGraphPass
 
     check_output_path(output, [model])
     m = load_model(model)
+    refuse_unrunnable_floats(m)
     result = run_pass(OptimizeGraphPass(fold_constants=fold_constants, fusions=fusions), m)
     save_model(result.model, output, inputs=[model])
     click.echo(rpt.render_pass(result))

@@ -13,7 +13,7 @@ import onnxruntime as ort
 from edgecomp.errors import DataError, ModelLoadError
 from edgecomp.io import first_line, model_bytes
 
-__all__ = ["make_session", "run_feed"]
+__all__ = ["make_session", "run_feed", "with_input_floats"]
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -40,6 +40,17 @@ def make_session(model: ir.Model | str | os.PathLike, threads: int = 1, optimiza
     except Exception as e:
         name = model if isinstance(model, (str, Path)) else (model.graph.name or "model")
         raise ModelLoadError(f"onnxruntime cannot load {name}: {first_line(e)}") from e
+
+
+_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def with_input_floats(session: ort.InferenceSession, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feed`` with its float arrays cast to the session's float input types, as DATA's float
+    arrays are cast to any float input: one feed serves a float32 model and its float16 export."""
+    want = {i.name: _FLOATS.get(i.type) for i in session.get_inputs()}
+    return {k: v.astype(want[k]) if want.get(k) is not None and v.dtype.kind == "f" and v.dtype != want[k] else v
+            for k, v in feed.items()}
 
 
 def run_feed(session: ort.InferenceSession, feed: Mapping[str, np.ndarray],

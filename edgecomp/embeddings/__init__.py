@@ -154,8 +154,12 @@ def run(model: ir.Model, opts: ReduceOptions, data: StepData, *, keep_ids: np.nd
         new_tokens: Sequence[str] | None = None) -> ReduceResult:
     """What ``edgecomp reduce-embeddings`` and a recipe's reduce-embeddings step call: the corpus
     is ``data.text`` (one text a line), read with the tokenizer folder ``data.tokenizer``."""
+    from edgecomp.passes.float_precision import in_float32, refuse_unrunnable_floats
     from edgecomp.text import load_tokenizer, read_lines
 
+    refuse_unrunnable_floats(model)
     tokenizer = load_tokenizer(data.tokenizer) if data.tokenizer else None
     corpus = read_lines(data.text) if data.text else None
-    return reduce_embeddings(model, opts, tokenizer, corpus, keep_ids=keep_ids, new_tokens=new_tokens)
+    # a float16 model is reduced in float32 (factors, scales) and keeps its float16 interface and weights
+    return in_float32(model, lambda m: reduce_embeddings(m, opts, tokenizer, corpus, keep_ids=keep_ids,
+                                                         new_tokens=new_tokens))

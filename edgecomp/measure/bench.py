@@ -18,7 +18,7 @@ import onnx_ir as ir
 from edgecomp.data import Dataset, Feed, feed_defaults, image_size_hint, input_specs, synthesize_feed
 from edgecomp.errors import DataError, OptionError
 from edgecomp.io import load_model, model_bytes, model_size_bytes
-from edgecomp.runtime import make_session, run_feed
+from edgecomp.runtime import make_session, run_feed, with_input_floats
 
 __all__ = ["compare_latency", "RatioEstimate", "LatencyStats", "BenchResult", "benchmark", "pin_cpus", "first_feed"]
 
@@ -98,21 +98,22 @@ def benchmark(paths: Sequence[str | os.PathLike | ir.Model], threads: int = 1, w
         assumed = feed_defaults(specs, shapes, values, image)
         del first
     sessions = [make_session(p, threads=threads) for p in paths]  # files are opened by onnxruntime itself
-    for s in sessions:
+    feeds = [with_input_floats(s, feed) for s in sessions]  # a float32 model and its float16 export side by side
+    for s, f in zip(sessions, feeds):
         try:
-            run_feed(s, feed)
+            run_feed(s, f)
         except DataError as e:
             if not assumed:
                 raise
             raise DataError(f"{e} (on a made-up feed: {', '.join(assumed)}; give data, or the inputs' shapes or "
                             "values)") from e
         for _ in range(warmup):
-            run_feed(s, feed)
+            run_feed(s, f)
     times: list[list[float]] = [[] for _ in sessions]
     for _ in range(runs):
         for i, s in enumerate(sessions):
             t0 = time.perf_counter()
-            s.run(None, feed)
+            s.run(None, feeds[i])
             times[i].append(time.perf_counter() - t0)
     batch = int(next(iter(feed.values())).shape[0]) if feed else 1
     stats = [LatencyStats.from_times(lab, size, t, batch) for lab, size, t in zip(labels, sizes, times)]
@@ -159,8 +160,9 @@ def compare_latency(models: Sequence[ir.Model | str | os.PathLike], feed: Feed, 
     """
     sessions = [make_session(m, threads=threads) for m in models]
     labels = list(labels) if labels else [str(m) for m in models]
-    for s in sessions:
-        run_feed(s, feed)
+    feeds = [with_input_floats(s, feed) for s in sessions]
+    for s, f in zip(sessions, feeds):
+        run_feed(s, f)
     logs: list[list[float]] = [[] for _ in sessions[1:]]
     estimates: list[RatioEstimate] = []
     for rnd in range(1, max_rounds + 1):
@@ -168,7 +170,7 @@ def compare_latency(models: Sequence[ir.Model | str | os.PathLike], feed: Feed, 
         for _ in range(runs_per_round):
             for i, s in enumerate(sessions):
                 t0 = timer()
-                s.run(None, feed)
+                s.run(None, feeds[i])
                 times[i].append(timer() - t0)
         ref = max(float(np.median(times[0])), 1e-12)
         for i, t in enumerate(times[1:]):

@@ -18,7 +18,8 @@ import onnx_ir as ir
 from edgecomp.data import Dataset, check_label_range, input_specs, load_data, load_labels
 from edgecomp.errors import DataError
 from edgecomp.io import load_model
-from edgecomp.runtime import make_session, run_feed
+from edgecomp.passes.float_precision import refuse_unrunnable_floats
+from edgecomp.runtime import make_session, run_feed, with_input_floats
 
 __all__ = ["OutputFidelity", "ValidationResult", "validate", "validate_many", "compare_outputs", "knn_agreement", "cosine_rows",
            "output_kind", "FEATURE_NAME_PARTS", "batch_of"]
@@ -155,6 +156,7 @@ def validate_many(reference: str | os.PathLike | ir.Model, candidates: Sequence[
     """:func:`validate` of each candidate against one reference, which runs once."""
     ref_name = _label(reference, "the reference")
     ref_model = reference if isinstance(reference, ir.Model) else load_model(reference)
+    refuse_unrunnable_floats(ref_model)
     specs = input_specs(ref_model)
     if isinstance(data, (str, os.PathLike, Dataset)):
         ds = data if isinstance(data, Dataset) else load_data(data, specs)
@@ -169,11 +171,13 @@ def validate_many(reference: str | os.PathLike | ir.Model, candidates: Sequence[
     for candidate in candidates:
         cand_name = _label(candidate, "the candidate")
         cand_model = candidate if isinstance(candidate, ir.Model) else load_model(candidate)
+        refuse_unrunnable_floats(cand_model)
         cand_names = {s.name for s in input_specs(cand_model)}
         if cand_names != {s.name for s in specs}:
             raise DataError(f"{cand_name} has inputs {sorted(cand_names)} but {ref_name} has "
                             f"{sorted(s.name for s in specs)}; compare models with the same inputs")
-        names, cand_out = _outputs(make_session(cand_model, threads), feeds)
+        session = make_session(cand_model, threads)
+        names, cand_out = _outputs(session, [with_input_floats(session, f) for f in feeds])
         if names != out_names:
             raise DataError(f"{cand_name} outputs {names} differ from {ref_name}'s {out_names}")
         result = ValidationResult(n, [compare_outputs(name, r, c, k, batches)

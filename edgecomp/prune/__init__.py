@@ -261,6 +261,9 @@ def run(model: ir.Model, opts: PruneOptions, data: StepData, progress: bool = Fa
     """What ``edgecomp prune`` and a recipe's prune step call: structured pruning (with the
     calibration data of ``data``, when given, for importance, repair and held-out fidelity; with
     ``opts.tolerance``, the cut fitted to it on the eval data) or unstructured magnitude pruning."""
+    from edgecomp.passes.float_precision import refuse_unrunnable_floats
+
+    refuse_unrunnable_floats(model)  # float16 models are pruned as they are: cuts and repairs keep their dtype
     need_data(OPTIONS, {o.name: getattr(opts, o.name) for o in OPTIONS}, data.available())
     if not opts.structured:
         if opts.tolerance is not None:

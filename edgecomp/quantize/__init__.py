@@ -1,6 +1,8 @@
 """Static int8 quantization: find layers, calibrate, plan, measure, and fall back where needed.
 
-The steps, each a plain function so tests and scripts can drive them one at a time:
+The steps, each a plain function so tests and scripts can drive them one at a time (a float16
+model goes through them lifted to float32 by :func:`run`, and keeps its float16 interface and
+float weights: :mod:`edgecomp.passes.float_precision`):
 
 0. the model's default opset is raised to 13 (per-channel DequantizeLinear) and the graph
    cleaned up (constants folded, Constant/Identity-fed weights exposed) — before any calibration.
@@ -42,6 +44,7 @@ from edgecomp.embeddings.quantize_embeddings import QuantizeEmbeddingsPass
 from edgecomp.errors import DataNeeded, PassFailed
 from edgecomp.graph import compile_patterns
 from edgecomp.passes.base import run_pass
+from edgecomp.passes.float_precision import in_float32, refuse_unrunnable_floats
 from edgecomp.passes.optimize_graph import OptimizeGraphPass
 from edgecomp.passes.upgrade_opset import UpgradeOpsetPass, new_violations, opset_violations
 from edgecomp.quantize.calibration import calibrate
@@ -220,7 +223,9 @@ def _latency_vs_float(model: ir.Model, quantized: ir.Model, feed, threads: int):
 def run(model: ir.Model, opts: QuantizeOptions, data: StepData) -> QuantizeResult:
     """What ``edgecomp quantize`` and a recipe's quantize step call: :func:`quantize_model` on the
     calibration (and, with a tolerance, eval) data named by ``data``."""
+    refuse_unrunnable_floats(model)
     calibration = load_data(data.need("calibration", "static quantization"))
     ev = load_data(data.need("eval", "tolerance", "tolerance")) if opts.tolerance is not None else None
     labels = load_labels(data.labels, len(ev)) if (ev is not None and data.labels) else None
-    return quantize_model(model, calibration, opts, eval_data=ev, labels=labels)
+    # a float16 model is quantized in float32 and keeps its float16 interface and float weights
+    return in_float32(model, lambda m: quantize_model(m, calibration, opts, eval_data=ev, labels=labels))
