@@ -863,11 +863,13 @@ def _convert_source(spec, hf):
 @click.option("--overwrite", is_flag=True, help="Replace an OUTDIR that edgecomp wrote before.")
 @click.option("--ort-format", is_flag=True,
               help="Also write model.ort and required_operators_and_types.config for ORT Mobile (see `edgecomp package`).")
+@_value_option
 def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text, tokenizer, target, targets_file,
-            overwrite, ort_format):
+            overwrite, ort_format, values):
     """Run a recipe from a torch model to a validated edge artifact, with a report.
 
-    Exit status 4 when a gate of the recipe fails (after everything is written).
+    Exit status 4 when a gate of the recipe fails (after everything is written). --value NAME=V
+    (or a recipe's [values] table) fixes inputs of every model after the export (see `edgecomp optimize`).
 
     Example:
 
@@ -884,6 +886,7 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
     res = run_convert(source, r, outdir, calibration=calibration, eval_data=eval_data, labels=labels, text=text,
                       tokenizer=tokenizer, target=profile,
                       overwrite=overwrite, progress=True, protect=[p for p in (targets_file,) if p], ort_format=ort_format,
+                      values=_parse_values(values),
                       on_step=lambda rec: click.echo(f"step {rec.index:02d} {rec.step}: done in {rec.seconds:.1f}s", err=True))
     click.echo(rpt.host_line(profile))
     click.echo(rpt.table(rpt.step_rows(res.steps), title=f"recipe {r.name}:"))

@@ -25,8 +25,9 @@ Cases handled:
   the graph cleanup: deciding it from a declared shape could change what the model computes;
 - the rest of what the value makes constant (a ``Reshape`` shape, a ``Range`` length) is folded
   by the graph cleanup every command runs next (:class:`~edgecomp.passes.optimize_graph.OptimizeGraphPass`);
-- a value that decides no If and lets no node fold is a no-op: that input is left untouched (no
-  constant, no guard) and the record says so (``no effect``), so the caller can warn.
+- a value that decides no If, lets no node that reads it fold and gives none of their outputs a
+  static shape is a no-op: that input is left untouched (no constant, no guard) and the record
+  says so (``no effect``), so the caller can warn.
 
 The input stays **declared** (callers keep feeding it). A fed value other than the fixed one is
 an **error the model reports**, never silently ignored: each specialized input gets a guard,
@@ -154,7 +155,7 @@ class SpecializeInputsPass(EdgecompPass):
         if already:
             summary["already fixed"] = format_values(already)
         if unused:
-            summary["no effect"] = [f"{n}: decides no If and folds nothing; the input is left as it was"
+            summary["no effect"] = [f"{n}: decides no If, folds nothing and fixes no shape; the input is left as it was"
                                     for n in unused]
         return self.report(model, bool(used), summary, rows)
 
@@ -295,7 +296,7 @@ def _decide(model: ir.Model, consts: Mapping[str, ir.Value]) -> tuple[list[tuple
     """Fold a copy of ``model`` with every If held back; returns the Ifs of ``model`` whose
     condition depends on a fixed input and became constant (node, branch taken, deciding inputs),
     and the fixed inputs that let some node fold."""
-    from onnxscript.optimizer import _constant_folding
+    import onnxscript.optimizer
 
     deps = _dependents(model, consts)
     work = model.clone()
@@ -308,9 +309,12 @@ def _decide(model: ir.Model, consts: Mapping[str, ir.Value]) -> tuple[list[tuple
             node.domain = _HELD
     work_consts = {name: work.graph.initializers[c.name] for name, c in consts.items()}
     uses_before = {name: len(c.uses()) for name, c in work_consts.items()}
-    _constant_folding.FoldConstantsPass(shape_inference=True, input_size_limit=2**20,
-                                        output_size_limit=2**20)(work)
-    folded = {name for name, c in work_consts.items() if len(c.uses()) < uses_before[name]}
+    vague = {name: {id(o) for u in c.uses() for o in u.node.outputs if not _static(o)}
+             for name, c in work_consts.items()}
+    onnxscript.optimizer.fold_constants_ir(work, onnx_shape_inference=True)
+    folded = {name for name, c in work_consts.items()
+              if len(c.uses()) < uses_before[name]  # a reader folded away
+              or any(id(o) in vague[name] and _static(o) for u in c.uses() for o in u.node.outputs)}  # or got a static shape
     decided = []
     for a, b in zip(ours, theirs):
         if not _is_if(a) or not a.inputs or a.inputs[0] is None:
@@ -324,6 +328,10 @@ def _decide(model: ir.Model, consts: Mapping[str, ir.Value]) -> tuple[list[tuple
             continue
         decided.append((a, bool(arr.ravel()[0]), ", ".join(sorted(by))))
     return decided, folded
+
+
+def _static(v: ir.Value) -> bool:
+    return v.shape is not None and all(isinstance(d, int) for d in v.shape)
 
 
 # --- inlining -----------------------------------------------------------------------------------
