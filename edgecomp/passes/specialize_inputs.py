@@ -498,8 +498,8 @@ def _guard_output(g: ir.Graph) -> ir.Value:
             continue
         if not (v.dtype.is_floating_point() or v.dtype.is_integer()):
             continue
-        dims = list(v.shape) if v.shape is not None else None
-        size = int(np.prod(dims)) if dims is not None and all(isinstance(d, int) for d in dims) else 2**62
+        # symbolic dims count as 1 (a batch of one): silero's [batch, 1] probability, not its [2, batch, 128] state
+        size = int(np.prod([d if isinstance(d, int) else 1 for d in v.shape])) if v.shape is not None else 2**62
         if best is None or size < best_size:
             best, best_size = v, size
     if best is None:

@@ -11,6 +11,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgecomp.data import input_specs, synthesize_feed
 from edgecomp.errors import ConfigError
 from edgecomp.io import to_proto
 from edgecomp.passes.base import run_pass
@@ -113,6 +114,9 @@ def test_a_different_value_is_an_error_the_model_reports():
     meta = {p.key: p.value for p in out.metadata_props}
     assert meta[FIXED_INPUTS_KEY] == "mode=1" and "guard: input mode must be 1" in meta[GUARD_KEY]
     assert {k: v.tolist() for k, v in fixed_inputs(ir.from_proto(out)).items()} == {"mode": [1.0]}
+    feed = synthesize_feed(input_specs(ir.from_proto(out)))  # what bench/inspect feed without --value
+    assert feed["mode"] == 1 and feed["mode"].dtype == np.int64
+    run_ort(out, feed)
 
 
 def test_without_the_guard_only_the_inlining_changes():
@@ -189,3 +193,26 @@ def test_symbolic_shape_and_respecialization_are_refused():
     assert not again.modified and again.summary == {"already fixed": "mode=1"}
     with pytest.raises(ConfigError, match="already specialized with mode=1; specialize the original model"):
         run_pass(SpecializeInputsPass(values={"mode": 0}), once)
+
+
+def test_a_loop_reading_the_value_is_left_alone():
+    """A Loop body that reads the fixed input now reads the constant; the Loop itself stays."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Cast", ["mode"], ["mf"], to=TensorProto.FLOAT),
+         helper.make_node("Add", ["acc_in", "mf"], ["acc_out"])], "body",
+        [vinfo("i", [], TensorProto.INT64), vinfo("cond_in", [], TensorProto.BOOL), vinfo("acc_in", [2])],
+        [vinfo("cond_out", [], TensorProto.BOOL), vinfo("acc_out", [2])])
+    nodes = [helper.make_node("Loop", ["trips", "", "x"], ["y"], body=body, name="loop"),
+             helper.make_node("Equal", ["mode", "one"], ["c"]),
+             helper.make_node("Cast", ["c"], ["cf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["y", "cf"], ["z"])]
+    src = make_model(nodes, [vinfo("x", [2]), vinfo("mode", [], TensorProto.INT64)], [vinfo("z", [2])],
+                     {"trips": np.array(3, np.int64), "one": np.array(1, np.int64)})
+    res = _specialize(src, mode=1)
+    out = to_proto(res.model)
+    onnx.checker.check_model(out, full_check=True)
+    assert res.modified and "Loop" in _ops(out) and res.summary["Ifs inlined"] == 0
+    feed = {"x": np.array([0.5, -1.0], np.float32), "mode": np.array(1, np.int64)}
+    np.testing.assert_allclose(run_ort(out, feed)[0], run_ort(src, feed)[0], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(run_ort(out, feed)[0], [3.5, 2.0], atol=ATOL, rtol=0)
