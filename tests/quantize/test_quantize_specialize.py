@@ -101,6 +101,8 @@ def test_quantize_prune_optimize_with_a_fixed_mode(mode_files, tmp_path):
     res = invoke("optimize", src, "-o", tmp_path / "o.onnx", "--value", "mode=1")
     assert res.exit_code == 0, res.output
     _check_written(src, tmp_path / "o.onnx", data, 0.999999)
+    res = invoke("bench", tmp_path / "o.onnx", "--runs", "3", "--warmup", "1")  # no --value: the model's own
+    assert res.exit_code == 0 and "guard" not in res.output, res.output
 
 
 def test_without_the_value_the_layers_stay_out_of_reach(mode_files, tmp_path):
