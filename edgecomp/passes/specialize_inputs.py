@@ -83,12 +83,14 @@ def fixed_inputs(model: ir.Model) -> dict[str, np.ndarray]:
 
 
 def _num(x: Any) -> str:
+    """One value as text that reads back to the same value of the input's dtype (repr: shortest
+    round trip), integers without a decimal point."""
     x = x.item() if hasattr(x, "item") else x
     if isinstance(x, (bool, np.bool_)):
         return str(int(x))
-    if isinstance(x, float) and x.is_integer():
+    if isinstance(x, float) and x.is_integer() and abs(x) < 2**53:
         return str(int(x))
-    return f"{x:g}" if isinstance(x, float) else str(x)
+    return repr(float(x)) if isinstance(x, float) else str(x)
 
 
 class SpecializeInputsPass(EdgecompPass):
@@ -120,7 +122,7 @@ class SpecializeInputsPass(EdgecompPass):
         ifs_before = _count_ifs(model)
         rows: list[dict[str, Any]] = []
         folded: set[str] = set()
-        for _ in range(ifs_before + 1):
+        for _ in range(ifs_before + 1 if consts else 0):
             decided, folds = _decide(model, consts)
             folded |= folds
             if not decided:
@@ -150,8 +152,10 @@ class SpecializeInputsPass(EdgecompPass):
             model.metadata_props[FIXED_INPUTS_KEY] = " ".join(
                 x for x in [model.metadata_props.get(FIXED_INPUTS_KEY, ""), format_values(given)] if x)
             if guards:
-                model.metadata_props[GUARD_KEY] = ("a value other than the fixed one fails in the Gather node named "
-                                                   + "; ".join(repr(g) for g in guards))
+                model.metadata_props[GUARD_KEY] = "; ".join(x for x in [
+                    model.metadata_props.get(GUARD_KEY, ""),
+                    "a value other than the fixed one fails in the Gather node named " + "; ".join(repr(g) for g in guards),
+                ] if x)
         if already:
             summary["already fixed"] = format_values(already)
         if unused:
