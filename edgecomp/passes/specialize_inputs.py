@@ -32,8 +32,10 @@ Cases handled:
 The input stays **declared** (callers keep feeding it). A fed value other than the fixed one is
 an **error the model reports**, never silently ignored: each specialized input gets a guard,
 ``idx = Where(Equal(input, value), 0, 1)`` (``ReduceMax`` over the elements of a non-scalar
-input), ``Gather([0], idx)`` added to the smallest numeric graph output. For the fixed value the
-output is ``y + 0 = y`` (bit-exact; four scalar ops); for any other value the ``Gather`` index is
+input), ``Gather([0], idx)`` added to the smallest numeric graph output (before opset 11 a float
+input is compared as ``Not(Greater(Abs(input - value), 0))``; before opset 9 ``Cast(Not(equal))``
+stands for ``Where``; other integer widths and float16 are cast to int64 / float32 first). For
+the fixed value the output is ``y + 0 = y`` (bit-exact; four scalar ops); for any other value the ``Gather`` index is
 out of range and onnxruntime fails with the guard node's name in its message, e.g.
 ``Name:'guard: input sr must be 16000 (...)'``. onnxruntime cannot fold or drop the guard: it
 reads a graph input and feeds a graph output. Keeping the other branch float and taking it at run
@@ -454,6 +456,7 @@ def _add_guards(model: ir.Model, fixed: Mapping[str, tuple[ir.Value, np.ndarray]
     out_name = target.name
     current = target
     guard_names = []
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
     for name, (x, arr) in fixed.items():
         xv, ref = x, arr
         if arr.dtype.kind in "biu" and arr.dtype not in (np.int32, np.int64):
@@ -463,10 +466,21 @@ def _add_guards(model: ir.Model, fixed: Mapping[str, tuple[ir.Value, np.ndarray]
             xv = _node(g, "Cast", [x], {"to": ir.DataType.FLOAT}, names, f"{name}_guard_cast")
             ref = arr.astype(np.float32)
         const = add_initializer(g, names.unique(f"{name}_guard_value"), ref)
-        eq = _node(g, "Equal", [xv, const], {}, names, f"{name}_guard_equal")
-        zero = add_initializer(g, names.unique(f"{name}_guard_ok"), np.array(0, np.int64))
-        one = add_initializer(g, names.unique(f"{name}_guard_bad"), np.array(1, np.int64))
-        idx = _node(g, "Where", [eq, zero, one], {}, names, f"{name}_guard_index")
+        if ref.dtype.kind == "f" and opset < 11:  # Equal takes no floats before opset 11
+            diff = _node(g, "Abs", [_node(g, "Sub", [xv, const], {}, names, f"{name}_guard_sub")], {}, names,
+                         f"{name}_guard_abs")
+            zero_f = add_initializer(g, names.unique(f"{name}_guard_zero"), np.zeros((), ref.dtype))
+            eq = _node(g, "Not", [_node(g, "Greater", [diff, zero_f], {}, names, f"{name}_guard_greater")], {},
+                       names, f"{name}_guard_equal")
+        else:
+            eq = _node(g, "Equal", [xv, const], {}, names, f"{name}_guard_equal")
+        if opset >= 9:
+            zero = add_initializer(g, names.unique(f"{name}_guard_ok"), np.array(0, np.int64))
+            one = add_initializer(g, names.unique(f"{name}_guard_bad"), np.array(1, np.int64))
+            idx = _node(g, "Where", [eq, zero, one], {}, names, f"{name}_guard_index")
+        else:  # no Where before opset 9
+            ne = _node(g, "Not", [eq], {}, names, f"{name}_guard_differs")
+            idx = _node(g, "Cast", [ne], {"to": ir.DataType.INT64}, names, f"{name}_guard_index")
         if arr.ndim:
             idx = _node(g, "ReduceMax", [idx], {"keepdims": 0}, names, f"{name}_guard_any")
         table = add_initializer(g, names.unique(f"{name}_guard_table"), np.zeros(1, zero_dtype))

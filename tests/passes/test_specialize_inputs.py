@@ -216,3 +216,21 @@ def test_a_loop_reading_the_value_is_left_alone():
     feed = {"x": np.array([0.5, -1.0], np.float32), "mode": np.array(1, np.int64)}
     np.testing.assert_allclose(run_ort(out, feed)[0], run_ort(src, feed)[0], atol=ATOL, rtol=0)
     np.testing.assert_allclose(run_ort(out, feed)[0], [3.5, 2.0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("opset", [8, 10, 17])
+def test_a_float_mode_at_old_opsets_is_guarded_with_ops_the_opset_has(opset):
+    """y = x * 2 if gain > 0.5 else x * 3; the guard is valid at the model's opset."""
+    then = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["a"])], "t", [], [vinfo("a", [2])])
+    els = helper.make_graph([helper.make_node("Mul", ["x", "three"], ["b"])], "e", [], [vinfo("b", [2])])
+    nodes = [helper.make_node("Greater", ["gain", "half"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=els)]
+    src = make_model(nodes, [vinfo("x", [2]), vinfo("gain", [])], [vinfo("y", [2])],
+                     {"two": np.float32(2), "three": np.float32(3), "half": np.float32(0.5)}, opset=opset)
+    out = to_proto(_specialize(src, gain=0.75).model)
+    onnx.checker.check_model(out, full_check=True)
+    assert "If" not in _ops(out)
+    feed = {"x": np.array([1.0, -2.0], np.float32), "gain": np.array(0.75, np.float32)}
+    np.testing.assert_allclose(run_ort(out, feed)[0], [2.0, -4.0], atol=ATOL, rtol=0)
+    with pytest.raises(Exception, match="guard: input gain must be 0.75"):
+        run_ort(out, {**feed, "gain": np.array(0.7500001, np.float32)})
