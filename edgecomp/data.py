@@ -210,6 +210,13 @@ def _check_dims(spec: InputSpec, shape: Sequence[int]) -> None:
                             f"got {'x'.join(map(str, shape))}; fix the data or the shape")
 
 
+def _holds_fixed(arr: np.ndarray, spec: InputSpec) -> bool:
+    """Whether a fed array is the value a specialized input was fixed to (one value fills it)."""
+    want = np.ravel(spec.fixed).astype(spec.dtype)
+    got = np.ravel(arr).astype(spec.dtype)
+    return bool(got.size and (np.all(got == want[0]) if want.size == 1 else np.array_equal(got, want)))
+
+
 def _check_values(a: np.ndarray, where: str, per_sample: bool) -> None:
     """Refuse object, string and non-finite arrays with one line naming the first bad sample."""
     if a.dtype.kind in "OUSV":
@@ -308,6 +315,11 @@ class Dataset:
                                 "store numbers (e.g. astype(numpy.float32))")
             if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
                 raise DataError(f"DATA array {spec.name!r} is {arr.dtype} but the model wants {spec.dtype}")
+            if spec.fixed is not None and not _holds_fixed(arr, spec):
+                fixed = ",".join(f"{v:g}" for v in np.ravel(spec.fixed))
+                raise DataError(f"DATA array {spec.name!r} holds {np.ravel(arr)[:4].tolist()} but the model was "
+                                f"specialized with {spec.name}={fixed} (--value), which it accepts alone; "
+                                f"give DATA for that value or specialize with the value the DATA holds")
 
     def feeds_for(self, specs: Sequence[InputSpec], limit: int | None = None) -> Iterator[Feed]:
         """Feeds cast to the model's dtypes (e.g. int32 ids to int64); at most ``limit`` of them."""

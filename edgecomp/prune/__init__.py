@@ -266,7 +266,7 @@ def run(model: ir.Model, opts: PruneOptions, data: StepData, progress: bool = Fa
         if opts.tolerance is not None:
             raise OptionError("tolerance", "fits structured cuts; unstructured pruning takes sparsity alone")
         return prune_weights(model, opts)
-    calibration = load_data(data.calibration) if data.calibration else None
+    calibration = load_data(data.calibration, input_specs(model)) if data.calibration else None  # checked up front
     if opts.tolerance is None:
         return prune_model(model, opts, calibration)
     from edgecomp.prune.tolerance import prune_to_tolerance  # it builds on this module's helpers

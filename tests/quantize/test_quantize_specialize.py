@@ -168,3 +168,15 @@ def test_silero_vad_quantizes_with_a_fixed_sample_rate(tmp_path):
     assert _cos(p_q, p_ref) >= 0.99 and np.abs(p_q - p_ref).max() < 0.15, (p_ref, p_q)
     with pytest.raises(Exception, match="guard: input sr must be 16000"):
         q.run(None, {**feeds[0], "sr": np.array(8000, np.int64)})
+
+
+def test_data_for_another_value_is_one_line(mode_files, tmp_path):
+    """DATA feeding mode=1 to a model specialized with --value mode=0: refused before any work."""
+    src, data = mode_files
+    for cmd in (["quantize", "--calibration", data], ["prune", "--data", data]):
+        res = invoke(cmd[0], src, "-o", tmp_path / "x.onnx", *cmd[1:], "--value", "mode=0")
+        assert res.exit_code != 0 and "Traceback" not in res.output, res.output
+        assert res.output.strip().splitlines()[-1] == (
+            "Error: DATA array 'mode' holds [1] but the model was specialized with mode=0 (--value), which it accepts "
+            "alone; give DATA for that value or specialize with the value the DATA holds"), (cmd, res.output)
+        assert not (tmp_path / "x.onnx").exists()
