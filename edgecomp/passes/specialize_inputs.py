@@ -59,7 +59,8 @@ from edgecomp.errors import ConfigError, PassFailed
 from edgecomp.graph import NameAllocator, add_initializer, attribute, subgraphs
 from edgecomp.passes.base import EdgecompPass, PassReport, one_line_failures
 
-__all__ = ["SpecializeInputsPass", "FIXED_INPUTS_KEY", "GUARD_KEY", "fixed_inputs", "format_values"]
+__all__ = ["SpecializeInputsPass", "FIXED_INPUTS_KEY", "GUARD_KEY", "fixed_inputs", "format_values", "mode_inputs",
+           "mode_hint"]
 
 FIXED_INPUTS_KEY = "edgecomp.fixed_inputs"
 GUARD_KEY = "edgecomp.guard"
@@ -82,6 +83,38 @@ def fixed_inputs(model: ir.Model) -> dict[str, np.ndarray]:
         except ValueError:
             continue
     return out
+
+
+def mode_inputs(model: ir.Model) -> list[str]:
+    """Graph inputs of static shape that the condition of an If depends on (walking producers back
+    from each condition; an If in a subgraph counts too): the inputs ``--value`` could fix."""
+    static = {v.name for v in model.graph.inputs if v.name not in model.graph.initializers and v.shape is not None
+              and all(isinstance(d, int) for d in v.shape)}
+    found: list[str] = []
+    seen: set[int] = set()
+    todo = [n.inputs[0] for n in ir.traversal.RecursiveGraphIterator(model.graph) if _is_if(n) and n.inputs
+            and n.inputs[0] is not None]
+    while todo:
+        v = todo.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if v.is_graph_input() and v.name in static and v.name not in found:
+            found.append(v.name)
+        p = v.producer()
+        if p is not None:
+            todo += [x for x in p.inputs if x is not None]
+    return found
+
+
+def mode_hint(model: ir.Model) -> str:
+    """`` (an If depends on input sr: --value sr=V fixes it and inlines the taken branch)``, or ""."""
+    names = mode_inputs(model)
+    if not names:
+        return ""
+    return (f" (an If depends on input{'s' if len(names) > 1 else ''} {', '.join(names)}: "
+            f"{' '.join(f'--value {n}=V' for n in names)} fixes {'them' if len(names) > 1 else 'it'} "
+            "and inlines the taken branch)")
 
 
 def _num(x: Any) -> str:

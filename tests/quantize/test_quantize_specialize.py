@@ -107,8 +107,11 @@ def test_quantize_prune_optimize_with_a_fixed_mode(mode_files, tmp_path):
 
 def test_without_the_value_the_layers_stay_out_of_reach(mode_files, tmp_path):
     src, data = mode_files
+    hint = "(an If depends on input mode: --value mode=V fixes it and inlines the taken branch)"
     res = invoke("quantize", src, "-o", tmp_path / "q.onnx", "--calibration", data)
-    assert res.exit_code != 0 and "inside an If subgraph" in res.output
+    assert res.exit_code != 0 and "inside an If subgraph" in res.output and hint in res.output, res.output
+    res = invoke("prune", src, "-o", tmp_path / "p.onnx", "--data", data)
+    assert res.exit_code != 0 and "layers in subgraphs are not pruned" in res.output and hint in res.output
 
 
 @pytest.mark.parametrize("value, message", [
