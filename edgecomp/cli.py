@@ -328,6 +328,22 @@ def _parse_values(values) -> dict:
     return dict(parse_value(v) for v in values)
 
 
+def _specialize(m, values):
+    """--value on optimize/quantize/prune: fix those inputs in the loaded model (SpecializeInputsPass:
+    the Ifs they decide inlined, a guard against other values); its record is shown, a value that
+    changes nothing is warned about. None without --value."""
+    if not values:
+        return None
+    from edgecomp.passes.base import run_pass
+    from edgecomp.passes.specialize_inputs import SpecializeInputsPass
+
+    res = run_pass(SpecializeInputsPass(values=_parse_values(values)), m)
+    click.echo(rpt.render_pass(res))
+    for line in res.summary.get("no effect", []):
+        click.echo(f"warning: --value {line}", err=True)
+    return res
+
+
 def _parse_shapes(values, what="--shape"):
     from edgecomp.data import parse_shape
     from edgecomp.errors import DataError
@@ -447,13 +463,19 @@ def distill(teacher, output, teacher_hf, calibration, text, tokenizer, labels, c
 @click.argument("model", type=click.Path())
 @_output_option
 @_declared(OPTIMIZE_OPTIONS)
+@_value_option
 @_json_option
-def optimize(model, output, fusions, fold_constants, json_path):
+def optimize(model, output, fusions, fold_constants, values, json_path):
     """Clean up a graph: fold constants and BatchNorms, optionally fuse transformer blocks.
+
+    --value NAME=V fixes an input the deployment always feeds the same (a sample rate, a mode):
+    the Ifs it decides are inlined and what it makes constant is folded; the input stays, and
+    any other value fed later makes the model fail with a message naming the fixed value.
 
     Example:
 
         edgecomp optimize mnv2.onnx -o mnv2.opt.onnx
+        edgecomp optimize silero_vad.onnx -o vad16k.onnx --value sr=16000
     """
     from edgecomp.io import check_output_path, load_model, save_model
     from edgecomp.passes.base import run_pass
@@ -463,11 +485,12 @@ def optimize(model, output, fusions, fold_constants, json_path):
     check_output_path(output, [model])
     m = load_model(model)
     refuse_unrunnable_floats(m)
+    spec = _specialize(m, values)
     result = run_pass(OptimizeGraphPass(fold_constants=fold_constants, fusions=fusions), m)
     save_model(result.model, output, inputs=[model])
     click.echo(rpt.render_pass(result))
     click.echo(f"wrote {output}")
-    _write_json(json_path, result.to_json())
+    _write_json(json_path, {**result.to_json(), "specialize": spec.to_json()} if spec else result.to_json())
 
 
 @cli.command()
@@ -682,21 +705,24 @@ def reduce_embeddings(model, output, text, tokenizer, keep_ids, add_tokens, json
               help="Samples an emulated --target runs per candidate (~1.5-3 s each for a MiniLM int8).")
 @click.option("--mode", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
               help="dynamic runs onnxruntime's quantize_dynamic, for comparison only.")
+@_value_option
 @_threads_option
 @_json_option
-def quantize(model, output, calibration, eval_data, labels, target, targets_file, target_samples, mode, threads,
-             json_path, **options):
+def quantize(model, output, calibration, eval_data, labels, target, targets_file, target_samples, mode, values,
+             threads, json_path, **options):
     """Static int8 quantization, calibrated and accuracy-aware, in onnxruntime's fast form
     (or, with --format qdq, the QuantizeLinear/DequantizeLinear form mobile EPs consume).
 
     Activation scales are fixed from calibration (no DynamicQuantizeLinear). With --eval and
     --tolerance, the most sensitive layers stay float until the metric is within tolerance;
     the best model found is always written, and the exit status is 3 when the tolerance
-    could not be met.
+    could not be met. --value NAME=V fixes a mode input first (see `edgecomp optimize`), so
+    layers behind an If on it are quantized.
 
     Example:
 
         edgecomp quantize minilm.onnx -o minilm.int8.onnx --calibration calib/ --eval held/ --metric cosine --tolerance 0.003
+        edgecomp quantize silero_vad.onnx -o vad.int8.onnx --calibration chunks/ --value sr=16000
     """
     from edgecomp.data import StepData
     from edgecomp.io import check_output_path, load_model, save_model
@@ -707,13 +733,13 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
 
     check_output_path(output, [p for p in (model, calibration, eval_data, labels, targets_file) if p])
     data = StepData(calibration=calibration, eval=eval_data, labels=labels)
-    values = _values(QUANTIZE_OPTIONS, options)
+    fixed, values = values, _values(QUANTIZE_OPTIONS, options)
     if eval_data and values["tolerance"] is None:
         raise click.UsageError("--eval is read by --tolerance X (the accuracy-aware fallback); give both")
     profile = get_profile(target, targets_file) if target else None
     if mode == "dynamic":
-        if calibration or eval_data or values["tolerance"] is not None:
-            raise click.UsageError("--mode dynamic takes no --calibration, --eval or --tolerance (it is "
+        if calibration or eval_data or values["tolerance"] is not None or fixed:
+            raise click.UsageError("--mode dynamic takes no --calibration, --eval, --tolerance or --value (it is "
                                    "onnxruntime's quantize_dynamic, for comparison)")
         quantize_dynamic_ort(model, output, profile.isa if profile else None)
         click.echo(f"wrote {output} (onnxruntime quantize_dynamic, for comparison)")
@@ -728,7 +754,9 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
                            threads=threads or (profile.threads if profile else 1), progress=True,
                            target_runner=_target_runner(profile, target_samples))
     opts.validate()
-    result = run(load_model(model), opts, data)
+    m = load_model(model)
+    spec = _specialize(m, fixed)
+    result = run(m, opts, data)
     save_model(result.model, output, inputs=[model])
     click.echo(rpt.host_line(profile))
     click.echo(rpt.table(result.families, title="op families (latency measured on this host):"))
@@ -742,7 +770,7 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
     for line in result.warnings:
         click.echo(f"warning: {line}", err=True)
     _write_json(json_path, {"summary": result.summary, "families": result.families, "layers": result.rows,
-                            "embeddings": result.embeddings})
+                            "embeddings": result.embeddings, "specialize": spec.to_json() if spec else None})
     if result.met_tolerance is False:
         raise click.exceptions.Exit(3)
 
@@ -755,9 +783,10 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
               "fidelity of the result.")
 @_data_option("--eval", "eval", "Held-out DATA that --tolerance measures the loss on.", dest="eval_data")
 @_data_option("--labels", "labels", "Labels for --eval (makes --metric top1 task accuracy).")
+@_value_option
 @_threads_option
 @_json_option
-def prune(model, output, calibration, eval_data, labels, threads, json_path, **options):
+def prune(model, output, calibration, eval_data, labels, values, threads, json_path, **options):
     """Prune a model: physically remove channels, neurons and attention heads (structured, the
     default), or zero the smallest weights (--unstructured).
 
@@ -771,6 +800,8 @@ def prune(model, output, calibration, eval_data, labels, threads, json_path, **o
     With --eval and --tolerance, the cut is fitted to the loss instead of --sparsity: each group
     is cut as far as the measured loss on --eval allows (uneven per group); the best model found is
     always written, and the exit status is 3 when no cut stays within the tolerance.
+    --value NAME=V fixes a mode input first (see `edgecomp optimize`), so layers behind an If on
+    it can be pruned.
 
     Example:
 
@@ -788,8 +819,9 @@ def prune(model, output, calibration, eval_data, labels, threads, json_path, **o
         raise click.UsageError("--unstructured ranks weights by magnitude alone; drop --data")
     if eval_data and opts.tolerance is None:
         raise click.UsageError("--eval is read by --tolerance X (the cut fitted to a loss); give both")
-    result = run(load_model(model), opts, StepData(calibration=calibration, eval=eval_data, labels=labels),
-                 progress=True)
+    m = load_model(model)
+    spec = _specialize(m, values)
+    result = run(m, opts, StepData(calibration=calibration, eval=eval_data, labels=labels), progress=True)
     save_model(result.model, output, inputs=[model])
     s = result.summary
     if opts.structured:
@@ -805,7 +837,8 @@ def prune(model, output, calibration, eval_data, labels, threads, json_path, **o
     for line in result.warnings:
         click.echo(f"warning: {line}", err=True)
     _write_json(json_path, {"summary": result.summary, "groups": result.groups, "layers": result.layers,
-                            "fidelity": result.fidelity, "warnings": result.warnings})
+                            "fidelity": result.fidelity, "warnings": result.warnings,
+                            "specialize": spec.to_json() if spec else None})
     if result.met_tolerance is False:
         raise click.exceptions.Exit(3)
 
@@ -919,11 +952,13 @@ def _convert_source(spec, hf):
 @click.option("--overwrite", is_flag=True, help="Replace an OUTDIR that edgecomp wrote before.")
 @click.option("--ort-format", is_flag=True,
               help="Also write model.ort and required_operators_and_types.config for ORT Mobile (see `edgecomp package`).")
+@_value_option
 def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text, tokenizer, target, targets_file,
-            overwrite, ort_format):
+            overwrite, ort_format, values):
     """Run a recipe from a torch model to a validated edge artifact, with a report.
 
-    Exit status 4 when a gate of the recipe fails (after everything is written).
+    Exit status 4 when a gate of the recipe fails (after everything is written). --value NAME=V
+    (or a recipe's [values] table) fixes inputs of every model after the export (see `edgecomp optimize`).
 
     Example:
 
@@ -944,6 +979,7 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
     res = run_convert(source, r, outdir, calibration=calibration, eval_data=eval_data, labels=labels, text=text,
                       tokenizer=tokenizer, target=profile,
                       overwrite=overwrite, progress=True, protect=[p for p in (targets_file,) if p], ort_format=ort_format,
+                      values=_parse_values(values),
                       on_step=lambda rec: click.echo(f"step {rec.index:02d} {rec.step}: done in {rec.seconds:.1f}s", err=True))
     click.echo(rpt.host_line(profile))
     click.echo(rpt.table(rpt.step_rows(res.steps), title=f"recipe {r.name}:"))

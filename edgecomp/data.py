@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.errors import DataError, DataNeeded, InputFileError, OptionError
+from edgecomp.passes.specialize_inputs import fixed_inputs
 
 __all__ = [
     "InputSpec",
@@ -48,11 +49,13 @@ _DTYPES = {
 
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
-    """A graph input: name, numpy dtype, and dims (int, or str for a symbolic dim, or None)."""
+    """A graph input: name, numpy dtype, and dims (int, or str for a symbolic dim, or None); ``fixed``:
+    the value a specialized model accepts (``--value`` when it was specialized; its guard refuses others)."""
 
     name: str
     dtype: np.dtype
     dims: tuple[int | str | None, ...]
+    fixed: np.ndarray | None = dataclasses.field(default=None, compare=False)
 
     def shape_text(self) -> str:
         return "x".join("?" if d is None else str(d) for d in self.dims)
@@ -63,7 +66,7 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
 
     A dim stored as a non-positive number (``dim_value: -1`` for "any batch", which onnxruntime
     accepts) is symbolic, like an unnamed dim: None."""
-    specs = []
+    specs, fixed = [], fixed_inputs(model)
     for v in model.graph.inputs:
         if v.name in model.graph.initializers:
             continue
@@ -72,7 +75,7 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         if v.shape is not None:
             dims = tuple((d if d > 0 else None) if isinstance(d, int) else (str(d) if d.value is not None else None)
                          for d in v.shape)
-        specs.append(InputSpec(v.name, np.dtype(dtype), dims))
+        specs.append(InputSpec(v.name, np.dtype(dtype), dims, fixed.get(v.name)))
     return specs
 
 
@@ -142,8 +145,8 @@ def synthesize_feed(specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[in
     rng = np.random.default_rng(seed)
     feed = {}
     for spec in specs:
-        if spec.name in values:
-            feed[spec.name] = _fixed_value(spec, values[spec.name])
+        if spec.name in values or spec.fixed is not None:  # a specialized model's value unless told otherwise
+            feed[spec.name] = _fixed_value(spec, values[spec.name] if spec.name in values else spec.fixed)
             continue
         if spec.name in shapes:
             shape = tuple(int(d) for d in shapes[spec.name])
@@ -166,7 +169,7 @@ def synthesize_feed(specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[in
 def feed_defaults(specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int]] | None = None,
                   values: Mapping[str, np.ndarray] | None = None, image_size: int | None = None) -> list[str]:
     """What :func:`synthesize_feed` assumed for the inputs neither ``shapes`` nor ``values`` fix."""
-    given = set(shapes or {}) | set(values or {})
+    given = set(shapes or {}) | set(values or {}) | {s.name for s in specs if s.fixed is not None}
     notes = [n for s in specs if s.name not in given for n in default_shape(s, image_size)[1]]
     return list(dict.fromkeys(notes))
 
@@ -205,6 +208,13 @@ def _check_dims(spec: InputSpec, shape: Sequence[int]) -> None:
         if isinstance(want, int) and want != got:
             raise DataError(f"input {spec.name!r} needs size {want} at axis {i} ({spec.shape_text()}), "
                             f"got {'x'.join(map(str, shape))}; fix the data or the shape")
+
+
+def _holds_fixed(arr: np.ndarray, spec: InputSpec) -> bool:
+    """Whether a fed array is the value a specialized input was fixed to (one value fills it)."""
+    want = np.ravel(spec.fixed).astype(spec.dtype)
+    got = np.ravel(arr).astype(spec.dtype)
+    return bool(got.size and (np.all(got == want[0]) if want.size == 1 else np.array_equal(got, want)))
 
 
 def _check_values(a: np.ndarray, where: str, per_sample: bool) -> None:
@@ -305,6 +315,11 @@ class Dataset:
                                 "store numbers (e.g. astype(numpy.float32))")
             if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
                 raise DataError(f"DATA array {spec.name!r} is {arr.dtype} but the model wants {spec.dtype}")
+            if spec.fixed is not None and not _holds_fixed(arr, spec):
+                fixed = ",".join(f"{v:g}" for v in np.ravel(spec.fixed))
+                raise DataError(f"DATA array {spec.name!r} holds {np.ravel(arr)[:4].tolist()} but the model was "
+                                f"specialized with {spec.name}={fixed} (--value), which it accepts alone; "
+                                f"give DATA for that value or specialize with the value the DATA holds")
 
     def feeds_for(self, specs: Sequence[InputSpec], limit: int | None = None) -> Iterator[Feed]:
         """Feeds cast to the model's dtypes (e.g. int32 ids to int64); at most ``limit`` of them."""

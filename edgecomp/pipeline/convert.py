@@ -143,6 +143,17 @@ def _run_export(ctx: _Context, rec: StepRecord) -> None:
         rec.summary["task"] = f"{res.task} (from {res.task_source})"
 
 
+def _specialize(ctx: _Context, rec: StepRecord, values: dict[str, Any]) -> None:
+    """Fix ``values`` in the exported model in memory: later steps start from the specialized
+    model, while the export's file stays the fp32 baseline that validate and bench compare with."""
+    from edgecomp.passes.base import run_pass
+    from edgecomp.passes.specialize_inputs import SpecializeInputsPass
+
+    res = run_pass(SpecializeInputsPass(values=values), ctx.latest_model())
+    rec.summary["specialized"] = res.summary
+    rec.tables["specialized Ifs"] = res.rows
+
+
 def _run_optimize(ctx: _Context, rec: StepRecord) -> None:
     from edgecomp.passes.base import run_pass
     from edgecomp.passes.optimize_graph import OptimizeGraphPass
@@ -364,12 +375,15 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
             eval_data: str | None = None, labels: str | None = None, text: str | None = None,
             tokenizer: str | None = None, target: TargetProfile | None = None,
             overwrite: bool = False, progress: bool = False, protect: Sequence[str | os.PathLike] = (),
-            ort_format: bool = False,
+            ort_format: bool = False, values: dict[str, Any] | None = None,
             on_step: Callable[[StepRecord], None] | None = None) -> ConvertResult:
     """Run ``recipe`` on ``source`` into ``outdir``; see the module docstring.
 
     ``protect`` names further inputs (a targets file) that OUTDIR must not hold. ``ort_format``
     also writes ``model.ort`` and the reduced-build operator config (see :mod:`edgecomp.package`).
+    ``values`` (over the recipe's ``[values]``) fixes inputs of every model after the export:
+    :class:`~edgecomp.passes.specialize_inputs.SpecializeInputsPass` runs on the exported model
+    in memory, recorded in the export step's summary.
     """
     from edgecomp.render.html import write_reports
 
@@ -381,6 +395,7 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
     out = check_output_dir(outdir, [*dataclasses.astuple(data), source.hf, source.spec_file(), recipe.source,
                                     *protect], overwrite)
     _check_steps(recipe, data, source)
+    fixed = {**recipe.values, **(values or {})}
     started = datetime.datetime.now().isoformat(timespec="seconds")
     with work_dir(out) as work:
         ctx = _Context(source, work, data, target, progress)
@@ -396,6 +411,8 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
             if rec.model:
                 ctx.current = Path(rec.model)
                 _measure(rec, ctx.latest_model(), data.eval or data.calibration)
+                if rec.step == "export" and fixed:
+                    _specialize(ctx, rec, fixed)
             if on_step:
                 on_step(rec)
         copy_file(ctx.current, work / "model.onnx")

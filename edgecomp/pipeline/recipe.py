@@ -5,6 +5,8 @@ A recipe is TOML (read with the standard library)::
     description = "int8 CNN for an AVX2 box"
     [data]                      # optional; paths relative to the recipe file
     calibration = "calib.npz"
+    [values]                    # optional: inputs every deployment feeds the same (--value)
+    sr = 16000
     [gates]
     max_accuracy_drop = 0.01    # fraction: 0.01 = 1 point (or 1 - cosine for embeddings)
     min_speedup = 1.05          # fp32 latency / final latency
@@ -19,6 +21,10 @@ Each step's options are the capability's own declarations (:mod:`edgecomp.option
 its CLI command), collected in :data:`STEP_OPTIONS`;
 unknown steps or keys are rejected with the valid ones listed. Built-in recipes ship in
 ``edgecomp/pipeline/recipes/``.
+
+``[values]`` fixes model inputs for every step after the export, as ``--value`` does for one
+command (:class:`~edgecomp.passes.specialize_inputs.SpecializeInputsPass`): the exported model
+stays the baseline, every later model is specialized (Ifs on those inputs inlined, guarded).
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ class Recipe:
     gates: dict[str, float]
     data: dict[str, str]
     source: str
+    values: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # [values]: inputs fixed after export
 
     def step_names(self) -> list[str]:
         return [s["step"] for s in self.steps]
@@ -112,9 +119,10 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
 
 def parse_recipe(doc: dict[str, Any], name: str = "recipe", source: str = "<recipe>", base: Path | None = None) -> Recipe:
     """Check a parsed recipe document: steps, option types and values, gates, [data] paths."""
-    unknown = set(doc) - {"description", "steps", "gates", "data", "name"}
+    unknown = set(doc) - {"description", "steps", "gates", "data", "name", "values"}
     if unknown:
-        raise ConfigError(f"{source}: unknown top-level key(s) {sorted(unknown)}; valid: description, data, gates, steps")
+        raise ConfigError(f"{source}: unknown top-level key(s) {sorted(unknown)}; valid: description, data, values, "
+                          "gates, steps")
     for key in ("name", "description"):
         if not isinstance(doc.get(key, ""), str):
             raise ConfigError(f"{source}: {key} must be a string, got {doc[key]!r}")
@@ -123,7 +131,7 @@ def parse_recipe(doc: dict[str, Any], name: str = "recipe", source: str = "<reci
         raise ConfigError(f"{source}: no [[steps]]; a recipe lists at least one step ({', '.join(STEP_OPTIONS)})")
     steps = [_parse_step(s, i, source) for i, s in enumerate(raw_steps)]
     _check_students(steps, source)
-    for table in ("gates", "data"):
+    for table in ("gates", "data", "values"):
         if not isinstance(doc.get(table, {}), dict):
             raise ConfigError(f"{source}: {table} must be a table ([{table}] with key = value lines)")
     gates = dict(doc.get("gates", {}))
@@ -146,7 +154,16 @@ def parse_recipe(doc: dict[str, Any], name: str = "recipe", source: str = "<reci
             raise InputFileError(f"{source}: [data] {k} = {v!r}: {path} does not exist{where}; "
                                  f"fix the path or give --{k} instead")
         data[k] = str(path)
-    return Recipe(doc.get("name", name), doc.get("description", ""), steps, gates, data, source)
+    return Recipe(doc.get("name", name), doc.get("description", ""), steps, gates, data, source,
+                  {k: _fixed_value(k, v, source) for k, v in doc.get("values", {}).items()})
+
+
+def _fixed_value(name: str, value: Any, where: str) -> list[float]:
+    """A [values] entry: a number (or bool), or a non-empty list of them."""
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(x, (int, float)) and (isinstance(x, bool) or math.isfinite(x)) for x in items):
+        raise ConfigError(f"{where}: [values] {name} must be a finite number or a list of numbers, got {value!r}")
+    return [float(x) for x in items]
 
 
 def _check_gate(gate: str, value: Any, where: str) -> None:

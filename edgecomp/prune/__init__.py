@@ -64,6 +64,7 @@ from edgecomp.errors import EdgecompError, NothingToPrune, OptionError, PassFail
 from edgecomp.graph import const_array, layer_weight
 from edgecomp.io import first_line
 from edgecomp.options import need_data
+from edgecomp.passes.specialize_inputs import mode_hint
 from edgecomp.prune.fidelity import fidelity_text, fidelity_warning, held_out_fidelity
 from edgecomp.prune.groups import PRUNABLE_OPS, find_groups, lift_constants
 from edgecomp.prune.importance import channel_stats, plan_pruning
@@ -158,9 +159,10 @@ def _reason_key(status: str) -> str:
 
 
 
-def nothing_to_prune_message(rows: Sequence[Mapping[str, Any]], opts: PruneOptions, computed: int = 0) -> str:
+def nothing_to_prune_message(rows: Sequence[Mapping[str, Any]], opts: PruneOptions, computed: int = 0,
+                             subgraph_hint: str = "") -> str:
     """One line naming the commonest reasons every group was kept whole (``computed``: layers
-    whose weight is computed, e.g. a Transpose of an initializer)."""
+    whose weight is computed, e.g. a Transpose of an initializer; ``subgraph_hint``: said when layers sit in subgraphs)."""
     counts: dict[str, int] = {}
     for r in rows:
         key = _reason_key(str(r["status"]))
@@ -176,6 +178,8 @@ def nothing_to_prune_message(rows: Sequence[Mapping[str, Any]], opts: PruneOptio
     hint = ""
     if "nothing below the threshold" in counts:
         hint = f"; at sparsity {opts.sparsity} the rounded channel counts keep every channel (raise sparsity or set round_to 1)"
+    if "layers in subgraphs are not pruned" in text:
+        hint += subgraph_hint
     return f"nothing to prune: every channel group is kept whole ({text}){hint}; nothing was written"
 
 
@@ -207,7 +211,7 @@ def prune_model(model: ir.Model, opts: PruneOptions, data: Dataset | None = None
                        and n.inputs[1] is not None and n.inputs[1].producer() is not None
                        and all(const_array(v) is not None for v in n.inputs[1].producer().inputs if v is not None)
                        for n in model.graph)
-        raise NothingToPrune(nothing_to_prune_message(plan.rows, opts, computed))
+        raise NothingToPrune(nothing_to_prune_message(plan.rows, opts, computed, mode_hint(model)))
     feed = next(iter(feeds(data, model, 1))) if data is not None else None
     shapes_before = _probe(original, feed)
     result = run_pass(PruneChannelsPass(plan=plan), model)
@@ -269,7 +273,7 @@ def run(model: ir.Model, opts: PruneOptions, data: StepData, progress: bool = Fa
         if opts.tolerance is not None:
             raise OptionError("tolerance", "fits structured cuts; unstructured pruning takes sparsity alone")
         return prune_weights(model, opts)
-    calibration = load_data(data.calibration) if data.calibration else None
+    calibration = load_data(data.calibration, input_specs(model)) if data.calibration else None  # checked up front
     if opts.tolerance is None:
         return prune_model(model, opts, calibration)
     from edgecomp.prune.tolerance import prune_to_tolerance  # it builds on this module's helpers

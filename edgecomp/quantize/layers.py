@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 import onnx_ir as ir
 
 from edgecomp.graph import attribute, single_use, subgraphs
+from edgecomp.passes.specialize_inputs import mode_hint
 
 __all__ = ["Layer", "find_layers"]
 
@@ -145,5 +146,6 @@ def no_layer_message(model: ir.Model, skipped: Sequence[Mapping[str, Any]], excl
     parts = [f"{op} x{n}: {reason}" if n > 1 else f"{op}: {reason}" for (op, reason), n in why.items()]
     if not parts:
         parts = ["the model has no MatMul, Gemm or Conv"]
-    return (f"no quantizable layer (MatMul/Gemm with constant weights, 1-D/2-D Conv): {'; '.join(parts)} "
+    hint = mode_hint(model) if any(r.get("subgraph") == "If" for r in skipped) else ""
+    return (f"no quantizable layer (MatMul/Gemm with constant weights, 1-D/2-D Conv): {'; '.join(parts)}{hint} "
             f"(the model's ops: {listing})")
