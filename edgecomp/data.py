@@ -3,7 +3,27 @@
 DATA is either one ``.npz`` whose arrays are keyed by the model's input names with a leading
 sample axis (sample ``i`` is fed as ``array[i:i+1]``), or a directory of ``.npz`` files, one feed
 each (shapes may differ between files, e.g. token sequences of different lengths). Samples are
-read lazily, one at a time, so calibration memory does not grow with the number of samples.
+read lazily, one at a time, so memory does not grow with the size of DATA:
+
+- an ``.npz`` saved with ``numpy.savez`` (members stored uncompressed) is memory-mapped per
+  array: the member's data starts at its zip local header (30 bytes + name + extra field, whose
+  lengths are read from that header, zip64 included) plus the ``.npy`` header, and
+  ``np.memmap`` maps it there in its own order (C or Fortran); only the pages of the samples
+  used are read;
+- an ``.npz`` saved with ``numpy.savez_compressed`` cannot be mapped (a sample's bytes are only
+  reachable by inflating everything before them), so it is read whole up to
+  :data:`MAX_COMPRESSED_BYTES` of arrays and refused above that with one line saying to save it
+  with ``numpy.savez``;
+- a folder is read one file per sample.
+
+What a sample holds (finite numbers) is checked when that sample is read, never by scanning DATA
+up front; names, dtypes, ranks and sample counts come from the headers.
+
+Commands that calibrate or fit use a bounded sample (:data:`DEFAULT_MAX_SAMPLES`, raised by
+``--max-samples``) chosen by :meth:`Dataset.indices`: evenly spaced over DATA, because DATA is
+often saved in order (by class, speaker, recording or time) and its first N samples would see
+only the first classes; evenly spaced indices cover all of it, are the same on every run
+(no seed), and read the file front to back.
 """
 
 from __future__ import annotations
@@ -11,6 +31,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import struct
+import zipfile
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -33,9 +55,19 @@ __all__ = [
     "default_shape",
     "parse_value",
     "save_npz",
+    "DEFAULT_MAX_SAMPLES",
+    "MAX_COMPRESSED_BYTES",
 ]
 
 Feed = dict[str, np.ndarray]
+
+#: Samples calibration and fitting use unless ``--max-samples`` says otherwise (NNCF's default
+#: subset size is 300 as well): activation ranges and Gram matrices settle well before that,
+#: and a 2 GiB DATA of 33 M samples is then read in seconds, not hours.
+DEFAULT_MAX_SAMPLES = 300
+
+#: The most bytes of compressed (``numpy.savez_compressed``) arrays read whole; above it DATA is refused.
+MAX_COMPRESSED_BYTES = 2**28
 
 #: The largest input ``synthesize_feed`` makes: a typo'd shape fails with one line, not a swap storm.
 MAX_SYNTHESIZED_BYTES = 2**32
@@ -207,17 +239,11 @@ def _check_dims(spec: InputSpec, shape: Sequence[int]) -> None:
                             f"got {'x'.join(map(str, shape))}; fix the data or the shape")
 
 
-def _check_values(a: np.ndarray, where: str, per_sample: bool) -> None:
-    """Refuse object, string and non-finite arrays with one line naming the first bad sample."""
-    if a.dtype.kind in "OUSV":
-        raise DataError(f"{where} holds {a.dtype} values; DATA arrays must be numbers")
-    if a.dtype.kind not in "fc" or np.isfinite(a).all():
-        return
-    bad = ~np.isfinite(a)
-    if per_sample and a.ndim:
-        i = int(np.flatnonzero(bad.reshape(a.shape[0], -1).any(axis=1))[0])
-        raise DataError(f"{where} sample {i} holds NaN or Inf; remove or fix that sample")
-    raise DataError(f"{where} holds NaN or Inf; remove or fix that sample")
+def _check_values(a: np.ndarray, where: str) -> None:
+    """Refuse object, string and non-finite arrays with one line naming where they are."""
+    _check_kind(a.dtype, where)
+    if a.dtype.kind in "fc" and not np.isfinite(a).all():
+        raise DataError(f"{where} holds NaN or Inf; remove or fix that sample")
 
 
 class Dataset:
@@ -236,11 +262,7 @@ class Dataset:
         else:
             if self.path.suffix != ".npz":
                 raise DataError(f"DATA {self.path} is not a .npz file; save samples with numpy.savez")
-            try:
-                with np.load(self.path) as z:
-                    self._arrays = {k: z[k] for k in z.files}
-            except Exception as e:
-                raise DataError(f"cannot read {self.path} as .npz ({type(e).__name__}); save it with numpy.savez") from e
+            self._arrays = open_npz(self.path)
             if not self._arrays:
                 raise DataError(f"DATA {self.path} holds no arrays")
             self.names = tuple(self._arrays)
@@ -252,7 +274,7 @@ class Dataset:
                 raise DataError(f"arrays in {self.path} have different sample counts {counts}; "
                                 "every array needs the same leading sample axis")
             for k, a in self._arrays.items():
-                _check_values(a, f"DATA {self.path} array {k!r}", per_sample=True)
+                _check_kind(a.dtype, f"DATA {self.path} array {k!r}")
             self._files = None
         if len(self) == 0:
             raise DataError(f"DATA {self.path} holds no samples")
@@ -265,7 +287,23 @@ class Dataset:
     def __getitem__(self, i: int) -> Feed:
         if self._files is not None:
             return self._read_file(self._files[i])
-        return {k: a[i : i + 1] for k, a in self._arrays.items()}
+        i = range(len(self))[i]  # IndexError past the end, like a list
+        feed = {k: a[i : i + 1] for k, a in self._arrays.items()}
+        for k, a in feed.items():
+            _check_values(a, f"DATA {self.path} array {k!r} sample {i}")
+        return feed
+
+    def indices(self, limit: int | None = None) -> list[int]:
+        """The samples a bounded read uses: all of them, or ``limit`` evenly spaced over DATA
+        (``floor(j * len / limit)``, increasing, sample 0 first)."""
+        n = len(self)
+        if limit is None or limit >= n:
+            return list(range(n))
+        return [j * n // limit for j in range(limit)]
+
+    def describe_used(self, limit: int | None) -> str:
+        """``N of M samples`` for reports."""
+        return f"{len(self.indices(limit))} of {len(self)}"
 
     def _read_file(self, f: Path) -> Feed:
         """One feed of a DATA folder, refused with one line when corrupt, keyed otherwise or not finite."""
@@ -279,7 +317,7 @@ class Dataset:
             raise DataError(f"{f} is keyed {sorted(feed)} but {self._files[0].name} is keyed {sorted(names)}; "
                             "every feed in a DATA folder needs the same arrays")
         for k, a in feed.items():
-            _check_values(a, f"DATA {f} array {k!r}", per_sample=False)
+            _check_values(a, f"DATA {f} array {k!r}")
         return feed
 
     def __iter__(self) -> Iterator[Feed]:
@@ -307,14 +345,65 @@ class Dataset:
                 raise DataError(f"DATA array {spec.name!r} is {arr.dtype} but the model wants {spec.dtype}")
 
     def feeds_for(self, specs: Sequence[InputSpec], limit: int | None = None) -> Iterator[Feed]:
-        """Feeds cast to the model's dtypes (e.g. int32 ids to int64); at most ``limit`` of them."""
+        """Feeds cast to the model's dtypes (e.g. int32 ids to int64): every sample, or ``limit``
+        of them chosen by :meth:`indices`."""
         dtypes = {s.name: s.dtype for s in specs}
-        for i, feed in enumerate(self):
-            if limit is not None and i >= limit:
-                return
+        for i in self.indices(limit):
+            feed = self[i]
             if i:  # sample 0 was checked by check_against
                 self._check_feed(feed, specs)
             yield {k: np.ascontiguousarray(v, dtype=dtypes[k]) for k, v in feed.items() if k in dtypes}
+
+
+def _check_kind(dtype: np.dtype, where: str) -> None:
+    if dtype.kind in "OUSVMm":
+        raise DataError(f"{where} holds {dtype} values; DATA arrays must be numbers")
+
+
+def open_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of one ``.npz`` without reading their data: memory maps of stored members,
+    whole arrays for compressed members up to :data:`MAX_COMPRESSED_BYTES` (see the module doc)."""
+    try:
+        with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
+            members = [m for m in zf.infolist() if not m.is_dir()]
+            compressed = sum(m.file_size for m in members if m.compress_type != zipfile.ZIP_STORED)
+            if compressed > MAX_COMPRESSED_BYTES:
+                raise DataError(f"DATA {path} is compressed (numpy.savez_compressed) and holds "
+                                f"{compressed / 2**30:.1f} GiB of arrays, which cannot be read sample by sample; "
+                                "save it with numpy.savez (uncompressed) instead")
+            return {_member_key(m): _member_array(zf, raw, m, path) for m in members}
+    except DataError:
+        raise
+    except Exception as e:  # BadZipFile, a bad .npy header, a truncated member, an encrypted one
+        raise DataError(f"cannot read {path} as .npz ({type(e).__name__}); save it with numpy.savez") from e
+
+
+def _member_key(m: zipfile.ZipInfo) -> str:
+    return m.filename[:-4] if m.filename.endswith(".npy") else m.filename  # np.load's keys
+
+
+def _member_array(zf: zipfile.ZipFile, raw, m: zipfile.ZipInfo, path: Path) -> np.ndarray:
+    """One member: mapped in place when stored, else read whole (it is small: see open_npz)."""
+    with zf.open(m) as f:
+        version = np.lib.format.read_magic(f)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = header(f)
+        _check_kind(dtype, f"DATA {path} array {_member_key(m)!r}")
+        if m.compress_type != zipfile.ZIP_STORED:
+            with zf.open(m) as whole:
+                return np.lib.format.read_array(whole, allow_pickle=False)
+        start = f.tell()  # the .npy header's length
+    count = int(np.prod(shape, dtype=np.int64))
+    if m.file_size != start + count * dtype.itemsize:
+        raise DataError(f"DATA {path} array {_member_key(m)!r} is truncated; save it again with numpy.savez")
+    if count == 0:
+        return np.empty(shape, dtype)
+    raw.seek(m.header_offset)
+    sig, *_, name_len, extra_len = struct.unpack("<4s5H3I2H", raw.read(30))
+    if sig != b"PK\x03\x04":
+        raise zipfile.BadZipFile("bad local file header")
+    offset = m.header_offset + 30 + name_len + extra_len + start
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
 def load_data(path: str | os.PathLike, specs: Sequence[InputSpec] | None = None) -> Dataset:

@@ -158,7 +158,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     summary = {"layers int8": len(plan), "layers float": len(rows) - len(plan), "bits a/w": ", ".join(layouts),
                "bits reason": bits_reason(opts), "format": opts.format,
                "activations": "uint8 asymmetric, per tensor, static",
-               "method": opts.method, "calibration samples": min(len(calibration), opts.max_samples or 10**9),
+               "method": opts.method, "calibration samples": calibration.describe_used(opts.max_samples),
                "cleanup": cleanup.summary, "seconds": round(time.perf_counter() - t0, 1)}
     if upgrade.modified:
         summary = {"opset": upgrade.summary["opset"], **summary}
