@@ -5,11 +5,14 @@ sample axis (sample ``i`` is fed as ``array[i:i+1]``), or a directory of ``.npz`
 each (shapes may differ between files, e.g. token sequences of different lengths). Samples are
 read lazily, one at a time, so memory does not grow with the size of DATA:
 
-- an ``.npz`` saved with ``numpy.savez`` (members stored uncompressed) is memory-mapped per
-  array: the member's data starts at its zip local header (30 bytes + name + extra field, whose
-  lengths are read from that header, zip64 included) plus the ``.npy`` header, and
-  ``np.memmap`` maps it there in its own order (C or Fortran); only the pages of the samples
-  used are read;
+- an ``.npz`` saved with ``numpy.savez`` (members stored uncompressed) is read in place: a
+  member's data starts at its zip local header (30 bytes + name + extra field, whose lengths are
+  read from that header, zip64 included) plus the ``.npy`` header. A C-order array (what numpy
+  writes by default) is read one sample at a time, ``prod(shape[1:]) * itemsize`` bytes at
+  ``start + i * that``, with a plain file read: nothing is mapped, so memory holds the samples
+  read and no more (a memory map faults in whole readahead windows, megabytes per sample, and
+  counts them as the process's memory). A Fortran-order array, whose sample is strided over the
+  whole file, is memory-mapped (``np.memmap`` in its own order);
 - an ``.npz`` saved with ``numpy.savez_compressed`` cannot be mapped (a sample's bytes are only
   reachable by inflating everything before them), so it is read whole up to
   :data:`MAX_COMPRESSED_BYTES` of arrays and refused above that with one line saying to save it
@@ -288,7 +291,7 @@ class Dataset:
         if self._files is not None:
             return self._read_file(self._files[i])
         i = range(len(self))[i]  # IndexError past the end, like a list
-        feed = {k: a[i : i + 1] for k, a in self._arrays.items()}
+        feed = {k: a.sample(i) if isinstance(a, _StoredArray) else a[i : i + 1] for k, a in self._arrays.items()}
         for k, a in feed.items():
             _check_values(a, f"DATA {self.path} array {k!r} sample {i}")
         return feed
@@ -355,13 +358,31 @@ class Dataset:
             yield {k: np.ascontiguousarray(v, dtype=dtypes[k]) for k, v in feed.items() if k in dtypes}
 
 
+class _StoredArray:
+    """A C-order array stored uncompressed at ``offset`` in ``path``, read one sample at a time."""
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype):
+        self.path, self.offset, self.shape, self.dtype = path, offset, tuple(shape), np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def sample(self, i: int) -> np.ndarray:
+        """Sample ``i`` as an array with a leading axis of 1 (read-only, like np.load's memory maps)."""
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + i * self.row_bytes)
+            raw = f.read(self.row_bytes)
+        if len(raw) != self.row_bytes:
+            raise DataError(f"DATA {self.path} ends inside sample {i}; save it again with numpy.savez")
+        return np.frombuffer(raw, self.dtype).reshape((1, *self.shape[1:]))
+
+
 def _check_kind(dtype: np.dtype, where: str) -> None:
     if dtype.kind in "OUSVMm":
         raise DataError(f"{where} holds {dtype} values; DATA arrays must be numbers")
 
 
-def open_npz(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of one ``.npz`` without reading their data: memory maps of stored members,
+def open_npz(path: Path) -> dict[str, np.ndarray | _StoredArray]:
+    """The arrays of one ``.npz`` without reading their data: stored members read in place,
     whole arrays for compressed members up to :data:`MAX_COMPRESSED_BYTES` (see the module doc)."""
     try:
         with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
@@ -382,8 +403,8 @@ def _member_key(m: zipfile.ZipInfo) -> str:
     return m.filename[:-4] if m.filename.endswith(".npy") else m.filename  # np.load's keys
 
 
-def _member_array(zf: zipfile.ZipFile, raw, m: zipfile.ZipInfo, path: Path) -> np.ndarray:
-    """One member: mapped in place when stored, else read whole (it is small: see open_npz)."""
+def _member_array(zf: zipfile.ZipFile, raw, m: zipfile.ZipInfo, path: Path) -> np.ndarray | _StoredArray:
+    """One member: read in place when stored, else read whole (it is small: see open_npz)."""
     with zf.open(m) as f:
         version = np.lib.format.read_magic(f)
         header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -403,6 +424,8 @@ def _member_array(zf: zipfile.ZipFile, raw, m: zipfile.ZipInfo, path: Path) -> n
     if sig != b"PK\x03\x04":
         raise zipfile.BadZipFile("bad local file header")
     offset = m.header_offset + 30 + name_len + extra_len + start
+    if not fortran or len(shape) == 1:
+        return _StoredArray(path, offset, shape, dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
