@@ -357,6 +357,25 @@ class Dataset:
                 self._check_feed(feed, specs)
             yield {k: np.ascontiguousarray(v, dtype=dtypes[k]) for k, v in feed.items() if k in dtypes}
 
+    def reread(self, specs: Sequence[InputSpec], limit: int | None = None) -> "_Feeds":
+        """:meth:`feeds_for` as a sized iterable that reads DATA again on every pass."""
+        return _Feeds(self, specs, limit)
+
+
+class _Feeds:
+    """:meth:`Dataset.feeds_for` as a sequence that can be iterated again (each pass reads DATA
+    anew) and knows its length: what a consumer that runs several models over DATA holds instead
+    of a list of every feed."""
+
+    def __init__(self, ds: "Dataset", specs: Sequence[InputSpec], limit: int | None):
+        self.ds, self.specs, self.limit = ds, specs, limit
+
+    def __len__(self) -> int:
+        return len(self.ds.indices(self.limit))
+
+    def __iter__(self) -> Iterator[Feed]:
+        return self.ds.feeds_for(self.specs, self.limit)
+
 
 class _StoredArray:
     """A C-order array stored uncompressed at ``offset`` in ``path``, read one sample at a time."""
@@ -442,8 +461,8 @@ def load_labels(path: str | os.PathLike, n: int) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise InputFileError(f"labels not found: {p} (give a .npy of integer class ids)")
-    try:
-        labels = np.load(p, allow_pickle=False)
+    try:  # mapped: dtype and count are checked from the header before any id is read
+        labels = np.load(p, allow_pickle=False, mmap_mode="r")
     except Exception as e:
         raise DataError(f"cannot read labels {p} ({type(e).__name__}); save them with numpy.save") from e
     if not isinstance(labels, np.ndarray) or not np.issubdtype(labels.dtype, np.integer):
@@ -453,7 +472,7 @@ def load_labels(path: str | os.PathLike, n: int) -> np.ndarray:
         raise DataError(f"labels {p} hold {labels.shape[0]} entries but DATA has {n} samples")
     if labels.size and labels.min() < 0:
         raise DataError(f"labels {p} hold negative class id {int(labels.min())}; class ids start at 0")
-    return labels.astype(np.int64)
+    return np.array(labels, dtype=np.int64)  # a copy in memory: the file may change or go
 
 
 def check_label_range(labels: np.ndarray, classes: int, where: str = "labels") -> None:
