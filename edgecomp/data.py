@@ -296,12 +296,12 @@ class Dataset:
             _check_values(a, f"DATA {self.path} array {k!r} sample {i}")
         return feed
 
-    def indices(self, limit: int | None = None) -> list[int]:
-        """The samples a bounded read uses: all of them, or ``limit`` evenly spaced over DATA
-        (``floor(j * len / limit)``, increasing, sample 0 first)."""
+    def indices(self, limit: int | None = None) -> Sequence[int]:
+        """The samples a bounded read uses: all of them (a range, however many), or ``limit``
+        evenly spaced over DATA (``floor(j * len / limit)``, increasing, sample 0 first)."""
         n = len(self)
         if limit is None or limit >= n:
-            return list(range(n))
+            return range(n)
         return [j * n // limit for j in range(limit)]
 
     def describe_used(self, limit: int | None) -> str:
@@ -350,12 +350,16 @@ class Dataset:
     def feeds_for(self, specs: Sequence[InputSpec], limit: int | None = None) -> Iterator[Feed]:
         """Feeds cast to the model's dtypes (e.g. int32 ids to int64): every sample, or ``limit``
         of them chosen by :meth:`indices`."""
-        dtypes = {s.name: s.dtype for s in specs}
         for i in self.indices(limit):
-            feed = self[i]
-            if i:  # sample 0 was checked by check_against
-                self._check_feed(feed, specs)
-            yield {k: np.ascontiguousarray(v, dtype=dtypes[k]) for k, v in feed.items() if k in dtypes}
+            yield self.feed_for(i, specs)
+
+    def feed_for(self, i: int, specs: Sequence[InputSpec]) -> Feed:
+        """Sample ``i`` checked against ``specs`` and cast to their dtypes."""
+        feed = self[i]
+        if i:  # sample 0 was checked by check_against
+            self._check_feed(feed, specs)
+        dtypes = {s.name: s.dtype for s in specs}
+        return {k: np.ascontiguousarray(v, dtype=dtypes[k]) for k, v in feed.items() if k in dtypes}
 
     def reread(self, specs: Sequence[InputSpec], limit: int | None = None) -> "_Feeds":
         """:meth:`feeds_for` as a sized iterable that reads DATA again on every pass."""
@@ -364,8 +368,8 @@ class Dataset:
 
 class _Feeds:
     """:meth:`Dataset.feeds_for` as a sequence that can be iterated again (each pass reads DATA
-    anew) and knows its length: what a consumer that runs several models over DATA holds instead
-    of a list of every feed."""
+    anew), indexed and sized: what a consumer that runs several models over DATA (validate, the
+    eval data of a tolerance search) holds instead of a list of every feed."""
 
     def __init__(self, ds: "Dataset", specs: Sequence[InputSpec], limit: int | None):
         self.ds, self.specs, self.limit = ds, specs, limit
@@ -375,6 +379,9 @@ class _Feeds:
 
     def __iter__(self) -> Iterator[Feed]:
         return self.ds.feeds_for(self.specs, self.limit)
+
+    def __getitem__(self, j: int) -> Feed:
+        return self.ds.feed_for(self.ds.indices(self.limit)[j], self.specs)
 
 
 class _StoredArray:

@@ -76,7 +76,7 @@ def test_small_compressed_npz_is_read_and_a_large_one_refused_in_one_line(tmp_pa
 def test_a_bounded_read_takes_evenly_spaced_samples(tmp_path, n, limit, want):
     np.savez(tmp_path / "d.npz", x=np.arange(n, dtype=np.float32)[:, None])
     ds = Dataset(tmp_path / "d.npz")
-    assert ds.indices(limit) == want
+    assert list(ds.indices(limit)) == want
     specs = [InputSpec("x", np.dtype(np.float32), ("N", 1))]
     assert [int(f["x"][0, 0]) for f in ds.feeds_for(specs, limit)] == want
     assert ds.describe_used(limit) == f"{len(want)} of {n}"

@@ -110,7 +110,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     fidelity = None
     kept_why = "among the most sensitive: kept float to meet the tolerance"
     if opts.tolerance is not None and plan:
-        evaluator = Evaluator(model, list(eval_data.feeds_for(specs)), opts.metric, labels, opts.threads)
+        evaluator = Evaluator(model, eval_data.reread(specs), opts.metric, labels, opts.threads)
         plan, sens, kept, met, loss = fit_tolerance(model, plan, evaluator, opts.tolerance, opts.progress, opts.embeddings,
                                                     opts.format)
     elif opts.tolerance is None and opts.min_cosine is not None and plan:
