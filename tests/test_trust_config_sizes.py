@@ -115,7 +115,8 @@ def test_output_ending_in_a_slash_is_refused_not_written_as_a_file(tmp_path, mlp
     assert files(tmp_path) == before  # no file named newdir, no folder either
     (tmp_path / "existing").mkdir()
     res = invoke(args[0], mlp, "-o", tmp_path / "existing", *args[1:])
-    assert res.exit_code in (1, 2) and "is a directory" in res.stderr or "is a folder" in res.stderr, res.output
+    assert res.exit_code in (1, 2) and ("is a directory" in res.stderr or "is a folder" in res.stderr), res.output
+    assert len(res.stderr.strip().splitlines()) == 1
     assert not any((tmp_path / "existing").iterdir())
 
 
