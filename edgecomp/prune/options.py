@@ -65,7 +65,7 @@ class PruneOptions:
     kinds: tuple[str, ...] = KINDS  # channels (incl. FFN neurons) and/or heads
     repair: bool = True  # least squares re-fit of consumers (needs data)
     ridge: float = 1e-3  # λ = ridge · tr(A_K) / K (the kept features' Gram) in the repair fit
-    max_samples: int | None = DEFAULT_MAX_SAMPLES  # None: every sample
+    max_samples: int = DEFAULT_MAX_SAMPLES  # evenly spaced samples of DATA used (Dataset.indices)
     metric: str = "cosine"
     tolerance: float | None = None  # with eval data: the cut is fitted to it (prune.tolerance)
     threads: int = 1

@@ -82,7 +82,7 @@ class QuantizeOptions:
     families: str = "auto"  # auto (measured) | all | comma list of matmul,conv,conv-depthwise
     exclude: tuple[str, ...] = ()  # regexes of node names kept float
     embeddings: bool = True  # int8 row-wise embedding tables (Gather) of >= 1000 rows
-    max_samples: int | None = DEFAULT_MAX_SAMPLES  # None: every sample
+    max_samples: int = DEFAULT_MAX_SAMPLES  # evenly spaced samples of DATA used (Dataset.indices)
     metric: str = "cosine"
     tolerance: float | None = None  # with eval data: accuracy-aware fallback
     format: str = "contrib"  # contrib (com.microsoft, onnxruntime CPU) | qdq (ai.onnx only, mobile EPs)
