@@ -135,6 +135,7 @@ def _library_logging(debug: bool):
         yield
         return
     loggers = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "transformers")]
+    loggers.append(logging.getLogger())  # the root logger: onnxruntime.quantization's "WARNING:root:" advice
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -519,7 +520,7 @@ def bench(models, threads, warmup, runs, pin, data, shapes, values, target, targ
 
     for m in models:
         existing_file(m, "ONNX model")
-    profile = get_profile(target, targets_file) if target else None
+    profile = get_profile(target, targets_file)
     if profile and profile.pin and not pin:
         pin = profile.pin
     if pin:
@@ -736,7 +737,7 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
     fixed, values = values, _values(QUANTIZE_OPTIONS, options)
     if eval_data and values["tolerance"] is None:
         raise click.UsageError("--eval is read by --tolerance X (the accuracy-aware fallback); give both")
-    profile = get_profile(target, targets_file) if target else None
+    profile = get_profile(target, targets_file)
     if mode == "dynamic":
         if calibration or eval_data or values["tolerance"] is not None or fixed:
             raise click.UsageError("--mode dynamic takes no --calibration, --eval, --tolerance or --value (it is "
@@ -971,7 +972,7 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
 
     source = _convert_source(spec, hf_path)
     r = load_recipe(recipe)
-    profile = get_profile(target, targets_file) if target else None
+    profile = get_profile(target, targets_file)
     if profile and profile.emulate:  # refused before any step runs when the emulated runtime is missing
         from edgecomp.emulate import load_runtime
 
@@ -1049,7 +1050,7 @@ def sweep(spec, recipe, grid, outdir, hf_path, calibration, eval_data, labels, t
     from edgecomp.targets import get_profile
 
     source = _convert_source(spec, hf_path)
-    profile = get_profile(target, targets_file) if target else None
+    profile = get_profile(target, targets_file)
     res = run_sweep(source, load_recipe(recipe), parse_grid(grid), outdir, address=address,
                     connect_timeout=connect_timeout, max_parallel=max_parallel, protect=[p for p in (targets_file,) if p],
                     overwrite=overwrite, calibration=calibration, eval_data=eval_data, labels=labels, text=text,

@@ -3,7 +3,30 @@
 DATA is either one ``.npz`` whose arrays are keyed by the model's input names with a leading
 sample axis (sample ``i`` is fed as ``array[i:i+1]``), or a directory of ``.npz`` files, one feed
 each (shapes may differ between files, e.g. token sequences of different lengths). Samples are
-read lazily, one at a time, so calibration memory does not grow with the number of samples.
+read lazily, one at a time, so memory does not grow with the size of DATA:
+
+- an ``.npz`` saved with ``numpy.savez`` (members stored uncompressed) is read in place: a
+  member's data starts at its zip local header (30 bytes + name + extra field, whose lengths are
+  read from that header, zip64 included) plus the ``.npy`` header. A C-order array (what numpy
+  writes by default) is read one sample at a time, ``prod(shape[1:]) * itemsize`` bytes at
+  ``start + i * that``, with a plain file read: nothing is mapped, so memory holds the samples
+  read and no more (a memory map faults in whole readahead windows, megabytes per sample, and
+  counts them as the process's memory). A Fortran-order array, whose sample is strided over the
+  whole file, is memory-mapped (``np.memmap`` in its own order);
+- an ``.npz`` saved with ``numpy.savez_compressed`` cannot be mapped (a sample's bytes are only
+  reachable by inflating everything before them), so it is read whole up to
+  :data:`MAX_COMPRESSED_BYTES` of arrays and refused above that with one line saying to save it
+  with ``numpy.savez``;
+- a folder is read one file per sample.
+
+What a sample holds (finite numbers) is checked when that sample is read, never by scanning DATA
+up front; names, dtypes, ranks and sample counts come from the headers.
+
+Commands that calibrate or fit use a bounded sample (:data:`DEFAULT_MAX_SAMPLES`, raised by
+``--max-samples``) chosen by :meth:`Dataset.indices`: evenly spaced over DATA, because DATA is
+often saved in order (by class, speaker, recording or time) and its first N samples would see
+only the first classes; evenly spaced indices cover all of it, are the same on every run
+(no seed), and read the file front to back.
 """
 
 from __future__ import annotations
@@ -11,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import struct
+import zipfile
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -34,9 +59,19 @@ __all__ = [
     "default_shape",
     "parse_value",
     "save_npz",
+    "DEFAULT_MAX_SAMPLES",
+    "MAX_COMPRESSED_BYTES",
 ]
 
 Feed = dict[str, np.ndarray]
+
+#: Samples calibration and fitting use unless ``--max-samples`` says otherwise (NNCF's default
+#: subset size is 300 as well): activation ranges and Gram matrices settle well before that,
+#: and a 2 GiB DATA of 33 M samples is then read in seconds, not hours.
+DEFAULT_MAX_SAMPLES = 300
+
+#: The most bytes of compressed (``numpy.savez_compressed``) arrays read whole; above it DATA is refused.
+MAX_COMPRESSED_BYTES = 2**28
 
 #: The largest input ``synthesize_feed`` makes: a typo'd shape fails with one line, not a swap storm.
 MAX_SYNTHESIZED_BYTES = 2**32
@@ -217,17 +252,11 @@ def _holds_fixed(arr: np.ndarray, spec: InputSpec) -> bool:
     return bool(got.size and (np.all(got == want[0]) if want.size == 1 else np.array_equal(got, want)))
 
 
-def _check_values(a: np.ndarray, where: str, per_sample: bool) -> None:
-    """Refuse object, string and non-finite arrays with one line naming the first bad sample."""
-    if a.dtype.kind in "OUSV":
-        raise DataError(f"{where} holds {a.dtype} values; DATA arrays must be numbers")
-    if a.dtype.kind not in "fc" or np.isfinite(a).all():
-        return
-    bad = ~np.isfinite(a)
-    if per_sample and a.ndim:
-        i = int(np.flatnonzero(bad.reshape(a.shape[0], -1).any(axis=1))[0])
-        raise DataError(f"{where} sample {i} holds NaN or Inf; remove or fix that sample")
-    raise DataError(f"{where} holds NaN or Inf; remove or fix that sample")
+def _check_values(a: np.ndarray, where: str) -> None:
+    """Refuse object, string and non-finite arrays with one line naming where they are."""
+    _check_kind(a.dtype, where)
+    if a.dtype.kind in "fc" and not np.isfinite(a).all():
+        raise DataError(f"{where} holds NaN or Inf; remove or fix that sample")
 
 
 class Dataset:
@@ -246,11 +275,7 @@ class Dataset:
         else:
             if self.path.suffix != ".npz":
                 raise DataError(f"DATA {self.path} is not a .npz file; save samples with numpy.savez")
-            try:
-                with np.load(self.path) as z:
-                    self._arrays = {k: z[k] for k in z.files}
-            except Exception as e:
-                raise DataError(f"cannot read {self.path} as .npz ({type(e).__name__}); save it with numpy.savez") from e
+            self._arrays = open_npz(self.path)
             if not self._arrays:
                 raise DataError(f"DATA {self.path} holds no arrays")
             self.names = tuple(self._arrays)
@@ -262,7 +287,7 @@ class Dataset:
                 raise DataError(f"arrays in {self.path} have different sample counts {counts}; "
                                 "every array needs the same leading sample axis")
             for k, a in self._arrays.items():
-                _check_values(a, f"DATA {self.path} array {k!r}", per_sample=True)
+                _check_kind(a.dtype, f"DATA {self.path} array {k!r}")
             self._files = None
         if len(self) == 0:
             raise DataError(f"DATA {self.path} holds no samples")
@@ -275,7 +300,23 @@ class Dataset:
     def __getitem__(self, i: int) -> Feed:
         if self._files is not None:
             return self._read_file(self._files[i])
-        return {k: a[i : i + 1] for k, a in self._arrays.items()}
+        i = range(len(self))[i]  # IndexError past the end, like a list
+        feed = {k: a.sample(i) if isinstance(a, _StoredArray) else a[i : i + 1] for k, a in self._arrays.items()}
+        for k, a in feed.items():
+            _check_values(a, f"DATA {self.path} array {k!r} sample {i}")
+        return feed
+
+    def indices(self, limit: int | None = None) -> Sequence[int]:
+        """The samples a bounded read uses: all of them (a range, however many), or ``limit``
+        evenly spaced over DATA (``floor(j * len / limit)``, increasing, sample 0 first)."""
+        n = len(self)
+        if limit is None or limit >= n:
+            return range(n)
+        return [j * n // limit for j in range(limit)]
+
+    def describe_used(self, limit: int | None) -> str:
+        """``N of M samples`` for reports."""
+        return f"{len(self.indices(limit))} of {len(self)}"
 
     def _read_file(self, f: Path) -> Feed:
         """One feed of a DATA folder, refused with one line when corrupt, keyed otherwise or not finite."""
@@ -289,7 +330,7 @@ class Dataset:
             raise DataError(f"{f} is keyed {sorted(feed)} but {self._files[0].name} is keyed {sorted(names)}; "
                             "every feed in a DATA folder needs the same arrays")
         for k, a in feed.items():
-            _check_values(a, f"DATA {f} array {k!r}", per_sample=False)
+            _check_values(a, f"DATA {f} array {k!r}")
         return feed
 
     def __iter__(self) -> Iterator[Feed]:
@@ -322,14 +363,111 @@ class Dataset:
                                 f"give DATA for that value or specialize with the value the DATA holds")
 
     def feeds_for(self, specs: Sequence[InputSpec], limit: int | None = None) -> Iterator[Feed]:
-        """Feeds cast to the model's dtypes (e.g. int32 ids to int64); at most ``limit`` of them."""
+        """Feeds cast to the model's dtypes (e.g. int32 ids to int64): every sample, or ``limit``
+        of them chosen by :meth:`indices`."""
+        for i in self.indices(limit):
+            yield self.feed_for(i, specs)
+
+    def feed_for(self, i: int, specs: Sequence[InputSpec]) -> Feed:
+        """Sample ``i`` checked against ``specs`` and cast to their dtypes."""
+        feed = self[i]
+        if i:  # sample 0 was checked by check_against
+            self._check_feed(feed, specs)
         dtypes = {s.name: s.dtype for s in specs}
-        for i, feed in enumerate(self):
-            if limit is not None and i >= limit:
-                return
-            if i:  # sample 0 was checked by check_against
-                self._check_feed(feed, specs)
-            yield {k: np.ascontiguousarray(v, dtype=dtypes[k]) for k, v in feed.items() if k in dtypes}
+        return {k: np.ascontiguousarray(v, dtype=dtypes[k]) for k, v in feed.items() if k in dtypes}
+
+    def reread(self, specs: Sequence[InputSpec], limit: int | None = None) -> "_Feeds":
+        """:meth:`feeds_for` as a sized iterable that reads DATA again on every pass."""
+        return _Feeds(self, specs, limit)
+
+
+class _Feeds:
+    """:meth:`Dataset.feeds_for` as a sequence that can be iterated again (each pass reads DATA
+    anew), indexed and sized: what a consumer that runs several models over DATA (validate, the
+    eval data of a tolerance search) holds instead of a list of every feed."""
+
+    def __init__(self, ds: "Dataset", specs: Sequence[InputSpec], limit: int | None):
+        self.ds, self.specs, self.limit = ds, specs, limit
+
+    def __len__(self) -> int:
+        return len(self.ds.indices(self.limit))
+
+    def __iter__(self) -> Iterator[Feed]:
+        return self.ds.feeds_for(self.specs, self.limit)
+
+    def __getitem__(self, j: int) -> Feed:
+        return self.ds.feed_for(self.ds.indices(self.limit)[j], self.specs)
+
+
+class _StoredArray:
+    """A C-order array stored uncompressed at ``offset`` in ``path``, read one sample at a time."""
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype):
+        self.path, self.offset, self.shape, self.dtype = path, offset, tuple(shape), np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def sample(self, i: int) -> np.ndarray:
+        """Sample ``i`` as an array with a leading axis of 1 (read-only, like np.load's memory maps)."""
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + i * self.row_bytes)
+            raw = f.read(self.row_bytes)
+        if len(raw) != self.row_bytes:
+            raise DataError(f"DATA {self.path} ends inside sample {i}; save it again with numpy.savez")
+        return np.frombuffer(raw, self.dtype).reshape((1, *self.shape[1:]))
+
+
+def _check_kind(dtype: np.dtype, where: str) -> None:
+    if dtype.kind in "OUSVMm":
+        raise DataError(f"{where} holds {dtype} values; DATA arrays must be numbers")
+
+
+def open_npz(path: Path) -> dict[str, np.ndarray | _StoredArray]:
+    """The arrays of one ``.npz`` without reading their data: stored members read in place,
+    whole arrays for compressed members up to :data:`MAX_COMPRESSED_BYTES` (see the module doc)."""
+    try:
+        with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
+            members = [m for m in zf.infolist() if not m.is_dir()]
+            compressed = sum(m.file_size for m in members if m.compress_type != zipfile.ZIP_STORED)
+            if compressed > MAX_COMPRESSED_BYTES:
+                raise DataError(f"DATA {path} is compressed (numpy.savez_compressed) and holds "
+                                f"{compressed / 2**30:.1f} GiB of arrays, which cannot be read sample by sample; "
+                                "save it with numpy.savez (uncompressed) instead")
+            return {_member_key(m): _member_array(zf, raw, m, path) for m in members}
+    except DataError:
+        raise
+    except Exception as e:  # BadZipFile, a bad .npy header, a truncated member, an encrypted one
+        raise DataError(f"cannot read {path} as .npz ({type(e).__name__}); save it with numpy.savez") from e
+
+
+def _member_key(m: zipfile.ZipInfo) -> str:
+    return m.filename[:-4] if m.filename.endswith(".npy") else m.filename  # np.load's keys
+
+
+def _member_array(zf: zipfile.ZipFile, raw, m: zipfile.ZipInfo, path: Path) -> np.ndarray | _StoredArray:
+    """One member: read in place when stored, else read whole (it is small: see open_npz)."""
+    with zf.open(m) as f:
+        version = np.lib.format.read_magic(f)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = header(f)
+        _check_kind(dtype, f"DATA {path} array {_member_key(m)!r}")
+        if m.compress_type != zipfile.ZIP_STORED:
+            with zf.open(m) as whole:
+                return np.lib.format.read_array(whole, allow_pickle=False)
+        start = f.tell()  # the .npy header's length
+    count = int(np.prod(shape, dtype=np.int64))
+    if m.file_size != start + count * dtype.itemsize:
+        raise DataError(f"DATA {path} array {_member_key(m)!r} is truncated; save it again with numpy.savez")
+    if count == 0:
+        return np.empty(shape, dtype)
+    raw.seek(m.header_offset)
+    sig, *_, name_len, extra_len = struct.unpack("<4s5H3I2H", raw.read(30))
+    if sig != b"PK\x03\x04":
+        raise zipfile.BadZipFile("bad local file header")
+    offset = m.header_offset + 30 + name_len + extra_len + start
+    if not fortran or len(shape) == 1:
+        return _StoredArray(path, offset, shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
 def load_data(path: str | os.PathLike, specs: Sequence[InputSpec] | None = None) -> Dataset:
@@ -345,8 +483,8 @@ def load_labels(path: str | os.PathLike, n: int) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise InputFileError(f"labels not found: {p} (give a .npy of integer class ids)")
-    try:
-        labels = np.load(p, allow_pickle=False)
+    try:  # mapped: dtype and count are checked from the header before any id is read
+        labels = np.load(p, allow_pickle=False, mmap_mode="r")
     except Exception as e:
         raise DataError(f"cannot read labels {p} ({type(e).__name__}); save them with numpy.save") from e
     if not isinstance(labels, np.ndarray) or not np.issubdtype(labels.dtype, np.integer):
@@ -356,7 +494,7 @@ def load_labels(path: str | os.PathLike, n: int) -> np.ndarray:
         raise DataError(f"labels {p} hold {labels.shape[0]} entries but DATA has {n} samples")
     if labels.size and labels.min() < 0:
         raise DataError(f"labels {p} hold negative class id {int(labels.min())}; class ids start at 0")
-    return labels.astype(np.int64)
+    return np.array(labels, dtype=np.int64)  # a copy in memory: the file may change or go
 
 
 def check_label_range(labels: np.ndarray, classes: int, where: str = "labels") -> None:

@@ -502,7 +502,7 @@ def _read_config(p: Path) -> Any:
 
     try:
         raw = json.loads((p / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nested thousands deep
         raise SpecError(f"cannot read {p / 'config.json'}: {type(e).__name__}: {first_line(e, 300)}") from e
     if not isinstance(raw, dict):
         raise SpecError(f"{p / 'config.json'} is not a JSON object")

@@ -42,6 +42,8 @@ __all__ = [
     "verify_model_file",
     "first_line",
     "read_toml",
+    "MAX_TOML_DEPTH",
+    "nesting_exceeds",
     "copy_file",
     "write_json",
     "write_text",
@@ -141,7 +143,11 @@ def check_model(model: ir.Model) -> None:
 
 
 def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
-    """Refuse an output that would overwrite an input or land in a missing folder."""
+    """Refuse an output that would overwrite an input, land in a missing folder, or that names a
+    folder (an existing one, or a path ending in a slash: ``Path`` would drop the slash and write a
+    file named like the folder)."""
+    if str(out).endswith(("/", os.sep)) or (os.altsep and str(out).endswith(os.altsep)):
+        raise OutputError(f"output {out} names a folder; give a file name, e.g. {Path(out) / 'model.onnx'}")
     o = Path(out)
     for i in inputs:
         ip = Path(i)
@@ -152,7 +158,7 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
     if not parent.exists():
         raise OutputError(f"output folder {parent} does not exist; create it first")
     if o.exists() and o.is_dir():
-        raise OutputError(f"output {o} is a directory; give a file name")
+        raise OutputError(f"output {o} is a folder; give a file name, e.g. {o / 'model.onnx'}")
     return o
 
 
@@ -174,7 +180,7 @@ def _written_by_edgecomp(folder: Path) -> bool:
     for name in _REPORTS:
         try:
             doc = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
             continue
         if isinstance(doc, dict) and (doc.get(OUTPUT_MARKER) or _LEGACY_REPORT <= doc.keys()):
             return True
@@ -383,10 +389,35 @@ def read_toml(path: str | os.PathLike, what: str) -> dict:
     except OSError as e:
         raise InputFileError(f"cannot read {what} {p}: {e.strerror or type(e).__name__}; "
                              "check that it is a readable file") from None
+    deep = ConfigError(f"{p}: tables and arrays nested more than {MAX_TOML_DEPTH} levels deep; {what}s nest a few "
+                       "levels (see the examples in the README)")
     try:
-        return tomllib.loads(text)
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    except RecursionError:  # tomllib parses nested inline arrays and tables recursively
+        raise deep from None
+    if nesting_exceeds(doc, MAX_TOML_DEPTH):  # [a.b.c...] headers nest without recursion; every reader walks them
+        raise deep
+    return doc
+
+
+#: The deepest nesting a recipe or targets file may have (they use 4: steps, a step, an option's list).
+MAX_TOML_DEPTH = 16
+
+
+def nesting_exceeds(doc: Any, limit: int) -> bool:
+    """Whether dicts and lists in ``doc`` nest deeper than ``limit`` (walked without recursion)."""
+    stack = [(doc, 0)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is None:
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((c, depth + 1) for c in children)
+    return False
 
 
 def first_line(exc: BaseException, limit: int | None = None) -> str:

@@ -206,8 +206,12 @@ def _valid_pin(spec: str) -> bool:
     return True
 
 
-def get_profile(name: str, path: str | os.PathLike | None = None) -> TargetProfile:
+def get_profile(name: str | None, path: str | os.PathLike | None = None) -> TargetProfile | None:
+    """The profile ``name`` (None when no target is named), after checking the whole targets file
+    when one is given: a bad ``--targets-file`` is refused even when no profile from it is used."""
     profiles = load_profiles(path)
+    if name is None:
+        return None
     if name not in profiles:
         raise ConfigError(f"unknown target {name!r}; choose one of {', '.join(sorted(profiles))}")
     return profiles[name]

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgecomp.cli import cli
+from edgecomp.data import DEFAULT_MAX_SAMPLES
 from edgecomp.distill.options import OPTIONS as DISTILL
 from edgecomp.distill.trainer import DistillConfig
 from edgecomp.embeddings.options import OPTIONS as EMBEDDINGS
@@ -131,8 +132,9 @@ def test_unset_is_leaving_the_option_out_and_zero_is_refused_alike(tmp_path, mlp
     assert code == 2 and f"'{flag}': must be >= 1, got 0" in line, line
     with pytest.raises(ConfigError, match=rf"step 2 \({step}\): {key} must be >= 1, got 0$"):
         parse_recipe({"steps": [{"step": "export"}, {"step": step, key: 0}]})
-    assert parse_recipe({"steps": [{"step": "export"}, {"step": step}]}).steps[1][key] is None
-    assert _param(command, key).default is None
+    default = DEFAULT_MAX_SAMPLES if key == "max_samples" else None  # a bounded sample of DATA; threads unset
+    assert parse_recipe({"steps": [{"step": "export"}, {"step": step}]}).steps[1][key] == default
+    assert _param(command, key).default == default
 
 
 def test_library_errors_name_options_neutrally(mlp_path, mlp_data):

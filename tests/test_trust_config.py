@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgecomp.cli import cli
+from edgecomp.data import DEFAULT_MAX_SAMPLES
 from edgecomp.errors import ConfigError, EdgecompError, InputFileError
 from edgecomp.pipeline.recipe import STEP_OPTIONS, apply_override, load_recipe, parse_recipe
 from edgecomp.targets import Isa, load_profiles
@@ -205,8 +206,8 @@ def test_defaults_pass_their_own_checks_and_unset_means_left_out():
     r = parse_recipe({"steps": [{"step": "export"}, {"step": "distill", "shrink": "width=0.5"}, {"step": "quantize"},
                                 {"step": "prune"}, {"step": "reduce-embeddings", "bits": 8}, {"step": "bench"}]})
     d, q, p, e, b = r.steps[1:]
-    assert (q["tolerance"], q["max_samples"], p["max_samples"], d["max_steps"], d["student"], e["rank"], e["energy"],
-            b["threads"]) == (None,) * 8
+    assert (q["tolerance"], d["max_steps"], d["student"], e["rank"], e["energy"], b["threads"]) == (None,) * 6
+    assert q["max_samples"] == p["max_samples"] == DEFAULT_MAX_SAMPLES  # a bounded sample of DATA by default
     # the old placeholders for "unset" (-1, 0, "") are values now, refused like any other
     for step, key, value, msg in [("quantize", "tolerance", -1.0, "tolerance must be >= 0, got -1.0"),
                                   ("quantize", "max_samples", 0, "max_samples must be >= 1, got 0"),

@@ -1,6 +1,8 @@
 """Training samples for distillation: DATA or tokenized text, split and batched for torch.
 
-Samples are held in memory as feeds (name → array with a leading axis of 1). A batch stacks
+Samples are feeds (name → array with a leading axis of 1): text is tokenized into memory, DATA
+is read from disk sample by sample when a batch needs it (a subset is a list of indices into
+it, never a copy), so a DATA larger than memory trains in bounded memory. A batch stacks
 them; arrays of different shapes (token sequences of different lengths) are zero-padded to the
 longest, which is what an attention mask of zeros means. The train/held-out split and each
 epoch's order are fixed by the seed, so every process of a data-parallel run, and a resumed
@@ -9,6 +11,7 @@ run, sees the same batches.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import hashlib
 import os
@@ -22,9 +25,22 @@ from edgecomp.errors import DataError
 __all__ = ["Samples", "from_data", "from_text", "epoch_order"]
 
 
+class _Subset(collections.abc.Sequence):
+    """Items ``idx`` of ``base``, read from it when indexed."""
+
+    def __init__(self, base: Sequence, idx: Sequence[int]):
+        self.base, self.idx = base, list(idx)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        return self.base[self.idx[i]]
+
+
 @dataclasses.dataclass
 class Samples:
-    feeds: list[dict[str, np.ndarray]]
+    feeds: Sequence[dict[str, np.ndarray]]  # a list, or a Dataset read sample by sample
     labels: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -35,7 +51,7 @@ class Samples:
         return list(self.feeds[0]) if self.feeds else []
 
     def subset(self, idx: Sequence[int]) -> "Samples":
-        return Samples([self.feeds[i] for i in idx], None if self.labels is None else self.labels[list(idx)])
+        return Samples(_Subset(self.feeds, idx), None if self.labels is None else self.labels[list(idx)])
 
     def split(self, held_out: float, seed: int) -> tuple["Samples", "Samples"]:
         """(train, held-out): a seeded random ``held_out`` fraction (at least 2 samples) is held out."""
@@ -84,9 +100,8 @@ def from_data(path: str | os.PathLike, labels: str | os.PathLike | None = None) 
     from edgecomp.data import Dataset, load_labels
 
     ds = Dataset(path)
-    feeds = list(ds)
-    y = load_labels(labels, len(feeds)) if labels else None
-    return Samples(feeds, y)
+    y = load_labels(labels, len(ds)) if labels else None
+    return Samples(ds, y)
 
 
 def from_text(path: str | os.PathLike, tokenizer: str | os.PathLike, max_len: int = 128,

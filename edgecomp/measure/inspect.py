@@ -124,12 +124,22 @@ def probe_shapes(model: ir.Model, feed: Mapping[str, np.ndarray]) -> dict[str, l
     return {n: list(a.shape) for n, a in zip(out_names, run_feed(session, feed))}
 
 
+def _load_failure(model: ir.Model, e: ModelLoadError) -> str:
+    """Why the probe session did not load: the model itself, or only with every value exposed."""
+    try:
+        make_session(model, threads=1, optimization="disable")
+    except ModelLoadError:
+        return f"{e}; the model is invalid whatever the feed: check it with onnx.checker or export it again"
+    return f"onnxruntime loads the model but not with its intermediate values exposed as outputs ({e})"
+
+
 def summarize(model: ir.Model, shapes: Mapping[str, Sequence[int]] | None = None, probe: bool = True,
               values: Mapping[str, np.ndarray] | None = None) -> ModelSummary:
     """Summarize ``model``; with ``probe`` run it once to measure shapes and count MACs.
 
-    Ops, parameters and opsets never need a run; when the probe cannot run (an input the
-    defaults cannot fill, a feed the model rejects) MACs are left out with the reason.
+    Ops, parameters and opsets never need a run; when the probe cannot run MACs are left out
+    with the reason: an input the defaults cannot fill or a feed the model rejects (fixed with
+    --shape/--value), or a graph onnxruntime cannot load at all (fixed only in the model).
     """
     hist = collections.Counter(histogram(model))
     by_dtype: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
@@ -146,7 +156,9 @@ def summarize(model: ir.Model, shapes: Mapping[str, Sequence[int]] | None = None
         try:
             feed = synthesize_feed(specs, shapes, values=values, image_size=image)
             seen = probe_shapes(model, feed)
-        except (DataError, ModelLoadError) as e:
+        except ModelLoadError as e:  # the graph itself: no --shape/--value makes onnxruntime load it
+            note = _load_failure(model, e)
+        except DataError as e:  # the synthesized feed does not fit, or the model rejects it when run
             note = f"{e}; give --shape/--value"
         else:
             seen.update({k: list(v.shape) for k, v in feed.items()})

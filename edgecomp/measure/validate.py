@@ -161,12 +161,12 @@ def validate_many(reference: str | os.PathLike | ir.Model, candidates: Sequence[
     if isinstance(data, (str, os.PathLike, Dataset)):
         ds = data if isinstance(data, Dataset) else load_data(data, specs)
         ds.check_against(specs)
-        feeds, n = list(ds.feeds_for(specs)), len(ds)
+        feeds, n = ds.reread(specs), len(ds)  # streamed once per model, never held whole
     else:
         feeds, n = list(data), len(data)
+    y = None if labels is None else (labels if isinstance(labels, np.ndarray) else load_labels(labels, n))
     out_names, ref_out = _outputs(make_session(ref_model, threads), feeds)
     batches = [batch_of(feed, specs) for feed in feeds]
-    y = None if labels is None else (labels if isinstance(labels, np.ndarray) else load_labels(labels, n))
     results = []
     for candidate in candidates:
         cand_name = _label(candidate, "the candidate")

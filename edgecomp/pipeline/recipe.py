@@ -41,7 +41,7 @@ from edgecomp.embeddings.options import OPTIONS as EMBEDDING_OPTIONS
 from edgecomp.embeddings.options import ReduceOptions
 from edgecomp.errors import ConfigError, InputFileError, OptionError
 from edgecomp.export import OPTIONS as EXPORT_OPTIONS
-from edgecomp.io import read_toml
+from edgecomp.io import MAX_TOML_DEPTH, nesting_exceeds, read_toml
 from edgecomp.measure.options import BENCH_OPTIONS, VALIDATE_OPTIONS
 from edgecomp.options import Option, coerce, in_range
 from edgecomp.passes.optimize_graph import OPTIONS as OPTIMIZE_OPTIONS
@@ -119,6 +119,9 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
 
 def parse_recipe(doc: dict[str, Any], name: str = "recipe", source: str = "<recipe>", base: Path | None = None) -> Recipe:
     """Check a parsed recipe document: steps, option types and values, gates, [data] paths."""
+    if nesting_exceeds(doc, MAX_TOML_DEPTH):  # a document built in Python, not read by read_toml
+        raise ConfigError(f"{source}: tables and arrays nested more than {MAX_TOML_DEPTH} levels deep; "
+                          "a recipe nests a few levels (steps, a step, an option's list)")
     unknown = set(doc) - {"description", "steps", "gates", "data", "name", "values"}
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s) {sorted(unknown)}; valid: description, data, values, "

@@ -237,6 +237,7 @@ def prune_model(model: ir.Model, opts: PruneOptions, data: Dataset | None = None
                     "layers repaired": sum(r.get("repair") == "applied" for r in repaired),
                     "repairs skipped": sum(str(r.get("repair")).startswith("skipped") for r in repaired) or None,
                     "fidelity": fidelity_text(fidelity) if fidelity else None,
+                    "data samples": data.describe_used(opts.max_samples) if data is not None else None,
                     "seconds": round(time.perf_counter() - t0, 1)})
     return PruneResult(model, plan.rows, layers, summary, fidelity, warnings)
 

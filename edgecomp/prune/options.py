@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from edgecomp.data import DEFAULT_MAX_SAMPLES
 from edgecomp.errors import OptionError
 from edgecomp.options import Option, check_values, in_range, regexes
 
@@ -39,7 +40,8 @@ OPTIONS = (
     Option("kinds", list, list(KINDS), "what structured pruning removes: channels (incl. FFN neurons), heads, or both",
            check=_kinds, split=","),
     Option("repair", bool, True, "with data, re-fit the consumers of cut channels by least squares"),
-    Option("max_samples", int, None, "data samples to use (default: all)", check=in_range(1)),
+    Option("max_samples", int, DEFAULT_MAX_SAMPLES, "data samples to use, evenly spaced over DATA (more cost time)",
+           check=in_range(1)),
     Option("metric", str, "cosine", "what tolerance bounds: 1-cosine, top-1 accuracy drop, or MAE",
            choices=("cosine", "top1", "mae")),
     Option("tolerance", float, None, "allowed loss vs the input on eval data: instead of sparsity, the largest "
@@ -63,7 +65,7 @@ class PruneOptions:
     kinds: tuple[str, ...] = KINDS  # channels (incl. FFN neurons) and/or heads
     repair: bool = True  # least squares re-fit of consumers (needs data)
     ridge: float = 1e-3  # λ = ridge · tr(A_K) / K (the kept features' Gram) in the repair fit
-    max_samples: int | None = None
+    max_samples: int = DEFAULT_MAX_SAMPLES  # evenly spaced samples of DATA used (Dataset.indices)
     metric: str = "cosine"
     tolerance: float | None = None  # with eval data: the cut is fitted to it (prune.tolerance)
     threads: int = 1

@@ -347,7 +347,7 @@ def prune_to_tolerance(model: ir.Model, opts: PruneOptions, data: Dataset | None
     if not groups:
         raise NothingToPrune(nothing_to_prune_message(next(iter(plans.values())).rows,
                                                       dataclasses.replace(opts, sparsity=max(levels))))
-    evaluator = Evaluator(base, list(eval_data.feeds_for(input_specs(base))), metric, labels, opts.threads)
+    evaluator = Evaluator(base, eval_data.reread(input_specs(base)), metric, labels, opts.threads)
     search = _Search(base, an, plans, groups, evaluator, tolerance, max_evaluations)
     _sweep(search, progress)
     choice = _search(search, _step_order(groups, search.params0, tolerance)) or _fallback(search)

@@ -113,8 +113,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     fidelity = None
     kept_why = "among the most sensitive: kept float to meet the tolerance"
     if opts.tolerance is not None and plan:
-        evaluator = Evaluator(model, list(eval_data.feeds_for(specs, _target_limit(opts))), opts.metric, labels,
-                              opts.threads, runner=opts.target_runner)
+        evaluator = Evaluator(model, eval_data.reread(specs, _target_limit(opts)), opts.metric, labels, opts.threads,
+                              runner=opts.target_runner)
         plan, sens, kept, met, loss = fit_tolerance(model, plan, evaluator, opts.tolerance, opts.progress, opts.embeddings,
                                                     opts.format)
     elif opts.tolerance is None and opts.min_cosine is not None and plan:
@@ -164,7 +164,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     summary = {"layers int8": len(plan), "layers float": len(rows) - len(plan), "bits a/w": ", ".join(layouts),
                "bits reason": bits_reason(opts), "format": opts.format,
                "activations": "uint8 asymmetric, per tensor, static",
-               "method": opts.method, "calibration samples": min(len(calibration), opts.max_samples or 10**9),
+               "method": opts.method, "calibration samples": calibration.describe_used(opts.max_samples),
                "cleanup": cleanup.summary, "seconds": round(time.perf_counter() - t0, 1)}
     if upgrade.modified:
         summary = {"opset": upgrade.summary["opset"], **summary}

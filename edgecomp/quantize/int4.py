@@ -348,7 +348,7 @@ def int4_step(model: ir.Model, plan: Mapping[str, LayerPlan], calibration: Datas
     specs = input_specs(model)
     evaluator, bound = None, None
     if opts.tolerance is not None:
-        evaluator = Evaluator(model, list(eval_data.feeds_for(specs)), opts.metric, labels, opts.threads)
+        evaluator = Evaluator(model, eval_data.reread(specs), opts.metric, labels, opts.threads)
         bound = float(opts.tolerance)
     elif opts.min_cosine is not None:
         # the odd samples: the codes were fitted to the even ones (a check on them flatters GPTQ)

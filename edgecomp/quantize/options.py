@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from edgecomp.data import DEFAULT_MAX_SAMPLES
 from edgecomp.errors import OptionError
 from edgecomp.options import Option, check_values, in_range, regexes
 from edgecomp.quantize.quantize_static import FORMATS
@@ -52,7 +53,8 @@ OPTIONS = (
            f"or a comma list of {','.join(FAMILIES)}", check=_families),
     Option("exclude", list, [], "regexes of node names kept float (repeatable)", check=regexes, metavar="REGEX"),
     Option("embeddings", bool, True, "int8 row-wise embedding tables (Gather)"),
-    Option("max_samples", int, None, "calibration samples to use (default: all)", check=in_range(1)),
+    Option("max_samples", int, DEFAULT_MAX_SAMPLES, "calibration samples to use, evenly spaced over DATA (more cost "
+           "time; ranges rarely change past a few hundred)", check=in_range(1)),
     Option("metric", str, "cosine", "what tolerance bounds: 1-cosine, top-1 accuracy drop, or MAE", choices=METRICS),
     Option("tolerance", float, None, "allowed loss vs fp32 on eval data; the most sensitive layers stay float "
            "until it is met (exit status 3 when it cannot be)", check=in_range(0), needs=lambda v: "eval"),
@@ -80,7 +82,7 @@ class QuantizeOptions:
     families: str = "auto"  # auto (measured) | all | comma list of matmul,conv,conv-depthwise
     exclude: tuple[str, ...] = ()  # regexes of node names kept float
     embeddings: bool = True  # int8 row-wise embedding tables (Gather) of >= 1000 rows
-    max_samples: int | None = None
+    max_samples: int = DEFAULT_MAX_SAMPLES  # evenly spaced samples of DATA used (Dataset.indices)
     metric: str = "cosine"
     tolerance: float | None = None  # with eval data: accuracy-aware fallback
     format: str = "contrib"  # contrib (com.microsoft, onnxruntime CPU) | qdq (ai.onnx only, mobile EPs)

@@ -212,7 +212,7 @@ def test_repair_matches_numpy_least_squares(tmp_path):
     mix = rng.standard_normal((8, 8)).astype(np.float32)
     x = (rng.standard_normal((400, 8)) @ mix).astype(np.float32)  # correlated features: repair has work to do
     np.savez(tmp_path / "calib.npz", x=x)
-    result = prune_model(ir.from_proto(proto), PruneOptions(sparsity=0.5, importance="l2", ridge=1e-9),
+    result = prune_model(ir.from_proto(proto), PruneOptions(sparsity=0.5, importance="l2", ridge=1e-9, max_samples=len(x)),
                          Dataset(tmp_path / "calib.npz"))
     pruned = to_proto(result.model)
     w = _weights(pruned)
