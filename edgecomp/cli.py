@@ -456,15 +456,15 @@ def optimize(model, output, fusions, fold_constants, json_path):
         edgecomp optimize mnv2.onnx -o mnv2.opt.onnx
     """
     from edgecomp.io import check_output_path, load_model, save_model
-    from edgecomp.passes.base import run_pass
-    from edgecomp.passes.optimize_graph import OptimizeGraphPass
+    from edgecomp.passes.optimize_graph import run
 
     check_output_path(output, [model])
-    m = load_model(model)
-    result = run_pass(OptimizeGraphPass(fold_constants=fold_constants, fusions=fusions), m)
+    result = run(load_model(model), {"fold_constants": fold_constants, "fusions": fusions})
     save_model(result.model, output, inputs=[model])
     click.echo(rpt.render_pass(result))
     click.echo(f"wrote {output}")
+    for line in result.warnings:
+        click.echo(f"warning: {line}", err=True)
     _write_json(json_path, result.to_json())
 
 
@@ -604,6 +604,8 @@ def reduce_embeddings(model, output, text, tokenizer, keep_ids, add_tokens, json
         write_tokenizer(result.tokenizer_files, tok_folder)
         click.echo(f"wrote {tok_folder}/")
     click.echo(f"wrote {output}")
+    for line in result.warnings:
+        click.echo(f"warning: {line}", err=True)
     _write_json(json_path, {"summary": result.summary, "passes": [r.to_json() for r in result.reports]})
 
 

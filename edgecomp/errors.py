@@ -22,6 +22,7 @@ __all__ = [
     "DistillError",
     "InvalidModelError",
     "NothingToPrune",
+    "InterfaceChanged",
 ]
 
 
@@ -92,3 +93,8 @@ class InvalidModelError(EdgecompError):
 
 class NothingToPrune(PassFailed):
     """No channel group (structured) or no weight (unstructured) can be pruned: nothing is written."""
+
+
+class InterfaceChanged(EdgecompError):
+    """A model computes something else than its reference: other inputs or outputs, an input it no
+    longer reads, or an output of another shape at run time (see :mod:`edgecomp.measure.interface`)."""

@@ -63,6 +63,7 @@ from edgecomp.data import Dataset, StepData, input_specs, load_data, load_labels
 from edgecomp.errors import EdgecompError, NothingToPrune, OptionError, PassFailed
 from edgecomp.graph import const_array, layer_weight
 from edgecomp.io import first_line
+from edgecomp.measure.interface import keeps_interface
 from edgecomp.options import need_data
 from edgecomp.prune.fidelity import fidelity_text, fidelity_warning, held_out_fidelity
 from edgecomp.prune.groups import PRUNABLE_OPS, find_groups, lift_constants
@@ -257,6 +258,7 @@ def prune_weights(model: ir.Model, opts: PruneOptions) -> PruneResult:
     return PruneResult(result.model, [], result.rows, dict(result.summary))
 
 
+@keeps_interface("prune")
 def run(model: ir.Model, opts: PruneOptions, data: StepData, progress: bool = False) -> PruneResult:
     """What ``edgecomp prune`` and a recipe's prune step call: structured pruning (with the
     calibration data of ``data``, when given, for importance, repair and held-out fidelity; with
