@@ -14,6 +14,9 @@ Cases handled:
   a folded chain that copies a weight still read elsewhere is given up (see
   :func:`_fold_without_growth`), and a ``Reshape`` to ``[batch, features]`` that the rewriter made
   from ``Flatten`` (or that was there) is written as ``Flatten`` again, which needs no shape tensor;
+- an initializer that is also a graph input (a default the caller may feed) is detached to a
+  plain input while the pass runs and given its default back after: it is never folded,
+  rewritten or fused into a Conv (BatchNorm folding) as if it were a constant;
 - declared shapes never drive a fold: onnxscript prefers a value's stored shape over the one it
   infers, and rewrites a ``Reshape`` whose output shape is known into a constant target, so a
   graph output declared ``[1, seqlen]`` that really returns ``[T, 1, C]`` (paddle exports) would
@@ -81,6 +84,13 @@ class OptimizeGraphPass(EdgecompPass):
         self.hidden_size = hidden_size
 
     def call(self, model: ir.Model) -> PassReport:
+        overridable = _detach_overridable(model)
+        try:
+            return self._clean(model)
+        finally:
+            _reattach_overridable(model, overridable)
+
+    def _clean(self, model: ir.Model) -> PassReport:
         before, weights_before = histogram(model), _weights(model)
         invalid_before = opset_violations(model)
         negative = _negative_dims_unknown(model)
@@ -157,6 +167,27 @@ def _fold_without_growth(model: ir.Model, attempts: int = 3) -> int:
     model.functions.clear()
     model.functions.update(work.functions)
     return given_up
+
+
+def _detach_overridable(model: ir.Model) -> dict[str, ir.TensorProtocol]:
+    """Initializers that are also graph inputs (defaults the caller may feed, IR >= 4) become plain
+    inputs, so no fold, rewrite or BatchNorm fusion takes their default for a constant (onnxscript
+    treats every ``const_value`` as one); returns their tensors by name."""
+    detached = {}
+    for v in model.graph.inputs:
+        if v.name in model.graph.initializers and v.const_value is not None:
+            detached[v.name] = v.const_value
+            del model.graph.initializers[v.name]
+            v.const_value = None
+    return detached
+
+
+def _reattach_overridable(model: ir.Model, detached: Mapping[str, ir.TensorProtocol]) -> None:
+    """The defaults of :func:`_detach_overridable` back on the inputs of the same names."""
+    for v in model.graph.inputs:
+        if v.name in detached and v.name not in model.graph.initializers:
+            v.const_value = detached[v.name]
+            model.graph.register_initializer(v)
 
 
 def _detach_declared_shapes(model: ir.Model) -> tuple[list[ir.Shape | None], dict[str, ir.Shape]]:
