@@ -89,6 +89,20 @@ def test_runtime_output_shape_survives_each_command(crnn, tmp_path, cmd):
         assert all(np.allclose(g.sum(-1), 1.0, atol=1e-4) for g in got)
 
 
+def test_prune_of_unnamed_nodes_keeps_the_runtime_shape(crnn, tmp_path):
+    """Layers are planned by node name: a converter's unnamed nodes are named first (they all
+    shared the name "" and the plan cut the classifier's outputs)."""
+    model, calib, x = crnn
+    proto = paddle_crnn_proto()
+    for node in proto.graph.node:
+        node.name = ""
+    src, out = tmp_path / "unnamed.onnx", tmp_path / "unnamed.pruned.onnx"
+    onnx.save(proto, src)
+    res = _invoke("prune", src, "-o", out, "--sparsity", "0.3", "--data", calib)
+    assert res.exit_code == 0, res.output
+    assert [g.shape for g in _crnn_outputs(out, x)] == [(12, 1, 40)] * len(x)
+
+
 def test_a_cleanup_that_trusts_the_declaration_is_refused(crnn, tmp_path, monkeypatch):
     """With the declared shapes left on for folding (the bug of issue 25), onnxscript flattens the
     output to [1, T*C]; the guard refuses in one line and nothing is written."""
