@@ -90,6 +90,7 @@ class Evaluator:
 
     def _outputs(self, model: ir.Model) -> list[np.ndarray]:
         s = make_session(model, threads=self.threads)
+        self.names = [o.name for o in s.get_outputs()]
         return [run_feed(s, f)[0] for f in self.feeds]
 
     def _score(self, outs: list[np.ndarray]) -> float:
@@ -111,8 +112,7 @@ class Evaluator:
         def per_output(runs):
             return list(zip(*[r if isinstance(r, (list, tuple)) else [r] for r in runs]))
 
-        names = [f"#{i}" for i in range(len(per_output(self.ref)))]
-        diff = shape_difference(names, per_output(self.ref), per_output(outs), ("the float model", "the candidate"))
+        diff = shape_difference(self.names, per_output(self.ref), per_output(outs), ("the float model", "the candidate"))
         if diff:
             raise InterfaceChanged(f"{diff}; the quantized model would compute something else, nothing was written "
                                    "(please report this)")
@@ -164,6 +164,7 @@ class FidelityEvaluator(Evaluator):
 
     def _outputs(self, model: ir.Model) -> list:
         s = make_session(model, threads=self.threads)
+        self.names = [o.name for o in s.get_outputs()]
         return [run_feed(s, f) for f in self.feeds]
 
     def _score(self, outs: list) -> float:
