@@ -238,3 +238,29 @@ def test_overridable_weights_stay_inputs_and_are_read(overridable, tmp_path, cmd
     if cmd == "quantize":
         rows = res.stdout
         assert "fc1" in rows and "weight is a graph input (a default the caller may feed): kept float" in rows
+
+
+def test_an_ir3_export_lists_weights_as_inputs_and_they_are_constants(tmp_path):
+    """Before IR 4 every initializer is listed as an input and onnxruntime reads them as constants:
+    they are quantized like any weight, and the written model (IR 4) has the one real input."""
+    rng = np.random.default_rng(0)
+    w = {"W1": rng.standard_normal((16, 32)).astype(np.float32), "W2": rng.standard_normal((32, 4)).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["a"], name="fc1"), helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="fc2")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])] + [
+        helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v.shape)) for k, v in w.items()]
+    g = helper.make_graph(nodes, "ir3", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                          [numpy_helper.from_array(v, k) for k, v in w.items()])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 8)])
+    proto.ir_version = 3
+    src, out, calib = tmp_path / "ir3.onnx", tmp_path / "ir3.int8.onnx", tmp_path / "calib.npz"
+    onnx.save(proto, src)
+    x = rng.standard_normal((8, 16)).astype(np.float32)
+    np.savez(calib, x=x)
+    assert [i.name for i in _session(src).get_inputs()] == ["x"] and not _session(src).get_overridable_initializers()
+    res = _invoke("quantize", src, "-o", out, "--calibration", calib, "--families", "all")
+    assert res.exit_code == 0, res.output
+    written = onnx.load(str(out))
+    assert [i.name for i in written.graph.input] == ["x"] and "layers int8: 2" in res.stdout
+    r, g_ = _session(src).run(None, {"x": x[:1]})[0], _session(out).run(None, {"x": x[:1]})[0]
+    assert _cos(r, g_) >= 0.99

@@ -5,7 +5,9 @@ constants) but never *what* it computes. The model as loaded (a copy taken befor
 the reference, and the result must have, in this order:
 
 1. the same graph inputs: names and element types, an initializer that is also an input (an
-   overridable weight, valid since IR 4) included — it stays declared;
+   overridable weight, valid since IR 4) included — it stays declared (an IR < 4 model lists every
+   weight as an input, which onnxruntime reads as constants: they are made plain initializers
+   first, :func:`edgecomp.graph.initializer_inputs_as_constants`);
 2. every input the reference reads still read: a value fed there must still reach the
    computation (an input read only through ``Shape``/``Size`` whose declared dims are all fixed is
    exempt: its shape cannot change, so folding that read is sound);
@@ -39,6 +41,7 @@ import onnx_ir as ir
 
 from edgecomp.data import Dataset, image_size_hint, input_specs, load_data, synthesize_feed
 from edgecomp.errors import EdgecompError, InterfaceChanged
+from edgecomp.graph import initializer_inputs_as_constants
 from edgecomp.runtime import make_session, run_feed
 
 __all__ = ["GUARD_FEEDS", "check_interface", "declared_shape_warnings", "guard_feeds", "keeps_interface",
@@ -116,7 +119,7 @@ def check_interface(reference: ir.Model, candidate: ir.Model, feeds: Sequence[Ma
         return InterfaceChanged(f"{step} would compute something else: {problem}; nothing was written "
                                 "(please report this)")
 
-    ref_in, cand_in = _declared(reference.graph.inputs), _declared(candidate.graph.inputs)
+    ref_in, cand_in = sorted(_declared(reference.graph.inputs)), sorted(_declared(candidate.graph.inputs))
     if ref_in != cand_in:
         raise refuse(f"its inputs {_listing(cand_in)} differ from the model's {_listing(ref_in)}")
     unread = sorted(_read_inputs(reference) - _read_inputs(candidate))
@@ -155,6 +158,7 @@ def keeps_interface(step: str, same_ids: Callable[..., bool] | None = None) -> C
     def decorate(run: Callable) -> Callable:
         @functools.wraps(run)
         def checked(model: ir.Model, options: Any, data: Any = None, *args, **kwargs):
+            initializer_inputs_as_constants(model)  # an IR < 4 export's weights are constants, as onnxruntime reads them
             reference = model.clone()  # nodes copied, tensors shared: passes replace tensors, never edit them
             result = run(model, options, data, *args, **kwargs)
             runtime = same_ids is None or same_ids(options, **kwargs)
