@@ -206,15 +206,18 @@ def _detach_declared_shapes(model: ir.Model) -> tuple[list[ir.Shape | None], dic
 
 
 def _restore_declared_shapes(model: ir.Model, declared: tuple[list[ir.Shape | None], dict[str, ir.Shape]]) -> None:
-    """The main graph's outputs get their declarations back (the model's interface, as given);
-    other values keep what inference found, or their declaration where it found nothing."""
+    """The main graph's outputs get their declarations back (the model's interface, as given; an
+    output declared without a shape keeps the inferred one, as onnx.checker wants a main-graph
+    output's shape); other values keep what inference found, or their declaration where it found
+    nothing."""
     outputs, cleared = declared
     for g in _graphs(model):
         for v in [*g.outputs, *(o for n in g for o in n.outputs)]:
             if v is not None and v.shape is None and v.name in cleared:
                 v.shape = cleared[v.name]
     for v, shape in zip(model.graph.outputs, outputs):
-        v.shape = shape
+        if shape is not None:
+            v.shape = shape
 
 
 def _copied_weights(model: ir.Model, sources: set[str]) -> dict[str, set[str]]:

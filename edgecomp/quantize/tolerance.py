@@ -112,7 +112,8 @@ class Evaluator:
         def per_output(runs):
             return list(zip(*[r if isinstance(r, (list, tuple)) else [r] for r in runs]))
 
-        diff = shape_difference(self.names, per_output(self.ref), per_output(outs), ("the float model", "the candidate"))
+        names = getattr(self, "names", None) or [f"#{i}" for i in range(len(per_output(self.ref)))]
+        diff = shape_difference(names, per_output(self.ref), per_output(outs), ("the float model", "the candidate"))
         if diff:
             raise InterfaceChanged(f"{diff}; the quantized model would compute something else, nothing was written "
                                    "(please report this)")
