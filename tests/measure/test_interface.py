@@ -90,7 +90,7 @@ def test_guard_refuses_other_inputs_and_outputs():
     keep = [i for i in dropped.graph.input if i.name != "fc2_b"]
     del dropped.graph.input[:]
     dropped.graph.input.extend(keep)  # fc2_b is now a plain constant: the caller can no longer feed it
-    with pytest.raises(InterfaceChanged, match=r"its inputs \[x float, bn_scale float, fc1_w float\] differ"):
+    with pytest.raises(InterfaceChanged, match=r"its inputs \[bn_scale float, fc1_w float, x float\] differ"):
         check_interface(ref, from_proto(dropped), [])
     renamed = overridable_cnn_proto()
     renamed.graph.node[-1].output[0] = "scores"
