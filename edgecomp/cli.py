@@ -479,18 +479,19 @@ def optimize(model, output, fusions, fold_constants, values, json_path):
         edgecomp optimize silero_vad.onnx -o vad16k.onnx --value sr=16000
     """
     from edgecomp.io import check_output_path, load_model, save_model
-    from edgecomp.passes.base import run_pass
     from edgecomp.passes.float_precision import refuse_unrunnable_floats
-    from edgecomp.passes.optimize_graph import OptimizeGraphPass
+    from edgecomp.passes.optimize_graph import run
 
     check_output_path(output, [model])
     m = load_model(model)
     refuse_unrunnable_floats(m)
     spec = _specialize(m, values)
-    result = run_pass(OptimizeGraphPass(fold_constants=fold_constants, fusions=fusions), m)
+    result = run(m, {"fold_constants": fold_constants, "fusions": fusions})
     save_model(result.model, output, inputs=[model])
     click.echo(rpt.render_pass(result))
     click.echo(f"wrote {output}")
+    for line in result.warnings:
+        click.echo(f"warning: {line}", err=True)
     _write_json(json_path, {**result.to_json(), "specialize": spec.to_json()} if spec else result.to_json())
 
 
@@ -689,6 +690,8 @@ def reduce_embeddings(model, output, text, tokenizer, keep_ids, add_tokens, json
         write_tokenizer(result.tokenizer_files, tok_folder)
         click.echo(f"wrote {tok_folder}/")
     click.echo(f"wrote {output}")
+    for line in result.warnings:
+        click.echo(f"warning: {line}", err=True)
     _write_json(json_path, {"summary": result.summary, "passes": [r.to_json() for r in result.reports]})
 
 

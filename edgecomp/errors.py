@@ -23,6 +23,7 @@ __all__ = [
     "InvalidModelError",
     "NothingToPrune",
     "EmulationError",
+    "InterfaceChanged",
 ]
 
 
@@ -98,3 +99,8 @@ class NothingToPrune(PassFailed):
 class EmulationError(EdgecompError):
     """The emulated target runtime (qemu-user + onnxruntime's aarch64 build) is missing, broken,
     timed out or was killed; the message names what to do."""
+
+
+class InterfaceChanged(EdgecompError):
+    """A model computes something else than its reference: other inputs or outputs, an input it no
+    longer reads, or an output of another shape at run time (see :mod:`edgecomp.measure.interface`)."""

@@ -24,6 +24,7 @@ __all__ = [
     "bias_slot",
     "compile_patterns",
     "const_array",
+    "initializer_inputs_as_constants",
     "count_parameters",
     "histogram",
     "layer_bias",
@@ -54,6 +55,21 @@ def const_array(value: ir.Value | None, *, graph_inputs: bool = False) -> np.nda
         return p.attributes["value"].as_tensor().numpy()
     return None
 
+
+
+def initializer_inputs_as_constants(model: ir.Model) -> int:
+    """Before IR 4 every initializer had to be listed as a graph input, and onnxruntime treats
+    them as constants (only from IR 4 on is such an input a default the caller may feed). Here
+    they leave ``model.graph.inputs`` and the IR version becomes 4 (the same model: IR 4 lets an
+    initializer stand alone), so no pass mistakes an old export's weights for overridable ones.
+    Returns how many inputs were removed (0 for IR >= 4)."""
+    if model.ir_version is None or model.ir_version >= 4:
+        return 0
+    kept = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
+    removed = len(model.graph.inputs) - len(kept)
+    model.graph.inputs[:] = kept
+    model.ir_version = 4
+    return removed
 
 
 def subgraphs(node: ir.Node) -> list[ir.Graph]:

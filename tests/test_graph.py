@@ -11,6 +11,7 @@ from edgecomp.graph import (
     attribute,
     bias_add,
     bias_slot,
+    initializer_inputs_as_constants,
     layer_bias,
     layer_weight,
     unique_name,
@@ -109,3 +110,17 @@ def test_gemm_and_conv_weights_as_k_by_n():
     g.append(conv)
     np.testing.assert_array_equal(layer_weight(conv), w.const_value.numpy().reshape(2, 3).T)
     assert bias_slot(conv) == (conv, 2) and layer_bias(conv, 2) is None
+
+
+def test_initializer_inputs_are_constants_before_ir4_and_defaults_after():
+    def model(ir_version: int) -> ir.Model:
+        x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 2]))
+        w = ir.Value(name="w", const_value=ir.tensor(np.ones((2, 3), np.float32), name="w"))
+        node = ir.node("MatMul", [x, w])
+        g = ir.Graph([x, w], node.outputs, nodes=[node], initializers=[w], opset_imports={"": 8})
+        return ir.Model(g, ir_version=ir_version)
+
+    old, new = model(3), model(7)
+    assert initializer_inputs_as_constants(old) == 1
+    assert [v.name for v in old.graph.inputs] == ["x"] and old.ir_version == 4 and "w" in old.graph.initializers
+    assert initializer_inputs_as_constants(new) == 0 and [v.name for v in new.graph.inputs] == ["x", "w"]

@@ -43,7 +43,7 @@ from edgecomp.cli import cli
 FAST = ["silero_vad", "silero_vad_op15", "mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet",
         "resnet-ts17", "resnet-ts11", "resnet-vc17", "resnet-const", "resnet-neg1", "resnet-bn",
         "resnet-ident", "encoder-ts17", "encoder-const", "encoder-neg1", "encoder-nofold",
-        "encoder-ident"]
+        "encoder-ident", "paddle_crnn", "overridable_cnn"]
 SLOW = [n for n in ZOO if n not in FAST and n not in LARGE]
 
 COMMANDS = ["inspect", "optimize", "quantize", "quantize_all", "prune", "prune_data", "validate", "bench", "bench_data"]
@@ -181,7 +181,7 @@ def check_same_interface(o: Outcome) -> None:
 
 #: --families all matters where auto keeps a family float (convs, timed on this host); on the
 #: encoders and silero it repeats quantize, so there it runs with the slow cases.
-QUANTIZE_ALL_FAST = ("resnet-", "mtcnn_")
+QUANTIZE_ALL_FAST = ("resnet-", "mtcnn_", "paddle_crnn", "overridable_cnn")
 
 
 def _cases():

@@ -22,6 +22,11 @@ What is in it:
 - float16 models: silero-vad converted with onnxruntime's float16 converter (If subgraphs), the
   reference models exported in half precision; their DATA stays float32 where it is shared (the
   commands cast DATA to a float input's precision, and so does :func:`outputs`).
+- generated with onnx.helper, as converters write them: a paddle-style CRNN text recognizer
+  (opset 11) whose graph output is *declared* ``[1, seqlen]`` while it returns ``[T, 1, C]``
+  through a final Reshape whose shape is computed at run time (``Concat(Unsqueeze(Gather(Shape)))``),
+  and a CNN whose weights are partly *overridable initializers* (graph inputs with a default,
+  IR >= 4), both fed crops of sklearn's photos.
 
 ``ZOO`` maps a model name to its builder; :class:`Zoo` builds each model once into a folder.
 Run ``python tests/zoo.py OUTDIR`` to write them all.
@@ -47,7 +52,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `models` is a top-level folder of the repo
 
 __all__ = ["ZOO", "LARGE", "Zoo", "feeds", "outputs", "pooled_cosine", "sample_cosine", "fidelity", "float_outputs", "ZooEntry", "silero_dir", "facenet_dir", "image_crops", "weights_as_constants",
-           "minus_one_batch", "identity_shared", "convert_opset", "param_count", "default_opset"]
+           "minus_one_batch", "identity_shared", "convert_opset", "param_count", "default_opset",
+           "paddle_crnn_proto", "overridable_cnn_proto", "OVERRIDABLE_WEIGHTS"]
 
 SEED = 0
 
@@ -590,6 +596,127 @@ def _reference(base: str, variant: str):
     return build
 
 
+# --- generated: what converters write ---------------------------------------------------------
+
+def _he(rng, *shape) -> np.ndarray:
+    fan_in = int(np.prod(shape[1:])) if len(shape) > 2 else shape[0]
+    return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+
+def _photo_data(folder: Path, name: str, n: int, size: tuple[int, int]) -> Path:
+    """``n`` photo crops scaled to [-1, 1] as ``x`` (paddle's ``(x / 255 - 0.5) / 0.5``)."""
+    path = folder / f"{name}.npz"
+    if not path.exists():
+        np.savez(path, x=(image_crops(n, size) / 127.5 - 1.0).astype(np.float32))
+    return path
+
+
+def paddle_crnn_proto(classes: int = 40, seed: int = SEED) -> onnx.ModelProto:
+    """A paddle-style CRNN recognizer at opset 11: Conv+BN+Relu+MaxPool x2, a Conv over the
+    remaining height, Squeeze, Transpose to ``[T, 1, 32]``, MatMul+Add to ``classes``, Softmax,
+    and a final Reshape to its own runtime shape (``Concat`` of ``Unsqueeze(Gather(Shape))``).
+    The graph output is declared ``[1, seqlen]``: what it returns is ``[T, 1, classes]``
+    (paddle2onnx writes such declarations; onnxruntime only logs a warning)."""
+    from onnx import TensorProto, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = {"conv1_w": _he(rng, 16, 3, 3, 3), "bn1_scale": (1 + 0.1 * rng.standard_normal(16)).astype(np.float32),
+         "bn1_bias": (0.1 * rng.standard_normal(16)).astype(np.float32),
+         "bn1_mean": (0.1 * rng.standard_normal(16)).astype(np.float32),
+         "bn1_var": (1 + 0.2 * rng.random(16)).astype(np.float32),
+         "conv2_w": _he(rng, 32, 16, 3, 3), "conv2_b": (0.05 * rng.standard_normal(32)).astype(np.float32),
+         "conv3_w": _he(rng, 32, 32, 8, 1), "conv3_b": (0.05 * rng.standard_normal(32)).astype(np.float32),
+         "fc_w": _he(rng, 32, classes), "fc_b": (0.05 * rng.standard_normal(classes)).astype(np.float32)}
+    w.update({f"idx{i}": np.array(i, np.int64) for i in range(3)})  # scalar: Gather gives a scalar dim
+    n = [helper.make_node("Conv", ["x", "conv1_w"], ["c1"], pads=[1, 1, 1, 1], name="conv2d_0"),
+         helper.make_node("BatchNormalization", ["c1", "bn1_scale", "bn1_bias", "bn1_mean", "bn1_var"], ["b1"],
+                          name="batch_norm_0"),
+         helper.make_node("Relu", ["b1"], ["r1"], name="relu_0"),
+         helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2], name="pool2d_0"),
+         helper.make_node("Conv", ["p1", "conv2_w", "conv2_b"], ["c2"], pads=[1, 1, 1, 1], name="conv2d_1"),
+         helper.make_node("Relu", ["c2"], ["r2"], name="relu_1"),
+         helper.make_node("MaxPool", ["r2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2], name="pool2d_1"),
+         helper.make_node("Conv", ["p2", "conv3_w", "conv3_b"], ["c3"], name="conv2d_2"),
+         helper.make_node("Relu", ["c3"], ["r3"], name="relu_2"),
+         helper.make_node("Squeeze", ["r3"], ["sq"], axes=[2], name="squeeze_0"),
+         helper.make_node("Transpose", ["sq"], ["tr"], perm=[2, 0, 1], name="transpose_0"),
+         helper.make_node("MatMul", ["tr", "fc_w"], ["mm"], name="linear_0"),
+         helper.make_node("Add", ["mm", "fc_b"], ["fc"], name="linear_0.add"),
+         helper.make_node("Softmax", ["fc"], ["sm"], axis=2, name="softmax_0"),
+         helper.make_node("Shape", ["sm"], ["shape"], name="shape_0")]
+    for i in range(3):
+        n += [helper.make_node("Gather", ["shape", f"idx{i}"], [f"dim{i}"], axis=0, name=f"gather_{i}"),
+              helper.make_node("Unsqueeze", [f"dim{i}"], [f"dim{i}_1d"], axes=[0], name=f"unsqueeze_{i}")]
+    n += [helper.make_node("Concat", ["dim0_1d", "dim1_1d", "dim2_1d"], ["target"], axis=0, name="concat_0"),
+          helper.make_node("Reshape", ["sm", "target"], ["softmax_0.tmp_0"], name="reshape2_0")]
+    g = helper.make_graph(n, "crnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, "w"])],
+                          [helper.make_tensor_value_info("softmax_0.tmp_0", TensorProto.FLOAT, [1, "seqlen"])],
+                          [numpy_helper.from_array(v, k) for k, v in w.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)], producer_name="PaddlePaddle")
+    m.ir_version = 6
+    return m
+
+
+def _paddle_crnn(folder: Path) -> tuple[Path, Path]:
+    path = folder / "paddle_crnn.onnx"
+    if not path.exists():
+        onnx.save(paddle_crnn_proto(), str(path))
+    return path, _photo_data(folder, "paddle_crnn", 12, (32, 64))
+
+
+def overridable_cnn_proto(seed: int = SEED) -> onnx.ModelProto:
+    """A small CNN classifier (opset 13, IR 7) some of whose weights are graph inputs with a
+    default (overridable initializers): BatchNorm's scale after conv1, the first Linear's
+    weight and the last Linear's bias; the rest are plain constants (conv2's channels, read by a
+    1x1 conv3, can be pruned), so each command has something it may change and something it must
+    leave read from the input."""
+    from onnx import TensorProto, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = {"conv1_w": _he(rng, 16, 3, 3, 3), "bn_scale": (1 + 0.1 * rng.standard_normal(16)).astype(np.float32),
+         "bn_bias": (0.1 * rng.standard_normal(16)).astype(np.float32),
+         "bn_mean": (0.1 * rng.standard_normal(16)).astype(np.float32),
+         "bn_var": (1 + 0.2 * rng.random(16)).astype(np.float32),
+         "conv2_w": _he(rng, 32, 16, 3, 3), "conv2_b": (0.05 * rng.standard_normal(32)).astype(np.float32),
+         "conv3_w": _he(rng, 32, 32, 1, 1), "conv3_b": (0.05 * rng.standard_normal(32)).astype(np.float32),
+         "fc1_w": _he(rng, 32, 32), "fc1_b": (0.05 * rng.standard_normal(32)).astype(np.float32),
+         "fc2_w": _he(rng, 32, 10), "fc2_b": (0.05 * rng.standard_normal(10)).astype(np.float32)}
+    n = [helper.make_node("Conv", ["x", "conv1_w"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+         helper.make_node("BatchNormalization", ["c1", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["b1"], name="bn1"),
+         helper.make_node("Relu", ["b1"], ["r1"], name="relu1"),
+         helper.make_node("Conv", ["r1", "conv2_w", "conv2_b"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv2"),
+         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+         helper.make_node("Conv", ["r2", "conv3_w", "conv3_b"], ["c3"], name="conv3"),
+         helper.make_node("Relu", ["c3"], ["r3c"], name="relu3c"),
+         helper.make_node("GlobalAveragePool", ["r3c"], ["gap"], name="gap"),
+         helper.make_node("Flatten", ["gap"], ["flat"], axis=1, name="flatten"),
+         helper.make_node("MatMul", ["flat", "fc1_w"], ["m1"], name="fc1"),
+         helper.make_node("Add", ["m1", "fc1_b"], ["a1"], name="fc1.add"),
+         helper.make_node("Relu", ["a1"], ["r3"], name="relu3"),
+         helper.make_node("MatMul", ["r3", "fc2_w"], ["m2"], name="fc2"),
+         helper.make_node("Add", ["m2", "fc2_b"], ["logits"], name="fc2.add")]
+    overridable = [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(w[k].shape))
+                   for k in OVERRIDABLE_WEIGHTS]
+    g = helper.make_graph(n, "overridable", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16]),
+                                             *overridable],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+                          [numpy_helper.from_array(v, k) for k, v in w.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 7
+    return m
+
+
+#: The weights of :func:`overridable_cnn_proto` that are graph inputs with a default.
+OVERRIDABLE_WEIGHTS = ("bn_scale", "fc1_w", "fc2_b")
+
+
+def _overridable_cnn(folder: Path) -> tuple[Path, Path]:
+    path = folder / "overridable_cnn.onnx"
+    if not path.exists():
+        onnx.save(overridable_cnn_proto(), str(path))
+    return path, _photo_data(folder, "overridable_cnn", 16, (16, 16))
+
+
 @dataclasses.dataclass
 class ZooEntry:
     name: str
@@ -620,6 +747,10 @@ def _entries() -> dict[str, ZooEntry]:
         ZooEntry("mtcnn_pnet-dynamo", _mtcnn("pnet", 8, "dynamo"), "MTCNN P-Net, dynamo opset 18, variable HxW"),
         ZooEntry("mtcnn_onet-dynamo", _mtcnn("onet", 16, "dynamo"), "MTCNN O-Net, dynamo opset 18"),
         ZooEntry("digits", _digits, "trained digits MobileNetV2 w0.5 (models/weights), TorchScript opset 17"),
+        ZooEntry("paddle_crnn", _paddle_crnn, "paddle-style CRNN recognizer, opset 11: output declared [1, seqlen], "
+                                              "returns [T, 1, 40] through a run-time Reshape"),
+        ZooEntry("overridable_cnn", _overridable_cnn, "CNN, opset 13 / IR 7: BatchNorm scale, a Linear weight and a "
+                                                      "bias are graph inputs with defaults (overridable initializers)"),
     ]
     for base, b in BASES.items():
         for v, what in VARIANTS.items():

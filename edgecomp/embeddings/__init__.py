@@ -33,6 +33,7 @@ from edgecomp.embeddings.tokenizer import (
     tokenizer_texts,
 )
 from edgecomp.errors import ConfigError, DataError, DataNeeded, OptionError, PassFailed
+from edgecomp.measure.interface import keeps_interface
 from edgecomp.passes.base import PassReport, run_pass
 
 __all__ = ["ReduceOptions", "ReduceResult", "reduce_embeddings", "run"]
@@ -44,6 +45,7 @@ class ReduceResult:
     reports: list[PassReport]
     summary: dict[str, Any]
     tokenizer_files: dict[str, str]  # file name -> text, for a tokenizer folder beside the model
+    warnings: list[str] = dataclasses.field(default_factory=list)  # one line each, for stderr
 
 
 
@@ -150,6 +152,8 @@ def _scale_dtype(opts: ReduceOptions) -> str:
     return opts.scale_dtype or ("float16" if opts.bits == 4 else "float32")
 
 
+@keeps_interface("reduce-embeddings", same_ids=lambda opts, keep_ids=None, new_tokens=None: not (
+    opts.prune_vocab or new_tokens))
 def run(model: ir.Model, opts: ReduceOptions, data: StepData, *, keep_ids: np.ndarray | None = None,
         new_tokens: Sequence[str] | None = None) -> ReduceResult:
     """What ``edgecomp reduce-embeddings`` and a recipe's reduce-embeddings step call: the corpus

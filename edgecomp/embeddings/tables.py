@@ -63,6 +63,10 @@ def find_embedding_tables(model: ir.Model, min_rows: int = 0,
         if not gathers:
             continue
         rows, dim = t.shape.numpy()
+        if value.is_graph_input():  # a default the caller may feed: reducing it would ignore what is fed
+            skipped.append({"table": value.name, "rows": rows, "dim": dim, "decision": "left whole",
+                            "reason": "a graph input (a default the caller may feed)"})
+            continue
         others = [u for u in uses if u.node not in gathers]
         heads = [u.node for u in others if _is_head(u)]
         if others and (not tied or len(heads) != len(others)):

@@ -4,6 +4,10 @@ Per output: max/mean absolute error; cosine similarity of each sample's output (
 for logits top-1 agreement; for embeddings (rank-2, unit-norm rows) the overlap of each sample's
 k nearest neighbours among all samples, candidate vs reference. Which output is which is decided
 by :func:`output_kind`. With labels, task accuracy of both models on the first output.
+
+Shapes are compared before any value: an output whose run-time shape differs between the two
+models on some sample (a candidate that flattened ``[T, 1, C]`` to ``[1, T*C]``) is one
+:class:`~edgecomp.errors.InterfaceChanged` line naming the output, the sample and both shapes.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.data import Dataset, check_label_range, input_specs, load_data, load_labels
-from edgecomp.errors import DataError
+from edgecomp.errors import DataError, InterfaceChanged
 from edgecomp.io import load_model
+from edgecomp.measure.interface import shape_difference
 from edgecomp.passes.float_precision import refuse_unrunnable_floats
 from edgecomp.runtime import make_session, run_feed, with_input_floats
 
@@ -114,8 +119,12 @@ def compare_outputs(name: str, ref: Sequence[np.ndarray], cand: Sequence[np.ndar
 
     Cosine is per sample: per row of the leading axis when that axis is the feed's batch
     (``batches[i]``, default 1 row per leading index), else over the sample's whole array (a
-    recurrent state ``[2, 1, H]`` is one sample, not two).
+    recurrent state ``[2, 1, H]`` is one sample, not two). Arrays of different shapes are an
+    :class:`InterfaceChanged` line, never compared.
     """
+    diff = shape_difference([name], [ref], [cand])
+    if diff:
+        raise InterfaceChanged(f"{diff}: the candidate computes something else")
     abs_err = [np.abs(r.astype(np.float64) - c.astype(np.float64)) for r, c in zip(ref, cand)]
     rows = [(r, c) if (batches is None or (r.ndim and r.shape[0] == b)) else (r.reshape(1, -1), c.reshape(1, -1))
             for r, c, b in zip(ref, cand, batches or [None] * len(ref))]
@@ -180,6 +189,9 @@ def validate_many(reference: str | os.PathLike | ir.Model, candidates: Sequence[
         names, cand_out = _outputs(session, [with_input_floats(session, f) for f in feeds])
         if names != out_names:
             raise DataError(f"{cand_name} outputs {names} differ from {ref_name}'s {out_names}")
+        diff = shape_difference(out_names, ref_out, cand_out, what=(ref_name, cand_name))
+        if diff:
+            raise InterfaceChanged(f"{diff}: {cand_name} computes something else than {ref_name}")
         result = ValidationResult(n, [compare_outputs(name, r, c, k, batches)
                                       for name, r, c in zip(out_names, ref_out, cand_out)])
         if y is not None:

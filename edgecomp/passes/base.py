@@ -22,6 +22,7 @@ class PassReport(ir.passes.PassResult):
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)  # one line each, for stderr
 
     def to_json(self) -> dict[str, Any]:
         return {"pass": self.name, "modified": self.modified, "options": self.options,

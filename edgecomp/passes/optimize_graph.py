@@ -14,6 +14,18 @@ Cases handled:
   a folded chain that copies a weight still read elsewhere is given up (see
   :func:`_fold_without_growth`), and a ``Reshape`` to ``[batch, features]`` that the rewriter made
   from ``Flatten`` (or that was there) is written as ``Flatten`` again, which needs no shape tensor;
+- an initializer that is also a graph input (a default the caller may feed) is detached to a
+  plain input while the pass runs and given its default back after: it is never folded,
+  rewritten or fused into a Conv (BatchNorm folding) as if it were a constant;
+- declared shapes never drive a fold: onnxscript prefers a value's stored shape over the one it
+  infers, and rewrites a ``Reshape`` whose output shape is known into a constant target, so a
+  graph output declared ``[1, seqlen]`` that really returns ``[T, 1, C]`` (paddle exports) would
+  be flattened to the declaration. Before folding every node output's shape (graph outputs and
+  ``value_info`` alike; graph inputs are the contract and stay) is detached, so shapes are
+  inferred from the inputs only; afterwards each graph output gets its declaration back as it
+  was (a wrong declaration is the model's, reported by :mod:`edgecomp.measure.interface`, not
+  corrected here) and an intermediate value whose shape inference could not derive (a
+  custom-domain op) gets its declared shape back;
 - everything written stays valid at the model's declared opset: an attribute the rewriter adds
   that the opset lacks (``Reshape allowzero`` before 14) is dropped where it changes nothing,
   otherwise the pass fails with the node named;
@@ -28,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -36,10 +49,11 @@ import onnx_ir.passes.common
 from edgecomp.errors import ConfigError, EdgecompError, PassFailed
 from edgecomp.graph import histogram
 from edgecomp.options import Option
-from edgecomp.passes.base import EdgecompPass, PassReport
+from edgecomp.measure.interface import keeps_interface
+from edgecomp.passes.base import EdgecompPass, PassReport, run_pass
 from edgecomp.passes.upgrade_opset import drop_unsupported_defaults, new_violations, opset_violations
 
-__all__ = ["GROW_LIMIT", "OPTIONS", "OptimizeGraphPass"]
+__all__ = ["GROW_LIMIT", "OPTIONS", "OptimizeGraphPass", "run"]
 
 #: A folded output may hold more elements than its constant inputs when it is at most this big: the
 #: shape arithmetic (Shape → Gather → Concat) that folding is for; 64 is past any tensor rank.
@@ -70,6 +84,13 @@ class OptimizeGraphPass(EdgecompPass):
         self.hidden_size = hidden_size
 
     def call(self, model: ir.Model) -> PassReport:
+        overridable = _detach_overridable(model)
+        try:
+            return self._clean(model)
+        finally:
+            _reattach_overridable(model, overridable)
+
+    def _clean(self, model: ir.Model) -> PassReport:
         before, weights_before = histogram(model), _weights(model)
         invalid_before = opset_violations(model)
         negative = _negative_dims_unknown(model)
@@ -99,6 +120,14 @@ class OptimizeGraphPass(EdgecompPass):
         return self.report(model, changed or bool(dropped) or bool(negative), summary, rows)
 
 
+@keeps_interface("optimize")
+def run(model: ir.Model, options: Mapping[str, Any], data: Any = None) -> PassReport:
+    """What ``edgecomp optimize`` and a recipe's optimize step call: :class:`OptimizeGraphPass`
+    with ``options`` (its constructor's keywords), the result checked against ``model`` as given
+    (:func:`edgecomp.measure.interface.keeps_interface`; ``data`` is unused: synthesized feeds)."""
+    return run_pass(OptimizeGraphPass(**options), model)
+
+
 def _fold_without_growth(model: ir.Model, attempts: int = 3) -> int:
     """onnxscript's optimizer on ``model``, without the folds that grow it; returns how many folded
     tensors were given up.
@@ -119,6 +148,7 @@ def _fold_without_growth(model: ir.Model, attempts: int = 3) -> int:
     given_up = 0
     for _ in range(attempts):
         work = model.clone()
+        declared = _detach_declared_shapes(work)
         try:
             onnxscript.optimizer.optimize_ir(work, should_fold=functools.partial(_fold_unless_it_grows, blocked=blocked))
         except EdgecompError:
@@ -126,6 +156,7 @@ def _fold_without_growth(model: ir.Model, attempts: int = 3) -> int:
         except Exception as e:
             raise PassFailed(f"graph cleanup (onnxscript's optimizer) failed on this model: "
                              f"{type(e).__name__}: {first_line(e)}") from e
+        _restore_declared_shapes(work, declared)
         copies = _copied_weights(work, sources)
         if not copies:
             break
@@ -136,6 +167,57 @@ def _fold_without_growth(model: ir.Model, attempts: int = 3) -> int:
     model.functions.clear()
     model.functions.update(work.functions)
     return given_up
+
+
+def _detach_overridable(model: ir.Model) -> dict[str, ir.TensorProtocol]:
+    """Initializers that are also graph inputs (defaults the caller may feed, IR >= 4) become plain
+    inputs, so no fold, rewrite or BatchNorm fusion takes their default for a constant (onnxscript
+    treats every ``const_value`` as one); returns their tensors by name."""
+    detached = {}
+    for v in model.graph.inputs:
+        if v.name in model.graph.initializers and v.const_value is not None:
+            detached[v.name] = v.const_value
+            del model.graph.initializers[v.name]
+            v.const_value = None
+    return detached
+
+
+def _reattach_overridable(model: ir.Model, detached: Mapping[str, ir.TensorProtocol]) -> None:
+    """The defaults of :func:`_detach_overridable` back on the inputs of the same names."""
+    for v in model.graph.inputs:
+        if v.name in detached and v.name not in model.graph.initializers:
+            v.const_value = detached[v.name]
+            model.graph.register_initializer(v)
+
+
+def _detach_declared_shapes(model: ir.Model) -> tuple[list[ir.Shape | None], dict[str, ir.Shape]]:
+    """Clear the stored shape of every node output (subgraphs included) so that folding sees only
+    what it infers from the inputs; returns the main graph's output declarations by position and
+    every cleared shape by value name, for :func:`_restore_declared_shapes`."""
+    outputs = [v.shape for v in model.graph.outputs]
+    cleared = {}
+    for g in _graphs(model):
+        for v in [*g.outputs, *(o for n in g for o in n.outputs)]:
+            if v is not None and v.shape is not None and not v.is_graph_input() and not v.is_initializer():
+                if v.name:
+                    cleared[v.name] = v.shape
+                v.shape = None
+    return outputs, cleared
+
+
+def _restore_declared_shapes(model: ir.Model, declared: tuple[list[ir.Shape | None], dict[str, ir.Shape]]) -> None:
+    """The main graph's outputs get their declarations back (the model's interface, as given; an
+    output declared without a shape keeps the inferred one, as onnx.checker wants a main-graph
+    output's shape); other values keep what inference found, or their declaration where it found
+    nothing."""
+    outputs, cleared = declared
+    for g in _graphs(model):
+        for v in [*g.outputs, *(o for n in g for o in n.outputs)]:
+            if v is not None and v.shape is None and v.name in cleared:
+                v.shape = cleared[v.name]
+    for v, shape in zip(model.graph.outputs, outputs):
+        if shape is not None:
+            v.shape = shape
 
 
 def _copied_weights(model: ir.Model, sources: set[str]) -> dict[str, set[str]]:

@@ -155,10 +155,9 @@ def _specialize(ctx: _Context, rec: StepRecord, values: dict[str, Any]) -> None:
 
 
 def _run_optimize(ctx: _Context, rec: StepRecord) -> None:
-    from edgecomp.passes.base import run_pass
-    from edgecomp.passes.optimize_graph import OptimizeGraphPass
+    from edgecomp.passes.optimize_graph import run
 
-    res = run_pass(OptimizeGraphPass(**rec.options), ctx.latest())
+    res = run(ctx.latest(), rec.options, ctx.data)
     ctx.save(rec, res.model)
     rec.summary, rec.tables = res.summary, {"ops changed": res.rows}
 

@@ -58,11 +58,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.data import Dataset, StepData, input_specs, load_data, load_labels
 from edgecomp.errors import EdgecompError, NothingToPrune, OptionError, PassFailed
 from edgecomp.graph import const_array, layer_weight
 from edgecomp.io import first_line
+from edgecomp.measure.interface import keeps_interface
 from edgecomp.options import need_data
 from edgecomp.passes.specialize_inputs import mode_hint
 from edgecomp.prune.fidelity import fidelity_text, fidelity_warning, held_out_fidelity
@@ -110,7 +112,9 @@ def _layer_table(before: ir.Model, after: ir.Model, sb, sa, repaired: list[dict[
     rows = []
     for node in after.graph:
         ref = old.get(node.name)
-        if ref is None or const_array(ref.inputs[1]) is None or const_array(node.inputs[1]) is None:
+        if ref is None or ref.op_type != node.op_type or len(node.inputs) < 2:  # unnamed nodes share the name ""
+            continue
+        if const_array(ref.inputs[1]) is None or const_array(node.inputs[1]) is None:
             continue
         w0, w1 = const_array(ref.inputs[1]), const_array(node.inputs[1])
         if w0.shape == w1.shape and node.name not in fits:
@@ -200,6 +204,7 @@ def prune_model(model: ir.Model, opts: PruneOptions, data: Dataset | None = None
     t0 = time.perf_counter()
     params0 = count_parameters(model)
     lift_constants(model)
+    ir.passes.common.NameFixPass()(model)  # plans and reports key layers by node name: unnamed nodes get one
     original = model.clone()
     an = find_groups(model, opts.protect, heads="heads" in opts.kinds)
     want_act = opts.importance in ("activation", "obs") or (opts.importance == "auto" and data is not None)
@@ -262,6 +267,7 @@ def prune_weights(model: ir.Model, opts: PruneOptions) -> PruneResult:
     return PruneResult(result.model, [], result.rows, dict(result.summary))
 
 
+@keeps_interface("prune")
 def run(model: ir.Model, opts: PruneOptions, data: StepData, progress: bool = False) -> PruneResult:
     """What ``edgecomp prune`` and a recipe's prune step call: structured pruning (with the
     calibration data of ``data``, when given, for importance, repair and held-out fidelity; with

@@ -205,6 +205,8 @@ class _Analyzer:
             lay = ins[0]
             if lay is None or any(x is not None for x in ins[1:]) or not self._is_axis(lay, 1):
                 raise NotChannelwise(op)
+            if any(v is not None and const_array(v) is None for v in node.inputs[1:]):
+                raise NotChannelwise(f"{op} with a parameter that is not a constant")  # e.g. one the caller may feed
             for i in range(1, len(node.inputs)):
                 self.a.edits.append(Edit("param", node, i, lay, axis=0))
             return self.set_layout(node.outputs[0], lay)

@@ -43,6 +43,7 @@ from edgecomp.data import Dataset, StepData, input_specs, load_data, load_labels
 from edgecomp.embeddings.quantize_embeddings import QuantizeEmbeddingsPass
 from edgecomp.errors import DataNeeded, PassFailed
 from edgecomp.graph import compile_patterns
+from edgecomp.measure.interface import keeps_interface
 from edgecomp.passes.base import run_pass
 from edgecomp.passes.float_precision import in_float32, refuse_unrunnable_floats
 from edgecomp.passes.optimize_graph import OptimizeGraphPass
@@ -78,8 +79,9 @@ class QuantizeResult:
 def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions, *,
                    eval_data: Dataset | None = None, labels: np.ndarray | None = None) -> QuantizeResult:
     """The whole static quantization of ``model`` (a float model; it is modified in place by the
-    opset upgrade and the cleanup). With ``opts.tolerance`` and ``eval_data``, the accuracy-aware
-    fallback. Everything that can refuse the model — opset, layers — runs before calibration."""
+    opset upgrade and the cleanup, so the fidelity checks measure against a copy taken before).
+    With ``opts.tolerance`` and ``eval_data``, the accuracy-aware fallback. Everything that can
+    refuse the model — opset, layers — runs before calibration."""
     opts.validate()
     if opts.tolerance is not None and eval_data is None:
         raise DataNeeded("eval", "tolerance", option="tolerance")
@@ -90,6 +92,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     if eval_data is not None:
         eval_data.check_against(specs)
     t0 = time.perf_counter()
+    as_given = model.clone()
     upgrade = run_pass(UpgradeOpsetPass(min_opset=MIN_OPSET, reason=OPSET_REASON), model)
     invalid_before = opset_violations(model)
     cleanup = run_pass(OptimizeGraphPass(), model)
@@ -113,8 +116,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     fidelity = None
     kept_why = "among the most sensitive: kept float to meet the tolerance"
     if opts.tolerance is not None and plan:
-        evaluator = Evaluator(model, eval_data.reread(specs, _target_limit(opts)), opts.metric, labels, opts.threads,
-                              runner=opts.target_runner)
+        evaluator = Evaluator(as_given, eval_data.reread(specs, _target_limit(opts)), opts.metric, labels,
+                              opts.threads, runner=opts.target_runner)
         plan, sens, kept, met, loss = fit_tolerance(model, plan, evaluator, opts.tolerance, opts.progress, opts.embeddings,
                                                     opts.format)
     elif opts.tolerance is None and opts.min_cosine is not None and plan:
@@ -122,7 +125,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         # the calibration samples (a per-tensor output grid can wreck a downstream magnitude or
         # recurrent state that no per-layer statistic shows)
         limit = min(opts.fidelity_samples, _target_limit(opts) or opts.fidelity_samples)
-        evaluator = FidelityEvaluator(model, list(calibration.feeds_for(specs, limit)), opts.threads,
+        evaluator = FidelityEvaluator(as_given, list(calibration.feeds_for(specs, limit)), opts.threads,
                                       runner=opts.target_runner)
         floor = float(opts.min_cosine)
         plan, sens, kept, ok, fid_loss = fit_tolerance(model, plan, evaluator, 1.0 - floor, opts.progress,
@@ -133,7 +136,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
             fidelity["fidelity"] += f"; {len(kept)} most sensitive layer(s) kept float to reach it"
         kept_why = f"among the most sensitive: kept float so every output keeps cosine >= {floor:g} to float"
     int8_plan = plan
-    int4 = int4_step(model, plan, calibration, opts, eval_data=eval_data, labels=labels)
+    int4 = int4_step(model, plan, calibration, opts, eval_data=eval_data, labels=labels, reference=as_given)
     if int4:
         plan = {k: v for k, v in plan.items() if k not in int4.codes}
     for row in rows:
@@ -220,6 +223,7 @@ def _latency_vs_float(model: ir.Model, quantized: ir.Model, feed, threads: int):
                            labels=["float", "int8"])[0]
 
 
+@keeps_interface("quantize")
 def run(model: ir.Model, opts: QuantizeOptions, data: StepData) -> QuantizeResult:
     """What ``edgecomp quantize`` and a recipe's quantize step call: :func:`quantize_model` on the
     calibration (and, with a tolerance, eval) data named by ``data``."""

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from edgecomp.graph import single_use
+from edgecomp.graph import const_array, single_use
 from edgecomp.quantize.calibration import ActivationStats, choose_range, sessions_for, uint8_qparams
 from edgecomp.quantize.layers import Layer
 from edgecomp.quantize.quantize_static import MS_DOMAIN, LayerPlan, _replace
@@ -179,9 +179,9 @@ def _scalar_after(node: ir.Node) -> tuple[float, ir.Node] | None:
     if nxt.op_type == "Div" and nxt.inputs[0] is not node.outputs[0]:
         return None
     other = nxt.inputs[1] if nxt.inputs[0] is node.outputs[0] else nxt.inputs[0]
-    if other is None or other.const_value is None:
+    v = const_array(other)  # not a scale the caller may feed
+    if v is None:
         return None
-    v = other.const_value.numpy()
     if v.size != 1 or not np.issubdtype(v.dtype, np.floating) or not np.isfinite(v).all() or float(v.reshape(())) == 0:
         return None
     shape = node.outputs[0].shape

@@ -333,11 +333,13 @@ def choose_int4(model: ir.Model, plan: Mapping[str, LayerPlan], calibration: Dat
 
 
 def int4_step(model: ir.Model, plan: Mapping[str, LayerPlan], calibration: Dataset, opts, *,
-              eval_data: Dataset | None = None, labels: np.ndarray | None = None) -> Int4Choice | None:
+              eval_data: Dataset | None = None, labels: np.ndarray | None = None,
+              reference: ir.Model | None = None) -> Int4Choice | None:
     """What :func:`edgecomp.quantize.quantize_model` calls after the int8 plan is final: the int4
     layers by ``opts.int4``, held to the bound the int8 plan was held to — ``tolerance`` on eval
     data when given, else every output's cosine ``>= min_cosine`` on up to ``fidelity_samples``
-    calibration samples the codes were not fitted to (the odd ones)."""
+    calibration samples the codes were not fitted to (the odd ones). ``reference``: the model the
+    bound is measured against (the model as given to quantize, before its cleanup), else ``model``."""
     from edgecomp.quantize.tolerance import Evaluator, FidelityEvaluator
 
     if opts.int4 == "off":
@@ -348,12 +350,12 @@ def int4_step(model: ir.Model, plan: Mapping[str, LayerPlan], calibration: Datas
     specs = input_specs(model)
     evaluator, bound = None, None
     if opts.tolerance is not None:
-        evaluator = Evaluator(model, eval_data.reread(specs), opts.metric, labels, opts.threads)
+        evaluator = Evaluator(reference or model, eval_data.reread(specs), opts.metric, labels, opts.threads)
         bound = float(opts.tolerance)
     elif opts.min_cosine is not None:
         # the odd samples: the codes were fitted to the even ones (a check on them flatters GPTQ)
         feeds = list(calibration.feeds_for(specs, 2 * opts.fidelity_samples))
-        evaluator = FidelityEvaluator(model, feeds[1::2] or feeds, opts.threads)
+        evaluator = FidelityEvaluator(reference or model, feeds[1::2] or feeds, opts.threads)
         bound = 1.0 - float(opts.min_cosine)
     elif opts.int4 == "auto":
         raise OptionError("int4", "auto needs a bound to hold: a tolerance with eval data, or min_cosine")

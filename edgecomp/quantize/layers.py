@@ -36,6 +36,11 @@ SUBGRAPH_REASON = ("inside {article} {op} subgraph: not quantized (calibration c
 
 
 
+#: An initializer that is also a graph input is a default the caller may feed (IR >= 4): quantizing
+#: it would freeze the default and ignore what is fed.
+OVERRIDABLE_REASON = "{what} is a graph input (a default the caller may feed): kept float"
+
+
 def find_layers(model: ir.Model) -> tuple[list[Layer], list[dict[str, Any]]]:
     """Quantizable layers, and rows for layers of quantizable ops that must stay float (with why),
     including those inside If/Loop/Scan subgraphs."""
@@ -101,12 +106,16 @@ def _residual_adds(model: ir.Model, layers: Sequence[Layer]) -> list[Layer]:
 
 def _unsupported(node: ir.Node) -> str | None:
     w = node.inputs[1] if len(node.inputs) > 1 else None
+    if w is not None and w.is_graph_input():
+        return OVERRIDABLE_REASON.format(what="weight")
     if w is None or w.const_value is None:
         return "weight is not a constant initializer (of products of two activations, only MatMul is handled)"
     rank = len(w.const_value.shape)
     if node.op_type == "Conv":
         if rank not in (3, 4):
             return f"{rank - 2}-D convolution (1-D and 2-D are handled)"
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].is_graph_input():
+            return OVERRIDABLE_REASON.format(what="bias")
         if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is None:
             return "bias is not a constant"
         return None
@@ -115,6 +124,8 @@ def _unsupported(node: ir.Node) -> str | None:
     if node.op_type == "Gemm":
         if attribute(node, "transA", 0) or attribute(node, "alpha", 1.0) != 1.0 or attribute(node, "beta", 1.0) != 1.0:
             return "Gemm with transA or alpha/beta != 1"
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].is_graph_input():
+            return OVERRIDABLE_REASON.format(what="Gemm bias")
         if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is None:
             return "Gemm bias is not a constant"
     return None

@@ -71,7 +71,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.errors import OptionError, PassFailed
-from edgecomp.graph import INT8_OPS, NameAllocator, add_initializer, attribute, bias_add, layer_bias, layer_weight
+from edgecomp.graph import (INT8_OPS, NameAllocator, add_initializer, attribute, bias_add, const_array, layer_bias,
+                            layer_weight)
 from edgecomp.passes.base import EdgecompPass, PassReport, one_line_failures
 from edgecomp.passes.upgrade_opset import default_opset
 
@@ -386,10 +387,10 @@ def _clip_covers(act: ir.Node, scale: np.float32, zp: np.uint8) -> bool:
     lo, hi = -float(zp) * float(scale), (255 - float(zp)) * float(scale)
     if act.op_type == "Relu":
         return lo >= 0.0
-    if any(v is not None and v.const_value is None for v in act.inputs[1:3]):
-        return False
+    if any(v is not None and const_array(v) is None for v in act.inputs[1:3]):
+        return False  # a computed bound, or one the caller may feed
     ins = list(act.inputs[1:3]) + [None] * (3 - len(act.inputs))
-    cmin, cmax = (v.const_value.numpy().item() if v is not None else None for v in ins[:2])
+    cmin, cmax = (const_array(v).item() if v is not None else None for v in ins[:2])
     if "min" in act.attributes or "max" in act.attributes:  # opset < 11
         cmin, cmax = attribute(act, "min"), attribute(act, "max")
     return (cmin is None or cmin <= lo + 1e-12) and (cmax is None or cmax >= hi - 1e-6 * max(1.0, abs(hi)))
@@ -414,13 +415,15 @@ def _foreign_ops(model: ir.Model) -> list[str]:
 def matmul_parts(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None, ir.Value, list[ir.Node]]:
     """(W [K,N] float32, bias [N] float32 or None, the value the fused op replaces, nodes that become
     dead). Weights and biases are read as :func:`edgecomp.graph.layer_weight` and
-    :func:`edgecomp.graph.layer_bias` do, an initializer that is also a graph input included."""
-    w = layer_weight(node, graph_inputs=True).astype(np.float32)
-    bias = layer_bias(node, w.shape[1], graph_inputs=True)
+    :func:`edgecomp.graph.layer_bias` do: a bias Add reading an initializer that is also a graph input
+    (a default the caller may feed) stays an Add after the fused op (:func:`find_layers` keeps a
+    layer whose weight is one float)."""
+    w = layer_weight(node).astype(np.float32)
+    bias = layer_bias(node, w.shape[1])
     bias = None if bias is None else bias.astype(np.float32)
     if node.op_type == "Gemm":
         return w, bias, node.outputs[0], [node]
-    add = bias_add(node, graph_inputs=True)
+    add = bias_add(node)
     if add is None:
         return w, None, node.outputs[0], [node]
     return w, bias, add.outputs[0], [add, node]

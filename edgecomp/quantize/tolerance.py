@@ -30,7 +30,8 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.data import check_label_range
-from edgecomp.errors import DataError, OptionError
+from edgecomp.errors import DataError, InterfaceChanged, OptionError
+from edgecomp.measure.interface import shape_difference
 from edgecomp.quantize.options import METRICS
 from edgecomp.quantize.plan import build
 from edgecomp.quantize.quantize_static import LayerPlan
@@ -99,8 +100,8 @@ class Evaluator:
         if self.runner is not None:
             return [o[0] for o in self.runner(model, self.feeds)]
         s = make_session(model, threads=self.threads)
-        first = [s.get_outputs()[0].name]
-        return [run_feed(s, f, first)[0] for f in self.feeds]
+        self.names = [s.get_outputs()[0].name]  # the metric reads the first output
+        return [run_feed(s, f, self.names)[0] for f in self.feeds]
 
     def _score(self, outs: list[np.ndarray]) -> float:
         from edgecomp.measure.validate import cosine_rows
@@ -115,16 +116,29 @@ class Evaluator:
         ref = np.concatenate([r.reshape(r.shape[0], -1).argmax(1) for r in self.ref])
         return float(np.mean(pred == ref))
 
+    def _checked(self, outs: list) -> list:
+        """``outs`` once every array has the float model's shape (shapes before values): a
+        candidate returning another shape computes something else, whatever its cosine."""
+        def per_output(runs):
+            return list(zip(*[r if isinstance(r, (list, tuple)) else [r] for r in runs]))
+
+        names = getattr(self, "names", None) or [f"#{i}" for i in range(len(per_output(self.ref)))]
+        diff = shape_difference(names, per_output(self.ref), per_output(outs), ("the float model", "the candidate"))
+        if diff:
+            raise InterfaceChanged(f"{diff}; the quantized model would compute something else, nothing was written "
+                                   "(please report this)")
+        return outs
+
     def drop(self, model: ir.Model) -> tuple[float, float]:
         """(score, loss vs fp32) — loss is 1-cos, accuracy points lost, or the MAE itself."""
-        score = self._score(self._outputs(model))
+        score = self._score(self._checked(self._outputs(model)))
         if self.metric == "mae":
             return score, score
         return score, self.ref_score - score
 
     def estimate(self, model: ir.Model) -> LossEstimate:
         """The loss of ``model`` (as :meth:`drop` measures it) with its upper bound (module docstring)."""
-        outs = self._outputs(model)
+        outs = self._checked(self._outputs(model))
         loss = self._score(outs) if self.metric == "mae" else self.ref_score - self._score(outs)
         return loss_bound(self.metric, self._sample_losses(outs), loss)
 
@@ -164,6 +178,7 @@ class FidelityEvaluator(Evaluator):
         if self.runner is not None:
             return self.runner(model, self.feeds)
         s = make_session(model, threads=self.threads)
+        self.names = [o.name for o in s.get_outputs()]
         return [run_feed(s, f) for f in self.feeds]
 
     def _score(self, outs: list) -> float:

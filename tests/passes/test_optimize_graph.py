@@ -110,3 +110,56 @@ def test_optimize_never_adds_parameters_on_zoo_models(tmp_path):
         feed = {i.name: feed[i.name] for i in proto.graph.input if i.name in feed}
         for a, b in zip(run_ort(out, feed), run_ort(proto, feed)):
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _overridable(proto: onnx.ModelProto, *names: str) -> onnx.ModelProto:
+    """``proto`` with the initializers ``names`` also declared as graph inputs (defaults the caller may feed)."""
+    for t in proto.graph.initializer:
+        if t.name in names:
+            proto.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return proto
+
+
+def test_overridable_weights_are_never_folded():
+    """A Conv weight and a BatchNorm scale the caller may feed, and a MatMul weight reached through
+    a Transpose: none is folded (the BatchNorm stays, the Transpose runs), and a fed value is used."""
+    rng = np.random.default_rng(0)
+    proto = _conv_bn_model()
+    proto.graph.node.extend([helper.make_node("Flatten", ["y"], ["f"], axis=1),
+                             helper.make_node("Transpose", ["wt"], ["wt_t"], perm=[1, 0]),
+                             helper.make_node("MatMul", ["f", "wt_t"], ["z"])])
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal((5, 256)).astype(np.float32), "wt"))
+    del proto.graph.output[:]
+    proto.graph.output.append(vinfo("z", [1, 5]))
+    proto = _overridable(proto, "w", "g", "wt")
+    result = run_pass(OptimizeGraphPass(), ir.from_proto(proto))
+    out = to_proto(result.model)
+    onnx.checker.check_model(out)
+    assert [i.name for i in out.graph.input] == ["x", "w", "g", "wt"]
+    assert {"BatchNormalization", "Transpose"} <= {n.op_type for n in out.graph.node}
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    fed = {"x": x, "w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+           "g": rng.uniform(0.5, 2, 4).astype(np.float32), "wt": rng.standard_normal((5, 256)).astype(np.float32)}
+    np.testing.assert_allclose(run_ort(out, fed)[0], run_ort(proto, fed)[0], atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(run_ort(out, {"x": x})[0], run_ort(proto, {"x": x})[0], atol=1e-4, rtol=1e-5)
+
+
+def test_a_wrong_output_declaration_never_drives_a_fold():
+    """Reshape(t, Concat(Slice(Shape(t)) x3)) with t [T, 1, C] and the output declared [1, seqlen]:
+    onnxscript would materialize the declared shape ([1, -1]); the pass keeps [T, 1, C] and the
+    declaration as given."""
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]), helper.make_node("Shape", ["t"], ["s"])]
+    for i in range(3):
+        nodes.append(helper.make_node("Slice", ["s", f"at{i}", f"at{i + 1}"], [f"d{i}"]))
+    inits = [onnx.numpy_helper.from_array(np.array([i], np.int64), f"at{i}") for i in range(4)]
+    nodes += [helper.make_node("Concat", ["d0", "d1", "d2"], ["target"], axis=0),
+              helper.make_node("Reshape", ["t", "target"], ["y"])]
+    g = helper.make_graph(nodes, "g", [vinfo("x", [1, "T", 6])], [vinfo("y", [1, "seqlen"])], inits)
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    result = run_pass(OptimizeGraphPass(), ir.from_proto(proto))
+    out = to_proto(result.model)
+    assert [d.dim_value or d.dim_param for d in out.graph.output[0].type.tensor_type.shape.dim] == [1, "seqlen"]
+    x = np.random.default_rng(0).standard_normal((1, 7, 6)).astype(np.float32)
+    got = run_ort(out, {"x": x})[0]
+    assert got.shape == (7, 1, 6)
+    np.testing.assert_array_equal(got, x.transpose(1, 0, 2))
