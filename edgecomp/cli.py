@@ -545,7 +545,7 @@ def _emulation_options(f):
     f = click.option("--timeout", type=click.FloatRange(min=1), default=DEFAULT_TIMEOUT_S, show_default=True,
                      help="Seconds the emulated runs of one target may take in all.")(f)
     f = click.option("--max-samples", type=click.IntRange(1), default=DEFAULT_MAX_SAMPLES, show_default=True,
-                     help="Samples run on each emulated target (the first of DATA).")(f)
+                     help="Samples run on each emulated target (evenly spaced over DATA).")(f)
     f = click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")(f)
     f = click.option("--target", "targets", multiple=True,
                      help="An emulated target profile (arm64-*, or one with emulate = ...); repeat for several.")(f)
@@ -569,7 +569,7 @@ def validate(reference, candidate, data, labels, k, threads, json_path, targets,
     agreement for embeddings, and accuracy of both with --labels. Each --target with an emulated
     CPU (arm64-*, see `edgecomp targets`) also runs the candidate in onnxruntime's own aarch64
     build under qemu: fidelity to the host's fp32 reference and the platform gap (the candidate,
-    target vs host), on the first --max-samples samples. Numerics only, never latency.
+    target vs host), on --max-samples samples evenly spaced over DATA. Numerics only, never latency.
 
     Example:
 

@@ -1,7 +1,7 @@
 """A candidate model's numerics on emulated ARM targets, against the host.
 
 For each target with an ``emulate`` entry, the candidate runs in the target's onnxruntime (see
-:mod:`edgecomp.emulate.runner`) on the first ``max_samples`` samples, and two comparisons are
+:mod:`edgecomp.emulate.runner`) on ``max_samples`` samples evenly spaced over DATA, and two comparisons are
 made per output with :func:`edgecomp.measure.validate.compare_outputs` (errors, cosine, top-1 or
 k-NN agreement):
 
