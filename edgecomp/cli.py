@@ -14,7 +14,7 @@ import click
 
 from edgecomp.distill.options import OPTIONS as DISTILL_OPTIONS
 from edgecomp.embeddings.options import OPTIONS as EMBEDDING_OPTIONS
-from edgecomp.errors import DataNeeded, EdgecompError, OptionError
+from edgecomp.errors import BelowFloor, DataNeeded, EdgecompError, OptionError
 from edgecomp.export import OPTIONS as EXPORT_OPTIONS
 from edgecomp.measure.options import BENCH_OPTIONS, VALIDATE_OPTIONS
 from edgecomp.options import fields_of
@@ -707,6 +707,11 @@ def prune(model, output, calibration, eval_data, labels, threads, json_path, **o
     is cut as far as the measured loss on --eval allows (uneven per group); the best model found is
     always written, and the exit status is 3 when no cut stays within the tolerance.
 
+    Otherwise the result must keep mean cosine and top-1 agreement >= 0.95 against the input, on
+    the held-out samples of --data or, without --data, on 16 synthesized inputs (random, as
+    `bench` feeds them; the report says so). Below that floor nothing is written and the command
+    fails with one line; --allow-degraded writes it anyway, with a warning and exit status 3.
+
     Example:
 
         edgecomp prune mnv2.onnx -o mnv2.pruned.onnx --sparsity 0.3 --data calib.npz --max-samples 200
@@ -723,8 +728,11 @@ def prune(model, output, calibration, eval_data, labels, threads, json_path, **o
         raise click.UsageError("--unstructured ranks weights by magnitude alone; drop --data")
     if eval_data and opts.tolerance is None:
         raise click.UsageError("--eval is read by --tolerance X (the cut fitted to a loss); give both")
-    result = run(load_model(model), opts, StepData(calibration=calibration, eval=eval_data, labels=labels),
-                 progress=True)
+    try:
+        result = run(load_model(model), opts, StepData(calibration=calibration, eval=eval_data, labels=labels),
+                     progress=True)
+    except BelowFloor as e:
+        raise click.ClickException(e.render(_PRUNE_REMEDIES)) from None
     save_model(result.model, output, inputs=[model])
     s = result.summary
     if opts.structured:
@@ -735,14 +743,20 @@ def prune(model, output, calibration, eval_data, labels, threads, json_path, **o
         click.echo(rpt.table(result.layers, title="layers:"))
         click.echo(f"sparsity reached {s['sparsity reached']:.2%}; zipped weights "
                    f"{rpt.fmt_bytes(s['zipped weights before'])} → {rpt.fmt_bytes(s['zipped weights after'])}")
-        click.echo(f"note: {s['note']}")
+        click.echo(f"note: {s['note']}; fidelity: {s['fidelity']}")
     click.echo(f"wrote {output}")
     for line in result.warnings:
         click.echo(f"warning: {line}", err=True)
     _write_json(json_path, {"summary": result.summary, "groups": result.groups, "layers": result.layers,
-                            "fidelity": result.fidelity, "warnings": result.warnings})
-    if result.met_tolerance is False:
+                            "fidelity": result.fidelity, "warnings": result.warnings, "degraded": result.degraded})
+    if result.met_tolerance is False or result.degraded:
         raise click.exceptions.Exit(3)
+
+
+#: A refused prune's remedies in the command's flags (edgecomp.errors.BelowFloor).
+_PRUNE_REMEDIES = {"calibration": "give --data DATA (importance, repair and a check on real inputs)",
+                   "sparsity": "lower --sparsity", "protect": "--protect the sensitive layers",
+                   "allow_degraded": "pass --allow-degraded to write it anyway (exit status 3)"}
 
 
 @cli.command()
