@@ -848,7 +848,10 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
             overwrite, ort_format):
     """Run a recipe from a torch model to a validated edge artifact, with a report.
 
-    Exit status 4 when a gate of the recipe fails (after everything is written).
+    Exit status 4 when a gate of the recipe fails, else 3 when a step's model misses its floor or
+    tolerance (written because the recipe allows it) and no later distill step heals it (after
+    everything is written). A prune step below the fidelity floor stops the run unless it sets
+    allow_degraded = true.
 
     Example:
 
@@ -874,8 +877,13 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
     if res.package:
         click.echo(rpt.table(res.package.usability, title="onnxruntime mobile usability:"))
     click.echo(f"wrote {outdir}/model.onnx{', model.ort' if res.package else ''}, report.json, report.html")
+    for rec in res.steps:
+        for line in rec.warnings:
+            click.echo(f"warning: step {rec.index:02d} {rec.step}: {line}", err=True)
     if not res.passed:
         raise click.exceptions.Exit(4)
+    if res.degraded:
+        raise click.exceptions.Exit(3)
 
 
 @cli.command()
