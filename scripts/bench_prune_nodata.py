@@ -11,7 +11,8 @@ verdict is the one prune itself reaches (mean cosine and top-1 agreement against
 model on 16 synthesized inputs, floor 0.95); the real verdict applies the same floor to the same
 pruned model on the model's DATA (every sample, :func:`edgecomp.measure.validate.validate`).
 "agree" says whether both verdicts are the same; "missed" marks a model the synthetic check
-passes but real data fails (the dangerous case), "false alarm" the opposite.
+passes but real data fails (the dangerous case), "false alarm" the opposite (a model that does not
+run on synthesized inputs, "not checked", is refused like one below the floor).
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def one(name: str, path: Path, data: Path, structured: bool, sparsity: float) ->
     row.update({"syn cos": syn["cosine"], "syn top-1": syn["top-1 agreement"], "synthetic": verdict(syn),
                 "real cos": real["cosine"], "real top-1": real["top-1 agreement"], "real": verdict(real),
                 "real samples": real["samples"]})
-    if row["synthetic"] == "not checked":
-        row["agree"] = "—"
+    if row["synthetic"] == "not checked":  # refused like a result below the floor
+        row["agree"] = "yes" if row["real"] == "below" else "false alarm"
     elif row["synthetic"] == row["real"]:
         row["agree"] = "yes"
     else:

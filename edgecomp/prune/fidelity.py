@@ -22,7 +22,9 @@ Synthetic inputs are not the model's data. They catch a pruned model that comput
 on everything (the failure this guards against: a classifier agreeing on 25% of its inputs), not
 the fine loss on the real distribution: a result they pass is "checked on synthesized inputs",
 never validated. A model that does not run on synthesized inputs (an input that needs a real
-value, a made-up size its shapes refuse) is reported as not checked, with a warning.
+value, a made-up size its shapes refuse) cannot be checked without data: the floor counts it as
+not met (refused, or written flagged when a degraded result is allowed), since nothing says the
+cut left it working.
 """
 
 from __future__ import annotations
@@ -119,7 +121,10 @@ def fidelity_text(fid: dict[str, Any]) -> str:
 
 
 def below_floor(fid: dict[str, Any]) -> str | None:
-    """What falls below :data:`FIDELITY_FLOOR` and on which inputs, or None when nothing does."""
+    """What falls below :data:`FIDELITY_FLOOR` and on which inputs (or why nothing could be
+    measured: an unchecked result does not meet the floor either), or None when the floor is met."""
+    if fid.get("not checked"):
+        return f"the pruned model could not be checked: {fid['not checked']}"
     low = []
     if fid["cosine"] is not None and fid["cosine"] < FIDELITY_FLOOR:
         low.append(f"mean cosine {fid['cosine']:.3f} < {FIDELITY_FLOOR}")
@@ -131,15 +136,11 @@ def below_floor(fid: dict[str, Any]) -> str | None:
 
 
 def apply_floor(result: PruneResult, allow_degraded: bool, remedies: dict[str, str]) -> None:
-    """The one rule for a pruned result (CLI and recipes alike): below the floor it is refused with
-    :class:`BelowFloor` (``remedies``: what to do, keyed by option or data name, in neutral words),
-    or, when ``allow_degraded``, flagged ``degraded`` with a warning. A result that could not be
-    checked gets a warning."""
+    """The one rule for a pruned result (CLI and recipes alike): below the floor, or not checked,
+    it is refused with :class:`BelowFloor` (``remedies``: what to do, keyed by option or data name,
+    in neutral words), or, when ``allow_degraded``, flagged ``degraded`` with a warning."""
     fid = result.fidelity
     if fid is None:
-        return
-    if fid.get("not checked"):
-        result.warnings.append(f"the pruned model was not checked: {fid['not checked']}; give data to check it")
         return
     finding = below_floor(fid)
     if finding is None:

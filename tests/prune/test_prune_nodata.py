@@ -126,8 +126,10 @@ def test_unstructured_zeros_of_tiny_weights_pass(tmp_path):
     assert f"fidelity: mean cosine 1.0000, top-1 agreement 100.0% on {SYNTHETIC_SAMPLES} synthesized" in res.stdout
 
 
-def test_a_model_synthesized_inputs_cannot_run_is_reported_not_checked(tmp_path):
-    """An id input indexing a 10-row table: synthesized ids (0..99) are out of range for onnxruntime."""
+def test_a_model_synthesized_inputs_cannot_run_is_not_passed(tmp_path):
+    """An id input indexing a 10-row table: synthesized ids (0..99) are out of range for onnxruntime,
+    so even a harmless cut (dead neurons) cannot be checked without data: refused, or written with
+    exit status 3 when allowed, never reported as a success."""
     rng = np.random.default_rng(1)
     w1 = rng.standard_normal((K, HIDDEN)).astype(np.float32)
     w1[:, ::8] = 0
@@ -138,11 +140,13 @@ def test_a_model_synthesized_inputs_cannot_run_is_reported_not_checked(tmp_path)
              helper.make_node("MatMul", ["h", "w2"], ["logits"], name="fc2")]
     proto = make_model(nodes, [vinfo("x", [1, K]), vinfo("ids", [1], TensorProto.INT64)], [vinfo("logits", [1, CLASSES])],
                        {"table": rng.standard_normal((10, K)).astype(np.float32), "w1": w1, "w2": w2})
-    res, out, js = _prune(tmp_path, proto, "--sparsity", "0.125", "--round-to", "1")
-    assert res.exit_code == 0 and out.exists(), res.output
-    warn = [line for line in res.stderr.splitlines() if line.startswith("warning: ")]
-    assert len(warn) == 1 and "was not checked: the model does not run on synthesized inputs" in warn[0]
-    assert "give data" in warn[0]
+    res, out, _ = _prune(tmp_path, proto, "--sparsity", "0.125", "--round-to", "1")
+    assert res.exit_code == 1 and not out.exists(), res.output
+    assert res.stderr.startswith("Error: the pruned model could not be checked: the model does not run on "
+                                 "synthesized inputs") and "give --data DATA" in res.stderr
+    res, out, js = _prune(tmp_path, proto, "--sparsity", "0.125", "--round-to", "1", "--allow-degraded")
+    assert res.exit_code == 3 and out.exists(), res.output
+    assert "fidelity: not checked: the model does not run on synthesized inputs" in res.stdout
     assert json.loads(js.read_text())["fidelity"]["not checked"]
 
 
