@@ -37,7 +37,7 @@ from edgecomp.prune.options import FIDELITY_FLOOR, SYNTHETIC_SAMPLES, PruneOptio
 from edgecomp.render.text import host_line  # noqa: E402
 
 MODELS = ["resnet-ts17", "mnv2-ts17", "digits", "encoder-ts17", "mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet",
-          "silero_vad_ifless"]
+          "silero_vad", "silero_vad_ifless"]
 
 
 def real_fidelity(original, pruned, data: Path) -> dict:
@@ -81,12 +81,13 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     args = ap.parse_args()
     zoo = Zoo(args.workdir)
-    rows = []
+    rows, skipped = [], []
     for name in args.models.split(","):
         try:
             path, data = zoo.get(name)
         except Exception as e:  # noqa: BLE001 - a zoo entry that cannot be built here (missing weights) is skipped
-            print(f"skipped {name}: {type(e).__name__}: {str(e).splitlines()[0]}", flush=True)
+            skipped.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0]})")
+            print(f"skipped {skipped[-1]}", flush=True)
             continue
         for structured in (True, False):
             for s in (0.3, 0.5):
@@ -104,7 +105,8 @@ def main() -> None:
             f"real DATA with the same floor.\n\n" + md_table(rows, cols)
             + f"\n\nOf {len(checked)} checked cases the verdicts agree on {tally['yes']}; the synthetic check "
               f"passed {tally['missed']} that real data fails (missed) and failed {tally['false alarm']} that "
-              f"real data passes (false alarm).\n")
+              f"real data passes (false alarm).\n"
+            + (f"\nNot built here: {'; '.join(skipped)}.\n" if skipped else ""))
     print(body)
     if not args.no_write:
         update_section("prune-nodata", body)

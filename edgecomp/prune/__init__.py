@@ -268,7 +268,9 @@ def prune_weights(model: ir.Model, opts: PruneOptions) -> PruneResult:
 def _floored(result: PruneResult, opts: PruneOptions, offer_data: bool) -> PruneResult:
     """``result`` through the fidelity floor (:func:`apply_floor`); the remedies offered on a
     refusal: data (structured pruning without it), a smaller cut, protection, allow_degraded."""
-    remedies = {"calibration": "give calibration data (importance, repair and a check on real inputs)"} if offer_data else {}
+    remedies = {}
+    if offer_data:
+        remedies["calibration"] = "give calibration data (importance, repair and a check on real inputs)"
     remedies.update(sparsity="lower sparsity", protect="protect the sensitive layers",
                     allow_degraded="allow a degraded result (allow_degraded) to write it anyway")
     apply_floor(result, opts.allow_degraded, remedies)

@@ -138,8 +138,8 @@ def test_a_model_synthesized_inputs_cannot_run_is_not_passed(tmp_path):
     nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("Add", ["x", "e"], ["xe"]),
              helper.make_node("MatMul", ["xe", "w1"], ["h0"], name="fc1"), helper.make_node("Relu", ["h0"], ["h"]),
              helper.make_node("MatMul", ["h", "w2"], ["logits"], name="fc2")]
-    proto = make_model(nodes, [vinfo("x", [1, K]), vinfo("ids", [1], TensorProto.INT64)], [vinfo("logits", [1, CLASSES])],
-                       {"table": rng.standard_normal((10, K)).astype(np.float32), "w1": w1, "w2": w2})
+    proto = make_model(nodes, [vinfo("x", [1, K]), vinfo("ids", [1], TensorProto.INT64)],
+                       [vinfo("logits", [1, CLASSES])], {"table": rng.standard_normal((10, K)).astype(np.float32), "w1": w1, "w2": w2})
     res, out, _ = _prune(tmp_path, proto, "--sparsity", "0.125", "--round-to", "1")
     assert res.exit_code == 1 and not out.exists(), res.output
     assert res.stderr.startswith("Error: the pruned model could not be checked: the model does not run on "
