@@ -682,6 +682,12 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
         raise click.exceptions.Exit(3)
 
 
+#: A refused prune's remedies in the command's flags (edgecomp.errors.BelowFloor).
+_PRUNE_REMEDIES = {"calibration": "give --data DATA (importance, repair and a check on real inputs)",
+                   "sparsity": "lower --sparsity", "protect": "--protect the sensitive layers",
+                   "allow_degraded": "pass --allow-degraded to write it anyway (exit status 3)"}
+
+
 @cli.command()
 @click.argument("model", type=click.Path())
 @_output_option
@@ -751,12 +757,6 @@ def prune(model, output, calibration, eval_data, labels, threads, json_path, **o
                             "fidelity": result.fidelity, "warnings": result.warnings, "degraded": result.degraded})
     if result.met_tolerance is False or result.degraded:
         raise click.exceptions.Exit(3)
-
-
-#: A refused prune's remedies in the command's flags (edgecomp.errors.BelowFloor).
-_PRUNE_REMEDIES = {"calibration": "give --data DATA (importance, repair and a check on real inputs)",
-                   "sparsity": "lower --sparsity", "protect": "--protect the sensitive layers",
-                   "allow_degraded": "pass --allow-degraded to write it anyway (exit status 3)"}
 
 
 @cli.command()

@@ -50,10 +50,10 @@ OPTIONS = (
     Option("tolerance", float, None, "allowed loss vs the input on eval data: instead of sparsity, the largest "
            "uneven cut (per group) whose measured loss stays within it (exit status 3 when none does)",
            check=in_range(0), needs=lambda v: "eval"),
-    Option("allow_degraded", bool, False, f"write the result even when it falls below the fidelity floor (mean "
-           f"cosine and top-1 agreement {FIDELITY_FLOOR} against the input, on the data's held-out samples, else on "
-           f"{SYNTHETIC_SAMPLES} synthesized inputs): it is then written with a warning and exit status 3, "
-           "instead of refused (e.g. to heal it with distill)"),
+    Option("allow_degraded", bool, False, f"write the result even below the fidelity floor (mean cosine or top-1 "
+           f"agreement < {FIDELITY_FLOOR} against the input, on the data's held-out samples, else on "
+           f"{SYNTHETIC_SAMPLES} synthesized inputs), with a warning and exit status 3, instead of refusing it "
+           "(e.g. to heal it with distill)"),
 )
 
 
