@@ -30,7 +30,7 @@ cut left it working.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -81,18 +81,20 @@ def held_out_fidelity(original: ir.Model, pruned: ir.Model, data: Dataset, max_s
     return {**fid, "inputs": "held-out" if part == "held" else "all", "held out": part == "held"}
 
 
-def synthetic_fidelity(original: ir.Model, pruned: ir.Model, samples: int = SYNTHETIC_SAMPLES,
-                       threads: int = 1) -> dict[str, Any]:
-    """Outputs of ``pruned`` vs ``original`` on ``samples`` synthesized inputs (seeds 0 … samples−1);
-    ``not checked`` holds the reason when the model does not run on them."""
+def synthetic_fidelity(original: ir.Model, pruned: ir.Model, samples: int = SYNTHETIC_SAMPLES, threads: int = 1,
+                       shapes: Mapping[str, Sequence[int]] | None = None,
+                       values: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Outputs of ``pruned`` vs ``original`` on ``samples`` synthesized inputs (seeds 0 … samples−1;
+    ``shapes`` and ``values`` fix inputs as ``bench --shape/--value`` do); ``not checked`` holds the
+    reason when the model does not run on them."""
     from edgecomp.data import feed_defaults, image_size_hint, input_specs, synthesize_feed
 
     specs, image = input_specs(original), image_size_hint(original)
     fid: dict[str, Any] = {"samples": 0, "inputs": "synthetic", "held out": False, "cosine": None,
-                           "top-1 agreement": None, "outputs": [],
-                           "assumed": feed_defaults(specs, image_size=image), "not checked": None}
+                           "top-1 agreement": None, "outputs": [], "not checked": None}
     try:
-        fid.update(_compare(original, pruned, (synthesize_feed(specs, seed=i, image_size=image)
+        fid["assumed"] = feed_defaults(specs, shapes, values, image)
+        fid.update(_compare(original, pruned, (synthesize_feed(specs, shapes, seed=i, values=values, image_size=image)
                                                for i in range(samples)), threads))
     except EdgecompError as e:  # a made-up input the model refuses (run_feed's DataError)
         fid["not checked"] = f"the model does not run on synthesized inputs ({first_line(e)})"
