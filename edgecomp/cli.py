@@ -14,7 +14,7 @@ import click
 
 from edgecomp.distill.options import OPTIONS as DISTILL_OPTIONS
 from edgecomp.embeddings.options import OPTIONS as EMBEDDING_OPTIONS
-from edgecomp.errors import DataNeeded, EdgecompError, OptionError
+from edgecomp.errors import BelowFloor, DataNeeded, EdgecompError, OptionError
 from edgecomp.export import OPTIONS as EXPORT_OPTIONS
 from edgecomp.measure.options import BENCH_OPTIONS, VALIDATE_OPTIONS
 from edgecomp.options import fields_of
@@ -779,6 +779,12 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
         raise click.exceptions.Exit(3)
 
 
+#: A refused prune's remedies in the command's flags (edgecomp.errors.BelowFloor).
+_PRUNE_REMEDIES = {"calibration": "give --data DATA (importance, repair and a check on real inputs)",
+                   "sparsity": "lower --sparsity", "protect": "--protect the sensitive layers",
+                   "allow_degraded": "pass --allow-degraded to write it anyway (exit status 3)"}
+
+
 @cli.command()
 @click.argument("model", type=click.Path())
 @_output_option
@@ -807,6 +813,11 @@ def prune(model, output, calibration, eval_data, labels, values, threads, json_p
     --value NAME=V fixes a mode input first (see `edgecomp optimize`), so layers behind an If on
     it can be pruned.
 
+    Otherwise the result must keep mean cosine and top-1 agreement >= 0.95 against the input, on
+    the held-out samples of --data or, without --data, on 16 synthesized inputs (random, as
+    `bench` feeds them; the report says so). Below that floor nothing is written and the command
+    fails with one line; --allow-degraded writes it anyway, with a warning and exit status 3.
+
     Example:
 
         edgecomp prune mnv2.onnx -o mnv2.pruned.onnx --sparsity 0.3 --data calib.npz --max-samples 200
@@ -825,7 +836,10 @@ def prune(model, output, calibration, eval_data, labels, values, threads, json_p
         raise click.UsageError("--eval is read by --tolerance X (the cut fitted to a loss); give both")
     m = load_model(model)
     spec = _specialize(m, values)
-    result = run(m, opts, StepData(calibration=calibration, eval=eval_data, labels=labels), progress=True)
+    try:
+        result = run(m, opts, StepData(calibration=calibration, eval=eval_data, labels=labels), progress=True)
+    except BelowFloor as e:
+        raise click.ClickException(e.render(_PRUNE_REMEDIES)) from None
     save_model(result.model, output, inputs=[model])
     s = result.summary
     if opts.structured:
@@ -836,14 +850,14 @@ def prune(model, output, calibration, eval_data, labels, values, threads, json_p
         click.echo(rpt.table(result.layers, title="layers:"))
         click.echo(f"sparsity reached {s['sparsity reached']:.2%}; zipped weights "
                    f"{rpt.fmt_bytes(s['zipped weights before'])} → {rpt.fmt_bytes(s['zipped weights after'])}")
-        click.echo(f"note: {s['note']}")
+        click.echo(f"note: {s['note']}; fidelity: {s['fidelity']}")
     click.echo(f"wrote {output}")
     for line in result.warnings:
         click.echo(f"warning: {line}", err=True)
     _write_json(json_path, {"summary": result.summary, "groups": result.groups, "layers": result.layers,
-                            "fidelity": result.fidelity, "warnings": result.warnings,
+                            "fidelity": result.fidelity, "warnings": result.warnings, "degraded": result.degraded,
                             "specialize": spec.to_json() if spec else None})
-    if result.met_tolerance is False:
+    if result.met_tolerance is False or result.degraded:
         raise click.exceptions.Exit(3)
 
 
@@ -961,8 +975,12 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
             overwrite, ort_format, values):
     """Run a recipe from a torch model to a validated edge artifact, with a report.
 
-    Exit status 4 when a gate of the recipe fails (after everything is written). --value NAME=V
-    (or a recipe's [values] table) fixes inputs of every model after the export (see `edgecomp optimize`).
+    Exit status 4 when a gate of the recipe fails, else 3 when a step's model misses its floor or
+    tolerance (written because the recipe allows it) and no later distill step heals it (after
+    everything is written). A prune step below the fidelity floor stops the run unless it sets
+    allow_degraded = true.
+    --value NAME=V (or a recipe's [values] table) fixes inputs of every model after the export (see
+    `edgecomp optimize`).
 
     Example:
 
@@ -993,8 +1011,13 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
     if res.package:
         click.echo(rpt.table(res.package.usability, title="onnxruntime mobile usability:"))
     click.echo(f"wrote {outdir}/model.onnx{', model.ort' if res.package else ''}, report.json, report.html")
+    for rec in res.steps:
+        for line in rec.warnings:
+            click.echo(f"warning: step {rec.index:02d} {rec.step}: {line}", err=True)
     if not res.passed:
         raise click.exceptions.Exit(4)
+    if res.degraded:
+        raise click.exceptions.Exit(3)
 
 
 @cli.command()

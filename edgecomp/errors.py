@@ -24,6 +24,7 @@ __all__ = [
     "NothingToPrune",
     "EmulationError",
     "InterfaceChanged",
+    "BelowFloor",
 ]
 
 
@@ -104,3 +105,19 @@ class EmulationError(EdgecompError):
 class InterfaceChanged(EdgecompError):
     """A model computes something else than its reference: other inputs or outputs, an input it no
     longer reads, or an output of another shape at run time (see :mod:`edgecomp.measure.interface`)."""
+
+
+class BelowFloor(EdgecompError):
+    """A result falls below its fidelity floor and a degraded result was not allowed: nothing is
+    written. ``finding`` says what was measured on which inputs; ``remedies`` are what to do, each
+    a key (an option or data name) that the caller words its own way (:meth:`render`: a CLI flag,
+    a recipe key) or, by default, the neutral words of ``words``."""
+
+    def __init__(self, finding: str, remedies: dict[str, str]):
+        self.finding, self.remedies = finding, dict(remedies)
+        super().__init__(self.render({}))
+
+    def render(self, words: dict[str, str]) -> str:
+        steps = [words.get(k, text) for k, text in self.remedies.items()]
+        advice = steps[-1] if len(steps) == 1 else f"{', '.join(steps[:-1])}, or {steps[-1]}"
+        return f"{self.finding}; nothing was written: {advice}"

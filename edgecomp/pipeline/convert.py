@@ -6,6 +6,12 @@ model is copied to ``model.onnx``; ``report.json`` and ``report.html`` describe 
 checked last. The folder is built under a temporary name and renamed into place when complete,
 so an interrupted run never leaves a half-written OUTDIR (and an existing one is replaced only
 with ``overwrite``).
+
+A step's result that misses its quality bar follows the rule of its command: a prune step below
+the fidelity floor (0.95 on held-out calibration samples, else on synthesized inputs) stops the run
+with one line unless it sets ``allow_degraded = true``; a step written below its floor or
+tolerance is listed in ``ConvertResult.degraded`` (the CLI's exit status 3) unless a later
+distill step heals it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from edgecomp.data import StepData
-from edgecomp.errors import ConfigError, DataError, DataNeeded, EdgecompError, OptionError
+from edgecomp.errors import BelowFloor, ConfigError, DataError, DataNeeded, EdgecompError, OptionError
 from edgecomp.io import check_output_dir, copy_file, model_size_bytes, replace_dir, work_dir
 from edgecomp.options import fields_of, need_data
 from edgecomp.pipeline.recipe import STEP_OPTIONS, Recipe
@@ -62,6 +68,8 @@ class StepRecord:
     accuracy: float | None = None
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
     tables: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    degraded: bool = False  # its model misses its floor or tolerance (written because the recipe allows it)
 
 
 @dataclasses.dataclass
@@ -78,6 +86,7 @@ class ConvertResult:
     passed: bool
     started: str
     package: Any = None  # PackageResult with --ort-format: model.ort, operator config, mobile EP verdict
+    degraded: list[str] = dataclasses.field(default_factory=list)  # degraded steps no later distill healed
 
     def baseline(self) -> StepRecord | None:
         return next((s for s in self.steps if s.model), None)
@@ -173,7 +182,7 @@ def _run_quantize(ctx: _Context, rec: StepRecord) -> None:
                            threads=ctx.threads, progress=ctx.progress, target_runner=_target_runner(ctx))
     res = run(ctx.latest(), opts, ctx.data)
     ctx.save(rec, res.model)
-    rec.summary = res.summary
+    rec.summary, rec.warnings, rec.degraded = res.summary, res.warnings, res.met_tolerance is False
     rec.tables = {"layers": res.rows, "op families": res.families, "embedding tables": res.embeddings}
 
 
@@ -185,7 +194,8 @@ def _run_prune(ctx: _Context, rec: StepRecord) -> None:
     data = ctx.data if opts.structured else StepData()  # magnitude pruning reads no data
     res = run(ctx.latest(), opts, data, progress=ctx.progress)
     ctx.save(rec, res.model)
-    rec.summary = res.summary
+    rec.summary, rec.warnings = res.summary, res.warnings
+    rec.degraded = res.degraded or res.met_tolerance is False
     rec.tables = ({"pruned groups": res.groups, "pruned layers": res.layers} if opts.structured
                   else {"sparsified layers": res.layers})
 
@@ -330,9 +340,18 @@ def _check_steps(recipe: Recipe, data: StepData, source: Source) -> None:
             raise in_recipe_words(e, recipe.source, i, step) from None
 
 
-def in_recipe_words(e: OptionError | DataNeeded, source: str, index: int, step: str) -> ConfigError | DataError:
-    """A library error about an option or data key, as a recipe user reads it."""
+#: A refused step's remedies (edgecomp.errors.BelowFloor) as a recipe user applies them.
+_RECIPE_REMEDIES = {"calibration": "pass --calibration DATA (importance, repair and a check on real inputs)",
+                    "sparsity": "lower sparsity", "protect": "protect the sensitive layers",
+                    "allow_degraded": "set allow_degraded = true to keep it (e.g. to heal it with a distill step)"}
+
+
+def in_recipe_words(e: OptionError | DataNeeded | BelowFloor, source: str, index: int,
+                    step: str) -> ConfigError | DataError | BelowFloor:
+    """A library error about an option or data key, or a refused result, as a recipe user reads it."""
     where = f"{source}: step {index} ({step})"
+    if isinstance(e, BelowFloor):
+        return BelowFloor(f"{where}: {e.finding}", {k: _RECIPE_REMEDIES.get(k, v) for k, v in e.remedies.items()})
     if isinstance(e, OptionError):
         return ConfigError(f"{where}: {e}")
     return DataError(f"{where}: {e.what} needs {e.key} data: pass --{e.key} or set [data] {e.key} in the recipe")
@@ -396,6 +415,7 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
     _check_steps(recipe, data, source)
     fixed = {**recipe.values, **(values or {})}
     started = datetime.datetime.now().isoformat(timespec="seconds")
+    degraded: list[str] = []
     with work_dir(out) as work:
         ctx = _Context(source, work, data, target, progress)
         for i, options in enumerate(recipe.steps, start=1):
@@ -404,9 +424,11 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
             t0 = time.perf_counter()
             try:
                 STEP_RUNNERS[rec.step](ctx, rec)
-            except (OptionError, DataNeeded) as e:
+            except (OptionError, DataNeeded, BelowFloor) as e:
                 raise in_recipe_words(e, recipe.source, i, rec.step) from None
             rec.seconds = time.perf_counter() - t0
+            degraded = [] if rec.step == "distill" else degraded  # healed against the model before the prune
+            degraded += [f"{i:02d}-{rec.step}"] if rec.degraded else []
             if rec.model:
                 ctx.current = Path(rec.model)
                 _measure(rec, ctx.latest_model(), data.eval or data.calibration)
@@ -426,6 +448,7 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
             feed_src = data.eval or data.calibration
             result.package = package_model(work / "model.onnx", work,
                                            feed=first_feed(feed_src, ctx.current) if feed_src else None)
+        result.degraded = degraded
         result.gates = _gates(recipe, ctx.records)
         result.passed = all(g["passed"] for g in result.gates)
         _relocate(result, work, out)

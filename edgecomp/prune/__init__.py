@@ -40,7 +40,13 @@ The steps, each a plain function so tests and scripts can drive them one at a ti
    Conv consumers are repaired only for 1x1 kernels without padding (im2col rows would make ``K``
    grow by the kernel area); larger kernels are left as cut and the report says so.
 6. :func:`held_out_fidelity` — with data, the outputs of the result against the unpruned model's
-   on the held-out samples (mean cosine; top-1 agreement for logits).
+   on the held-out samples (mean cosine; top-1 agreement for logits); without data,
+   :func:`synthetic_fidelity` measures the same on synthesized inputs (the ones ``bench`` feeds).
+7. :func:`run` applies the fidelity floor (:func:`apply_floor`, the same rule with and without
+   data, for structured and unstructured pruning): a result below 0.95 mean cosine or top-1
+   agreement is refused (:class:`~edgecomp.errors.BelowFloor`, nothing written) unless
+   ``allow_degraded``, which writes it flagged ``degraded`` (the CLI's exit status 3). With a
+   tolerance, the tolerance is the floor (unmet: exit status 3).
 
 Before the analysis, :func:`lift_constants` turns Constant-node weights into initializers and
 bypasses Identity nodes of constants. Convs of any rank (1-D ``[N, C, L]`` as 2-D) are followed;
@@ -67,7 +73,7 @@ from edgecomp.io import first_line
 from edgecomp.measure.interface import keeps_interface
 from edgecomp.options import need_data
 from edgecomp.passes.specialize_inputs import mode_hint
-from edgecomp.prune.fidelity import fidelity_text, fidelity_warning, held_out_fidelity
+from edgecomp.prune.fidelity import apply_floor, fidelity_text, held_out_fidelity, synthetic_fidelity
 from edgecomp.prune.groups import PRUNABLE_OPS, find_groups, lift_constants
 from edgecomp.prune.importance import channel_stats, plan_pruning
 from edgecomp.prune.options import OPTIONS, PruneOptions
@@ -83,9 +89,10 @@ class PruneResult:
     groups: list[dict[str, Any]]
     layers: list[dict[str, Any]]
     summary: dict[str, Any]
-    fidelity: dict[str, Any] | None = None  # with data: held_out_fidelity of the result
+    fidelity: dict[str, Any] | None = None  # held_out_fidelity with data, else synthetic_fidelity
     warnings: list[str] = dataclasses.field(default_factory=list)  # one line each, for stderr
     met_tolerance: bool | None = None  # with a tolerance: whether the result is within it
+    degraded: bool = False  # below the fidelity floor, written because allow_degraded (apply_floor)
 
 
 
@@ -233,18 +240,18 @@ def prune_model(model: ir.Model, opts: PruneOptions, data: Dataset | None = None
                           "off (--no-repair)" if data is not None and not opts.repair else "no data")
     macs0 = count_macs(original, shapes_before)[0] if shapes_before else None
     macs1 = count_macs(model, shapes_after)[0] if shapes_after else None
-    fidelity = held_out_fidelity(original, model, data, opts.max_samples, opts.threads) if data is not None else None
-    warnings = [w for w in [fidelity_warning(fidelity) if fidelity else None] if w]
+    fidelity = (held_out_fidelity(original, model, data, opts.max_samples, opts.threads) if data is not None
+                else synthetic_fidelity(original, model, threads=opts.threads))
     summary = dict(result.summary)
     summary.update({"importance": plan.importance, "scope": opts.resolved_scope(),
                     "parameters": f"{params0:,} → {params1:,}",
                     "MACs": f"{macs0:,} → {macs1:,}" if macs0 and macs1 else None,
                     "layers repaired": sum(r.get("repair") == "applied" for r in repaired),
                     "repairs skipped": sum(str(r.get("repair")).startswith("skipped") for r in repaired) or None,
-                    "fidelity": fidelity_text(fidelity) if fidelity else None,
+                    "fidelity": fidelity_text(fidelity),
                     "data samples": data.describe_used(opts.max_samples) if data is not None else None,
                     "seconds": round(time.perf_counter() - t0, 1)})
-    return PruneResult(model, plan.rows, layers, summary, fidelity, warnings)
+    return PruneResult(model, plan.rows, layers, summary, fidelity)
 
 
 def prune_weights(model: ir.Model, opts: PruneOptions) -> PruneResult:
@@ -264,14 +271,31 @@ def prune_weights(model: ir.Model, opts: PruneOptions) -> PruneResult:
     result = run_pass(PruneMagnitudePass(sparsity=opts.sparsity, scope=opts.resolved_scope(), protect=opts.protect),
                       model)
     verify_pruned(result.model, reference)
-    return PruneResult(result.model, [], result.rows, dict(result.summary))
+    fidelity = synthetic_fidelity(reference, result.model, threads=opts.threads)  # zeros can break a model too
+    return PruneResult(result.model, [], result.rows, {**result.summary, "fidelity": fidelity_text(fidelity)}, fidelity)
+
+
+def _floored(result: PruneResult, opts: PruneOptions, offer_data: bool) -> PruneResult:
+    """``result`` through the fidelity floor (:func:`apply_floor`); the remedies offered on a
+    refusal: data (structured pruning without it), a smaller cut, protection, allow_degraded."""
+    remedies = {}
+    if offer_data:
+        remedies["calibration"] = "give calibration data (importance, repair and a check on real inputs)"
+    remedies.update(sparsity="lower sparsity", protect="protect the sensitive layers",
+                    allow_degraded="allow a degraded result (allow_degraded) to write it anyway")
+    apply_floor(result, opts.allow_degraded, remedies)
+    return result
 
 
 @keeps_interface("prune")
 def run(model: ir.Model, opts: PruneOptions, data: StepData, progress: bool = False) -> PruneResult:
     """What ``edgecomp prune`` and a recipe's prune step call: structured pruning (with the
     calibration data of ``data``, when given, for importance, repair and held-out fidelity; with
-    ``opts.tolerance``, the cut fitted to it on the eval data) or unstructured magnitude pruning."""
+    ``opts.tolerance``, the cut fitted to it on the eval data) or unstructured magnitude pruning.
+
+    Without a tolerance, the result must keep the fidelity floor on the held-out data, or without
+    data on synthesized inputs: below it, :class:`~edgecomp.errors.BelowFloor` is raised and nothing
+    should be written, unless ``opts.allow_degraded`` (then ``result.degraded`` and a warning)."""
     from edgecomp.passes.float_precision import refuse_unrunnable_floats
 
     refuse_unrunnable_floats(model)  # float16 models are pruned as they are: cuts and repairs keep their dtype
@@ -279,10 +303,13 @@ def run(model: ir.Model, opts: PruneOptions, data: StepData, progress: bool = Fa
     if not opts.structured:
         if opts.tolerance is not None:
             raise OptionError("tolerance", "fits structured cuts; unstructured pruning takes sparsity alone")
-        return prune_weights(model, opts)
+        return _floored(prune_weights(model, opts), opts, offer_data=False)  # magnitude alone: data cannot help
     calibration = load_data(data.calibration, input_specs(model)) if data.calibration else None  # checked up front
     if opts.tolerance is None:
-        return prune_model(model, opts, calibration)
+        return _floored(prune_model(model, opts, calibration), opts, offer_data=calibration is None)
+    if opts.allow_degraded:
+        raise OptionError("allow_degraded", "has no effect with a tolerance (a cut past it is written with exit "
+                                            "status 3 already); drop it")
     from edgecomp.prune.tolerance import prune_to_tolerance  # it builds on this module's helpers
 
     ev = load_data(data.need("eval", "tolerance", "tolerance"))

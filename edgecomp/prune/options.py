@@ -8,13 +8,18 @@ from edgecomp.data import DEFAULT_MAX_SAMPLES
 from edgecomp.errors import OptionError
 from edgecomp.options import Option, check_values, in_range, regexes
 
-__all__ = ["IMPORTANCES", "KINDS", "SCOPES", "OPTIONS", "HOLD_OUT_EVERY", "FIDELITY_WARN", "PruneOptions"]
+__all__ = ["IMPORTANCES", "KINDS", "SCOPES", "OPTIONS", "HOLD_OUT_EVERY", "FIDELITY_FLOOR", "SYNTHETIC_SAMPLES",
+           "PruneOptions"]
 
 IMPORTANCES = ("auto", "l1", "l2", "activation", "obs")
 KINDS = ("channels", "heads")
 SCOPES = ("auto", "per-layer", "global")
 HOLD_OUT_EVERY = 5  # with data, every 5th sample is held out: it checks repairs and the result, never fits them
-FIDELITY_WARN = 0.95  # warn when the held-out mean cosine or top-1 agreement falls below this
+# The floor a pruned model must keep against the unpruned one: mean cosine and top-1 agreement, on
+# the held-out samples of the data, or without data on SYNTHETIC_SAMPLES synthesized inputs. Below
+# it the result is refused, or written with exit status 3 when a degraded result is allowed.
+FIDELITY_FLOOR = 0.95
+SYNTHETIC_SAMPLES = 16  # one top-1 flip in 16 is 93.8%: a classifier must agree on every random input
 
 
 def _kinds(v: list) -> str | None:
@@ -47,6 +52,10 @@ OPTIONS = (
     Option("tolerance", float, None, "allowed loss vs the input on eval data: instead of sparsity, the largest "
            "uneven cut (per group) whose measured loss stays within it (exit status 3 when none does)",
            check=in_range(0), needs=lambda v: "eval"),
+    Option("allow_degraded", bool, False, f"write the result even below the fidelity floor (mean cosine or top-1 "
+           f"agreement < {FIDELITY_FLOOR} against the input, on the data's held-out samples, else on "
+           f"{SYNTHETIC_SAMPLES} synthesized inputs), with a warning and exit status 3, instead of refusing it "
+           "(e.g. to heal it with distill)"),
 )
 
 
@@ -68,6 +77,7 @@ class PruneOptions:
     max_samples: int = DEFAULT_MAX_SAMPLES  # evenly spaced samples of DATA used (Dataset.indices)
     metric: str = "cosine"
     tolerance: float | None = None  # with eval data: the cut is fitted to it (prune.tolerance)
+    allow_degraded: bool = False  # write a result below FIDELITY_FLOOR (flagged degraded) instead of refusing it
     threads: int = 1
 
     def validate(self) -> None:

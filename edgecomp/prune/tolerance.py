@@ -329,7 +329,7 @@ def prune_to_tolerance(model: ir.Model, opts: PruneOptions, data: Dataset | None
     """
     from edgecomp.measure.inspect import count_macs, count_parameters
     from edgecomp.prune import PruneResult, _layer_table, _probe, nothing_to_prune_message, verify_pruned
-    from edgecomp.prune.fidelity import fidelity_text, fidelity_warning, held_out_fidelity
+    from edgecomp.prune.fidelity import below_floor, fidelity_text, held_out_fidelity
     from edgecomp.prune.repair import repair
     from edgecomp.quantize.tolerance import Evaluator
 
@@ -379,7 +379,7 @@ def prune_to_tolerance(model: ir.Model, opts: PruneOptions, data: Dataset | None
     macs0 = count_macs(base, shapes_before)[0] if shapes_before else None
     macs1 = count_macs(pruned, shapes_after)[0] if shapes_after else None
     fidelity = held_out_fidelity(base, pruned, data, opts.max_samples, opts.threads) if data is not None else None
-    warnings = [w for w in [fidelity_warning(fidelity) if fidelity else None] if w]
+    warnings = [w for w in [below_floor(fidelity) if fidelity else None] if w]
     if not met:
         warnings.append(f"no cut keeps the {metric} loss within {tolerance:g} on the eval data: the least harmful "
                         f"one found loses {loss:.4g}; raise the tolerance or protect the sensitive layers")

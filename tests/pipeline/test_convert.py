@@ -98,6 +98,8 @@ def test_each_builtin_recipe_on_a_tiny_model(name, tmp_path, token_data, digits_
                 step["shrink"] = "layers=1"  # the tiny encoder has 2
         if step["step"] == "quantize":
             step["families"] = "all"  # auto times the host; the recipe run must not depend on it
+        if step["step"] == "prune":  # 40 samples (8 held out) are too few for the 0.95 floor; tests/prune checks it
+            step["allow_degraded"] = True
     if name.startswith("encoder"):
         calib, ev = token_data
         source, labels = Source(spec="models.text_encoder:tiny_encoder"), None

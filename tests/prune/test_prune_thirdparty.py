@@ -440,17 +440,22 @@ def test_fewer_than_five_samples_hold_none_out_and_skip_repair(tmp_path):
     assert result.summary["fidelity"].endswith("on all 4 samples (fewer than 5: none held out)")
 
 
-def test_fidelity_is_reported_and_a_bad_prune_warns(tmp_path):
+def test_fidelity_is_reported_and_a_bad_prune_is_refused_or_flagged(tmp_path):
     rng = np.random.default_rng(5)
     np.savez(tmp_path / "d.npz", x=rng.standard_normal((40, 64)).astype(np.float32))
     src = save(_mlp(hidden=64), tmp_path / "mlp.onnx")
     runner = CliRunner()
-    bad = runner.invoke(cli, ["prune", str(src), "-o", str(tmp_path / "bad.onnx"), "--sparsity", "0.9",
-                              "--importance", "l2", "--no-repair", "--data", str(tmp_path / "d.npz"),
-                              "--json", str(tmp_path / "bad.json")])
-    assert bad.exit_code == 0, bad.output
+    args = ["prune", str(src), "-o", str(tmp_path / "bad.onnx"), "--sparsity", "0.9", "--importance", "l2",
+            "--no-repair", "--data", str(tmp_path / "d.npz"), "--json", str(tmp_path / "bad.json")]
+    refused = runner.invoke(cli, args)
+    assert refused.exit_code == 1 and not (tmp_path / "bad.onnx").exists(), refused.output
+    assert len(refused.stderr.splitlines()) == 1 and "on 8 held-out samples" in refused.stderr
+    assert "--allow-degraded" in refused.stderr and "--data" not in refused.stderr.split("written:")[1]
+    bad = runner.invoke(cli, [*args, "--allow-degraded"])
+    assert bad.exit_code == 3, bad.output
     warn = [line for line in bad.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warn) == 1 and "8 held-out samples" in warn[0] and "< 0.95" in warn[0], bad.stderr
+    assert json.loads((tmp_path / "bad.json").read_text())["degraded"] is True
     fid = json.loads((tmp_path / "bad.json").read_text())["fidelity"]
     assert fid["samples"] == 8 and fid["cosine"] < 0.95
     assert "fidelity: mean cosine" in bad.stdout and "on 8 held-out samples" in bad.stdout
