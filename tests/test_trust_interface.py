@@ -70,9 +70,11 @@ def test_runtime_output_shape_survives_each_command(crnn, tmp_path, cmd):
     model, calib, x = crnn
     out = tmp_path / f"{cmd}.onnx"
     extra = {"optimize": [], "quantize": ["--calibration", calib, "--families", "all"],
-             "prune": ["--sparsity", "0.3"], "prune_data": ["--sparsity", "0.3", "--data", calib]}[cmd]
+             "prune": ["--sparsity", "0.3", "--allow-degraded"],
+             "prune_data": ["--sparsity", "0.3", "--data", calib, "--allow-degraded"]}[cmd]
     res = _invoke(cmd.split("_")[0], model, "-o", out, *extra)
-    assert res.exit_code == 0, res.output
+    # a random-weight CRNN cut by 30% may fall below prune's fidelity floor: written with exit 3 when allowed
+    assert res.exit_code in ((0, 3) if cmd.startswith("prune") else (0,)), res.output
     ref, got = _crnn_outputs(model, x), _crnn_outputs(out, x)
     assert [g.shape for g in got] == [r.shape for r in ref] == [(12, 1, 40)] * len(x)
     assert _declared(out) == [1, "seqlen"]  # the declaration is the model's: left as it was, and reported
