@@ -600,15 +600,6 @@ def validate(reference, candidate, data, labels, k, threads, json_path, targets,
     _write_json(json_path, {**rpt.to_jsonable(result), "targets": rpt.to_jsonable(on_targets)})
 
 
-def _target_runner(profile, samples):
-    """The emulated target's runner for a profile with an emulate entry (None otherwise)."""
-    if profile is None or not profile.emulate:
-        return None
-    from edgecomp.emulate import Emulation, TargetRunner, load_runtime
-
-    return TargetRunner(Emulation.of(profile), load_runtime(), max_samples=samples)
-
-
 def _emulated_profiles(names, targets_file):
     from edgecomp.emulate.runner import Emulation
     from edgecomp.targets import get_profile
@@ -754,9 +745,14 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
             raise click.UsageError(f"--target {profile.name} runs on the {profile.ep} EP, which has no kernels for "
                                    f"the {values['format']} form; drop --format (it follows the target: qdq)")
         values["format"] = profile.quant_format
+    from edgecomp.emulate.runner import target_runner
+
+    runner, note = target_runner(profile, target_samples)
+    if note:
+        click.echo(f"warning: {note}", err=True)
     opts = QuantizeOptions(**fields_of(values), isa=profile.isa if profile else None,
                            threads=threads or (profile.threads if profile else 1), progress=True,
-                           target_runner=_target_runner(profile, target_samples))
+                           target_runner=runner)
     opts.validate()
     m = load_model(model)
     spec = _specialize(m, fixed)
@@ -994,10 +990,6 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
     source = _convert_source(spec, hf_path)
     r = load_recipe(recipe)
     profile = get_profile(target, targets_file)
-    if profile and profile.emulate:  # refused before any step runs when the emulated runtime is missing
-        from edgecomp.emulate import load_runtime
-
-        load_runtime()
     res = run_convert(source, r, outdir, calibration=calibration, eval_data=eval_data, labels=labels, text=text,
                       tokenizer=tokenizer, target=profile,
                       overwrite=overwrite, progress=True, protect=[p for p in (targets_file,) if p], ort_format=ort_format,

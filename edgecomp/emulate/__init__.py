@@ -7,8 +7,9 @@
 - :mod:`edgecomp.emulate.numerics` compares a candidate on the target with the host's reference.
 """
 
-from edgecomp.emulate.runner import LATENCY_NOTE, Emulation, EmulatedRun, EmulatedRunner, TargetRunner, self_check
+from edgecomp.emulate.runner import (LATENCY_NOTE, Emulation, EmulatedRun, EmulatedRunner, TargetRunner, self_check,
+                                     target_runner)
 from edgecomp.emulate.setup import Runtime, default_cache_dir, load_runtime, prepare
 
 __all__ = ["Emulation", "EmulatedRun", "EmulatedRunner", "LATENCY_NOTE", "Runtime", "TargetRunner", "default_cache_dir",
-           "load_runtime", "prepare", "self_check"]
+           "load_runtime", "prepare", "self_check", "target_runner"]

@@ -39,7 +39,8 @@ from edgecomp.emulate.setup import Runtime, load_runtime
 from edgecomp.errors import ConfigError, DataError, EmulationError, ModelLoadError
 from edgecomp.io import load_model, model_bytes, model_from_bytes
 
-__all__ = ["Emulation", "EmulatedRun", "EmulatedRunner", "TargetRunner", "LATENCY_NOTE", "DEFAULT_TIMEOUT_S", "self_check"]
+__all__ = ["Emulation", "EmulatedRun", "EmulatedRunner", "TargetRunner", "LATENCY_NOTE", "DEFAULT_TIMEOUT_S", "self_check",
+           "target_runner"]
 
 DEFAULT_TIMEOUT_S = 1800.0
 LATENCY_NOTE = ("latency under emulation says nothing about the target (qemu runs ~100-300x slower than the "
@@ -246,6 +247,23 @@ class TargetRunner:
         text = (f"{em.name} (onnxruntime {self._runner.runtime.onnxruntime} for aarch64 under qemu -cpu {em.cpu}"
                 f"{'' if em.kleidiai else ', KleidiAI off'}; float reference on this host)")
         return text + (f"; {em.note}" if em.note else "")
+
+
+def target_runner(profile, max_samples: int = 16) -> tuple[TargetRunner | None, str | None]:
+    """The runner that judges candidates on ``profile``'s emulated CPU, and a note when it cannot.
+
+    ``(None, None)`` for a profile without ``emulate``. When the emulated runtime is not prepared
+    (or broken), ``(None, note)``: the caller judges on this host's numerics and shows the note,
+    which says so and how to prepare the runtime; quantizing for a target must not need the
+    emulation, while ``validate --target``, which asks for target numerics only, refuses instead."""
+    if profile is None or not profile.emulate:
+        return None, None
+    emulation = Emulation.of(profile)  # a bad emulate entry is refused, prepared runtime or not
+    try:
+        runtime = load_runtime()
+    except EmulationError as e:
+        return None, f"numerics judged on this host, not on {profile.name}'s emulated CPU: {e}"
+    return TargetRunner(emulation, runtime, max_samples=max_samples), None
 
 
 def self_check(runtime: Runtime, cpu: str = "cortex-a53") -> str:

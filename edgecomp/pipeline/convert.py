@@ -178,11 +178,15 @@ def _run_quantize(ctx: _Context, rec: StepRecord) -> None:
     values = dict(rec.options)
     if ctx.target and ctx.target.ep:  # a mobile EP runs the QDQ form only
         values["format"] = ctx.target.quant_format
+    from edgecomp.emulate.runner import target_runner
+
+    runner, note = target_runner(ctx.target)
     opts = QuantizeOptions(**fields_of(values), isa=ctx.target.isa if ctx.target else None,
-                           threads=ctx.threads, progress=ctx.progress, target_runner=_target_runner(ctx))
+                           threads=ctx.threads, progress=ctx.progress, target_runner=runner)
     res = run(ctx.latest(), opts, ctx.data)
     ctx.save(rec, res.model)
-    rec.summary, rec.warnings, rec.degraded = res.summary, res.warnings, res.met_tolerance is False
+    rec.summary, rec.degraded = res.summary, res.met_tolerance is False
+    rec.warnings = [note, *res.warnings] if note else res.warnings
     rec.tables = {"layers": res.rows, "op families": res.families, "embedding tables": res.embeddings}
 
 
@@ -257,24 +261,24 @@ def _run_validate(ctx: _Context, rec: StepRecord) -> None:
         m.accuracy = v.cand_accuracy
     rec.summary = {"samples": results[0].samples, "models": len(models)}
     if ctx.target and ctx.target.emulate:  # the artifact's numerics on the target, beside the host's
-        from edgecomp.emulate import LATENCY_NOTE
-        from edgecomp.emulate.numerics import fidelity_rows, target_fidelity
-
-        on_target = target_fidelity(models[0].model, models[-1].model, ctx.data.need("eval", "validate"), [ctx.target],
-                                    threads=ctx.threads, k=rec.options["k"], progress=False if not ctx.progress else None)
-        rec.tables = {**(rec.tables or {}), f"numerics on {ctx.target.name} (emulated)": fidelity_rows(on_target)}
-        fid, gap = on_target[0].fidelity[0], on_target[0].platform_gap[0]
-        rec.summary.update({"target cos mean": fid.cosine_mean, "target platform gap 1-cos": 1.0 - gap.cosine_mean,
-                            "target latency": LATENCY_NOTE})
+        _validate_on_target(ctx, rec, models)
 
 
-def _target_runner(ctx: _Context):
-    """Candidates judged on the target's numerics when the target profile has an emulated CPU."""
-    if not (ctx.target and ctx.target.emulate):
-        return None
-    from edgecomp.emulate import Emulation, TargetRunner
+def _validate_on_target(ctx: _Context, rec: StepRecord, models) -> None:
+    from edgecomp.emulate import LATENCY_NOTE
+    from edgecomp.emulate.numerics import fidelity_rows, target_fidelity
+    from edgecomp.emulate.runner import target_runner
 
-    return TargetRunner(Emulation.of(ctx.target))
+    note = target_runner(ctx.target)[1]
+    if note:  # not prepared: the host's numerics only, and the report says so
+        rec.warnings.append(note)
+        return
+    on_target = target_fidelity(models[0].model, models[-1].model, ctx.data.need("eval", "validate"), [ctx.target],
+                                threads=ctx.threads, k=rec.options["k"], progress=False if not ctx.progress else None)
+    rec.tables = {**(rec.tables or {}), f"numerics on {ctx.target.name} (emulated)": fidelity_rows(on_target)}
+    fid, gap = on_target[0].fidelity[0], on_target[0].platform_gap[0]
+    rec.summary.update({"target cos mean": fid.cosine_mean, "target platform gap 1-cos": 1.0 - gap.cosine_mean,
+                        "target latency": LATENCY_NOTE})
 
 
 def _run_bench(ctx: _Context, rec: StepRecord) -> None:

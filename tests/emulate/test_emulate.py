@@ -207,3 +207,18 @@ def test_setup_is_idempotent_and_offline_once_prepared(arm64_runtime, monkeypatc
     monkeypatch.setenv("PATH", "/nonexistent")  # no apt-get, no pip network: everything must come from the cache
     monkeypatch.setenv("EDGECOMP_QEMU", arm64_runtime.qemu)
     assert prepare(arm64_runtime.cache) == arm64_runtime
+
+
+def test_quantize_without_a_prepared_runtime_judges_on_the_host_and_says_so(tmp_path, monkeypatch):
+    """Quantizing for a profile that emulates (arm-phone-4core) must not need the emulation: without
+    a runtime the floor is judged on this host's numerics and one warning line says so; validate
+    --target, which asks for target numerics alone, refuses instead (test above)."""
+    model = _mlp(tmp_path / "m.onnx", hidden=64, out=16)
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).standard_normal((24, 8)).astype(np.float32))
+    monkeypatch.setenv("EDGECOMP_ARM64_CACHE", str(tmp_path / "none"))
+    res = CliRunner().invoke(cli, ["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--calibration",
+                                   str(tmp_path / "x.npz"), "--families", "all", "--target", "arm-phone-4core"])
+    assert res.exit_code == 0, res.output
+    warned = [line for line in res.stderr.splitlines() if "numerics judged on this host" in line]
+    assert len(warned) == 1 and "edgecomp targets setup arm64" in warned[0] and "arm-phone-4core" in warned[0]
+    assert (tmp_path / "q.onnx").exists() and "numerics judged on" not in res.stdout
