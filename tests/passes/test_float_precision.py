@@ -306,10 +306,11 @@ def test_quantize_mixed_precision_model(tmp_path):
 
 def test_prune_and_optimize_keep_float16_io(tmp_path):
     model, data = _write(tmp_path, half_cnn(), "cnn", (3, 16, 16))
-    for args in (["prune", model, "-o", tmp_path / "p.onnx", "--sparsity", "0.25", "--data", data],
+    # a random CNN cut by a quarter may fall below prune's fidelity floor: allowed, written with exit 3
+    for args in (["prune", model, "-o", tmp_path / "p.onnx", "--sparsity", "0.25", "--data", data, "--allow-degraded"],
                  ["optimize", model, "-o", tmp_path / "o.onnx"]):
         res = _cli(*args)
-        assert res.exit_code == 0, res.output
+        assert res.exit_code in ((0, 3) if args[0] == "prune" else (0,)), res.output
         written = Path(args[3])
         assert _elem_types(onnx.load(str(written))) == ([F16], [F16])
         assert _weight_bytes(written) <= _weight_bytes(model)
