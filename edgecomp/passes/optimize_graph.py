@@ -38,7 +38,9 @@ Cases handled:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import math
 from typing import Any, Mapping
 
@@ -354,14 +356,18 @@ def _apply_bert_fusions(model: ir.Model, num_heads: int, hidden_size: int) -> No
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     try:
-        bert = BertOnnxModel(to_proto(model), num_heads, hidden_size)
-        opts = FusionOptions("bert")
-        bert.optimize(opts, add_dynamic_axes=False)
-        bert.topological_sort()
+        with contextlib.redirect_stdout(io.StringIO()):  # its shape-inference fallback prints to stdout
+            bert = BertOnnxModel(to_proto(model), num_heads, hidden_size)
+            opts = FusionOptions("bert")
+            bert.optimize(opts, add_dynamic_axes=False)
+            bert.topological_sort()
         fused = from_proto(bert.model)
     except Exception as e:
         raise PassFailed(f"onnxruntime's bert fusions failed: {type(e).__name__}: {e}") from e
     _replace_graph(model, fused)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):  # the fused ops' domain is not imported by it
+        if node.domain not in ("", "ai.onnx") and node.domain not in model.opset_imports:
+            model.opset_imports[node.domain] = 1
 
 
 def _replace_graph(model: ir.Model, other: ir.Model) -> None:

@@ -44,6 +44,7 @@ def test_bert_fusions_on_tiny_encoder(tiny_encoder_path):
     result = run_pass(OptimizeGraphPass(fusions="bert", num_heads=4, hidden_size=64), ir.from_proto(proto))
     ops = [n.op_type for n in result.model.graph]
     assert "BiasGelu" in ops and "Erf" not in ops
+    onnx.checker.check_model(to_proto(result.model))  # the fused ops' domain is imported (save verifies this too)
     rng = np.random.default_rng(0)
     feed = {"input_ids": rng.integers(0, 1000, (1, 12)), "attention_mask": np.ones((1, 12), np.int64)}
     np.testing.assert_allclose(run_ort(to_proto(result.model), feed)[0], run_ort(proto, feed)[0], atol=1e-4)
