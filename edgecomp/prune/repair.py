@@ -9,7 +9,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.data import Dataset
-from edgecomp.graph import attribute, bias_slot, const_array, layer_bias, layer_weight
+from edgecomp.graph import NameAllocator, attribute, bias_slot, const_array, layer_bias, layer_weight
 from edgecomp.prune.groups import PRUNABLE_OPS
 from edgecomp.prune.importance import PrunePlan
 from edgecomp.prune.options import HOLD_OUT_EVERY
@@ -69,10 +69,18 @@ def repair(original: ir.Model, pruned: ir.Model, plan: PrunePlan, data: Dataset,
     # the original never changes: one session gives every target's unpruned input
     s_orig = make_session(original, threads=threads, optimization="basic",
                           extra_outputs=sorted({node.inputs[0].name for node, *_ in targets}))
-    # one layer at a time, in graph order: each fit sees the inputs its repaired predecessors give it
-    for node, ref, in_idx, out_idx in targets:
-        fit, held = _grams(s_orig, original, pruned, node, data, max_samples, threads)
-        rows.append(_refit(pruned, node, ref, in_idx, out_idx, fit, held, ridge))
+    # one layer at a time, in graph order: each fit sees the inputs its repaired predecessors give it.
+    # A session of the pruned model is made again only after a fit changed it (one exposing every
+    # remaining input): a session per layer cost a whole-model serialization each, quadratic.
+    names, s_new = NameAllocator(pruned.graph), None
+    for k, (node, ref, in_idx, out_idx) in enumerate(targets):
+        if s_new is None:
+            s_new = make_session(pruned, threads=threads, optimization="basic",
+                                 extra_outputs=sorted({t[0].inputs[0].name for t in targets[k:]}))
+        fit, held = _grams(s_orig, s_new, original, node, data, max_samples)
+        rows.append(_refit(pruned, node, ref, in_idx, out_idx, fit, held, ridge, names))
+        if rows[-1]["repair"] == "applied":
+            s_new = None
     ir.passes.common.RemoveUnusedNodesPass()(pruned)
     return rows
 
@@ -82,14 +90,14 @@ _Grams = tuple  # (A, B, C, rows) with A = Σ X̃ᵀX̃, B = Σ X̃ᵀX, C = Σ 
 
 
 
-def _grams(s_orig, original: ir.Model, pruned: ir.Model, node: ir.Node, data: Dataset, max_samples: int | None,
-           threads: int) -> tuple[_Grams, _Grams]:
+def _grams(s_orig, s_new, original: ir.Model, node: ir.Node, data: Dataset, max_samples: int | None
+           ) -> tuple[_Grams, _Grams]:
     """(A, B, C, rows) for ``node``'s input (ones column appended), on the fitted and on the
-    held-out samples; ``s_orig`` is a session of ``original`` that exposes that input."""
-    from edgecomp.runtime import make_session, run_feed
+    held-out samples; ``s_orig`` and ``s_new`` are sessions of the original and the pruned model
+    that expose that input."""
+    from edgecomp.runtime import run_feed
 
     name = node.inputs[0].name
-    s_new = make_session(pruned, threads=threads, optimization="basic", extra_outputs=[name])
     acc = {False: [0.0, 0.0, 0.0, 0], True: [0.0, 0.0, 0.0, 0]}
     n = n_used(data, max_samples)
     for i, feed in enumerate(feeds(data, original, max_samples)):
@@ -124,7 +132,7 @@ def _rel_err(m: np.ndarray, target: np.ndarray, g: _Grams, with_bias: bool) -> f
 
 
 def _refit(pruned: ir.Model, node: ir.Node, ref: ir.Node, in_idx: np.ndarray, out_idx: np.ndarray,
-           fit: _Grams, held: _Grams, ridge: float) -> dict[str, Any]:
+           fit: _Grams, held: _Grams, ridge: float, names: NameAllocator) -> dict[str, Any]:
     w_old = layer_weight(ref).astype(np.float64)
     target = np.vstack([w_old, bias_of(ref, w_old.shape[1])[None, :]])[:, out_idx]
     keep_rows = np.append(in_idx, w_old.shape[0])  # the bias row stays
@@ -158,12 +166,12 @@ def _refit(pruned: ir.Model, node: ir.Node, ref: ir.Node, in_idx: np.ndarray, ou
         row["repair"] = "skipped: the fit did not lower the error"
         return row
     row.update({"repair": "applied", "rel err after": after, "held-out err after": held_after})
-    _write_layer(pruned, node, v[:-1] if fit_bias else v, v[-1] if fit_bias else None)
+    _write_layer(pruned, node, v[:-1] if fit_bias else v, v[-1] if fit_bias else None, names)
     return row
 
 
 
-def _write_layer(model: ir.Model, node: ir.Node, w: np.ndarray, bias: np.ndarray | None) -> None:
+def _write_layer(model: ir.Model, node: ir.Node, w: np.ndarray, bias: np.ndarray | None, names: NameAllocator) -> None:
     """Store a [K, N] weight (and bias) back in the layer's own layout."""
     from edgecomp.prune.prune_channels import new_initializer
 
@@ -174,7 +182,7 @@ def _write_layer(model: ir.Model, node: ir.Node, w: np.ndarray, bias: np.ndarray
         arr = w.T
     else:
         arr = w
-    node.replace_input_with(1, new_initializer(model.graph, node.inputs[1].name, arr.astype(old.dtype)))
+    node.replace_input_with(1, new_initializer(model.graph, node.inputs[1].name, arr.astype(old.dtype), names))
     if bias is None:
         return
     slot, idx = bias_slot(node)
@@ -185,4 +193,4 @@ def _write_layer(model: ir.Model, node: ir.Node, w: np.ndarray, bias: np.ndarray
     if current is not None and int(np.prod(shape)) != len(bias):
         shape = (len(bias),)
     slot.replace_input_with(idx, new_initializer(model.graph, (current.name if current is not None else node.name + "_bias"),
-                                                 bias.reshape(shape).astype(old.dtype)))
+                                                 bias.reshape(shape).astype(old.dtype), names))
