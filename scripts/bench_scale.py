@@ -3,7 +3,8 @@
 with graph size.
 
     nice -n 10 .venv/bin/python scripts/bench_scale.py [--nodes 1000,5000,20000] [--variants chain,residual,conv]
-        [--commands inspect,optimize,quantize,prune,prune-data] [--timeout 600] [--workdir out/bench_scale] [--write]
+        [--commands inspect,optimize,quantize,prune,prune-data] [--timeout 600] [--workdir out/bench_scale]
+    nice -n 10 .venv/bin/python scripts/bench_scale.py --large   # the > 2 GiB model, alone
 
 Generated graphs (float32, batch 1, hidden 16 so 20 k nodes stay ~7 MB):
 - ``chain``: ``x → [MatMul(W) → Add(b) → Relu]*`` (3 nodes a block);
@@ -11,6 +12,11 @@ Generated graphs (float32, batch 1, hidden 16 so 20 k nodes stay ~7 MB):
   ``Relu(MatMul(x, W2))`` joined by Add (4-6 nodes a block: values with several consumers);
 - ``conv``: ``x [1,8,4,4] → [x + Conv1x1(Relu(Conv3x3(x)))]*`` (4 nodes a block: prune's channel
   groups, the 3x3 conv's output channels are prunable, the residual ones one big group).
+
+``--large``: an MLP ``x [1, 8192] → MatMul [8192, 16384] → Relu → MatMul [16384, 16384] → Relu →
+MatMul [16384, 8192]`` with biases, 2.0 GiB of float32 weights (just over protobuf's 2 GiB limit),
+saved with external data, through optimize → quantize (8 samples) → prune (structured, 25%) →
+validate (the int8 and the pruned model against the input), quantize and prune reading optimize's output.
 
 Every command runs in its own process (``python -m edgecomp.cli``); wall seconds and peak RSS
 (``os.wait4``'s ``ru_maxrss``) are recorded. The growth exponent is the slope of log(seconds)
@@ -149,6 +155,54 @@ def run_measured(args: list[str], timeout: float) -> dict:
     return {"seconds": seconds, "peak MB": usage.ru_maxrss / 1024, "rc": rc, "last line": tail[0] if tail else ""}
 
 
+def build_large(work: Path) -> tuple[Path, Path]:
+    """The > 2 GiB MLP (module docstring), weights written one by one as external data."""
+    path, data = work / "large.onnx", work / "large.npz"
+    if path.exists():
+        return path, data
+    rng = np.random.default_rng(0)
+    dims, nodes, inits, x = [8192, 16384, 16384, 8192], [], [], "x"
+    for i, (k, n) in enumerate(zip(dims, dims[1:])):
+        w = rng.standard_normal((k, n), dtype=np.float32)
+        w *= np.float32(1 / math.sqrt(k))
+        inits += [numpy_helper.from_array(w, f"W{i}"), _init(f"b{i}", rng.standard_normal(n) / 10)]
+        del w
+        nodes += [helper.make_node("MatMul", [x, f"W{i}"], [f"m{i}"], name=f"mm{i}"),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"], name=f"add{i}")]
+        x = f"a{i}"
+        if i < len(dims) - 2:
+            nodes.append(helper.make_node("Relu", [x], [f"r{i}"], name=f"relu{i}"))
+            x = f"r{i}"
+    model = _model(nodes, inits, x, [1, dims[0]])
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = dims[-1]
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="large.onnx.data", size_threshold=1024)
+    np.savez(data, x=rng.standard_normal((16, dims[0])).astype(np.float32))
+    return path, data
+
+
+def run_large(work: Path, timeout: float) -> list[dict]:
+    path, data = build_large(work)
+    out = work / "out"
+    out.mkdir(exist_ok=True)
+    opt, q, p = out / "large.opt.onnx", out / "large.int8.onnx", out / "large.pruned.onnx"
+    steps = {
+        "optimize": ["optimize", str(path), "-o", str(opt)],
+        "quantize": ["quantize", str(opt), "-o", str(q), "--calibration", str(data), "--max-samples", "8"],
+        "prune": ["prune", str(opt), "-o", str(p), "--sparsity", "0.25"],
+        "validate int8": ["validate", str(path), str(q), "--data", str(data)],
+        "validate pruned": ["validate", str(path), str(p), "--data", str(data)],
+    }
+    rows = []
+    for name, args in steps.items():
+        r = run_measured(args, timeout)
+        r.update(command=name)
+        rows.append(r)
+        print(f"large {name:9s} {r['seconds']:7.1f} s {r['peak MB']:7.0f} MB rc={r['rc']} {r['last line'][:110]}",
+              flush=True)
+    return rows
+
+
 def exponent(rows: list[dict], variant: str, command: str) -> float | None:
     pts = [(r["nodes"], r["seconds"]) for r in rows if r["variant"] == variant and r["command"] == command
            and r["rc"] in (0, 3)]
@@ -165,9 +219,13 @@ def main() -> None:
     ap.add_argument("--commands", default="inspect,optimize,quantize,prune,prune-data")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--workdir", default=str(ROOT / "out" / "bench_scale"))
+    ap.add_argument("--large", action="store_true", help="only the > 2 GiB model through optimize → quantize → prune → validate")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    if args.large:
+        run_large(work, args.timeout)
+        return
     rows = []
     for n in map(int, args.nodes.split(",")):
         for variant in args.variants.split(","):
