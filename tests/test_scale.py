@@ -99,3 +99,24 @@ def test_prune_sessions_constant_and_visits_linear(monkeypatch, tmp_path, with_d
     applied = [sum(r.get("repair") == "applied" for r in c.result.layers) for c in (small, big)]
     assert big.sessions - applied[1] == small.sessions - applied[0], (small.sessions, big.sessions, applied)
     assert big.visits / small.visits < 8, (small.visits, big.visits)
+
+
+def test_session_of_a_model_past_the_protobuf_limit_gets_its_weights_as_arrays(monkeypatch):
+    """Past ``EXTERNAL_DATA_THRESHOLD`` (lowered here to a few bytes), a session of an in-memory
+    model takes its large weights as arrays beside the bytes, and computes the same outputs."""
+    import edgecomp.io
+    from edgecomp.runtime import make_session
+
+    model = _chain(3)
+    x = {"x": np.random.default_rng(2).standard_normal((1, HIDDEN)).astype(np.float32)}
+    ref = make_session(model, extra_outputs=["a1"]).run(None, x)
+    monkeypatch.setattr(edgecomp.io, "EXTERNAL_DATA_THRESHOLD", 64)
+    monkeypatch.setattr(edgecomp.io, "SESSION_WEIGHT_BYTES", HIDDEN * HIDDEN * 4)
+    data, arrays = edgecomp.io.session_bytes(model)
+    assert sorted(arrays) == ["W0", "W1", "W2"]
+    assert len(data) < len(edgecomp.io.model_bytes(model)) - 3 * (HIDDEN * HIDDEN * 4 - 100)  # ~60 B: where it is
+    got = make_session(model, extra_outputs=["a1"]).run(None, x)
+    assert len(got) == 2
+    for r, g in zip(ref, got):
+        np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)
+    assert model.graph.initializers["W0"].const_value.nbytes == HIDDEN * HIDDEN * 4  # the model is as it was
