@@ -72,12 +72,24 @@ def repair(original: ir.Model, pruned: ir.Model, plan: PrunePlan, data: Dataset,
     # one layer at a time, in graph order: each fit sees the inputs its repaired predecessors give it.
     # A session of the pruned model is made again only after a fit changed it (one exposing every
     # remaining input): a session per layer cost a whole-model serialization each, quadratic.
-    names, s_new = NameAllocator(pruned.graph), None
+    # The Gram matrices of the next layers come from one pass over the data for as many layers as
+    # _GRAM_BYTES holds (one run of each model a sample, not one per layer: that was quadratic too);
+    # after an applied fit, those of the layers after it are computed again.
+    names, s_new, grams = NameAllocator(pruned.graph), None, {}
     for k, (node, ref, in_idx, out_idx) in enumerate(targets):
         if s_new is None:
             s_new = make_session(pruned, threads=threads, optimization="basic",
                                  extra_outputs=sorted({t[0].inputs[0].name for t in targets[k:]}))
-        fit, held = _grams(s_orig, s_new, original, node, data, max_samples)
+            grams = {}
+        if k not in grams:
+            chunk, size = [], 0
+            for j in range(k, len(targets)):
+                size += 48 * (layer_weight(targets[j][1]).shape[0] + 1) ** 2  # A, B, C (float64), fit and held out
+                if chunk and size > _GRAM_BYTES:
+                    break
+                chunk.append(j)
+            grams = dict(zip(chunk, _grams(s_orig, s_new, original, [targets[j][0] for j in chunk], data, max_samples)))
+        fit, held = grams[k]
         rows.append(_refit(pruned, node, ref, in_idx, out_idx, fit, held, ridge, names))
         if rows[-1]["repair"] == "applied":
             s_new = None
@@ -87,27 +99,32 @@ def repair(original: ir.Model, pruned: ir.Model, plan: PrunePlan, data: Dataset,
 
 
 _Grams = tuple  # (A, B, C, rows) with A = Σ X̃ᵀX̃, B = Σ X̃ᵀX, C = Σ XᵀX
+_GRAM_BYTES = 2**28  # the Gram matrices computed in one pass over the data, at most
 
 
 
-def _grams(s_orig, s_new, original: ir.Model, node: ir.Node, data: Dataset, max_samples: int | None
-           ) -> tuple[_Grams, _Grams]:
-    """(A, B, C, rows) for ``node``'s input (ones column appended), on the fitted and on the
+def _grams(s_orig, s_new, original: ir.Model, nodes: list[ir.Node], data: Dataset, max_samples: int | None
+           ) -> list[tuple[_Grams, _Grams]]:
+    """(A, B, C, rows) for each node's input (ones column appended), on the fitted and on the
     held-out samples; ``s_orig`` and ``s_new`` are sessions of the original and the pruned model
-    that expose that input."""
+    that expose those inputs."""
     from edgecomp.runtime import run_feed
 
-    name = node.inputs[0].name
-    acc = {False: [0.0, 0.0, 0.0, 0], True: [0.0, 0.0, 0.0, 0]}
+    wanted = sorted({node.inputs[0].name for node in nodes})
+    accs = [{False: [0.0, 0.0, 0.0, 0], True: [0.0, 0.0, 0.0, 0]} for _ in nodes]
     n = n_used(data, max_samples)
     for i, feed in enumerate(feeds(data, original, max_samples)):
-        x = feature_rows(np.asarray(run_feed(s_orig, feed, [name])[0], np.float64), node, True)
-        y = feature_rows(np.asarray(run_feed(s_new, feed, [name])[0], np.float64), node, True)
-        x = np.hstack([x, np.ones((len(x), 1))])
-        y = np.hstack([y, np.ones((len(y), 1))])
-        g = acc[is_held(i, n)]
-        g[0], g[1], g[2], g[3] = g[0] + y.T @ y, g[1] + y.T @ x, g[2] + x.T @ x, g[3] + len(x)
-    return tuple(acc[False]), tuple(acc[True])
+        xs = dict(zip(wanted, run_feed(s_orig, feed, wanted)))
+        ys = dict(zip(wanted, run_feed(s_new, feed, wanted)))
+        for node, acc in zip(nodes, accs):
+            name = node.inputs[0].name
+            x = feature_rows(np.asarray(xs[name], np.float64), node, True)
+            y = feature_rows(np.asarray(ys[name], np.float64), node, True)
+            x = np.hstack([x, np.ones((len(x), 1))])
+            y = np.hstack([y, np.ones((len(y), 1))])
+            g = acc[is_held(i, n)]
+            g[0], g[1], g[2], g[3] = g[0] + y.T @ y, g[1] + y.T @ x, g[2] + x.T @ x, g[3] + len(x)
+    return [(tuple(acc[False]), tuple(acc[True])) for acc in accs]
 
 
 
