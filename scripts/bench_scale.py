@@ -18,9 +18,10 @@ MatMul [16384, 8192]`` with biases, 2.0 GiB of float32 weights (just over protob
 saved with external data, through optimize → quantize (8 samples) → prune (structured, 25%) →
 validate (the int8 and the pruned model against the input), quantize and prune reading optimize's output.
 
-Every command runs in its own process (``python -m edgecomp.cli``); wall seconds and peak RSS
-(``os.wait4``'s ``ru_maxrss``) are recorded. The growth exponent is the slope of log(seconds)
-over log(nodes) between the smallest and the largest size (1.0 = linear).
+Every command runs in its own process (``python -m edgecomp.cli``); wall seconds, CPU seconds
+(user + system: what a shared machine's load does not inflate much) and peak RSS (``os.wait4``'s
+``ru_maxrss``) are recorded. The growth exponent is the slope of log(time) over log(nodes)
+between the smallest and the largest size (1.0 = linear), of CPU and of wall time.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ def run_measured(args: list[str], timeout: float) -> dict:
     log.seek(0)
     tail = log.read().decode(errors="replace").strip().splitlines()[-1:]
     p.returncode = 0  # reaped above
-    return {"seconds": seconds, "peak MB": usage.ru_maxrss / 1024, "rc": rc, "last line": tail[0] if tail else ""}
+    return {"seconds": seconds, "cpu s": usage.ru_utime + usage.ru_stime, "peak MB": usage.ru_maxrss / 1024, "rc": rc,
+            "last line": tail[0] if tail else ""}
 
 
 def build_large(work: Path) -> tuple[Path, Path]:
@@ -198,13 +200,13 @@ def run_large(work: Path, timeout: float) -> list[dict]:
         r = run_measured(args, timeout)
         r.update(command=name)
         rows.append(r)
-        print(f"large {name:9s} {r['seconds']:7.1f} s {r['peak MB']:7.0f} MB rc={r['rc']} {r['last line'][:110]}",
+        print(f"large {name:15s} {r['seconds']:7.1f} s {r['cpu s']:7.1f} cpu s {r['peak MB']:7.0f} MB rc={r['rc']} {r['last line'][:110]}",
               flush=True)
     return rows
 
 
-def exponent(rows: list[dict], variant: str, command: str) -> float | None:
-    pts = [(r["nodes"], r["seconds"]) for r in rows if r["variant"] == variant and r["command"] == command
+def exponent(rows: list[dict], variant: str, command: str, key: str = "cpu s") -> float | None:
+    pts = [(r["nodes"], r[key]) for r in rows if r["variant"] == variant and r["command"] == command
            and r["rc"] in (0, 3)]
     if len(pts) < 2:
         return None
@@ -235,14 +237,14 @@ def main() -> None:
                 r = run_measured(cmds[name], args.timeout)
                 r.update(variant=variant, nodes=count, command=name)
                 rows.append(r)
-                print(f"{variant:9s} {count:6d} nodes {name:10s} {r['seconds']:7.1f} s {r['peak MB']:7.0f} MB "
+                print(f"{variant:9s} {count:6d} nodes {name:12s} {r['seconds']:7.1f} s {r['cpu s']:7.1f} cpu s {r['peak MB']:7.0f} MB "
                       f"rc={r['rc']} {r['last line'][:90]}", flush=True)
     print("\ngrowth exponents (log t / log n, smallest to largest size):")
     for variant in args.variants.split(","):
         for name in args.commands.split(","):
-            e = exponent(rows, variant, name)
+            e, w = exponent(rows, variant, name), exponent(rows, variant, name, "seconds")
             if e is not None:
-                print(f"  {variant:9s} {name:10s} {e:.2f}")
+                print(f"  {variant:9s} {name:12s} cpu {e:.2f}  wall {w:.2f}")
 
 
 if __name__ == "__main__":
