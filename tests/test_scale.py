@@ -76,7 +76,7 @@ def _calibration(tmp_path, n: int = 8) -> Dataset:
 
 
 def test_optimize_visits_grow_linearly(monkeypatch):
-    run = lambda model: run_pass(OptimizeGraphPass(), model)  # noqa: E731
+    run = lambda model: run_pass(OptimizeGraphPass(), model)
     small, big = _work(monkeypatch, run, 60), _work(monkeypatch, run, 240)
     assert small.visits > 0
     assert big.visits / small.visits < 8, (small.visits, big.visits)
@@ -84,7 +84,7 @@ def test_optimize_visits_grow_linearly(monkeypatch):
 
 def test_quantize_sessions_constant_and_visits_linear(monkeypatch, tmp_path):
     data = _calibration(tmp_path)
-    run = lambda model: quantize_model(model, data, QuantizeOptions(families="all"))  # noqa: E731
+    run = lambda model: quantize_model(model, data, QuantizeOptions(families="all"))
     small, big = _work(monkeypatch, run, 30), _work(monkeypatch, run, 120)
     assert big.sessions == small.sessions, (small.sessions, big.sessions)
     assert big.visits / small.visits < 8, (small.visits, big.visits)
@@ -94,7 +94,7 @@ def test_quantize_sessions_constant_and_visits_linear(monkeypatch, tmp_path):
 def test_prune_sessions_constant_and_visits_linear(monkeypatch, tmp_path, with_data):
     # repair remakes its session of the pruned model after each fit it applies, and only then
     data = _calibration(tmp_path) if with_data else None
-    run = lambda model: prune_model(model, PruneOptions(sparsity=0.25), data)  # noqa: E731
+    run = lambda model: prune_model(model, PruneOptions(sparsity=0.25), data)
     small, big = _work(monkeypatch, run, 30), _work(monkeypatch, run, 120)
     applied = [sum(r.get("repair") == "applied" for r in c.result.layers) for c in (small, big)]
     assert big.sessions - applied[1] == small.sessions - applied[0], (small.sessions, big.sessions, applied)
