@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -24,10 +25,12 @@ from edgecomp.errors import ConfigError, InputFileError, InvalidModelError, Mode
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
+    "SESSION_WEIGHT_BYTES",
     "existing_file",
     "load_model",
     "save_model",
     "model_bytes",
+    "session_bytes",
     "model_from_bytes",
     "to_proto",
     "from_proto",
@@ -51,6 +54,8 @@ __all__ = [
 
 #: Protobuf cannot serialize a message over 2 GiB; weights beyond this go to external data.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24
+#: Past that, the initializers of at least this many bytes reach onnxruntime sessions as arrays.
+SESSION_WEIGHT_BYTES = 2**20
 
 
 def existing_file(path: str | os.PathLike, what: str = "file") -> Path:
@@ -109,6 +114,42 @@ def model_bytes(model: ir.Model, extra_outputs: Iterable[str] = ()) -> bytes:
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
             present.add(name)
     return proto.SerializeToString()
+
+
+def session_bytes(model: ir.Model, extra_outputs: Iterable[str] = ()) -> tuple[bytes, dict[str, Any]]:
+    """:func:`model_bytes` for an onnxruntime session, past protobuf's 2 GiB too: when the main
+    graph's initializers hold more than ``EXTERNAL_DATA_THRESHOLD`` bytes, those of
+    ``SESSION_WEIGHT_BYTES`` or more are left out of the bytes (marked external) and returned as name → array, for the session's
+    ``add_external_initializers``; otherwise the dict is empty."""
+    tensors = {name: v.const_value for name, v in model.graph.initializers.items() if v.const_value is not None}
+    if sum(t.nbytes for t in tensors.values()) < EXTERNAL_DATA_THRESHOLD:
+        return model_bytes(model, extra_outputs), {}
+    big = {name: t for name, t in tensors.items() if t.nbytes >= SESSION_WEIGHT_BYTES}
+    held = {}
+    try:  # a placeholder in the graph while it is serialized, so the weights are not copied into the proto
+        for name, t in big.items():
+            held[name] = t
+            model.graph.initializers[name].const_value = ir.Tensor(np.zeros(0, t.dtype.numpy()), name=name)
+        proto = ir.to_proto(model)
+    finally:
+        for name, t in held.items():
+            model.graph.initializers[name].const_value = t
+    for tp in proto.graph.initializer:
+        if tp.name in big:
+            t = big[tp.name]
+            tp.ClearField("raw_data")
+            del tp.dims[:]
+            tp.dims.extend(int(d) for d in t.shape)
+            tp.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", "edgecomp-in-memory"), ("offset", "0"), ("length", str(t.nbytes))):
+                entry = tp.external_data.add()
+                entry.key, entry.value = key, value
+    present = {o.name for o in proto.graph.output}
+    for name in extra_outputs:
+        if name not in present:
+            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+    return proto.SerializeToString(), {name: t.numpy() for name, t in big.items()}
 
 
 def model_size_bytes(path: str | os.PathLike) -> int:

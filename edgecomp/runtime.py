@@ -11,7 +11,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from edgecomp.errors import DataError, ModelLoadError
-from edgecomp.io import first_line, model_bytes
+from edgecomp.io import first_line, session_bytes
 
 __all__ = ["make_session", "run_feed", "with_input_floats"]
 
@@ -34,9 +34,19 @@ def make_session(model: ir.Model | str | os.PathLike, threads: int = 1, optimiza
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = _LEVELS[optimization]
-    source = str(model) if isinstance(model, (str, Path)) else model_bytes(model, extra_outputs)
+    arrays: dict = {}
+    values: list = []
+    if isinstance(model, (str, Path)):
+        source = str(model)
+    else:  # past 2 GiB the largest weights go to onnxruntime as arrays, not inside the bytes
+        source, arrays = session_bytes(model, extra_outputs)
+        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in arrays.values()]
+        if arrays:
+            opts.add_external_initializers(list(arrays), values)
     try:
-        return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+        session._edgecomp_weights = (arrays, values)  # read in place by onnxruntime: kept as long as the session
+        return session
     except Exception as e:
         name = model if isinstance(model, (str, Path)) else (model.graph.name or "model")
         raise ModelLoadError(f"onnxruntime cannot load {name}: {first_line(e)}") from e

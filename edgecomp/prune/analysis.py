@@ -89,9 +89,11 @@ class Analysis:
             out.setdefault(self.root(a), []).append(a)
         return out
 
-    def group_blocked(self, root: int) -> list[str]:
+    def group_blocked(self, root: int, groups: dict[int, list[int]] | None = None) -> list[str]:
+        """Why ``root``'s group is kept whole; pass :meth:`groups` when asking for many groups
+        (rebuilding it per group was quadratic)."""
         reasons = []
-        for a in self.groups()[root]:
+        for a in (self.groups() if groups is None else groups)[root]:
             reasons += [r for r in self.blocked.get(a, []) if r not in reasons]
         return reasons
 

@@ -162,7 +162,7 @@ def plan_pruning(an: Analysis, opts: PruneOptions, stats: Mapping[str, np.ndarra
         row = {"group": name, "kind": kind, "layers": len(atoms), "before": an.sizes[root], "after": an.sizes[root],
                "threshold": None, "status": "kept whole"}
         rows.append(row)
-        reasons = an.group_blocked(root)
+        reasons = an.group_blocked(root, groups)
         if kind not in opts.kinds:
             row["status"] = f"kept whole: {kind} not selected (--kinds)"
         elif reasons:

@@ -30,17 +30,19 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.errors import PassFailed
-from edgecomp.graph import add_initializer, const_array, unique_name
+from edgecomp.graph import NameAllocator, add_initializer, const_array
 from edgecomp.passes.base import EdgecompPass, PassReport
 from edgecomp.prune.importance import PrunePlan
 
 __all__ = ["PruneChannelsPass", "new_initializer"]
 
 
-def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, names: NameAllocator | None = None) -> ir.Value:
     """Register ``array`` (contiguous) as an initializer named ``{base}_pruned``, or
-    ``{base}_pruned_1``, ... : the first name not yet used."""
-    return add_initializer(graph, unique_name(graph, f"{base}_pruned"), np.ascontiguousarray(array))
+    ``{base}_pruned_1``, ... : the first name not yet used. A caller adding many passes its own
+    ``names`` (one index of the graph's names, not one whole-graph scan per initializer)."""
+    names = NameAllocator(graph) if names is None else names
+    return add_initializer(graph, names.unique(f"{base}_pruned"), np.ascontiguousarray(array))
 
 
 class PruneChannelsPass(EdgecompPass):
@@ -59,6 +61,7 @@ class PruneChannelsPass(EdgecompPass):
     def call(self, model: ir.Model) -> PassReport:
         an, kept = self.plan.analysis, self.plan.kept
         graph = model.graph
+        names = NameAllocator(graph)
         changed = 0
         by_input: dict[tuple[ir.Node, int], list] = collections.defaultdict(list)
         for e in an.edits:
@@ -75,7 +78,7 @@ class PruneChannelsPass(EdgecompPass):
                 continue
             for e in edits:
                 if e.kind == "take":
-                    self._take(graph, node, index, e.axis, e.layout.indices(kept, an.sizes), e.expand)
+                    self._take(graph, node, index, e.axis, e.layout.indices(kept, an.sizes), e.expand, names)
                     changed += 1
             value = node.inputs[index]
             params = [e for e in edits if e.kind == "param"]
@@ -92,7 +95,7 @@ class PruneChannelsPass(EdgecompPass):
                         arr = np.take(arr, idx, axis=e.axis)
                         key += (e.axis, idx.tobytes())
                 if key not in sliced:
-                    sliced[key] = new_initializer(graph, value.name or node.name, arr)
+                    sliced[key] = new_initializer(graph, value.name or node.name, arr, names)
                 node.replace_input_with(index, sliced[key])
                 changed += 1
             if dims:
@@ -101,7 +104,7 @@ class PruneChannelsPass(EdgecompPass):
                 flat = arr.reshape(-1)
                 for e in dims:
                     flat[e.position] = len(e.layout.indices(kept, an.sizes)) * e.factor
-                node.replace_input_with(index, new_initializer(graph, value.name or node.name, flat.reshape(arr.shape)))
+                node.replace_input_with(index, new_initializer(graph, value.name or node.name, flat.reshape(arr.shape), names))
                 changed += 1
             for e in edits:
                 if e.kind == "group":
@@ -118,19 +121,19 @@ class PruneChannelsPass(EdgecompPass):
 
     @staticmethod
     def _take(graph: ir.Graph, node: ir.Node, index: int, axis: int, idx: np.ndarray,
-              expand: tuple[int, ...] | None) -> None:
+              expand: tuple[int, ...] | None, names: NameAllocator) -> None:
         """Read ``node.inputs[index]`` through Gather(idx, axis), after an Expand to ``expand``."""
         src = node.inputs[index]
         if expand is not None:
-            shape = new_initializer(graph, f"{src.name}_expand_shape", np.array(expand, np.int64))
-            ex = ir.node("Expand", [src, shape], name=unique_name(graph, f"{node.name}/heads_expand"))
+            shape = new_initializer(graph, f"{src.name}_expand_shape", np.array(expand, np.int64), names)
+            ex = ir.node("Expand", [src, shape], name=names.unique(f"{node.name}/heads_expand"))
             graph.insert_before(node, ex)
             src = ex.outputs[0]
-            src.name = unique_name(graph, f"{node.name}/heads_expand_output")
-        g = ir.node("Gather", [src, new_initializer(graph, f"{node.name}_heads_kept", idx)], {"axis": axis},
-                    name=unique_name(graph, f"{node.name}/heads_gather"))
+            src.name = names.unique(f"{node.name}/heads_expand_output")
+        g = ir.node("Gather", [src, new_initializer(graph, f"{node.name}_heads_kept", idx, names)], {"axis": axis},
+                    name=names.unique(f"{node.name}/heads_gather"))
         graph.insert_before(node, g)
-        g.outputs[0].name = unique_name(graph, f"{node.name}/heads_gather_output")
+        g.outputs[0].name = names.unique(f"{node.name}/heads_gather_output")
         node.replace_input_with(index, g.outputs[0])
 
     def _update_shapes(self, model: ir.Model) -> None:

@@ -49,7 +49,7 @@ from edgecomp.passes.float_precision import in_float32, refuse_unrunnable_floats
 from edgecomp.passes.optimize_graph import OptimizeGraphPass
 from edgecomp.passes.upgrade_opset import UpgradeOpsetPass, new_violations, opset_violations
 from edgecomp.quantize.calibration import calibrate
-from edgecomp.quantize.families import choose_families, family_of
+from edgecomp.quantize.families import choose_families
 from edgecomp.quantize.int4 import apply_int4, describe, int4_step, latency_vs_int8
 from edgecomp.quantize.layers import find_layers, no_layer_message
 from edgecomp.quantize.options import MIN_OPSET, OPSET_REASON, QuantizeOptions
@@ -111,7 +111,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         plan_outputs(model, plan, layers, stats, opts)
     feed = next(iter(calibration.feeds_for(specs)))
     families, family_rows = choose_families(model, layers, plan, feed, opts)
-    plan = {k: v for k, v in plan.items() if family_of(layers, k) in families}
+    family = {l.node: l.family for l in layers}  # not family_of per entry: a scan of the layers each
+    plan = {k: v for k, v in plan.items() if family[k] in families}
     met, loss, sens, kept = None, None, {}, []
     fidelity = None
     kept_why = "among the most sensitive: kept float to meet the tolerance"

@@ -41,7 +41,8 @@ def choose_families(model: ir.Model, layers: Sequence[Layer], plan: Mapping[str,
         wanted = set(opts.families.split(",")) & set(present)
         return wanted, [{"families": ",".join(sorted(wanted)), "decision": "int8", "reason": "--families"}]
     combos = [c for k in range(1, len(present) + 1) for c in combinations(present, k)]
-    variants = [model] + [build(model, {n: p for n, p in plan.items() if family_of(layers, n) in c}, format=opts.format)
+    family = {l.node: l.family for l in layers}  # family_of per plan entry scans the layers: quadratic
+    variants = [model] + [build(model, {n: p for n, p in plan.items() if family[n] in c}, format=opts.format)
                           for c in combos]
     t0 = time.perf_counter()
     make_session(model, threads=opts.threads).run(None, feed)

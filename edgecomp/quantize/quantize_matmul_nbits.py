@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.errors import ConfigError
-from edgecomp.graph import add_initializer, unique_name
+from edgecomp.graph import NameAllocator, add_initializer
 from edgecomp.passes.base import EdgecompPass, PassReport
 
 __all__ = ["QuantizeMatMulNBitsPass", "dequantize_blocks_4bit", "quantize_blocks_4bit"]
@@ -87,6 +87,7 @@ class QuantizeMatMulNBitsPass(EdgecompPass):
 
     def call(self, model: ir.Model) -> PassReport:
         graph = model.graph
+        names = NameAllocator(graph)  # one index of the graph's names, not a whole-graph scan per weight
         rows, replaced, before, after = [], 0, 0, 0
         for node in list(graph):
             if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
@@ -102,14 +103,15 @@ class QuantizeMatMulNBitsPass(EdgecompPass):
                 raise ConfigError(f"int4 codes for {node.name!r} have shape {packed.shape}, not those of a {k}x{n} "
                                   f"weight in blocks of {self.block_size}")
             name = node.name or f"matmul_{replaced}"
-            b = add_initializer(graph, unique_name(graph, f"{name}_w_int4"), packed)
-            s = add_initializer(graph, unique_name(graph, f"{name}_w_scales"), scales)
-            z = add_initializer(graph, unique_name(graph, f"{name}_w_zero_points"), zps)
+            b = add_initializer(graph, names.unique(f"{name}_w_int4"), packed)
+            s = add_initializer(graph, names.unique(f"{name}_w_scales"), scales)
+            z = add_initializer(graph, names.unique(f"{name}_w_zero_points"), zps)
             new = ir.Node(MS_DOMAIN, "MatMulNBits", [node.inputs[0], b, s, z], name=f"{name}_int4",
                           attributes=[ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", 4),
                                       ir.AttrInt64("block_size", self.block_size),
                                       ir.AttrInt64("accuracy_level", self.accuracy_level)])
             graph.insert_before(node, new)
+            names.claim(new.name)
             out = new.outputs[0]
             out.name, out.type, out.shape = node.outputs[0].name, node.outputs[0].type, node.outputs[0].shape
             old = node.outputs[0]
