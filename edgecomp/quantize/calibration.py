@@ -191,6 +191,9 @@ def collect_ranges(session_factory, axes: Mapping[str, int], feeds, reservoir: i
     for values in _run_activations(session_factory, list(axes), feeds, progress):
         count += 1
         for n, x in values.items():
+            if x.dtype.kind == "f" and not np.isfinite(x).all():  # no range, no scale: say so before any math
+                raise DataError(f"the float model computes NaN or Inf at {n!r} on calibration sample {count} (of the "
+                                "samples used): it overflows on this data; check the inputs' scale or the model")
             stats[n].update_ranges(x, reservoir, rng)
     if count == 0:
         raise DataError("no calibration samples: give DATA with at least one sample")

@@ -95,3 +95,27 @@ def test_unknown_method_and_missing_histogram():
         choose_range(st, "magic")
     with pytest.raises(DataError, match="needs histograms"):
         choose_range(st, "percentile")
+
+
+def test_an_overflowing_float_model_is_refused_in_one_line(tmp_path):
+    """A float model whose activations overflow to Inf (then NaN) on the calibration data has no
+    range to quantize to: one line naming the value, not an internal error from the scale math."""
+    import onnx
+    from click.testing import CliRunner
+    from onnx import helper, numpy_helper
+
+    from edgecomp.cli import cli
+
+    w1 = numpy_helper.from_array(np.full((4, 8), 1e30, np.float32), "w1")
+    w2 = numpy_helper.from_array(np.full((8, 4), 1e30, np.float32), "w2")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+                           helper.make_node("MatMul", ["r", "w2"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4])], [w1, w2])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    np.savez(tmp_path / "x.npz", x=np.ones((4, 4), np.float32) * 1e10)
+    res = CliRunner().invoke(cli, ["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"),
+                                   "--calibration", str(tmp_path / "x.npz"), "--families", "all"])
+    assert res.exit_code == 1 and "NaN or Inf" in res.output and "internal error" not in res.output, res.output
+    assert len([line for line in res.output.splitlines() if line.strip()]) == 1
+    assert not (tmp_path / "q.onnx").exists()
