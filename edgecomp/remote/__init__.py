@@ -11,7 +11,9 @@ profile's ``remote = ...``) run onnxruntime on the device and bring the numbers 
 ``adb pull`` for get, ``adb shell`` for run, ``mktemp -d`` under ``/data/local/tmp`` with the same
 trap-on-EOF anchor), but the runner does not: onnxruntime publishes for Android only the AAR
 (``com.microsoft.onnxruntime:onnxruntime-android`` on Maven: ``libonnxruntime.so`` per ABI plus
-the Java/JNI layer) and no Python wheel for Android, and no prebuilt ``onnxruntime_perf_test``.
+the Java/JNI layer) and no Python wheel for Android, and no prebuilt ``onnxruntime_perf_test``
+(maintainers: "build onnxruntime_perf_test from source ... I don't believe we release it",
+microsoft/onnxruntime#18664).
 An adb target therefore needs a native runner: a small C program against the C API in the AAR's
 ``libonnxruntime.so`` (headers from the same release), cross-compiled with the NDK per ABI and
 pushed with the models; or Termux's python with an onnxruntime built in Termux, reached over ssh

@@ -109,7 +109,11 @@ def _feeds(path):
 
 def bench(job):
     if job.get("pin"):
-        os.sched_setaffinity(0, job["pin"])
+        try:
+            os.sched_setaffinity(0, job["pin"])
+        except (OSError, AttributeError) as e:
+            raise RuntimeError("cannot pin to CPUs %s on the device (it has %s CPUs): %s"
+                               % (job["pin"], os.cpu_count(), getattr(e, "strerror", None) or e))
     feed = _feeds("feeds.npz")[0]
     sessions = [_session(m, job["threads"]) for m in job["models"]]
     feeds = [_cast(s, feed) for s in sessions]
@@ -160,7 +164,7 @@ def main(argv):
             json.dump(result, f)
         os.replace("result.json.tmp", "result.json")
     except OSError as e:
-        print(json.dumps({"error": "the device could not write in its work folder: %s" % (e.strerror or e),
+        print(json.dumps({"error": "the device failed in its work folder: %s" % (e.strerror or e),
                           "errno": e.errno}))
         return 2
     except Exception as e:
