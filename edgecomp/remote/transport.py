@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import re
 import shlex
 import signal
@@ -87,8 +86,8 @@ class SshTransport(Transport):
         return f"ssh://{user}{host}" + (f":{self.port}" if self.port else "")
 
     def _options(self) -> list[str]:
-        alive = max(1, int(self.connect_timeout / 3) or 1)
-        opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, int(round(self.connect_timeout)))}",
+        alive = max(1, int(self.connect_timeout / 3))
+        opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, round(self.connect_timeout))}",
                 "-o", f"ServerAliveInterval={alive}", "-o", "ServerAliveCountMax=3"]
         return (["-F", self.config_file] if self.config_file else []) + opts
 
@@ -103,9 +102,9 @@ class SshTransport(Transport):
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.user}@{host}" if self.user else host
 
-    def _scp(self, sources: list[str], dest: str) -> list[str]:
+    def _scp(self, sources: list[str], dest: str, legacy: bool = False) -> list[str]:
         port = ["-P", str(self.port)] if self.port else []
-        return ["scp", "-q", *self._options(), *port, *sources, dest]
+        return ["scp", "-q", *(["-O"] if legacy else []), *self._options(), *port, *sources, dest]
 
     def run(self, command: str, timeout: float | None = None, keep_stdin: bool = False) -> subprocess.CompletedProcess:
         """``command`` (a remote shell line) run on the device; its stdin stays open while it runs
@@ -132,13 +131,18 @@ class SshTransport(Transport):
     def get(self, remote_path: str, local_path: Path) -> None:
         self._copy([f"{self._scp_host()}:{shlex.quote(remote_path)}"], str(local_path), "copying back from")
 
-    def _copy(self, sources: list[str], dest: str, what: str) -> None:
+    def _copy(self, sources: list[str], dest: str, what: str, legacy: bool = False) -> None:
+        """scp, over SFTP (OpenSSH >= 9 default); a device without an SFTP server (dropbear, a
+        minimal sshd_config) gets the legacy scp protocol (-O) instead."""
         try:
-            done = subprocess.run(self._scp(sources, dest), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                  timeout=self.command_timeout)
+            done = subprocess.run(self._scp(sources, dest, legacy), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=self.command_timeout, check=False)
         except subprocess.TimeoutExpired:
             raise RemoteError(f"{self.address}: {what} the device took longer than {self.command_timeout:g} s; "
                               "raise --command-timeout") from None
+        if done.returncode != 0 and not legacy and any(
+                k in done.stderr.lower() for k in ("subsystem request failed", "scp: connection closed")):
+            return self._copy(sources, dest, what, legacy=True)
         if done.returncode != 0:
             err = done.stderr
             if "No space left" in err or "write failed" in err.lower():

@@ -89,6 +89,16 @@ def _keygen(path: Path) -> None:
 
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory):
+    yield from _sshd(tmp_path_factory, sftp=True)
+
+
+@pytest.fixture(scope="session")
+def sshd_without_sftp(tmp_path_factory):
+    """An sshd with no SFTP subsystem (dropbear-like): scp must fall back to its legacy protocol."""
+    yield from _sshd(tmp_path_factory, sftp=False)
+
+
+def _sshd(tmp_path_factory, sftp: bool):
     if not os.path.exists(SSHD):
         pytest.skip("openssh-server is not installed (scripts/setup.sh installs it when run as root)")
     if os.geteuid() == 0:  # sshd run by root insists on its privilege-separation folder (Debian's unit makes it)
@@ -106,14 +116,15 @@ def sshd(tmp_path_factory):
         f"AuthorizedKeysFile {root / 'authorized_keys'}\nPasswordAuthentication no\n"
         "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nUsePAM no\nStrictModes no\n"
         f"PidFile {root / 'sshd.pid'}\nPermitRootLogin yes\nSetEnv TMPDIR={tmp}\nLogLevel ERROR\n"
-        "MaxStartups 50\nMaxSessions 50\nSubsystem sftp internal-sftp\n")
+        "MaxStartups 50\nMaxSessions 50\n" + ("Subsystem sftp internal-sftp\n" if sftp else ""))
     host_pub = (root / "host_key.pub").read_text().split()
     (root / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
     (root / "ssh_config").write_text(
         f"Host 127.0.0.1\n  IdentityFile {root / 'client_key'}\n  IdentitiesOnly yes\n"
         f"  UserKnownHostsFile {root / 'known_hosts'}\n  GlobalKnownHostsFile /dev/null\n  LogLevel ERROR\n")
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(root / "sshd_config")], stdout=subprocess.DEVNULL,
-                            stderr=open(root / "sshd.log", "w"), start_new_session=True)
+    with open(root / "sshd.log", "w") as log:  # sshd keeps its own copy of the descriptor
+        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(root / "sshd_config")], stdout=subprocess.DEVNULL,
+                                stderr=log, start_new_session=True)
     server = Sshd(port, getpass.getuser(), root, tmp, root / "ssh_config", proc, root / "host_key.pub")
     deadline = time.monotonic() + 10
     while True:

@@ -23,7 +23,7 @@ def tiny():
 
 def test_convert_bench_step_runs_on_the_profiles_device(sshd, tmp_path):
     (tmp_path / "tiny.py").write_text(MODEL_PY)
-    np.savez(tmp_path / "eval.npz", **{"input": np.random.default_rng(0).standard_normal((6, 16)).astype(np.float32)})
+    np.savez(tmp_path / "eval.npz", input=np.random.default_rng(0).standard_normal((6, 16)).astype(np.float32))
     (tmp_path / "recipe.toml").write_text('[gates]\nmin_speedup = 0.01\n[[steps]]\nstep = "export"\nexporter = "torchscript"\n'
                                           '[[steps]]\nstep = "bench"\nruns = 5\nwarmup = 1\n')
     (tmp_path / "devices.toml").write_text(f'[profile.dev]\nremote = "{sshd.address}"\nthreads = 1\n'
