@@ -164,15 +164,19 @@ class SshTransport(Transport):
         try:
             path = _read_line(anchor, self.connect_timeout + 10)
             if not path.startswith("/"):
+                try:
+                    err = anchor.communicate(timeout=5)[1] or ""
+                except subprocess.TimeoutExpired:
+                    err = ""
                 _stop(anchor)
-                err = anchor.stderr.read() if anchor.stderr else ""
                 if anchor.returncode == 255 or _is_ssh_failure(err):
                     raise RemoteError(self._ssh_failure(err))
                 raise RemoteError(f"{self.address}: could not create a work folder with mktemp -d in "
                                   f"{self.tmp_parent or '$TMPDIR or /tmp'}: {_first(err)}")
             yield path
         finally:
-            signal.signal(signal.SIGTERM, previous) if previous is not None else None
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             _close_anchor(anchor)
 
     def _ssh_failure(self, stderr: str) -> str:

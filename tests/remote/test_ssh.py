@@ -278,3 +278,9 @@ def test_device_without_sftp_uses_legacy_scp(sshd_without_sftp, models):
     local = validate(models["ref"], models["cand"], models["data"])
     assert validate_on_device(_device(sshd_without_sftp), models["ref"], models["cand"], models["data"]) == local
     assert sshd_without_sftp.wait_clean() == []
+
+
+def test_unusable_work_folder_parent(sshd, models, tmp_path):
+    device = _device(sshd, tmp_parent=str(tmp_path / "no-such-folder"))
+    msg = _refused(device, models)
+    assert "could not create a work folder" in msg and "no-such-folder" in msg, msg
