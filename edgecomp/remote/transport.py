@@ -95,8 +95,9 @@ class SshTransport(Transport):
         return f"{self.user}@{self.host}" if self.user else self.host
 
     def _ssh(self, command: str) -> list[str]:
+        """ssh running ``command`` under ``sh -c`` (the login shell may be fish or csh; commands here are POSIX sh)."""
         port = ["-p", str(self.port)] if self.port else []
-        return ["ssh", *self._options(), *port, "-T", self._target(), command]
+        return ["ssh", *self._options(), *port, "-T", self._target(), "sh -c " + shlex.quote(command)]
 
     def _scp_host(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host

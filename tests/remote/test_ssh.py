@@ -73,16 +73,17 @@ def test_validate_on_device_equals_local(sshd, models):
 
 def test_bench_on_device_agrees_with_local(sshd, models):
     paths = [models["ref"], models["big"]]
-    local = benchmark(paths, runs=40, warmup=3)
-    remote = bench_on_device(_device(sshd), paths, runs=40, warmup=3)
-    assert remote.feed_shapes == local.feed_shapes == {"x": [1, 16]}
+    shapes = {"x": [256, 16]}  # 256 rows: the 1024-wide model does ~16x the MACs, well above call overhead
+    local = benchmark(paths, runs=40, warmup=3, shapes=shapes)
+    remote = bench_on_device(_device(sshd), paths, runs=40, warmup=3, shapes=shapes)
+    assert remote.feed_shapes == local.feed_shapes == {"x": [256, 16]}
     assert remote.feed_defaults == local.feed_defaults
     assert [s.runs for s in remote.models] == [40, 40]
     assert [s.size_bytes for s in remote.models] == [s.size_bytes for s in local.models]
     assert remote.models[0].ratio_to_first == 1.0
-    # the 1024-wide model does ~16x the MACs: slower on both sides; ratios agree within noise
-    assert remote.models[1].ratio_to_first > 1.2 and local.models[1].ratio_to_first > 1.2
-    assert 0.25 < remote.models[1].ratio_to_first / local.models[1].ratio_to_first < 4
+    # slower on both sides; the ratios agree within a shared machine's noise (never a tight timing bound)
+    assert remote.models[1].ratio_to_first > 1.5 and local.models[1].ratio_to_first > 1.5
+    assert 0.33 < remote.models[1].ratio_to_first / local.models[1].ratio_to_first < 3
     assert sshd.wait_clean() == []
 
 
