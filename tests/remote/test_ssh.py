@@ -285,3 +285,17 @@ def test_unusable_work_folder_parent(sshd, models, tmp_path):
     device = _device(sshd, tmp_parent=str(tmp_path / "no-such-folder"))
     msg = _refused(device, models)
     assert "could not create a work folder" in msg and "no-such-folder" in msg, msg
+
+
+def test_device_with_older_onnxruntime_names_the_install(sshd, models, tmp_path):
+    fake = tmp_path / "old-python"  # a device python whose numpy and onnxruntime are older than the host's
+    fake.write_text('#!/bin/sh\necho \'{"runner": 1, "python": "3.9.2", "machine": "aarch64", "cpu": null, '
+                    '"cpus": 4, "numpy": "1.19.5", "onnxruntime": "1.10.0"}\'\n')
+    fake.chmod(0o755)
+    msg = _refused(connect(sshd.address, python=str(fake), config_file=str(sshd.config)), models)
+    import onnxruntime
+
+    major, minor = onnxruntime.__version__.split(".")[:2]
+    assert f"onnxruntime>={major}.{minor}" in msg and "onnxruntime 1.10.0" in msg and "-m pip install" in msg, msg
+    assert ("numpy>=2" in msg) == (int(np.__version__.split(".")[0]) >= 2)
+    assert sshd.leftovers() == []
