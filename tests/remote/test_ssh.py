@@ -275,6 +275,7 @@ def test_command_timeout_stops_the_run_and_cleans(sshd, models):
     assert _runner_gone(sshd)
 
 
+@pytest.mark.slow  # a second sshd and a failed SFTP try per copy
 def test_device_without_sftp_uses_legacy_scp(sshd_without_sftp, models):
     local = validate(models["ref"], models["cand"], models["data"])
     assert validate_on_device(_device(sshd_without_sftp), models["ref"], models["cand"], models["data"]) == local
