@@ -495,6 +495,38 @@ def optimize(model, output, fusions, fold_constants, values, json_path):
     _write_json(json_path, {**result.to_json(), "specialize": spec.to_json()} if spec else result.to_json())
 
 
+def _remote_options(f):
+    """--remote and the device link's options (bench, validate); a profile's remote = ... is the default."""
+    from edgecomp.remote.transport import DEFAULT_COMMAND_TIMEOUT_S, DEFAULT_CONNECT_TIMEOUT_S
+
+    f = click.option("--command-timeout", type=click.FloatRange(min=1), default=DEFAULT_COMMAND_TIMEOUT_S,
+                     show_default=True, help="Seconds one command on the device may take (--remote).")(f)
+    f = click.option("--connect-timeout", type=click.FloatRange(min=1), default=DEFAULT_CONNECT_TIMEOUT_S,
+                     show_default=True, help="Seconds to reach the device (--remote).")(f)
+    f = click.option("--ssh-config", type=click.Path(dir_okay=False),
+                     help="ssh config file for --remote (ssh -F; default: your ~/.ssh/config).")(f)
+    f = click.option("--remote-python", metavar="COMMAND",
+                     help="The device's python with onnxruntime and numpy (default python3, or the profile's python).")(f)
+    f = click.option("--remote", metavar="ssh://USER@HOST[:PORT]",
+                     help="Run the models on this device over ssh (default: the --target profile's remote).")(f)
+    return f
+
+
+def _device(profile, remote=None, remote_python=None, ssh_config=None, connect_timeout=None, command_timeout=None):
+    """The device to measure on: --remote, else the profile's remote; None to measure here."""
+    address = remote or (profile.remote if profile else None)
+    if not address:
+        return None
+    from edgecomp.remote import connect
+    from edgecomp.remote.transport import DEFAULT_COMMAND_TIMEOUT_S, DEFAULT_CONNECT_TIMEOUT_S
+
+    from_profile = profile if profile and not remote else None
+    return connect(address, python=remote_python or (from_profile.python if from_profile else None) or "python3",
+                   config_file=ssh_config or (from_profile.ssh_config if from_profile else None),
+                   connect_timeout=connect_timeout or DEFAULT_CONNECT_TIMEOUT_S,
+                   command_timeout=command_timeout or DEFAULT_COMMAND_TIMEOUT_S)
+
+
 @cli.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path())
 @_declared(BENCH_OPTIONS)
@@ -505,8 +537,9 @@ def optimize(model, output, fusions, fold_constants, values, json_path):
 @_value_option
 @click.option("--target", help="Target profile (threads, pinning); see `edgecomp targets`.")
 @click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
+@_remote_options
 @_json_option
-def bench(models, threads, warmup, runs, pin, data, shapes, values, target, targets_file, json_path):
+def bench(models, threads, warmup, runs, pin, data, shapes, values, target, targets_file, json_path, **remote):
     """Measure onnxruntime CPU latency; several models run interleaved (A B A B ...).
 
     Prints p50/p90/p99, throughput and each model's ratio to the first.
@@ -514,9 +547,11 @@ def bench(models, threads, warmup, runs, pin, data, shapes, values, target, targ
     Example:
 
         edgecomp bench mnv2.onnx mnv2.int8.onnx --runs 100 --threads 1
+
+        edgecomp bench mnv2.onnx mnv2.int8.onnx --remote ssh://pi@pi5.local
     """
     from edgecomp.io import existing_file
-    from edgecomp.measure.bench import benchmark, first_feed, pin_cpus
+    from edgecomp.measure.bench import benchmark, first_feed, parse_cpus, pin_cpus
     from edgecomp.targets import get_profile
 
     for m in models:
@@ -524,11 +559,21 @@ def bench(models, threads, warmup, runs, pin, data, shapes, values, target, targ
     profile = get_profile(target, targets_file)
     if profile and profile.pin and not pin:
         pin = profile.pin
-    if pin:
+    device = _device(profile, **remote)
+    if pin and not device:
         pin_cpus(pin)
     threads = threads or (profile.threads if profile else 1)
     feed = first_feed(data, models[0]) if data else None
     shape_map = {k: v[0] for k, v in _parse_shapes(shapes).items()}
+    if device:
+        from edgecomp.remote.measure import bench_on_device
+
+        info = device.probe()
+        result = bench_on_device(device, models, threads=threads, warmup=warmup, runs=runs, feed=feed, shapes=shape_map,
+                                 values=_parse_values(values), pin=parse_cpus(pin) if pin else None)
+        click.echo(rpt.render_bench(result, profile, device=info.describe()))
+        _write_json(json_path, {"device": rpt.to_jsonable(info), **rpt.to_jsonable(result)})
+        return
     result = benchmark(models, threads=threads, warmup=warmup, runs=runs, feed=feed, shapes=shape_map,
                        values=_parse_values(values))
     click.echo(rpt.render_bench(result, profile))
@@ -560,9 +605,10 @@ def _emulation_options(f):
 @_declared(VALIDATE_OPTIONS)
 @_threads_option
 @_emulation_options
+@_remote_options
 @_json_option
 def validate(reference, candidate, data, labels, k, threads, json_path, targets, targets_file, max_samples, timeout,
-             cache_dir):
+             cache_dir, **remote):
     """Compare a candidate model's outputs with a reference model's on real inputs.
 
     Reports max/mean abs error, cosine (mean, worst), top-1 agreement for logits, k-NN
@@ -576,9 +622,30 @@ def validate(reference, candidate, data, labels, k, threads, json_path, targets,
         edgecomp validate mnv2.onnx mnv2.int8.onnx --data digits_test.npz --labels digits_test_labels.npy
 
         edgecomp validate minilm.onnx minilm.int8.onnx --data sentences.npz --target arm64-dotprod --target arm64-sme
+
+        edgecomp validate mnv2.onnx mnv2.int8.onnx --data digits_test.npz --remote ssh://pi@pi5.local
     """
     from edgecomp.measure.validate import validate as run_validate
+    from edgecomp.targets import get_profile
 
+    on_device = [p for p in (get_profile(n, targets_file) for n in dict.fromkeys(targets)) if p.remote]
+    if len(on_device) > 1 or (on_device and remote["remote"]):
+        raise click.UsageError("validate measures on one device at a time: give one --remote or one --target with "
+                               "remote = ...")
+    device = _device(on_device[0] if on_device else None, **remote)
+    if device:
+        from edgecomp.io import existing_file
+        from edgecomp.remote.measure import validate_on_device
+
+        for m in (reference, candidate):
+            existing_file(m, "ONNX model")
+        info = device.probe()
+        result = validate_on_device(device, reference, candidate, data, labels, threads=threads or 1, k=k)
+        click.echo(info.describe() + "\n" + rpt.render_validation(result))
+        _write_json(json_path, {"device": rpt.to_jsonable(info), **rpt.to_jsonable(result)})
+        targets = tuple(n for n in targets if n not in {p.name for p in on_device})
+        if not targets:
+            return
     profiles = _emulated_profiles(targets, targets_file)
     if profiles:  # a missing or broken emulated runtime is refused before any work
         from edgecomp.emulate.setup import load_runtime

@@ -25,6 +25,7 @@ __all__ = [
     "EmulationError",
     "InterfaceChanged",
     "BelowFloor",
+    "RemoteError",
 ]
 
 
@@ -121,3 +122,8 @@ class BelowFloor(EdgecompError):
         steps = [words.get(k, text) for k, text in self.remedies.items()]
         advice = steps[-1] if len(steps) == 1 else f"{', '.join(steps[:-1])}, or {steps[-1]}"
         return f"{self.finding}; nothing was written: {advice}"
+
+
+class RemoteError(EdgecompError):
+    """A device reached with ``--remote`` (ssh) cannot be used: unreachable, login or host key
+    refused, python3/numpy/onnxruntime missing or old, its disk full, the connection lost."""

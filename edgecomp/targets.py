@@ -51,6 +51,9 @@ class TargetProfile:
     ep: str | None = None  # a mobile execution provider (MOBILE_EPS) that runs the model; None: the CPU EP
     emulate: str | None = None  # a qemu-user -cpu model whose numerics stand for this target (edgecomp.emulate)
     kleidiai: bool = True  # False: emulated runs set mlas.disable_kleidiai=1 (set the same session config on the device)
+    remote: str | None = None  # ssh://user@host[:port]: bench/validate/convert measure on that device (edgecomp.remote)
+    python: str | None = None  # the device's python command for the runner (default python3)
+    ssh_config: str | None = None  # an ssh config file (ssh -F) for the device (default: the user's)
 
     @property
     def quant_format(self) -> str:
@@ -115,7 +118,7 @@ def host_isa() -> Isa:
 #: Architectures whose int8 kernel choice this module understands (see :class:`Isa`).
 ARCHES = ("x86_64", "aarch64")
 _ISA_FLAGS = {"avx2": "x86_64", "avx512": "x86_64", "vnni": "x86_64", "arm_dot": "aarch64"}
-_PROFILE_KEYS = ("description", "threads", "pin", "isa", "ep", "emulate", "kleidiai")
+_PROFILE_KEYS = ("description", "threads", "pin", "isa", "ep", "emulate", "kleidiai", "remote", "python", "ssh_config")
 #: Execution providers a profile may name: they take standard QDQ int8, not onnxruntime's contrib ops.
 MOBILE_EPS = ("XNNPACK", "NNAPI", "CoreML", "QNN")
 _PIN = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
@@ -165,9 +168,11 @@ def _parse_profile(p: Path, name: str, t: dict) -> TargetProfile:
         raise ConfigError(f"{where}: ep must be one of {', '.join(MOBILE_EPS)} (leave it out for the CPU EP), "
                           f"got {ep!r}")
     isa = t.get("isa", {})
+    if isinstance(isa, str) and isa in BUILTIN_PROFILES:  # isa = "arm64-dotprod": that built-in profile's ISA
+        isa = {k: v for k, v in dataclasses.asdict(BUILTIN_PROFILES[isa].isa).items() if v}
     if not isinstance(isa, dict):
-        raise ConfigError(f"{where}: isa must be a table ([profile.{name}.isa] with arch and feature flags), "
-                          f"got {isa!r}")
+        raise ConfigError(f"{where}: isa must be a table ([profile.{name}.isa] with arch and feature flags) or "
+                          f"a built-in profile's name, got {isa!r}")
     unknown = sorted(set(isa) - {"arch", *_ISA_FLAGS})
     if unknown:
         raise ConfigError(f"{where} has unknown isa keys {unknown}; valid: arch, {', '.join(_ISA_FLAGS)}")
@@ -192,8 +197,29 @@ def _parse_profile(p: Path, name: str, t: dict) -> TargetProfile:
             raise ConfigError(f"{where}: emulate runs an aarch64 CPU, but isa.arch is {arch}; add isa.arch = \"aarch64\"")
     if not isinstance(kleidiai, bool):
         raise ConfigError(f"{where}: kleidiai must be true or false, got {kleidiai!r}")
+    remote, python, ssh_config = _remote_keys(where, t)
     return TargetProfile(name=name, description=description, threads=threads, isa=Isa(**{**isa, "arch": arch}),
-                         pin=pin, ep=ep, emulate=emulate, kleidiai=kleidiai)
+                         pin=pin, ep=ep, emulate=emulate, kleidiai=kleidiai, remote=remote, python=python,
+                         ssh_config=ssh_config)
+
+
+def _remote_keys(where: str, t: dict) -> tuple[str | None, str | None, str | None]:
+    """remote (a device address, checked by :func:`edgecomp.remote.parse_address`), python, ssh_config."""
+    from edgecomp.errors import RemoteError
+    from edgecomp.remote.transport import parse_address
+
+    remote, python, ssh_config = t.get("remote"), t.get("python"), t.get("ssh_config")
+    for key, value in (("remote", remote), ("python", python), ("ssh_config", ssh_config)):
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            raise ConfigError(f"{where}: {key} must be a non-empty string, got {value!r}")
+    if remote is not None:
+        try:
+            parse_address(remote)
+        except RemoteError as e:
+            raise ConfigError(f"{where}: remote {e}") from None
+    if (python or ssh_config) and remote is None:
+        raise ConfigError(f"{where}: python and ssh_config apply to a device; add remote = \"ssh://user@host\"")
+    return remote, python, ssh_config
 
 
 def _valid_pin(spec: str) -> bool:

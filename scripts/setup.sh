@@ -2,6 +2,13 @@
 # Create (or reuse) .venv in the repo and install edgecomp with its extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A real sshd for tests/remote (bench/validate --remote over ssh): Debian's openssh-server, installed
+# only when missing and when we are root (elsewhere the tests that need it are skipped). The fixture
+# runs its own sshd on 127.0.0.1; the system service is not started here.
+if ! command -v sshd >/dev/null 2>&1 && [ ! -x /usr/sbin/sshd ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server openssh-client) \
+        || echo "edgecomp: openssh-server could not be installed; tests/remote will be skipped"
+fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi

@@ -20,7 +20,7 @@ from edgecomp.errors import DataError, OptionError
 from edgecomp.io import load_model, model_bytes, model_size_bytes
 from edgecomp.runtime import make_session, run_feed, with_input_floats
 
-__all__ = ["compare_latency", "RatioEstimate", "LatencyStats", "BenchResult", "benchmark", "pin_cpus", "first_feed"]
+__all__ = ["compare_latency", "RatioEstimate", "LatencyStats", "BenchResult", "benchmark", "pin_cpus", "parse_cpus", "first_feed"]
 
 
 @dataclasses.dataclass
@@ -53,12 +53,17 @@ class BenchResult:
     feed_defaults: list[str] = dataclasses.field(default_factory=list)  # sizes assumed for symbolic dims
 
 
-def pin_cpus(spec: str) -> list[int]:
-    """Pin this process to CPUs like ``0`` or ``0-1,3``; returns the list."""
+def parse_cpus(spec: str) -> list[int]:
+    """The CPUs of a spec like ``0`` or ``0-1,3``."""
     try:
-        cpus = sorted({c for part in spec.split(",") for c in _cpu_range(part)})
+        return sorted({c for part in spec.split(",") for c in _cpu_range(part)})
     except ValueError:
         raise OptionError("pin", f"{spec!r} is not a list of CPUs; write CPUs like 0 or 0-3 or 0,2") from None
+
+
+def pin_cpus(spec: str) -> list[int]:
+    """Pin this process to CPUs like ``0`` or ``0-1,3``; returns the list."""
+    cpus = parse_cpus(spec)
     if not hasattr(os, "sched_setaffinity"):
         raise OptionError("pin", "needs Linux (sched_setaffinity)")
     available = os.sched_getaffinity(0)

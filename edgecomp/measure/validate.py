@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -161,8 +161,12 @@ def validate(reference: str | os.PathLike | ir.Model, candidate: str | os.PathLi
 def validate_many(reference: str | os.PathLike | ir.Model, candidates: Sequence[str | os.PathLike | ir.Model],
                   data: str | os.PathLike | Dataset | Sequence[Mapping[str, np.ndarray]],
                   labels: str | os.PathLike | np.ndarray | None = None, threads: int = 1,
-                  k: int = 10) -> list[ValidationResult]:
-    """:func:`validate` of each candidate against one reference, which runs once."""
+                  k: int = 10, outputs_of: Callable | None = None) -> list[ValidationResult]:
+    """:func:`validate` of each candidate against one reference, which runs once.
+
+    ``outputs_of(model, feeds) -> (output names, per output its value on each feed)`` computes a
+    model's outputs elsewhere (on a device, :mod:`edgecomp.remote`); by default onnxruntime here."""
+    outputs_of = outputs_of or (lambda model, model_feeds: _local_outputs(model, model_feeds, threads))
     ref_name = _label(reference, "the reference")
     ref_model = reference if isinstance(reference, ir.Model) else load_model(reference)
     refuse_unrunnable_floats(ref_model)
@@ -174,7 +178,7 @@ def validate_many(reference: str | os.PathLike | ir.Model, candidates: Sequence[
     else:
         feeds, n = list(data), len(data)
     y = None if labels is None else (labels if isinstance(labels, np.ndarray) else load_labels(labels, n))
-    out_names, ref_out = _outputs(make_session(ref_model, threads), feeds)
+    out_names, ref_out = outputs_of(reference if not isinstance(reference, ir.Model) else ref_model, feeds)
     batches = [batch_of(feed, specs) for feed in feeds]
     results = []
     for candidate in candidates:
@@ -185,8 +189,7 @@ def validate_many(reference: str | os.PathLike | ir.Model, candidates: Sequence[
         if cand_names != {s.name for s in specs}:
             raise DataError(f"{cand_name} has inputs {sorted(cand_names)} but {ref_name} has "
                             f"{sorted(s.name for s in specs)}; compare models with the same inputs")
-        session = make_session(cand_model, threads)
-        names, cand_out = _outputs(session, [with_input_floats(session, f) for f in feeds])
+        names, cand_out = outputs_of(candidate if not isinstance(candidate, ir.Model) else cand_model, feeds)
         if names != out_names:
             raise DataError(f"{cand_name} outputs {names} differ from {ref_name}'s {out_names}")
         diff = shape_difference(out_names, ref_out, cand_out, what=(ref_name, cand_name))
@@ -198,6 +201,12 @@ def validate_many(reference: str | os.PathLike | ir.Model, candidates: Sequence[
             result.ref_accuracy, result.cand_accuracy = _accuracy(ref_out[0], y), _accuracy(cand_out[0], y)
         results.append(result)
     return results
+
+
+def _local_outputs(model, feeds, threads: int) -> tuple[list[str], list[list[np.ndarray]]]:
+    """``model``'s outputs in onnxruntime here, each feed's floats cast to the model's input types."""
+    session = make_session(model, threads)
+    return _outputs(session, [with_input_floats(session, f) for f in feeds])
 
 
 def _outputs(session, feeds) -> tuple[list[str], list[list[np.ndarray]]]:

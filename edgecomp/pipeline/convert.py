@@ -288,11 +288,22 @@ def _run_bench(ctx: _Context, rec: StepRecord) -> None:
     feed_src = ctx.data.eval or ctx.data.calibration
     feed = first_feed(feed_src, models[0].model) if feed_src else None
     threads = rec.options["threads"] or ctx.threads
-    res = benchmark([m.model for m in models], threads=threads, warmup=rec.options["warmup"],
-                    runs=rec.options["runs"], feed=feed, labels=[f"{m.index:02d}-{m.step}" for m in models])
+    labels = [f"{m.index:02d}-{m.step}" for m in models]
+    where = {}
+    if ctx.target and ctx.target.remote:  # the profile's device times the models: latency gates hold there
+        from edgecomp.remote import connect
+        from edgecomp.remote.measure import bench_on_device
+
+        device = connect(ctx.target.remote, python=ctx.target.python or "python3", config_file=ctx.target.ssh_config)
+        where = {"device": device.probe().describe()}
+        res = bench_on_device(device, [m.model for m in models], threads=threads, warmup=rec.options["warmup"],
+                              runs=rec.options["runs"], feed=feed, labels=labels)
+    else:
+        res = benchmark([m.model for m in models], threads=threads, warmup=rec.options["warmup"],
+                        runs=rec.options["runs"], feed=feed, labels=labels)
     for m, st in zip(models, res.models):
         m.latency_ratio, m.p50_ms = st.ratio_to_first, st.p50_ms
-    rec.summary = {"threads": threads, "runs": rec.options["runs"], "feed": res.feed_shapes}
+    rec.summary = {"threads": threads, "runs": rec.options["runs"], "feed": res.feed_shapes, **where}
 
 
 STEP_RUNNERS: dict[str, Callable[[_Context, StepRecord], None]] = {

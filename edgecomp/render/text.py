@@ -58,12 +58,13 @@ def host_line(profile: TargetProfile | None = None, isa: Isa | None = None) -> s
     return line
 
 
-def render_bench(result, profile: TargetProfile | None = None) -> str:
+def render_bench(result, profile: TargetProfile | None = None, device: str | None = None) -> str:
+    """The bench table under a line saying where it ran: this host (and the profile), or ``device``."""
     rows = [{"model": s.model, "size": fmt_bytes(s.size_bytes), "p50 ms": s.p50_ms, "p90 ms": s.p90_ms,
              "p99 ms": s.p99_ms, "per s": s.throughput_per_s, "ratio": s.ratio_to_first} for s in result.models]
     shapes = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in result.feed_shapes.items())
     assumed = f" (assumed {', '.join(result.feed_defaults)}; set --shape to change)" if result.feed_defaults else ""
-    head = (f"{host_line(profile)}\nthreads {result.threads} (inter-op 1), warmup {result.warmup}, "
+    head = (f"{device or host_line(profile)}\nthreads {result.threads} (inter-op 1), warmup {result.warmup}, "
             f"{result.runs} interleaved runs each, feed {shapes}{assumed}")
     return head + "\n" + table(rows)
 
