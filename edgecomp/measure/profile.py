@@ -15,7 +15,8 @@ The trace is a list of Chrome-trace events. Two kinds are read:
   ``[ts, ts + dur]`` window holds its start.
 
 Per op type: milliseconds per inference (the sum of its node times over the profiled runs, divided
-by the number of runs), the share of the total and the node count per run. The total the shares
+by the number of runs: a mean, so the rows add up; a run preempted on a busy machine raises it, and
+``run_ms``/``run_kernel_ms`` keep each run's numbers), the share of the total and the node count per run. The total the shares
 refer to is the profiler's own ``model_run`` duration of the same runs: it is the time these
 kernels ran in (same runs, same profiling overhead), while bench's latency comes from other runs.
 What the kernels do not cover (allocation, input/output copies, scheduling between kernels) is
@@ -75,6 +76,8 @@ class ModelProfile:
     wall_ms: float | None  # mean wall time of the profiled runs as seen from Python (None for a parsed trace)
     ops: list[OpTime]     # slowest first, without the between-kernels remainder
     nodes: list[NodeTime]  # slowest first
+    run_ms: list[float] = dataclasses.field(default_factory=list)         # each profiled run's model_run
+    run_kernel_ms: list[float] = dataclasses.field(default_factory=list)  # each profiled run's kernel sum
 
     @property
     def kernel_coverage(self) -> float:
@@ -105,6 +108,7 @@ def aggregate(events: Sequence[Mapping[str, Any]], model: str = "model", skip_ru
     op_n: dict[str, int] = defaultdict(int)
     node_us: dict[str, float] = defaultdict(float)
     node_op: dict[str, str] = {}
+    per_run = np.zeros(len(windows))
     for e in _kernels(events):
         ts = float(e["ts"])
         i = int(np.searchsorted(starts, ts, side="right")) - 1
@@ -113,6 +117,7 @@ def aggregate(events: Sequence[Mapping[str, Any]], model: str = "model", skip_ru
         op = str(e.get("args", {}).get("op_name", "?"))
         node = str(e["name"])[: -len("_kernel_time")]
         op_us[op] += float(e["dur"])
+        per_run[i] += float(e["dur"])
         op_n[op] += 1
         node_us[node] += float(e["dur"])
         node_op[node] = op
@@ -127,7 +132,8 @@ def aggregate(events: Sequence[Mapping[str, Any]], model: str = "model", skip_ru
     nodes = [NodeTime(k, node_op[k], us / n / 1e3, share(us)) for k, us in node_us.items()]
     ops.sort(key=lambda o: (-o.ms, o.op_type))
     nodes.sort(key=lambda x: (-x.ms, x.node))
-    return ModelProfile(model, n, total, kernel, wall_ms, ops, nodes[:top])
+    return ModelProfile(model, n, total, kernel, wall_ms, ops, nodes[:top], [(b - a) / 1e3 for a, b in windows],
+                        [float(u) / 1e3 for u in per_run])
 
 
 def profile_models(models: Sequence[str | os.PathLike | ir.Model], *, threads: int = 1, warmup: int = 10,

@@ -48,6 +48,7 @@ def test_aggregation_of_a_synthetic_trace_is_exact():
     assert ops["MatMul"].share == pytest.approx(0.5 / 0.7)
     assert [(n.node, n.ms) for n in p.nodes] == [("mm0", pytest.approx(0.4)), ("mm1", pytest.approx(0.1))]
     assert p.between_ms == pytest.approx(0.7 - 0.62)
+    assert p.run_ms == pytest.approx([0.5, 0.9]) and p.run_kernel_ms == pytest.approx([0.44, 0.8])
     # without skipping, the warmup run counts too
     assert aggregate(_trace(), skip_runs=0).total_ms == pytest.approx(2.0 / 3)
 
@@ -80,16 +81,20 @@ def _mlp(path, act="Relu", width=512, batch=128):
 
 
 def test_op_times_add_up_to_the_measured_total(tmp_path):
-    """The kernels of a compute-bound model cover its measured run time within 10%: the profiler's
-    own model_run duration of the same runs (the honest total: bench's latency comes from other,
-    unprofiled runs), and the wall time of those runs seen from Python."""
-    (p,) = profile_models([_mlp(tmp_path / "a.onnx")], warmup=2, runs=10)
-    assert p.runs == 10
+    """The op types of a compute-bound model add up to its measured run time within 10%. The total
+    is the profiler's own model_run duration of the same runs (the honest one: bench's latency
+    comes from other, unprofiled runs, and Python's wall time adds the binding's overhead). Per
+    run, and the median over runs: a run preempted by another process on this shared machine
+    (a ~5 ms stall) lands between kernels as often as inside one."""
+    (p,) = profile_models([_mlp(tmp_path / "a.onnx")], warmup=2, runs=15)
+    assert p.runs == len(p.run_ms) == 15
     assert sum(o.ms for o in p.ops) == pytest.approx(p.kernel_ms)
+    assert sum(p.run_kernel_ms) / p.runs == pytest.approx(p.kernel_ms)
     assert {o.op_type for o in p.ops} == {"MatMul", "Relu"}
-    assert 0.9 <= p.kernel_coverage <= 1.0, (p.kernel_ms, p.total_ms)
+    coverage = np.array(p.run_kernel_ms) / np.array(p.run_ms)
+    assert np.all(coverage <= 1.0)
+    assert np.median(coverage) >= 0.9, coverage
     assert p.total_ms <= p.wall_ms
-    assert p.kernel_ms >= 0.9 * p.wall_ms, (p.kernel_ms, p.wall_ms)
 
 
 def test_cli_bench_profile_two_models_side_by_side(tmp_path):
