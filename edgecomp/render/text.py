@@ -73,8 +73,8 @@ def render_profile(profiles) -> str:
     each model's slowest nodes (:mod:`edgecomp.measure.profile`)."""
     from edgecomp.measure.profile import PROFILE_NOTE, node_rows, side_by_side_rows
 
-    cover = ", ".join(f"{i + 1}: {p.runs} runs, kernels {100 * p.kernel_coverage:.0f}% of {p.total_ms:.3g} ms"
-                      for i, p in enumerate(profiles))
+    cover = "; ".join(f"{i + 1}: {p.runs} runs, mean {p.total_ms:.3g} ms (median {p.median_ms:.3g}), kernels "
+                      f"{100 * p.kernel_coverage:.0f}%" for i, p in enumerate(profiles))
     parts = [table(side_by_side_rows(profiles), title=f"where the time goes ({cover})")]
     parts += [table(node_rows(p), title=f"slowest nodes of {i + 1}:{p.model}") for i, p in enumerate(profiles)]
     return "\n\n".join([*parts, f"note: {PROFILE_NOTE}"])

@@ -53,6 +53,17 @@ def test_aggregation_of_a_synthetic_trace_is_exact():
     assert aggregate(_trace(), skip_runs=0).total_ms == pytest.approx(2.0 / 3)
 
 
+def test_control_flow_nodes_count_their_own_time_not_their_bodies():
+    """An If's event spans its branch's nodes, which have events too: only its own 50 us count,
+    and a Loop nested in the branch (its body: one Add) counts its own 20 us."""
+    trace = [_node("if", "If", 100, 500), _node("b/mm", "MatMul", 110, 200), _node("b/loop", "Loop", 320, 250),
+             _node("b/loop/add", "Add", 330, 230), _node("after", "Relu", 601, 100), _session("model_run", 99, 700)]
+    p = aggregate(trace)
+    ops = {o.op_type: o.ms * 1e3 for o in p.ops}
+    assert ops == pytest.approx({"If": 50.0, "MatMul": 200.0, "Loop": 20.0, "Add": 230.0, "Relu": 100.0})
+    assert p.kernel_ms == pytest.approx(0.6) and p.kernel_ms <= p.total_ms
+
+
 def test_side_by_side_rows_give_ratios_to_the_first_model():
     a = aggregate(_trace(), "a.onnx", skip_runs=1)
     b = aggregate([e for e in _trace() if "mm1" not in e["name"]], "b.onnx", skip_runs=1)
