@@ -140,19 +140,24 @@ def sensitivity_svg(rows: Sequence[dict[str, Any]]) -> str | None:
     return _svg(fig)
 
 
-def profile_svg(rows: Sequence[dict[str, Any]]) -> str | None:
+def profile_svg(rows: Sequence[dict[str, Any]], top: int = 12) -> str | None:
     """Milliseconds per inference of each op type (one bar per model, grouped), from the rows of
-    :func:`edgecomp.measure.profile.side_by_side_rows`; the total row is left out."""
+    :func:`edgecomp.measure.profile.side_by_side_rows` (slowest in the input model first; past the
+    ``top`` slowest, the rest as one bar); the total row is left out."""
     cols = [c for c in dict.fromkeys(k for r in rows for k in r) if c.endswith(" ms")]
     rs = [r for r in rows if r.get("op type") != "total"]
     if not cols or not rs:
         return None
+    if len(rs) > top + 1:  # the slowest op types by name, the rest summed (the between-kernels row stays last)
+        ops, rest, between = rs[:top], rs[top:-1], rs[-1]
+        other = {"op type": f"({len(rest)} other op types)", **{c: sum(r.get(c) or 0.0 for r in rest) for c in cols}}
+        rs = [*ops, other, between]
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.6, max(2.4, 0.32 * len(rs) * len(cols))))
+    fig, ax = plt.subplots(figsize=(6.6, max(2.4, 0.2 * len(rs) * len(cols) + 0.8)))
     height = 0.8 / len(cols)
     for k, c in enumerate(cols):
         ax.barh([i + k * height for i in range(len(rs))], [r.get(c) or 0.0 for r in rs], height=height,
