@@ -179,25 +179,36 @@ def profile_models(models: Sequence[str | os.PathLike | ir.Model], *, threads: i
         first = models[0] if isinstance(models[0], ir.Model) else load_model(models[0])
         feed = synthesize_feed(input_specs(first), shapes, values=values, image_size=image_size_hint(first))
         del first
+    sessions: list = []
     with tempfile.TemporaryDirectory(prefix="edgecomp-profile-") as tmp:
-        sessions = [make_session(m, threads=threads, profile_prefix=os.path.join(tmp, f"m{i}"))
-                    for i, m in enumerate(models)]
-        feeds = [with_input_floats(s, feed) for s in sessions]
-        for s, f in zip(sessions, feeds):
-            for _ in range(warmup + 1):  # the first run is checked; warmup runs are left out of the profile
-                run_feed(s, f)
-        wall = [0.0 for _ in sessions]
-        for _ in range(runs):
-            for i, s in enumerate(sessions):
-                t0 = time.perf_counter()
-                s.run(None, feeds[i])
-                wall[i] += time.perf_counter() - t0
-        out = []
+        try:
+            for i, m in enumerate(models):
+                sessions.append(make_session(m, threads=threads, profile_prefix=os.path.join(tmp, f"m{i}")))
+            wall = _profiled_runs(sessions, feed, warmup, runs)
+            traces = []
+            while sessions:  # a session ends its profile once; the trace is read before the folder goes
+                with open(sessions.pop(0).end_profiling(), encoding="utf-8") as fh:
+                    traces.append(json.load(fh))
+        finally:
+            for sess in sessions:  # on an error: end the profilers while their folder still exists
+                sess.end_profiling()
+    return [aggregate(ev, lab, skip_runs=warmup + 1, wall_ms=w, top=top) for ev, lab, w in zip(traces, labels, wall)]
+
+
+def _profiled_runs(sessions: Sequence, feed: Feed, warmup: int, runs: int) -> list[float]:
+    """Check and warm up each session (runs left out of the profile), then ``runs`` interleaved
+    runs; each session's mean wall time in ms."""
+    feeds = [with_input_floats(s, feed) for s in sessions]
+    for s, f in zip(sessions, feeds):
+        for _ in range(warmup + 1):
+            run_feed(s, f)
+    wall = [0.0 for _ in sessions]
+    for _ in range(runs):
         for i, s in enumerate(sessions):
-            with open(s.end_profiling(), encoding="utf-8") as fh:
-                events = json.load(fh)
-            out.append(aggregate(events, labels[i], skip_runs=warmup + 1, wall_ms=wall[i] / runs * 1e3, top=top))
-    return out
+            t0 = time.perf_counter()
+            s.run(None, feeds[i])
+            wall[i] += time.perf_counter() - t0
+    return [w / runs * 1e3 for w in wall]
 
 
 def side_by_side_rows(profiles: Sequence[ModelProfile]) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 the op times adding up to the measured total, and the CLI side by side on two inline models."""
 
 import json
+import tempfile
 
 import numpy as np
 import onnx
@@ -91,13 +92,17 @@ def _mlp(path, act="Relu", width=512, batch=128):
     return path
 
 
-def test_op_times_add_up_to_the_measured_total(tmp_path):
+def test_op_times_add_up_to_the_measured_total(tmp_path, monkeypatch):
     """The op types of a compute-bound model add up to its measured run time within 10%. The total
     is the profiler's own model_run duration of the same runs (the honest one: bench's latency
     comes from other, unprofiled runs, and Python's wall time adds the binding's overhead). Per
     run, and the median over runs: a run preempted by another process on this shared machine
     (a ~5 ms stall) lands between kernels as often as inside one."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     (p,) = profile_models([_mlp(tmp_path / "a.onnx")], warmup=2, runs=15)
+    assert list(scratch.iterdir()) == []  # the trace's temporary folder is gone
     assert p.runs == len(p.run_ms) == 15
     assert sum(o.ms for o in p.ops) == pytest.approx(p.kernel_ms)
     assert sum(p.run_kernel_ms) / p.runs == pytest.approx(p.kernel_ms)
@@ -122,5 +127,7 @@ def test_cli_bench_profile_two_models_side_by_side(tmp_path):
     data = json.loads(out.read_text())
     assert [p["runs"] for p in data["profile"]] == [5, 5]
     assert [m["runs"] for m in data["models"]] == [5, 5]  # the timed runs are unchanged
+    bad = CliRunner().invoke(cli, ["bench", str(a), "--profile", "--runs", "2", "--shape", "x=3x7"])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output and len(bad.output.strip().splitlines()) == 1
     plain = CliRunner().invoke(cli, ["bench", str(a), "--runs", "2", "--warmup", "0"], catch_exceptions=False)
     assert "where the time goes" not in plain.output
