@@ -539,16 +539,20 @@ def _device(profile, remote=None, remote_python=None, ssh_config=None, connect_t
 @click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
 @_remote_options
 @_json_option
-def bench(models, threads, warmup, runs, pin, data, shapes, values, target, targets_file, json_path, **remote):
+def bench(models, threads, warmup, runs, profile, pin, data, shapes, values, target, targets_file, json_path,
+          **remote):
     """Measure onnxruntime CPU latency; several models run interleaved (A B A B ...).
 
-    Prints p50/p90/p99, throughput and each model's ratio to the first.
+    Prints p50/p90/p99, throughput and each model's ratio to the first. --profile then runs
+    onnxruntime's profiler in separate runs: milliseconds per op type side by side, and the
+    slowest nodes of each model.
 
     Example:
 
         edgecomp bench mnv2.onnx mnv2.int8.onnx --runs 100 --threads 1
 
         edgecomp bench mnv2.onnx mnv2.int8.onnx --remote ssh://pi@pi5.local
+        edgecomp bench minilm.onnx minilm.int8.onnx --profile
     """
     from edgecomp.io import existing_file
     from edgecomp.measure.bench import benchmark, first_feed, parse_cpus, pin_cpus
@@ -556,10 +560,12 @@ def bench(models, threads, warmup, runs, pin, data, shapes, values, target, targ
 
     for m in models:
         existing_file(m, "ONNX model")
-    profile = get_profile(target, targets_file)
+    profile_ops, profile = profile, get_profile(target, targets_file)  # --profile; the target profile
     if profile and profile.pin and not pin:
         pin = profile.pin
     device = _device(profile, **remote)
+    if device and profile_ops:
+        raise click.UsageError("--profile runs onnxruntime's profiler on this host; drop --remote (or --profile)")
     if pin and not device:
         pin_cpus(pin)
     threads = threads or (profile.threads if profile else 1)
@@ -577,7 +583,18 @@ def bench(models, threads, warmup, runs, pin, data, shapes, values, target, targ
     result = benchmark(models, threads=threads, warmup=warmup, runs=runs, feed=feed, shapes=shape_map,
                        values=_parse_values(values))
     click.echo(rpt.render_bench(result, profile))
-    _write_json(json_path, {"host_isa": rpt.host_line(profile), **rpt.to_jsonable(result)})
+    ops = _profile_ops(models, threads, warmup, runs, feed, shape_map, _parse_values(values)) if profile_ops else None
+    _write_json(json_path, {"host_isa": rpt.host_line(profile), **rpt.to_jsonable(result),
+                            **({"profile": rpt.to_jsonable(ops)} if ops else {})})
+
+
+def _profile_ops(models, threads, warmup, runs, feed, shapes, values):
+    """bench --profile: onnxruntime's profiler over separate runs, printed side by side."""
+    from edgecomp.measure.profile import profile_models
+
+    ops = profile_models(models, threads=threads, warmup=warmup, runs=runs, feed=feed, shapes=shapes, values=values)
+    click.echo("\n" + rpt.render_profile(ops))
+    return ops
 
 
 def _emulation_options(f):

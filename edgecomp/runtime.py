@@ -24,16 +24,19 @@ _LEVELS = {
 
 
 def make_session(model: ir.Model | str | os.PathLike, threads: int = 1, optimization: str = "all",
-                 extra_outputs: Iterable[str] = ()) -> ort.InferenceSession:
+                 extra_outputs: Iterable[str] = (), profile_prefix: str | None = None) -> ort.InferenceSession:
     """A CPU session with ``threads`` intra-op threads and one inter-op thread.
 
-    ``extra_outputs`` exposes intermediate values as outputs (in-memory models only).
+    ``extra_outputs`` exposes intermediate values as outputs (in-memory models only);
+    ``profile_prefix`` turns on onnxruntime's profiler (``end_profiling()`` writes the trace).
     """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = _LEVELS[optimization]
+    if profile_prefix:
+        opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
     arrays: dict = {}
     values: list = []
     if isinstance(model, (str, Path)):

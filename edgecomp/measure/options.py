@@ -15,4 +15,6 @@ BENCH_OPTIONS = (
            check=in_range(1)),
     Option("warmup", int, 10, "untimed runs per model", check=in_range(0)),
     Option("runs", int, 50, "timed runs per model (interleaved)", check=in_range(1)),
+    Option("profile", bool, False, "also profile warmup + runs more runs per model with onnxruntime's profiler: "
+                                   "time per op type and the slowest nodes (separate runs: latency unaffected)"),
 )

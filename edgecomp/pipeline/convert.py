@@ -304,6 +304,20 @@ def _run_bench(ctx: _Context, rec: StepRecord) -> None:
     for m, st in zip(models, res.models):
         m.latency_ratio, m.p50_ms = st.ratio_to_first, st.p50_ms
     rec.summary = {"threads": threads, "runs": rec.options["runs"], "feed": res.feed_shapes, **where}
+    if rec.options["profile"] and not where:  # the profiler runs on this host only
+        _profile_ends(models, rec, threads, feed)
+
+
+def _profile_ends(models: list[StepRecord], rec: StepRecord, threads: int, feed) -> None:
+    """Where the time goes in the input and the final model (onnxruntime's profiler, separate runs)."""
+    from edgecomp.measure.profile import PROFILE_NOTE, profile_models, side_by_side_rows
+    from edgecomp.render.html import PROFILE_TABLE
+
+    ends = [models[0], models[-1]] if len(models) > 1 else models[:1]
+    profiles = profile_models([m.model for m in ends], threads=threads, warmup=rec.options["warmup"],
+                              runs=rec.options["runs"], feed=feed, labels=[f"{m.index:02d}-{m.step}" for m in ends])
+    rec.tables = {**(rec.tables or {}), PROFILE_TABLE: side_by_side_rows(profiles)}
+    rec.summary["profile"] = PROFILE_NOTE
 
 
 STEP_RUNNERS: dict[str, Callable[[_Context, StepRecord], None]] = {

@@ -3,7 +3,8 @@
 Plots (matplotlib, rendered to inline SVG): latency vs accuracy/fidelity of every step (and
 sweep point) with the Pareto front marked; the size/fidelity/latency frontier (size vs quality,
 each point coloured by its latency, the front of models neither larger nor worse marked); and
-per-layer quantization sensitivity.
+per-layer quantization sensitivity; where the time goes (ms per inference per op type, from
+onnxruntime's profiler) in the input and the final model, when the bench step profiles.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ from typing import Any
 from edgecomp.io import OUTPUT_MARKER, write_json, write_text
 from edgecomp.render.text import fmt_bytes, pareto_front, step_rows, to_jsonable
 
-__all__ = ["frontier_svg", "html_table", "render_html", "sensitivity_svg", "tradeoff_svg", "write_reports"]
+__all__ = ["frontier_svg", "html_table", "render_html", "sensitivity_svg", "tradeoff_svg", "write_reports",
+           "profile_svg", "PROFILE_TABLE"]
+
+#: the bench step's table of op times (edgecomp.measure.profile.side_by_side_rows), drawn as a bar chart
+PROFILE_TABLE = "where the time goes"
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}
@@ -135,6 +140,38 @@ def sensitivity_svg(rows: Sequence[dict[str, Any]]) -> str | None:
     return _svg(fig)
 
 
+def profile_svg(rows: Sequence[dict[str, Any]], top: int = 12) -> str | None:
+    """Milliseconds per inference of each op type (one bar per model, grouped), from the rows of
+    :func:`edgecomp.measure.profile.side_by_side_rows` (slowest in the input model first; past the
+    ``top`` slowest, the rest as one bar); the total row is left out."""
+    cols = [c for c in dict.fromkeys(k for r in rows for k in r) if c.endswith(" ms")]
+    rs = [r for r in rows if r.get("op type") != "total"]
+    if not cols or not rs:
+        return None
+    if len(rs) > top + 1:  # the slowest op types by name, the rest summed (the between-kernels row stays last)
+        ops, rest, between = rs[:top], rs[top:-1], rs[-1]
+        other = {"op type": f"({len(rest)} other op types)", **{c: sum(r.get(c) or 0.0 for r in rest) for c in cols}}
+        rs = [*ops, other, between]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.6, max(2.4, 0.2 * len(rs) * len(cols) + 0.8)))
+    height = 0.8 / len(cols)
+    for k, c in enumerate(cols):
+        ax.barh([i + k * height for i in range(len(rs))], [r.get(c) or 0.0 for r in rs], height=height,
+                label=c[: -len(" ms")].split(":", 1)[-1])
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(rs))])
+    ax.set_yticklabels([str(r["op type"]) for r in rs], fontsize=7)
+    ax.invert_yaxis()  # slowest op type of the input model on top
+    ax.set_xlabel("ms per inference (onnxruntime profiler)")
+    ax.set_title("where the time goes, per op type", fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8)
+    return _svg(fig)
+
+
 def _quality(result) -> tuple[list[dict[str, Any]], str]:
     models = [s for s in result.steps if s.model]
     use_acc = any(s.accuracy is not None for s in models)
@@ -155,6 +192,8 @@ def render_html(result, extra_points: Sequence[dict[str, Any]] = ()) -> str:
                                 f"{html_table(rows)}</details>")
             if name == "layers":
                 plots.append(sensitivity_svg(rows))
+            if name == PROFILE_TABLE:
+                plots.append(profile_svg(rows))
     gates = "".join(
         f"<li class='{'pass' if g['passed'] else 'fail'}'>{html.escape(g['gate'])}: {_cell(g['value'])} "
         f"(limit {_cell(g['limit'])}) — {'pass' if g['passed'] else 'FAIL'}</li>" for g in result.gates) or "<li>none</li>"

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from edgecomp.targets import Isa, TargetProfile, host_isa
 
-__all__ = ["table", "fmt_bytes", "render_bench", "render_validation", "render_summary", "render_pass",
+__all__ = ["table", "fmt_bytes", "render_bench", "render_profile", "render_validation", "render_summary", "render_pass",
            "host_line", "to_jsonable", "pareto_front", "step_rows"]
 
 
@@ -67,6 +67,18 @@ def render_bench(result, profile: TargetProfile | None = None, device: str | Non
     head = (f"{device or host_line(profile)}\nthreads {result.threads} (inter-op 1), warmup {result.warmup}, "
             f"{result.runs} interleaved runs each, feed {shapes}{assumed}")
     return head + "\n" + table(rows)
+
+
+def render_profile(profiles) -> str:
+    """``bench --profile``: op types side by side (ms per inference, ratios to the first model) and
+    each model's slowest nodes (:mod:`edgecomp.measure.profile`)."""
+    from edgecomp.measure.profile import PROFILE_NOTE, node_rows, side_by_side_rows
+
+    cover = "; ".join(f"{i + 1}: {p.runs} runs, mean {p.total_ms:.3g} ms (median {p.median_ms:.3g}), kernels "
+                      f"{100 * p.kernel_coverage:.0f}%" for i, p in enumerate(profiles))
+    parts = [table(side_by_side_rows(profiles), title=f"where the time goes ({cover})")]
+    parts += [table(node_rows(p), title=f"slowest nodes of {i + 1}:{p.model}") for i, p in enumerate(profiles)]
+    return "\n\n".join([*parts, f"note: {PROFILE_NOTE}"])
 
 
 def render_validation(result) -> str:
