@@ -711,7 +711,9 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
     Activation scales are fixed from calibration (no DynamicQuantizeLinear). With --eval and
     --tolerance, the most sensitive layers stay float until the metric is within tolerance;
     the best model found is always written, and the exit status is 3 when the tolerance
-    could not be met. --value NAME=V fixes a mode input first (see `edgecomp optimize`), so
+    could not be met. The written model is timed against the input on this host: with
+    --families auto a model not faster beyond noise is replaced by the float model as given
+    (with a warning); with forced families it is kept and the exit status is 5. --value NAME=V fixes a mode input first (see `edgecomp optimize`), so
     layers behind an If on it are quantized.
 
     Example:
@@ -773,6 +775,8 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
                             "embeddings": result.embeddings, "specialize": spec.to_json() if spec else None})
     if result.met_tolerance is False:
         raise click.exceptions.Exit(3)
+    if result.forced_not_faster:  # forced families, the int8 model written is not faster than float here
+        raise click.exceptions.Exit(5)
 
 
 #: A refused prune's remedies in the command's flags (edgecomp.errors.BelowFloor).
@@ -972,7 +976,8 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
     """Run a recipe from a torch model to a validated edge artifact, with a report.
 
     Exit status 4 when a gate of the recipe fails, else 3 when a step's model misses its floor or
-    tolerance (written because the recipe allows it) and no later distill step heals it (after
+    tolerance (written because the recipe allows it) and no later distill step heals it, else 5 when
+    a quantize step with forced families wrote an int8 model not faster than its input here (after
     everything is written). A prune step below the fidelity floor stops the run unless it sets
     allow_degraded = true.
     --value NAME=V (or a recipe's [values] table) fixes inputs of every model after the export (see
@@ -1010,6 +1015,8 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
         raise click.exceptions.Exit(4)
     if res.degraded:
         raise click.exceptions.Exit(3)
+    if res.not_faster:
+        raise click.exceptions.Exit(5)
 
 
 @cli.command()
