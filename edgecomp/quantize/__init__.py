@@ -181,6 +181,9 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
                "activations": "uint8 asymmetric, per tensor, static",
                "method": opts.method, "calibration samples": calibration.describe_used(opts.max_samples),
                "cleanup": cleanup.summary, "seconds": round(time.perf_counter() - t0, 1)}
+    if opts.families == "auto":
+        summary["families evidence"] = (opts.table.describe() if opts.table is not None else
+                                        "timed in this command on this host (1 calibration sample)")
     if upgrade.modified:
         summary = {"opset": upgrade.summary["opset"], **summary}
     warnings = []

@@ -29,6 +29,10 @@ def choose_families(model: ir.Model, layers: Sequence[Layer], plan: Mapping[str,
     or ten rounds are spent (:func:`edgecomp.measure.bench.compare_latency`). The fastest combination
     wins only if its whole interval lies below 1.0 and its ratio is at most 0.97; otherwise
     everything stays float, so a busy machine cannot talk edgecomp into a slower model.
+
+    With ``opts.table`` (a measured target table, :mod:`edgecomp.quantize.measured`) nothing is
+    timed: each family is decided from its stored ratio by the same rule, so repeated runs agree.
+    Each row's ``evidence`` says which of the two was used.
     """
     from itertools import combinations
 
@@ -40,6 +44,10 @@ def choose_families(model: ir.Model, layers: Sequence[Layer], plan: Mapping[str,
     if opts.families != "auto":
         wanted = set(opts.families.split(",")) & set(present)
         return wanted, [{"families": ",".join(sorted(wanted)), "decision": "int8", "reason": "--families"}]
+    if opts.table is not None:  # measured once with many rounds: the same answer on a busy or an idle machine
+        from edgecomp.quantize.measured import decide_from_table
+
+        return decide_from_table(opts.table, present)
     combos = [c for k in range(1, len(present) + 1) for c in combinations(present, k)]
     variants = [model] + [build(model, {n: p for n, p in plan.items() if family_of(layers, n) in c}, format=opts.format)
                           for c in combos]
@@ -62,7 +70,8 @@ def choose_families(model: ir.Model, layers: Sequence[Layer], plan: Mapping[str,
             reason = "no combination is >= 3% faster beyond noise: all float"
         rows.append({"families": ",".join(c), "latency ratio int8/float": est[c].ratio,
                      "95% interval": f"[{est[c].low:.3f}, {est[c].high:.3f}]", "rounds": est[c].rounds,
-                     "decision": "chosen" if win else "-", "reason": reason})
+                     "decision": "chosen" if win else "-", "reason": reason,
+                     "evidence": f"timed in this command on this host, 1 calibration sample, {runs} runs a round"})
     return chosen, rows
 
 
