@@ -34,8 +34,17 @@ import onnx_ir as ir
 
 from edgecomp.errors import ConfigError
 
-__all__ = ["FamilyRatio", "MAX_ROUNDS", "MIN_ROUNDS", "MeasuredTable", "cpu_name", "decide_from_table",
-           "measure_table", "read_table", "write_table"]
+__all__ = [
+    "MAX_ROUNDS",
+    "MIN_ROUNDS",
+    "FamilyRatio",
+    "MeasuredTable",
+    "cpu_name",
+    "decide_from_table",
+    "measure_table",
+    "read_table",
+    "write_table",
+]
 
 MIN_ROUNDS, MAX_ROUNDS = 8, 30
 ROUND_SECONDS = 0.35
@@ -158,7 +167,7 @@ def measure_table(model_path: str | os.PathLike, profile: str, threads: int = 1,
                                 min_rounds=MIN_ROUNDS, max_rounds=MAX_ROUNDS, labels=["float", *present])
     shapes = {f: [_layer_text(model, l) for l in layers if l.family == f] for f in present}
     families = {f: FamilyRatio(e.ratio, e.low, e.high, e.rounds, shapes[f]) for f, e in zip(present, est)}
-    return MeasuredTable(profile, datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return MeasuredTable(profile, datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                          cpu_name(), host_isa().describe(), ort.__version__, threads, Path(model_path).name, families)
 
 
