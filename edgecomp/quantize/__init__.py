@@ -114,8 +114,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     plan, rows = make_plan(model, layers, stats, opts, calibration)
     if opts.format == "qdq":
         plan_outputs(model, plan, layers, stats, opts)
-    feed = next(iter(calibration.feeds_for(specs)))
-    families, family_rows = choose_families(model, layers, plan, feed, opts)
+    feed, *more = calibration.feeds_for(specs, 2)
+    families, family_rows = choose_families(model, layers, plan, feed, opts, confirm_feed=next(iter(more), None))
     plan = {k: v for k, v in plan.items() if family_of(layers, k) in families}
     met, loss, sens, kept = None, None, {}, []
     fidelity = None
@@ -183,7 +183,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
                "cleanup": cleanup.summary, "seconds": round(time.perf_counter() - t0, 1)}
     if opts.families == "auto":
         summary["families evidence"] = (opts.table.describe() if opts.table is not None else
-                                        "timed in this command on this host (1 calibration sample)")
+                                        next((r["evidence"] for r in family_rows if "evidence" in r), ""))
     if upgrade.modified:
         summary = {"opset": upgrade.summary["opset"], **summary}
     warnings = []

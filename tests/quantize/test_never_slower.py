@@ -178,3 +178,29 @@ def test_convert_follows_the_rule_forced_exit_5(clock, tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     assert report["not_faster"] == [] and report["steps"][1]["summary"]["layers int8"] == 0
+
+
+def test_a_family_win_must_hold_when_re_timed_on_a_second_sample(mlp_path, mlp_data, monkeypatch, real_speed_check):
+    """Without a table: the first family timing shows int8 0.6x, the re-timing on the second
+    calibration sample shows no difference: every family stays float and the rows say why."""
+    calib, _ = mlp_data
+    real = bench.compare_latency
+    family_ratios, feeds = [0.6, 1.0], []
+
+    def compare(models, feed, **kw):
+        if kw.get("labels", [""])[0] == "float":
+            feeds.append(feed)
+            kw["timer"] = _RoundRobinClock([1.0] + [family_ratios[len(feeds) - 1]] * (len(models) - 1))
+        else:
+            kw["timer"] = _RoundRobinClock([1.0, 0.5])
+        return real(models, feed, **kw)
+
+    monkeypatch.setattr(bench, "compare_latency", compare)
+    res = _quantize(mlp_path, calib, families="auto")
+    assert len(feeds) == 2 and not np.array_equal(feeds[0]["x"], feeds[1]["x"])  # two different samples
+    assert res.plan == {} and res.families[0]["reason"] == "faster on sample 1, not beyond noise when re-timed: all float"
+    assert res.families[0]["re-timed"].startswith("1.000 [1.000, 1.000]")
+    assert res.summary["families evidence"].endswith("the winner re-timed on sample 2)")
+    family_ratios[1], feeds[:] = 0.7, []
+    res = _quantize(mlp_path, calib, families="auto")
+    assert len(res.plan) == 2 and res.families[0]["decision"] == "chosen"
