@@ -168,8 +168,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     invalid = new_violations(quantized, invalid_before)
     if invalid:
         raise PassFailed(f"the quantized model has a node its opset does not allow: {invalid[0]}")
-    speed = _check_speed(as_given, quantized, feed, opts, family_rows) if (plan or (int4 and int4.codes)) else None
-    if speed is not None and speed.falls_back:  # never slower than the input: write the float model as given
+    check = _check_speed(as_given, quantized, feed, opts, family_rows) if (plan or (int4 and int4.codes)) else None
+    if check is not None and check.falls_back:  # never slower than the input: write the float model as given
         quantized, plan, int4, embedding_rows = as_given, {}, None, []
         met = True if met is not None else None
         for row in rows:
@@ -205,18 +205,19 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
             if speed.low > 1.0:
                 warnings.append(f"the int4 model runs {speed.ratio:.2f}x the int8 model's latency on this host "
                                 f"({speed.text()}): MatMulNBits is slower than MatMulIntegerToFloat here")
-    if speed is not None:
-        summary.update(speed.summary())
-        warnings += [w for w in [speed.warning()] if w]
+    if check is not None:
+        summary.update(check.summary())
+        warnings += [w for w in [check.warning()] if w]
     elif plan or (int4 and int4.codes):
-        summary["latency decision"] = f"not timed: the target ({opts.isa.describe()}) is not this host"
-    if not plan and not (int4 and int4.codes) and not (speed and speed.falls_back):
+        target = "runs emulated" if opts.target_runner is not None else f"({opts.isa.describe()}) is not this host"
+        summary["latency decision"] = f"not timed: the target {target}"
+    if not plan and not (int4 and int4.codes) and not (check and check.falls_back):
         why = ("every planned layer was kept float by the fidelity check" if families else
                next((r["reason"] for r in family_rows if r.get("reason")), "no family was chosen"))
         warnings.append(f"no layer was made int8 ({why}); the weights written are float"
                         + ("" if opts.families != "auto" else " (families all forces int8)"))
     return QuantizeResult(quantized, plan, rows, summary, family_rows, met, embedding_rows, warnings,
-                          forced_not_faster=bool(speed and speed.forced_not_faster))
+                          forced_not_faster=bool(check and check.forced_not_faster))
 
 
 def _target_limit(opts: QuantizeOptions) -> int | None:
