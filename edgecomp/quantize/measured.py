@@ -57,7 +57,7 @@ class FamilyRatio:
     low: float
     high: float
     rounds: int
-    layers: list[str]  # "node: Op weight[shape]" of the layers measured
+    layers: list[str]  # "N x Op x[act shape] w[weight shape]" of the layers measured
 
     def text(self) -> str:
         return f"{self.ratio:.3f} [{self.low:.3f}, {self.high:.3f}] over {self.rounds} rounds"
@@ -165,18 +165,29 @@ def measure_table(model_path: str | os.PathLike, profile: str, threads: int = 1,
     runs = int(np.clip(ROUND_SECONDS / (one * (1 + len(variants))), 9, 300))
     est = bench.compare_latency([model, *variants], feed, threads=threads, runs_per_round=runs,
                                 min_rounds=MIN_ROUNDS, max_rounds=MAX_ROUNDS, labels=["float", *present])
-    shapes = {f: [_layer_text(model, l) for l in layers if l.family == f] for f in present}
+    shapes = {f: _layer_texts(model, [l for l in layers if l.family == f]) for f in present}
     families = {f: FamilyRatio(e.ratio, e.low, e.high, e.rounds, shapes[f]) for f, e in zip(present, est)}
     return MeasuredTable(profile, datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                          cpu_name(), host_isa().describe(), ort.__version__, threads, Path(model_path).name, families)
 
 
-def _layer_text(model: ir.Model, layer) -> str:
-    node = next(n for n in model.graph if n.name == layer.node)
-    w = node.inputs[1] if len(node.inputs) > 1 else None
-    shape = list(w.shape) if (w is not None and w.shape is not None) else "?"
-    act = node.inputs[0].shape if node.inputs[0] is not None else None
-    return f"{layer.node}: {layer.op} x{list(act) if act is not None else '?'} w{shape}"
+def _layer_texts(model: ir.Model, layers) -> list[str]:
+    """``"N x Op x[act shape] w[weight shape]"`` per distinct layer shape (the table stays short)."""
+    from collections import Counter
+
+    nodes = {n.name: n for n in model.graph}
+    counts: Counter[str] = Counter()
+    for layer in layers:
+        node = nodes[layer.node]
+        act = node.inputs[0].shape if node.inputs[0] is not None else None
+        w = node.inputs[1] if len(node.inputs) > 1 else None
+        weight = f" w{_dims(w.shape)}" if (w is not None and w.const_value is not None) else ""
+        counts[f"{layer.op} x{_dims(act)}{weight}"] += 1
+    return [f"{n} x {text}" for text, n in counts.items()]
+
+
+def _dims(shape) -> str:
+    return "[?]" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]"
 
 
 def read_table(path: str | os.PathLike, profile: str) -> MeasuredTable | None:

@@ -81,7 +81,7 @@ def test_measure_stores_the_families_ratios_with_their_intervals(mlp_path, tmp_p
     t = read_table(f, "host")
     assert list(t.families) == ["matmul"] and t.families["matmul"].ratio == pytest.approx(0.8)
     assert t.families["matmul"].rounds == 8 and t.isa == host_isa().describe()
-    assert t.families["matmul"].layers[0].endswith("w[8, 16]") and len(t.families["matmul"].layers) == 2
+    assert t.families["matmul"].layers == ["1 x MatMul x[N, 8] w[8, 16]", "1 x MatMul x[N, 16] w[16, 4]"]
     assert f.read_text().startswith(USER_FILE)
     res = CliRunner().invoke(cli, ["targets", "measure", "pi5", "--model", str(mlp_path), "--targets-file", str(f)])
     assert res.exit_code == 2 and "profile pi5 is not this host" in res.output
