@@ -2,18 +2,19 @@
 
 ``edgecomp targets measure PROFILE --model M --targets-file F`` builds M's int8 plan (calibrated on
 ``--calibration`` DATA, else on one synthesized feed: the scales do not change the speed), then
-times the float model against M with each op family alone in int8 (matmul, conv, depthwise conv,
-attention: M's own layers and shapes), interleaved, in at least :data:`MIN_ROUNDS` and up to
+times the float model against M with each op family (matmul, conv, depthwise conv, attention: M's
+own layers and shapes) in int8, alone and in every combination (families interact: a lone int8
+family pays quantize/dequantize at its borders), interleaved, in at least :data:`MIN_ROUNDS` and up to
 :data:`MAX_ROUNDS` rounds of about a third of a second each
 (:func:`edgecomp.measure.bench.compare_latency`: each round's ratio of medians, a Student-t 95%
 interval over the rounds), and stores per family the ratio, its interval, the rounds and the layers
-measured under ``[measured.PROFILE]`` in F, with the date, CPU, ISA, onnxruntime version and
+measured under ``[measured.PROFILE.families."KEY"]`` (KEY: the combination, e.g. ``conv,matmul``) in F, with the date, CPU, ISA, onnxruntime version and
 threads. F is rewritten atomically with tomlkit, which keeps the user's other tables and comments.
 
 ``quantize --families auto --target PROFILE --targets-file F`` (or no ``--target``: the table
 measured for ``host``) then decides from the table with the same rule as the in-command timing
-(:func:`edgecomp.quantize.families.choose_families`): a family is int8 when its stored interval
-lies below 1.0 and its ratio is at most 0.97. No timing happens at decision time, so the same
+(:func:`edgecomp.quantize.families.choose_families`): the fastest stored combination of the
+families the model has is int8 when its interval lies below 1.0 and its ratio is at most 0.97. No timing happens at decision time, so the same
 command gives the same model on a busy or an idle machine; the family table says which evidence
 was used. A family the table lacks stays float (the row says to measure a model that has it).
 """
@@ -26,6 +27,7 @@ import os
 import platform
 import tempfile
 import time
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -91,22 +93,26 @@ def cpu_name() -> str:
 
 
 def decide_from_table(table: MeasuredTable, present: list[str]) -> tuple[set[str], list[dict[str, Any]]]:
-    """Families to make int8 by the stored ratios, and a row per family present."""
-    chosen, rows = set(), []
-    for f in present:
-        r = table.families.get(f)
-        if r is None:
-            rows.append({"families": f, "decision": "-", "evidence": table.describe(),
-                         "reason": f"not in the table: run `edgecomp targets measure {table.profile}` on a model "
-                                   f"with {f} layers"})
-            continue
-        win = r.high < 1.0 and r.ratio <= GAIN
-        chosen |= {f} if win else set()
-        rows.append({"families": f, "latency ratio int8/float": r.ratio, "95% interval": f"[{r.low:.3f}, {r.high:.3f}]",
-                     "rounds": r.rounds, "decision": "chosen" if win else "-", "evidence": table.describe(),
-                     "reason": "faster than float beyond noise in the table" if win else
-                               f"not >= {round((1 - GAIN) * 100)}% faster beyond noise in the table: float"})
-    return chosen, rows
+    """The families to make int8 by the stored ratios: the fastest stored combination of families
+    the model has, when its interval lies below 1.0 and its ratio is at most 0.97; a row per
+    stored combination that applies, and one per family no stored combination covers."""
+    usable = {k: r for k, r in table.families.items() if set(k.split(",")) <= set(present)}
+    best = min(usable, key=lambda k: usable[k].ratio) if usable else None
+    win = best is not None and usable[best].high < 1.0 and usable[best].ratio <= GAIN
+    rows = []
+    for k, r in usable.items():
+        reason = ""
+        if k == best:
+            reason = ("the fastest stored combination, faster than float beyond noise" if win else
+                      f"no stored combination is >= {round((1 - GAIN) * 100)}% faster beyond noise: all float")
+        rows.append({"families": k, "latency ratio int8/float": r.ratio, "95% interval": f"[{r.low:.3f}, {r.high:.3f}]",
+                     "rounds": r.rounds, "decision": "chosen" if (win and k == best) else "-", "reason": reason,
+                     "evidence": table.describe()})
+    covered = {f for k in usable for f in k.split(",")}
+    rows += [{"families": f, "decision": "-", "evidence": table.describe(),
+              "reason": f"not in the table: run `edgecomp targets measure {table.profile}` on a model with {f} layers"}
+             for f in present if f not in covered]
+    return (set(best.split(",")) if win else set()), rows
 
 
 def measure_table(model_path: str | os.PathLike, profile: str, threads: int = 1,
@@ -154,8 +160,11 @@ def measure_table(model_path: str | os.PathLike, profile: str, threads: int = 1,
             plan_outputs(model, plan, layers, stats, opts)
         feed = next(iter(data.feeds_for(specs)))
     present = [f for f in FAMILIES if any(l.family == f for l in layers)]
-    variants = [build(model, {n: p for n, p in plan.items() if family_of(layers, n) == f}, format=fmt)
-                for f in present]
+    # every combination, as the in-command choice does: families interact (a lone int8 family pays
+    # quantize/dequantize at its borders, which int8 neighbours share), so a table of lone families
+    # can call each one slower while all of them together are faster, or the reverse
+    combos = [c for k in range(1, len(present) + 1) for c in combinations(present, k)]
+    variants = [build(model, {n: p for n, p in plan.items() if family_of(layers, n) in c}, format=fmt) for c in combos]
     session = make_session(model, threads=threads)
     run_feed(session, feed)
     t0 = time.perf_counter()
@@ -163,10 +172,11 @@ def measure_table(model_path: str | os.PathLike, profile: str, threads: int = 1,
     one = max(time.perf_counter() - t0, 1e-5)
     del session
     runs = int(np.clip(ROUND_SECONDS / (one * (1 + len(variants))), 9, 300))
+    keys = [",".join(c) for c in combos]
     est = bench.compare_latency([model, *variants], feed, threads=threads, runs_per_round=runs,
-                                min_rounds=MIN_ROUNDS, max_rounds=MAX_ROUNDS, labels=["float", *present])
-    shapes = {f: _layer_texts(model, [l for l in layers if l.family == f]) for f in present}
-    families = {f: FamilyRatio(e.ratio, e.low, e.high, e.rounds, shapes[f]) for f, e in zip(present, est)}
+                                min_rounds=MIN_ROUNDS, max_rounds=MAX_ROUNDS, labels=["float", *keys])
+    families = {k: FamilyRatio(e.ratio, e.low, e.high, e.rounds, _layer_texts(model, [l for l in layers if l.family in c]))
+                for k, c, e in zip(keys, combos, est)}
     return MeasuredTable(profile, datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                          cpu_name(), host_isa().describe(), ort.__version__, threads, Path(model_path).name, families)
 

@@ -127,3 +127,22 @@ def test_quantize_cli_reads_the_table_for_its_target(mlp_path, mlp_data, tmp_pat
     assert out["summary"]["families evidence"].startswith("measured table [measured.host] of 2026-12-07")
     assert out["families"][0]["decision"] == "chosen" and out["summary"]["layers int8"] == 2
     assert "measured on another CPU or onnxruntime" in res.output  # the table's CPU is "Test CPU"
+
+
+def test_the_table_decides_by_combination_as_families_interact():
+    """Each family alone slower, both together faster: both are chosen; a family no stored
+    combination covers stays float with a row saying how to measure it."""
+    from edgecomp.quantize.measured import decide_from_table
+
+    t = _table(**{"matmul": 1.05, "conv": 1.10})
+    t.families["matmul,conv"] = FamilyRatio(0.85, 0.83, 0.87, 8, [])
+    chosen, rows = decide_from_table(t, ["matmul", "conv", "attention"])
+    assert chosen == {"matmul", "conv"}
+    assert [(r["families"], r["decision"]) for r in rows] == [("matmul", "-"), ("conv", "-"), ("matmul,conv", "chosen"),
+                                                              ("attention", "-")]
+    assert rows[-1]["reason"].startswith("not in the table: run `edgecomp targets measure host`")
+    chosen, rows = decide_from_table(t, ["matmul"])  # a model without conv: only what applies to it
+    assert chosen == set() and [r["families"] for r in rows] == ["matmul"]
+    assert rows[0]["reason"] == "no stored combination is >= 3% faster beyond noise: all float"
+    t.families["matmul,conv"] = FamilyRatio(0.98, 0.97, 0.99, 8, [])  # faster beyond noise, but < 3%
+    assert decide_from_table(t, ["matmul", "conv"])[0] == set()
