@@ -134,7 +134,7 @@ def test_the_table_decides_by_combination_as_families_interact():
     combination covers stays float with a row saying how to measure it."""
     from edgecomp.quantize.measured import decide_from_table
 
-    t = _table(**{"matmul": 1.05, "conv": 1.10})
+    t = _table(matmul=1.05, conv=1.10)
     t.families["matmul,conv"] = FamilyRatio(0.85, 0.83, 0.87, 8, [])
     chosen, rows = decide_from_table(t, ["matmul", "conv", "attention"])
     assert chosen == {"matmul", "conv"}
