@@ -779,7 +779,8 @@ def reduce_embeddings(model, output, text, tokenizer, keep_ids, add_tokens, json
 @_data_option("--labels", "labels", "Labels for --eval (makes --metric top1 task accuracy).")
 @click.option("--target", help="Target profile whose ISA decides weight bits (default: this host); one with an "
               "emulated CPU (arm64-*) also judges --tolerance and the fidelity floor on its numerics.")
-@click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
+@click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables; with families "
+              "auto, its [measured.PROFILE] table (`edgecomp targets measure`; `host` without --target) decides.")
 @click.option("--target-samples", type=click.IntRange(1), default=16, show_default=True,
               help="Samples an emulated --target runs per candidate (~1.5-3 s each for a MiniLM int8).")
 @click.option("--mode", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
@@ -795,7 +796,9 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
     Activation scales are fixed from calibration (no DynamicQuantizeLinear). With --eval and
     --tolerance, the most sensitive layers stay float until the metric is within tolerance;
     the best model found is always written, and the exit status is 3 when the tolerance
-    could not be met. --value NAME=V fixes a mode input first (see `edgecomp optimize`), so
+    could not be met. The written model is timed against the input on this host: with
+    --families auto a model not faster beyond noise is replaced by the float model as given
+    (with a warning); with forced families it is kept and the exit status is 5. --value NAME=V fixes a mode input first (see `edgecomp optimize`), so
     layers behind an If on it are quantized.
 
     Example:
@@ -815,7 +818,8 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
     fixed, values = values, _values(QUANTIZE_OPTIONS, options)
     if eval_data and values["tolerance"] is None:
         raise click.UsageError("--eval is read by --tolerance X (the accuracy-aware fallback); give both")
-    profile = get_profile(target, targets_file)
+    profile = get_profile(None if target == "host" else target, targets_file)
+    table = _measured_table(targets_file, target, values["families"])
     if mode == "dynamic":
         if calibration or eval_data or values["tolerance"] is not None or fixed:
             raise click.UsageError("--mode dynamic takes no --calibration, --eval, --tolerance or --value (it is "
@@ -836,14 +840,14 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
         click.echo(f"warning: {note}", err=True)
     opts = QuantizeOptions(**fields_of(values), isa=profile.isa if profile else None,
                            threads=threads or (profile.threads if profile else 1), progress=True,
-                           target_runner=runner)
+                           target_runner=runner, table=table)
     opts.validate()
     m = load_model(model)
     spec = _specialize(m, fixed)
     result = run(m, opts, data)
     save_model(result.model, output, inputs=[model])
     click.echo(rpt.host_line(profile))
-    click.echo(rpt.table(result.families, title="op families (latency measured on this host):"))
+    click.echo(rpt.table(result.families, title=f"op families ({table.describe() if table else 'latency measured on this host'}):"))
     cols = ["layer", "op", "family", "decision", "reason", "sensitivity", "smoothquant α", "bias corrected",
             "act range", "sim error"]
     click.echo(rpt.table([{c: r.get(c) for c in cols} for r in result.rows], title="layers:"))
@@ -857,6 +861,26 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
                             "embeddings": result.embeddings, "specialize": spec.to_json() if spec else None})
     if result.met_tolerance is False:
         raise click.exceptions.Exit(3)
+    if result.forced_not_faster:  # forced families, the int8 model written is not faster than float here
+        raise click.exceptions.Exit(5)
+
+
+def _measured_table(targets_file, target, families):
+    """The measured table for --target (``host`` without one) in --targets-file, when families
+    auto decides (None: no file, or no table there; quantize then times on this host)."""
+    if families != "auto" or not targets_file:
+        return None
+    import onnxruntime as ort
+
+    from edgecomp.quantize.measured import cpu_name, read_table
+
+    table = read_table(targets_file, target or "host")
+    if table is not None and (target or "host") == "host" and (table.onnxruntime, table.cpu) != (ort.__version__,
+                                                                                                   cpu_name()):
+        click.echo(f"warning: the {table.describe()} was measured on another CPU or onnxruntime (this host: "
+                   f"{cpu_name()}, onnxruntime {ort.__version__}); run `edgecomp targets measure host` again",
+                   err=True)
+    return table
 
 
 #: A refused prune's remedies in the command's flags (edgecomp.errors.BelowFloor).
@@ -1001,6 +1025,45 @@ def targets(ctx, targets_file):
     click.echo(rpt.table(rows))
 
 
+@targets.command("measure")
+@click.argument("profile")
+@click.option("--model", "model_path", required=True, type=click.Path(), help="The float ONNX model whose layers "
+              "are timed (its own shapes).")
+@click.option("--targets-file", "table_file", required=True, type=click.Path(dir_okay=False),
+              help="TOML targets file that gets the [measured.PROFILE] table (created if missing; other tables and "
+                   "comments are kept).")
+@_data_option("--calibration", "calibration", "DATA for the int8 scales (default: one synthesized feed; the scales "
+              "do not change the speed).")
+@_threads_option
+def targets_measure(profile, model_path, table_file, calibration, threads):
+    """Time each op family of MODEL (matmul, conv, depthwise conv, attention) alone in int8
+    against float on this host, with enough interleaved rounds for a tight 95% interval, and
+    store the ratios under [measured.PROFILE] in the targets file. PROFILE is `host` (this
+    machine) or a profile whose ISA is this host's. `quantize --families auto --target PROFILE
+    --targets-file F` then decides from the table: the same command gives the same model.
+
+    Example:
+
+        edgecomp targets measure host --model digits.onnx --targets-file devices.toml
+    """
+    from edgecomp.io import check_output_path
+    from edgecomp.quantize.measured import measure_table, write_table
+    from edgecomp.targets import get_profile, host_isa
+
+    check_output_path(table_file, [p for p in (model_path, calibration) if p])
+    prof = None if profile == "host" else get_profile(profile, table_file if Path(table_file).exists() else None)
+    if prof is not None and (not prof.matches_host() or prof.emulate or prof.ep):
+        raise click.UsageError(f"profile {profile} is not this host ({prof.isa.describe()} vs "
+                               f"{host_isa().describe()}): measure it on the device, or measure `host`")
+    table = measure_table(model_path, profile, threads=threads or (prof.threads if prof else 1),
+                          calibration=calibration)
+    write_table(table_file, table)
+    click.echo(rpt.host_line(prof))
+    click.echo(rpt.table([{"family": f, "latency ratio int8/float": r.text(), "layers": len(r.layers)}
+                          for f, r in table.families.items()], title=f"{table.describe()}:"))
+    click.echo(f"wrote [measured.{profile}] to {table_file}")
+
+
 @targets.command("setup")
 @click.argument("arch", type=click.Choice(["arm64"]))
 @click.option("--cache-dir", type=click.Path(file_okay=False),
@@ -1056,7 +1119,8 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
     """Run a recipe from a torch model to a validated edge artifact, with a report.
 
     Exit status 4 when a gate of the recipe fails, else 3 when a step's model misses its floor or
-    tolerance (written because the recipe allows it) and no later distill step heals it (after
+    tolerance (written because the recipe allows it) and no later distill step heals it, else 5 when
+    a quantize step with forced families wrote an int8 model not faster than its input here (after
     everything is written). A prune step below the fidelity floor stops the run unless it sets
     allow_degraded = true.
     --value NAME=V (or a recipe's [values] table) fixes inputs of every model after the export (see
@@ -1094,6 +1158,8 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
         raise click.exceptions.Exit(4)
     if res.degraded:
         raise click.exceptions.Exit(3)
+    if res.not_faster:
+        raise click.exceptions.Exit(5)
 
 
 @cli.command()

@@ -136,7 +136,7 @@ def load_profiles(path: str | os.PathLike | None = None) -> dict[str, TargetProf
     p = Path(path)
     doc = read_toml(p, "target profile file")
     shape = "profiles are tables: [profile.NAME] with threads, pin, description, [profile.NAME.isa]"
-    extra = sorted(set(doc) - {"profile"})
+    extra = sorted(set(doc) - {"profile", "measured"})  # measured: tables of `targets measure` (quantize.measured)
     if extra:
         raise ConfigError(f"{p}: unknown top-level key(s) {extra}; {shape}")
     profiles_doc = doc.get("profile", {})

@@ -20,6 +20,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _never_slower_check_is_deterministic(request, monkeypatch):
+    """quantize times its written model against the input (edgecomp.quantize.speed) and exits 5, or
+    writes float, when int8 is not faster: on this shared machine that verdict follows the load, so
+    every test sees a fixed "faster" measurement, except those that ask for the fixture
+    ``real_speed_check`` (tests/quantize/test_never_slower.py injects its own clocks)."""
+    if "real_speed_check" in request.fixturenames:
+        return
+    from edgecomp.measure.bench import RatioEstimate
+    from edgecomp.quantize import speed
+
+    monkeypatch.setattr(speed, "time_against_input", lambda *a, **k: RatioEstimate("written int8", 0.9, 0.85, 0.95, 4))
+
+
+@pytest.fixture
+def real_speed_check():
+    """Ask for it to run quantize's whole-model timing for real (with the test's own clock)."""
+
+
 def make_model(nodes, inputs, outputs, initializers=(), opset=17, extra_opsets=()) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "test", inputs, outputs,
                               [numpy_helper.from_array(np.asarray(v), k) for k, v in dict(initializers).items()])

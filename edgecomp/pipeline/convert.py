@@ -11,7 +11,9 @@ A step's result that misses its quality bar follows the rule of its command: a p
 the fidelity floor (0.95 on held-out calibration samples, else on synthesized inputs) stops the run
 with one line unless it sets ``allow_degraded = true``; a step written below its floor or
 tolerance is listed in ``ConvertResult.degraded`` (the CLI's exit status 3) unless a later
-distill step heals it.
+distill step heals it. A quantize step follows quantize's never-slower rule: with families auto a
+model not faster than its input falls back to float; forced families keep int8 and the step is
+listed in ``ConvertResult.not_faster`` (the CLI's exit status 5, after 4 and 3).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class StepRecord:
     tables: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
     degraded: bool = False  # its model misses its floor or tolerance (written because the recipe allows it)
+    not_faster: bool = False  # quantize with forced families: int8 written, not faster than its input here
 
 
 @dataclasses.dataclass
@@ -87,6 +90,7 @@ class ConvertResult:
     started: str
     package: Any = None  # PackageResult with --ort-format: model.ort, operator config, mobile EP verdict
     degraded: list[str] = dataclasses.field(default_factory=list)  # degraded steps no later distill healed
+    not_faster: list[str] = dataclasses.field(default_factory=list)  # forced-int8 steps slower-or-equal (exit 5)
 
     def baseline(self) -> StepRecord | None:
         return next((s for s in self.steps if s.model), None)
@@ -186,6 +190,7 @@ def _run_quantize(ctx: _Context, rec: StepRecord) -> None:
     res = run(ctx.latest(), opts, ctx.data)
     ctx.save(rec, res.model)
     rec.summary, rec.degraded = res.summary, res.met_tolerance is False
+    rec.not_faster = res.forced_not_faster
     rec.warnings = [note, *res.warnings] if note else res.warnings
     rec.tables = {"layers": res.rows, "op families": res.families, "embedding tables": res.embeddings}
 
@@ -478,6 +483,7 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
             result.package = package_model(work / "model.onnx", work,
                                            feed=first_feed(feed_src, ctx.current) if feed_src else None)
         result.degraded = degraded
+        result.not_faster = [f"{r.index:02d}-{r.step}" for r in ctx.records if r.not_faster]
         result.gates = _gates(recipe, ctx.records)
         result.passed = all(g["passed"] for g in result.gates)
         _relocate(result, work, out)

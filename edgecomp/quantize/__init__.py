@@ -26,6 +26,10 @@ float weights: :mod:`edgecomp.passes.float_precision`):
 6. with ``int4`` (auto or regexes), :func:`edgecomp.quantize.int4.int4_step` — the planned MatMuls
    whose int4 codes (fitted to calibration data) cost least move to ``MatMulNBits`` while the same
    bound holds; the report lists them, the measured fidelity and the latency vs the int8 model.
+7. never slower: the written model, whole, is timed against the model as given on this host
+   (:mod:`edgecomp.quantize.speed`); unless its 95% interval lies below 1.0, ``--families auto``
+   writes the float model as given (a warning with both measurements) and forced families keep
+   int8 with ``forced_not_faster`` set (the CLI's exit status 5).
 """
 
 
@@ -56,8 +60,8 @@ from edgecomp.quantize.options import MIN_OPSET, OPSET_REASON, QuantizeOptions
 from edgecomp.quantize.outputs import calibrate_outputs, plan_outputs
 from edgecomp.quantize.plan import bits_reason, build, make_plan
 from edgecomp.quantize.quantize_static import QUANTIZED_OPS, LayerPlan
+from edgecomp.quantize.speed import SpeedCheck, check_written_model
 from edgecomp.quantize.tolerance import Evaluator, FidelityEvaluator, fit_tolerance
-from edgecomp.runtime import make_session, run_feed
 from edgecomp.targets import host_isa
 
 __all__ = ["QuantizeResult", "quantize_model", "run"]
@@ -73,6 +77,7 @@ class QuantizeResult:
     met_tolerance: bool | None = None
     embeddings: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)  # one line each, for stderr
+    forced_not_faster: bool = False  # forced families, written int8 not faster than float here: exit 5
 
 
 
@@ -109,8 +114,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     plan, rows = make_plan(model, layers, stats, opts, calibration)
     if opts.format == "qdq":
         plan_outputs(model, plan, layers, stats, opts)
-    feed = next(iter(calibration.feeds_for(specs)))
-    families, family_rows = choose_families(model, layers, plan, feed, opts)
+    feed, *more = calibration.feeds_for(specs, 2)
+    families, family_rows = choose_families(model, layers, plan, feed, opts, confirm_feed=next(iter(more), None))
     family = {l.node: l.family for l in layers}  # not family_of per entry: a scan of the layers each
     plan = {k: v for k, v in plan.items() if family[k] in families}
     met, loss, sens, kept = None, None, {}, []
@@ -164,12 +169,22 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     invalid = new_violations(quantized, invalid_before)
     if invalid:
         raise PassFailed(f"the quantized model has a node its opset does not allow: {invalid[0]}")
+    check = _check_speed(as_given, quantized, feed, opts, family_rows) if (plan or (int4 and int4.codes)) else None
+    if check is not None and check.falls_back:  # never slower than the input: write the float model as given
+        quantized, plan, int4, embedding_rows = as_given, {}, None, []
+        met = True if met is not None else None
+        for row in rows:
+            if row["decision"] in ("int8", "int4"):
+                row["decision"], row["reason"] = "float", "the whole int8 model was not faster than float here"
     layouts = sorted({f"{p.act_bits}/{p.weight_bits}" for p in plan.values()})
     summary = {"layers int8": len(plan), "layers float": len(rows) - len(plan), "bits a/w": ", ".join(layouts),
                "bits reason": bits_reason(opts), "format": opts.format,
                "activations": "uint8 asymmetric, per tensor, static",
                "method": opts.method, "calibration samples": calibration.describe_used(opts.max_samples),
                "cleanup": cleanup.summary, "seconds": round(time.perf_counter() - t0, 1)}
+    if opts.families == "auto":
+        summary["families evidence"] = (opts.table.describe() if opts.table is not None else
+                                        next((r["evidence"] for r in family_rows if "evidence" in r), ""))
     if upgrade.modified:
         summary = {"opset": upgrade.summary["opset"], **summary}
     warnings = []
@@ -191,19 +206,19 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
             if speed.low > 1.0:
                 warnings.append(f"the int4 model runs {speed.ratio:.2f}x the int8 model's latency on this host "
                                 f"({speed.text()}): MatMulNBits is slower than MatMulIntegerToFloat here")
-    if not plan and not (int4 and int4.codes):
+    if check is not None:
+        summary.update(check.summary())
+        warnings += [w for w in [check.warning()] if w]
+    elif plan or (int4 and int4.codes):
+        target = "runs emulated" if opts.target_runner is not None else f"({opts.isa.describe()}) is not this host"
+        summary["latency decision"] = f"not timed: the target {target}"
+    if not plan and not (int4 and int4.codes) and not (check and check.falls_back):
         why = ("every planned layer was kept float by the fidelity check" if families else
                next((r["reason"] for r in family_rows if r.get("reason")), "no family was chosen"))
         warnings.append(f"no layer was made int8 ({why}); the weights written are float"
                         + ("" if opts.families != "auto" else " (families all forces int8)"))
-    if plan and opts.families != "auto" and opts.format == "contrib" and opts.isa in (None, host_isa()):
-        speed = _latency_vs_float(model, quantized, feed, opts.threads)
-        summary["latency vs float (this host)"] = speed.text()
-        if speed.low > 1.0:
-            warnings.append(f"the int8 model runs {speed.ratio:.2f}x the float model's latency on this host "
-                            f"({speed.text()}): families {opts.families} were forced; families auto keeps float "
-                            "where int8 does not pay")
-    return QuantizeResult(quantized, plan, rows, summary, family_rows, met, embedding_rows, warnings)
+    return QuantizeResult(quantized, plan, rows, summary, family_rows, met, embedding_rows, warnings,
+                          forced_not_faster=bool(check and check.forced_not_faster))
 
 
 def _target_limit(opts: QuantizeOptions) -> int | None:
@@ -211,17 +226,16 @@ def _target_limit(opts: QuantizeOptions) -> int | None:
     return opts.target_runner.max_samples if opts.target_runner is not None else None
 
 
-def _latency_vs_float(model: ir.Model, quantized: ir.Model, feed, threads: int):
-    """The written model's latency over the float model's, interleaved, with its 95% interval
-    (:func:`edgecomp.measure.bench.compare_latency`), in about a second."""
-    from edgecomp.measure.bench import compare_latency
-
-    session = make_session(model, threads=threads)
-    t0 = time.perf_counter()
-    run_feed(session, feed)
-    runs = int(np.clip(0.1 / max(time.perf_counter() - t0, 1e-4), 3, 50))
-    return compare_latency([model, quantized], feed, threads=threads, runs_per_round=runs, max_rounds=6,
-                           labels=["float", "int8"])[0]
+def _check_speed(given: ir.Model, quantized: ir.Model, feed, opts: QuantizeOptions,
+                 family_rows: list[dict[str, Any]]) -> SpeedCheck | None:
+    """The written model timed against the float model as given on this host (None when the
+    target is another ISA or runs emulated: this host's latency says nothing about it)."""
+    if opts.isa not in (None, host_isa()) or opts.target_runner is not None:
+        return None
+    chosen = next((r for r in family_rows if r.get("decision") == "chosen"), None)
+    evidence = (f"{chosen['families']} at {chosen['latency ratio int8/float']:.3f} {chosen['95% interval']} over "
+                f"{chosen['rounds']} rounds" if chosen else "")
+    return check_written_model(given, quantized, feed, opts.threads, opts.families, evidence)
 
 
 @keeps_interface("quantize")

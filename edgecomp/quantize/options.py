@@ -99,6 +99,9 @@ class QuantizeOptions:
     # fidelity_samples calibration samples, else the most sensitive layers stay float (None: off)
     min_cosine: float | None = 0.99
     fidelity_samples: int = 32
+    # a measured target table (edgecomp.quantize.measured.MeasuredTable): families auto decides from
+    # its stored ratios instead of timing on this host
+    table: Any = None
 
     def validate(self) -> None:
         check_values(OPTIONS, {o.name: getattr(self, o.name) for o in OPTIONS})

@@ -268,8 +268,10 @@ class _RoundRobinClock:
         return self.now
 
 
-def test_forced_families_report_the_measured_speed_and_warn_when_slower(mlp_path, mlp_data, monkeypatch):
-    """With --families all the written model is timed against float; slower beyond noise is a warning."""
+def test_forced_families_report_the_measured_speed_and_warn_when_slower(mlp_path, mlp_data, monkeypatch,
+                                                                        real_speed_check):
+    """With --families all the written model is timed against float; not faster beyond noise is a
+    warning and ``forced_not_faster`` (exit 5: tests/quantize/test_never_slower.py)."""
     import edgecomp.measure.bench as bench
 
     calib, _ = mlp_data
@@ -278,9 +280,11 @@ def test_forced_families_report_the_measured_speed_and_warn_when_slower(mlp_path
     slower = bench.RatioEstimate("int8", 1.3, 1.2, 1.4, 6)
     monkeypatch.setattr(bench, "compare_latency", lambda *a, **k: [slower])
     res = _quantize(mlp_path, calib)
-    assert res.warnings == ["the int8 model runs 1.30x the float model's latency on this host (1.300 [1.200, 1.400] "
-                            "over 6 rounds): families all were forced; families auto keeps float where int8 does "
-                            "not pay"]
+    assert res.warnings == ["the written int8 model runs 1.30x the float model's latency on this host (1.300 [1.200, "
+                            "1.400] over 6 rounds, 95% interval not below 1): families all were forced, so the int8 "
+                            "model is written; exit status 5 (families auto falls back to float where int8 does not "
+                            "pay)"]
+    assert res.forced_not_faster and "MatMulIntegerToFloat" in {n.op_type for n in to_proto(res.model).graph.node}
     assert _quantize(mlp_path, calib, isa=Isa("aarch64", arm_dot=True)).warnings == []  # another target's latency
 
 
