@@ -39,6 +39,19 @@ def real_speed_check():
     """Ask for it to run quantize's whole-model timing for real (with the test's own clock)."""
 
 
+class RoundRobinClock:
+    """Every timed run of model k lasts durations[k] (runs go round-robin, as compare_latency interleaves)."""
+
+    def __init__(self, durations):
+        self.durations, self.now, self.calls = durations, 0.0, 0
+
+    def __call__(self):
+        if self.calls % 2:
+            self.now += self.durations[(self.calls // 2) % len(self.durations)]
+        self.calls += 1
+        return self.now
+
+
 def make_model(nodes, inputs, outputs, initializers=(), opset=17, extra_opsets=()) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "test", inputs, outputs,
                               [numpy_helper.from_array(np.asarray(v), k) for k, v in dict(initializers).items()])

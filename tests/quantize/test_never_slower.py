@@ -18,20 +18,7 @@ from edgecomp.measure import bench
 from edgecomp.quantize import quantize_model
 from edgecomp.quantize.options import QuantizeOptions
 from edgecomp.targets import host_isa
-from tests.conftest import run_ort
-
-
-class _RoundRobinClock:
-    """Every timed run of model k lasts durations[k] (runs go round-robin, as compare_latency interleaves)."""
-
-    def __init__(self, durations):
-        self.durations, self.now, self.calls = durations, 0.0, 0
-
-    def __call__(self):
-        if self.calls % 2:
-            self.now += self.durations[(self.calls // 2) % len(self.durations)]
-        self.calls += 1
-        return self.now
+from tests.conftest import RoundRobinClock, run_ort
 
 
 @pytest.fixture
@@ -46,7 +33,7 @@ def clock(monkeypatch, real_speed_check):
             labels = kw.get("labels") or []
             calls.append(list(labels))
             ratio = whole if labels[:1] == ["float as given"] else family
-            kw["timer"] = _RoundRobinClock([1.0] + [ratio] * (len(models) - 1))
+            kw["timer"] = RoundRobinClock([1.0] + [ratio] * (len(models) - 1))
             return real(models, feed, **kw)
 
         monkeypatch.setattr(bench, "compare_latency", compare)
@@ -190,9 +177,9 @@ def test_a_family_win_must_hold_when_re_timed_on_a_second_sample(mlp_path, mlp_d
     def compare(models, feed, **kw):
         if kw.get("labels", [""])[0] == "float":
             feeds.append(feed)
-            kw["timer"] = _RoundRobinClock([1.0] + [family_ratios[len(feeds) - 1]] * (len(models) - 1))
+            kw["timer"] = RoundRobinClock([1.0] + [family_ratios[len(feeds) - 1]] * (len(models) - 1))
         else:
-            kw["timer"] = _RoundRobinClock([1.0, 0.5])
+            kw["timer"] = RoundRobinClock([1.0, 0.5])
         return real(models, feed, **kw)
 
     monkeypatch.setattr(bench, "compare_latency", compare)

@@ -21,7 +21,7 @@ from edgecomp.quantize.layers import find_layers
 from edgecomp.quantize.options import QuantizeOptions
 from edgecomp.quantize.quantize_static import LayerPlan, QuantizeStaticPass, quantize_weight
 from edgecomp.targets import Isa, host_isa
-from tests.conftest import make_model, run_ort, vinfo
+from tests.conftest import RoundRobinClock, make_model, run_ort, vinfo
 
 VNNI = Isa("x86_64", avx2=True, avx512=True, vnni=True)
 AVX2 = Isa("x86_64", avx2=True)
@@ -241,7 +241,7 @@ def test_equal_timings_keep_every_family_float_and_a_real_gain_is_taken(tiny_enc
 
     def clocked(durations):
         def compare(models, feed, **kw):
-            kw["timer"] = _RoundRobinClock([durations[0]] + [durations[1]] * (len(models) - 1))
+            kw["timer"] = RoundRobinClock([durations[0]] + [durations[1]] * (len(models) - 1))
             return real(models, feed, **kw)
         return compare
 
@@ -253,19 +253,6 @@ def test_equal_timings_keep_every_family_float_and_a_real_gain_is_taken(tiny_enc
     res = _quantize(tiny_encoder_path, calib, families="auto", embeddings=False)
     assert "MatMulIntegerToFloat" in {n.op_type for n in to_proto(res.model).graph.node}
     assert any(r["decision"] == "chosen" and "[" in r["95% interval"] for r in res.families)
-
-
-class _RoundRobinClock:
-    """Every timed run of model k lasts durations[k] (runs go round-robin, as compare_latency interleaves)."""
-
-    def __init__(self, durations):
-        self.durations, self.now, self.calls = durations, 0.0, 0
-
-    def __call__(self):
-        if self.calls % 2:
-            self.now += self.durations[(self.calls // 2) % len(self.durations)]
-        self.calls += 1
-        return self.now
 
 
 def test_forced_families_report_the_measured_speed_and_warn_when_slower(mlp_path, mlp_data, monkeypatch,

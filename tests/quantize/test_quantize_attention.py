@@ -14,8 +14,8 @@ from edgecomp.quantize import quantize_model
 from edgecomp.quantize.options import QuantizeOptions
 from edgecomp.quantize.quantize_static import LayerPlan, QuantizeStaticPass
 from edgecomp.targets import host_isa
-from tests.conftest import make_model, run_ort, vinfo
-from tests.quantize.test_quantize import _cosine_vs_float, _RoundRobinClock, encoder_data  # noqa: F401  (fixture)
+from tests.conftest import RoundRobinClock, make_model, run_ort, vinfo
+from tests.quantize.test_quantize import _cosine_vs_float, encoder_data  # noqa: F401  (fixture)
 
 SHAPE = [1, 2, 6, 4]  # batch, heads, sequence, head size
 
@@ -122,7 +122,7 @@ def test_equal_timings_keep_attention_float_and_a_gain_is_taken(tiny_encoder_pat
     def clocked(durations):  # per variant: float, matmul, attention, matmul+attention
         def compare(models, feed, **kw):
             assert len(models) == 4
-            kw["timer"] = _RoundRobinClock(durations)
+            kw["timer"] = RoundRobinClock(durations)
             return real(models, feed, **kw)
         return compare
 
