@@ -96,8 +96,8 @@ def tokenize(tokenizer, texts: Iterable[str], max_len: int = 128, pad_to: int | 
     """One feed per text: input_ids and attention_mask [1, L] (natural length, or padded to ``pad_to``)."""
     feeds = []
     for t in texts:
-        enc = tokenizer(t, truncation=True, max_length=max_len, padding="max_length" if pad_to else False,
-                        return_tensors="np", **({"max_length": pad_to} if pad_to else {}))
+        enc = tokenizer(t, truncation=True, max_length=pad_to or max_len, padding="max_length" if pad_to else False,
+                        return_tensors="np")
         feeds.append({"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)})
     return feeds
 

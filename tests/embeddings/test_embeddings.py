@@ -268,3 +268,15 @@ def test_prune_then_int4_then_rank_compose(table, tok_dir):
     want = dequantize_rows(quantize_rows(table[kept], 4, 4, "float16"), 4, 4, D)
     ids = np.array([kept])
     np.testing.assert_allclose(run(res.model, ids)[0][0], want, atol=1e-6)
+
+
+def test_tokenize_pads_to_a_fixed_length_or_keeps_the_natural_one(tok_dir):
+    from edgecomp.text import tokenize
+
+    tok = load_tokenizer(tok_dir)
+    (natural,) = tokenize(tok, ["the cat runs"])
+    (padded,) = tokenize(tok, ["the cat runs"], pad_to=16)
+    n = natural["input_ids"].shape[1]
+    assert padded["input_ids"].shape == padded["attention_mask"].shape == (1, 16) and n < 16
+    np.testing.assert_array_equal(padded["input_ids"][:, :n], natural["input_ids"])
+    assert padded["attention_mask"].sum() == n and natural["attention_mask"].all()
