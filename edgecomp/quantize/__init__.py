@@ -46,7 +46,7 @@ import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 from edgecomp.data import Dataset, StepData, input_specs, load_data, load_labels
 from edgecomp.embeddings.quantize_embeddings import QuantizeEmbeddingsPass
 from edgecomp.errors import DataNeeded, PassFailed
-from edgecomp.graph import compile_patterns
+from edgecomp.graph import compile_patterns, param_tensors
 from edgecomp.measure.interface import keeps_interface
 from edgecomp.passes.base import run_pass
 from edgecomp.passes.float_precision import in_float32, refuse_unrunnable_floats
@@ -246,5 +246,22 @@ def run(model: ir.Model, opts: QuantizeOptions, data: StepData) -> QuantizeResul
     calibration = load_data(data.need("calibration", "static quantization"))
     ev = load_data(data.need("eval", "tolerance", "tolerance")) if opts.tolerance is not None else None
     labels = load_labels(data.labels, len(ev)) if (ev is not None and data.labels) else None
+    given = model.clone()  # lifting a float16 model works in place; the clone keeps its tensors
     # a float16 model is quantized in float32 and keeps its float16 interface and float weights
-    return in_float32(model, lambda m: quantize_model(m, calibration, opts, eval_data=ev, labels=labels))
+    result = in_float32(model, lambda m: quantize_model(m, calibration, opts, eval_data=ev, labels=labels))
+    return _never_bigger_when_float(result, given)
+
+
+def _never_bigger_when_float(result: QuantizeResult, given: ir.Model) -> QuantizeResult:
+    """A run that left everything float (no int8 or int4 layer, no int8 table) writes the model as
+    given when its own float copy would be bigger (a float16 model's weights behind Casts)."""
+    changed = result.embeddings or any(r.get("decision") in ("int8", "int4") for r in result.rows)
+    if changed or _param_bytes(result.model) <= _param_bytes(given):
+        return result
+    result.model = given
+    result.summary["written"] = "the model as given (nothing was made int8; its float copy would be bigger)"
+    return result
+
+
+def _param_bytes(model: ir.Model) -> int:
+    return sum(t.nbytes for t in param_tensors(model.graph))

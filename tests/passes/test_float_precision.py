@@ -415,3 +415,21 @@ def test_bench_runs_a_float32_model_and_its_float16_export_on_one_feed(tmp_path)
             res = _cli("bench", first, second, "--runs", "3", "--warmup", "1", *extra)
             assert res.exit_code == 0, res.output
             assert str(second) in res.output
+
+
+def test_a_float16_quantize_that_keeps_every_layer_float_writes_the_model_as_given(tmp_path):
+    """Nothing int8 (a fidelity floor no int8 layer meets): the float copy would carry Casts in front of
+    float16 weights and be bigger, so the model as given is what comes back."""
+    from edgecomp.data import StepData
+    from edgecomp.io import load_model
+    from edgecomp.quantize import run
+    from edgecomp.quantize.options import QuantizeOptions
+
+    model, data = _write(tmp_path, half_mlp(), "mlp", (64,))
+    res = run(load_model(model), QuantizeOptions(families="all", min_cosine=1.0), StepData(calibration=str(data)))
+    assert not res.plan and "the model as given" in res.summary["written"]
+    from edgecomp.io import to_proto
+
+    written = to_proto(res.model)
+    assert _weight_bytes(written) == _weight_bytes(onnx.load(str(model)))
+    assert _elem_types(written) == ([F16], [F16])
