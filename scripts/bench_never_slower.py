@@ -29,18 +29,10 @@ from _bench_common import ROOT, md_table, update_section
 
 
 def digits_model(folder: Path) -> tuple[Path, Path]:
-    from edgecomp.export import export_model
-    from models.digits import load_digits_32, load_trained
+    from models.digits import load_digits_32
+    from tests.zoo import export_digits
 
-    module = load_trained("mobilenet_v2", 0.5)
-    if isinstance(module, tuple):
-        module, example = module
-    else:
-        import torch
-
-        example = (torch.zeros(1, 1, 32, 32),)
-    out = folder / "digits.onnx"
-    export_model(module, example, out, exporter="torchscript", opset=17, dynamic={"x": {0: "batch"}})
+    out = export_digits(folder / "digits.onnx")
     x, _ = load_digits_32("train")
     calib = folder / "calib.npz"
     np.savez(calib, x=x[:200])

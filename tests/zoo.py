@@ -53,7 +53,7 @@ if str(ROOT) not in sys.path:
 
 __all__ = ["ZOO", "LARGE", "Zoo", "feeds", "outputs", "pooled_cosine", "sample_cosine", "fidelity", "float_outputs", "ZooEntry", "silero_dir", "facenet_dir", "image_crops", "weights_as_constants",
            "minus_one_batch", "identity_shared", "convert_opset", "param_count", "default_opset",
-           "paddle_crnn_proto", "overridable_cnn_proto", "OVERRIDABLE_WEIGHTS"]
+           "paddle_crnn_proto", "overridable_cnn_proto", "OVERRIDABLE_WEIGHTS", "export_digits"]
 
 SEED = 0
 
@@ -568,9 +568,11 @@ def _mtcnn(net: str, n: int, exporter: str = "torchscript"):
     return build
 
 
-def _digits(folder: Path) -> tuple[Path, Path]:
-    """The trained digits MobileNetV2 (models/weights), on sklearn's digits test split."""
-    from models.digits import load_digits_32, load_trained
+def export_digits(out: Path) -> Path:
+    """The trained digits MobileNetV2 (models/weights, width 0.5) exported to ``out`` with
+    TorchScript at opset 17, batch dynamic."""
+    from edgecomp.export import export_model
+    from models.digits import load_trained
 
     module = load_trained("mobilenet_v2", 0.5)
     if isinstance(module, tuple):
@@ -579,10 +581,15 @@ def _digits(folder: Path) -> tuple[Path, Path]:
         import torch
 
         example = (torch.zeros(1, 1, 32, 32),)
-    out = folder / "digits-ts17.onnx"
-    from edgecomp.export import export_model
-
     export_model(module, example, out, exporter="torchscript", opset=17, dynamic={"x": {0: "batch"}})
+    return out
+
+
+def _digits(folder: Path) -> tuple[Path, Path]:
+    """The trained digits MobileNetV2 (models/weights), on sklearn's digits test split."""
+    from models.digits import load_digits_32
+
+    out = export_digits(folder / "digits-ts17.onnx")
     data = folder / "digits_test.npz"
     if not data.exists():
         x, _ = load_digits_32("test")
