@@ -796,7 +796,8 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
     Activation scales are fixed from calibration (no DynamicQuantizeLinear). With --eval and
     --tolerance, the most sensitive layers stay float until the metric is within tolerance;
     the best model found is always written, and the exit status is 3 when the tolerance
-    could not be met. The written model is timed against the input on this host: with
+    could not be met. The written model is timed against the input on this host (on the
+    --target profile's device when it has remote = ssh://...): with
     --families auto a model not faster beyond noise is replaced by the float model as given
     (with a warning); with forced families it is kept and the exit status is 5. --value NAME=V fixes a mode input first (see `edgecomp optimize`), so
     layers behind an If on it are quantized.
@@ -840,7 +841,7 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
         click.echo(f"warning: {note}", err=True)
     opts = QuantizeOptions(**fields_of(values), isa=profile.isa if profile else None,
                            threads=threads or (profile.threads if profile else 1), progress=True,
-                           target_runner=runner, table=table)
+                           target_runner=runner, table=table, device=_device(profile))
     opts.validate()
     m = load_model(model)
     spec = _specialize(m, fixed)
@@ -1039,7 +1040,8 @@ def targets_measure(profile, model_path, table_file, calibration, threads):
     """Time each op family of MODEL (matmul, conv, depthwise conv, attention) alone in int8
     against float on this host, with enough interleaved rounds for a tight 95% interval, and
     store the ratios under [measured.PROFILE] in the targets file. PROFILE is `host` (this
-    machine) or a profile whose ISA is this host's. `quantize --families auto --target PROFILE
+    machine), a profile whose ISA is this host's, or a profile with remote = "ssh://..." (timed
+    on that device). `quantize --families auto --target PROFILE
     --targets-file F` then decides from the table: the same command gives the same model.
 
     Example:
@@ -1052,13 +1054,15 @@ def targets_measure(profile, model_path, table_file, calibration, threads):
 
     check_output_path(table_file, [p for p in (model_path, calibration) if p])
     prof = None if profile == "host" else get_profile(profile, table_file if Path(table_file).exists() else None)
-    if prof is not None and (not prof.matches_host() or prof.emulate or prof.ep):
+    device = _device(prof)  # a profile with remote = ssh://...: timed on its device
+    if device is None and prof is not None and (not prof.matches_host() or prof.emulate or prof.ep):
         raise click.UsageError(f"profile {profile} is not this host ({prof.isa.describe()} vs "
-                               f"{host_isa().describe()}): measure it on the device, or measure `host`")
+                               f"{host_isa().describe()}): give it remote = \"ssh://...\" to measure on the device, "
+                               "or measure `host`")
     table = measure_table(model_path, profile, threads=threads or (prof.threads if prof else 1),
-                          calibration=calibration)
+                          calibration=calibration, device=device, isa=prof.isa.describe() if device else None)
     write_table(table_file, table)
-    click.echo(rpt.host_line(prof))
+    click.echo(device.probe().describe() if device else rpt.host_line(prof))
     click.echo(rpt.table([{"family": f, "latency ratio int8/float": r.text(), "layers": len(r.layers)}
                           for f, r in table.families.items()], title=f"{table.describe()}:"))
     click.echo(f"wrote [measured.{profile}] to {table_file}")

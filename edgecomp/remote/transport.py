@@ -105,7 +105,7 @@ class SshTransport(Transport):
 
     def _scp(self, sources: list[str], dest: str, legacy: bool = False) -> list[str]:
         port = ["-P", str(self.port)] if self.port else []
-        return ["scp", "-q", *(["-O"] if legacy else []), *self._options(), *port, *sources, dest]
+        return ["scp", "-q", "-r", *(["-O"] if legacy else []), *self._options(), *port, *sources, dest]
 
     def run(self, command: str, timeout: float | None = None, keep_stdin: bool = False) -> subprocess.CompletedProcess:
         """``command`` (a remote shell line) run on the device; its stdin stays open while it runs
