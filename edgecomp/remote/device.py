@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import shlex
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -229,7 +230,9 @@ class Workspace:
 
 def _stage_models(local: Path, models: Sequence[str]) -> tuple[list[Path], list[str]]:
     """runner.py and a folder ``mI`` per model holding it and its external-data files under the
-    names its graph refers to (hard links, or copies); the folders and the runner's remote names."""
+    names its graph refers to; the folders and the runner's remote names. The model is hard-linked
+    (or copied); its data files are copied: onnx refuses to load a data file with several hard
+    links (a hard-link attack guard), which would break the user's own model while we stage."""
     from edgecomp.io import external_data_files
 
     runner = local / "runner.py"
@@ -239,10 +242,11 @@ def _stage_models(local: Path, models: Sequence[str]) -> tuple[list[Path], list[
         src = Path(m)
         folder = local / f"m{i}"
         folder.mkdir()
-        for f in [src, *external_data_files(src)]:
+        _link_or_copy(src, folder / src.name)
+        for f in external_data_files(src):
             dst = folder / f.relative_to(src.parent)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            _link_or_copy(f, dst)
+            shutil.copyfile(f, dst)
         staged.append(folder)
         names.append(f"m{i}/{src.name}")
     return staged, names
@@ -252,8 +256,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         dst.hardlink_to(src.resolve())
     except OSError:
-        import shutil
-
         shutil.copyfile(src, dst)
 
 
