@@ -871,16 +871,11 @@ def _measured_table(targets_file, target, families):
     auto decides (None: no file, or no table there; quantize then times on this host)."""
     if families != "auto" or not targets_file:
         return None
-    import onnxruntime as ort
+    from edgecomp.quantize.measured import table_for
 
-    from edgecomp.quantize.measured import cpu_name, read_table
-
-    table = read_table(targets_file, target or "host")
-    if table is not None and (target or "host") == "host" and (table.onnxruntime, table.cpu) != (ort.__version__,
-                                                                                                   cpu_name()):
-        click.echo(f"warning: the {table.describe()} was measured on another CPU or onnxruntime (this host: "
-                   f"{cpu_name()}, onnxruntime {ort.__version__}); run `edgecomp targets measure host` again",
-                   err=True)
+    table, note = table_for(targets_file, target)
+    if note:
+        click.echo(f"warning: {note}", err=True)
     return table
 
 
@@ -1142,8 +1137,9 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
     source = _convert_source(spec, hf_path)
     r = load_recipe(recipe)
     profile = get_profile(target, targets_file)
+    table = _measured_table(targets_file, target, "auto") if "quantize" in r.step_names() else None
     res = run_convert(source, r, outdir, calibration=calibration, eval_data=eval_data, labels=labels, text=text,
-                      tokenizer=tokenizer, target=profile,
+                      tokenizer=tokenizer, target=profile, table=table,
                       overwrite=overwrite, progress=True, protect=[p for p in (targets_file,) if p], ort_format=ort_format,
                       values=_parse_values(values),
                       on_step=lambda rec: click.echo(f"step {rec.index:02d} {rec.step}: done in {rec.seconds:.1f}s", err=True))

@@ -46,6 +46,7 @@ __all__ = [
     "decide_from_table",
     "measure_table",
     "read_table",
+    "table_for",
     "write_table",
 ]
 
@@ -238,6 +239,20 @@ def read_table(path: str | os.PathLike, profile: str) -> MeasuredTable | None:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ConfigError(f"{where} is not a table `edgecomp targets measure` wrote ({type(e).__name__}: {e}); "
                           "measure again") from None
+
+
+def table_for(path: str | os.PathLike, profile: str | None) -> tuple[MeasuredTable | None, str | None]:
+    """The table that decides families auto for ``profile`` (``host`` when None) in the targets
+    file, and a warning when a ``host`` table was measured on another CPU or onnxruntime than
+    this host's (a device's table is the device's: nothing here to compare it with)."""
+    import onnxruntime as ort
+
+    name = profile or "host"
+    table = read_table(path, name)
+    if table is None or name != "host" or (table.onnxruntime, table.cpu) == (ort.__version__, cpu_name()):
+        return table, None
+    return table, (f"the {table.describe()} was measured on another CPU or onnxruntime (this host: {cpu_name()}, "
+                   f"onnxruntime {ort.__version__}); run `edgecomp targets measure host` again")
 
 
 def write_table(path: str | os.PathLike, table: MeasuredTable) -> Path:
