@@ -778,7 +778,8 @@ def reduce_embeddings(model, output, text, tokenizer, keep_ids, add_tokens, json
 @_data_option("--eval", "eval", "Held-out DATA for --tolerance (the accuracy-aware fallback).", dest="eval_data")
 @_data_option("--labels", "labels", "Labels for --eval (makes --metric top1 task accuracy).")
 @click.option("--target", help="Target profile whose ISA decides weight bits (default: this host); one with an "
-              "emulated CPU (arm64-*) also judges --tolerance and the fidelity floor on its numerics.")
+              "emulated CPU (arm64-*) also judges --tolerance and the fidelity floor on its numerics; one with remote = "
+              "times the written model against the input on its device.")
 @click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables; with families "
               "auto, its [measured.PROFILE] table (`edgecomp targets measure`; `host` without --target) decides.")
 @click.option("--target-samples", type=click.IntRange(1), default=16, show_default=True,
