@@ -844,6 +844,8 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
                            threads=threads or (profile.threads if profile else 1), progress=True,
                            target_runner=runner, table=table, device=_device(profile))
     opts.validate()
+    if opts.device is not None:  # an unreachable or unfit device is refused before any work
+        click.echo(opts.device.probe().describe())
     m = load_model(model)
     spec = _specialize(m, fixed)
     result = run(m, opts, data)

@@ -108,6 +108,7 @@ def test_never_slower_on_the_device_writes_float_when_int8_is_slower_there(sshd,
     res = CliRunner().invoke(cli, ["quantize", str(mlp_path), "-o", str(out), "--calibration", str(calib),
                                    "--target", "dev", "--targets-file", str(f), "--json", str(js)])
     assert res.exit_code == 0, res.output
+    assert res.output.startswith(f"device: {sshd.address} — ")
     assert calls and calls[0]["models"] == 2  # the float model as given and the written int8 model, on the device
     assert "MatMulIntegerToFloat" not in {n.op_type for n in onnx.load(str(out)).graph.node}
     assert f"latency on {sshd.address} (1.300 [1.300, 1.300] over 4 rounds" in res.output
@@ -127,3 +128,18 @@ def test_never_slower_on_the_device_writes_float_when_int8_is_slower_there(sshd,
     assert res.exit_code == 0, res.output
     assert f"int8 kept: the written model is faster than float beyond noise on {sshd.address}" in res.output
     assert sshd.wait_clean() == []
+
+
+def test_an_unreachable_device_is_refused_before_quantizing(sshd, mlp_path, mlp_data, tmp_path, monkeypatch):
+    import edgecomp.quantize
+
+    monkeypatch.setattr(edgecomp.quantize, "run", lambda *a, **k: pytest.fail("quantized first"))
+    calib, _ = mlp_data
+    f = tmp_path / "devices.toml"
+    f.write_text(_profile(sshd, tmp_path).read_text().replace(f":{sshd.port}", ":1"))
+    out = tmp_path / "q.onnx"
+    res = CliRunner().invoke(cli, ["quantize", str(mlp_path), "-o", str(out), "--calibration", str(calib),
+                                   "--target", "dev", "--targets-file", str(f)])
+    assert res.exit_code == 1 and not out.exists()
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: ssh://{sshd.user}@127.0.0.1:1: the device is unreachable")
