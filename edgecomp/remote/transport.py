@@ -1,7 +1,7 @@
 """Reaching a device: run commands there, copy files both ways, hold a work folder that always goes.
 
 A :class:`Transport` is what the device session (:mod:`edgecomp.remote.device`) needs: ``run``
-a command line, ``put`` files into a remote folder, ``get`` one back, and ``workdir()``, a fresh
+a command line, ``put`` files and folders into a remote folder, ``get`` one back, and ``workdir()``, a fresh
 remote folder that is removed in every case. :func:`parse_address` turns ``ssh://user@host[:port]``
 into an :class:`SshTransport`; ``adb://SERIAL`` is recognised and refused with what it would take
 (see the package docstring).
