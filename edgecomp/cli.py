@@ -778,7 +778,8 @@ def reduce_embeddings(model, output, text, tokenizer, keep_ids, add_tokens, json
 @_data_option("--eval", "eval", "Held-out DATA for --tolerance (the accuracy-aware fallback).", dest="eval_data")
 @_data_option("--labels", "labels", "Labels for --eval (makes --metric top1 task accuracy).")
 @click.option("--target", help="Target profile whose ISA decides weight bits (default: this host); one with an "
-              "emulated CPU (arm64-*) also judges --tolerance and the fidelity floor on its numerics.")
+              "emulated CPU (arm64-*) also judges --tolerance and the fidelity floor on its numerics; one with remote = "
+              "times the written model against the input on its device.")
 @click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables; with families "
               "auto, its [measured.PROFILE] table (`edgecomp targets measure`; `host` without --target) decides.")
 @click.option("--target-samples", type=click.IntRange(1), default=16, show_default=True,
@@ -796,7 +797,8 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
     Activation scales are fixed from calibration (no DynamicQuantizeLinear). With --eval and
     --tolerance, the most sensitive layers stay float until the metric is within tolerance;
     the best model found is always written, and the exit status is 3 when the tolerance
-    could not be met. The written model is timed against the input on this host: with
+    could not be met. The written model is timed against the input on this host (on the
+    --target profile's device when it has remote = ssh://...): with
     --families auto a model not faster beyond noise is replaced by the float model as given
     (with a warning); with forced families it is kept and the exit status is 5. --value NAME=V fixes a mode input first (see `edgecomp optimize`), so
     layers behind an If on it are quantized.
@@ -840,8 +842,10 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
         click.echo(f"warning: {note}", err=True)
     opts = QuantizeOptions(**fields_of(values), isa=profile.isa if profile else None,
                            threads=threads or (profile.threads if profile else 1), progress=True,
-                           target_runner=runner, table=table)
+                           target_runner=runner, table=table, device=_device(profile))
     opts.validate()
+    if opts.device is not None:  # an unreachable or unfit device is refused before any work
+        click.echo(opts.device.probe().describe())
     m = load_model(model)
     spec = _specialize(m, fixed)
     result = run(m, opts, data)
@@ -870,16 +874,11 @@ def _measured_table(targets_file, target, families):
     auto decides (None: no file, or no table there; quantize then times on this host)."""
     if families != "auto" or not targets_file:
         return None
-    import onnxruntime as ort
+    from edgecomp.quantize.measured import table_for
 
-    from edgecomp.quantize.measured import cpu_name, read_table
-
-    table = read_table(targets_file, target or "host")
-    if table is not None and (target or "host") == "host" and (table.onnxruntime, table.cpu) != (ort.__version__,
-                                                                                                   cpu_name()):
-        click.echo(f"warning: the {table.describe()} was measured on another CPU or onnxruntime (this host: "
-                   f"{cpu_name()}, onnxruntime {ort.__version__}); run `edgecomp targets measure host` again",
-                   err=True)
+    table, note = table_for(targets_file, target)
+    if note:
+        click.echo(f"warning: {note}", err=True)
     return table
 
 
@@ -1039,7 +1038,8 @@ def targets_measure(profile, model_path, table_file, calibration, threads):
     """Time each op family of MODEL (matmul, conv, depthwise conv, attention) alone in int8
     against float on this host, with enough interleaved rounds for a tight 95% interval, and
     store the ratios under [measured.PROFILE] in the targets file. PROFILE is `host` (this
-    machine) or a profile whose ISA is this host's. `quantize --families auto --target PROFILE
+    machine), a profile whose ISA is this host's, or a profile with remote = "ssh://..." (timed
+    on that device). `quantize --families auto --target PROFILE
     --targets-file F` then decides from the table: the same command gives the same model.
 
     Example:
@@ -1052,13 +1052,15 @@ def targets_measure(profile, model_path, table_file, calibration, threads):
 
     check_output_path(table_file, [p for p in (model_path, calibration) if p])
     prof = None if profile == "host" else get_profile(profile, table_file if Path(table_file).exists() else None)
-    if prof is not None and (not prof.matches_host() or prof.emulate or prof.ep):
+    device = _device(prof)  # a profile with remote = ssh://...: timed on its device
+    if device is None and prof is not None and (not prof.matches_host() or prof.emulate or prof.ep):
         raise click.UsageError(f"profile {profile} is not this host ({prof.isa.describe()} vs "
-                               f"{host_isa().describe()}): measure it on the device, or measure `host`")
+                               f"{host_isa().describe()}): give it remote = \"ssh://...\" to measure on the device, "
+                               "or measure `host`")
     table = measure_table(model_path, profile, threads=threads or (prof.threads if prof else 1),
-                          calibration=calibration)
+                          calibration=calibration, device=device, isa=prof.isa.describe() if device else None)
     write_table(table_file, table)
-    click.echo(rpt.host_line(prof))
+    click.echo(device.probe().describe() if device else rpt.host_line(prof))
     click.echo(rpt.table([{"family": f, "latency ratio int8/float": r.text(), "layers": len(r.layers)}
                           for f, r in table.families.items()], title=f"{table.describe()}:"))
     click.echo(f"wrote [measured.{profile}] to {table_file}")
@@ -1138,8 +1140,9 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
     source = _convert_source(spec, hf_path)
     r = load_recipe(recipe)
     profile = get_profile(target, targets_file)
+    table = _measured_table(targets_file, target, "auto") if "quantize" in r.step_names() else None
     res = run_convert(source, r, outdir, calibration=calibration, eval_data=eval_data, labels=labels, text=text,
-                      tokenizer=tokenizer, target=profile,
+                      tokenizer=tokenizer, target=profile, table=table,
                       overwrite=overwrite, progress=True, protect=[p for p in (targets_file,) if p], ort_format=ort_format,
                       values=_parse_values(values),
                       on_step=lambda rec: click.echo(f"step {rec.index:02d} {rec.step}: done in {rec.seconds:.1f}s", err=True))

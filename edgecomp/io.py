@@ -30,6 +30,7 @@ __all__ = [
     "load_model",
     "save_model",
     "model_bytes",
+    "external_data_files",
     "session_bytes",
     "model_from_bytes",
     "to_proto",
@@ -155,17 +156,19 @@ def session_bytes(model: ir.Model, extra_outputs: Iterable[str] = ()) -> tuple[b
 def model_size_bytes(path: str | os.PathLike) -> int:
     """Bytes on disk of a model, counting external data files that sit beside it."""
     p = Path(path)
-    total = p.stat().st_size
+    return p.stat().st_size + sum(f.stat().st_size for f in external_data_files(p))
+
+
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external-data files a model file refers to that exist beside it (each once)."""
+    p = Path(path)
     proto = onnx.load(str(p), load_external_data=False)
-    seen = set()
+    found: dict[str, Path] = {}
     for t in _all_tensors(proto.graph):
         for entry in t.external_data:
-            if entry.key == "location" and entry.value not in seen:
-                seen.add(entry.value)
-                ext = p.parent / entry.value
-                if ext.exists():
-                    total += ext.stat().st_size
-    return total
+            if entry.key == "location" and entry.value not in found and (p.parent / entry.value).is_file():
+                found[entry.value] = p.parent / entry.value
+    return list(found.values())
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

@@ -20,7 +20,7 @@ from edgecomp.errors import DataError, OptionError
 from edgecomp.io import load_model, model_bytes, model_size_bytes
 from edgecomp.runtime import make_session, run_feed, with_input_floats
 
-__all__ = ["compare_latency", "RatioEstimate", "LatencyStats", "BenchResult", "benchmark", "pin_cpus", "parse_cpus", "first_feed"]
+__all__ = ["compare_latency", "estimates_from_rounds", "RatioEstimate", "LatencyStats", "BenchResult", "benchmark", "pin_cpus", "parse_cpus", "first_feed"]
 
 
 @dataclasses.dataclass
@@ -177,13 +177,40 @@ def compare_latency(models: Sequence[ir.Model | str | os.PathLike], feed: Feed, 
                 t0 = timer()
                 s.run(None, feeds[i])
                 times[i].append(timer() - t0)
-        ref = max(float(np.median(times[0])), 1e-12)
-        for i, t in enumerate(times[1:]):
-            logs[i].append(float(np.log(max(float(np.median(t)), 1e-12) / ref)))
+        for lg, value in zip(logs, _log_ratios(times)):
+            lg.append(value)
         estimates = [_interval(lab, lg) for lab, lg in zip(labels[1:], logs)]
-        if rnd >= min_rounds and all(e.high < 1.0 or e.low > 1.0 for e in estimates):
+        if rnd >= min_rounds and _settled(estimates):
             break
     return estimates
+
+
+def estimates_from_rounds(rounds: Sequence[Sequence[Sequence[float]]], labels: Sequence[str],
+                          min_rounds: int) -> list[RatioEstimate]:
+    """:func:`compare_latency`'s estimates from rounds timed elsewhere (a device runs them all in
+    one trip): ``rounds[r][i]`` are model ``i``'s seconds in round ``r``. The rounds are read in
+    order with the same stopping rule, so the estimate is the one :func:`compare_latency` would
+    have stopped at; later rounds are not used."""
+    logs: list[list[float]] = [[] for _ in labels[1:]]
+    estimates: list[RatioEstimate] = []
+    for rnd, times in enumerate(rounds, 1):
+        for lg, value in zip(logs, _log_ratios(times)):
+            lg.append(value)
+        estimates = [_interval(lab, lg) for lab, lg in zip(labels[1:], logs)]
+        if rnd >= min_rounds and _settled(estimates):
+            break
+    return estimates
+
+
+def _log_ratios(times: Sequence[Sequence[float]]) -> list[float]:
+    """One round: each model's log ratio of medians to the reference's (``times[0]``)."""
+    ref = max(float(np.median(times[0])), 1e-12)
+    return [float(np.log(max(float(np.median(t)), 1e-12) / ref)) for t in times[1:]]
+
+
+def _settled(estimates: Sequence[RatioEstimate]) -> bool:
+    """Every interval excludes 1.0: more rounds would not change a verdict."""
+    return all(e.high < 1.0 or e.low > 1.0 for e in estimates)
 
 
 def _interval(label: str, logs: Sequence[float]) -> RatioEstimate:

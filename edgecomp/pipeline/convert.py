@@ -13,7 +13,9 @@ with one line unless it sets ``allow_degraded = true``; a step written below its
 tolerance is listed in ``ConvertResult.degraded`` (the CLI's exit status 3) unless a later
 distill step heals it. A quantize step follows quantize's never-slower rule: with families auto a
 model not faster than its input falls back to float; forced families keep int8 and the step is
-listed in ``ConvertResult.not_faster`` (the CLI's exit status 5, after 4 and 3).
+listed in ``ConvertResult.not_faster`` (the CLI's exit status 5, after 4 and 3). With a measured
+target table its families auto are decided from the table, and a target with ``remote = ...``
+times the written model on its device (the rule of ``quantize --target``).
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ class _Context:
     def __init__(self, source: Source, outdir: Path, data: StepData, target: TargetProfile | None, progress: bool):
         self.source, self.outdir, self.data, self.target, self.progress = source, outdir, data, target, progress
         self.records: list[StepRecord] = []
+        self.table: Any = None  # the target's measured table (edgecomp.quantize.measured), for quantize steps
         self.current: Path | None = None
         self._model: Any = None  # ir.Model of self.current
 
@@ -184,9 +187,15 @@ def _run_quantize(ctx: _Context, rec: StepRecord) -> None:
         values["format"] = ctx.target.quant_format
     from edgecomp.emulate.runner import target_runner
 
+    from edgecomp.remote import profile_device
+
     runner, note = target_runner(ctx.target)
+    # families auto decides from the target's measured table when there is one (as quantize --target
+    # does), and the written model is timed against its input on the target's device when it has one
     opts = QuantizeOptions(**fields_of(values), isa=ctx.target.isa if ctx.target else None,
-                           threads=ctx.threads, progress=ctx.progress, target_runner=runner)
+                           threads=ctx.threads, progress=ctx.progress, target_runner=runner,
+                           table=ctx.table if values.get("families", "auto") == "auto" else None,
+                           device=profile_device(ctx.target))
     res = run(ctx.latest(), opts, ctx.data)
     ctx.save(rec, res.model)
     rec.summary, rec.degraded = res.summary, res.met_tolerance is False
@@ -296,10 +305,10 @@ def _run_bench(ctx: _Context, rec: StepRecord) -> None:
     labels = [f"{m.index:02d}-{m.step}" for m in models]
     where = {}
     if ctx.target and ctx.target.remote:  # the profile's device times the models: latency gates hold there
-        from edgecomp.remote import connect
+        from edgecomp.remote import profile_device
         from edgecomp.remote.measure import bench_on_device
 
-        device = connect(ctx.target.remote, python=ctx.target.python or "python3", config_file=ctx.target.ssh_config)
+        device = profile_device(ctx.target)
         where = {"device": device.probe().describe()}
         res = bench_on_device(device, [m.model for m in models], threads=threads, warmup=rec.options["warmup"],
                               runs=rec.options["runs"], feed=feed, labels=labels)
@@ -428,14 +437,16 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
             tokenizer: str | None = None, target: TargetProfile | None = None,
             overwrite: bool = False, progress: bool = False, protect: Sequence[str | os.PathLike] = (),
             ort_format: bool = False, values: dict[str, Any] | None = None,
-            on_step: Callable[[StepRecord], None] | None = None) -> ConvertResult:
+            on_step: Callable[[StepRecord], None] | None = None, table: Any = None) -> ConvertResult:
     """Run ``recipe`` on ``source`` into ``outdir``; see the module docstring.
 
     ``protect`` names further inputs (a targets file) that OUTDIR must not hold. ``ort_format``
     also writes ``model.ort`` and the reduced-build operator config (see :mod:`edgecomp.package`).
     ``values`` (over the recipe's ``[values]``) fixes inputs of every model after the export:
     :class:`~edgecomp.passes.specialize_inputs.SpecializeInputsPass` runs on the exported model
-    in memory, recorded in the export step's summary.
+    in memory, recorded in the export step's summary. ``table`` (a measured target table,
+    :func:`edgecomp.quantize.measured.table_for`) decides a quantize step's families auto; each
+    step's summary says which evidence decided ("families evidence").
     """
     from edgecomp.render.html import write_reports
 
@@ -452,6 +463,7 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
     degraded: list[str] = []
     with work_dir(out) as work:
         ctx = _Context(source, work, data, target, progress)
+        ctx.table = table
         for i, options in enumerate(recipe.steps, start=1):
             rec = StepRecord(i, options["step"], {k: v for k, v in options.items() if k != "step"})
             ctx.records.append(rec)

@@ -27,7 +27,7 @@ float weights: :mod:`edgecomp.passes.float_precision`):
    whose int4 codes (fitted to calibration data) cost least move to ``MatMulNBits`` while the same
    bound holds; the report lists them, the measured fidelity and the latency vs the int8 model.
 7. never slower: the written model, whole, is timed against the model as given on this host
-   (:mod:`edgecomp.quantize.speed`); unless its 95% interval lies below 1.0, ``--families auto``
+   or on the target's device (:mod:`edgecomp.quantize.speed`); unless its 95% interval lies below 1.0, ``--families auto``
    writes the float model as given (a warning with both measurements) and forced families keep
    int8 with ``forced_not_faster`` set (the CLI's exit status 5).
 """
@@ -229,13 +229,14 @@ def _target_limit(opts: QuantizeOptions) -> int | None:
 def _check_speed(given: ir.Model, quantized: ir.Model, feed, opts: QuantizeOptions,
                  family_rows: list[dict[str, Any]]) -> SpeedCheck | None:
     """The written model timed against the float model as given on this host (None when the
-    target is another ISA or runs emulated: this host's latency says nothing about it)."""
-    if opts.isa not in (None, host_isa()) or opts.target_runner is not None:
+    target is another ISA or runs emulated: this host's latency says nothing about it); on the
+    target's device when it has one."""
+    if opts.device is None and (opts.isa not in (None, host_isa()) or opts.target_runner is not None):
         return None
     chosen = next((r for r in family_rows if r.get("decision") == "chosen"), None)
     evidence = (f"{chosen['families']} at {chosen['latency ratio int8/float']:.3f} {chosen['95% interval']} over "
                 f"{chosen['rounds']} rounds" if chosen else "")
-    return check_written_model(given, quantized, feed, opts.threads, opts.families, evidence)
+    return check_written_model(given, quantized, feed, opts.threads, opts.families, evidence, device=opts.device)
 
 
 @keeps_interface("quantize")

@@ -7,7 +7,8 @@ own layers and shapes) in int8, alone and in every combination (families interac
 family pays quantize/dequantize at its borders), interleaved, in at least :data:`MIN_ROUNDS` and up to
 :data:`MAX_ROUNDS` rounds of about a third of a second each
 (:func:`edgecomp.measure.bench.compare_latency`: each round's ratio of medians, a Student-t 95%
-interval over the rounds), and stores per family the ratio, its interval, the rounds and the layers
+interval over the rounds; on the profile's device when it has ``remote = ssh://...``, through
+:func:`edgecomp.remote.measure.compare_on_device`, the rounds sized by the device's own speed), and stores per family the ratio, its interval, the rounds and the layers
 measured under ``[measured.PROFILE.families."KEY"]`` (KEY: the combination, e.g. ``conv,matmul``) in F, with the date, CPU, ISA, onnxruntime version and
 threads. F is rewritten atomically with tomlkit, which keeps the user's other tables and comments.
 
@@ -45,10 +46,12 @@ __all__ = [
     "decide_from_table",
     "measure_table",
     "read_table",
+    "table_for",
     "write_table",
 ]
 
 MIN_ROUNDS, MAX_ROUNDS = 8, 30
+MIN_RUNS, MAX_RUNS = 9, 300  # runs per round (a median of fewer is itself noisy)
 ROUND_SECONDS = 0.35
 GAIN = 0.97  # the same threshold as the in-command choice
 
@@ -116,14 +119,16 @@ def decide_from_table(table: MeasuredTable, present: list[str]) -> tuple[set[str
 
 
 def measure_table(model_path: str | os.PathLike, profile: str, threads: int = 1,
-                  calibration: str | os.PathLike | None = None, fmt: str = "contrib") -> MeasuredTable:
-    """Time each op family of the model alone in int8 against float on this host (see the module)."""
+                  calibration: str | os.PathLike | None = None, fmt: str = "contrib", device=None,
+                  isa: str | None = None) -> MeasuredTable:
+    """Time each op family combination of the model in int8 against float on this host, or on
+    ``device`` (an :class:`edgecomp.remote.device.Device`; ``isa``: the profile's ISA, stored with
+    the table) (see the module)."""
     import onnxruntime as ort
 
     from edgecomp.data import Dataset, image_size_hint, input_specs, synthesize_feed
     from edgecomp.errors import PassFailed
     from edgecomp.io import load_model
-    from edgecomp.measure import bench
     from edgecomp.passes.base import run_pass
     from edgecomp.passes.optimize_graph import OptimizeGraphPass
     from edgecomp.passes.upgrade_opset import UpgradeOpsetPass
@@ -133,7 +138,6 @@ def measure_table(model_path: str | os.PathLike, profile: str, threads: int = 1,
     from edgecomp.quantize.options import FAMILIES, MIN_OPSET, OPSET_REASON, QuantizeOptions
     from edgecomp.quantize.outputs import calibrate_outputs, plan_outputs
     from edgecomp.quantize.plan import build, make_plan
-    from edgecomp.runtime import make_session, run_feed
     from edgecomp.targets import host_isa
 
     model = load_model(model_path)
@@ -165,20 +169,38 @@ def measure_table(model_path: str | os.PathLike, profile: str, threads: int = 1,
     # can call each one slower while all of them together are faster, or the reverse
     combos = [c for k in range(1, len(present) + 1) for c in combinations(present, k)]
     variants = [build(model, {n: p for n, p in plan.items() if family_of(layers, n) in c}, format=fmt) for c in combos]
+    keys = [",".join(c) for c in combos]
+    if device is not None:  # the profile's device: its own runs size the rounds and time them
+        from edgecomp.remote.measure import compare_on_device
+
+        est = compare_on_device(device, [model, *variants], feed, threads=threads, round_seconds=ROUND_SECONDS,
+                                min_rounds=MIN_ROUNDS, max_rounds=MAX_ROUNDS, min_runs=MIN_RUNS, max_runs=MAX_RUNS,
+                                labels=["float", *keys])
+        info = device.probe()
+        cpu, ort_version = info.cpu or info.machine, info.onnxruntime
+    else:
+        est = _compare_here(model, variants, feed, threads, keys)
+        cpu, ort_version = cpu_name(), ort.__version__
+    families = {k: FamilyRatio(e.ratio, e.low, e.high, e.rounds, _layer_texts(model, [l for l in layers if l.family in c]))
+                for k, c, e in zip(keys, combos, est)}
+    return MeasuredTable(profile, datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                         cpu, isa or host_isa().describe(), ort_version, threads, Path(model_path).name, families)
+
+
+def _compare_here(model: ir.Model, variants: list[ir.Model], feed, threads: int, keys: list[str]):
+    """:func:`edgecomp.measure.bench.compare_latency` of the variants against float on this host."""
+    from edgecomp.measure import bench  # looked up at call time: tests inject a fake clock there
+    from edgecomp.runtime import make_session, run_feed
+
     session = make_session(model, threads=threads)
     run_feed(session, feed)
     t0 = time.perf_counter()
     run_feed(session, feed)
     one = max(time.perf_counter() - t0, 1e-5)
     del session
-    runs = int(np.clip(ROUND_SECONDS / (one * (1 + len(variants))), 9, 300))
-    keys = [",".join(c) for c in combos]
-    est = bench.compare_latency([model, *variants], feed, threads=threads, runs_per_round=runs,
-                                min_rounds=MIN_ROUNDS, max_rounds=MAX_ROUNDS, labels=["float", *keys])
-    families = {k: FamilyRatio(e.ratio, e.low, e.high, e.rounds, _layer_texts(model, [l for l in layers if l.family in c]))
-                for k, c, e in zip(keys, combos, est)}
-    return MeasuredTable(profile, datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                         cpu_name(), host_isa().describe(), ort.__version__, threads, Path(model_path).name, families)
+    runs = int(np.clip(ROUND_SECONDS / (one * (1 + len(variants))), MIN_RUNS, MAX_RUNS))
+    return bench.compare_latency([model, *variants], feed, threads=threads, runs_per_round=runs,
+                                 min_rounds=MIN_ROUNDS, max_rounds=MAX_ROUNDS, labels=["float", *keys])
 
 
 def _layer_texts(model: ir.Model, layers) -> list[str]:
@@ -217,6 +239,20 @@ def read_table(path: str | os.PathLike, profile: str) -> MeasuredTable | None:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ConfigError(f"{where} is not a table `edgecomp targets measure` wrote ({type(e).__name__}: {e}); "
                           "measure again") from None
+
+
+def table_for(path: str | os.PathLike, profile: str | None) -> tuple[MeasuredTable | None, str | None]:
+    """The table that decides families auto for ``profile`` (``host`` when None) in the targets
+    file, and a warning when a ``host`` table was measured on another CPU or onnxruntime than
+    this host's (a device's table is the device's: nothing here to compare it with)."""
+    import onnxruntime as ort
+
+    name = profile or "host"
+    table = read_table(path, name)
+    if table is None or name != "host" or (table.onnxruntime, table.cpu) == (ort.__version__, cpu_name()):
+        return table, None
+    return table, (f"the {table.describe()} was measured on another CPU or onnxruntime (this host: {cpu_name()}, "
+                   f"onnxruntime {ort.__version__}); run `edgecomp targets measure host` again")
 
 
 def write_table(path: str | os.PathLike, table: MeasuredTable) -> Path:

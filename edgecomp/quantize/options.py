@@ -102,6 +102,9 @@ class QuantizeOptions:
     # a measured target table (edgecomp.quantize.measured.MeasuredTable): families auto decides from
     # its stored ratios instead of timing on this host
     table: Any = None
+    # the target's device (edgecomp.remote.device.Device, a profile with remote = ...): the written
+    # model is timed against its input there (never slower on the target)
+    device: Any = None
 
     def validate(self) -> None:
         check_values(OPTIONS, {o.name: getattr(self, o.name) for o in OPTIONS})

@@ -24,6 +24,9 @@ sized from one probe run so a round lasts about :data:`ROUND_SECONDS` (at least
 :data:`MIN_RUNS` runs: a median of fewer is itself noisy).
 
 Only a target that is this host is timed here; another ISA's model is not (the summary says so).
+A target profile with ``remote = ssh://...`` is timed on its device instead, with the same
+protocol (:func:`edgecomp.remote.measure.compare_on_device`: the device runs the rounds, sized
+there, and the host reads them with the same stopping rule) and the same decision.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class SpeedCheck:
     estimate: Any  # edgecomp.measure.bench.RatioEstimate
     families: str  # "auto", "all" or the forced list
     family_evidence: str = ""  # the in-command family timing of the chosen combination, if any
+    where: str = "this host"  # or the device it was timed on (its ssh:// address)
 
     @property
     def faster(self) -> bool:
@@ -70,15 +74,15 @@ class SpeedCheck:
 
     def decision(self) -> str:
         if self.faster:
-            return "int8 kept: the written model is faster than float beyond noise on this host"
+            return f"int8 kept: the written model is faster than float beyond noise on {self.where}"
         if self.falls_back:
-            return "float written: the int8 model was not faster than float beyond noise on this host"
-        return f"int8 kept (families {self.families} forced) although not faster than float on this host: exit 5"
+            return f"float written: the int8 model was not faster than float beyond noise on {self.where}"
+        return f"int8 kept (families {self.families} forced) although not faster than float on {self.where}: exit 5"
 
     def warning(self) -> str | None:
         if self.faster:
             return None
-        whole = f"the written int8 model runs {self.estimate.ratio:.2f}x the float model's latency on this host " \
+        whole = f"the written int8 model runs {self.estimate.ratio:.2f}x the float model's latency on {self.where} " \
                 f"({self.estimate.text()}, 95% interval not below 1)"
         if self.falls_back:
             chosen = f"; the family timing had {self.family_evidence}" if self.family_evidence else ""
@@ -87,19 +91,29 @@ class SpeedCheck:
                 "(families auto falls back to float where int8 does not pay)")
 
     def summary(self) -> dict[str, Any]:
-        return {"latency vs float (this host)": self.estimate.text(), "latency decision": self.decision()}
+        return {f"latency vs float ({self.where})": self.estimate.text(), "latency decision": self.decision()}
 
 
 def check_written_model(given: ir.Model, written: ir.Model, feed, threads: int, families: str,
-                        family_evidence: str = "") -> SpeedCheck:
-    """:func:`time_against_input`, with what quantize does about the result."""
-    return SpeedCheck(time_against_input(given, written, feed, threads), families, family_evidence)
+                        family_evidence: str = "", device=None) -> SpeedCheck:
+    """:func:`time_against_input` (on ``device``, an :class:`edgecomp.remote.device.Device`, when
+    given), with what quantize does about the result."""
+    where = device.transport.address if device is not None else "this host"
+    return SpeedCheck(time_against_input(given, written, feed, threads, device=device), families, family_evidence,
+                      where)
 
 
-def time_against_input(given: ir.Model, written: ir.Model, feed, threads: int):
+def time_against_input(given: ir.Model, written: ir.Model, feed, threads: int, device=None):
     """``written``'s latency over ``given``'s (the float model as the user gave it) on ``feed``,
     interleaved, in rounds until the ratio's 95% interval excludes 1.0 or :data:`MAX_ROUNDS`
-    (a :class:`edgecomp.measure.bench.RatioEstimate`)."""
+    (a :class:`edgecomp.measure.bench.RatioEstimate`); on ``device`` when given."""
+    labels = ["float as given", "written int8"]
+    if device is not None:
+        from edgecomp.remote.measure import compare_on_device
+
+        return compare_on_device(device, [given, written], feed, threads=threads, round_seconds=ROUND_SECONDS,
+                                 min_rounds=MIN_ROUNDS, max_rounds=MAX_ROUNDS, min_runs=MIN_RUNS, max_runs=MAX_RUNS,
+                                 labels=labels)[0]
     from edgecomp.measure import bench  # looked up at call time: tests inject a fake clock there
 
     probe = make_session(given, threads=threads)
@@ -110,4 +124,4 @@ def time_against_input(given: ir.Model, written: ir.Model, feed, threads: int):
     del probe
     runs = int(np.clip(ROUND_SECONDS / (2 * one), MIN_RUNS, MAX_RUNS))
     return bench.compare_latency([given, written], feed, threads=threads, runs_per_round=runs, min_rounds=MIN_ROUNDS,
-                                 max_rounds=MAX_ROUNDS, labels=["float as given", "written int8"])[0]
+                                 max_rounds=MAX_ROUNDS, labels=labels)[0]

@@ -20,7 +20,7 @@ pushed with the models; or Termux's python with an onnxruntime built in Termux, 
 (which this package already handles: run sshd in Termux and use ``ssh://``).
 """
 
-__all__ = ["connect"]
+__all__ = ["connect", "profile_device"]
 
 
 def connect(address: str, python: str = "python3", **options):
@@ -30,3 +30,10 @@ def connect(address: str, python: str = "python3", **options):
     from edgecomp.remote.transport import parse_address
 
     return Device(parse_address(address, **options), python)
+
+
+def profile_device(profile):
+    """The device of a target profile with ``remote = ...`` (its python and ssh config), else None."""
+    if profile is None or not profile.remote:
+        return None
+    return connect(profile.remote, python=profile.python or "python3", config_file=profile.ssh_config)

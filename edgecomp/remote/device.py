@@ -16,12 +16,14 @@ local outputs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shlex
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -29,7 +31,7 @@ from edgecomp.errors import RemoteError
 from edgecomp.remote import runner as runner_module
 from edgecomp.remote.transport import Transport
 
-__all__ = ["DeviceInfo", "Device", "host_versions"]
+__all__ = ["DeviceInfo", "Device", "Workspace", "host_versions"]
 
 RUNNER_PATH = Path(runner_module.__file__)
 
@@ -112,47 +114,46 @@ class Device:
     def bench(self, models: Sequence[str], feed: Mapping[str, np.ndarray], threads: int, warmup: int, runs: int,
               pin: Sequence[int] | None = None) -> list[list[float]]:
         """Per model, the seconds of each of ``runs`` interleaved runs on the device."""
-        job = {"models": [f"m{i}.onnx" for i in range(len(models))], "threads": threads, "warmup": warmup,
-               "runs": runs, "pin": list(pin) if pin else None}
-        result, _ = self._job("bench", models, [feed], job)
+        with self.workspace(models) as ws:
+            result, _ = ws.run("bench", {"threads": threads, "warmup": warmup, "runs": runs,
+                                         "pin": list(pin) if pin else None}, feeds=[feed])
         return result["times_s"]
+
+    def rounds(self, models: Sequence[str], feed: Mapping[str, np.ndarray], threads: int, rounds: int,
+               round_seconds: float, min_runs: int, max_runs: int) -> list[list[list[float]]]:
+        """``rounds`` rounds of paired interleaved runs on the device, the runs per round sized
+        there so a round lasts about ``round_seconds``: ``[round][model]`` -> that round's seconds."""
+        with self.workspace(models) as ws:
+            result, _ = ws.run("bench", {"threads": threads, "warmup": 1, "rounds": rounds,
+                                         "round_seconds": round_seconds, "min_runs": min_runs, "max_runs": max_runs},
+                               feeds=[feed])
+        n = result["runs_per_round"]
+        return [[t[r * n:(r + 1) * n] for t in result["times_s"]] for r in range(rounds)]
 
     def outputs(self, models: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], threads: int = 1,
                 ) -> list[tuple[list[str], list[list[np.ndarray]]]]:
         """Per model: its output names and, per output, its value on each feed (as on the host)."""
-        job = {"models": [f"m{i}.onnx" for i in range(len(models))], "threads": threads}
-        result, arrays = self._job("outputs", models, feeds, job)
-        out = []
-        for m, names in enumerate(result["output_names"]):
-            out.append((names, [[arrays[f"{m}/{f}/{j}"] for f in range(len(feeds))] for j in range(len(names))]))
-        return out
+        with self.workspace(models) as ws:
+            return ws.outputs(feeds, threads)
 
-    def _job(self, mode: str, models: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], job: dict,
-             ) -> tuple[dict, dict[str, np.ndarray]]:
+    @contextlib.contextmanager
+    def workspace(self, models: Sequence[str]) -> Iterator["Workspace"]:
+        """A work folder on the device holding the runner and ``models`` (with their external-data
+        files); jobs run in it until the block ends, then it goes."""
         self.probe()
         with tempfile.TemporaryDirectory(prefix="edgecomp-remote-") as tmp:
             local = Path(tmp)
-            staged = _stage(local, models, feeds, job)
+            staged, names = _stage_models(local, models)
             with self.transport.workdir() as remote:
-                try:
-                    self.transport.put(staged, remote)
-                except RemoteError:
-                    self._refuse_if_full(remote, sum(p.stat().st_size for p in staged))
-                    raise
-                done = self.transport.run(f"cd {shlex.quote(remote)} && exec {self.python} runner.py {mode} job.json",
-                                          keep_stdin=True)
-                status = _last_json(done.stdout)
-                if done.returncode != 0 or not status.get("ok"):
-                    raise RemoteError(self._run_failure(done, status))
-                self.transport.get(f"{remote}/result.json", local / "result.json")
-                if mode == "outputs":
-                    self.transport.get(f"{remote}/outputs.npz", local / "outputs.npz")
-            result = json.loads((local / "result.json").read_text())
-            arrays: dict[str, np.ndarray] = {}
-            if mode == "outputs":
-                with np.load(local / "outputs.npz", allow_pickle=False) as z:
-                    arrays = {k: z[k] for k in z.files}
-        return result, arrays
+                self._put(staged, remote)
+                yield Workspace(self, local, remote, names)
+
+    def _put(self, paths: Sequence[Path], remote: str) -> None:
+        try:
+            self.transport.put(paths, remote)
+        except RemoteError:
+            self._refuse_if_full(remote, sum(_size(p) for p in paths))
+            raise
 
     def _refuse_if_full(self, remote: str, needed: int) -> None:
         """A failed copy is a full disk when the folder's filesystem has less room than the files
@@ -179,25 +180,87 @@ class Device:
         return f"{where}: the runner failed ({_first(done.stderr) or 'exit status ' + str(done.returncode)})"
 
 
-def _stage(local: Path, models: Sequence[str], feeds: Sequence[Mapping[str, np.ndarray]], job: dict) -> list[Path]:
-    """The files the device needs, under their remote names: runner.py, job.json, feeds.npz, m<i>.onnx
-    (hard links to the models, or copies). A model with external-data files is refused by the
-    device's onnxruntime in one line: they are not copied."""
-    files = [local / "runner.py", local / "job.json", local / "feeds.npz"]
-    files[0].write_text(RUNNER_PATH.read_text())
-    files[1].write_text(json.dumps(job))
-    np.savez(files[2], **{f"{i}/{name}": np.asarray(v) for i, feed in enumerate(feeds) for name, v in feed.items()})
+class Workspace:
+    """Jobs run in one device work folder (see :meth:`Device.workspace`)."""
+
+    def __init__(self, device: Device, local: Path, remote: str, models: list[str]):
+        self.device, self.local, self.remote, self.models = device, local, remote, models
+        self._jobs = 0
+
+    def run(self, mode: str, job: dict, feeds: Sequence[Mapping[str, np.ndarray]] = (),
+            ) -> tuple[dict, dict[str, np.ndarray]]:
+        """Run the runner's ``mode`` on ``feeds`` (copied over first), and bring its results back."""
+        self._jobs += 1
+        tag = f"j{self._jobs}"
+        job = {**job, "models": self.models, "feeds": f"{tag}.npz", "outputs": f"{tag}.out.npz"}
+        files = [self.local / f"{tag}.json", self.local / f"{tag}.npz"]
+        files[0].write_text(json.dumps(job))
+        np.savez(files[1], **{f"{i}/{name}": np.asarray(v) for i, feed in enumerate(feeds) for name, v in feed.items()})
+        transport, where = self.device.transport, shlex.quote(self.remote)
+        try:
+            self.device._put(files, self.remote)
+        finally:
+            for f in files:
+                f.unlink()
+        done = transport.run(f"cd {where} && exec {self.device.python} runner.py {mode} {tag}.json", keep_stdin=True)
+        status = _last_json(done.stdout)
+        if done.returncode != 0 or not status.get("ok"):
+            raise RemoteError(self.device._run_failure(done, status))
+        result_path = self.local / "result.json"
+        transport.get(f"{self.remote}/result.json", result_path)
+        result = json.loads(result_path.read_text())
+        result_path.unlink()
+        arrays: dict[str, np.ndarray] = {}
+        if mode == "outputs":
+            out = self.local / f"{tag}.out.npz"
+            transport.get(f"{self.remote}/{tag}.out.npz", out)
+            transport.run(f"rm -f {where}/{tag}.out.npz", timeout=60)  # the device keeps one chunk's outputs at most
+            with np.load(out, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            out.unlink()
+        return result, arrays
+
+    def outputs(self, feeds: Sequence[Mapping[str, np.ndarray]], threads: int = 1,
+                ) -> list[tuple[list[str], list[list[np.ndarray]]]]:
+        """Per model: its output names and, per output, its value on each of ``feeds``."""
+        result, arrays = self.run("outputs", {"threads": threads}, feeds)
+        return [(names, [[arrays[f"{m}/{f}/{j}"] for f in range(len(feeds))] for j in range(len(names))])
+                for m, names in enumerate(result["output_names"])]
+
+
+def _stage_models(local: Path, models: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """runner.py and a folder ``mI`` per model holding it and its external-data files under the
+    names its graph refers to; the folders and the runner's remote names. The model is hard-linked
+    (or copied); its data files are copied: onnx refuses to load a data file with several hard
+    links (a hard-link attack guard), which would break the user's own model while we stage."""
+    from edgecomp.io import external_data_files
+
+    runner = local / "runner.py"
+    runner.write_text(RUNNER_PATH.read_text())
+    staged, names = [runner], []
     for i, m in enumerate(models):
         src = Path(m)
-        dst = local / f"m{i}.onnx"
-        try:
-            dst.hardlink_to(src.resolve())
-        except OSError:
-            import shutil
+        folder = local / f"m{i}"
+        folder.mkdir()
+        _link_or_copy(src, folder / src.name)
+        for f in external_data_files(src):
+            dst = folder / f.relative_to(src.parent)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dst)
+        staged.append(folder)
+        names.append(f"m{i}/{src.name}")
+    return staged, names
 
-            shutil.copyfile(src, dst)
-        files.append(dst)
-    return files
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        dst.hardlink_to(src.resolve())
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def _last_json(stdout: str) -> dict:

@@ -10,8 +10,19 @@ Needs only the standard library, numpy and onnxruntime (never edgecomp). Modes:
   inputs cast to its own float type; one checked run plus ``warmup`` runs each; then ``runs``
   interleaved rounds (A B C A B C ...) timed with ``time.perf_counter``. Writes the raw per-run
   seconds to ``result.json``; the host computes the percentiles and ratios exactly as local bench.
-- ``outputs JOB.json``: every model on every feed of ``feeds.npz`` (keys ``FEED/INPUT``); writes
-  ``outputs.npz`` (keys ``MODEL/FEED/OUTPUT_INDEX``) and the output names in ``result.json``.
+  With ``rounds`` (version 2), the runs form rounds of paired interleaved runs for
+  :func:`edgecomp.measure.bench.estimates_from_rounds`: ``runs`` per round is sized here, on the
+  device, from one run of the first model after its checked run, so a round lasts about ``round_seconds``
+  (clipped to ``min_runs``..``max_runs``), and ``rounds`` x that many runs are timed.
+- ``outputs JOB.json``: every model on every feed of ``feeds`` (default ``feeds.npz``; keys
+  ``FEED/INPUT``), which is deleted once read (the host streams DATA in chunks through one work
+  folder); writes ``outputs`` (default ``outputs.npz``; keys ``MODEL/FEED/OUTPUT_INDEX``) and the
+  output names in ``result.json``.
+
+Models are named by their path in the work folder (``mI/NAME.onnx``): a model's external-data
+files sit beside it under the names its graph refers to.
+
+Versions: 1 bench and outputs; 2 bench ``rounds``, outputs ``feeds``/``outputs`` file names.
 
 A watchdog thread reads stdin: the host keeps it open while it waits, so EOF means the connection
 is gone (dropped, or the host was killed); the runner then exits at once instead of computing for
@@ -24,7 +35,7 @@ import sys
 import threading
 import time
 
-RUNNER_VERSION = 1
+RUNNER_VERSION = 2
 
 
 def _watch_stdin():
@@ -114,26 +125,37 @@ def bench(job):
         except (OSError, AttributeError) as e:
             raise RuntimeError("cannot pin to CPUs %s on the device (it has %s CPUs): %s"
                                % (job["pin"], os.cpu_count(), getattr(e, "strerror", None) or e))
-    feed = _feeds("feeds.npz")[0]
+    feed = _feeds(job.get("feeds", "feeds.npz"))[0]
     sessions = [_session(m, job["threads"]) for m in job["models"]]
     feeds = [_cast(s, feed) for s in sessions]
     for s, f in zip(sessions, feeds):
         _run(s, f)
         for _ in range(job["warmup"]):
             s.run(None, f)
+    runs = job.get("runs", 1)
+    if job.get("rounds"):  # this device's speed sizes the rounds, as the host's does for a local comparison
+        one = _once(sessions[0], feeds[0])  # after the checked run, which pays the allocations
+        runs = int(min(max(job["round_seconds"] / (one * len(sessions)), job["min_runs"]), job["max_runs"]))
     times = [[] for _ in sessions]
-    for _ in range(job["runs"]):
+    for _ in range(runs * job.get("rounds", 1)):
         for i, s in enumerate(sessions):
             t0 = time.perf_counter()
             s.run(None, feeds[i])
             times[i].append(time.perf_counter() - t0)
-    return {"times_s": times}
+    return {"times_s": times, "runs_per_round": runs}
+
+
+def _once(session, feed):
+    t0 = time.perf_counter()
+    session.run(None, feed)
+    return max(time.perf_counter() - t0, 1e-5)
 
 
 def outputs(job):
     import numpy as np
 
-    feeds = _feeds("feeds.npz")
+    feeds = _feeds(job.get("feeds", "feeds.npz"))
+    os.remove(job.get("feeds", "feeds.npz"))  # the device holds one chunk of DATA at a time
     arrays, names = {}, []
     for m, path in enumerate(job["models"]):
         s = _session(path, job["threads"])
@@ -141,7 +163,7 @@ def outputs(job):
         for f, feed in enumerate(feeds):
             for j, arr in enumerate(_run(s, _cast(s, feed))):
                 arrays["%d/%d/%d" % (m, f, j)] = arr
-    np.savez("outputs.npz", **arrays)
+    np.savez(job.get("outputs", "outputs.npz"), **arrays)
     return {"output_names": names, "feeds": len(feeds)}
 
 

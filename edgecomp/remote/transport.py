@@ -1,7 +1,7 @@
 """Reaching a device: run commands there, copy files both ways, hold a work folder that always goes.
 
 A :class:`Transport` is what the device session (:mod:`edgecomp.remote.device`) needs: ``run``
-a command line, ``put`` files into a remote folder, ``get`` one back, and ``workdir()``, a fresh
+a command line, ``put`` files and folders into a remote folder, ``get`` one back, and ``workdir()``, a fresh
 remote folder that is removed in every case. :func:`parse_address` turns ``ssh://user@host[:port]``
 into an :class:`SshTransport`; ``adb://SERIAL`` is recognised and refused with what it would take
 (see the package docstring).
@@ -105,7 +105,7 @@ class SshTransport(Transport):
 
     def _scp(self, sources: list[str], dest: str, legacy: bool = False) -> list[str]:
         port = ["-P", str(self.port)] if self.port else []
-        return ["scp", "-q", *(["-O"] if legacy else []), *self._options(), *port, *sources, dest]
+        return ["scp", "-q", "-r", *(["-O"] if legacy else []), *self._options(), *port, *sources, dest]
 
     def run(self, command: str, timeout: float | None = None, keep_stdin: bool = False) -> subprocess.CompletedProcess:
         """``command`` (a remote shell line) run on the device; its stdin stays open while it runs

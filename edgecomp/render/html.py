@@ -200,6 +200,7 @@ def render_html(result, extra_points: Sequence[dict[str, Any]] = ()) -> str:
     target = (f"target {html.escape(result.target)}: profile ISA "
               f"{'matches' if result.target_matches_host else 'DIFFERS from'} the host" if result.target else "no target profile")
     final = result.final()
+    decisions = _decisions(result.steps)
     mobile = ""
     if getattr(result, "package", None):
         pk = result.package
@@ -213,10 +214,26 @@ host ISA: {html.escape(result.host_isa)}; {target}</p>
 <p>final model <code>{html.escape(str(result.final_model))}</code>: {fmt_bytes(final.size_bytes if final else None)}; overall:
 <span class="{'pass' if result.passed else 'fail'}">{'all gates pass' if result.passed else 'a gate FAILED'}</span></p>
 <h2>Gates</h2><ul>{gates}</ul>
-<h2>Steps</h2>{html_table(step_rows(result.steps))}{mobile}
+<h2>Steps</h2>{html_table(step_rows(result.steps))}{decisions}{mobile}
 <h2>Plots</h2><div class="plots">{''.join(p for p in plots if p)}</div>
 <h2>Per-step details</h2>{''.join(sections) or '<p>(none)</p>'}
 </body></html>"""
+
+
+#: What a quantize step decided on latency, and from which evidence (edgecomp.quantize.speed, .measured).
+_DECISION_KEYS = ("families evidence", "latency vs float", "latency decision")
+
+
+def _decisions(steps) -> str:
+    """Quantize steps' int8 decisions and their evidence (the family table or timing, the written
+    model timed against its input on this host or the device), one list per step."""
+    items = []
+    for s in steps:
+        lines = [f"{html.escape(k)}: {html.escape(str(v))}" for k, v in s.summary.items()
+                 if k.startswith(_DECISION_KEYS) and v]
+        if lines:
+            items.append(f"<li>{s.index:02d}-{s.step}<ul>{''.join(f'<li>{x}</li>' for x in lines)}</ul></li>")
+    return f"<h2>Latency decisions</h2><ul>{''.join(items)}</ul>" if items else ""
 
 
 def write_reports(result, folder: Path, extra_points: Sequence[dict[str, Any]] = ()) -> None:

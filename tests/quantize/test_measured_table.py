@@ -146,3 +146,43 @@ def test_the_table_decides_by_combination_as_families_interact():
     assert rows[0]["reason"] == "no stored combination is >= 3% faster beyond noise: all float"
     t.families["matmul,conv"] = FamilyRatio(0.98, 0.97, 0.99, 8, [])  # faster beyond noise, but < 3%
     assert decide_from_table(t, ["matmul", "conv"])[0] == set()
+
+
+MLP_SPEC = '''
+import torch
+
+
+def factory():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    return net, (torch.randn(1, 8),)
+'''
+
+
+@pytest.mark.parametrize("ratio, int8", [(0.8, 2), (1.05, 0)])
+def test_convert_decides_families_from_the_table_and_says_so(tmp_path, monkeypatch, ratio, int8):
+    """convert's quantize step reads the measured table as `quantize --targets-file` does: no family
+    timing, the table's verdict, and the step's summary names the table; a forced step ignores it."""
+    monkeypatch.setattr(bench, "compare_latency", lambda *a, **k: pytest.fail("families were timed"))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=np.random.default_rng(1).standard_normal((16, 8)).astype(np.float32))
+    (tmp_path / "mlpnet.py").write_text(MLP_SPEC)
+    f = tmp_path / "devices.toml"
+    write_table(f, _table(matmul=ratio))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[steps]]\nstep = "export"\nexporter = "torchscript"\n[[steps]]\nstep = "quantize"\n')
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["convert", f"{tmp_path / 'mlpnet.py'}:factory", "--recipe", str(recipe), "-o",
+                                   str(out), "--calibration", str(calib), "--targets-file", str(f)])
+    assert res.exit_code == 0, res.output
+    step = json.loads((out / "report.json").read_text())["steps"][1]
+    assert step["summary"]["families evidence"].startswith("measured table [measured.host] of 2026-12-07")
+    assert step["summary"]["layers int8"] == int8
+    assert [r["decision"] for r in step["tables"]["op families"]] == ["chosen" if int8 else "-"]
+    assert "measured on another CPU or onnxruntime" in res.output
+    recipe.write_text(recipe.read_text() + 'families = "all"\n')
+    res = CliRunner().invoke(cli, ["convert", f"{tmp_path / 'mlpnet.py'}:factory", "--recipe", str(recipe), "-o",
+                                   str(out), "--calibration", str(calib), "--targets-file", str(f), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    step = json.loads((out / "report.json").read_text())["steps"][1]
+    assert "families evidence" not in step["summary"] and step["summary"]["layers int8"] == 2

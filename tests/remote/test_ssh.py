@@ -186,7 +186,7 @@ def _wait_for_runner(sshd, timeout: float = 20.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         folders = [sshd.tmp / f for f in sshd.leftovers()]
-        if folders and (folders[0] / "job.json").exists() and len(sshd.all_pids()) >= 4:
+        if folders and any(folders[0].glob("j*.json")) and len(sshd.all_pids()) >= 4:
             time.sleep(0.3)
             return
         time.sleep(0.05)
