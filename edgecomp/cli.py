@@ -410,6 +410,7 @@ def export(spec, output, hf_path, **options):
 @_data_option("--labels", "labels", ".npy of class ids for the samples: adds cross-entropy.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint file (default: OUTPUT.ckpt).")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint (refused if written by other options or data).")
+@click.option("--keep-checkpoint", is_flag=True, help="Keep the checkpoint after the student is written (removed by default).")
 @click.option("--nproc", type=click.IntRange(1), default=1, show_default=True,
               help="Data-parallel processes on this machine (torch.distributed, gloo).")
 @click.option("--nnodes", type=click.IntRange(1), default=1, show_default=True, help="Machines (torchrun rendezvous).")
@@ -421,8 +422,8 @@ def export(spec, output, hf_path, **options):
               help="Interleaved latency runs, teacher vs student (0 skips).")
 @_training_threads_option
 @_json_option
-def distill(teacher, output, teacher_hf, calibration, text, tokenizer, labels, checkpoint, resume, nproc, nnodes,
-            rdzv_endpoint, rdzv_id, exporter, bench_runs, threads, json_path, **options):
+def distill(teacher, output, teacher_hf, calibration, text, tokenizer, labels, checkpoint, resume, keep_checkpoint, nproc,
+            nnodes, rdzv_endpoint, rdzv_id, exporter, bench_runs, threads, json_path, **options):
     """Train a smaller student to imitate TEACHER (a SPEC or an .onnx file) and export it to ONNX.
 
     The student comes from --student (a SPEC, or an .onnx file such as a pruned model, which is
@@ -443,18 +444,22 @@ def distill(teacher, output, teacher_hf, calibration, text, tokenizer, labels, c
                         labels=labels, checkpoint=checkpoint, threads=threads, progress=True,
                         **_values(DISTILL_OPTIONS, options))
     result = run_distill(cfg, output, resume=resume, nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
-                         rdzv_id=rdzv_id, exporter=exporter, bench_runs=bench_runs, bench_threads=threads or 1)
+                         rdzv_id=rdzv_id, exporter=exporter, bench_runs=bench_runs, bench_threads=threads or 1,
+                         keep_checkpoint=keep_checkpoint)
     if result is None:
         click.echo("training done; the student is exported on the machine that holds rank 0")
         return
     t = result.training
+    kept = f"checkpoint {result.checkpoint}" if keep_checkpoint else "checkpoint removed"
     click.echo(f"trained {t['steps']} steps in {t['seconds']:.0f}s ({result.objective}); best held-out fidelity at "
-               f"step {t['best_step']}{', stopped early' if t['stopped_early'] else ''}; checkpoint {result.checkpoint}")
+               f"step {t['best_step']}{', stopped early' if t['stopped_early'] else ''}; {kept}")
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
     rows = [{k: (rpt.fmt_bytes(v) if k == "size bytes" else v) for k, v in r.items()} for r in result.rows]
     click.echo(rpt.table(rows, title="teacher vs student (held-out samples):"))
     click.echo(rpt.render_validation(result.validation))
-    how = ("trained weights written into the student's graph" if result.exporter == "student graph"
-           else f"{result.exporter} exporter")
+    how = {"student graph": "trained weights written into the student's graph",
+           "student graph (unchanged)": "the student as given"}.get(result.exporter, f"{result.exporter} exporter")
     click.echo(f"wrote {result.output} ({how})")
     _write_json(json_path, {"training": t, "rows": result.rows, "validation": result.validation,
                             "bench": result.bench})

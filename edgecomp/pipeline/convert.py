@@ -231,6 +231,7 @@ def _run_distill(ctx: _Context, rec: StepRecord) -> None:
     if before_prune:
         rec.summary["healed"] = f"{Path(ctx.current).name} against {Path(before_prune).name}"
     rec.tables = {"teacher vs student": res.rows}
+    rec.warnings = res.warnings
 
 
 def _input_of_first_prune(ctx: _Context) -> str | None:
