@@ -16,6 +16,7 @@ from edgecomp.distill.options import OPTIONS as DISTILL_OPTIONS
 from edgecomp.embeddings.options import OPTIONS as EMBEDDING_OPTIONS
 from edgecomp.errors import BelowFloor, DataNeeded, EdgecompError, OptionError
 from edgecomp.export import OPTIONS as EXPORT_OPTIONS
+from edgecomp.finetune.options import OPTIONS as FINETUNE_OPTIONS
 from edgecomp.measure.options import BENCH_OPTIONS, VALIDATE_OPTIONS
 from edgecomp.options import fields_of
 from edgecomp.passes.optimize_graph import OPTIONS as OPTIMIZE_OPTIONS
@@ -74,7 +75,7 @@ class _UsageLine(click.ClickException):
 
 
 _DATA_METAVARS = {"calibration": "DATA", "eval": "DATA", "labels": "LABELS.npy", "text": "TEXT_FILE",
-                  "tokenizer": "TOKENIZER_DIR"}
+                  "tokenizer": "TOKENIZER_DIR", "train_labels": "LABELS.npy"}
 
 
 def _in_flags(e: OptionError | DataNeeded, command: click.Command | None) -> str:
@@ -463,6 +464,61 @@ def distill(teacher, output, teacher_hf, calibration, text, tokenizer, labels, c
     click.echo(f"wrote {result.output} ({how})")
     _write_json(json_path, {"training": t, "rows": result.rows, "validation": result.validation,
                             "bench": result.bench})
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@_output_option
+@_declared(FINETUNE_OPTIONS)
+@_data_option("--data", "calibration", "DATA keyed by the model's inputs (a seeded held_out share scores it).")
+@_data_option("--labels", "train_labels", ".npy, one per sample: class ids (cross-entropy) or target vectors (MSE).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint file (default: OUTPUT.ckpt).")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint; with new DATA, a batch update of the "
+              "model it holds.")
+@click.option("--keep-checkpoint", is_flag=True, help="Keep the checkpoint after the model is written (needed to "
+              "--resume later).")
+@_training_threads_option
+@_json_option
+def finetune(model, output, calibration, train_labels, checkpoint, resume, keep_checkpoint, threads, json_path,
+             **options):
+    """Fine-tune any ONNX MODEL on labeled DATA and write the weights back into its own graph.
+
+    --new-head N replaces the final classifier for a task with N classes (transfer learning);
+    --freeze REGEX keeps matching weights fixed. The held-out split reports task accuracy before
+    and after; the written model is checked against the trained weights in onnxruntime.
+
+    Example:
+
+        edgecomp finetune digits.onnx --data parity.npz --labels parity.npy --new-head 2 --freeze . -o parity.onnx
+        edgecomp finetune parity.onnx --data week2.npz --labels week2.npy --resume --keep-checkpoint -o parity2.onnx
+    """
+    from edgecomp.data import StepData
+    from edgecomp.finetune import FinetuneOptions, run
+    from edgecomp.io import check_output_path, load_model, save_model
+
+    inputs = [p for p in (model, calibration, train_labels) if p]
+    out = check_output_path(output, inputs)
+    ckpt = checkpoint or str(out) + ".ckpt"
+    res = run(load_model(model), FinetuneOptions(**fields_of(_values(FINETUNE_OPTIONS, options))),
+              StepData(calibration=calibration, train_labels=train_labels), checkpoint=ckpt, resume=resume,
+              threads=threads)
+    save_model(res.model, out, inputs=inputs)
+    if not keep_checkpoint:
+        Path(ckpt).unlink(missing_ok=True)
+    s = res.summary
+    if res.head:
+        click.echo(s["new head"])
+    click.echo(f"trained {s['steps']} steps in {s['seconds']:.0f}s ({s['optimizer']}, {s['labels']}); best held-out "
+               f"at step {s['best step']}{', stopped early' if s['stopped early'] else ''}; "
+               + (f"checkpoint {ckpt}" if keep_checkpoint else "checkpoint removed"))
+    for key in ("held-out accuracy", "held-out mse"):
+        if f"{key} after" in s:
+            click.echo(f"{key}: {s[f'{key} before']:.4f} before, {s[f'{key} after']:.4f} after (onnxruntime)")
+    for w in res.warnings:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(f"wrote {out} (trained weights in the model's own graph; onnxruntime vs torch max abs diff "
+               f"{s['onnxruntime vs torch max abs diff']:.2e})")
+    _write_json(json_path, {"summary": s, "history": res.history, "warnings": res.warnings})
 
 
 @cli.command()

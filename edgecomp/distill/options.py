@@ -57,8 +57,8 @@ TRAINING_OPTIONS = (
     Option("max_steps", int, None, "stop after this many steps (overrides epochs)", check=in_range(1)),
     Option("batch_size", int, 32, "global batch size", check=in_range(1)),
     Option("lr", float, 1e-3, "peak learning rate (linear warm-up, then cosine decay)", check=in_range(0, open_lo=True)),
-    Option("optimizer", str, "adamw", "sgd: one batch a step, with momentum; gd: full-batch gradient descent, "
-           "every step sees all training samples (small DATA)", choices=OPTIMIZERS),
+    Option("optimizer", str, "adamw", "how to step: sgd takes one batch a step (with momentum), gd every "
+           "training sample (full-batch gradient descent, for small DATA)", choices=OPTIMIZERS),
     Option("momentum", float, 0.9, "momentum of sgd and gd (0: plain gradient descent)", check=in_range(0, 1, open_hi=True)),
     Option("weight_decay", float, 0.01, "weight decay (decoupled for adamw, L2 for the others)", check=in_range(0)),
     Option("warmup", float, 0.1, "fraction of the steps with a linear learning-rate warm-up (gentle: a trained "
