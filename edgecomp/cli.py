@@ -1169,14 +1169,16 @@ def _convert_source(spec, hf):
               help="Output folder: every model, report.json, report.html.")
 @click.option("--hf", "hf_path", type=click.Path(exists=True, file_okay=False), help="A local Hugging Face encoder instead of SPEC.")
 @_data_options
+@click.option("--train-labels", type=click.Path(), help="Labels (.npy) of the --calibration samples, for a finetune "
+              "step: class ids or target vectors.")
 @click.option("--target", help="Target profile (threads, ISA for quantization).")
 @click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
 @click.option("--overwrite", is_flag=True, help="Replace an OUTDIR that edgecomp wrote before.")
 @click.option("--ort-format", is_flag=True,
               help="Also write model.ort and required_operators_and_types.config for ORT Mobile (see `edgecomp package`).")
 @_value_option
-def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text, tokenizer, target, targets_file,
-            overwrite, ort_format, values):
+def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text, tokenizer, train_labels, target,
+            targets_file, overwrite, ort_format, values):
     """Run a recipe from a torch model to a validated edge artifact, with a report.
 
     Exit status 4 when a gate of the recipe fails, else 3 when a step's model misses its floor or
@@ -1200,7 +1202,7 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
     r = load_recipe(recipe)
     profile = get_profile(target, targets_file)
     res = run_convert(source, r, outdir, calibration=calibration, eval_data=eval_data, labels=labels, text=text,
-                      tokenizer=tokenizer, target=profile,
+                      tokenizer=tokenizer, train_labels=train_labels, target=profile,
                       overwrite=overwrite, progress=True, protect=[p for p in (targets_file,) if p], ort_format=ort_format,
                       values=_parse_values(values),
                       on_step=lambda rec: click.echo(f"step {rec.index:02d} {rec.step}: done in {rec.seconds:.1f}s", err=True))

@@ -35,6 +35,7 @@ class Head:
     inputs: int                   # K
     classes: int                  # N before the replacement
     new: tuple[str, ...] = ()     # the new head's initializers, once replaced
+    new_classes: int = 0          # its N
 
     def describe(self) -> str:
         what = f"{self.node.op_type}{' + Add' if self.add is not None else ''}"
@@ -106,6 +107,7 @@ def replace_head(model: ir.Model, classes: int, seed: int = 0) -> Head:
     out = graph.outputs[0]
     if out.shape is not None and len(out.shape):
         out.shape = ir.Shape([*list(out.shape)[:-1], classes])
+    head.new_classes = classes
     head.new = tuple(v.name for v in (new_w, new_b) if v.name in graph.initializers)
     return head
 

@@ -15,10 +15,18 @@ from edgecomp.options import Option, check_values, in_range, regexes
 
 __all__ = ["OPTIONS", "FinetuneOptions", "check_options"]
 
+def _head(v: Any) -> str | None:
+    if isinstance(v, str) and v != "auto" and not v.isdigit():
+        return f"must be a number of classes N >= 2, or auto (as many as the labels hold), got {v!r}"
+    n = int(v) if isinstance(v, int) or v.isdigit() else 2
+    return None if n >= 2 else f"must be >= 2 classes, got {n}"
+
+
 OPTIONS = (
-    Option("new_head", int, None, "replace the final classifier (the Gemm or MatMul(+Add) computing the first "
-           "output) with a new one for N classes: transfer learning to a new task", check=in_range(2),
-           metavar="N"),
+    Option("new_head", (int, str), None, "replace the final classifier (the Gemm or MatMul(+Add) computing the "
+           "first output) with a new one for N classes: transfer learning to a new task; auto: as many classes "
+           "as the labels hold (the largest class id + 1; the width of target vectors)", check=_head,
+           metavar="N|auto"),
     Option("freeze", list, [], "regexes of weight (initializer) names kept fixed (repeatable); a new head always "
            "trains, so --freeze . trains the head only", check=regexes, metavar="REGEX"),
     Option("shuffle", bool, True, "shuffle the samples each epoch (off: file order, e.g. batches of a "
@@ -31,7 +39,7 @@ OPTIONS = (
 class FinetuneOptions:
     """The values of :data:`OPTIONS` (same names and defaults)."""
 
-    new_head: int | None = None
+    new_head: int | str | None = None  # N, or "auto"
     freeze: tuple[str, ...] = ()
     shuffle: bool = True
     epochs: int = 10
@@ -51,6 +59,8 @@ class FinetuneOptions:
 
     def __post_init__(self) -> None:
         check_options({k: v for k, v in dataclasses.asdict(self).items() if v is not None})
+        if isinstance(self.new_head, str) and self.new_head.isdigit():  # from the command line
+            object.__setattr__(self, "new_head", int(self.new_head))
 
 
 def check_options(values: dict[str, Any]) -> None:

@@ -77,6 +77,17 @@ def _check_fit(kind: str, y: np.ndarray, out_shape: tuple[int, ...], where: str)
                         f"shape {list(out_shape[1:])}; give targets shaped like the output, or class ids")
 
 
+def _classes(new_head: int | str, y: np.ndarray, kind: str) -> int:
+    """The new head's width: N, or for auto the classes the labels hold."""
+    if new_head != "auto":
+        return int(new_head)
+    n = int(y.max()) + 1 if kind == "classes" else (y.shape[1] if y.ndim == 2 else 0)
+    if n < 2:
+        what = f"{n} class" if kind == "classes" else f"targets of shape {list(y.shape[1:])}"
+        raise OptionError("new_head", f"auto found {what} in the labels; a new head needs 2 or more outputs")
+    return n
+
+
 def _freeze(module, patterns: tuple[str, ...], keep: set[str]) -> int:
     """Fix the parameters whose initializer names match; the number of trainable ones left."""
     from edgecomp.graph import compile_patterns
@@ -127,7 +138,7 @@ def run(model: ir.Model, opts: FinetuneOptions, data: StepData, *, checkpoint: s
     samples = from_data(data.need("calibration", "finetune"))
     y, kind = load_targets(data.need("train_labels", "finetune"), len(samples))
     samples.labels = y
-    head = replace_head(model, opts.new_head, opts.seed) if opts.new_head else None
+    head = replace_head(model, _classes(opts.new_head, y, kind), opts.seed) if opts.new_head else None
     seed_all(opts.seed)
     module = OnnxModule(model, source="the model")
     if sorted(samples.names) != sorted(module.input_names):
@@ -175,8 +186,8 @@ def _result(model, head, opts, kind, fit, before, after, worst, checkpoint) -> F
     if fit.resumed_from is not None:
         summary["resumed from step"] = fit.resumed_from
         summary["batch update"] = fit.batch_update
-    if opts.new_head:
-        summary["new head"] = f"{head.describe()} replaced by {head.inputs} -> {opts.new_head} classes"
+    if head is not None:
+        summary["new head"] = f"{head.describe()} replaced by {head.inputs} -> {head.new_classes} classes"
     if after:  # before: torch on the model as given; after: onnxruntime on the written model
         key = "held-out accuracy" if kind == "classes" else "held-out mse"
         summary[f"{key} before"] = before["held-out accuracy" if kind == "classes" else "held-out loss"]
