@@ -21,7 +21,7 @@ import torch
 
 from edgecomp.distill.options import OPTIMIZERS
 
-__all__ = ["OPTIMIZERS", "make_optimizer", "schedule", "steps_per_epoch"]
+__all__ = ["OPTIMIZERS", "RowsHeld", "make_optimizer", "schedule", "steps_per_epoch", "train_new_rows"]
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, weight_decay: float,
@@ -52,3 +52,49 @@ def schedule(total: int, warmup: float) -> Callable[[int], float]:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - w) / max(1, total - w))))
 
     return factor
+
+
+class RowsHeld:
+    """Train only the last rows of a parameter (the vocabulary rows ``reduce-embeddings --add-tokens``
+    appended): the first ``n`` rows get a zero gradient, so clipping and the optimizer's moments see
+    the trained rows only, and are put back after every step, since decoupled weight decay would
+    shrink them even without a gradient. ``restore()`` after each ``optimizer.step()``."""
+
+    def __init__(self, param: torch.nn.Parameter, n: int):
+        self.param, self.n = param, n
+        self.saved = param.detach()[:n].clone()
+        self._handle = param.register_hook(self._mask)
+
+    def _mask(self, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[:self.n] = 0
+        return grad
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            self.param[:self.n].copy_(self.saved)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def train_new_rows(module: torch.nn.Module, model) -> list[RowsHeld]:
+    """``train_rows = new``: only the rows ``reduce-embeddings --add-tokens`` appended to a vocabulary
+    table (recorded on the table, :data:`edgecomp.embeddings.tables.ADDED_ROWS_KEY`) train; every
+    other weight of the :class:`~edgecomp.distill.onnx_module.OnnxModule` built from ``model`` is fixed."""
+    from edgecomp.embeddings.tables import ADDED_ROWS_KEY
+    from edgecomp.errors import OptionError
+
+    keys = {name: key for key, name in module.trained.items()}
+    tables = []
+    for name, value in model.graph.initializers.items():
+        t = value.const_value
+        added = int(t.metadata_props.get(ADDED_ROWS_KEY, 0)) if t is not None else 0
+        if added and name in keys:
+            tables.append((keys[name], int(t.shape[0]) - added))
+    if not tables:
+        raise OptionError("train_rows", "new trains the vocabulary rows reduce-embeddings add_tokens appended, and "
+                                        "this model records none; add tokens first or train all rows")
+    for key, p in module.weights.named_parameters():
+        p.requires_grad_(key in dict(tables))
+    return [RowsHeld(module.weights.get_parameter(key), n) for key, n in tables]

@@ -64,6 +64,8 @@ TRAINING_OPTIONS = (
     Option("warmup", float, 0.1, "fraction of the steps with a linear learning-rate warm-up (gentle: a trained "
            "model is not pushed away from what it computes by the first full-size steps)",
            check=in_range(0, 1, open_hi=True)),
+    Option("train_rows", str, "all", "new: train only the vocabulary rows reduce-embeddings --add-tokens appended "
+           "(an ONNX model records them), every other weight fixed", choices=("all", "new")),
     Option("held_out", float, 0.1, "fraction held out for early stopping and validation",
            check=in_range(0, 1, open_hi=True)),
     Option("eval_every", int, None, "steps between held-out evaluations (default: each epoch)", check=in_range(1)),

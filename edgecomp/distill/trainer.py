@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from edgecomp.distill.losses import MATCH_KINDS, DistillLoss, LossWeights, match_loss, soft_target_kl
-from edgecomp.distill.optim import OPTIMIZERS, make_optimizer, schedule, steps_per_epoch
+from edgecomp.distill.optim import OPTIMIZERS, make_optimizer, schedule, steps_per_epoch, train_new_rows
 from edgecomp.distill.samples import Samples, epoch_order, from_data, from_text
 from edgecomp.distill.students import find_layer_stack, layer_map, parse_shrink, shrink
 from edgecomp.errors import DataError, DataNeeded, DistillError, InputFileError, OptionError
@@ -92,6 +92,7 @@ class DistillConfig:
     batch_size: int = 32
     lr: float = 1e-3
     optimizer: str = "adamw"            # adamw | adam | sgd | gd (edgecomp.distill.optim)
+    train_rows: str = "all"             # new: only the vocabulary rows --add-tokens appended (ONNX student)
     momentum: float = 0.9               # sgd and gd
     weight_decay: float = 0.01
     warmup: float = 0.1                 # fraction of the steps with a linear warmup
@@ -122,6 +123,7 @@ class Setup:
     loss: DistillLoss
     hidden_pairs: list[tuple[int, int]]  # (student layer, teacher layer) for hidden-state matching
     config_hash: str
+    held_rows: list = dataclasses.field(default_factory=list)  # train_rows new: edgecomp.distill.optim.RowsHeld
 
 
 @dataclasses.dataclass
@@ -163,6 +165,8 @@ def _check_options(c: DistillConfig) -> None:
         raise DataNeeded("tokenizer", "text")  # a local Hugging Face tokenizer folder
     if c.objective not in ("auto", "logits", "embeddings"):
         raise OptionError("objective", f"must be auto, logits or embeddings, got {c.objective!r}")
+    if c.train_rows not in ("all", "new"):
+        raise OptionError("train_rows", f"must be all or new, got {c.train_rows!r}")
     if c.optimizer not in OPTIMIZERS:
         raise OptionError("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {c.optimizer!r}")
     if c.match not in MATCH_KINDS:
@@ -341,6 +345,14 @@ def prepare(config: DistillConfig) -> Setup:
         pairs = list(enumerate(layer_map(len(ts[1]), len(ss[1]))))
 
     _freeze_unused(student, args)
+    held_rows = []
+    if c.train_rows == "new":
+        if not is_onnx_file(c.student):
+            raise OptionError("train_rows", "new needs an ONNX student (the output of reduce-embeddings --add-tokens), "
+                                            "which records the rows it added")
+        from edgecomp.io import load_model
+
+        held_rows = train_new_rows(student, load_model(c.student))
     weights = LossWeights(kd=c.kd_weight, match=c.match_weight, hidden=c.hidden_weight,
                           ce=c.ce_weight if samples.labels is not None else 0.0)
     loss = DistillLoss(objective, weights, c.temperature, c.match)
@@ -350,7 +362,7 @@ def prepare(config: DistillConfig) -> Setup:
         hashed["models"] = digests
     blob = json.dumps(hashed, sort_keys=True, default=str)
     return Setup(c, teacher, student, example, names, train_s, held, objective, loss, pairs,
-                 hashlib.sha256(blob.encode()).hexdigest()[:16])
+                 hashlib.sha256(blob.encode()).hexdigest()[:16], held_rows)
 
 
 def _freeze_unused(student: nn.Module, args: list[torch.Tensor]) -> None:
@@ -650,6 +662,8 @@ def _train(c: DistillConfig, setup: Setup, resume: bool, callback) -> TrainResul
             if c.grad_clip:
                 nn.utils.clip_grad_norm_(params, c.grad_clip)
             opt.step()
+            for rows in setup.held_rows:  # train_rows new: the old rows stay as they were
+                rows.restore()
             sched.step()
             step += 1
             seen += count * world

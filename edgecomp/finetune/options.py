@@ -50,6 +50,7 @@ class FinetuneOptions:
     momentum: float = 0.9
     weight_decay: float = 0.01
     warmup: float = 0.1
+    train_rows: str = "all"
     held_out: float = 0.1
     eval_every: int | None = None
     patience: int | None = 3

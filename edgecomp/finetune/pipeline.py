@@ -130,6 +130,7 @@ def run(model: ir.Model, opts: FinetuneOptions, data: StepData, *, checkpoint: s
     import torch
 
     from edgecomp.distill.onnx_module import OnnxModule
+    from edgecomp.distill.optim import train_new_rows
     from edgecomp.distill.samples import from_data
     from edgecomp.distill.trainer import seed_all
     from edgecomp.finetune.head import replace_head
@@ -148,6 +149,11 @@ def run(model: ir.Model, opts: FinetuneOptions, data: StepData, *, checkpoint: s
     with torch.no_grad():
         out = module(*[probe[n] for n in module.input_names])
     _check_fit(kind, y, tuple((out[0] if isinstance(out, tuple) else out).shape), "the labels")
+    held_rows = train_new_rows(module, model) if opts.train_rows == "new" else []
+    if head is not None:  # a new head always trains
+        for key, name in module.trained.items():
+            if name in head.new:
+                module.weights.get_parameter(key).requires_grad_(True)
     if not _freeze(module, opts.freeze, set(head.new) if head else set()):
         raise OptionError("freeze", "matches every trainable weight; nothing would train")
     train, held = samples.split(opts.held_out, opts.seed)
@@ -160,7 +166,7 @@ def run(model: ir.Model, opts: FinetuneOptions, data: StepData, *, checkpoint: s
         torch.set_num_threads(threads)
     try:
         result = fit(module, train, held, kind, opts, checkpoint=Path(checkpoint) if checkpoint else None,
-                     resume=resume, callback=callback)
+                     resume=resume, held_rows=held_rows, callback=callback)
     finally:
         torch.set_num_threads(old)
     module.write_weights(model)

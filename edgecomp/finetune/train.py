@@ -123,7 +123,7 @@ def _load(path: Path, structure: str) -> dict[str, Any]:
 
 
 def fit(module: nn.Module, train: Samples, held: Samples, kind: str, opts: FinetuneOptions, *,
-        checkpoint: Path | None = None, resume: bool = False,
+        checkpoint: Path | None = None, resume: bool = False, held_rows: list = (),
         callback: Callable[[int, dict[str, float]], None] | None = None) -> Fit:
     """Train ``module``'s trainable parameters on ``train``; see the module docstring."""
     t0 = time.perf_counter()
@@ -190,6 +190,8 @@ def fit(module: nn.Module, train: Samples, held: Samples, kind: str, opts: Finet
         if opts.grad_clip:
             nn.utils.clip_grad_norm_(params, opts.grad_clip)
         opt.step()
+        for rows in held_rows:  # train_rows new: the old rows stay as they were
+            rows.restore()
         step += 1
         rec = {"step": step, "loss": loss}
         if len(held) and ((step - run_start) % eval_every == 0 or step == end):
