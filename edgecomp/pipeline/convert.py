@@ -486,7 +486,8 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
             except (OptionError, DataNeeded, BelowFloor) as e:
                 raise in_recipe_words(e, recipe.source, i, rec.step) from None
             rec.seconds = time.perf_counter() - t0
-            degraded = [] if rec.step == "distill" else degraded  # healed against the model before the prune
+            if rec.step == "distill" and not rec.summary.get("kept_input"):
+                degraded = []  # healed against the model before the prune (a heal that kept its input did not)
             degraded += [f"{i:02d}-{rec.step}"] if rec.degraded else []
             if rec.model:
                 ctx.current = Path(rec.model)
