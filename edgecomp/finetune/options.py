@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any
 
 from edgecomp.distill.options import TRAINING_OPTIONS
-from edgecomp.options import Option, check_values, in_range, regexes
+from edgecomp.options import Option, check_values, regexes
 
 __all__ = ["OPTIONS", "FinetuneOptions", "check_options"]
 

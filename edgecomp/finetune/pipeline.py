@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.data import StepData
-from edgecomp.errors import DataError, FinetuneError, InputFileError, OptionError, ParityError
+from edgecomp.errors import DataError, InputFileError, OptionError, ParityError
 from edgecomp.finetune.options import FinetuneOptions
 
 __all__ = ["FinetuneResult", "run", "load_targets"]

@@ -43,7 +43,7 @@ def test_new_head_learns_a_separable_task_and_writes_a_verified_onnx(mlp_path, t
     res = _run(load_model(mlp_path), _opts(new_head=2), StepData(calibration=str(data), train_labels=str(labels)))
     s = res.summary
     assert "MatMul + Add node" in res.head and "(16 -> 4)" in res.head and "16 -> 2 classes" in s["new head"]
-    assert s["held-out accuracy before"] < 0.8 < 0.95 < s["held-out accuracy after"]
+    assert s["held-out accuracy before"] < 0.8 and s["held-out accuracy after"] > 0.95
     out = save_model(res.model, tmp_path / "ft.onnx")
     onnx.checker.check_model(str(out))
     m = onnx.load(str(out))
@@ -159,7 +159,7 @@ def test_no_recognizable_head_is_one_line(tmp_path, kind, why):
 
 
 def test_wrong_labels_are_one_line(mlp_path, tmp_path):
-    data, _, x, _ = _task(tmp_path, n=40)
+    data, *_ = _task(tmp_path, n=40)
     sd = lambda y: (np.save(tmp_path / "y.npy", y), StepData(calibration=str(data), train_labels=str(tmp_path / "y.npy")))[1]
     with pytest.raises(DataError, match="hold 39 entries but DATA has 40 samples"):
         _run(load_model(mlp_path), _opts(), sd(np.zeros(39, np.int64)))

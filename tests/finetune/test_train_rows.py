@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper
 
 from edgecomp.data import StepData
 from edgecomp.distill import DistillConfig, distill
@@ -17,7 +17,6 @@ from edgecomp.finetune import FinetuneOptions, run
 from edgecomp.io import load_model, save_model
 from edgecomp.passes.base import run_pass
 from tests.conftest import make_model, save, vinfo
-from onnx import TensorProto
 
 V, D, C = 20, 8, 2
 
