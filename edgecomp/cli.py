@@ -489,8 +489,8 @@ def finetune(model, output, calibration, train_labels, checkpoint, resume, keep_
 
     Example:
 
-        edgecomp finetune digits.onnx --data parity.npz --labels parity.npy --new-head 2 --freeze . -o parity.onnx
-        edgecomp finetune parity.onnx --data week2.npz --labels week2.npy --resume --keep-checkpoint -o parity2.onnx
+        edgecomp finetune digits.onnx --data parity.npz --labels parity.npy --new-head 2 --keep-checkpoint -o parity.onnx
+        edgecomp finetune parity.onnx --data week2.npz --labels week2.npy --resume --checkpoint parity.onnx.ckpt -o p2.onnx
     """
     from edgecomp.data import StepData
     from edgecomp.finetune import FinetuneOptions, run

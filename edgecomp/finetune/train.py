@@ -63,7 +63,7 @@ class Fit:
 
 def _structure(module: nn.Module, kind: str, opts: FinetuneOptions) -> str:
     """What a checkpoint must have been written for: the module's parameters, the loss, the optimizer."""
-    blob = {"params": [(k, list(v.shape)) for k, v in module.state_dict().items()], "kind": kind,
+    blob = {"params": sorted((k, list(v.shape)) for k, v in module.state_dict().items()), "kind": kind,
             "trainable": sorted(k for k, p in module.named_parameters() if p.requires_grad),
             "optimizer": [opts.optimizer, opts.momentum, opts.weight_decay]}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]

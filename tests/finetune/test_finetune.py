@@ -201,3 +201,21 @@ def test_options_are_the_declared_fields():
     assert names == {o.name for o in OPTIONS}
     with pytest.raises(OptionError, match="^new_head must be >= 2"):
         FinetuneOptions(new_head=1)
+
+
+def test_cli_batch_update_resumes_the_kept_checkpoint_on_the_written_model(mlp_path, tmp_path):
+    a, la, *_ = _task(tmp_path, n=96, seed=1, name="a")
+    b, lb, *_ = _task(tmp_path, n=64, seed=2, name="b")
+    common = ["--threads", "1", "--new-head", "2", "--freeze", "w1", "--epochs", "2", "--batch-size", "16"]
+    r = CliRunner().invoke(cli, ["finetune", str(mlp_path), "--data", str(a), "--labels", str(la), *common,
+                                 "--keep-checkpoint", "-o", str(tmp_path / "v1.onnx")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "v1.onnx.ckpt").is_file()
+    r = CliRunner().invoke(cli, ["finetune", str(tmp_path / "v1.onnx"), "--data", str(b), "--labels", str(lb),
+                                 "--threads", "1", "--freeze", "w1", "--epochs", "2", "--batch-size", "16", "--resume",
+                                 "--checkpoint", str(tmp_path / "v1.onnx.ckpt"), "-o", str(tmp_path / "v2.onnx")])
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "v1.onnx.ckpt").exists()  # used and removed after success
+    r = CliRunner().invoke(cli, ["finetune", str(tmp_path / "v2.onnx"), "--data", str(b), "--labels", str(lb),
+                                 "--threads", "1", "--resume", "-o", str(tmp_path / "v3.onnx")])
+    assert r.exit_code == 1 and "no checkpoint at" in r.output and len(r.output.strip().splitlines()) == 1
