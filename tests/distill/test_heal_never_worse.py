@@ -109,7 +109,7 @@ def _ls_cfg(problem, **kw) -> DistillConfig:
     t, s, data, *_ = problem
     return DistillConfig(**{**dict(teacher=str(t), student=str(s), data=str(data), objective="embeddings",
                                    match="mse", held_out=0.0, batch_size=8, threads=1, grad_clip=None,
-                                   weight_decay=0.0, max_steps=30, lr=0.05), **kw})
+                                   weight_decay=0.0, max_steps=30, lr=0.05, device="cpu"), **kw})
 
 
 def _ls_loss(x, w, w_t) -> float:
