@@ -103,7 +103,7 @@ def _verify(model: ir.Model, module, held, train) -> tuple[float, list[np.ndarra
     """The written graph against the trained module in onnxruntime; onnxruntime's held-out outputs."""
     import torch
 
-    from edgecomp.runtime import make_session, run_feed
+    from edgecomp.runtime import make_session, run_feed, with_input_floats
 
     session = make_session(model, threads=1)
     src = held if len(held) else train.subset(range(min(64, len(train))))
@@ -113,7 +113,7 @@ def _verify(model: ir.Model, module, held, train) -> tuple[float, list[np.ndarra
         with torch.no_grad():
             ref = module(*[batch[n] for n in module.input_names])
         ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()
-        got = run_feed(session, {n: t.numpy() for n, t in batch.items()})[0]
+        got = run_feed(session, with_input_floats(session, {n: t.numpy() for n, t in batch.items()}))[0]
         d = np.abs(ref.astype(np.float64) - got)
         worst = max(worst, float(d.max(initial=0.0)))
         if got.shape != ref.shape or not np.all(d <= 1e-4 + 1e-3 * np.abs(ref)):
