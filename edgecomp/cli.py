@@ -16,6 +16,7 @@ from edgecomp.distill.options import OPTIONS as DISTILL_OPTIONS
 from edgecomp.embeddings.options import OPTIONS as EMBEDDING_OPTIONS
 from edgecomp.errors import BelowFloor, DataNeeded, EdgecompError, OptionError
 from edgecomp.export import OPTIONS as EXPORT_OPTIONS
+from edgecomp.finetune.options import OPTIONS as FINETUNE_OPTIONS
 from edgecomp.measure.options import BENCH_OPTIONS, VALIDATE_OPTIONS
 from edgecomp.options import fields_of
 from edgecomp.passes.optimize_graph import OPTIONS as OPTIMIZE_OPTIONS
@@ -74,7 +75,7 @@ class _UsageLine(click.ClickException):
 
 
 _DATA_METAVARS = {"calibration": "DATA", "eval": "DATA", "labels": "LABELS.npy", "text": "TEXT_FILE",
-                  "tokenizer": "TOKENIZER_DIR"}
+                  "tokenizer": "TOKENIZER_DIR", "train_labels": "LABELS.npy"}
 
 
 def _in_flags(e: OptionError | DataNeeded, command: click.Command | None) -> str:
@@ -410,6 +411,7 @@ def export(spec, output, hf_path, **options):
 @_data_option("--labels", "labels", ".npy of class ids for the samples: adds cross-entropy.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint file (default: OUTPUT.ckpt).")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint (refused if written by other options or data).")
+@click.option("--keep-checkpoint", is_flag=True, help="Keep the checkpoint after the student is written (removed by default).")
 @click.option("--nproc", type=click.IntRange(1), default=1, show_default=True,
               help="Data-parallel processes on this machine (torch.distributed, gloo).")
 @click.option("--nnodes", type=click.IntRange(1), default=1, show_default=True, help="Machines (torchrun rendezvous).")
@@ -421,8 +423,8 @@ def export(spec, output, hf_path, **options):
               help="Interleaved latency runs, teacher vs student (0 skips).")
 @_training_threads_option
 @_json_option
-def distill(teacher, output, teacher_hf, calibration, text, tokenizer, labels, checkpoint, resume, nproc, nnodes,
-            rdzv_endpoint, rdzv_id, exporter, bench_runs, threads, json_path, **options):
+def distill(teacher, output, teacher_hf, calibration, text, tokenizer, labels, checkpoint, resume, keep_checkpoint, nproc,
+            nnodes, rdzv_endpoint, rdzv_id, exporter, bench_runs, threads, json_path, **options):
     """Train a smaller student to imitate TEACHER (a SPEC or an .onnx file) and export it to ONNX.
 
     The student comes from --student (a SPEC, or an .onnx file such as a pruned model, which is
@@ -443,21 +445,80 @@ def distill(teacher, output, teacher_hf, calibration, text, tokenizer, labels, c
                         labels=labels, checkpoint=checkpoint, threads=threads, progress=True,
                         **_values(DISTILL_OPTIONS, options))
     result = run_distill(cfg, output, resume=resume, nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
-                         rdzv_id=rdzv_id, exporter=exporter, bench_runs=bench_runs, bench_threads=threads or 1)
+                         rdzv_id=rdzv_id, exporter=exporter, bench_runs=bench_runs, bench_threads=threads or 1,
+                         keep_checkpoint=keep_checkpoint)
     if result is None:
         click.echo("training done; the student is exported on the machine that holds rank 0")
         return
     t = result.training
+    kept = f"checkpoint {result.checkpoint}" if keep_checkpoint else "checkpoint removed"
     click.echo(f"trained {t['steps']} steps in {t['seconds']:.0f}s ({result.objective}); best held-out fidelity at "
-               f"step {t['best_step']}{', stopped early' if t['stopped_early'] else ''}; checkpoint {result.checkpoint}")
+               f"step {t['best_step']}{', stopped early' if t['stopped_early'] else ''}; {kept}")
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
     rows = [{k: (rpt.fmt_bytes(v) if k == "size bytes" else v) for k, v in r.items()} for r in result.rows]
     click.echo(rpt.table(rows, title="teacher vs student (held-out samples):"))
     click.echo(rpt.render_validation(result.validation))
-    how = ("trained weights written into the student's graph" if result.exporter == "student graph"
-           else f"{result.exporter} exporter")
+    how = {"student graph": "trained weights written into the student's graph",
+           "student graph (unchanged)": "the student as given"}.get(result.exporter, f"{result.exporter} exporter")
     click.echo(f"wrote {result.output} ({how})")
     _write_json(json_path, {"training": t, "rows": result.rows, "validation": result.validation,
                             "bench": result.bench})
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@_output_option
+@_declared(FINETUNE_OPTIONS)
+@_data_option("--data", "calibration", "DATA keyed by the model's inputs (a seeded held_out share scores it).")
+@_data_option("--labels", "train_labels", ".npy, one per sample: class ids (cross-entropy) or target vectors (MSE).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint file (default: OUTPUT.ckpt).")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint; with new DATA, a batch update of the "
+              "model it holds.")
+@click.option("--keep-checkpoint", is_flag=True, help="Keep the checkpoint after the model is written (needed to "
+              "--resume later).")
+@_training_threads_option
+@_json_option
+def finetune(model, output, calibration, train_labels, checkpoint, resume, keep_checkpoint, threads, json_path,
+             **options):
+    """Fine-tune any ONNX MODEL on labeled DATA and write the weights back into its own graph.
+
+    --new-head N replaces the final classifier for a task with N classes (transfer learning);
+    --freeze REGEX keeps matching weights fixed. The held-out split reports task accuracy before
+    and after; the written model is checked against the trained weights in onnxruntime.
+
+    Example:
+
+        edgecomp finetune digits.onnx --data parity.npz --labels parity.npy --new-head 2 --keep-checkpoint -o parity.onnx
+        edgecomp finetune parity.onnx --data week2.npz --labels week2.npy --resume --checkpoint parity.onnx.ckpt -o p2.onnx
+    """
+    from edgecomp.data import StepData
+    from edgecomp.finetune import FinetuneOptions, run
+    from edgecomp.io import check_output_path, load_model, save_model
+
+    inputs = [p for p in (model, calibration, train_labels) if p]
+    out = check_output_path(output, inputs)
+    ckpt = checkpoint or str(out) + ".ckpt"
+    res = run(load_model(model), FinetuneOptions(**fields_of(_values(FINETUNE_OPTIONS, options))),
+              StepData(calibration=calibration, train_labels=train_labels), checkpoint=ckpt, resume=resume,
+              threads=threads)
+    save_model(res.model, out, inputs=inputs)
+    if not keep_checkpoint:
+        Path(ckpt).unlink(missing_ok=True)
+    s = res.summary
+    if res.head:
+        click.echo(s["new head"])
+    click.echo(f"trained {s['steps']} steps in {s['seconds']:.0f}s ({s['optimizer']}, {s['labels']}); best held-out "
+               f"at step {s['best step']}{', stopped early' if s['stopped early'] else ''}; "
+               + (f"checkpoint {ckpt}" if keep_checkpoint else "checkpoint removed"))
+    for key in ("held-out accuracy", "held-out mse"):
+        if f"{key} after" in s:
+            click.echo(f"{key}: {s[f'{key} before']:.4f} before, {s[f'{key} after']:.4f} after (onnxruntime)")
+    for w in res.warnings:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(f"wrote {out} (trained weights in the model's own graph; onnxruntime vs torch max abs diff "
+               f"{s['onnxruntime vs torch max abs diff']:.2e})")
+    _write_json(json_path, {"summary": s, "history": res.history, "warnings": res.warnings})
 
 
 @cli.command()
@@ -1110,14 +1171,16 @@ def _convert_source(spec, hf):
               help="Output folder: every model, report.json, report.html.")
 @click.option("--hf", "hf_path", type=click.Path(exists=True, file_okay=False), help="A local Hugging Face encoder instead of SPEC.")
 @_data_options
+@click.option("--train-labels", type=click.Path(), help="Labels (.npy) of the --calibration samples, for a finetune "
+              "step: class ids or target vectors.")
 @click.option("--target", help="Target profile (threads, ISA for quantization).")
 @click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
 @click.option("--overwrite", is_flag=True, help="Replace an OUTDIR that edgecomp wrote before.")
 @click.option("--ort-format", is_flag=True,
               help="Also write model.ort and required_operators_and_types.config for ORT Mobile (see `edgecomp package`).")
 @_value_option
-def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text, tokenizer, target, targets_file,
-            overwrite, ort_format, values):
+def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text, tokenizer, train_labels, target,
+            targets_file, overwrite, ort_format, values):
     """Run a recipe from a torch model to a validated edge artifact, with a report.
 
     Exit status 4 when a gate of the recipe fails, else 3 when a step's model misses its floor or
@@ -1142,7 +1205,7 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
     profile = get_profile(target, targets_file)
     table = _measured_table(targets_file, target, "auto") if "quantize" in r.step_names() else None
     res = run_convert(source, r, outdir, calibration=calibration, eval_data=eval_data, labels=labels, text=text,
-                      tokenizer=tokenizer, target=profile, table=table,
+                      tokenizer=tokenizer, train_labels=train_labels, target=profile, table=table,
                       overwrite=overwrite, progress=True, protect=[p for p in (targets_file,) if p], ort_format=ort_format,
                       values=_parse_values(values),
                       on_step=lambda rec: click.echo(f"step {rec.index:02d} {rec.step}: done in {rec.seconds:.1f}s", err=True))

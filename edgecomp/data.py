@@ -524,6 +524,7 @@ class StepData:
     labels: str | None = None
     text: str | None = None
     tokenizer: str | None = None
+    train_labels: str | None = None  # class ids or target vectors of the calibration samples (finetune)
 
     def __post_init__(self) -> None:
         if self.labels and not self.eval:

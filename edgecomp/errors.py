@@ -20,6 +20,7 @@ __all__ = [
     "OptionError",
     "DataNeeded",
     "DistillError",
+    "FinetuneError",
     "InvalidModelError",
     "NothingToPrune",
     "EmulationError",
@@ -88,6 +89,10 @@ class DataNeeded(ConfigError):
 
 class DistillError(EdgecompError):
     """A distillation setup is inconsistent (teacher/student shapes, data, resume checkpoint)."""
+
+
+class FinetuneError(EdgecompError):
+    """Fine-tuning cannot go on: no head to replace, labels that do not fit the model, a diverged loss."""
 
 
 class InvalidModelError(EdgecompError):

@@ -881,5 +881,7 @@ class OnnxModule(nn.Module):
             if value is None or value.const_value is None or tuple(value.const_value.shape) != tuple(p.shape):
                 raise DistillError(f"cannot write weight {name!r} into the model: it is not the one "
                                    f"{self.source} was built from")
-            value.const_value = ir.Tensor(p.numpy(), name=name)
+            t = ir.Tensor(p.numpy(), name=name)
+            t.metadata_props.update(value.const_value.metadata_props)  # what passes recorded on the weight
+            value.const_value = t
         return model

@@ -12,7 +12,9 @@ from typing import Any
 
 from edgecomp.options import Option, check_values, in_range
 
-__all__ = ["OPTIONS", "check_config"]
+OPTIMIZERS = ("adamw", "adam", "sgd", "gd")  # edgecomp.distill.optim.OPTIMIZERS, which imports torch
+
+__all__ = ["OPTIONS", "TRAINING_OPTIONS", "check_config"]
 
 _SHRINK = re.compile(r"\s*(layers|width)\s*=\s*([0-9.]+)\s*")
 
@@ -49,6 +51,31 @@ def _device(v: str) -> str | None:
 
 _WEIGHT = in_range(0)
 
+#: The options of a training loop, shared by ``distill`` and ``finetune`` (one declaration).
+TRAINING_OPTIONS = (
+    Option("epochs", int, 10, "passes over the training data", check=in_range(1)),
+    Option("max_steps", int, None, "stop after this many steps (overrides epochs)", check=in_range(1)),
+    Option("batch_size", int, 32, "global batch size", check=in_range(1)),
+    Option("lr", float, 1e-3, "peak learning rate (linear warm-up, then cosine decay)", check=in_range(0, open_lo=True)),
+    Option("optimizer", str, "adamw", "how to step: sgd takes one batch a step (with momentum), gd every "
+           "training sample (full-batch gradient descent, for small DATA)", choices=OPTIMIZERS),
+    Option("momentum", float, 0.9, "momentum of sgd and gd (0: plain gradient descent)", check=in_range(0, 1, open_hi=True)),
+    Option("weight_decay", float, 0.01, "weight decay (decoupled for adamw, L2 for the others)", check=in_range(0)),
+    Option("warmup", float, 0.1, "fraction of the steps with a linear learning-rate warm-up (gentle: a trained "
+           "model is not pushed away from what it computes by the first full-size steps)",
+           check=in_range(0, 1, open_hi=True)),
+    Option("train_rows", str, "all", "new: train only the vocabulary rows reduce-embeddings --add-tokens appended "
+           "(an ONNX model records them), every other weight fixed", choices=("all", "new")),
+    Option("held_out", float, 0.1, "fraction held out for early stopping and validation",
+           check=in_range(0, 1, open_hi=True)),
+    Option("eval_every", int, None, "steps between held-out evaluations (default: each epoch)", check=in_range(1)),
+    Option("patience", int, 3, "evaluations without better fidelity before stopping", check=in_range(1)),
+    Option("seed", int, 0, "fixes initialization, split and data order", check=in_range(0, 2**32 - 1)),
+    Option("checkpoint_every", int, 100, "steps between checkpoints", check=in_range(1)),
+    Option("device", str, "auto", "where to train: auto takes a CUDA GPU when torch sees one (bf16 mixed precision), "
+           "else the CPU; cpu; cuda[:N]", check=_device, metavar="auto|cpu|cuda[:N]"),
+)
+
 OPTIONS = (
     Option("student", str, None, "student: a SPEC, or an .onnx file (e.g. from edgecomp prune: its weights are "
            "trained in place and written back into its graph)", check=_model),
@@ -65,18 +92,7 @@ OPTIONS = (
     Option("match_weight", float, 1.0, "weight of output matching (embeddings)", check=_WEIGHT),
     Option("hidden_weight", float, 0.0, "weight of hidden-state matching", check=_WEIGHT),
     Option("ce_weight", float, 1.0, "weight of cross-entropy (with labels)", check=_WEIGHT),
-    Option("epochs", int, 10, "passes over the training data", check=in_range(1)),
-    Option("max_steps", int, None, "stop after this many steps (overrides epochs)", check=in_range(1)),
-    Option("batch_size", int, 32, "global batch size", check=in_range(1)),
-    Option("lr", float, 1e-3, "AdamW peak learning rate (cosine decay)", check=in_range(0, open_lo=True)),
-    Option("held_out", float, 0.1, "fraction held out for early stopping and validation",
-           check=in_range(0, 1, open_hi=True)),
-    Option("eval_every", int, None, "steps between held-out evaluations (default: each epoch)", check=in_range(1)),
-    Option("patience", int, 3, "evaluations without better fidelity before stopping", check=in_range(1)),
-    Option("seed", int, 0, "fixes initialization, split and data order", check=in_range(0, 2**32 - 1)),
-    Option("checkpoint_every", int, 100, "steps between checkpoints", check=in_range(1)),
-    Option("device", str, "auto", "where to train: auto takes a CUDA GPU when torch sees one (bf16 mixed precision), "
-           "else the CPU; cpu; cuda[:N]", check=_device, metavar="auto|cpu|cuda[:N]"),
+    *TRAINING_OPTIONS,
 )
 
 

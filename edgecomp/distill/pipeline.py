@@ -11,7 +11,12 @@ in onnxruntime: fidelity from
 ``edgecomp.validate`` on the held-out samples, latency from ``edgecomp.bench`` (interleaved),
 parameters and MACs from ``edgecomp.inspection``. The student file is written atomically after
 training, so an interrupted run never leaves a half-written one; its checkpoint stays for
-``resume=True``.
+``resume=True`` until the student is written, and is then removed (``keep_checkpoint=True``
+keeps it, e.g. to continue later with more steps).
+
+A heal never writes a student worse than the one it was given: when no held-out evaluation
+beats the student as given (step 0), the output is the student unchanged (an ONNX student's
+weights bit for bit) and ``DistillResult.warnings`` says why.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class DistillResult:
     validation: Any               # edgecomp.validate.ValidationResult, student vs teacher
     bench: Any                    # edgecomp.bench.BenchResult (teacher first) or None
     rows: list[dict[str, Any]]    # teacher vs student, for the report
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def _dynamic_axes(example: dict[str, Any]) -> dict[str, dict[int, str]]:
@@ -91,13 +97,14 @@ def _write_onnx_student(setup: Setup, example: dict[str, Any], out: Path, protec
 def distill(config: DistillConfig, output: str | os.PathLike, *, resume: bool = False, nproc: int = 1,
             nnodes: int = 1, rdzv_endpoint: str | None = None, rdzv_id: str | None = None,
             exporter: str = "auto", bench_runs: int = 50, bench_threads: int = 1,
-            callback: Callable[[int, dict[str, float]], None] | None = None) -> DistillResult | None:
+            callback: Callable[[int, dict[str, float]], None] | None = None,
+            keep_checkpoint: bool = False) -> DistillResult | None:
     """Train a student to imitate the teacher, export it to ``output`` and compare the two.
 
     Returns None on the machines of a multi-machine run that do not hold global rank 0.
     """
     from edgecomp.export import HF_AUTO_ORDER, export_model
-    from edgecomp.io import check_output_path, load_model, model_size_bytes
+    from edgecomp.io import check_output_path, load_model, model_size_bytes, save_model
     from edgecomp.measure.bench import benchmark
     from edgecomp.measure.inspect import summarize
     from edgecomp.measure.validate import validate
@@ -135,7 +142,11 @@ def distill(config: DistillConfig, output: str | os.PathLike, *, resume: bool = 
         else:
             t_path = Path(tmp) / "teacher.onnx"
             export_model(setup.teacher, example, t_path, dynamic=axes, exporter=exporter, auto_order=order)
-        if is_onnx_file(config.student):
+        warnings = [_kept_input_warning(training)] if training.get("kept_input") else []
+        if is_onnx_file(config.student) and training.get("kept_input"):
+            save_model(load_model(config.student), out, inputs=inputs)  # its own weights, as read
+            exporter_used = "student graph (unchanged)"
+        elif is_onnx_file(config.student):
             _write_onnx_student(setup, example, out, inputs)
             exporter_used = "student graph"
         else:
@@ -162,4 +173,17 @@ def distill(config: DistillConfig, output: str | os.PathLike, *, resume: bool = 
             if val.ref_accuracy is not None:
                 row["accuracy"] = val.ref_accuracy if i == 0 else val.cand_accuracy
             rows.append(row)
-    return DistillResult(out, config.checkpoint, setup.objective, training, exporter_used, val, lat, rows)
+    if not keep_checkpoint:
+        Path(config.checkpoint).unlink(missing_ok=True)
+    return DistillResult(out, config.checkpoint, setup.objective, training, exporter_used, val, lat, rows, warnings)
+
+
+def _kept_input_warning(training: dict[str, Any]) -> str:
+    """Why the student was written unchanged: its held-out fidelity at step 0 against the best after it."""
+    hist = training.get("history") or []
+    key = "top-1 agreement" if hist and "top-1 agreement" in hist[0] else "held-out cos"
+    start = hist[0].get(key) if hist else None
+    later = [h[key] for h in hist[1:] if key in h]
+    best = f", best after training {max(later):.4f}" if later else ""
+    return (f"training never beat the student as given on the held-out split ({key} {start:.4f} at step 0{best}); "
+            "wrote the student unchanged (try a lower lr, more data, or fewer epochs)")

@@ -2,8 +2,9 @@
 
 ``prepare(config)`` builds teacher, student and samples and checks everything that can be
 checked before training (one-line errors): student outputs shaped like the teacher's, data
-keyed by the teacher's inputs, enough samples for a batch. ``train(config)`` then runs AdamW
-with linear warmup and cosine decay over a fixed, seeded sample order; every
+keyed by the teacher's inputs, enough samples for a batch. ``train(config)`` then runs the chosen
+optimizer (:mod:`edgecomp.distill.optim`: AdamW by default, Adam, SGD, full-batch GD) with linear
+warmup and cosine decay over a fixed, seeded sample order; every
 ``checkpoint_every`` steps it writes (atomically) the student, optimizer, scheduler, RNG states
 and the step, with a hash of the configuration and data. ``--resume`` refuses a checkpoint
 whose hash differs and otherwise continues bit-identically to an uninterrupted run (same
@@ -17,8 +18,11 @@ initializers trained. Their files are hashed into the configuration, so a checkp
 resumed against a changed file.
 
 Early stopping watches fidelity to the teacher on the held-out split: top-1 agreement for
-logits (ties broken by the lower held-out loss), mean cosine for embeddings. The student
-handed back carries the weights of the best evaluation.
+logits (ties broken by the lower held-out loss), mean cosine for embeddings. The student as
+given is evaluated first (step 0) and competes with every later evaluation, so training that
+only hurts it (a small corpus memorized, a learning rate too high for a repaired student) hands
+back the student unchanged (``TrainResult.kept_input``); otherwise the student handed back
+carries the weights of the best evaluation.
 
 Under ``torch.distributed`` (gloo) each process takes an equal share of every global batch and
 DDP averages the gradients, so N processes compute what one process does with the same global
@@ -32,7 +36,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import random
 import time
@@ -44,13 +47,14 @@ import torch
 from torch import nn
 
 from edgecomp.distill.losses import MATCH_KINDS, DistillLoss, LossWeights, match_loss, soft_target_kl
+from edgecomp.distill.optim import OPTIMIZERS, make_optimizer, schedule, steps_per_epoch, train_new_rows
 from edgecomp.distill.samples import Samples, epoch_order, from_data, from_text
 from edgecomp.distill.students import find_layer_stack, layer_map, parse_shrink, shrink
 from edgecomp.errors import DataError, DataNeeded, DistillError, InputFileError, OptionError
 from edgecomp.io import first_line
 
 __all__ = ["DistillConfig", "Setup", "TrainResult", "prepare", "train", "check_resume", "is_onnx_file",
-           "CHECKPOINT_FORMAT"]
+           "CHECKPOINT_FORMAT", "rng_state", "set_rng_state", "save_checkpoint", "seed_all"]
 
 #: 2: every value loads with ``torch.load(weights_only=True)`` (RNG states as tensors and lists).
 CHECKPOINT_FORMAT = 2
@@ -86,8 +90,11 @@ class DistillConfig:
     max_steps: int | None = None
     batch_size: int = 32
     lr: float = 1e-3
+    optimizer: str = "adamw"            # adamw | adam | sgd | gd (edgecomp.distill.optim)
+    train_rows: str = "all"             # new: only the vocabulary rows --add-tokens appended (ONNX student)
+    momentum: float = 0.9               # sgd and gd
     weight_decay: float = 0.01
-    warmup: float = 0.05                # fraction of the steps with a linear warmup
+    warmup: float = 0.1                 # fraction of the steps with a linear warmup
     grad_clip: float | None = 1.0
     seed: int = 0
     eval_every: int | None = None       # steps; default once per epoch
@@ -115,6 +122,7 @@ class Setup:
     loss: DistillLoss
     hidden_pairs: list[tuple[int, int]]  # (student layer, teacher layer) for hidden-state matching
     config_hash: str
+    held_rows: list = dataclasses.field(default_factory=list)  # train_rows new: edgecomp.distill.optim.RowsHeld
 
 
 @dataclasses.dataclass
@@ -127,6 +135,7 @@ class TrainResult:
     seconds: float
     history: list[dict[str, float]]
     device: str = "cpu"
+    kept_input: bool = False            # no evaluation beat the student as given: it is handed back unchanged
 
 
 # --- setup ------------------------------------------------------------------------------------
@@ -155,12 +164,16 @@ def _check_options(c: DistillConfig) -> None:
         raise DataNeeded("tokenizer", "text")  # a local Hugging Face tokenizer folder
     if c.objective not in ("auto", "logits", "embeddings"):
         raise OptionError("objective", f"must be auto, logits or embeddings, got {c.objective!r}")
+    if c.train_rows not in ("all", "new"):
+        raise OptionError("train_rows", f"must be all or new, got {c.train_rows!r}")
+    if c.optimizer not in OPTIMIZERS:
+        raise OptionError("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {c.optimizer!r}")
     if c.match not in MATCH_KINDS:
         raise OptionError("match", f"must be {' or '.join(MATCH_KINDS)}, got {c.match!r}")
     checks = [("batch_size", c.batch_size >= 1, ">= 1"), ("epochs", c.epochs >= 1, ">= 1"),
               ("lr", c.lr > 0, "> 0"), ("temperature", c.temperature > 0, "> 0"),
               ("held_out", 0 <= c.held_out < 1, "in [0, 1)"), ("checkpoint_every", c.checkpoint_every >= 1, ">= 1"),
-              ("warmup", 0 <= c.warmup < 1, "a fraction in [0, 1)"),
+              ("warmup", 0 <= c.warmup < 1, "a fraction in [0, 1)"), ("momentum", 0 <= c.momentum < 1, "in [0, 1)"),
               ("max_steps", c.max_steps is None or c.max_steps >= 1, ">= 1"),
               *((w, getattr(c, w) >= 0, ">= 0") for w in ("kd_weight", "match_weight", "hidden_weight", "ce_weight"))]
     for option, ok, allowed in checks:
@@ -331,6 +344,14 @@ def prepare(config: DistillConfig) -> Setup:
         pairs = list(enumerate(layer_map(len(ts[1]), len(ss[1]))))
 
     _freeze_unused(student, args)
+    held_rows = []
+    if c.train_rows == "new":
+        if not is_onnx_file(c.student):
+            raise OptionError("train_rows", "new needs an ONNX student (the output of reduce-embeddings --add-tokens), "
+                                            "which records the rows it added")
+        from edgecomp.io import load_model
+
+        held_rows = train_new_rows(student, load_model(c.student))
     weights = LossWeights(kd=c.kd_weight, match=c.match_weight, hidden=c.hidden_weight,
                           ce=c.ce_weight if samples.labels is not None else 0.0)
     loss = DistillLoss(objective, weights, c.temperature, c.match)
@@ -340,7 +361,7 @@ def prepare(config: DistillConfig) -> Setup:
         hashed["models"] = digests
     blob = json.dumps(hashed, sort_keys=True, default=str)
     return Setup(c, teacher, student, example, names, train_s, held, objective, loss, pairs,
-                 hashlib.sha256(blob.encode()).hexdigest()[:16])
+                 hashlib.sha256(blob.encode()).hexdigest()[:16], held_rows)
 
 
 def _freeze_unused(student: nn.Module, args: list[torch.Tensor]) -> None:
@@ -357,7 +378,7 @@ def _freeze_unused(student: nn.Module, args: list[torch.Tensor]) -> None:
 
 # --- checkpoints ------------------------------------------------------------------------------
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     """The RNG states as tensors and plain values, so a checkpoint loads with ``weights_only=True``."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
@@ -368,7 +389,7 @@ def _rng_state() -> dict[str, Any]:
                        "gauss_next": None if gauss_next is None else float(gauss_next)}}
 
 
-def _set_rng_state(s: Mapping[str, Any]) -> None:
+def set_rng_state(s: Mapping[str, Any]) -> None:
     torch.set_rng_state(s["torch"])
     n = s["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
@@ -417,7 +438,7 @@ def _damaged(path: Path):
                            f"{first_line(e, 200)}); delete it and start again") from e
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     from edgecomp.io import atomic_path
 
     with atomic_path(path) as tmp:
@@ -492,17 +513,6 @@ def _fidelity_key(objective: str, rec: Mapping[str, float]) -> tuple[float, ...]
     return (rec["held-out cos"],)
 
 
-def _schedule(total: int, warmup: float) -> Callable[[int], float]:
-    w = int(total * warmup)
-
-    def factor(step: int) -> float:
-        if step < w:
-            return (step + 1) / w
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - w) / max(1, total - w))))
-
-    return factor
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto``: the first CUDA GPU when torch sees one, else the CPU; ``cuda`` without one is refused."""
     name = (name or "auto").strip().lower()
@@ -562,12 +572,16 @@ def _train(c: DistillConfig, setup: Setup, resume: bool, callback) -> TrainResul
     # bf16 autocast on CUDA (mixed precision: matmuls in bf16, reductions and the optimizer in fp32)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
-    steps_per_epoch = len(setup.train) // c.batch_size
-    total = c.max_steps or c.epochs * steps_per_epoch
-    eval_every = c.eval_every or steps_per_epoch
+    full_batch = c.optimizer == "gd"
+    if full_batch and world > 1:
+        raise OptionError("optimizer", "gd takes every training sample in each step in one process; "
+                                       "use one process (nproc 1) or another optimizer")
+    per_epoch = steps_per_epoch(c.optimizer, len(setup.train), c.batch_size)
+    total = c.max_steps or c.epochs * per_epoch
+    eval_every = c.eval_every or per_epoch
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, c.warmup))
+    opt = make_optimizer(params, c.optimizer, c.lr, c.weight_decay, c.momentum)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(total, c.warmup))
 
     cache = not setup.hidden_pairs  # teacher outputs depend only on the sample: compute them once
     held_targets = _outputs(teacher, setup.held, names) if len(setup.held) else []
@@ -585,12 +599,16 @@ def _train(c: DistillConfig, setup: Setup, resume: bool, callback) -> TrainResul
             best_key = tuple(ckpt["best_key"]) if ckpt["best_key"] is not None else None
             best_state = ckpt["best_state"]
             rng_states = list(ckpt["rng"])
+    elif len(setup.held):  # step 0: the student as given competes with every later evaluation
+        rec0 = {"step": 0, **_score(setup, student, held_targets)}
+        history.append(rec0)
+        best_key, best_step, best_state = _fidelity_key(setup.objective, rec0), 0, copy.deepcopy(student.state_dict())
     model = student
     if world > 1:
         model = nn.parallel.DistributedDataParallel(student)
     if rng_states is not None:
         with _damaged(ckpt_path):
-            _set_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
+            set_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
 
     taps_s = _HiddenTaps(student, [j for j, _ in setup.hidden_pairs]) if setup.hidden_pairs else None
     taps_t = _HiddenTaps(teacher, [i for _, i in setup.hidden_pairs]) if setup.hidden_pairs else None
@@ -605,34 +623,49 @@ def _train(c: DistillConfig, setup: Setup, resume: bool, callback) -> TrainResul
     local = c.batch_size // world
     sizes = setup.train.sizes()
     tick, seen = time.perf_counter(), 0
+
+    def chunk_loss(idx) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = _on(setup.train.batch(idx), device)
+        args = [batch[n] for n in names]
+        labels = setup.train.batch_labels(idx)
+        labels = labels.to(device) if labels is not None else None
+        with autocast:
+            s_out = _first_output(model(*args))
+            if cache:
+                t_out = torch.cat([train_targets[i] for i in idx])
+            else:
+                with torch.no_grad():
+                    t_out = _first_output(teacher(*args))
+            s_hid = taps_s.take([j for j, _ in setup.hidden_pairs]) if taps_s else []
+            t_hid = taps_t.take([i for _, i in setup.hidden_pairs]) if taps_t else []
+        return setup.loss(s_out.float(), t_out.float(), labels, [h.float() for h in s_hid],
+                          [h.float() for h in t_hid], batch.get("attention_mask"))
+
     try:
         while step < total and not stopped:
-            epoch, pos = divmod(step, steps_per_epoch)
-            order = epoch_order(len(setup.train), c.seed, epoch, sizes, c.batch_size)
-            idx = order[pos * c.batch_size:(pos + 1) * c.batch_size][rank * local:(rank + 1) * local]
-            batch = _on(setup.train.batch(idx), device)
-            args = [batch[n] for n in names]
-            labels = setup.train.batch_labels(idx)
-            labels = labels.to(device) if labels is not None else None
-            with autocast:
-                s_out = _first_output(model(*args))
-                if cache:
-                    t_out = torch.cat([train_targets[i] for i in idx])
-                else:
-                    with torch.no_grad():
-                        t_out = _first_output(teacher(*args))
-                s_hid = taps_s.take([j for j, _ in setup.hidden_pairs]) if taps_s else []
-                t_hid = taps_t.take([i for _, i in setup.hidden_pairs]) if taps_t else []
-            loss, parts = setup.loss(s_out.float(), t_out.float(), labels, [h.float() for h in s_hid],
-                                     [h.float() for h in t_hid], batch.get("attention_mask"))
+            if full_batch:  # the mean loss over every training sample, accumulated chunk by chunk
+                n = len(setup.train)
+                chunks = [np.arange(i, min(n, i + c.batch_size)) for i in range(0, n, c.batch_size)]
+            else:
+                epoch, pos = divmod(step, per_epoch)
+                order = epoch_order(len(setup.train), c.seed, epoch, sizes, c.batch_size)
+                chunks = [order[pos * c.batch_size:(pos + 1) * c.batch_size][rank * local:(rank + 1) * local]]
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, parts, count = torch.zeros(()), {}, sum(len(i) for i in chunks)
+            for idx in chunks:
+                share = len(idx) / count
+                part_loss, part = chunk_loss(idx)
+                (part_loss * share).backward()
+                loss = loss + part_loss.detach().cpu() * share
+                parts = {k: parts.get(k, 0.0) + v * share for k, v in part.items()}
             if c.grad_clip:
                 nn.utils.clip_grad_norm_(params, c.grad_clip)
             opt.step()
+            for rows in setup.held_rows:  # train_rows new: the old rows stay as they were
+                rows.restore()
             sched.step()
             step += 1
-            seen += c.batch_size
+            seen += count * world
             rec = {"step": step, "loss": float(loss.detach()), **parts}
             if step % eval_every == 0 or step == total:
                 if len(setup.held):
@@ -651,12 +684,12 @@ def _train(c: DistillConfig, setup: Setup, resume: bool, callback) -> TrainResul
                                     + (f" held-out cos {rec['held-out cos']:.4f}" if "held-out cos" in rec else ""))
                 bar.update(1)
             if ckpt_path is not None and (step % c.checkpoint_every == 0 or step == total or stopped):
-                rng = [_rng_state()]
+                rng = [rng_state()]
                 if world > 1:
                     rng = [None] * world
-                    torch.distributed.all_gather_object(rng, _rng_state())
+                    torch.distributed.all_gather_object(rng, rng_state())
                 if rank == 0:
-                    _save_checkpoint(ckpt_path, {
+                    save_checkpoint(ckpt_path, {
                         "format": CHECKPOINT_FORMAT, "config_hash": setup.config_hash, "config": c.hashed(),
                         "step": step, "model": student.state_dict(), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(), "rng": rng, "best_key": best_key, "best_step": best_step,
@@ -673,4 +706,5 @@ def _train(c: DistillConfig, setup: Setup, resume: bool, callback) -> TrainResul
         student.load_state_dict(best_state)
     student.to("cpu").eval()  # exported and validated on the CPU
     teacher.to("cpu")
-    return TrainResult(student, step, best_step, stopped, resumed_from, time.perf_counter() - t0, history, str(device))
+    return TrainResult(student, step, best_step, stopped, resumed_from, time.perf_counter() - t0, history, str(device),
+                       kept_input=best_step == 0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from edgecomp.embeddings.tables import find_embedding_tables, register_const
+from edgecomp.embeddings.tables import ADDED_ROWS_KEY, find_embedding_tables, register_const
 from edgecomp.errors import ConfigError
 from edgecomp.passes.base import EdgecompPass, PassReport
 
@@ -48,8 +48,10 @@ class AddTokensPass(EdgecompPass):
                 raise ConfigError(f"new rows are {self._rows.shape[1]} wide but {t.value.name} is {d}")
             name = t.value.name
             grown = np.concatenate([t.array, self._rows.astype(t.array.dtype)])
+            before = int(t.value.const_value.metadata_props.get(ADDED_ROWS_KEY, 0))
             model.graph.initializers.pop(name)
             new = register_const(model, name, grown)
+            new.const_value.metadata_props[ADDED_ROWS_KEY] = str(before + self.added)  # for --train-rows new
             t.value.replace_all_uses_with(new)
             for head in t.heads:
                 for out in _head_outputs(head):

@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
-from edgecomp.embeddings.tables import Emitter, find_embedding_tables, register_const
+from edgecomp.embeddings.tables import ADDED_ROWS_KEY, Emitter, find_embedding_tables, register_const
 from edgecomp.errors import ConfigError
 from edgecomp.passes.base import EdgecompPass, PassReport
 
@@ -70,6 +70,9 @@ class PruneVocabularyPass(EdgecompPass):
             table = t.array
             pruned = register_const(model, f"{t.value.name}_pruned", np.ascontiguousarray(table[self._keep]))
             index = register_const(model, f"{t.value.name}_id_map", self._map) if self.remap else None
+            added = int(t.value.const_value.metadata_props.get(ADDED_ROWS_KEY, 0))
+            if added:  # the kept ids are sorted: the kept added rows stay the last ones
+                pruned.const_value.metadata_props[ADDED_ROWS_KEY] = str(int(np.sum(self._keep >= v - added)))
             for gather in t.gathers:
                 ids = gather.inputs[1]
                 if index is not None:

@@ -23,9 +23,11 @@ from edgecomp.graph import NameAllocator, add_initializer, attribute, rank_of
 
 #: metadata key on initializers that hold scales/offsets of a reduced table
 ROLE_KEY = "edgecomp.embedding_role"
+#: On a vocabulary table: how many of its last rows ``--add-tokens`` appended (``--train-rows new`` trains them).
+ADDED_ROWS_KEY = "edgecomp.added_rows"
 
 __all__ = ["EmbeddingTable", "find_embedding_tables", "Emitter", "rank_of", "gather_rows", "register_const",
-           "register_stored", "replace_output", "ROLE_KEY"]
+           "register_stored", "replace_output", "ROLE_KEY", "ADDED_ROWS_KEY"]
 
 
 @dataclasses.dataclass

@@ -240,6 +240,26 @@ def _run_distill(ctx: _Context, rec: StepRecord) -> None:
     if before_prune:
         rec.summary["healed"] = f"{Path(ctx.current).name} against {Path(before_prune).name}"
     rec.tables = {"teacher vs student": res.rows}
+    rec.warnings = res.warnings
+
+
+def _run_finetune(ctx: _Context, rec: StepRecord) -> None:
+    """Fine-tune the latest model on the calibration DATA and its train_labels (a new head for a new task)."""
+    from edgecomp.finetune import FinetuneOptions, run
+
+    ckpt = ctx.outdir / f"{rec.index:02d}-finetune.ckpt"
+    res = run(ctx.latest(), FinetuneOptions(**fields_of(rec.options)), ctx.data, checkpoint=ckpt, threads=ctx.threads)
+    ctx.save(rec, res.model)
+    ckpt.unlink(missing_ok=True)
+    rec.summary, rec.warnings, rec.tables = res.summary, res.warnings, {"held-out evaluations": res.history}
+
+
+def _task_models(ctx: _Context) -> list[StepRecord]:
+    """The models that compute the current task: from the last step that gave the model a new head
+    (a fine-tune to other classes) on, else all; validate compares them with the first of them."""
+    models = ctx.model_records()
+    start = max((i for i, r in enumerate(models) if r.step == "finetune" and r.summary.get("new head")), default=0)
+    return models[start:]
 
 
 def _input_of_first_prune(ctx: _Context) -> str | None:
@@ -266,7 +286,7 @@ def _run_reduce_embeddings(ctx: _Context, rec: StepRecord) -> None:
 def _run_validate(ctx: _Context, rec: StepRecord) -> None:
     from edgecomp.measure.validate import validate_many
 
-    models = ctx.model_records()
+    models = _task_models(ctx)
     results = validate_many(models[0].model, [m.model for m in models], ctx.data.need("eval", "validate"),
                             ctx.data.labels, threads=ctx.threads, k=rec.options["k"])
     for m, v in zip(models, results):
@@ -336,6 +356,7 @@ def _profile_ends(models: list[StepRecord], rec: StepRecord, threads: int, feed)
 
 STEP_RUNNERS: dict[str, Callable[[_Context, StepRecord], None]] = {
     "export": _run_export, "optimize": _run_optimize, "prune": _run_prune, "distill": _run_distill,
+    "finetune": _run_finetune,
     "reduce-embeddings": _run_reduce_embeddings, "quantize": _run_quantize,
     "validate": _run_validate, "bench": _run_bench,
 }
@@ -375,6 +396,9 @@ def _check_steps(recipe: Recipe, data: StepData, source: Source) -> None:
             if step in _STEP_NEEDS:
                 data.need(*_STEP_NEEDS[step])
             need_data(list(STEP_OPTIONS[step].values()), s, available)
+            if step == "finetune":
+                data.need("calibration", "finetune")
+                data.need("train_labels", "finetune")
             if step == "distill" and not data.text:
                 data.need("calibration", "distill (or text)")
             if step in ("distill", "reduce-embeddings") and data.text and not available["tokenizer"]:
@@ -434,7 +458,7 @@ def _accuracy_drop(base: StepRecord, final: StepRecord) -> float | None:
 
 def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibration: str | None = None,
             eval_data: str | None = None, labels: str | None = None, text: str | None = None,
-            tokenizer: str | None = None, target: TargetProfile | None = None,
+            tokenizer: str | None = None, train_labels: str | None = None, target: TargetProfile | None = None,
             overwrite: bool = False, progress: bool = False, protect: Sequence[str | os.PathLike] = (),
             ort_format: bool = False, values: dict[str, Any] | None = None,
             on_step: Callable[[StepRecord], None] | None = None, table: Any = None) -> ConvertResult:
@@ -450,7 +474,8 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
     """
     from edgecomp.render.html import write_reports
 
-    given = {"calibration": calibration, "eval": eval_data, "labels": labels, "text": text, "tokenizer": tokenizer}
+    given = {"calibration": calibration, "eval": eval_data, "labels": labels, "text": text, "tokenizer": tokenizer,
+             "train_labels": train_labels}
     try:
         data = StepData(**{k: given[k] or recipe.data.get(k) for k in given})
     except DataNeeded as e:
@@ -473,7 +498,8 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
             except (OptionError, DataNeeded, BelowFloor) as e:
                 raise in_recipe_words(e, recipe.source, i, rec.step) from None
             rec.seconds = time.perf_counter() - t0
-            degraded = [] if rec.step == "distill" else degraded  # healed against the model before the prune
+            if rec.step == "distill" and not rec.summary.get("kept_input"):
+                degraded = []  # healed against the model before the prune (a heal that kept its input did not)
             degraded += [f"{i:02d}-{rec.step}"] if rec.degraded else []
             if rec.model:
                 ctx.current = Path(rec.model)

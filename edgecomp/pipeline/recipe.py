@@ -41,6 +41,7 @@ from edgecomp.embeddings.options import OPTIONS as EMBEDDING_OPTIONS
 from edgecomp.embeddings.options import ReduceOptions
 from edgecomp.errors import ConfigError, InputFileError, OptionError
 from edgecomp.export import OPTIONS as EXPORT_OPTIONS
+from edgecomp.finetune.options import OPTIONS as FINETUNE_OPTIONS
 from edgecomp.io import MAX_TOML_DEPTH, nesting_exceeds, read_toml
 from edgecomp.measure.options import BENCH_OPTIONS, VALIDATE_OPTIONS
 from edgecomp.options import Option, coerce, in_range
@@ -64,13 +65,14 @@ STEP_OPTIONS: dict[str, dict[str, Option]] = {
     "quantize": _step(QUANTIZE_OPTIONS),
     "prune": _step(PRUNE_OPTIONS),
     "distill": _step(DISTILL_OPTIONS),
+    "finetune": _step(FINETUNE_OPTIONS),
     "reduce-embeddings": _step(EMBEDDING_OPTIONS),
     "validate": _step(VALIDATE_OPTIONS),
     "bench": _step(BENCH_OPTIONS),
 }
 
 #: What a recipe's [data] table (or convert's options) may name: DATA, labels, text lines, tokenizer folder.
-DATA_KEYS = ("calibration", "eval", "labels", "text", "tokenizer")
+DATA_KEYS = ("calibration", "eval", "labels", "text", "tokenizer", "train_labels")
 
 GATES = {
     "max_accuracy_drop": ("validate", "accuracy (or fidelity) drop of the final model vs fp32, as a fraction"),

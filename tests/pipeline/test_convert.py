@@ -100,6 +100,8 @@ def test_each_builtin_recipe_on_a_tiny_model(name, tmp_path, token_data, digits_
             step["families"] = "all"  # auto times the host; the recipe run must not depend on it
         if step["step"] == "prune":  # 40 samples (8 held out) are too few for the 0.95 floor; tests/prune checks it
             step["allow_degraded"] = True
+        if step["step"] == "finetune":  # the digits task itself (new_head auto: 10 classes); tests/pipeline/test_transfer
+            step.update(max_steps=4, batch_size=8, held_out=0.25)
     if name.startswith("encoder"):
         calib, ev = token_data
         source, labels = Source(spec="models.text_encoder:tiny_encoder"), None
@@ -108,8 +110,12 @@ def test_each_builtin_recipe_on_a_tiny_model(name, tmp_path, token_data, digits_
         calib = tmp_path / "calib.npz"
         np.savez(calib, x=np.load(ev)["x"][:40])
         source = Source(spec="models.mobilenet_v2:digits_classifier")
+    train_labels = None
+    if "finetune" in recipe.step_names():
+        train_labels = tmp_path / "calib_labels.npy"
+        np.save(train_labels, np.load(labels)[:40])
     res = convert(source, recipe, tmp_path / "out", calibration=str(calib), eval_data=str(ev),
-                  labels=str(labels) if labels else None)
+                  labels=str(labels) if labels else None, train_labels=str(train_labels) if train_labels else None)
     final, base = res.final(), res.baseline()
     assert final.step == recipe.step_names()[-3] and final.size_bytes < base.size_bytes
     assert final.latency_ratio is not None and final.cos_mean is not None
