@@ -344,14 +344,14 @@ def export_model(module: Any, example: Any, out: str | os.PathLike, *,
             reasons.append(f"{name}: {what}" if isinstance(e, ExportError) else f"{name}: {type(e).__name__}: {what}")
     if model is None:
         raise ExportError("export failed with " + "; ".join(reasons))
-    diff = _check_parity(model, names, args, ref, atol, rtol)
+    diff = check_parity(model, names, args, ref, atol, rtol)
     model.metadata_props.update({str(k): str(v) for k, v in (metadata or {}).items()})
     path = save_model(model, out, inputs=protect)
     return ExportResult(Path(path), used, "; ".join(reasons) or None, list(names), out_names, diff,
                         time.perf_counter() - t0)
 
 
-def _check_parity(model: ir.Model, names, args, ref: list[np.ndarray], atol: float, rtol: float) -> float:
+def check_parity(model: ir.Model, names, args, ref: list[np.ndarray], atol: float, rtol: float) -> float:
     session = make_session(model, threads=1)
     feed = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
     got = run_feed(session, {i.name: feed[i.name] for i in session.get_inputs()})

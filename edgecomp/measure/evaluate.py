@@ -1,30 +1,20 @@
-"""Accuracy-aware fallback: measure each layer's loss on eval data and keep the most sensitive
-layers float until the whole model's loss is within the tolerance.
+"""Scoring a candidate model against a reference on evaluation feeds: the loss a tolerance bounds.
 
-The loss is a mean over ``n`` eval samples, so it is an estimate: a tolerance met on 16 samples
-need not hold on the next 150. :meth:`Evaluator.estimate` gives the loss with a one-sided 95%
-upper bound (:class:`LossEstimate`); "met" is still decided on the measured loss, and
-:meth:`LossEstimate.warning` says when the bound exceeds the tolerance or ``n`` is too small for
-the bound itself to be trusted (:data:`MIN_EVAL_SAMPLES`).
+- :class:`Evaluator` — the first output against the reference model's, by one of
+  :data:`~edgecomp.measure.metrics.METRICS` (``1 − mean cosine``, top-1 accuracy lost, MAE), with
+  :meth:`Evaluator.estimate` adding the loss's one-sided 95% upper bound
+  (:func:`~edgecomp.measure.metrics.loss_bound`, the math in :mod:`edgecomp.measure.metrics`).
+- :class:`FidelityEvaluator` — every float output: the score is the lowest mean cosine among them.
 
-- ``cosine`` and ``mae``: per-sample losses ``l_i`` (``1 − cos_i``, or the sample's mean absolute
-  error), ``upper = mean(l) + t(0.95, n−1) · sd(l) / √n`` (Student t, sample sd with ``n − 1``).
-- ``top1``: the fraction ``p = k/n`` of samples lost (top-1 differs from the float model's; with
-  labels, the float model right and the candidate wrong), upper end of the Wilson score interval
-  at one-sided 95% (``z = 1.645``)::
-
-      upper = (p + z²/2n + z·√(p(1−p)/n + z²/4n²)) / (1 + z²/n)
-
-  With labels this bounds the rate of samples lost, ignoring those gained, so it is at least the
-  bound of the net loss (conservative).
+A candidate whose outputs have other shapes than the reference's computes something else, whatever
+its cosine: :class:`~edgecomp.errors.InterfaceChanged`. Quantization's fallback
+(:mod:`edgecomp.quantize.tolerance`) and pruning's search (:mod:`edgecomp.prune.tolerance`) both
+measure with these.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Sequence
-from statistics import NormalDist
 
 import numpy as np
 import onnx_ir as ir
@@ -32,46 +22,10 @@ import onnx_ir as ir
 from edgecomp.data import check_label_range
 from edgecomp.errors import DataError, InterfaceChanged, OptionError
 from edgecomp.measure.interface import shape_difference
-from edgecomp.quantize.options import METRICS
-from edgecomp.quantize.plan import build
-from edgecomp.quantize.quantize_static import LayerPlan
+from edgecomp.measure.metrics import METRICS, LossEstimate, loss_bound
 from edgecomp.runtime import make_session, run_feed
 
-__all__ = ["MIN_EVAL_SAMPLES", "Evaluator", "FidelityEvaluator", "LossEstimate", "fit_tolerance", "loss_bound",
-           "t_quantile", "wilson_upper"]
-
-#: Below this many eval samples the loss bound is a warning on its own. Two reasons, one per kind of
-#: metric: a top-1 count with no sample lost still has a 95% upper bound of about 3/n (the rule of
-#: three), 3 accuracy points at n = 100 — the smallest tolerance one usually asks for; and
-#: per-sample cosine losses are skewed (bounded by 0, long right tail), for which the t interval
-#: reaches its nominal coverage only from n ≈ 25·skewness² (Cochran's rule), ~100 for a skewness of 2.
-MIN_EVAL_SAMPLES = 100
-CONFIDENCE = 0.95  # one-sided: the loss exceeds ``upper`` with probability at most 5%
-
-
-@dataclasses.dataclass(frozen=True)
-class LossEstimate:
-    """The measured loss over ``n`` eval samples and its one-sided 95% upper bound."""
-
-    metric: str
-    n: int
-    loss: float
-    upper: float
-
-    def text(self) -> str:
-        return f"{self.loss:.4g} (95% upper bound {self.upper:.4g} on {self.n} eval samples)"
-
-    def warning(self, tolerance: float) -> str | None:
-        """One line when the bound exceeds ``tolerance`` or ``n`` is under :data:`MIN_EVAL_SAMPLES`; else None."""
-        why = []
-        if self.upper > tolerance:
-            why.append(f"its 95% upper bound {self.upper:.4g} exceeds the tolerance {tolerance:g}")
-        if self.n < MIN_EVAL_SAMPLES:
-            why.append(f"only {self.n} eval samples (under {MIN_EVAL_SAMPLES}, the bound itself is rough)")
-        if not why:
-            return None
-        return (f"the {self.metric} loss {self.loss:.4g} was measured on {self.n} eval samples and "
-                f"{' and '.join(why)}: it may not hold on other data; give more --eval samples")
+__all__ = ["Evaluator", "FidelityEvaluator"]
 
 
 class Evaluator:
@@ -186,84 +140,6 @@ class FidelityEvaluator(Evaluator):
         return min(scores, default=1.0)
 
 
-
-def loss_bound(metric: str, samples: np.ndarray, loss: float) -> LossEstimate:
-    """``loss`` with the one-sided 95% upper bound from per-sample losses (a t bound) or, for
-    ``top1``, from 0/1 flags of samples lost (Wilson); see the module docstring."""
-    x = np.asarray(samples, np.float64).ravel()
-    n = int(x.size)
-    if metric == "top1":
-        upper = wilson_upper(round(x.sum()), n)
-    elif n < 2:
-        upper = math.inf
-    else:
-        upper = float(x.mean() + t_quantile(CONFIDENCE, n - 1) * x.std(ddof=1) / math.sqrt(n))
-    return LossEstimate(metric, n, float(loss), max(upper, float(loss)))
-
-
-def wilson_upper(k: int, n: int, confidence: float = CONFIDENCE) -> float:
-    """Upper end of the one-sided Wilson score interval of a proportion ``k/n``."""
-    if n == 0:
-        return 1.0
-    z = NormalDist().inv_cdf(confidence)
-    p = k / n
-    return (p + z * z / (2 * n) + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
-
-
-def t_quantile(q: float, df: int) -> float:
-    """The ``q`` quantile (q ≥ 0.5) of Student's t with ``df`` degrees of freedom, to ~1e-12.
-
-    P(T > t) = I_x(df/2, 1/2) / 2 with x = df / (df + t²); bisection on t (scipy is not a dependency).
-    """
-    tail = 1.0 - q
-    lo, hi = 0.0, 1.0
-    while _t_upper_tail(hi, df) > tail:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if _t_upper_tail(mid, df) > tail:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-13 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
-
-
-def _t_upper_tail(t: float, df: int) -> float:
-    return 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta I_x(a, b): its continued fraction, modified Lentz (Numerical Recipes 6.4)."""
-    if x <= 0.0 or x >= 1.0:
-        return 0.0 if x <= 0.0 else 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast on this side only
-        return 1.0 - front * _beta_fraction(b, a, 1.0 - x) / b
-    return front * _beta_fraction(a, b, x) / a
-
-
-def _beta_fraction(a: float, b: float, x: float) -> float:
-    tiny = 1e-300
-
-    def clamp(v: float) -> float:
-        return tiny if abs(v) < tiny else v
-
-    c, d = 1.0, 1.0 / clamp(1.0 - (a + b) * x / (a + 1.0))
-    h = d
-    for m in range(1, 1000):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 / clamp(1.0 + num * d)
-            c = clamp(1.0 + num / c)
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-16:
-            break
-    return h
-
-
-
 def _pooled_cosine(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
     from edgecomp.measure.validate import cosine_rows
 
@@ -272,53 +148,3 @@ def _pooled_cosine(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> floa
     if r[0].size < 8:
         r, g = [np.concatenate(r, axis=1)], [np.concatenate(g, axis=1)]
     return float(np.mean([cosine_rows(a, b)[0] for a, b in zip(r, g)]))
-
-
-
-def fit_tolerance(model: ir.Model, plan: dict[str, LayerPlan], evaluator: Evaluator, tolerance: float,
-                  progress: bool = False, embeddings: bool = False, format: str = "contrib",
-                  ) -> tuple[dict[str, LayerPlan], dict[str, float], list[str], bool, float]:
-    """Keep the most sensitive layers float until the loss is within ``tolerance``.
-
-    Returns (final plan, sensitivity per layer, layers kept float, met, final loss). Sensitivity
-    is the loss with only that layer quantized. Float layers are added in order of sensitivity,
-    doubling the count, then bisecting to the fewest that meet the tolerance. Every candidate is
-    built in ``format``, the form that will be written.
-    """
-    from tqdm import tqdm
-
-    _, loss = evaluator.drop(build(model, plan, embeddings, format))
-    if loss <= tolerance:
-        return plan, {}, [], True, loss
-    sens = {}
-    for name in tqdm(list(plan), desc="sensitivity", disable=None if progress else True, leave=False):
-        sens[name] = evaluator.drop(build(model, {name: plan[name]}, format=format))[1]
-    order = sorted(plan, key=lambda n: -sens[n])
-
-    def trial(k: int) -> float:
-        keep = set(order[:k])
-        return evaluator.drop(build(model, {n: p for n, p in plan.items() if n not in keep}, embeddings, format))[1]
-
-    losses = {0: loss}
-    k = 1
-    while k < len(order):
-        losses[k] = trial(k)
-        if losses[k] <= tolerance:
-            break
-        k *= 2
-    else:
-        k = len(order)
-        losses[k] = trial(k)
-    lo = max((j for j in losses if j < k), default=0)
-    while k - lo > 1 and losses[k] <= tolerance:
-        mid = (lo + k) // 2
-        losses[mid] = trial(mid)
-        if losses[mid] <= tolerance:
-            k = mid
-        else:
-            lo = mid
-    met_ks = [j for j, v in losses.items() if v <= tolerance]
-    best_k = min(met_ks) if met_ks else min(losses, key=lambda j: losses[j])
-    keep = order[:best_k]
-    final = {n: p for n, p in plan.items() if n not in set(keep)}
-    return final, sens, keep, bool(met_ks), losses[best_k]
