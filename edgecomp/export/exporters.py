@@ -28,6 +28,7 @@ import onnx_ir as ir
 from edgecomp.errors import ExportError, OptionError, ParityError, SpecError
 from edgecomp.export.options import DEFAULT_OPSET, opset_ranges
 from edgecomp.export.spec import call_factory, exit_call, forward_names, load_spec
+from edgecomp.extras import require_torch
 from edgecomp.io import Terminated, check_output_path, first_line, model_from_bytes, save_model
 from edgecomp.runtime import make_session, run_feed
 
@@ -89,7 +90,7 @@ def _dynamic_axes(names: Sequence[str], dynamic: Mapping[str, Mapping[int, str]]
 def plan_exporters(opset: Any, exporter: str, order: Sequence[str]) -> list[tuple[str, str | None]]:
     """Each exporter of ``order`` with the reason it is skipped (None: try it); a one-line error
     for an opset that no exporter allowed here can write."""
-    import torch
+    torch = require_torch("export")
 
     ranges = opset_ranges()
     (ts_lo, ts_hi), (dy_lo, dy_hi) = ranges["torchscript"], ranges["dynamo"]
@@ -202,6 +203,7 @@ def export_model(module: Any, example: Any, out: str | os.PathLike, *,
     names the outputs (default ``output`` or ``output_0``, ``output_1``, ...); ``metadata`` goes
     into the file's ``metadata_props``.
     """
+    require_torch("export")
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise ExportError(f"unknown exporter {exporter!r}; use auto, dynamo or torchscript")
     order = {"auto": tuple(auto_order), "dynamo": ("dynamo",), "torchscript": ("torchscript",)}[exporter]
@@ -262,6 +264,7 @@ def check_parity(model: ir.Model, names, args, ref: list[np.ndarray], atol: floa
 
 def export_spec(spec: str, out: str | os.PathLike, **kwargs: Any) -> ExportResult:
     """Export the model a SPEC names."""
+    require_torch("export")
     target = spec.rpartition(":")[0]
     if target.endswith(".py"):
         kwargs["protect"] = [*kwargs.get("protect", ()), target]

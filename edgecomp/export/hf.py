@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 from edgecomp.errors import ExportError, OptionError, SpecError
 from edgecomp.export.exporters import ExportResult, export_model, plan_exporters
 from edgecomp.export.options import DEFAULT_OPSET, HF_AUTO_ORDER, HF_OUTPUTS, HF_TASKS
+from edgecomp.extras import require_torch
 from edgecomp.io import check_output_path, first_line
 
 __all__ = ["HFModel", "hf_model", "hf_encoder", "export_hf", "infer_hf_task"]
@@ -466,6 +467,7 @@ def export_hf(path: str | os.PathLike, out: str | os.PathLike, *, output: str = 
     Inputs get dynamic batch (and sequence, for text) axes unless ``dynamic`` names them; the
     task goes into the result and the file's metadata (``edgecomp.task``, ``edgecomp.task_source``).
     """
+    require_torch("export")
     exporter = kwargs.get("exporter", "auto")
     if exporter in ("auto", "dynamo", "torchscript"):  # refuse the opset before loading anything
         plan_exporters(kwargs.get("opset", DEFAULT_OPSET), exporter, HF_AUTO_ORDER)
