@@ -126,3 +126,28 @@ def test_torch_commands_refuse_in_one_line_naming_the_extra(without_torch, comma
     assert len(lines) == 1 and "needs torch" in lines[0] and "pip install 'edgecomp[torch]'" in lines[0], r
     assert "Traceback" not in r["stdout"] + r["stderr"]
     assert not {"exported.onnx", "student.onnx", "conv"} & without_torch["files"]
+
+
+def test_require_names_the_extra_and_keeps_real_import_errors(tmp_path, monkeypatch):
+    from edgecomp.errors import MissingExtra
+    from edgecomp.extras import require
+
+    assert require("json", "none", "reading").dumps([1]) == "[1]"
+    with pytest.raises(MissingExtra, match=r"^frobnicating needs edgecomp_no_such_mod, which is not installed: "
+                                           r"pip install 'edgecomp\[frob\]'$"):
+        require("edgecomp_no_such_mod", "frob", "frobnicating")
+    (tmp_path / "edgecomp_broken_mod.py").write_text("import edgecomp_no_such_dependency\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="edgecomp_no_such_dependency"):  # installed but broken: as it is
+        require("edgecomp_broken_mod", "frob", "frobnicating")
+
+
+def test_export_options_load_without_numpy_onnxruntime_or_torch():
+    """The CLI and the recipe schema read export's options through the package: that must not
+    load the exporters (numpy, onnxruntime) or torch."""
+    code = ("import sys\nfrom edgecomp.export import OPTIONS, DEFAULT_OPSET\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'onnxruntime', 'edgecomp.export.exporters') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -40,7 +40,7 @@ _SUBMODULES = {*_EXPORTS, "launch", "options", "samples"}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES or name in _HOME:  # all but options train or run torch: one line when it is missing
+    if name in _HOME or name in _SUBMODULES - {"options"}:  # they train or run torch: one line when it is missing
         from edgecomp.extras import require_torch
 
         require_torch("distill")
