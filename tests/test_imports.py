@@ -165,6 +165,14 @@ def test_no_private_name_is_imported_across_modules():
     assert not bad, "private names imported across modules:\n" + "\n".join(bad)
 
 
+def test_leaf_modules_import_no_edgecomp_module():
+    """The quantization parameter math and the loss statistics are leaves: every module can use
+    them without a path back (numpy and the standard library only)."""
+    modules = _modules()
+    for leaf in ("edgecomp.quantize.qparams", "edgecomp.measure.metrics", "edgecomp.errors"):
+        assert _imports(leaf, modules[leaf], modules, everywhere=True) == set(), leaf
+
+
 def test_function_level_imports_are_seen(tmp_path):
     """The walk finds imports nested in functions, methods, branches and with-blocks, resolves
     relative ones, and maps ``from pkg import submodule`` to the submodule."""
