@@ -27,6 +27,7 @@ __all__ = [
     "InterfaceChanged",
     "BelowFloor",
     "RemoteError",
+    "MissingExtra",
 ]
 
 
@@ -132,3 +133,8 @@ class BelowFloor(EdgecompError):
 class RemoteError(EdgecompError):
     """A device reached with ``--remote`` (ssh) cannot be used: unreachable, login or host key
     refused, python3/numpy/onnxruntime missing or old, its disk full, the connection lost."""
+
+
+class MissingExtra(EdgecompError):
+    """A capability needs an optional dependency that is not installed (torch for export and
+    distill); the message names the pip extra that installs it (:mod:`edgecomp.extras`)."""

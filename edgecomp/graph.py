@@ -1,5 +1,6 @@
 """Graph helpers shared by every capability: constants, attributes, subgraphs, uses, fresh names,
-a layer's weight and bias, op counts, name patterns.
+a layer's weight and bias, op counts, name patterns, the default opset, a value's static dims,
+rewiring a value's uses, and a topological sort that names a cycle.
 
 One copy of each: a second one is a bug waiting to diverge.
 """
@@ -13,10 +14,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from edgecomp.errors import ConfigError
+from edgecomp.errors import ConfigError, PassFailed
 
 __all__ = [
     "INT8_OPS",
+    "MS_DOMAIN",
     "NameAllocator",
     "add_initializer",
     "attribute",
@@ -24,6 +26,7 @@ __all__ = [
     "bias_slot",
     "compile_patterns",
     "const_array",
+    "default_opset",
     "initializer_inputs_as_constants",
     "count_parameters",
     "histogram",
@@ -31,11 +34,16 @@ __all__ = [
     "layer_weight",
     "param_tensors",
     "rank_of",
+    "replace_value",
     "single_use",
+    "sort_graph",
+    "static_dims",
     "subgraphs",
     "unique_name",
     "used_names",
 ]
+
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops
 
 #: ops that compute in int8 (onnxruntime's integer kernels), whatever form they come from
 INT8_OPS = frozenset({"ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat",
@@ -154,6 +162,65 @@ def add_initializer(graph: ir.Graph, name: str, array: Any, metadata: dict[str, 
 
 def rank_of(v: ir.Value) -> int | None:
     return len(v.shape) if v.shape is not None else None
+
+
+def static_dims(value: ir.Value) -> list[int | None] | None:
+    """A value's dims (None for a symbolic one), or None when its rank is unknown."""
+    if value.shape is None:
+        return None
+    return [int(d) if isinstance(d, int) else None for d in value.shape]
+
+
+def default_opset(model: ir.Model) -> int | None:
+    """The model's ``ai.onnx`` opset version (imported as ``""`` or ``"ai.onnx"``); None when it has none."""
+    for domain in ("", "ai.onnx"):
+        if domain in model.opset_imports:
+            return int(model.opset_imports[domain])
+    return None
+
+
+def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Point every use of ``old`` at ``new`` (same tensor); a graph output keeps its name."""
+    new.type, new.shape = old.type, old.shape
+    if old.is_graph_output():
+        name = old.name
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+        old.name = f"{name}__replaced"
+        new.name = name
+    else:
+        old.replace_all_uses_with(new)
+
+
+def sort_graph(graph: ir.Graph, what: str) -> None:
+    """Topological sort; a cycle (a bug in the rewrite ``what`` names, e.g. "quantizing") is a
+    one-line PassFailed naming a node on it."""
+    try:
+        graph.sort()
+    except ValueError as e:
+        on_cycle = _node_on_cycle(graph)
+        raise PassFailed(f"{what} made the graph cyclic{f' (through {on_cycle})' if on_cycle else ''}: "
+                         f"{e}; please report this model") from e
+
+
+def _node_on_cycle(graph: ir.Graph) -> str | None:
+    state: dict[int, int] = {}
+    for start in graph:
+        stack = [(start, iter(v.producer() for v in start.inputs if v is not None))]
+        state[id(start)] = state.get(id(start), 0) or 1
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, False)
+            if nxt is False:
+                state[id(node)] = 2
+                stack.pop()
+            elif nxt is not None and nxt.graph is graph:
+                st = state.get(id(nxt), 0)
+                if st == 1:
+                    return nxt.name
+                if st == 0:
+                    state[id(nxt)] = 1
+                    stack.append((nxt, iter(v.producer() for v in nxt.inputs if v is not None)))
+    return None
 
 
 def histogram(model: ir.Model) -> dict[str, int]:

@@ -8,7 +8,7 @@ Single-op graphs at all-MiniLM-L6-v2's shapes (hidden 384, 12 heads of 32, FFN 1
 ratio is B's median over A's. What each row decides:
 
 - residual Add + LayerNormalization vs com.microsoft.SkipLayerNormalization (what onnxruntime fuses
-  the pair into at ORT_ENABLE_ALL when it matches; the exporter note in edgecomp/export.py);
+  the pair into at ORT_ENABLE_ALL when it matches; the exporter note in edgecomp/export/options.py, HF_AUTO_ORDER);
 - the attention core softmax(Q·Kᵀ/√d + mask)·V in float vs int8 (com.microsoft.MatMulIntegerToFloat
   with static scales, the form edgecomp.quantize.attention writes), and vs com.microsoft.MultiHeadAttention;
 - SmoothQuant's float Mul + per-tensor QuantizeLinear vs one per-axis QuantizeLinear (folding 1/s

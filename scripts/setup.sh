@@ -13,10 +13,10 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 . .venv/bin/activate
-# torch is pinned in pyproject to the local CPU wheel; installing it first keeps pip from
-# resolving any other build.
+# torch is an extra with a range (pyproject); this machine runs the exact CPU wheel, installed
+# first so that pip keeps it and resolves no other build (the default wheel pulls CUDA).
 python -m pip install -q --disable-pip-version-check torch==2.13.0
-python -m pip install -q --disable-pip-version-check -e ".[hf,data,dev,sweep]"
+python -m pip install -q --disable-pip-version-check -e ".[torch,hf,data,dev,sweep]"
 # Real third-party models for the zoo tests and scripts/bench_zoo.py: silero-vad ships ONNX files
 # (If subgraphs, LSTM, 1-D convs), facenet-pytorch the MTCNN P/R/O-Net weights. --no-deps: their
 # pins (torchaudio, torchvision, old numpy) would replace the CPU torch.

@@ -124,3 +124,54 @@ def test_initializer_inputs_are_constants_before_ir4_and_defaults_after():
     assert initializer_inputs_as_constants(old) == 1
     assert [v.name for v in old.graph.inputs] == ["x"] and old.ir_version == 4 and "w" in old.graph.initializers
     assert initializer_inputs_as_constants(new) == 0 and [v.name for v in new.graph.inputs] == ["x", "w"]
+
+
+def test_default_opset_reads_either_spelling_of_the_default_domain():
+    from edgecomp.graph import default_opset
+
+    def model(opsets):
+        return ir.Model(ir.Graph([], [], nodes=[], opset_imports=opsets), ir_version=8)
+
+    assert default_opset(model({"": 17})) == 17
+    assert default_opset(model({"ai.onnx": 13, "com.microsoft": 1})) == 13
+    assert default_opset(model({"com.microsoft": 1})) is None
+
+
+def test_static_dims_keeps_known_dims_and_marks_symbolic_ones():
+    from edgecomp.graph import static_dims
+
+    assert static_dims(ir.Value(name="a", shape=ir.Shape([2, "S", 8]))) == [2, None, 8]
+    assert static_dims(ir.Value(name="b")) is None
+
+
+def test_replace_value_rewires_uses_and_a_graph_output_keeps_its_name():
+    from edgecomp.graph import replace_value
+
+    x = ir.Value(name="x", shape=ir.Shape([2]), type=ir.TensorType(ir.DataType.FLOAT))
+    relu = ir.node("Relu", [x], name="relu")
+    neg = ir.node("Neg", [relu.outputs[0]], name="neg")
+    relu.outputs[0].name, neg.outputs[0].name = "r", "y"
+    g = ir.Graph([x], [neg.outputs[0]], nodes=[relu, neg], opset_imports={"": 17})
+    alt = ir.node("Abs", [x], name="abs")
+    g.insert_before(neg, alt)
+    replace_value(g, neg.outputs[0], alt.outputs[0])
+    assert g.outputs[0] is alt.outputs[0] and alt.outputs[0].name == "y"
+    replace_value(g, relu.outputs[0], x)
+    assert neg.inputs[0] is x
+
+
+def test_sort_graph_names_a_node_on_a_cycle():
+    import pytest
+
+    from edgecomp.errors import PassFailed
+    from edgecomp.graph import sort_graph
+
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT))
+    a = ir.node("Add", [x, x], name="a")
+    b = ir.node("Neg", [a.outputs[0]], name="b")
+    g = ir.Graph([x], [b.outputs[0]], nodes=[b, a], opset_imports={"": 17})
+    sort_graph(g, "testing")
+    assert [n.name for n in g] == ["a", "b"]
+    a.replace_input_with(1, b.outputs[0])  # a -> b -> a
+    with pytest.raises(PassFailed, match=r"testing made the graph cyclic \(through [ab]\)"):
+        sort_graph(g, "testing")

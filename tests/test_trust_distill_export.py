@@ -195,17 +195,18 @@ def test_export_refuses_an_opset_before_importing_the_spec(opset, exporter, want
 
 
 def test_auto_skips_only_the_exporters_that_cannot_write_the_opset():
-    from edgecomp.export import HF_AUTO_ORDER, _plan_exporters
+    from edgecomp.export import HF_AUTO_ORDER
+    from edgecomp.export.exporters import plan_exporters
 
     ts_hi = opset_ranges()["torchscript"][1]
-    assert _plan_exporters(ts_hi + 1, "auto", ("dynamo", "torchscript"))[0] == ("dynamo", None)
-    (first, why), (second, ok) = _plan_exporters(ts_hi + 1, "auto", HF_AUTO_ORDER)
+    assert plan_exporters(ts_hi + 1, "auto", ("dynamo", "torchscript"))[0] == ("dynamo", None)
+    (first, why), (second, ok) = plan_exporters(ts_hi + 1, "auto", HF_AUTO_ORDER)
     assert first == "torchscript" and f"above {ts_hi}" in why and (second, ok) == ("dynamo", None)
-    (first, why), (second, ok) = _plan_exporters(13, "auto", ("dynamo", "torchscript"))
+    (first, why), (second, ok) = plan_exporters(13, "auto", ("dynamo", "torchscript"))
     assert first == "dynamo" and "below 18" in why and (second, ok) == ("torchscript", None)
-    assert _plan_exporters(13, "dynamo", ("dynamo",)) == [("dynamo", None)]  # converts down, checked after
+    assert plan_exporters(13, "dynamo", ("dynamo",)) == [("dynamo", None)]  # converts down, checked after
     with pytest.raises(ExportError, match="opset True is outside"):
-        _plan_exporters(True, "auto", ("dynamo",))
+        plan_exporters(True, "auto", ("dynamo",))
 
 
 def test_export_model_refuses_an_opset_before_running_the_module():
@@ -227,7 +228,7 @@ def test_auto_uses_torchscript_below_dynamos_range_and_says_why(tmp_path):
 
 
 def test_a_model_written_at_another_opset_is_refused(tmp_path, monkeypatch):
-    import edgecomp.export as ex
+    import edgecomp.export.exporters as ex
 
     real = ex._export_torchscript
     monkeypatch.setattr(ex, "_export_torchscript", lambda m, a, n, o, ax, opset: real(m, a, n, o, ax, 17))

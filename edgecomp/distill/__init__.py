@@ -40,6 +40,10 @@ _SUBMODULES = {*_EXPORTS, "launch", "options", "samples"}
 
 
 def __getattr__(name: str) -> Any:
+    if name in _HOME or name in _SUBMODULES - {"options"}:  # they train or run torch: one line when it is missing
+        from edgecomp.extras import require_torch
+
+        require_torch("distill")
     if name in _SUBMODULES:  # ``edgecomp.distill.trainer`` without importing it first, as before
         return importlib.import_module(f"{__name__}.{name}")
     module = _HOME.get(name)

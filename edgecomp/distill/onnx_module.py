@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgecomp.errors import DistillError
+from edgecomp.graph import default_opset
 from edgecomp.io import first_line
 
 __all__ = ["SUPPORTED_OPS", "OnnxModule", "graph_input_names"]
@@ -696,10 +697,6 @@ def _constant_value(node: ir.Node) -> Tensor:
     return torch.tensor(list(v) if isinstance(v, Sequence) else v, dtype=dtype)
 
 
-def _default_opset(model: ir.Model) -> int:
-    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1)))
-
-
 def _topological(graph: ir.Graph) -> list[ir.Node]:
     """The graph's nodes, each after the producers of its inputs (Kahn, stable in file order)."""
     nodes = list(graph)
@@ -784,7 +781,7 @@ class OnnxModule(nn.Module):
 
     def __init__(self, model: ir.Model, *, input_order: Sequence[str] | None = None, source: str = "the ONNX model"):
         super().__init__()
-        graph, opset = model.graph, _default_opset(model)
+        graph, opset = model.graph, default_opset(model) or 1
         self.source = source
         nodes = _topological(graph)
         found = _unsupported(nodes, opset)

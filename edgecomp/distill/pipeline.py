@@ -82,7 +82,7 @@ def _write_onnx_student(setup: Setup, example: dict[str, Any], out: Path, protec
     """The student's ONNX file with the trained weights, checked in onnxruntime against the trained module."""
     import torch
 
-    from edgecomp.export import _check_parity
+    from edgecomp.export import check_parity
     from edgecomp.io import load_model, save_model
 
     model = setup.student.write_weights(load_model(setup.config.student))
@@ -90,7 +90,7 @@ def _write_onnx_student(setup: Setup, example: dict[str, Any], out: Path, protec
     with torch.no_grad():
         got = setup.student(*args)
     ref = [t.numpy() for t in ((got,) if isinstance(got, torch.Tensor) else got)]
-    _check_parity(model, setup.input_names, args, ref, atol=1e-4, rtol=1e-3)
+    check_parity(model, setup.input_names, args, ref, atol=1e-4, rtol=1e-3)
     save_model(model, out, inputs=protect)
 
 

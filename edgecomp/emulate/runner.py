@@ -229,7 +229,7 @@ class EmulatedRunner:
 
 
 class TargetRunner:
-    """``runner(model, feeds)`` for :class:`edgecomp.quantize.tolerance.Evaluator`: each sample's outputs
+    """``runner(model, feeds)`` for :class:`edgecomp.measure.evaluate.Evaluator`: each sample's outputs
     on the emulated target (cached, so the final check of the chosen model costs nothing new)."""
 
     def __init__(self, emulation: Emulation, runtime: Runtime | None = None, max_samples: int = 16,

@@ -56,7 +56,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.errors import ConfigError, PassFailed
-from edgecomp.graph import NameAllocator, add_initializer, attribute, subgraphs
+from edgecomp.graph import NameAllocator, add_initializer, attribute, default_opset, subgraphs
 from edgecomp.passes.base import EdgecompPass, PassReport, one_line_failures
 
 __all__ = ["SpecializeInputsPass", "FIXED_INPUTS_KEY", "GUARD_KEY", "fixed_inputs", "format_values", "mode_inputs",
@@ -489,7 +489,7 @@ def _add_guards(model: ir.Model, fixed: Mapping[str, tuple[ir.Value, np.ndarray]
     out_name = target.name
     current = target
     guard_names = []
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    opset = default_opset(model) or 1
     for name, (x, arr) in fixed.items():
         xv, ref = x, arr
         if arr.dtype.kind in "biu" and arr.dtype not in (np.int32, np.int64):

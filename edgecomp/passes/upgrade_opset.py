@@ -7,7 +7,7 @@ cannot convert it. A model already at ``min_opset`` or above is left alone.
 
 Also here, what every pass that emits nodes relies on:
 
-- :func:`default_opset` — the model's ``ai.onnx`` version;
+- :func:`edgecomp.graph.default_opset` — the model's ``ai.onnx`` version (shared, in graph.py);
 - :func:`opset_violations` — nodes (subgraphs included) whose op or attributes do not exist at
   the model's declared opset (the one-line proof that an output loads);
 - :func:`drop_unsupported_defaults` — removes attributes a rewriter added that do not exist at
@@ -24,20 +24,13 @@ import onnx
 import onnx_ir as ir
 
 from edgecomp.errors import PassFailed
-from edgecomp.graph import attribute
+from edgecomp.graph import attribute, default_opset
 from edgecomp.passes.base import EdgecompPass, PassReport
 
-__all__ = ["UpgradeOpsetPass", "default_opset", "opset_violations", "new_violations", "drop_unsupported_defaults"]
+__all__ = ["UpgradeOpsetPass", "opset_violations", "new_violations", "drop_unsupported_defaults"]
 
 #: the lowest IR version each opset needs (onnx.helper.VERSION_TABLE, only the ones we write)
 _MIN_IR = {13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10}
-
-
-def default_opset(model: ir.Model) -> int | None:
-    for domain in ("", "ai.onnx"):
-        if domain in model.opset_imports:
-            return int(model.opset_imports[domain])
-    return None
 
 
 class UpgradeOpsetPass(EdgecompPass):

@@ -40,7 +40,7 @@ from edgecomp.distill.options import OPTIONS as DISTILL_OPTIONS
 from edgecomp.embeddings.options import OPTIONS as EMBEDDING_OPTIONS
 from edgecomp.embeddings.options import ReduceOptions
 from edgecomp.errors import ConfigError, InputFileError, OptionError
-from edgecomp.export import OPTIONS as EXPORT_OPTIONS
+from edgecomp.export.options import OPTIONS as EXPORT_OPTIONS
 from edgecomp.finetune.options import OPTIONS as FINETUNE_OPTIONS
 from edgecomp.io import MAX_TOML_DEPTH, nesting_exceeds, read_toml
 from edgecomp.measure.options import BENCH_OPTIONS, VALIDATE_OPTIONS

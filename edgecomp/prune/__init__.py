@@ -57,19 +57,14 @@ When no group can be cut, :class:`NothingToPrune` says why and nothing is writte
 
 from __future__ import annotations
 
-import dataclasses
-import re
 import time
-from typing import Any, Mapping, Sequence
 
-import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.data import Dataset, StepData, input_specs, load_data, load_labels
-from edgecomp.errors import EdgecompError, NothingToPrune, OptionError, PassFailed
-from edgecomp.graph import const_array, layer_weight
-from edgecomp.io import first_line
+from edgecomp.errors import NothingToPrune, OptionError, PassFailed
+from edgecomp.graph import const_array
 from edgecomp.measure.interface import keeps_interface
 from edgecomp.options import need_data
 from edgecomp.passes.specialize_inputs import mode_hint
@@ -77,122 +72,11 @@ from edgecomp.prune.fidelity import apply_floor, fidelity_text, held_out_fidelit
 from edgecomp.prune.groups import PRUNABLE_OPS, find_groups, lift_constants
 from edgecomp.prune.importance import channel_stats, plan_pruning
 from edgecomp.prune.options import OPTIONS, PruneOptions
-from edgecomp.prune.repair import bias_of, repair
+from edgecomp.prune.repair import repair
+from edgecomp.prune.result import PruneResult, layer_table, nothing_to_prune_message, probe_shapes, verify_pruned
 from edgecomp.prune.samples import feeds
 
 __all__ = ["PruneResult", "verify_pruned", "prune_model", "prune_weights", "run"]
-
-
-@dataclasses.dataclass
-class PruneResult:
-    model: ir.Model
-    groups: list[dict[str, Any]]
-    layers: list[dict[str, Any]]
-    summary: dict[str, Any]
-    fidelity: dict[str, Any] | None = None  # held_out_fidelity with data, else synthetic_fidelity
-    warnings: list[str] = dataclasses.field(default_factory=list)  # one line each, for stderr
-    met_tolerance: bool | None = None  # with a tolerance: whether the result is within it
-    degraded: bool = False  # below the fidelity floor, written because allow_degraded (apply_floor)
-
-
-
-def _probe(model: ir.Model, feed: Mapping[str, np.ndarray] | None) -> dict[str, list[int]] | None:
-    from edgecomp.data import synthesize_feed
-    from edgecomp.measure.inspect import probe_shapes
-
-    try:
-        feed = dict(feed) if feed is not None else synthesize_feed(input_specs(model))
-        shapes = probe_shapes(model, feed)
-    except EdgecompError:  # MACs are informative only: a model we cannot probe (symbolic dims, no data) has none
-        return None
-    shapes.update({k: list(v.shape) for k, v in feed.items()})
-    return shapes
-
-
-
-def _layer_table(before: ir.Model, after: ir.Model, sb, sa, repaired: list[dict[str, Any]],
-                 unrepaired: str = "no data") -> list[dict[str, Any]]:
-    from edgecomp.measure.inspect import node_macs
-
-    old = {n.name: n for n in before.graph if n.op_type in PRUNABLE_OPS}
-    fits = {r["layer"]: r for r in repaired}
-    rows = []
-    for node in after.graph:
-        ref = old.get(node.name)
-        if ref is None or ref.op_type != node.op_type or len(node.inputs) < 2:  # unnamed nodes share the name ""
-            continue
-        if const_array(ref.inputs[1]) is None or const_array(node.inputs[1]) is None:
-            continue
-        w0, w1 = const_array(ref.inputs[1]), const_array(node.inputs[1])
-        if w0.shape == w1.shape and node.name not in fits:
-            continue
-        k0, n0 = layer_weight(ref).shape if ref.op_type != "Conv" else (w0.shape[1], w0.shape[0])
-        k1, n1 = layer_weight(node).shape if node.op_type != "Conv" else (w1.shape[1], w1.shape[0])
-        b0, b1 = bias_of(ref, n0), bias_of(node, n1)
-        fit = fits.get(node.name, {})
-        rows.append({"layer": node.name, "op": node.op_type, "in": f"{k0}→{k1}", "out": f"{n0}→{n1}",
-                     "params before": int(w0.size + np.count_nonzero(b0)), "params after": int(w1.size + np.count_nonzero(b1)),
-                     "MACs before": node_macs(ref, sb) if sb else None, "MACs after": node_macs(node, sa) if sa else None,
-                     "repair": fit.get("repair", "-" if k0 == k1 else unrepaired),
-                     "rel err before": fit.get("rel err before"), "rel err after": fit.get("rel err after"),
-                     "held-out err before": fit.get("held-out err before"),
-                     "held-out err after": fit.get("held-out err after")})
-    return rows
-
-
-
-def verify_pruned(model: ir.Model, reference: ir.Model) -> None:
-    """onnx.checker, onnxruntime load, and the graph's inputs and outputs unchanged — or PassFailed."""
-    from edgecomp.io import check_model
-    from edgecomp.runtime import make_session
-
-    def io(m: ir.Model):
-        return [(v.name, v.dtype, None if v.shape is None else tuple(str(d) for d in v.shape))
-                for v in [*m.graph.inputs, *m.graph.outputs]]
-
-    if io(model) != io(reference):
-        raise PassFailed("pruning changed the graph's inputs or outputs; nothing was written (please report this)")
-    try:
-        check_model(model)
-    except Exception as e:
-        raise PassFailed(f"the pruned model fails onnx.checker ({first_line(e)}); nothing was written") from e
-    try:
-        make_session(model, optimization="disable")
-    except Exception as e:
-        raise PassFailed(f"onnxruntime cannot load the pruned model ({first_line(e)}); nothing was written") from e
-
-
-
-def _reason_key(status: str) -> str:
-    """'kept whole: LSTM (lstm_1); graph output y' → 'LSTM' (the first reason, node names dropped)."""
-    first = status.removeprefix("kept whole: ").split("; ")[0].rstrip(" …")
-    return re.sub(r" \([^()]*\)", "", first).strip() or "kept whole"
-
-
-
-def nothing_to_prune_message(rows: Sequence[Mapping[str, Any]], opts: PruneOptions, computed: int = 0,
-                             subgraph_hint: str = "") -> str:
-    """One line naming the commonest reasons every group was kept whole (``computed``: layers
-    whose weight is computed, e.g. a Transpose of an initializer; ``subgraph_hint``: said when layers sit in subgraphs)."""
-    counts: dict[str, int] = {}
-    for r in rows:
-        key = _reason_key(str(r["status"]))
-        counts[key] = counts.get(key, 0) + 1
-    if not counts:
-        why = (f" ({computed} layer{'s' if computed > 1 else ''} compute their weights from constants: "
-               "`edgecomp optimize` folds them)" if computed else "")
-        return f"nothing to prune: no Conv, MatMul or Gemm layer with a constant weight was found{why}; nothing was written"
-    top = sorted(counts.items(), key=lambda kv: -kv[1])
-    text = ", ".join(f"{k}: {n} group{'s' if n > 1 else ''}" for k, n in top[:3])
-    if len(top) > 3:
-        text += f", {len(top) - 3} more reason{'s' if len(top) > 4 else ''}"
-    hint = ""
-    if "nothing below the threshold" in counts:
-        hint = f"; at sparsity {opts.sparsity} the rounded channel counts keep every channel (raise sparsity or set round_to 1)"
-    if "layers in subgraphs are not pruned" in text:
-        hint += subgraph_hint
-    return f"nothing to prune: every channel group is kept whole ({text}){hint}; nothing was written"
-
 
 
 def prune_model(model: ir.Model, opts: PruneOptions, data: Dataset | None = None) -> PruneResult:
@@ -225,7 +109,7 @@ def prune_model(model: ir.Model, opts: PruneOptions, data: Dataset | None = None
                        for n in model.graph)
         raise NothingToPrune(nothing_to_prune_message(plan.rows, opts, computed, mode_hint(model)))
     feed = next(iter(feeds(data, model, 1))) if data is not None else None
-    shapes_before = _probe(original, feed)
+    shapes_before = probe_shapes(original, feed)
     result = run_pass(PruneChannelsPass(plan=plan), model)
     repaired = []
     if opts.repair and data is not None and result.modified:
@@ -235,8 +119,8 @@ def prune_model(model: ir.Model, opts: PruneOptions, data: Dataset | None = None
     if params1 > params0:
         raise PassFailed(f"pruning would raise the parameter count ({params0:,} → {params1:,}); nothing was written "
                          "(please report this)")
-    shapes_after = _probe(model, feed)
-    layers = _layer_table(original, model, shapes_before, shapes_after, repaired,
+    shapes_after = probe_shapes(model, feed)
+    layers = layer_table(original, model, shapes_before, shapes_after, repaired,
                           "off (--no-repair)" if data is not None and not opts.repair else "no data")
     macs0 = count_macs(original, shapes_before)[0] if shapes_before else None
     macs1 = count_macs(model, shapes_after)[0] if shapes_after else None

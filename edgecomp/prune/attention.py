@@ -47,7 +47,7 @@ from edgecomp.graph import attribute, const_array, single_use
 from edgecomp.prune.analysis import Edit, Layout
 
 if TYPE_CHECKING:
-    from edgecomp.prune.groups import _Analyzer
+    from edgecomp.prune.groups import ChannelAnalyzer
 
 __all__ = ["find_heads", "shape_entries"]
 
@@ -188,7 +188,7 @@ def _layer(value: ir.Value) -> _Proj:
     return _Proj(p, w_axis, int(w.shape[w_axis]), bias, [p] + nodes)
 
 
-def _back_scalars(value: ir.Value, nodes: list[ir.Node], an: _Analyzer) -> ir.Value:
+def _back_scalars(value: ir.Value, nodes: list[ir.Node], an: ChannelAnalyzer) -> ir.Value:
     """Walk up through Mul/Div by a scalar (a scale: a constant, or a computed value of one element
     such as DeBERTa's sqrt(d) from a Shape); a per-element constant stops the match."""
     p = value.producer()
@@ -220,7 +220,7 @@ def _slices_last(node: ir.Node | None, x: ir.Value) -> bool:
         and steps is not None and int(steps.reshape(-1)[0]) == 1
 
 
-def _back_rotary(value: ir.Value, nodes: list[ir.Node], an: _Analyzer) -> ir.Value | None:
+def _back_rotary(value: ir.Value, nodes: list[ir.Node], an: ChannelAnalyzer) -> ir.Value | None:
     """``x·cos + rotate_half(x)·sin`` (rotary position embedding, Llama; rotate_half =
     Concat(-x[..., d/2:], x[..., :d/2])) → ``x``. It works within each head's d, so it follows
     any head count as long as cos and sin broadcast over heads."""
@@ -251,7 +251,7 @@ def _back_rotary(value: ir.Value, nodes: list[ir.Node], an: _Analyzer) -> ir.Val
     return None
 
 
-def _transposes(value: ir.Value, nodes: list[ir.Node], an: _Analyzer) -> tuple[ir.Value, list[list[int]]]:
+def _transposes(value: ir.Value, nodes: list[ir.Node], an: ChannelAnalyzer) -> tuple[ir.Value, list[list[int]]]:
     """Walk up through scales, rotary embeddings and Transposes; the perms, nearest last."""
     perms = []
     while True:
@@ -279,7 +279,7 @@ def _fold_entries(node: ir.Node | None, n: int) -> list | None:
     return entries
 
 
-def _splitter(value: ir.Value, an: _Analyzer, rank: int) -> tuple[_Fused, int]:
+def _splitter(value: ir.Value, an: ChannelAnalyzer, rank: int) -> tuple[_Fused, int]:
     """``value`` (of ``rank`` dims, as the head Reshape it feeds says) is one of three parts that
     Split or Slice cut from a fused projection."""
     sp = value.producer()
@@ -344,7 +344,7 @@ def _permuted(labels: str, perms: list, key: str, after: str = "") -> str:
     return "".join(out)
 
 
-def _branch(value: ir.Value, want: str, key: str, an: _Analyzer) -> tuple[_Branch, bool]:
+def _branch(value: ir.Value, want: str, key: str, an: ChannelAnalyzer) -> tuple[_Branch, bool]:
     """From the Q, K or V operand of a MatMul back to its head Reshape and projection; whether its
     heads are folded into the batch axis ([b·h, s, d], DeBERTa) on the way."""
     nodes: list[ir.Node] = []
@@ -457,7 +457,7 @@ def _reaches_matmul(value: ir.Value, hops: int = 3) -> bool:
     return False
 
 
-def find_heads(model: ir.Model, an: _Analyzer) -> None:
+def find_heads(model: ir.Model, an: ChannelAnalyzer) -> None:
     """Match multi-head attention blocks and add one 'heads' atom per block; a block that looks like
     attention but does not match gets a heads group kept whole with the reason."""
     blocks = []
@@ -480,7 +480,7 @@ def find_heads(model: ir.Model, an: _Analyzer) -> None:
             an.a.blocked[atom] = [f"attention not followed: {stop}"]
 
 
-def _roll_back(an: _Analyzer, n_atoms: int, n_edits: int) -> None:
+def _roll_back(an: ChannelAnalyzer, n_atoms: int, n_edits: int) -> None:
     """Forget the atoms and edits of a block whose match failed part way."""
     del an.a.edits[n_edits:]
     for atom in [a for a in an.a.sizes if a >= n_atoms]:
@@ -499,7 +499,7 @@ def _terms(qk: ir.Node, chain: list[ir.Node]) -> list[tuple[ir.Node, int]]:
     return out
 
 
-def _probe_terms(model: ir.Model, an: _Analyzer, blocks) -> dict[str, list[int]]:
+def _probe_terms(model: ir.Model, an: ChannelAnalyzer, blocks) -> dict[str, list[int]]:
     """Dims of the computed score terms whose heads axis static shapes leave unknown (a mask
     built by Expand to a computed shape): one onnxruntime run on synthesized inputs. Empty when
     the model cannot be run that way (those terms are then expanded to every head and gathered)."""
@@ -533,7 +533,7 @@ def _probe_terms(model: ir.Model, an: _Analyzer, blocks) -> dict[str, list[int]]
     return {n: list(a.shape) for n, a in zip(names, arrays)}
 
 
-def _match(softmax: ir.Node, an: _Analyzer, probed: dict[str, list[int]]) -> None:
+def _match(softmax: ir.Node, an: ChannelAnalyzer, probed: dict[str, list[int]]) -> None:
     scores, weights, nodes = _softmax_io(softmax)
     chain: list[ir.Node] = []
     qk = _find_qk(scores, chain)
@@ -642,7 +642,7 @@ def _match(softmax: ir.Node, an: _Analyzer, probed: dict[str, list[int]]) -> Non
           probed, counts)
 
 
-def _emit(an: _Analyzer, name: str, heads: int, d: int, branches: dict[str, _Branch], chain, operands, nodes,
+def _emit(an: ChannelAnalyzer, name: str, heads: int, d: int, branches: dict[str, _Branch], chain, operands, nodes,
           merges, out: ir.Node, in_axis: int, probed: dict[str, list[int]], counts: list) -> None:
     edits = an.a.edits
     fused = branches["q"].fused

@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.errors import OptionError
-from edgecomp.graph import attribute, const_array, rank_of, single_use, subgraphs
+from edgecomp.graph import attribute, const_array, rank_of, single_use, static_dims, subgraphs
 from edgecomp.prune.analysis import Analysis, Edit, Layout, NotChannelwise
 from edgecomp.prune.attention import find_heads, shape_entries
 
@@ -73,14 +73,6 @@ def lift_constants(model: ir.Model) -> int:
 
 
 
-def _dims(value: ir.Value) -> list[int | None] | None:
-    """A value's dims (None for a symbolic one), or None when its rank is unknown."""
-    if value.shape is None:
-        return None
-    return [int(d) if isinstance(d, int) else None for d in value.shape]
-
-
-
 def _inferred_dims(model: ir.Model) -> dict[str, list[int | None]]:
     """Dims of every value by onnx shape inference (exports without value_info leave most
     intermediate shapes unset); empty when inference fails."""
@@ -99,7 +91,10 @@ def _inferred_dims(model: ir.Model) -> dict[str, list[int | None]]:
 
 
 
-class _Analyzer:
+class ChannelAnalyzer:
+    """The state of one dependency analysis (:func:`find_groups`): the layout of every value
+    reached, the atoms and edits found so far; :mod:`edgecomp.prune.attention` extends it with heads."""
+
     def __init__(self, model: ir.Model, protect: Sequence[str]):
         self.model = model
         self.protect = [re.compile(p) for p in protect]
@@ -110,7 +105,7 @@ class _Analyzer:
 
     def dims(self, value: ir.Value) -> list[int | None] | None:
         """The value's dims, from its own shape or, where that is missing or symbolic, inference."""
-        own = _dims(value)
+        own = static_dims(value)
         if own is not None and all(d is not None for d in own):
             return own
         if self._inferred is None:
@@ -542,7 +537,7 @@ class _Analyzer:
 
 
 
-def _tie_shared_weights(an: _Analyzer) -> None:
+def _tie_shared_weights(an: ChannelAnalyzer) -> None:
     """One weight read by several layers (ALBERT calls one layer per depth, TorchScript shares
     equal initializers) is cut the same way for all of them: their atoms along that axis join one
     group. Otherwise each would get its own slice and the model would grow."""
@@ -562,7 +557,7 @@ def _tie_shared_weights(an: _Analyzer) -> None:
 
 def find_groups(model: ir.Model, protect: Sequence[str] = (), heads: bool = True) -> Analysis:
     """Dependency analysis (see the module docstring); a protect regex that matches no node is an error."""
-    an = _Analyzer(model, protect)
+    an = ChannelAnalyzer(model, protect)
     an.run()
     if heads:
         find_heads(model, an)

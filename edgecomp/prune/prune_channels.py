@@ -15,6 +15,11 @@ every edit the dependency analysis recorded is applied with those indices. Cases
 - value shapes: the channel dim of every value on a changed path is set to its new width, and
   the shapes inside attention blocks are cleared (onnxruntime infers them again).
 
+The plan comes from an analysis of the model, perhaps of another copy of it (the tolerance search
+cuts many clones of one analysed model): its edits name their nodes, and the pass applies each
+to the node of that name in the model it is given. :meth:`PruneChannelsPass.requires` refuses a
+model where a planned node is missing, has another op, or shares its name with another node.
+
 Sliced parameters become new initializers (a shared original stays intact for other users, and
 two layers that cut one shared parameter the same way share the result); the unused originals
 are removed. Graph inputs and outputs are untouched.
@@ -58,15 +63,36 @@ class PruneChannelsPass(EdgecompPass):
     def options(self) -> dict[str, Any]:
         return {"groups pruned": sum(r["status"] == "pruned" for r in self.plan.rows)}
 
+    def _planned(self) -> list:
+        """The edits of the plan that cut something."""
+        kept = self.plan.kept
+        return [e for e in self.plan.analysis.edits if any(a in kept for a in e.layout.atoms())]
+
+    def requires(self, model: ir.Model) -> None:
+        """Every planned node is in ``model``: one node of its name, with its op."""
+        found = _nodes_by_name(model)
+        for e in self._planned():
+            name = e.node.name
+            got = found.get(name)
+            if not got:
+                raise ir.passes.PreconditionError(f"the plan edits node {name!r}, which this model does not have "
+                                                  "(a plan from another model's analysis)")
+            if len(got) > 1:
+                raise ir.passes.PreconditionError(f"{len(got)} nodes of this model are named {name!r}: the plan "
+                                                  "cannot tell which one it edits (name the nodes first)")
+            if got[0].op_type != e.node.op_type:
+                raise ir.passes.PreconditionError(f"the plan edits {e.node.op_type} {name!r}, but this model's node "
+                                                  f"of that name is a {got[0].op_type}")
+
     def call(self, model: ir.Model) -> PassReport:
         an, kept = self.plan.analysis, self.plan.kept
         graph = model.graph
         names = NameAllocator(graph)
         changed = 0
+        here = {name: nodes[0] for name, nodes in _nodes_by_name(model).items()}
         by_input: dict[tuple[ir.Node, int], list] = collections.defaultdict(list)
-        for e in an.edits:
-            if any(a in kept for a in e.layout.atoms()):
-                by_input[(e.node, e.index)].append(e)
+        for e in self._planned():
+            by_input[(here[e.node.name], e.index)].append(e)
         sliced: dict[tuple, ir.Value] = {}  # a shared parameter cut the same way for two layers stays shared
         for (node, index), edits in by_input.items():
             if index < 0:  # an ints attribute (a Split's sizes, a Slice's bounds before opset 10)
@@ -156,3 +182,11 @@ class PruneChannelsPass(EdgecompPass):
                 v = values.get(name)
                 if v is not None and v not in outputs:
                     v.shape = None
+
+
+def _nodes_by_name(model: ir.Model) -> dict[str, list[ir.Node]]:
+    """The nodes of every name, subgraphs included."""
+    out: dict[str, list[ir.Node]] = collections.defaultdict(list)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        out[node.name].append(node)
+    return out

@@ -47,13 +47,17 @@ def repair(original: ir.Model, pruned: ir.Model, plan: PrunePlan, data: Dataset,
     """
     an, kept = plan.analysis, plan.kept
     orig_nodes = {n.name: n for n in original.graph if n.op_type in PRUNABLE_OPS}
+    here = {n.name: n for n in pruned.graph if n.op_type in PRUNABLE_OPS}  # the plan names its nodes (any copy's)
     outs = {e.node.name: e.layout.indices(kept, an.sizes) for e in an.edits
             if e.kind == "param" and e.role == "out" and any(a in kept for a in e.layout.atoms())}
     rows, targets = [], []
     for e in an.edits:
         if e.kind != "param" or e.role != "in" or not any(a in kept for a in e.layout.atoms()):
             continue
-        node, ref = e.node, orig_nodes.get(e.node.name)
+        node, ref = here.get(e.node.name), orig_nodes.get(e.node.name)
+        if node is None:  # PruneChannelsPass.requires found every planned node: not reached
+            rows.append({"layer": e.node.name, "repair": "skipped: not in the pruned model"})
+            continue
         why = _repairable(node)
         if why is None and len({u.node.name for u in node.inputs[1].uses()}) > 1:
             why = "weight shared with another layer (one fit per call site would copy it)"

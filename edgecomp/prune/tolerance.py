@@ -1,7 +1,7 @@
 """Accuracy-aware structured pruning: the largest cut whose measured loss on eval data stays within
 a tolerance, each channel group cut as far as it can bear.
 
-The loss is the one ``quantize --tolerance`` bounds (:class:`edgecomp.quantize.tolerance.Evaluator`,
+The loss is the one ``quantize --tolerance`` bounds (:class:`edgecomp.measure.evaluate.Evaluator`,
 the model's first output on the eval samples against the unpruned model's): ``cosine`` is
 ``1 − mean cosine``, ``top1`` the top-1 accuracy lost on the labels (agreement with the unpruned
 model's top-1 without labels), ``mae`` the mean absolute error.
@@ -30,7 +30,7 @@ model's top-1 without labels), ``mae`` the mean absolute error.
 When no cut is within the tolerance, the result is the single-group cut with the least loss, and
 the tolerance is reported as not met. The summary gives the number of eval samples and the loss's
 95% upper bound, with a warning when the bound exceeds the tolerance or the eval set is small
-(:class:`edgecomp.quantize.tolerance.LossEstimate`); "met" is decided on the measured loss. Work: at most ``G·L`` evaluations for the sweep (``G``
+(:class:`edgecomp.measure.metrics.LossEstimate`); "met" is decided on the measured loss. Work: at most ``G·L`` evaluations for the sweep (``G``
 prunable groups, ``L`` levels), about ``2·log2(G·L) + G·L`` for the search and 1 for the repair;
 ``max_evaluations`` caps the total (a step not measured is not taken).
 """
@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.data import Dataset, input_specs
 from edgecomp.errors import DataNeeded, NothingToPrune, OptionError, PassFailed
@@ -54,8 +55,8 @@ from edgecomp.prune.importance import PrunePlan, channel_stats, plan_pruning
 from edgecomp.prune.options import PruneOptions
 
 if TYPE_CHECKING:
-    from edgecomp.prune import PruneResult
-    from edgecomp.quantize.tolerance import Evaluator
+    from edgecomp.prune.result import PruneResult
+    from edgecomp.measure.evaluate import Evaluator
 
 __all__ = ["LEVELS", "prune_to_tolerance"]
 
@@ -97,7 +98,7 @@ class _Search:
         from edgecomp.prune.prune_channels import PruneChannelsPass
 
         model = self.base.clone()
-        plan = _combined_plan(_analysis_for(self.an, self.base, model), self.plans, self.groups, choice)
+        plan = _combined_plan(self.an, self.plans, self.groups, choice)  # the pass finds its nodes by name
         return model, plan, dict(run_pass(PruneChannelsPass(plan=plan), model).summary)
 
     def measure(self, choice: Choice) -> tuple[float, int] | None:
@@ -123,18 +124,6 @@ class _Search:
 
 def _key(choice: Choice) -> tuple:
     return tuple(sorted((r, i) for r, i in choice.items() if i))
-
-
-
-def _analysis_for(an: Analysis, source: ir.Model, copy: ir.Model) -> Analysis:
-    """``an`` (found on ``source``) with its edits on the matching nodes of ``copy``, a clone of
-    ``source``: a clone keeps every graph's node order."""
-    src, dst = list(ir.traversal.RecursiveGraphIterator(source.graph)), list(ir.traversal.RecursiveGraphIterator(copy.graph))
-    pairs = list(zip(src, dst))
-    if len(src) != len(dst) or any(a.op_type != b.op_type or a.name != b.name for a, b in pairs):
-        raise PassFailed("a copy of the model differs from it node by node; nothing was written (please report this)")
-    nodes = {id(a): b for a, b in pairs}
-    return dataclasses.replace(an, edits=[dataclasses.replace(e, node=nodes[id(e.node)]) for e in an.edits])
 
 
 
@@ -292,7 +281,7 @@ def _group_rows(plan: PrunePlan, groups: dict[int, _Group], choice: Choice, leve
 
 def _check(opts: PruneOptions, metric: str, tolerance: float, eval_data: Dataset | None, levels: Sequence[float],
            max_evaluations: int | None) -> None:
-    from edgecomp.quantize.options import METRICS
+    from edgecomp.measure.metrics import METRICS
 
     opts.validate()
     if not opts.structured:
@@ -328,15 +317,16 @@ def prune_to_tolerance(model: ir.Model, opts: PruneOptions, data: Dataset | None
     Raises :class:`NothingToPrune` when no level of any group cuts a channel.
     """
     from edgecomp.measure.inspect import count_macs, count_parameters
-    from edgecomp.prune import PruneResult, _layer_table, _probe, nothing_to_prune_message, verify_pruned
+    from edgecomp.prune.result import PruneResult, layer_table, nothing_to_prune_message, probe_shapes, verify_pruned
     from edgecomp.prune.fidelity import below_floor, fidelity_text, held_out_fidelity
     from edgecomp.prune.repair import repair
-    from edgecomp.quantize.tolerance import Evaluator
+    from edgecomp.measure.evaluate import Evaluator
 
     _check(opts, metric, tolerance, eval_data, levels, max_evaluations)
     t0 = time.perf_counter()
     base = model.clone()
     lift_constants(base)
+    ir.passes.common.NameFixPass()(base)  # the plans name their nodes (PruneChannelsPass): unnamed nodes get one
     an = find_groups(base, opts.protect, heads="heads" in opts.kinds)
     want_act = opts.importance in ("activation", "obs") or (opts.importance == "auto" and data is not None)
     stats = (channel_stats(base, an, data, opts.max_samples, opts.threads, grams=opts.importance == "obs", part="fit")
@@ -372,9 +362,9 @@ def prune_to_tolerance(model: ir.Model, opts: PruneOptions, data: Dataset | None
                          "nothing was written (please report this)")
     met = loss <= tolerance
     feed = evaluator.feeds[0]
-    shapes_before, shapes_after = _probe(base, feed), _probe(pruned, feed)
+    shapes_before, shapes_after = probe_shapes(base, feed), probe_shapes(pruned, feed)
     unrepaired = "off (--no-repair)" if data is not None and not opts.repair else "no data"
-    layers = _layer_table(base, pruned, shapes_before, shapes_after, repaired,
+    layers = layer_table(base, pruned, shapes_before, shapes_after, repaired,
                           "dropped (raised the loss)" if repair_note else unrepaired)
     macs0 = count_macs(base, shapes_before)[0] if shapes_before else None
     macs1 = count_macs(pruned, shapes_after)[0] if shapes_after else None

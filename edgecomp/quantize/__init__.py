@@ -61,7 +61,8 @@ from edgecomp.quantize.outputs import calibrate_outputs, plan_outputs
 from edgecomp.quantize.plan import bits_reason, build, make_plan
 from edgecomp.quantize.quantize_static import QUANTIZED_OPS, LayerPlan
 from edgecomp.quantize.speed import SpeedCheck, check_written_model
-from edgecomp.quantize.tolerance import Evaluator, FidelityEvaluator, fit_tolerance
+from edgecomp.measure.evaluate import Evaluator, FidelityEvaluator
+from edgecomp.quantize.tolerance import fit_tolerance
 from edgecomp.targets import host_isa
 
 __all__ = ["QuantizeResult", "quantize_model", "run"]

@@ -36,7 +36,7 @@ from edgecomp.quantize.layers import Layer
 from edgecomp.quantize.options import METHODS, QuantizeOptions
 from edgecomp.runtime import make_session
 
-__all__ = ["calibrate", "METHODS", "ActivationStats", "collect_ranges", "collect_histograms", "uint8_qparams", "choose_range"]
+__all__ = ["calibrate", "METHODS", "ActivationStats", "collect_ranges", "collect_histograms", "choose_range"]
 
 
 def sessions_for(model: ir.Model, threads: int) -> Callable[[Sequence[str]], Any]:
@@ -218,16 +218,6 @@ def collect_histograms(session_factory, stats: Mapping[str, ActivationStats], fe
     for values in _run_activations(session_factory, list(stats), feeds, progress):
         for n, x in values.items():
             stats[n].update_hist(x)
-
-
-
-def uint8_qparams(lo: float, hi: float, levels: int = 255) -> tuple[np.float32, np.uint8]:
-    """Scale and zero point of an asymmetric uint8 grid of ``levels``+1 values (255: all of
-    uint8; 127: 7-bit activations in [0, 127]) covering [lo, hi] ∋ 0."""
-    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    scale = (hi - lo) / levels if hi > lo else 1.0
-    zp = int(np.clip(round(-lo / scale), 0, levels))
-    return np.float32(scale), np.uint8(zp)
 
 
 

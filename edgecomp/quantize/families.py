@@ -94,7 +94,3 @@ def choose_families(model: ir.Model, layers: Sequence[Layer], plan: Mapping[str,
 def _wins(e) -> bool:
     """int8 pays: the whole 95% interval below 1.0 and at least 3% faster."""
     return e.faster and e.ratio <= 0.97
-
-
-def family_of(layers: Sequence[Layer], node: str) -> str:
-    return next(l.family for l in layers if l.node == node)

@@ -340,7 +340,7 @@ def int4_step(model: ir.Model, plan: Mapping[str, LayerPlan], calibration: Datas
     data when given, else every output's cosine ``>= min_cosine`` on up to ``fidelity_samples``
     calibration samples the codes were not fitted to (the odd ones). ``reference``: the model the
     bound is measured against (the model as given to quantize, before its cleanup), else ``model``."""
-    from edgecomp.quantize.tolerance import Evaluator, FidelityEvaluator
+    from edgecomp.measure.evaluate import Evaluator, FidelityEvaluator
 
     if opts.int4 == "off":
         return None

@@ -12,7 +12,7 @@ import onnx_ir as ir
 from edgecomp.graph import attribute, single_use, subgraphs
 from edgecomp.passes.specialize_inputs import mode_hint
 
-__all__ = ["Layer", "find_layers"]
+__all__ = ["Layer", "family_of", "find_layers"]
 
 
 @dataclasses.dataclass
@@ -160,3 +160,8 @@ def no_layer_message(model: ir.Model, skipped: Sequence[Mapping[str, Any]], excl
     hint = mode_hint(model) if any(r.get("subgraph") == "If" for r in skipped) else ""
     return (f"no quantizable layer (MatMul/Gemm with constant weights, 1-D/2-D Conv): {'; '.join(parts)}{hint} "
             f"(the model's ops: {listing})")
+
+
+def family_of(layers: Sequence[Layer], node: str) -> str:
+    """The op family of the layer ``node`` (a scan of ``layers``: build a dict for many lookups)."""
+    return next(l.family for l in layers if l.node == node)

@@ -133,8 +133,7 @@ def measure_table(model_path: str | os.PathLike, profile: str, threads: int = 1,
     from edgecomp.passes.optimize_graph import OptimizeGraphPass
     from edgecomp.passes.upgrade_opset import UpgradeOpsetPass
     from edgecomp.quantize.calibration import calibrate
-    from edgecomp.quantize.families import family_of
-    from edgecomp.quantize.layers import find_layers, no_layer_message
+    from edgecomp.quantize.layers import family_of, find_layers, no_layer_message
     from edgecomp.quantize.options import FAMILIES, MIN_OPSET, OPSET_REASON, QuantizeOptions
     from edgecomp.quantize.outputs import calibrate_outputs, plan_outputs
     from edgecomp.quantize.plan import build, make_plan

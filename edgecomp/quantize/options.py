@@ -8,14 +8,14 @@ from typing import Any
 
 from edgecomp.data import DEFAULT_MAX_SAMPLES
 from edgecomp.errors import OptionError
+from edgecomp.measure.metrics import METRICS
 from edgecomp.options import Option, check_values, in_range, regexes
-from edgecomp.quantize.quantize_static import FORMATS
 from edgecomp.targets import Isa
 
-__all__ = ["METHODS", "METRICS", "FAMILIES", "OPTIONS", "QuantizeOptions", "MIN_OPSET", "OPSET_REASON"]
+__all__ = ["METHODS", "FORMATS", "METRICS", "FAMILIES", "OPTIONS", "QuantizeOptions", "MIN_OPSET", "OPSET_REASON"]
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
-METRICS = ("cosine", "top1", "mae")
+FORMATS = ("contrib", "qdq")  # the written form: onnxruntime's contrib int8 ops, or QuantizeLinear/DequantizeLinear pairs
 FAMILIES = ("matmul", "conv", "conv-depthwise", "attention")  # attention: activation x activation MatMuls
 MIN_OPSET = 13
 OPSET_REASON = "per-channel DequantizeLinear needs 13"

@@ -27,10 +27,10 @@ from edgecomp.quantize.calibration import (
     choose_range,
     collect_ranges,
     sessions_for,
-    uint8_qparams,
 )
 from edgecomp.quantize.layers import Layer
 from edgecomp.quantize.options import QuantizeOptions
+from edgecomp.quantize.qparams import uint8_qparams
 from edgecomp.quantize.quantize_static import LayerPlan, matmul_parts
 
 __all__ = ["calibrate_outputs", "output_values", "plan_outputs"]

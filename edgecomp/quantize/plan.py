@@ -24,11 +24,11 @@ from edgecomp.quantize.calibration import (
     choose_range,
     collect_histograms,
     sessions_for,
-    uint8_qparams,
 )
 from edgecomp.quantize.layers import Layer
 from edgecomp.quantize.options import QuantizeOptions
-from edgecomp.quantize.quantize_static import LayerPlan, QuantizeStaticPass, matmul_parts, quantize_weight
+from edgecomp.quantize.qparams import quantize_weight, uint8_qparams
+from edgecomp.quantize.quantize_static import LayerPlan, QuantizeStaticPass, matmul_parts
 from edgecomp.targets import host_isa
 
 __all__ = ["ALPHAS", "make_plan", "build"]

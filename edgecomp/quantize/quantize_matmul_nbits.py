@@ -34,12 +34,11 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.errors import ConfigError
-from edgecomp.graph import NameAllocator, add_initializer
+from edgecomp.graph import MS_DOMAIN, NameAllocator, add_initializer
 from edgecomp.passes.base import EdgecompPass, PassReport
 
 __all__ = ["QuantizeMatMulNBitsPass", "dequantize_blocks_4bit", "quantize_blocks_4bit"]
 
-MS_DOMAIN = "com.microsoft"
 
 
 def quantize_blocks_4bit(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

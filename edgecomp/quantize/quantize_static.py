@@ -71,16 +71,15 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.errors import OptionError, PassFailed
-from edgecomp.graph import (INT8_OPS, NameAllocator, add_initializer, attribute, bias_add, const_array, layer_bias,
-                            layer_weight)
+from edgecomp.graph import (INT8_OPS, MS_DOMAIN, NameAllocator, add_initializer, attribute, bias_add, const_array, default_opset,
+                            layer_bias, layer_weight, replace_value, sort_graph)
 from edgecomp.passes.base import EdgecompPass, PassReport, one_line_failures
-from edgecomp.passes.upgrade_opset import default_opset
+from edgecomp.quantize.attention_emit import emit_attention
+from edgecomp.quantize.options import FORMATS
+from edgecomp.quantize.qparams import quantize_weight, uint8_qparams
 
-__all__ = ["LayerPlan", "QuantizeStaticPass", "quantize_weight", "matmul_parts", "bias_add", "QUANTIZED_OPS", "MS_DOMAIN",
-           "FORMATS"]
+__all__ = ["LayerPlan", "QuantizeStaticPass", "matmul_parts", "QUANTIZED_OPS"]
 
-MS_DOMAIN = "com.microsoft"
-FORMATS = ("contrib", "qdq")
 QUANTIZED_OPS = INT8_OPS | {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits"}
 
 
@@ -104,24 +103,6 @@ class LayerPlan:
     mid_zp: int | None = None
     out_after: str | None = None  # conv: name of the Relu/Clip node the output Q follows
     b_scale: float | None = None  # attention: the B activation's symmetric int8 scale (zero point 0)
-
-
-def quantize_weight(w: np.ndarray, bits: int, axis: int, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8, per channel along ``axis`` (or one scale): (q, scale) with ``w ≈ q * scale``.
-
-    ``scale`` always has one entry per channel (repeated when per-tensor), which the int8 ops
-    accept and which keeps their zero-point shapes uniform.
-    """
-    qmax = 127 if bits == 8 else 63
-    reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
-    absmax = np.abs(w).max(axis=reduce_axes)
-    if not per_channel:
-        absmax = np.full_like(absmax, np.abs(w).max())
-    scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
-    return q, scale
 
 
 class QuantizeStaticPass(EdgecompPass):
@@ -177,8 +158,6 @@ class QuantizeStaticPass(EdgecompPass):
             elif lp.kind == "conv":
                 builder.conv(node, lp, nodes.get(lp.out_after) if lp.out_after else None)
             elif lp.kind == "attention":
-                from edgecomp.quantize.attention import emit_attention
-
                 emit_attention(builder, node, lp, self.format)
                 if self.format == "qdq" and lp.out_scale is not None:
                     builder.quantize_output(node.outputs[0], node.name, lp)
@@ -195,7 +174,7 @@ class QuantizeStaticPass(EdgecompPass):
             if (self.format == "contrib" and MS_DOMAIN not in model.opset_imports
                     and any(p.kind != "conv" for p in self.plan.values())):
                 model.opset_imports[MS_DOMAIN] = 1
-            _sort(model.graph)
+            sort_graph(model.graph, "quantizing")
             ir.passes.common.RemoveUnusedNodesPass()(model)  # the float weights
         return self.report(model, bool(self.plan), {"quantized layers": len(self.plan), "format": self.format,
                                                     "quantize ops": builder.quantize_ops}, rows)
@@ -252,7 +231,7 @@ class _Builder:
         if bias is not None:
             inputs.append(self.const(f"{node.name}_bias", bias.astype(np.float32)))
         y = self.add("MatMulIntegerToFloat", inputs, f"{node.name}_int8", domain=MS_DOMAIN)
-        _replace(self.graph, out, y)
+        replace_value(self.graph, out, y)
         for n in dead:
             self.graph.remove(n, safe=True)
 
@@ -277,7 +256,7 @@ class _Builder:
                     y = self._fake_quant(y, f"{node.name}_mm", np.float32(lp.mid_scale), np.uint8(lp.mid_zp))
                     b = self._uint8_constant(f"{node.name}_bias", bias)
                 y = self.add("Add", [y, b], f"{node.name}_qdq_bias")
-        _replace(self.graph, out, y)
+        replace_value(self.graph, out, y)
         for n in dead:
             self.graph.remove(n, safe=True)
         if lp.out_scale is not None:
@@ -296,8 +275,6 @@ class _Builder:
 
     def _uint8_constant(self, name: str, a: np.ndarray) -> ir.Value:
         """DequantizeLinear of ``a`` stored as uint8 over [min a, max a] ∋ 0 (one scale)."""
-        from edgecomp.quantize.calibration import uint8_qparams
-
         scale, zp = uint8_qparams(float(a.min()), float(a.max()))
         q = np.clip(np.round(a / scale) + int(zp), 0, 255).astype(np.uint8)
         return self.add("DequantizeLinear", [self.const(f"{name}_q", q), self.const(f"{name}_scale", scale),
@@ -429,37 +406,6 @@ def matmul_parts(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None, ir.Value
     return w, bias, add.outputs[0], [add, node]
 
 
-def _sort(graph: ir.Graph) -> None:
-    """Topological sort; a cycle (a bug in a rewrite) is a one-line PassFailed naming a node on it."""
-    try:
-        graph.sort()
-    except ValueError as e:
-        on_cycle = _node_on_cycle(graph)
-        raise PassFailed(f"quantizing made the graph cyclic{f' (through {on_cycle})' if on_cycle else ''}: "
-                         f"{e}; please report this model") from e
-
-
-def _node_on_cycle(graph: ir.Graph) -> str | None:
-    state: dict[int, int] = {}
-    for start in graph:
-        stack = [(start, iter(v.producer() for v in start.inputs if v is not None))]
-        state[id(start)] = state.get(id(start), 0) or 1
-        while stack:
-            node, it = stack[-1]
-            nxt = next(it, False)
-            if nxt is False:
-                state[id(node)] = 2
-                stack.pop()
-            elif nxt is not None and nxt.graph is graph:
-                st = state.get(id(nxt), 0)
-                if st == 1:
-                    return nxt.name
-                if st == 0:
-                    state[id(nxt)] = 1
-                    stack.append((nxt, iter(v.producer() for v in nxt.inputs if v is not None)))
-    return None
-
-
 def _move_graph_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     """Make ``new`` the graph output ``old`` was (same name); ``old``'s other uses are kept."""
     name = old.name
@@ -468,15 +414,3 @@ def _move_graph_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
             graph.outputs[i] = new
     old.name = f"{name}__float"
     new.name = name
-
-
-def _replace(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """Point every use of ``old`` at ``new`` (same tensor); a graph output keeps its name."""
-    new.type, new.shape = old.type, old.shape
-    if old.is_graph_output():
-        name = old.name
-        old.replace_all_uses_with(new, replace_graph_outputs=True)
-        old.name = f"{name}__replaced"
-        new.name = name
-    else:
-        old.replace_all_uses_with(new)

@@ -17,7 +17,7 @@ from edgecomp.errors import InterfaceChanged
 from edgecomp.io import from_proto
 from edgecomp.measure.interface import check_interface, declared_shape_warnings, guard_feeds, shape_text
 from edgecomp.measure.validate import compare_outputs, validate
-from edgecomp.quantize.tolerance import Evaluator, FidelityEvaluator
+from edgecomp.measure.evaluate import Evaluator, FidelityEvaluator
 
 X = np.random.default_rng(0).standard_normal((1, 3, 32, 64)).astype(np.float32)  # T = 64 / 4 = 16
 

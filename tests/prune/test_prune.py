@@ -363,3 +363,50 @@ def test_obs_importance_end_to_end_removes_dead_neurons(tmp_path):
     pruned = to_proto(result.model)
     feed = {"x": _w(2, 5, 8)}
     _assert_same_outputs(proto, pruned, feed)  # the 4 dead neurons cost nothing: OBS removes exactly them
+
+
+def _ffn_plan(model: ir.Model):
+    from edgecomp.prune.importance import plan_pruning
+
+    ir.passes.common.NameFixPass()(model)
+    return plan_pruning(find_groups(model), PruneOptions(sparsity=0.25), None)
+
+
+def test_a_plan_cuts_a_copy_of_the_analysed_model_by_node_name():
+    """The tolerance search analyses one model and cuts clones of it: the pass finds the planned
+    nodes by name in the model it is given, and leaves the analysed model as it was."""
+    from edgecomp.prune.prune_channels import PruneChannelsPass
+
+    proto = _ffn()
+    analysed = ir.from_proto(proto)
+    plan = _ffn_plan(analysed)
+    copy = analysed.clone()
+    report = run_pass(PruneChannelsPass(plan=plan), copy)
+    assert report.modified and report.summary["channels removed"] == 4
+    feed = {"x": _w(2, 5, 8)}
+    pruned = to_proto(copy)
+    _assert_same_outputs(proto, pruned, feed)
+    assert _weights(to_proto(analysed))["w1"].shape == (8, 16)  # the analysed model is not cut
+
+
+@pytest.mark.parametrize("change, message", [
+    ("rename", "which this model does not have"),
+    ("retype", "but this model's node of that name is a"),
+    ("duplicate", "cannot tell which one it edits"),
+])
+def test_a_plan_for_another_model_is_refused(change, message):
+    from edgecomp.errors import PassFailed
+    from edgecomp.prune.prune_channels import PruneChannelsPass
+
+    analysed = ir.from_proto(_ffn())
+    plan = _ffn_plan(analysed)
+    other = analysed.clone()
+    down = next(n for n in other.graph if n.name == "down")
+    if change == "rename":
+        down.name = "elsewhere"
+    elif change == "retype":
+        down.op_type = "Gemm"
+    else:
+        next(n for n in other.graph if n.op_type == "Erf").name = "down"
+    with pytest.raises(PassFailed, match=message):
+        run_pass(PruneChannelsPass(plan=plan), other)

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from edgecomp.errors import DataError
-from edgecomp.quantize.calibration import HIST_BINS, ActivationStats, choose_range, uint8_qparams
+from edgecomp.quantize.calibration import HIST_BINS, ActivationStats, choose_range
+from edgecomp.quantize.qparams import uint8_qparams
 
 
 def _stats(samples, axis=-1, reservoir=64, hist=True):

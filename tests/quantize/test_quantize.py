@@ -19,7 +19,8 @@ from edgecomp.passes.base import run_pass
 from edgecomp.quantize import quantize_model
 from edgecomp.quantize.layers import find_layers
 from edgecomp.quantize.options import QuantizeOptions
-from edgecomp.quantize.quantize_static import LayerPlan, QuantizeStaticPass, quantize_weight
+from edgecomp.quantize.qparams import quantize_weight
+from edgecomp.quantize.quantize_static import LayerPlan, QuantizeStaticPass
 from edgecomp.targets import Isa, host_isa
 from tests.conftest import RoundRobinClock, make_model, run_ort, vinfo
 
@@ -277,7 +278,8 @@ def test_forced_families_report_the_measured_speed_and_warn_when_slower(mlp_path
 
 def test_tolerance_evaluator_names_its_option_and_data_neutrally():
     from edgecomp.errors import DataError, OptionError
-    from edgecomp.quantize.tolerance import METRICS, Evaluator
+    from edgecomp.measure.evaluate import Evaluator
+    from edgecomp.measure.metrics import METRICS
 
     with pytest.raises(OptionError, match="^metric must be one of .*, got 'bogus'"):
         Evaluator(None, [{}], "bogus", None, 1)

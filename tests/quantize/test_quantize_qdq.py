@@ -16,7 +16,9 @@ from edgecomp.io import to_proto
 from edgecomp.passes.base import run_pass
 from edgecomp.quantize import quantize_model
 from edgecomp.quantize.options import QuantizeOptions
-from edgecomp.quantize.quantize_static import MS_DOMAIN, LayerPlan, QuantizeStaticPass, quantize_weight
+from edgecomp.quantize.qparams import quantize_weight, uint8_qparams
+from edgecomp.graph import MS_DOMAIN
+from edgecomp.quantize.quantize_static import LayerPlan, QuantizeStaticPass
 from edgecomp.targets import host_isa
 from tests.conftest import make_model, run_ort, vinfo
 
@@ -149,7 +151,6 @@ def test_qdq_layers_are_whole_node_units(cases, name):
 def test_one_qdq_layer_with_output_grids_against_numpy(op):
     """The whole unit chain against numpy's fake quantization: x → Q/DQ → MatMul → Q/DQ (h) → Add
     (bias as uint8) → Q/DQ (y); Gemm: the bias inside (int32, as a conv's), one output grid."""
-    from edgecomp.quantize.calibration import uint8_qparams
 
     proto, w, b = _single_layer(op)
     x = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)

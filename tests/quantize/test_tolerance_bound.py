@@ -8,7 +8,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from edgecomp.quantize.tolerance import MIN_EVAL_SAMPLES, Evaluator, loss_bound, t_quantile, wilson_upper
+from edgecomp.measure.evaluate import Evaluator
+from edgecomp.measure.metrics import MIN_EVAL_SAMPLES, loss_bound, t_quantile, wilson_upper
 
 stats = pytest.importorskip("scipy.stats")
 RNG = np.random.default_rng(7)
