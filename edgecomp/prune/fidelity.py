@@ -42,7 +42,7 @@ from edgecomp.prune.options import FIDELITY_FLOOR, HOLD_OUT_EVERY, SYNTHETIC_SAM
 from edgecomp.prune.samples import feeds, n_used
 
 if TYPE_CHECKING:
-    from edgecomp.prune import PruneResult
+    from edgecomp.prune.step import PruneResult
 
 __all__ = ["held_out_fidelity", "synthetic_fidelity", "fidelity_text", "below_floor", "apply_floor"]
 

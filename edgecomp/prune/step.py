@@ -80,7 +80,7 @@ from edgecomp.prune.options import OPTIONS, PruneOptions
 from edgecomp.prune.repair import bias_of, repair
 from edgecomp.prune.samples import feeds
 
-__all__ = ["PruneResult", "verify_pruned", "prune_model", "prune_weights", "run"]
+__all__ = ["PruneResult", "nothing_to_prune_message", "prune_model", "prune_weights", "run", "verify_pruned"]
 
 
 @dataclasses.dataclass

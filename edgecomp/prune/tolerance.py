@@ -54,7 +54,7 @@ from edgecomp.prune.importance import PrunePlan, channel_stats, plan_pruning
 from edgecomp.prune.options import PruneOptions
 
 if TYPE_CHECKING:
-    from edgecomp.prune import PruneResult
+    from edgecomp.prune.step import PruneResult
     from edgecomp.quantize.tolerance import Evaluator
 
 __all__ = ["LEVELS", "prune_to_tolerance"]
@@ -328,7 +328,7 @@ def prune_to_tolerance(model: ir.Model, opts: PruneOptions, data: Dataset | None
     Raises :class:`NothingToPrune` when no level of any group cuts a channel.
     """
     from edgecomp.measure.inspect import count_macs, count_parameters
-    from edgecomp.prune import PruneResult, _layer_table, _probe, nothing_to_prune_message, verify_pruned
+    from edgecomp.prune.step import PruneResult, _layer_table, _probe, nothing_to_prune_message, verify_pruned
     from edgecomp.prune.fidelity import below_floor, fidelity_text, held_out_fidelity
     from edgecomp.prune.repair import repair
     from edgecomp.quantize.tolerance import Evaluator

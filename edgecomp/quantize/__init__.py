@@ -1,0 +1,18 @@
+"""Static int8 quantization (the steps and the math: :mod:`edgecomp.quantize.step`).
+
+Light on purpose: ``run`` and the public names load :mod:`~edgecomp.quantize.step` on first use,
+so reading :mod:`edgecomp.quantize.options` (the CLI's flags) imports no graph code.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from edgecomp.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from edgecomp.quantize.step import QuantizeResult, quantize_model, run
+
+__all__ = ["QuantizeResult", "quantize_model", "run"]
+
+__getattr__, __dir__ = lazy_exports(__name__, {"step": __all__})
