@@ -35,6 +35,7 @@ from edgecomp.errors import ExportError, OptionError, ParityError, SpecError
 from edgecomp.io import Terminated, check_output_path, first_line, model_from_bytes, save_model
 from edgecomp.options import Option, in_range
 from edgecomp.runtime import make_session, run_feed
+from edgecomp.step import StepResult
 
 __all__ = ["ExportResult", "load_spec", "call_factory", "forward_names", "export_model", "export_spec", "hf_encoder",
            "hf_model", "export_hf", "infer_hf_task", "HFModel", "HF_TASKS", "HF_OUTPUTS", "opset_ranges", "DEFAULT_OPSET",
@@ -50,7 +51,7 @@ DEFAULT_OPSET = 18
 
 @dataclasses.dataclass
 class ExportResult:
-    path: Path
+    path: Path | None  # None: exported in memory only (``out`` not given)
     exporter: str
     fallback_reason: str | None
     input_names: list[str]
@@ -59,6 +60,7 @@ class ExportResult:
     seconds: float
     task: str | None = None  # for --hf: the task exported (see HF_TASKS)
     task_source: str | None = None  # where the task came from: "architectures X", "model_type y" or "--task"
+    model: ir.Model | None = None  # the exported model, checked against torch
 
 
 def _exit_call(e: SystemExit) -> str:
@@ -294,14 +296,15 @@ def _torch_outputs(module, args, names: Sequence[str] = (), label: str = "the mo
     return [o.detach().cpu().numpy() for o in out]
 
 
-def export_model(module: Any, example: Any, out: str | os.PathLike, *,
+def export_model(module: Any, example: Any, out: str | os.PathLike | None, *,
                  input_shapes: Mapping[str, tuple] | None = None,
                  dynamic: Mapping[str, Mapping[int, str]] | None = None,
                  opset: int = DEFAULT_OPSET, exporter: str = "auto",
                  atol: float = 1e-4, rtol: float = 1e-3, protect: Sequence[str | os.PathLike] = (),
                  auto_order: Sequence[str] = ("dynamo", "torchscript"), source: str | None = None,
                  output_names: Sequence[str] | None = None, metadata: Mapping[str, str] | None = None) -> ExportResult:
-    """Export ``module`` to ``out`` and check it against torch in onnxruntime.
+    """Export ``module`` (to ``out``, when given: else in memory only, ``result.model``) and check
+    it against torch in onnxruntime.
 
     ``auto_order`` is the order ``exporter="auto"`` tries the exporters in; an exporter that
     cannot write ``opset`` (see :func:`opset_ranges`) is skipped, and the reason recorded.
@@ -313,7 +316,8 @@ def export_model(module: Any, example: Any, out: str | os.PathLike, *,
         raise ExportError(f"unknown exporter {exporter!r}; use auto, dynamo or torchscript")
     order = {"auto": tuple(auto_order), "dynamo": ("dynamo",), "torchscript": ("torchscript",)}[exporter]
     plan = _plan_exporters(opset, exporter, order)  # before any export work
-    check_output_path(out, protect)  # before minutes of export, not after
+    if out is not None:
+        check_output_path(out, protect)  # before minutes of export, not after
     t0 = time.perf_counter()
     label = source or f"the {type(module).__name__} model"
     module = module.eval()
@@ -346,9 +350,9 @@ def export_model(module: Any, example: Any, out: str | os.PathLike, *,
         raise ExportError("export failed with " + "; ".join(reasons))
     diff = _check_parity(model, names, args, ref, atol, rtol)
     model.metadata_props.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    path = save_model(model, out, inputs=protect)
-    return ExportResult(Path(path), used, "; ".join(reasons) or None, list(names), out_names, diff,
-                        time.perf_counter() - t0)
+    path = save_model(model, out, inputs=protect) if out is not None else None
+    return ExportResult(Path(path) if path else None, used, "; ".join(reasons) or None, list(names), out_names, diff,
+                        time.perf_counter() - t0, model=model)
 
 
 def _check_parity(model: ir.Model, names, args, ref: list[np.ndarray], atol: float, rtol: float) -> float:
@@ -367,7 +371,7 @@ def _check_parity(model: ir.Model, names, args, ref: list[np.ndarray], atol: flo
     return worst
 
 
-def export_spec(spec: str, out: str | os.PathLike, **kwargs: Any) -> ExportResult:
+def export_spec(spec: str, out: str | os.PathLike | None, **kwargs: Any) -> ExportResult:
     """Export the model a SPEC names."""
     target = spec.rpartition(":")[0]
     if target.endswith(".py"):
@@ -375,7 +379,8 @@ def export_spec(spec: str, out: str | os.PathLike, **kwargs: Any) -> ExportResul
     exporter = kwargs.get("exporter", "auto")
     if exporter in ("auto", "dynamo", "torchscript"):  # refuse the opset before importing anything
         _plan_exporters(kwargs.get("opset", DEFAULT_OPSET), exporter, ("dynamo", "torchscript"))
-    check_output_path(out, kwargs.get("protect", ()))
+    if out is not None:
+        check_output_path(out, kwargs.get("protect", ()))
     module, example = call_factory(load_spec(spec), spec)
     kwargs.setdefault("source", spec)
     return export_model(module, example, out, **kwargs)
@@ -824,7 +829,7 @@ def hf_encoder(path: str | os.PathLike, output: str = "embeddings", seq_len: int
     return m.module, m.example
 
 
-def export_hf(path: str | os.PathLike, out: str | os.PathLike, *, output: str = "embeddings", task: str | None = None,
+def export_hf(path: str | os.PathLike, out: str | os.PathLike | None, *, output: str = "embeddings", task: str | None = None,
               dynamic: Mapping[str, Mapping[int, str]] | None = None, protect: Sequence[str | os.PathLike] = (),
               **kwargs: Any) -> ExportResult:
     """Export a local Hugging Face folder by its task (:func:`hf_model`), checked in onnxruntime.
@@ -836,7 +841,8 @@ def export_hf(path: str | os.PathLike, out: str | os.PathLike, *, output: str = 
     if exporter in ("auto", "dynamo", "torchscript"):  # refuse the opset before loading anything
         _plan_exporters(kwargs.get("opset", DEFAULT_OPSET), exporter, HF_AUTO_ORDER)
     protect = [path, *protect]
-    check_output_path(out, protect)
+    if out is not None:
+        check_output_path(out, protect)
     hf = hf_model(path, output, task)
     axes = {k: dict(v) for k, v in (dynamic or {}).items()}
     for name, ax in hf.dynamic.items():
@@ -952,10 +958,27 @@ OPTIONS = (
 )
 
 
-def run(out: str | os.PathLike, values: Mapping[str, Any], *, spec: str | None = None,
-        hf: str | os.PathLike | None = None) -> ExportResult:
+def run(out: str | os.PathLike | None, values: Mapping[str, Any], *, spec: str | None = None,
+        hf: str | os.PathLike | None = None) -> StepResult:
     """What ``edgecomp export`` and a recipe's export step call: export ``spec`` or the Hugging
-    Face folder ``hf`` with the declared option ``values``."""
+    Face folder ``hf`` with the declared option ``values``; written to ``out`` when given (the
+    CLI), else returned in memory only (``convert`` saves it with the other steps' models)."""
+    return step_result(_export(out, values, spec=spec, hf=hf))
+
+
+def step_result(res: ExportResult) -> StepResult:
+    """An export in the shape every capability returns: the exporter, its fallback and the parity
+    with torch as summary; names, time and the file written as evidence."""
+    summary = {"exporter": res.exporter, "fallback": res.fallback_reason, "max abs diff vs torch": res.max_abs_diff}
+    if res.task:
+        summary["task"] = f"{res.task} (from {res.task_source})"
+    return StepResult("export", res.model, summary, evidence={
+        "inputs": res.input_names, "outputs": res.output_names, "seconds": res.seconds,
+        "path": str(res.path) if res.path else None})
+
+
+def _export(out: str | os.PathLike | None, values: Mapping[str, Any], *, spec: str | None = None,
+            hf: str | os.PathLike | None = None) -> ExportResult:
     from edgecomp.data import parse_shape
 
     kw = dict(input_shapes={k: parse_shape(v) for k, v in values["input"].items()},

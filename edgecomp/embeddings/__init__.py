@@ -12,9 +12,9 @@ from edgecomp.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from edgecomp.embeddings.options import ReduceOptions
-    from edgecomp.embeddings.step import ReduceResult, reduce_embeddings, run
+    from edgecomp.embeddings.step import ReduceResult, reduce_embeddings, run, step_result
 
-__all__ = ["ReduceOptions", "ReduceResult", "reduce_embeddings", "run"]
+__all__ = ["ReduceOptions", "ReduceResult", "reduce_embeddings", "run", "step_result"]
 
 __getattr__, __dir__ = lazy_exports(__name__, {"options": ["ReduceOptions"],
-                                               "step": ["ReduceResult", "reduce_embeddings", "run"]})
+                                               "step": ["ReduceResult", "reduce_embeddings", "run", "step_result"]})

@@ -35,8 +35,9 @@ from edgecomp.embeddings.tokenizer import (
 from edgecomp.errors import ConfigError, DataError, DataNeeded, OptionError, PassFailed
 from edgecomp.measure.interface import keeps_interface
 from edgecomp.passes.base import PassReport, run_pass
+from edgecomp.step import StepContext, StepResult
 
-__all__ = ["ReduceOptions", "ReduceResult", "reduce_embeddings", "run"]
+__all__ = ["ReduceOptions", "ReduceResult", "reduce_embeddings", "run", "step_result"]
 
 
 @dataclasses.dataclass
@@ -152,10 +153,10 @@ def _scale_dtype(opts: ReduceOptions) -> str:
     return opts.scale_dtype or ("float16" if opts.bits == 4 else "float32")
 
 
-@keeps_interface("reduce-embeddings", same_ids=lambda opts, keep_ids=None, new_tokens=None: not (
+@keeps_interface("reduce-embeddings", same_ids=lambda opts, context=None, keep_ids=None, new_tokens=None: not (
     opts.prune_vocab or new_tokens))
-def run(model: ir.Model, opts: ReduceOptions, data: StepData, *, keep_ids: np.ndarray | None = None,
-        new_tokens: Sequence[str] | None = None) -> ReduceResult:
+def run(model: ir.Model, opts: ReduceOptions, data: StepData, context: StepContext | None = None, *,
+        keep_ids: np.ndarray | None = None, new_tokens: Sequence[str] | None = None) -> StepResult:
     """What ``edgecomp reduce-embeddings`` and a recipe's reduce-embeddings step call: the corpus
     is ``data.text`` (one text a line), read with the tokenizer folder ``data.tokenizer``."""
     from edgecomp.passes.float_precision import in_float32, refuse_unrunnable_floats
@@ -165,5 +166,13 @@ def run(model: ir.Model, opts: ReduceOptions, data: StepData, *, keep_ids: np.nd
     tokenizer = load_tokenizer(data.tokenizer) if data.tokenizer else None
     corpus = read_lines(data.text) if data.text else None
     # a float16 model is reduced in float32 (factors, scales) and keeps its float16 interface and weights
-    return in_float32(model, lambda m: reduce_embeddings(m, opts, tokenizer, corpus, keep_ids=keep_ids,
-                                                         new_tokens=new_tokens))
+    return step_result(in_float32(model, lambda m: reduce_embeddings(m, opts, tokenizer, corpus, keep_ids=keep_ids,
+                                                                     new_tokens=new_tokens)))
+
+
+def step_result(result: ReduceResult) -> StepResult:
+    """``result`` in the shape every capability returns: one table per pass that changed rows,
+    each pass's record as evidence, the tokenizer folder's files to write beside the model."""
+    return StepResult("reduce-embeddings", result.model, result.summary,
+                      {r.name: r.rows for r in result.reports if r.rows}, result.warnings,
+                      {"passes": [r.to_json() for r in result.reports]}, files=result.tokenizer_files)

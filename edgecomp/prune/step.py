@@ -79,8 +79,10 @@ from edgecomp.prune.importance import channel_stats, plan_pruning
 from edgecomp.prune.options import OPTIONS, PruneOptions
 from edgecomp.prune.repair import bias_of, repair
 from edgecomp.prune.samples import feeds
+from edgecomp.step import StepContext, StepResult
 
-__all__ = ["PruneResult", "nothing_to_prune_message", "prune_model", "prune_weights", "run", "verify_pruned"]
+__all__ = ["PruneResult", "UNSTRUCTURED_DATA", "nothing_to_prune_message", "prune_model", "prune_weights", "run",
+           "step_result", "verify_pruned"]
 
 
 @dataclasses.dataclass
@@ -287,26 +289,37 @@ def _floored(result: PruneResult, opts: PruneOptions, offer_data: bool) -> Prune
     return result
 
 
+#: The one line both the CLI and a recipe give when unstructured pruning is handed calibration data.
+UNSTRUCTURED_DATA = ("unstructured pruning ranks weights by magnitude alone: the calibration data is not read "
+                     "(drop it, or prune structured to use it)")
+
+
 @keeps_interface("prune")
-def run(model: ir.Model, opts: PruneOptions, data: StepData, progress: bool = False) -> PruneResult:
+def run(model: ir.Model, opts: PruneOptions, data: StepData, context: StepContext | None = None) -> StepResult:
     """What ``edgecomp prune`` and a recipe's prune step call: structured pruning (with the
     calibration data of ``data``, when given, for importance, repair and held-out fidelity; with
-    ``opts.tolerance``, the cut fitted to it on the eval data) or unstructured magnitude pruning.
+    ``opts.tolerance``, the cut fitted to it on the eval data) or unstructured magnitude pruning
+    (calibration data given to it is not read, and a warning says so: the same for the CLI and
+    a recipe).
 
     Without a tolerance, the result must keep the fidelity floor on the held-out data, or without
     data on synthesized inputs: below it, :class:`~edgecomp.errors.BelowFloor` is raised and nothing
-    should be written, unless ``opts.allow_degraded`` (then ``result.degraded`` and a warning)."""
+    should be written, unless ``opts.allow_degraded`` (then status ``degraded`` and a warning)."""
     from edgecomp.passes.float_precision import refuse_unrunnable_floats
 
+    progress = bool(context and context.progress)
     refuse_unrunnable_floats(model)  # float16 models are pruned as they are: cuts and repairs keep their dtype
     need_data(OPTIONS, {o.name: getattr(opts, o.name) for o in OPTIONS}, data.available())
     if not opts.structured:
         if opts.tolerance is not None:
             raise OptionError("tolerance", "fits structured cuts; unstructured pruning takes sparsity alone")
-        return _floored(prune_weights(model, opts), opts, offer_data=False)  # magnitude alone: data cannot help
+        result = _floored(prune_weights(model, opts), opts, offer_data=False)  # magnitude alone: data cannot help
+        if data.calibration:
+            result.warnings.insert(0, UNSTRUCTURED_DATA)
+        return step_result(result, structured=False)
     calibration = load_data(data.calibration, input_specs(model)) if data.calibration else None  # checked up front
     if opts.tolerance is None:
-        return _floored(prune_model(model, opts, calibration), opts, offer_data=calibration is None)
+        return step_result(_floored(prune_model(model, opts, calibration), opts, offer_data=calibration is None))
     if opts.allow_degraded:
         raise OptionError("allow_degraded", "has no effect with a tolerance (a cut past it is written with exit "
                                             "status 3 already); drop it")
@@ -317,4 +330,18 @@ def run(model: ir.Model, opts: PruneOptions, data: StepData, progress: bool = Fa
     result, met = prune_to_tolerance(model, opts, calibration, ev, metric=opts.metric, tolerance=opts.tolerance,
                                      labels=labels, progress=progress)
     result.met_tolerance = met
-    return result
+    return step_result(result)
+
+
+def step_result(result: PruneResult, structured: bool = True) -> StepResult:
+    """``result`` in the shape every capability returns: tables groups and layers (structured) or
+    layers (unstructured), the fidelity measured and the tolerance's verdict as evidence; status
+    degraded (exit 3) below the floor when allowed, or past the tolerance."""
+    tables = {"groups": result.groups, "layers": result.layers} if structured else {"layers": result.layers}
+    out = StepResult("prune", result.model, result.summary, tables, result.warnings,
+                     {"fidelity": result.fidelity, "met tolerance": result.met_tolerance})
+    if result.degraded:
+        out.mark("degraded", "below the fidelity floor; written because a degraded result was allowed")
+    if result.met_tolerance is False:
+        out.mark("degraded", "no cut stays within the tolerance; the best model found was written")
+    return out

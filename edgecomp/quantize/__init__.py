@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 from edgecomp.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from edgecomp.quantize.step import QuantizeResult, quantize_model, run
+    from edgecomp.quantize.step import LAYER_COLUMNS, QuantizeResult, quantize_model, run, step_result
 
-__all__ = ["QuantizeResult", "quantize_model", "run"]
+__all__ = ["LAYER_COLUMNS", "QuantizeResult", "quantize_model", "run", "step_result"]
 
 __getattr__, __dir__ = lazy_exports(__name__, {"step": __all__})

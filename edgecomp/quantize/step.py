@@ -48,6 +48,7 @@ from edgecomp.embeddings.quantize_embeddings import QuantizeEmbeddingsPass
 from edgecomp.errors import DataNeeded, PassFailed
 from edgecomp.graph import compile_patterns, param_tensors
 from edgecomp.measure.interface import keeps_interface
+from edgecomp.options import need_data
 from edgecomp.passes.base import run_pass
 from edgecomp.passes.float_precision import in_float32, refuse_unrunnable_floats
 from edgecomp.passes.optimize_graph import OptimizeGraphPass
@@ -56,15 +57,16 @@ from edgecomp.quantize.calibration import calibrate
 from edgecomp.quantize.families import choose_families
 from edgecomp.quantize.int4 import apply_int4, describe, int4_step, latency_vs_int8
 from edgecomp.quantize.layers import find_layers, no_layer_message
-from edgecomp.quantize.options import MIN_OPSET, OPSET_REASON, QuantizeOptions
+from edgecomp.quantize.options import DATA_NEEDED, MIN_OPSET, OPSET_REASON, OPTIONS, QuantizeOptions
 from edgecomp.quantize.outputs import calibrate_outputs, plan_outputs
 from edgecomp.quantize.plan import bits_reason, build, make_plan
 from edgecomp.quantize.quantize_static import QUANTIZED_OPS, LayerPlan
 from edgecomp.quantize.speed import SpeedCheck, check_written_model
 from edgecomp.quantize.tolerance import Evaluator, FidelityEvaluator, fit_tolerance
+from edgecomp.step import StepContext, StepResult
 from edgecomp.targets import host_isa
 
-__all__ = ["QuantizeResult", "quantize_model", "run"]
+__all__ = ["LAYER_COLUMNS", "QuantizeResult", "quantize_model", "run", "step_result"]
 
 
 @dataclasses.dataclass
@@ -82,12 +84,16 @@ class QuantizeResult:
 
 
 def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions, *,
-                   eval_data: Dataset | None = None, labels: np.ndarray | None = None) -> QuantizeResult:
+                   eval_data: Dataset | None = None, labels: np.ndarray | None = None,
+                   optimized: bool = False) -> QuantizeResult:
     """The whole static quantization of ``model`` (a float model; it is modified in place by the
     opset upgrade and the cleanup, so the fidelity checks measure against a copy taken before).
     With ``opts.tolerance`` and ``eval_data``, the accuracy-aware fallback. Everything that can
-    refuse the model — opset, layers — runs before calibration."""
+    refuse the model — opset, layers — runs before calibration. ``optimized``: the model comes
+    straight from :class:`OptimizeGraphPass` with folding on (a recipe's optimize step), so the
+    cleanup is not run again unless the opset upgrade changed the graph."""
     opts.validate()
+    opts = dataclasses.replace(opts, format=opts.resolved_format())
     if opts.tolerance is not None and eval_data is None:
         raise DataNeeded("eval", "tolerance", option="tolerance")
     if any(n.op_type in QUANTIZED_OPS for n in model.graph):
@@ -100,7 +106,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     as_given = model.clone()
     upgrade = run_pass(UpgradeOpsetPass(min_opset=MIN_OPSET, reason=OPSET_REASON), model)
     invalid_before = opset_violations(model)
-    cleanup = run_pass(OptimizeGraphPass(), model)
+    cleanup = ("done by the optimize step before" if optimized and not upgrade.modified
+               else run_pass(OptimizeGraphPass(), model).summary)
     ir.passes.common.NameFixPass()(model)
     layers, skipped = find_layers(model)
     exclude = compile_patterns(opts.exclude, "exclude pattern")
@@ -181,7 +188,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
                "bits reason": bits_reason(opts), "format": opts.format,
                "activations": "uint8 asymmetric, per tensor, static",
                "method": opts.method, "calibration samples": calibration.describe_used(opts.max_samples),
-               "cleanup": cleanup.summary, "seconds": round(time.perf_counter() - t0, 1)}
+               "cleanup": cleanup, "seconds": round(time.perf_counter() - t0, 1)}
     if opts.families == "auto":
         summary["families evidence"] = (opts.table.describe() if opts.table is not None else
                                         next((r["evidence"] for r in family_rows if "evidence" in r), ""))
@@ -238,18 +245,43 @@ def _check_speed(given: ir.Model, quantized: ir.Model, feed, opts: QuantizeOptio
     return check_written_model(given, quantized, feed, opts.threads, opts.families, evidence)
 
 
+#: What a terminal shows of the per-layer table (--json and report.json get every key).
+LAYER_COLUMNS = ("layer", "op", "family", "decision", "reason", "sensitivity", "smoothquant α", "bias corrected",
+                 "act range", "sim error")
+
+
 @keeps_interface("quantize")
-def run(model: ir.Model, opts: QuantizeOptions, data: StepData) -> QuantizeResult:
+def run(model: ir.Model, opts: QuantizeOptions, data: StepData, context: StepContext | None = None) -> StepResult:
     """What ``edgecomp quantize`` and a recipe's quantize step call: :func:`quantize_model` on the
-    calibration (and, with a tolerance, eval) data named by ``data``."""
+    calibration (and, with a tolerance, eval) data named by ``data``. With ``context.done``
+    naming an optimize pass with folding on, the cleanup is not run twice."""
     refuse_unrunnable_floats(model)
-    calibration = load_data(data.need("calibration", "static quantization"))
+    opts.validate()
+    need_data(OPTIONS, {o.name: getattr(opts, o.name) for o in OPTIONS}, data.available(), DATA_NEEDED)
+    calibration = load_data(data.calibration)
     ev = load_data(data.need("eval", "tolerance", "tolerance")) if opts.tolerance is not None else None
     labels = load_labels(data.labels, len(ev)) if (ev is not None and data.labels) else None
     given = model.clone()  # lifting a float16 model works in place; the clone keeps its tensors
+    optimized = bool(context and context.done.get("optimize", {}).get("fold_constants"))
     # a float16 model is quantized in float32 and keeps its float16 interface and float weights
-    result = in_float32(model, lambda m: quantize_model(m, calibration, opts, eval_data=ev, labels=labels))
-    return _never_bigger_when_float(result, given)
+    result = in_float32(model, lambda m: quantize_model(m, calibration, opts, eval_data=ev, labels=labels,
+                                                        optimized=optimized))
+    return step_result(_never_bigger_when_float(result, given))
+
+
+def step_result(result: QuantizeResult) -> StepResult:
+    """``result`` in the shape every capability returns: tables op families, layers and embedding
+    tables; the tolerance's verdict and the layers made int8 as evidence; exit 3 when the
+    tolerance was not met, 5 when forced int8 is not faster than its input here."""
+    out = StepResult("quantize", result.model, result.summary,
+                     {"op families": result.families, "layers": result.rows, "embedding tables": result.embeddings},
+                     result.warnings, {"met tolerance": result.met_tolerance, "int8 layers": sorted(result.plan)},
+                     columns={"layers": LAYER_COLUMNS})
+    if result.met_tolerance is False:
+        out.mark("degraded", "the tolerance was not met; the best model found was written")
+    if result.forced_not_faster:
+        out.mark("not faster", "the forced families' int8 model is not faster than its input here")
+    return out
 
 
 def _never_bigger_when_float(result: QuantizeResult, given: ir.Model) -> QuantizeResult:
