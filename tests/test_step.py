@@ -208,3 +208,30 @@ def test_quantize_cleans_up_when_the_optimize_step_did_not_fold(tmp_path, mlp_da
     recipe = _recipe({"step": "optimize", "fold_constants": False}, {"step": "quantize", "families": "all"})
     res = convert(Source(spec="unused:factory"), recipe, tmp_path / "out", calibration=str(calib))
     assert len(calls) == 2 and isinstance(res.steps[2].summary["cleanup"], dict)
+
+
+def test_export_runs_in_memory_and_returns_a_step_result():
+    """Without an output path nothing is written: the model comes back checked against torch."""
+    from edgecomp.export import OPTIONS, run
+    from edgecomp.options import defaults
+
+    res = run(None, {**defaults(OPTIONS), "exporter": "torchscript"}, spec="models.text_encoder:tiny_encoder")
+    assert isinstance(res, StepResult) and isinstance(res.model, ir.Model) and res.step == "export"
+    assert res.evidence["path"] is None
+    assert res.summary["max abs diff vs torch"] < 1e-4 and res.evidence["inputs"] == ["input_ids", "attention_mask"]
+
+
+def test_capability_packages_and_the_step_module_import_light():
+    """``edgecomp.step`` is a leaf, and a capability's options (what the CLI reads for its flags) do
+    not pull in the capability's code: its ``__init__`` loads ``run`` on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, edgecomp.step; assert 'numpy' not in sys.modules, 'step'; "
+            "import edgecomp.quantize.options, edgecomp.prune.options, edgecomp.embeddings.options; "
+            "heavy = [m for m in ('edgecomp.quantize.step', 'edgecomp.prune.step', 'edgecomp.embeddings.step', "
+            "'edgecomp.quantize.calibration', 'edgecomp.prune.groups') if m in sys.modules]; "
+            "assert not heavy, heavy; from edgecomp.quantize import run; "
+            "assert 'edgecomp.quantize.step' in sys.modules")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
