@@ -199,7 +199,7 @@ def test_hf_zoo(hf_run: HFZooRun, name: str, cmd: str) -> None:
     o = hf_run.run(name, cmd)
     expected = REFUSED.get((name, cmd))
     if cmd.startswith("prune") and o.exit_code == 3:  # written below the floor: the report must say so
-        assert json.loads(o.out.with_suffix(".json").read_text())["degraded"] is True
+        assert json.loads(o.out.with_suffix(".json").read_text())["status"] == "degraded"
         assert any(w.startswith("warning: the pruned model departs") for w in o.stderr.splitlines()), o.stderr
     elif not o.ok:
         check_refusal(o)
