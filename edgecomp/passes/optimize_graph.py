@@ -130,8 +130,8 @@ def run(model: ir.Model, options: Mapping[str, Any], data: Any = None, context: 
     (:func:`edgecomp.measure.interface.keeps_interface`; ``data`` is unused: synthesized feeds).
     The table ``ops changed`` counts each op type before and after; the pass's record is the evidence."""
     report = run_pass(OptimizeGraphPass(**options), model)
-    return StepResult("optimize", report.model, report.summary, {"ops changed": report.rows}, report.warnings,
-                      {"pass": report.to_json(), "modified": report.modified})
+    return StepResult("optimize", report.model, {"graph changed": report.modified, **report.summary},
+                      {"ops changed": report.rows}, report.warnings, {"pass": report.to_json()})
 
 
 def _fold_without_growth(model: ir.Model, attempts: int = 3) -> int:
