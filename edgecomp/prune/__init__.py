@@ -11,10 +11,18 @@ from typing import TYPE_CHECKING
 from edgecomp.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from edgecomp.prune.step import (UNSTRUCTURED_DATA, PruneResult, nothing_to_prune_message, prune_model,
-                                     prune_weights, run, step_result, verify_pruned)
+    from edgecomp.prune.step import (
+        UNSTRUCTURED_DATA,
+        PruneResult,
+        nothing_to_prune_message,
+        prune_model,
+        prune_weights,
+        run,
+        step_result,
+        verify_pruned,
+    )
 
-__all__ = ["PruneResult", "UNSTRUCTURED_DATA", "nothing_to_prune_message", "prune_model", "prune_weights", "run",
+__all__ = ["UNSTRUCTURED_DATA", "PruneResult", "nothing_to_prune_message", "prune_model", "prune_weights", "run",
            "step_result", "verify_pruned"]
 
 __getattr__, __dir__ = lazy_exports(__name__, {"step": __all__})

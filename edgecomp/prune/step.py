@@ -81,7 +81,7 @@ from edgecomp.prune.repair import bias_of, repair
 from edgecomp.prune.samples import feeds
 from edgecomp.step import StepContext, StepResult
 
-__all__ = ["PruneResult", "UNSTRUCTURED_DATA", "nothing_to_prune_message", "prune_model", "prune_weights", "run",
+__all__ = ["UNSTRUCTURED_DATA", "PruneResult", "nothing_to_prune_message", "prune_model", "prune_weights", "run",
            "step_result", "verify_pruned"]
 
 
