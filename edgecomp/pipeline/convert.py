@@ -267,16 +267,17 @@ def _run_reduce_embeddings(ctx: _Context, rec: StepRecord) -> None:
 
 
 def _run_validate(ctx: _Context, rec: StepRecord) -> None:
-    from edgecomp.measure.validate import validate_many
+    from edgecomp.measure.validate import run
 
     models = ctx.model_records()
-    results = validate_many(ctx.model_of(models[0]), [ctx.model_of(m) for m in models], ctx.data.need("eval", "validate"),
-                            ctx.data.labels, threads=ctx.threads, k=rec.options["k"])
-    for m, v in zip(models, results):
-        o = v.outputs[0]
-        m.cos_mean, m.cos_min, m.top1_agreement, m.knn_agreement = o.cosine_mean, o.cosine_min, o.top1_agreement, o.knn_agreement
-        m.accuracy = v.cand_accuracy
-    rec.summary = {"samples": results[0].samples, "models": len(models)}
+    res = run([ctx.model_of(m) for m in models], rec.options, ctx.data, ctx.step_context())
+    first = {}  # each model's first output: the numbers the step table and the gates read
+    for row in res.tables["fidelity"]:
+        first.setdefault(row["model"], row)
+    for m, row in zip(models, first.values()):
+        m.cos_mean, m.cos_min, m.top1_agreement = row["cosine mean"], row["cosine min"], row["top-1 agreement"]
+        m.knn_agreement, m.accuracy = row["kNN agreement"], row["accuracy"]
+    rec.summary, rec.tables, rec.evidence = res.summary, res.tables, res.evidence
     if ctx.target and ctx.target.emulate:  # the artifact's numerics on the target, beside the host's
         _validate_on_target(ctx, rec, models)
 
