@@ -368,6 +368,18 @@ def _write_json(path, obj) -> None:
         click.echo(f"wrote {path}")
 
 
+def _finish(result, output, json_path, titles=None, extra=None) -> None:
+    """The end of every command that writes a model: the result rendered (one renderer for every
+    capability's StepResult), ``wrote``, its warnings on stderr, --json, and its exit status."""
+    click.echo(rpt.render_step(result, titles))
+    click.echo(f"wrote {output}")
+    for line in result.warnings:
+        click.echo(f"warning: {line}", err=True)
+    _write_json(json_path, {**result.to_json(), **(extra or {})})
+    if result.exit_status:
+        raise click.exceptions.Exit(result.exit_status)
+
+
 # --- commands ---------------------------------------------------------------------------------
 
 @cli.command()
@@ -391,12 +403,13 @@ def export(spec, output, hf_path, **options):
     from edgecomp.export import run
 
     res = run(output, _values(EXPORT_OPTIONS, options), spec=spec, hf=hf_path)
-    if res.fallback_reason:
-        click.echo(f"note: fell back to the {res.exporter} exporter ({res.fallback_reason})")
-    what = f", task {res.task} (from {res.task_source})," if res.task else ""
-    click.echo(f"exported {res.path}{what} with the {res.exporter} exporter in {res.seconds:.1f}s; "
-               f"inputs {res.input_names}, outputs {res.output_names}; "
-               f"onnxruntime vs torch max abs diff {res.max_abs_diff:.2e}")
+    s, ev = res.summary, res.evidence
+    if s["fallback"]:
+        click.echo(f"note: fell back to the {s['exporter']} exporter ({s['fallback']})")
+    what = f", task {s['task']}," if s.get("task") else ""
+    click.echo(f"exported {ev['path']}{what} with the {s['exporter']} exporter in {ev['seconds']:.1f}s; "
+               f"inputs {ev['inputs']}, outputs {ev['outputs']}; "
+               f"onnxruntime vs torch max abs diff {s['max abs diff vs torch']:.2e}")
 
 
 @cli.command()
@@ -549,11 +562,7 @@ def optimize(model, output, fusions, fold_constants, values, json_path):
     spec = _specialize(m, values)
     result = run(m, {"fold_constants": fold_constants, "fusions": fusions})
     save_model(result.model, output, inputs=[model])
-    click.echo(rpt.render_pass(result))
-    click.echo(f"wrote {output}")
-    for line in result.warnings:
-        click.echo(f"warning: {line}", err=True)
-    _write_json(json_path, {**result.to_json(), "specialize": spec.to_json()} if spec else result.to_json())
+    _finish(result, output, json_path, extra={"specialize": spec.to_json()} if spec else None)
 
 
 def _remote_options(f):
@@ -819,16 +828,10 @@ def reduce_embeddings(model, output, text, tokenizer, keep_ids, add_tokens, json
                  keep_ids=read_ids(keep_ids) if keep_ids else None,
                  new_tokens=read_lines(add_tokens) if add_tokens else None)
     save_model(result.model, output, inputs=inputs)
-    for r in result.reports:
-        click.echo(rpt.render_pass(r))
-    click.echo(", ".join(f"{k}: {v}" for k, v in result.summary.items()))
-    if result.tokenizer_files:
-        write_tokenizer(result.tokenizer_files, tok_folder)
+    if result.files:
+        write_tokenizer(result.files, tok_folder)
         click.echo(f"wrote {tok_folder}/")
-    click.echo(f"wrote {output}")
-    for line in result.warnings:
-        click.echo(f"warning: {line}", err=True)
-    _write_json(json_path, {"summary": result.summary, "passes": [r.to_json() for r in result.reports]})
+    _finish(result, output, json_path)
 
 
 @cli.command()
@@ -873,7 +876,7 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
     from edgecomp.io import check_output_path, load_model, save_model
     from edgecomp.quantize import run
     from edgecomp.quantize.dynamic import quantize_dynamic_ort
-    from edgecomp.quantize.options import QuantizeOptions
+    from edgecomp.quantize.options import for_target
     from edgecomp.targets import get_profile
 
     check_output_path(output, [p for p in (model, calibration, eval_data, labels, targets_file) if p])
@@ -890,21 +893,13 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
         quantize_dynamic_ort(model, output, profile.isa if profile else None)
         click.echo(f"wrote {output} (onnxruntime quantize_dynamic, for comparison)")
         return
-    if profile and profile.ep:
-        if click.get_current_context().get_parameter_source("format").name != "DEFAULT" and \
-                values["format"] != profile.quant_format:
-            raise click.UsageError(f"--target {profile.name} runs on the {profile.ep} EP, which has no kernels for "
-                                   f"the {values['format']} form; drop --format (it follows the target: qdq)")
-        values["format"] = profile.quant_format
     from edgecomp.emulate.runner import target_runner
 
+    opts = for_target(values, profile, threads=threads, progress=True, table=table)  # the target's rules, first
     runner, note = target_runner(profile, target_samples)
     if note:
         click.echo(f"warning: {note}", err=True)
-    opts = QuantizeOptions(**fields_of(values), isa=profile.isa if profile else None,
-                           threads=threads or (profile.threads if profile else 1), progress=True,
-                           target_runner=runner, table=table, device=_device(profile))
-    opts.validate()
+    opts.target_runner, opts.device = runner, _device(profile)
     if opts.device is not None:  # an unreachable or unfit device is refused before any work
         click.echo(opts.device.probe().describe())
     m = load_model(model)
@@ -912,22 +907,9 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
     result = run(m, opts, data)
     save_model(result.model, output, inputs=[model])
     click.echo(rpt.host_line(profile))
-    click.echo(rpt.table(result.families, title=f"op families ({table.describe() if table else 'latency measured on this host'}):"))
-    cols = ["layer", "op", "family", "decision", "reason", "sensitivity", "smoothquant α", "bias corrected",
-            "act range", "sim error"]
-    click.echo(rpt.table([{c: r.get(c) for c in cols} for r in result.rows], title="layers:"))
-    if result.embeddings:
-        click.echo(rpt.table(result.embeddings, title="embedding tables:"))
-    click.echo(", ".join(f"{k}: {v}" for k, v in result.summary.items() if k != "cleanup"))
-    click.echo(f"wrote {output}")
-    for line in result.warnings:
-        click.echo(f"warning: {line}", err=True)
-    _write_json(json_path, {"summary": result.summary, "families": result.families, "layers": result.rows,
-                            "embeddings": result.embeddings, "specialize": spec.to_json() if spec else None})
-    if result.met_tolerance is False:
-        raise click.exceptions.Exit(3)
-    if result.forced_not_faster:  # forced families, the int8 model written is not faster than float here
-        raise click.exceptions.Exit(5)
+    where = table.describe() if table else "latency measured on this host"
+    _finish(result, output, json_path, titles={"op families": f"op families ({where})"},
+            extra={"specialize": spec.to_json() if spec else None})
 
 
 def _measured_table(targets_file, target, families):
@@ -991,38 +973,21 @@ def prune(model, output, calibration, eval_data, labels, values, threads, json_p
     from edgecomp.io import check_output_path, load_model, save_model
     from edgecomp.prune import run
     from edgecomp.prune.options import PruneOptions
+    from edgecomp.step import StepContext
 
     check_output_path(output, [p for p in (model, calibration, eval_data, labels) if p])
     opts = PruneOptions(**fields_of(_values(PRUNE_OPTIONS, options)), threads=threads or 1)
-    if calibration and not opts.structured:
-        raise click.UsageError("--unstructured ranks weights by magnitude alone; drop --data")
     if eval_data and opts.tolerance is None:
         raise click.UsageError("--eval is read by --tolerance X (the cut fitted to a loss); give both")
     m = load_model(model)
     spec = _specialize(m, values)
     try:
-        result = run(m, opts, StepData(calibration=calibration, eval=eval_data, labels=labels), progress=True)
+        result = run(m, opts, StepData(calibration=calibration, eval=eval_data, labels=labels),
+                     StepContext(threads=opts.threads, progress=True))
     except BelowFloor as e:
         raise click.ClickException(e.render(_PRUNE_REMEDIES)) from None
     save_model(result.model, output, inputs=[model])
-    s = result.summary
-    if opts.structured:
-        click.echo(rpt.table(result.groups, title="groups:"))
-        click.echo(rpt.table(result.layers, title="layers:"))
-        click.echo(", ".join(f"{k}: {v}" for k, v in s.items() if v is not None))
-    else:
-        click.echo(rpt.table(result.layers, title="layers:"))
-        click.echo(f"sparsity reached {s['sparsity reached']:.2%}; zipped weights "
-                   f"{rpt.fmt_bytes(s['zipped weights before'])} → {rpt.fmt_bytes(s['zipped weights after'])}")
-        click.echo(f"note: {s['note']}; fidelity: {s['fidelity']}")
-    click.echo(f"wrote {output}")
-    for line in result.warnings:
-        click.echo(f"warning: {line}", err=True)
-    _write_json(json_path, {"summary": result.summary, "groups": result.groups, "layers": result.layers,
-                            "fidelity": result.fidelity, "warnings": result.warnings, "degraded": result.degraded,
-                            "specialize": spec.to_json() if spec else None})
-    if result.met_tolerance is False or result.degraded:
-        raise click.exceptions.Exit(3)
+    _finish(result, output, json_path, extra={"specialize": spec.to_json() if spec else None})
 
 
 @cli.command()

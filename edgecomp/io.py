@@ -31,6 +31,7 @@ __all__ = [
     "save_model",
     "model_bytes",
     "external_data_files",
+    "saved_size_bytes",
     "session_bytes",
     "model_from_bytes",
     "to_proto",
@@ -151,6 +152,14 @@ def session_bytes(model: ir.Model, extra_outputs: Iterable[str] = ()) -> tuple[b
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
             present.add(name)
     return proto.SerializeToString(), {name: t.numpy() for name, t in big.items()}
+
+
+def saved_size_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of a model :func:`save_model` wrote (its ``<name>.data`` counted when there is
+    one), without parsing the file."""
+    p = Path(path)
+    data = p.parent / (p.name + ".data")
+    return p.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def model_size_bytes(path: str | os.PathLike) -> int:
@@ -371,16 +380,22 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 def verify_model_file(path: str | os.PathLike, what: str = "the model") -> None:
     """``onnx.checker`` and an onnxruntime CPU session on a written file, or InvalidModelError."""
+    _verify(str(path), str(path), what)
+
+
+def _verify(checked: str | onnx.ModelProto, loaded: str | bytes, what: str) -> None:
+    """``onnx.checker`` on ``checked`` (a path or a proto) and an onnxruntime CPU session on
+    ``loaded`` (a path or the serialized bytes), or InvalidModelError."""
     import onnxruntime as ort
 
     try:
-        onnx.checker.check_model(str(path))
+        onnx.checker.check_model(checked)
     except Exception as e:
         raise InvalidModelError(f"{what} fails onnx.checker ({first_line(e)}); nothing was written") from e
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
     try:
-        ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(loaded, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise InvalidModelError(f"onnxruntime cannot load {what} ({first_line(e)}); nothing was written") from e
 
@@ -388,15 +403,19 @@ def verify_model_file(path: str | os.PathLike, what: str = "the model") -> None:
 def save_model(model: ir.Model, path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Verify and write ``model`` atomically; weights over 2 GiB go to ``<name>.data`` beside it.
 
-    The staged file must pass :func:`verify_model_file` before it is renamed into place.
+    The model is verified once, as it is written: serialized in memory, checked (``onnx.checker``
+    and an onnxruntime session on those bytes), and the same bytes written and renamed into place,
+    so nothing is read back from disk. Past 2 GiB the staged files are verified before the rename.
     """
     out = check_output_path(path, inputs)
     what = f"the model for {out}"
     total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     if total < EXTERNAL_DATA_THRESHOLD:
+        proto = ir.to_proto(model)
+        data = proto.SerializeToString()
+        _verify(proto, data, what)
         with atomic_path(out, suffix=".onnx") as tmp:
-            ir.save(model, tmp)
-            verify_model_file(tmp, what)
+            Path(tmp).write_bytes(data)
         return out
     data_name = out.name + ".data"
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as d:

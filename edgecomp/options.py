@@ -151,8 +151,15 @@ def check_values(options: Sequence[Option], values: Mapping[str, Any]) -> None:
                 raise OptionError(opt.name, problem)
 
 
-def need_data(options: Sequence[Option], values: Mapping[str, Any], available: Mapping[str, Any]) -> None:
-    """Refuse option values that need data (``importance = obs`` needs calibration) not given."""
+def need_data(options: Sequence[Option], values: Mapping[str, Any], available: Mapping[str, Any],
+              always: Mapping[str, str] | None = None) -> None:
+    """Refuse a run whose data is missing: ``always`` (data key -> what reads it, the data a
+    capability reads whatever its options, e.g. quantize's calibration) first, then option values
+    that need data (``importance = obs`` needs calibration). The one statement of what a step
+    needs: the CLI's commands, ``convert`` (before any step runs) and each ``run`` call it."""
+    for key, what in (always or {}).items():
+        if not available.get(key):
+            raise DataNeeded(key, what)
     for opt in options:
         key = opt.data_needed(values.get(opt.name))
         if key and not available.get(key):

@@ -66,7 +66,7 @@ def reduce(src: Path, dst: Path, *args) -> dict:
 
 
 def table_bytes(report: dict) -> tuple[int, int]:
-    rows = [r for p in report["passes"] for r in p["rows"] if r.get("table") == TABLE and "bytes after" in r]
+    rows = [r for p in report["evidence"]["passes"] for r in p["rows"] if r.get("table") == TABLE and "bytes after" in r]
     return rows[-1]["bytes before"], rows[-1]["bytes after"]
 
 

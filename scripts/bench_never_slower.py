@@ -73,7 +73,7 @@ def quantize_runs(model: Path, calib: Path, folder: Path, runs: int, table: Path
         if res.returncode not in (0, 5):
             raise SystemExit(f"quantize failed: {res.stderr.strip()}")
         doc = json.loads(js.read_text())
-        chosen = [r["families"] for r in doc["families"] if r.get("decision") == "chosen"]
+        chosen = [r["families"] for r in doc["tables"]["op families"] if r.get("decision") == "chosen"]
         s = doc["summary"]
         rows.append({"evidence": tag, "run": i, "exit": res.returncode, "families chosen": ",".join(chosen) or "none (float)",
                      "layers int8": s["layers int8"], "quantize's whole-model check": s.get("latency vs float (this host)", "—"),

@@ -61,7 +61,7 @@ def one(name: str, path: Path, data: Path, structured: bool, sparsity: float) ->
                   StepData())
     except EdgecompError as e:
         return {**row, "synthetic": f"refused: {str(e)[:60]}"}
-    syn, real = res.fidelity, real_fidelity(load_model(path), res.model, data)
+    syn, real = res.evidence["fidelity"], real_fidelity(load_model(path), res.model, data)
     row.update({"syn cos": syn["cosine"], "syn top-1": syn["top-1 agreement"], "synthetic": verdict(syn),
                 "real cos": real["cosine"], "real top-1": real["top-1 agreement"], "real": verdict(real),
                 "real samples": real["samples"]})

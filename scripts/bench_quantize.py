@@ -149,7 +149,7 @@ def bench_minilm(work: Path, runs: int) -> tuple[str, dict]:
     shapes = _other_shapes(variants, seq_feeds, runs)
     profile = _op_profile([fp32, work / "edgecomp.onnx"], ["fp32", "edgecomp int8 (default)"], latency_feed)
     fams = "; ".join(f"{r['families']}: {r.get('latency ratio int8/float', 0):.3f} {r.get('95% interval', '')}"
-                     f"{' (chosen)' if r.get('decision') == 'chosen' else ''}" for r in host["families"])
+                     f"{' (chosen)' if r.get('decision') == 'chosen' else ''}" for r in host["tables"]["op families"])
     extra = {"edgecomp calibration": f"{len(calib_feeds)} samples, {host['summary']['seconds']} s in the pass, "
                                      f"{host['wall s']:.0f} s wall, peak RSS of the whole command {peak_mb:.0f} MB"
                                      f" (before: {before / 1024:.0f} MB)",
@@ -171,14 +171,14 @@ def bench_minilm(work: Path, runs: int) -> tuple[str, dict]:
 
 
 def _attention_int8(report: dict) -> str:
-    rows = [r for r in report["layers"] if r.get("family") == "attention"]
+    rows = [r for r in report["tables"]["layers"] if r.get("family") == "attention"]
     gated = sum(str(r.get("reason", "")).startswith("simulated int8 error") for r in rows)
     return (f"{sum(r['decision'] == 'int8' for r in rows)} of {len(rows)} int8"
             + (f" ({gated} kept float: simulated error above the worst weight layer's)" if gated else ""))
 
 
 def _chosen(report: dict) -> str:
-    chosen = [r["families"] for r in report["families"] if r.get("decision") in ("chosen", "int8")]
+    chosen = [r["families"] for r in report["tables"]["op families"] if r.get("decision") in ("chosen", "int8")]
     return chosen[0] if chosen else "none (all float)"
 
 
@@ -253,7 +253,7 @@ def bench_digits(work: Path, runs: int) -> tuple[str, dict]:
         row["latency vs fp32"] = st["ratio_to_first"]
         row["p50 ms"] = st["p50_ms"]
         row["top-1 vs fp32 (points)"] = (row["top-1"] - rows[0]["top-1"]) * 100
-    fams = "; ".join(f"{r['families']}: {r.get('latency ratio int8/float', 0):.3f}" for r in rep["families"])
+    fams = "; ".join(f"{r['families']}: {r.get('latency ratio int8/float', 0):.3f}" for r in rep["tables"]["op families"])
     table = md_table(rows, ["variant", "size MB", "latency vs fp32", "p50 ms", "top-1", "top-1 vs fp32 (points)"])
     return table, {"edgecomp op-family timings (int8/float)": fams}
 

@@ -140,7 +140,7 @@ def bench_file(src: Path, out: Path, calib: np.ndarray, audio: np.ndarray, round
         if o.returncode != 0:
             o_path = None
     report = json.loads((out / f"{name}.json").read_text())
-    layers = report["layers"]
+    layers = report["tables"]["layers"]
     p32, feeds = stream(src, audio, with_sr)
     p8, _ = stream(q_path, audio, with_sr)
     d = np.abs(p8 - p32)

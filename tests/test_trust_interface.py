@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -124,15 +123,15 @@ def test_a_cleanup_that_trusts_the_declaration_is_refused(crnn, tmp_path, monkey
 def test_convert_steps_keep_the_runtime_shape(crnn, tmp_path, monkeypatch):
     """optimize, prune and quantize as recipe steps (export replaced by a copy of the ONNX file)."""
     import edgecomp.export
-    from edgecomp.export import ExportResult
+    from edgecomp.export import ExportResult, step_result
+    from edgecomp.io import load_model
     from edgecomp.pipeline.convert import Source, convert
     from edgecomp.pipeline.recipe import parse_recipe
 
     model, calib, x = crnn
 
-    def copy_export(out, values, *, spec=None, hf=None):
-        shutil.copyfile(model, out)
-        return ExportResult(Path(out), "copy", None, ["x"], [CRNN_OUT], 0.0, 0.0)
+    def copy_export(out, values, *, spec=None, hf=None):  # convert exports in memory (out None) and saves
+        return step_result(ExportResult(None, "copy", None, ["x"], [CRNN_OUT], 0.0, 0.0, model=load_model(model)))
 
     monkeypatch.setattr(edgecomp.export, "run", copy_export)
     recipe = parse_recipe({"steps": [{"step": "export"}, {"step": "optimize"},

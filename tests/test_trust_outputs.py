@@ -286,13 +286,12 @@ def test_bad_values_get_one_line_before_any_work(tmp_path, mlp, args):
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
 def test_os_errors_while_writing_are_one_line_and_leave_no_temp_file(tmp_path, mlp, monkeypatch, code):
-    import onnx_ir as ir
-
-    def failing_save(model, path, **kw):
-        Path(path).write_bytes(b"partial")
+    def failing_write(path, data):  # save_model writes the verified bytes with Path.write_bytes
+        with open(path, "wb") as f:
+            f.write(b"partial")
         raise OSError(code, os.strerror(code), str(path))
 
-    monkeypatch.setattr(ir, "save", failing_save)
+    monkeypatch.setattr(Path, "write_bytes", failing_write)
     msg = one_line_error(invoke("optimize", mlp, "-o", tmp_path / "o.onnx"))
     assert os.strerror(code) in msg
     assert not (tmp_path / "o.onnx").exists() and leftovers(tmp_path) == []

@@ -37,7 +37,7 @@ __all__ = ["ExportResult", "export_model", "export_spec", "check_parity", "plan_
 
 @dataclasses.dataclass
 class ExportResult:
-    path: Path
+    path: Path | None  # None: exported in memory only (``out`` not given)
     exporter: str
     fallback_reason: str | None
     input_names: list[str]
@@ -46,6 +46,7 @@ class ExportResult:
     seconds: float
     task: str | None = None  # for --hf: the task exported (see HF_TASKS)
     task_source: str | None = None  # where the task came from: "architectures X", "model_type y" or "--task"
+    model: ir.Model | None = None  # the exported model, checked against torch
 
 
 def _normalize_example(module: Any, example: Any, input_shapes: Mapping[str, tuple]) -> tuple[list[str], tuple]:
@@ -188,7 +189,7 @@ def _torch_outputs(module, args, names: Sequence[str] = (), label: str = "the mo
     return [o.detach().cpu().numpy() for o in out]
 
 
-def export_model(module: Any, example: Any, out: str | os.PathLike, *,
+def export_model(module: Any, example: Any, out: str | os.PathLike | None, *,
                  input_shapes: Mapping[str, tuple] | None = None,
                  dynamic: Mapping[str, Mapping[int, str]] | None = None,
                  opset: int = DEFAULT_OPSET, exporter: str = "auto",
@@ -208,7 +209,8 @@ def export_model(module: Any, example: Any, out: str | os.PathLike, *,
         raise ExportError(f"unknown exporter {exporter!r}; use auto, dynamo or torchscript")
     order = {"auto": tuple(auto_order), "dynamo": ("dynamo",), "torchscript": ("torchscript",)}[exporter]
     plan = plan_exporters(opset, exporter, order)  # before any export work
-    check_output_path(out, protect)  # before minutes of export, not after
+    if out is not None:
+        check_output_path(out, protect)  # before minutes of export, not after
     t0 = time.perf_counter()
     label = source or f"the {type(module).__name__} model"
     module = module.eval()
@@ -241,9 +243,9 @@ def export_model(module: Any, example: Any, out: str | os.PathLike, *,
         raise ExportError("export failed with " + "; ".join(reasons))
     diff = check_parity(model, names, args, ref, atol, rtol)
     model.metadata_props.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    path = save_model(model, out, inputs=protect)
-    return ExportResult(Path(path), used, "; ".join(reasons) or None, list(names), out_names, diff,
-                        time.perf_counter() - t0)
+    path = save_model(model, out, inputs=protect) if out is not None else None
+    return ExportResult(Path(path) if path else None, used, "; ".join(reasons) or None, list(names), out_names, diff,
+                        time.perf_counter() - t0, model=model)
 
 
 def check_parity(model: ir.Model, names, args, ref: list[np.ndarray], atol: float, rtol: float) -> float:
@@ -262,7 +264,7 @@ def check_parity(model: ir.Model, names, args, ref: list[np.ndarray], atol: floa
     return worst
 
 
-def export_spec(spec: str, out: str | os.PathLike, **kwargs: Any) -> ExportResult:
+def export_spec(spec: str, out: str | os.PathLike | None, **kwargs: Any) -> ExportResult:
     """Export the model a SPEC names."""
     require_torch("export")
     target = spec.rpartition(":")[0]
@@ -271,7 +273,8 @@ def export_spec(spec: str, out: str | os.PathLike, **kwargs: Any) -> ExportResul
     exporter = kwargs.get("exporter", "auto")
     if exporter in ("auto", "dynamo", "torchscript"):  # refuse the opset before importing anything
         plan_exporters(kwargs.get("opset", DEFAULT_OPSET), exporter, ("dynamo", "torchscript"))
-    check_output_path(out, kwargs.get("protect", ()))
+    if out is not None:
+        check_output_path(out, kwargs.get("protect", ()))
     module, example = call_factory(load_spec(spec), spec)
     kwargs.setdefault("source", spec)
     return export_model(module, example, out, **kwargs)

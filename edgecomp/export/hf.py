@@ -459,7 +459,7 @@ def hf_encoder(path: str | os.PathLike, output: str = "embeddings", seq_len: int
     return m.module, m.example
 
 
-def export_hf(path: str | os.PathLike, out: str | os.PathLike, *, output: str = "embeddings", task: str | None = None,
+def export_hf(path: str | os.PathLike, out: str | os.PathLike | None, *, output: str = "embeddings", task: str | None = None,
               dynamic: Mapping[str, Mapping[int, str]] | None = None, protect: Sequence[str | os.PathLike] = (),
               **kwargs: Any) -> ExportResult:
     """Export a local Hugging Face folder by its task (:func:`hf_model`), checked in onnxruntime.
@@ -472,7 +472,8 @@ def export_hf(path: str | os.PathLike, out: str | os.PathLike, *, output: str = 
     if exporter in ("auto", "dynamo", "torchscript"):  # refuse the opset before loading anything
         plan_exporters(kwargs.get("opset", DEFAULT_OPSET), exporter, HF_AUTO_ORDER)
     protect = [path, *protect]
-    check_output_path(out, protect)
+    if out is not None:
+        check_output_path(out, protect)
     hf = hf_model(path, output, task)
     axes = {k: dict(v) for k, v in (dynamic or {}).items()}
     for name, ax in hf.dynamic.items():

@@ -13,7 +13,10 @@ from typing import Any
 from edgecomp.distill.options import TRAINING_OPTIONS
 from edgecomp.options import Option, check_values, regexes
 
-__all__ = ["OPTIONS", "FinetuneOptions", "check_options"]
+__all__ = ["OPTIONS", "DATA_NEEDED", "FinetuneOptions", "check_options"]
+
+#: The data finetune reads whatever its options (key -> what reads it).
+DATA_NEEDED = {"calibration": "finetune", "train_labels": "finetune"}
 
 def _head(v: Any) -> str | None:
     if isinstance(v, str) and v != "auto" and not v.isdigit():

@@ -19,8 +19,10 @@ from edgecomp.data import Dataset, Feed, feed_defaults, image_size_hint, input_s
 from edgecomp.errors import DataError, OptionError
 from edgecomp.io import load_model, model_bytes, model_size_bytes
 from edgecomp.runtime import make_session, run_feed, with_input_floats
+from edgecomp.step import StepResult
 
-__all__ = ["compare_latency", "estimates_from_rounds", "RatioEstimate", "LatencyStats", "BenchResult", "benchmark", "pin_cpus", "parse_cpus", "first_feed"]
+__all__ = ["compare_latency", "estimates_from_rounds", "RatioEstimate", "LatencyStats", "BenchResult", "benchmark", "pin_cpus",
+           "parse_cpus", "first_feed", "run"]
 
 
 @dataclasses.dataclass
@@ -231,3 +233,20 @@ def first_feed(data: str | os.PathLike, model: ir.Model | str | os.PathLike | No
     specs = input_specs(model if isinstance(model, ir.Model) else load_model(model))
     ds.check_against(specs)
     return next(ds.feeds_for(specs))
+
+
+def run(models: Sequence[str | os.PathLike | ir.Model], options: Mapping[str, object], data=None,
+        context=None) -> StepResult:
+    """bench as a step, in the shape every capability returns: every model (files or in-memory
+    ``ir.Model``) timed interleaved on one feed (the first sample of ``data.eval`` or
+    ``data.calibration``, else synthesized), ratios to the first; the table ``latency`` has one
+    row per model; nothing is written (``model`` is None). Threads: the option, else the context's."""
+    source = (data.eval or data.calibration) if data is not None else None
+    feed = first_feed(source, models[0]) if source else None
+    threads = options.get("threads") or getattr(context, "threads", None) or 1
+    labels = [str(m) if isinstance(m, (str, os.PathLike)) else f"model {i}" for i, m in enumerate(models)]
+    res = benchmark(list(models), threads=threads, warmup=options["warmup"], runs=options["runs"], feed=feed,
+                    labels=labels)
+    summary = {"threads": res.threads, "runs": res.runs, "feed": res.feed_shapes,
+               "sizes assumed": ", ".join(res.feed_defaults) or None}
+    return StepResult("bench", None, summary, {"latency": [dataclasses.asdict(s) for s in res.models]})

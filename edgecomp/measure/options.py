@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from edgecomp.options import Option, in_range
 
-__all__ = ["VALIDATE_OPTIONS", "BENCH_OPTIONS"]
+__all__ = ["VALIDATE_OPTIONS", "VALIDATE_DATA_NEEDED", "BENCH_OPTIONS"]
 
 VALIDATE_OPTIONS = (
     Option("k", int, 10, "neighbours for the k-NN agreement of embeddings", check=in_range(1)),
 )
+
+#: The data validation reads whatever its options (key -> what reads it).
+VALIDATE_DATA_NEEDED = {"eval": "validate"}
 
 BENCH_OPTIONS = (
     Option("threads", int, None, "onnxruntime intra-op threads (inter-op is 1); default: the target profile's, else 1",

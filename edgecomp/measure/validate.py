@@ -25,8 +25,9 @@ from edgecomp.io import load_model
 from edgecomp.measure.interface import shape_difference
 from edgecomp.passes.float_precision import refuse_unrunnable_floats
 from edgecomp.runtime import make_session, run_feed, with_input_floats
+from edgecomp.step import StepResult
 
-__all__ = ["OutputFidelity", "ValidationResult", "validate", "validate_many", "compare_outputs", "knn_agreement", "cosine_rows",
+__all__ = ["OutputFidelity", "ValidationResult", "run", "validate", "validate_many", "compare_outputs", "knn_agreement", "cosine_rows",
            "output_kind", "FEATURE_NAME_PARTS", "batch_of"]
 
 #: Output names containing one of these (case-insensitive) are features, never logits: ViT's
@@ -234,3 +235,24 @@ def _accuracy(logits: list[np.ndarray], y: np.ndarray) -> float:
     if pred.shape[0] != y.shape[0]:
         raise DataError(f"the first output gives {pred.shape[0]} predictions for {y.shape[0]} labels")
     return float(np.mean(pred == y))
+
+
+def run(models: Sequence[str | os.PathLike | ir.Model], options: Mapping[str, object], data,
+        context=None) -> StepResult:
+    """validate as a step, in the shape every capability returns: ``models[0]`` is the reference
+    and every model (itself included, a check of the data) is compared with it on ``data.eval``
+    (with ``data.labels``, task accuracy too). Models are files or in-memory ``ir.Model``; the
+    table ``fidelity`` has one row per model and output; nothing is written (``model`` is None)."""
+    from edgecomp.measure.options import VALIDATE_DATA_NEEDED, VALIDATE_OPTIONS
+    from edgecomp.options import need_data
+
+    need_data(VALIDATE_OPTIONS, options, data.available(), VALIDATE_DATA_NEEDED)
+    threads = getattr(context, "threads", None) or 1
+    results = validate_many(models[0], list(models), data.eval, data.labels, threads=threads, k=options["k"])
+    rows = [{"model": _label(m, f"model {i}"), "output": o.name, "cosine mean": o.cosine_mean,
+             "cosine min": o.cosine_min, "max abs err": o.max_abs_err, "top-1 agreement": o.top1_agreement,
+             "kNN agreement": o.knn_agreement, "accuracy": r.cand_accuracy}
+            for i, (m, r) in enumerate(zip(models, results)) for o in r.outputs]
+    summary = {"samples": results[0].samples, "models": len(models), "reference accuracy": results[0].ref_accuracy}
+    return StepResult("validate", None, summary, {"fidelity": rows},
+                      evidence={"results": [dataclasses.asdict(r) for r in results]})

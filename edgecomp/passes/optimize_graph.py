@@ -54,6 +54,7 @@ from edgecomp.options import Option
 from edgecomp.measure.interface import keeps_interface
 from edgecomp.passes.base import EdgecompPass, PassReport, run_pass
 from edgecomp.passes.upgrade_opset import drop_unsupported_defaults, new_violations, opset_violations
+from edgecomp.step import StepResult
 
 __all__ = ["GROW_LIMIT", "OPTIONS", "OptimizeGraphPass", "run"]
 
@@ -123,11 +124,14 @@ class OptimizeGraphPass(EdgecompPass):
 
 
 @keeps_interface("optimize")
-def run(model: ir.Model, options: Mapping[str, Any], data: Any = None) -> PassReport:
+def run(model: ir.Model, options: Mapping[str, Any], data: Any = None, context: Any = None) -> StepResult:
     """What ``edgecomp optimize`` and a recipe's optimize step call: :class:`OptimizeGraphPass`
     with ``options`` (its constructor's keywords), the result checked against ``model`` as given
-    (:func:`edgecomp.measure.interface.keeps_interface`; ``data`` is unused: synthesized feeds)."""
-    return run_pass(OptimizeGraphPass(**options), model)
+    (:func:`edgecomp.measure.interface.keeps_interface`; ``data`` is unused: synthesized feeds).
+    The table ``ops changed`` counts each op type before and after; the pass's record is the evidence."""
+    report = run_pass(OptimizeGraphPass(**options), model)
+    return StepResult("optimize", report.model, {"graph changed": report.modified, **report.summary},
+                      {"ops changed": report.rows}, report.warnings, {"pass": report.to_json()})
 
 
 def _fold_without_growth(model: ir.Model, attempts: int = 3) -> int:

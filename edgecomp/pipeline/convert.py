@@ -7,6 +7,14 @@ checked last. The folder is built under a temporary name and renamed into place 
 so an interrupted run never leaves a half-written OUTDIR (and an existing one is replaced only
 with ``overwrite``).
 
+Models stay in memory from step to step: export hands its model over in memory, each step's
+model is written once (verified as it is written, :func:`edgecomp.io.save_model`) and never read
+back; validate, bench and the report's sizes and MACs use the models in memory. Only a model a
+step writes itself (distill) is read, once. Every capability returns a
+:class:`~edgecomp.step.StepResult`, recorded the same way for each (:func:`_record`); a quantize
+step right after an optimize step with folding on does not clean the graph up again
+(:class:`~edgecomp.step.StepContext` ``done``).
+
 A step's result that misses its quality bar follows the rule of its command: a prune step below
 the fidelity floor (0.95 on held-out calibration samples, else on synthesized inputs) stops the run
 with one line unless it sets ``allow_degraded = true``; a step written below its floor or
@@ -29,9 +37,10 @@ from typing import Any, Callable, Sequence
 
 from edgecomp.data import StepData
 from edgecomp.errors import BelowFloor, ConfigError, DataError, DataNeeded, EdgecompError, OptionError
-from edgecomp.io import check_output_dir, copy_file, model_size_bytes, replace_dir, work_dir
+from edgecomp.io import check_output_dir, copy_file, replace_dir, saved_size_bytes, work_dir
 from edgecomp.options import fields_of, need_data
-from edgecomp.pipeline.recipe import STEP_OPTIONS, Recipe
+from edgecomp.pipeline.recipe import STEP_DATA_NEEDED, STEP_OPTIONS, Recipe
+from edgecomp.step import StepContext, StepResult
 from edgecomp.targets import TargetProfile, host_isa
 
 __all__ = ["Source", "StepRecord", "ConvertResult", "convert", "STEP_RUNNERS"]
@@ -73,6 +82,7 @@ class StepRecord:
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
     tables: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    evidence: dict[str, Any] = dataclasses.field(default_factory=dict)  # StepResult.evidence
     degraded: bool = False  # its model misses its floor or tolerance (written because the recipe allows it)
     not_faster: bool = False  # quantize with forced families: int8 written, not faster than its input here
 
@@ -102,8 +112,9 @@ class ConvertResult:
 
 
 class _Context:
-    """What steps share: the folder, data, target, and the models produced so far (the latest one
-    also in memory, so the next step does not read back the file just written)."""
+    """What steps share: the folder, data, target, and the models produced so far, kept in memory
+    as they were saved (validate and bench measure those; a file is read only when a step wrote it
+    itself, distill, and then once)."""
 
     def __init__(self, source: Source, outdir: Path, data: StepData, target: TargetProfile | None, progress: bool):
         self.source, self.outdir, self.data, self.target, self.progress = source, outdir, data, target, progress
@@ -111,6 +122,11 @@ class _Context:
         self.table: Any = None  # the target's measured table (edgecomp.quantize.measured), for quantize steps
         self.current: Path | None = None
         self._model: Any = None  # ir.Model of self.current
+        self.done: dict[str, dict[str, Any]] = {}  # passes that ran on the latest model (StepContext.done)
+        self.models: dict[int, Any] = {}  # step index -> the ir.Model saved as that step's file
+
+    def step_context(self) -> StepContext:
+        return StepContext(threads=self.threads, progress=self.progress, target=self.target, done=dict(self.done))
 
     def latest_model(self):
         """The latest model (read from its file once); steps change :meth:`latest` instead."""
@@ -118,11 +134,20 @@ class _Context:
 
         if self._model is None:
             self._model = load_model(self.current)
+            self.models[self.records[-1].index] = self._model
         return self._model
+
+    def model_of(self, rec: StepRecord):
+        """The model of a step's file, as saved (in memory)."""
+        return self.models[rec.index]
 
     def latest(self):
         """A copy of the latest model, for a step to change."""
         return self.latest_model().clone()
+
+    def use(self, model) -> None:
+        """Later steps start from ``model`` (changed in memory after the latest step's file was saved)."""
+        self._model = model
 
     def forget(self) -> None:
         """The latest model was written by a step itself (export, distill): read it when needed."""
@@ -134,7 +159,8 @@ class _Context:
 
         save_model(model, self.out_path(rec))
         rec.model = str(self.out_path(rec))
-        self._model = model
+        self._model = self.models[rec.index] = model
+        self.done = {}  # a new model: what ran on the previous one does not carry over
 
     def model_records(self) -> list[StepRecord]:
         return [r for r in self.records if r.model]
@@ -150,13 +176,7 @@ class _Context:
 def _run_export(ctx: _Context, rec: StepRecord) -> None:
     from edgecomp.export import run
 
-    out = ctx.out_path(rec)
-    res = run(out, rec.options, spec=ctx.source.spec, hf=ctx.source.hf)
-    rec.model = str(out)
-    ctx.forget()
-    rec.summary = {"exporter": res.exporter, "fallback": res.fallback_reason, "max abs diff vs torch": res.max_abs_diff}
-    if res.task:
-        rec.summary["task"] = f"{res.task} (from {res.task_source})"
+    _record(ctx, rec, run(None, rec.options, spec=ctx.source.spec, hf=ctx.source.hf))  # in memory; saved here
 
 
 def _specialize(ctx: _Context, rec: StepRecord, values: dict[str, Any]) -> None:
@@ -165,43 +185,44 @@ def _specialize(ctx: _Context, rec: StepRecord, values: dict[str, Any]) -> None:
     from edgecomp.passes.base import run_pass
     from edgecomp.passes.specialize_inputs import SpecializeInputsPass
 
-    res = run_pass(SpecializeInputsPass(values=values), ctx.latest_model())
+    model = ctx.latest()  # the export's own model stays the fp32 baseline (ctx.models)
+    res = run_pass(SpecializeInputsPass(values=values), model)
+    ctx.use(model)
     rec.summary["specialized"] = res.summary
     rec.tables["specialized Ifs"] = res.rows
+
+
+def _record(ctx: _Context, rec: StepRecord, res: StepResult) -> None:
+    """A capability's StepResult into the step's record (the same for every capability): its
+    model saved and kept in memory, summary, tables, warnings, evidence and status."""
+    ctx.save(rec, res.model)
+    rec.summary, rec.tables, rec.evidence = res.summary, res.tables, res.evidence
+    rec.warnings = [*rec.warnings, *res.warnings]
+    rec.degraded, rec.not_faster = res.status == "degraded", res.status == "not faster"
 
 
 def _run_optimize(ctx: _Context, rec: StepRecord) -> None:
     from edgecomp.passes.optimize_graph import run
 
-    res = run(ctx.latest(), rec.options, ctx.data)
-    ctx.save(rec, res.model)
-    rec.summary, rec.tables = res.summary, {"ops changed": res.rows}
+    _record(ctx, rec, run(ctx.latest(), rec.options, ctx.data, ctx.step_context()))
+    ctx.done = {"optimize": {"fold_constants": rec.options["fold_constants"]}}  # until a later step changes it
 
 
 def _run_quantize(ctx: _Context, rec: StepRecord) -> None:
-    from edgecomp.quantize import run
-    from edgecomp.quantize.options import QuantizeOptions
-
-    values = dict(rec.options)
-    if ctx.target and ctx.target.ep:  # a mobile EP runs the QDQ form only
-        values["format"] = ctx.target.quant_format
     from edgecomp.emulate.runner import target_runner
+    from edgecomp.quantize import run
+    from edgecomp.quantize.options import for_target
 
     from edgecomp.remote import profile_device
 
-    runner, note = target_runner(ctx.target)
+    opts = for_target(rec.options, ctx.target, threads=ctx.threads, progress=ctx.progress)  # the target's rules
+    opts.target_runner, note = target_runner(ctx.target)
     # families auto decides from the target's measured table when there is one (as quantize --target
     # does), and the written model is timed against its input on the target's device when it has one
-    opts = QuantizeOptions(**fields_of(values), isa=ctx.target.isa if ctx.target else None,
-                           threads=ctx.threads, progress=ctx.progress, target_runner=runner,
-                           table=ctx.table if values.get("families", "auto") == "auto" else None,
-                           device=profile_device(ctx.target))
-    res = run(ctx.latest(), opts, ctx.data)
-    ctx.save(rec, res.model)
-    rec.summary, rec.degraded = res.summary, res.met_tolerance is False
-    rec.not_faster = res.forced_not_faster
-    rec.warnings = [note, *res.warnings] if note else res.warnings
-    rec.tables = {"layers": res.rows, "op families": res.families, "embedding tables": res.embeddings}
+    opts.table = ctx.table if rec.options.get("families", "auto") == "auto" else None
+    opts.device = profile_device(ctx.target)
+    rec.warnings = [note] if note else []
+    _record(ctx, rec, run(ctx.latest(), opts, ctx.data, ctx.step_context()))
 
 
 def _run_prune(ctx: _Context, rec: StepRecord) -> None:
@@ -209,13 +230,7 @@ def _run_prune(ctx: _Context, rec: StepRecord) -> None:
     from edgecomp.prune.options import PruneOptions
 
     opts = PruneOptions(**fields_of(rec.options), threads=ctx.threads)
-    data = ctx.data if opts.structured else StepData()  # magnitude pruning reads no data
-    res = run(ctx.latest(), opts, data, progress=ctx.progress)
-    ctx.save(rec, res.model)
-    rec.summary, rec.warnings = res.summary, res.warnings
-    rec.degraded = res.degraded or res.met_tolerance is False
-    rec.tables = ({"pruned groups": res.groups, "pruned layers": res.layers} if opts.structured
-                  else {"sparsified layers": res.layers})
+    _record(ctx, rec, run(ctx.latest(), opts, ctx.data, ctx.step_context()))
 
 
 def _run_distill(ctx: _Context, rec: StepRecord) -> None:
@@ -277,23 +292,21 @@ def _run_reduce_embeddings(ctx: _Context, rec: StepRecord) -> None:
     data = dataclasses.replace(ctx.data, tokenizer=ctx.data.tokenizer or ctx.source.hf)
     if not data.tokenizer:
         data = dataclasses.replace(data, text=None)  # without a tokenizer the corpus cannot be read
-    res = run(ctx.latest(), ReduceOptions(**fields_of(rec.options)), data)
-    ctx.save(rec, res.model)
-    rec.summary = res.summary
-    rec.tables = {r.name: r.rows for r in res.reports if r.rows}
+    _record(ctx, rec, run(ctx.latest(), ReduceOptions(**fields_of(rec.options)), data, ctx.step_context()))
 
 
 def _run_validate(ctx: _Context, rec: StepRecord) -> None:
-    from edgecomp.measure.validate import validate_many
+    from edgecomp.measure.validate import run
 
     models = _task_models(ctx)
-    results = validate_many(models[0].model, [m.model for m in models], ctx.data.need("eval", "validate"),
-                            ctx.data.labels, threads=ctx.threads, k=rec.options["k"])
-    for m, v in zip(models, results):
-        o = v.outputs[0]
-        m.cos_mean, m.cos_min, m.top1_agreement, m.knn_agreement = o.cosine_mean, o.cosine_min, o.top1_agreement, o.knn_agreement
-        m.accuracy = v.cand_accuracy
-    rec.summary = {"samples": results[0].samples, "models": len(models)}
+    res = run([ctx.model_of(m) for m in models], rec.options, ctx.data, ctx.step_context())
+    first = {}  # each model's first output: the numbers the step table and the gates read
+    for row in res.tables["fidelity"]:
+        first.setdefault(row["model"], row)
+    for m, row in zip(models, first.values()):
+        m.cos_mean, m.cos_min, m.top1_agreement = row["cosine mean"], row["cosine min"], row["top-1 agreement"]
+        m.knn_agreement, m.accuracy = row["kNN agreement"], row["accuracy"]
+    rec.summary, rec.tables, rec.evidence = res.summary, res.tables, res.evidence
     if ctx.target and ctx.target.emulate:  # the artifact's numerics on the target, beside the host's
         _validate_on_target(ctx, rec, models)
 
@@ -320,7 +333,7 @@ def _run_bench(ctx: _Context, rec: StepRecord) -> None:
 
     models = ctx.model_records()
     feed_src = ctx.data.eval or ctx.data.calibration
-    feed = first_feed(feed_src, models[0].model) if feed_src else None
+    feed = first_feed(feed_src, ctx.model_of(models[0])) if feed_src else None
     threads = rec.options["threads"] or ctx.threads
     labels = [f"{m.index:02d}-{m.step}" for m in models]
     where = {}
@@ -333,22 +346,22 @@ def _run_bench(ctx: _Context, rec: StepRecord) -> None:
         res = bench_on_device(device, [m.model for m in models], threads=threads, warmup=rec.options["warmup"],
                               runs=rec.options["runs"], feed=feed, labels=labels)
     else:
-        res = benchmark([m.model for m in models], threads=threads, warmup=rec.options["warmup"],
+        res = benchmark([ctx.model_of(m) for m in models], threads=threads, warmup=rec.options["warmup"],
                         runs=rec.options["runs"], feed=feed, labels=labels)
     for m, st in zip(models, res.models):
         m.latency_ratio, m.p50_ms = st.ratio_to_first, st.p50_ms
     rec.summary = {"threads": threads, "runs": rec.options["runs"], "feed": res.feed_shapes, **where}
     if rec.options["profile"] and not where:  # the profiler runs on this host only
-        _profile_ends(models, rec, threads, feed)
+        _profile_ends(ctx, models, rec, threads, feed)
 
 
-def _profile_ends(models: list[StepRecord], rec: StepRecord, threads: int, feed) -> None:
+def _profile_ends(ctx: _Context, models: list[StepRecord], rec: StepRecord, threads: int, feed) -> None:
     """Where the time goes in the input and the final model (onnxruntime's profiler, separate runs)."""
     from edgecomp.measure.profile import PROFILE_NOTE, profile_models, side_by_side_rows
     from edgecomp.render.html import PROFILE_TABLE
 
     ends = [models[0], models[-1]] if len(models) > 1 else models[:1]
-    profiles = profile_models([m.model for m in ends], threads=threads, warmup=rec.options["warmup"],
+    profiles = profile_models([ctx.model_of(m) for m in ends], threads=threads, warmup=rec.options["warmup"],
                               runs=rec.options["runs"], feed=feed, labels=[f"{m.index:02d}-{m.step}" for m in ends])
     rec.tables = {**(rec.tables or {}), PROFILE_TABLE: side_by_side_rows(profiles)}
     rec.summary["profile"] = PROFILE_NOTE
@@ -367,7 +380,7 @@ def _measure(rec: StepRecord, model, shapes_from: str | None) -> None:
     from edgecomp.measure.bench import first_feed
     from edgecomp.measure.inspect import summarize
 
-    rec.size_bytes = model_size_bytes(rec.model)
+    rec.size_bytes = saved_size_bytes(rec.model)
     try:
         shapes = {k: v.shape for k, v in first_feed(shapes_from, model).items()} if shapes_from else None
         s = summarize(model, shapes)
@@ -376,12 +389,10 @@ def _measure(rec: StepRecord, model, shapes_from: str | None) -> None:
         rec.macs = None
 
 
-#: Data a step always reads; what its option values need is declared with the options.
-_STEP_NEEDS = {"quantize": ("calibration", "static quantization"), "validate": ("eval", "validate")}
-
-
-def _check_steps(recipe: Recipe, data: StepData, source: Source) -> None:
-    """Refuse, before anything runs, a recipe whose steps miss the data they need."""
+def _check_steps(recipe: Recipe, data: StepData, source: Source, target: TargetProfile | None = None) -> None:
+    """Refuse, before anything runs, a recipe whose steps miss the data they need (the capabilities'
+    own declarations: :data:`STEP_DATA_NEEDED` and ``Option.needs``) or break a rule of the target
+    (an explicit quantize format its EP cannot run)."""
     names = recipe.step_names()
     if names[0] != "export":
         raise ConfigError(f"{recipe.source}: the first step must be export (the fp32 baseline), not {names[0]!r}")
@@ -393,12 +404,11 @@ def _check_steps(recipe: Recipe, data: StepData, source: Source) -> None:
             if step == "export" and source.spec and s["task"] != "auto":
                 raise OptionError("task", "applies to Hugging Face folders (--hf), not to a SPEC; drop it or "
                                           "convert --hf PATH")
-            if step in _STEP_NEEDS:
-                data.need(*_STEP_NEEDS[step])
-            need_data(list(STEP_OPTIONS[step].values()), s, available)
-            if step == "finetune":
-                data.need("calibration", "finetune")
-                data.need("train_labels", "finetune")
+            need_data(list(STEP_OPTIONS[step].values()), s, available, STEP_DATA_NEEDED.get(step))
+            if step == "quantize":
+                from edgecomp.quantize.options import for_target
+
+                for_target({k: v for k, v in s.items() if k != "step"}, target)
             if step == "distill" and not data.text:
                 data.need("calibration", "distill (or text)")
             if step in ("distill", "reduce-embeddings") and data.text and not available["tokenizer"]:
@@ -482,7 +492,7 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
         raise ConfigError(f"{recipe.source}: labels score the eval samples; pass --eval DATA with --labels") from e
     out = check_output_dir(outdir, [*dataclasses.astuple(data), source.hf, source.spec_file(), recipe.source,
                                     *protect], overwrite)
-    _check_steps(recipe, data, source)
+    _check_steps(recipe, data, source, target)
     fixed = {**recipe.values, **(values or {})}
     started = datetime.datetime.now().isoformat(timespec="seconds")
     degraded: list[str] = []
@@ -519,7 +529,7 @@ def convert(source: Source, recipe: Recipe, outdir: str | os.PathLike, *, calibr
 
             feed_src = data.eval or data.calibration
             result.package = package_model(work / "model.onnx", work,
-                                           feed=first_feed(feed_src, ctx.current) if feed_src else None)
+                                           feed=first_feed(feed_src, ctx.model_of(ctx.model_records()[-1])) if feed_src else None)
         result.degraded = degraded
         result.not_faster = [f"{r.index:02d}-{r.step}" for r in ctx.records if r.not_faster]
         result.gates = _gates(recipe, ctx.records)

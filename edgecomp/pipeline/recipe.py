@@ -41,15 +41,17 @@ from edgecomp.embeddings.options import OPTIONS as EMBEDDING_OPTIONS
 from edgecomp.embeddings.options import ReduceOptions
 from edgecomp.errors import ConfigError, InputFileError, OptionError
 from edgecomp.export.options import OPTIONS as EXPORT_OPTIONS
+from edgecomp.finetune.options import DATA_NEEDED as FINETUNE_DATA_NEEDED
 from edgecomp.finetune.options import OPTIONS as FINETUNE_OPTIONS
 from edgecomp.io import MAX_TOML_DEPTH, nesting_exceeds, read_toml
-from edgecomp.measure.options import BENCH_OPTIONS, VALIDATE_OPTIONS
+from edgecomp.measure.options import BENCH_OPTIONS, VALIDATE_DATA_NEEDED, VALIDATE_OPTIONS
 from edgecomp.options import Option, coerce, in_range
 from edgecomp.passes.optimize_graph import OPTIONS as OPTIMIZE_OPTIONS
 from edgecomp.prune.options import OPTIONS as PRUNE_OPTIONS
+from edgecomp.quantize.options import DATA_NEEDED as QUANTIZE_DATA_NEEDED
 from edgecomp.quantize.options import OPTIONS as QUANTIZE_OPTIONS
 
-__all__ = ["STEP_OPTIONS", "GATES", "DATA_KEYS", "Recipe", "load_recipe", "parse_recipe", "builtin_recipes",
+__all__ = ["STEP_OPTIONS", "STEP_DATA_NEEDED", "GATES", "DATA_KEYS", "Recipe", "load_recipe", "parse_recipe", "builtin_recipes",
            "apply_override", "BUILTIN_DIR"]
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "recipes"
@@ -70,6 +72,11 @@ STEP_OPTIONS: dict[str, dict[str, Option]] = {
     "validate": _step(VALIDATE_OPTIONS),
     "bench": _step(BENCH_OPTIONS),
 }
+
+#: The data a step reads whatever its options (key -> what reads it): the capability's own
+#: declaration, which its ``run`` and the CLI check too; what option values need is in ``Option.needs``.
+STEP_DATA_NEEDED: dict[str, dict[str, str]] = {"quantize": QUANTIZE_DATA_NEEDED, "validate": VALIDATE_DATA_NEEDED,
+                                                "finetune": FINETUNE_DATA_NEEDED}
 
 #: What a recipe's [data] table (or convert's options) may name: DATA, labels, text lines, tokenizer folder.
 DATA_KEYS = ("calibration", "eval", "labels", "text", "tokenizer", "train_labels")

@@ -12,11 +12,14 @@ from edgecomp.measure.metrics import METRICS
 from edgecomp.options import Option, check_values, in_range, regexes
 from edgecomp.targets import Isa
 
-__all__ = ["METHODS", "FORMATS", "METRICS", "FAMILIES", "OPTIONS", "QuantizeOptions", "MIN_OPSET", "OPSET_REASON"]
+__all__ = ["METHODS", "FORMATS", "METRICS", "FAMILIES", "OPTIONS", "DATA_NEEDED", "QuantizeOptions", "MIN_OPSET",
+           "OPSET_REASON", "for_target"]
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 FORMATS = ("contrib", "qdq")  # the written form: onnxruntime's contrib int8 ops, or QuantizeLinear/DequantizeLinear pairs
 FAMILIES = ("matmul", "conv", "conv-depthwise", "attention")  # attention: activation x activation MatMuls
+#: The data quantization reads whatever its options (key -> what reads it); eval is declared by ``tolerance``.
+DATA_NEEDED = {"calibration": "static quantization"}
 MIN_OPSET = 13
 OPSET_REASON = "per-channel DequantizeLinear needs 13"
 
@@ -58,9 +61,9 @@ OPTIONS = (
     Option("metric", str, "cosine", "what tolerance bounds: 1-cosine, top-1 accuracy drop, or MAE", choices=METRICS),
     Option("tolerance", float, None, "allowed loss vs fp32 on eval data; the most sensitive layers stay float "
            "until it is met (exit status 3 when it cannot be)", check=in_range(0), needs=lambda v: "eval"),
-    Option("format", str, "contrib", "contrib: onnxruntime's fastest CPU form (com.microsoft ops); qdq: standard "
-           "QuantizeLinear/DequantizeLinear pairs that mobile EPs (XNNPACK, NNAPI, CoreML, QNN) consume",
-           choices=FORMATS),
+    Option("format", str, None, "contrib: onnxruntime's fastest CPU form (com.microsoft ops); qdq: standard "
+           "QuantizeLinear/DequantizeLinear pairs that mobile EPs (XNNPACK, NNAPI, CoreML, QNN) consume; unset: "
+           "the target's form (qdq for a mobile EP, else contrib)", choices=FORMATS),
     Option("int4", str, "off", "int4 MatMul weights (onnxruntime MatMulNBits, int8 compute): off, auto (the layers "
            "int4 costs least, while the fidelity bound or the tolerance holds), or comma regexes of node names",
            check=_int4),
@@ -85,7 +88,8 @@ class QuantizeOptions:
     max_samples: int = DEFAULT_MAX_SAMPLES  # evenly spaced samples of DATA used (Dataset.indices)
     metric: str = "cosine"
     tolerance: float | None = None  # with eval data: accuracy-aware fallback
-    format: str = "contrib"  # contrib (com.microsoft, onnxruntime CPU) | qdq (ai.onnx only, mobile EPs)
+    format: str | None = None  # contrib (com.microsoft, onnxruntime CPU) | qdq (ai.onnx only) | None: the target's
+    ep: str | None = None  # the target's mobile execution provider (it runs the QDQ form only); None: the CPU EP
     int4: str = "off"  # off | auto (by measured cost, within the bound) | comma regexes of node names
     int4_block: int = 32
     reservoir: int = 512
@@ -106,9 +110,16 @@ class QuantizeOptions:
     # model is timed against its input there (never slower on the target)
     device: Any = None
 
+    def resolved_format(self) -> str:
+        """The int8 form written: as set, else the target's (QDQ for a mobile EP, else contrib)."""
+        return self.format or ("qdq" if self.ep else "contrib")
+
     def validate(self) -> None:
         check_values(OPTIONS, {o.name: getattr(self, o.name) for o in OPTIONS})
-        if self.int4 != "off" and self.format != "contrib":
+        if self.ep and self.format not in (None, "qdq"):
+            raise OptionError("format", f"{self.format} contradicts the target: it runs on the {self.ep} EP, which has "
+                                        "no kernels for that form; drop it (the format follows the target: qdq)")
+        if self.int4 != "off" and self.resolved_format() != "contrib":
             raise OptionError("int4", "needs format contrib (MatMulNBits is an onnxruntime contrib op)")
         if self.min_cosine is not None and not 0.0 < _number(self.min_cosine) <= 1.0:
             raise OptionError("min_cosine", "must be in (0, 1], or None to skip the fidelity check")
@@ -119,3 +130,22 @@ def _number(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         return float("nan")
+
+
+def for_target(values: dict[str, Any], profile: Any = None, **fields: Any) -> QuantizeOptions:
+    """:class:`QuantizeOptions` from declared option ``values`` (CLI flags or a recipe step) and a
+    target profile (``edgecomp.targets.TargetProfile`` or None: this host): its ISA decides weight
+    bits, its EP the int8 form, its threads the default; ``fields`` set the rest (progress, the
+    target runner, a measured table). The CLI and ``convert`` both build the options here."""
+    from edgecomp.options import fields_of
+
+    if profile is not None:
+        fields.setdefault("isa", profile.isa)
+        fields.setdefault("ep", profile.ep)
+        if fields.get("threads") is None:
+            fields["threads"] = profile.threads
+    if fields.get("threads") is None:
+        fields["threads"] = 1
+    opts = QuantizeOptions(**fields_of(values), **fields)
+    opts.validate()
+    return opts

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from edgecomp.targets import Isa, TargetProfile, host_isa
 
 __all__ = ["table", "fmt_bytes", "render_bench", "render_profile", "render_validation", "render_summary", "render_pass",
-           "host_line", "to_jsonable", "pareto_front", "step_rows"]
+           "render_step", "host_line", "to_jsonable", "pareto_front", "step_rows"]
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -115,6 +115,18 @@ def render_pass(report) -> str:
     if report.summary:
         head += " — " + ", ".join(f"{k} {_cell(v)}" for k, v in report.summary.items())
     return head + ("\n" + table(report.rows) if report.rows else "")
+
+
+def render_step(result, titles: dict[str, str] | None = None) -> str:
+    """Any capability's :class:`~edgecomp.step.StepResult` for the terminal: each non-empty table
+    under its name (``titles`` may say more, e.g. where latencies were measured), with the columns
+    the step chose to show, then the summary as one ``key: value`` line (nested values and unset
+    ones left to --json). Warnings go to stderr, separately."""
+    parts = [table(rows, result.columns.get(name), title=f"{(titles or {}).get(name, name)}:")
+             for name, rows in result.tables.items() if rows]
+    line = ", ".join(f"{k}: {_cell(v)}" for k, v in result.summary.items()
+                     if v is not None and not isinstance(v, (dict, list, tuple)))
+    return "\n".join([*parts, *([line] if line else [])])
 
 
 def to_jsonable(obj: Any) -> Any:

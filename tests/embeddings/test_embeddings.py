@@ -245,7 +245,7 @@ def test_cli_int4_json(table, tmp_path):
     res = CliRunner().invoke(cli, ["reduce-embeddings", str(src), "-o", str(out), "--bits", "4", "--block", "4",
                                    "--min-rows", "0", "--json", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
-    rows = json.loads((tmp_path / "r.json").read_text())["passes"][0]["rows"]
+    rows = json.loads((tmp_path / "r.json").read_text())["evidence"]["passes"][0]["rows"]
     assert rows[0]["decision"] == "int4" and rows[0]["ratio"] > 2
     assert run_ort(str(out), {"ids": IDS})[0].shape == (2, 5, D)
 

@@ -67,9 +67,9 @@ def test_allow_degraded_writes_it_with_a_warning_and_exit_status_3(tmp_path):
     warn = [line for line in res.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warn) == 1 and "synthesized inputs" in warn[0] and "degraded result was allowed" in warn[0]
     report = json.loads(js.read_text())
-    assert report["degraded"] is True and report["fidelity"]["inputs"] == "synthetic"
-    assert report["fidelity"]["samples"] == SYNTHETIC_SAMPLES
-    assert min(report["fidelity"]["cosine"], report["fidelity"]["top-1 agreement"]) < 0.95
+    assert report["status"] == "degraded" and report["evidence"]["fidelity"]["inputs"] == "synthetic"
+    assert report["evidence"]["fidelity"]["samples"] == SYNTHETIC_SAMPLES
+    assert min(report["evidence"]["fidelity"]["cosine"], report["evidence"]["fidelity"]["top-1 agreement"]) < 0.95
 
 
 def test_a_cut_that_keeps_the_model_exits_0_and_names_the_synthetic_check(tmp_path):
@@ -80,7 +80,7 @@ def test_a_cut_that_keeps_the_model_exits_0_and_names_the_synthetic_check(tmp_pa
     assert (f"fidelity: mean cosine 1.0000, top-1 agreement 100.0% on {SYNTHETIC_SAMPLES} synthesized inputs "
             "(random, no data given; sizes assumed: batch 1)") in res.stdout
     report = json.loads(js.read_text())
-    assert report["degraded"] is False and report["summary"]["channels removed"] == 8
+    assert report["status"] == "ok" and report["summary"]["channels removed"] == 8
 
 
 def test_synthetic_fidelity_matches_onnxruntime_on_the_synthesized_feeds():
@@ -93,9 +93,9 @@ def test_synthetic_fidelity_matches_onnxruntime_on_the_synthesized_feeds():
     ref = np.concatenate([run_ort(proto, f)[0] for f in feeds])
     got = np.concatenate([run_ort(pruned, f)[0] for f in feeds])
     assert len({f["x"].tobytes() for f in feeds}) == SYNTHETIC_SAMPLES  # different seeds, different inputs
-    assert result.fidelity["cosine"] == pytest.approx(float(cosine_rows(ref, got).mean()), abs=1e-6)
-    assert result.fidelity["top-1 agreement"] == pytest.approx(float(np.mean(ref.argmax(1) == got.argmax(1))), abs=1e-9)
-    assert result.degraded and result.fidelity["top-1 agreement"] < 0.95
+    assert result.evidence["fidelity"]["cosine"] == pytest.approx(float(cosine_rows(ref, got).mean()), abs=1e-6)
+    assert result.evidence["fidelity"]["top-1 agreement"] == pytest.approx(float(np.mean(ref.argmax(1) == got.argmax(1))), abs=1e-9)
+    assert result.status == "degraded" and result.evidence["fidelity"]["top-1 agreement"] < 0.95
 
 
 def test_the_library_refuses_with_neutral_words():
@@ -147,7 +147,7 @@ def test_a_model_synthesized_inputs_cannot_run_is_not_passed(tmp_path):
     res, out, js = _prune(tmp_path, proto, "--sparsity", "0.125", "--round-to", "1", "--allow-degraded")
     assert res.exit_code == 3 and out.exists(), res.output
     assert "fidelity: not checked: the model does not run on synthesized inputs" in res.stdout
-    assert json.loads(js.read_text())["fidelity"]["not checked"]
+    assert json.loads(js.read_text())["evidence"]["fidelity"]["not checked"]
 
 
 def test_allow_degraded_is_refused_with_a_tolerance(tmp_path):

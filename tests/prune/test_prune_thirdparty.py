@@ -455,8 +455,8 @@ def test_fidelity_is_reported_and_a_bad_prune_is_refused_or_flagged(tmp_path):
     assert bad.exit_code == 3, bad.output
     warn = [line for line in bad.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warn) == 1 and "8 held-out samples" in warn[0] and "< 0.95" in warn[0], bad.stderr
-    assert json.loads((tmp_path / "bad.json").read_text())["degraded"] is True
-    fid = json.loads((tmp_path / "bad.json").read_text())["fidelity"]
+    assert json.loads((tmp_path / "bad.json").read_text())["status"] == "degraded"
+    fid = json.loads((tmp_path / "bad.json").read_text())["evidence"]["fidelity"]
     assert fid["samples"] == 8 and fid["cosine"] < 0.95
     assert "fidelity: mean cosine" in bad.stdout and "on 8 held-out samples" in bad.stdout
 

@@ -125,7 +125,7 @@ def test_quantize_cli_reads_the_table_for_its_target(mlp_path, mlp_data, tmp_pat
     assert res.exit_code == 0, res.output
     out = json.loads(js.read_text())
     assert out["summary"]["families evidence"].startswith("measured table [measured.host] of 2026-12-07")
-    assert out["families"][0]["decision"] == "chosen" and out["summary"]["layers int8"] == 2
+    assert out["tables"]["op families"][0]["decision"] == "chosen" and out["summary"]["layers int8"] == 2
     assert "measured on another CPU or onnxruntime" in res.output  # the table's CPU is "Test CPU"
 
 

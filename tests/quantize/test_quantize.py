@@ -171,7 +171,7 @@ def test_cli_writes_best_model_and_exits_3_when_tolerance_unmet(tmp_path, tiny_e
     assert res.exit_code == 3, res.output
     assert out.exists() and "layers:" in res.output
     report = json.loads((tmp_path / "q.json").read_text())
-    assert report["summary"]["met tolerance"] is False and len(report["layers"]) >= 12
+    assert report["summary"]["met tolerance"] is False and len(report["tables"]["layers"]) >= 12
 
 
 def test_cnn_conv_layers_quantize_with_accuracy(digits_onnx):

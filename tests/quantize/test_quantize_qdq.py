@@ -212,7 +212,7 @@ def test_cli_format_qdq_writes_the_qdq_form(tmp_path, mlp_path, mlp_data):
 
 
 def test_contrib_form_stays_the_default(mlp_path, mlp_data):
-    assert QuantizeOptions().format == "contrib"
+    assert QuantizeOptions().resolved_format() == "contrib"  # unset: the CPU EP's form (no target EP)
     model = _quantize(mlp_path, mlp_data[0])
     assert "MatMulIntegerToFloat" in [n.op_type for n in model.graph.node if n.domain == MS_DOMAIN]
 

@@ -88,7 +88,7 @@ def test_quantize_prune_optimize_with_a_fixed_mode(mode_files, tmp_path):
     assert "SpecializeInputsPass: modified" in res.output and "mode_if" in res.output
     report = json.loads((tmp_path / "q.json").read_text())
     assert report["specialize"]["summary"]["Ifs inlined"] == 1
-    assert {r["layer"]: r["decision"] for r in report["layers"]}.get("then_conv2") == "int8"
+    assert {r["layer"]: r["decision"] for r in report["tables"]["layers"]}.get("then_conv2") == "int8"
     q = _check_written(src, tmp_path / "q.onnx", data, 0.99)
     assert any(n.op_type in ("QuantizeLinear", "QLinearConv", "ConvInteger") for n in q.graph.node)
 
@@ -163,7 +163,7 @@ def test_silero_vad_quantizes_with_a_fixed_sample_rate(tmp_path):
     res = invoke("quantize", SILERO / "silero_vad.onnx", "-o", tmp_path / "q.onnx", "--calibration", data,
                  "--value", "sr=16000", "--json", tmp_path / "q.json")
     assert res.exit_code == 0, res.output
-    layers = json.loads((tmp_path / "q.json").read_text())["layers"]
+    layers = json.loads((tmp_path / "q.json").read_text())["tables"]["layers"]
     assert sum(r["op"] == "Conv" for r in layers) == 6 and any(r["decision"] == "int8" for r in layers)
     q = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
     p_ref = np.array([ref.run(None, f)[0].item() for f in feeds])

@@ -127,7 +127,7 @@ def test_failed_opset_upgrade_refuses_before_calibration(tmp_path, monkeypatch):
         raise AssertionError("calibration ran before the opset check")
 
     monkeypatch.setattr(onnx.version_converter, "convert_version", boom)
-    monkeypatch.setattr("edgecomp.quantize.calibrate", no_calibration)
+    monkeypatch.setattr("edgecomp.quantize.step.calibrate", no_calibration)
     with pytest.raises(PassFailed) as e:
         quantize_model(ir.from_proto(proto), data, _opts(tolerance=0.01), eval_data=data)
     msg = str(e.value)
