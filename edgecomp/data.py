@@ -43,6 +43,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.errors import DataError, DataNeeded, InputFileError, OptionError
+from edgecomp.options import DEFAULT_MAX_SAMPLES  # declared with the options (light to import); re-exported
 from edgecomp.passes.specialize_inputs import fixed_inputs
 
 __all__ = [
@@ -65,10 +66,6 @@ __all__ = [
 
 Feed = dict[str, np.ndarray]
 
-#: Samples calibration and fitting use unless ``--max-samples`` says otherwise (NNCF's default
-#: subset size is 300 as well): activation ranges and Gram matrices settle well before that,
-#: and a 2 GiB DATA of 33 M samples is then read in seconds, not hours.
-DEFAULT_MAX_SAMPLES = 300
 
 #: The most bytes of compressed (``numpy.savez_compressed``) arrays read whole; above it DATA is refused.
 MAX_COMPRESSED_BYTES = 2**28

@@ -6,9 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from edgecomp.data import DEFAULT_MAX_SAMPLES
 from edgecomp.errors import OptionError
-from edgecomp.options import Option, check_values, in_range, regexes
+from edgecomp.options import DEFAULT_MAX_SAMPLES, Option, check_values, in_range, regexes
 from edgecomp.quantize.quantize_static import FORMATS
 from edgecomp.targets import Isa
 
