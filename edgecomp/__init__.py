@@ -20,7 +20,8 @@ __version__ = "0.1.0"
 
 _API = ("export", "optimize", "quantize", "prune", "reduce_embeddings", "distill", "validate", "bench", "convert")
 _SUBPACKAGES = ("export", "quantize", "prune", "distill")  # API names that are also modules of this package
-__all__ = ["__version__", *_API]
+__all__ = ["__version__", "export", "optimize", "quantize", "prune", "reduce_embeddings", "distill", "validate",
+           "bench", "convert"]
 
 
 class _CallableModule(types.ModuleType):

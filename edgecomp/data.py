@@ -433,7 +433,7 @@ def _feed_dict(feed, j: int) -> Feed:
     return out
 
 
-def as_data(data: "str | os.PathLike | Dataset | Mapping | Iterable | None") -> "str | Dataset | None":
+def as_data(data: str | os.PathLike | Dataset | Mapping | Iterable | None) -> str | os.PathLike | Dataset | None:
     """What a :class:`StepData` field holds for ``data``: a DATA path as given, a Dataset, or numpy
     feeds wrapped in :class:`Feeds`."""
     if data is None or isinstance(data, (str, os.PathLike, Dataset)):
