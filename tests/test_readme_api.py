@@ -35,7 +35,7 @@ def test_the_readme_api_examples_run(tmp_path, monkeypatch, trained_digits, caps
     import onnxruntime as ort
 
     x, y = namespace["x_test"], namespace["y_test"]
-    for name in ("digits.onnx", "digits.opt.onnx", "digits.int8.onnx", "digits.pruned.onnx", "student.onnx",
+    for name in ("digits.onnx", "digits.opt.onnx", "digits.int8.onnx", "encoder.pruned.onnx", "student.onnx",
                  "encoder.emb8.onnx"):
         assert (tmp_path / name).is_file(), name
     acc = {}
@@ -46,7 +46,7 @@ def test_the_readme_api_examples_run(tmp_path, monkeypatch, trained_digits, caps
     assert report.ref_accuracy == pytest.approx(acc["digits.onnx"]) and acc["digits.onnx"] > 0.8
     assert report.cand_accuracy == pytest.approx(acc["digits.int8.onnx"])
     assert acc["digits.onnx"] - acc["digits.int8.onnx"] <= 0.01 + 1e-9  # tolerance=0.01 on top-1
-    assert (tmp_path / "out" / "digits" / "report.json").is_file()
+    assert (tmp_path / "digits-out" / "report.json").is_file()
     assert np.isfinite([m.p50_ms for m in namespace["timing"].models]).all()
     out = capsys.readouterr().out
     assert "layers int8" in out and "gates passed" in out
