@@ -343,8 +343,8 @@ def _emulation_limits():
 
 
 @cli.command()
-@click.argument("reference", type=ModelPath())
-@click.argument("candidate", type=ModelPath())
+@click.argument("reference", type=click.Path())
+@click.argument("candidate", type=click.Path())
 @click.option("--data", required=True, type=click.Path(), help="DATA: .npz with a sample axis, or a folder of .npz feeds.")
 @click.option("--labels", type=click.Path(), help=".npy of integer labels: report task accuracy of both models.")
 @_declared(VALIDATE_OPTIONS)
