@@ -37,17 +37,21 @@ import re
 import struct
 import zipfile
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from edgecomp.errors import DataError, DataNeeded, InputFileError, OptionError
+from edgecomp.options import DEFAULT_MAX_SAMPLES  # declared with the options (light to import); re-exported
 from edgecomp.passes.specialize_inputs import fixed_inputs
 
 __all__ = [
     "InputSpec",
     "Dataset",
+    "Feeds",
+    "Labels",
+    "as_data",
     "input_specs",
     "load_data",
     "load_labels",
@@ -65,10 +69,6 @@ __all__ = [
 
 Feed = dict[str, np.ndarray]
 
-#: Samples calibration and fitting use unless ``--max-samples`` says otherwise (NNCF's default
-#: subset size is 300 as well): activation ranges and Gram matrices settle well before that,
-#: and a 2 GiB DATA of 33 M samples is then read in seconds, not hours.
-DEFAULT_MAX_SAMPLES = 300
 
 #: The most bytes of compressed (``numpy.savez_compressed``) arrays read whole; above it DATA is refused.
 MAX_COMPRESSED_BYTES = 2**28
@@ -275,19 +275,8 @@ class Dataset:
         else:
             if self.path.suffix != ".npz":
                 raise DataError(f"DATA {self.path} is not a .npz file; save samples with numpy.savez")
-            self._arrays = open_npz(self.path)
-            if not self._arrays:
-                raise DataError(f"DATA {self.path} holds no arrays")
+            self._arrays = _checked_arrays(open_npz(self.path), self.path)
             self.names = tuple(self._arrays)
-            scalars = [k for k, a in self._arrays.items() if a.ndim == 0]
-            if scalars:
-                raise DataError(f"arrays {scalars} in {self.path} have no sample axis; store shape [N, ...] per input")
-            counts = {k: a.shape[0] for k, a in self._arrays.items()}
-            if len(set(counts.values())) != 1:
-                raise DataError(f"arrays in {self.path} have different sample counts {counts}; "
-                                "every array needs the same leading sample axis")
-            for k, a in self._arrays.items():
-                _check_kind(a.dtype, f"DATA {self.path} array {k!r}")
             self._files = None
         if len(self) == 0:
             raise DataError(f"DATA {self.path} holds no samples")
@@ -381,6 +370,87 @@ class Dataset:
         return _Feeds(self, specs, limit)
 
 
+def _checked_arrays(arrays: dict, where) -> dict:
+    """The arrays of one DATA (a .npz or a dict in memory), refused unless each has the same
+    leading sample axis and a numeric kind."""
+    if not arrays:
+        raise DataError(f"DATA {where} holds no arrays")
+    scalars = [k for k, a in arrays.items() if a.ndim == 0]
+    if scalars:
+        raise DataError(f"arrays {scalars} in {where} have no sample axis; store shape [N, ...] per input")
+    counts = {k: a.shape[0] for k, a in arrays.items()}
+    if len(set(counts.values())) != 1:
+        raise DataError(f"arrays in {where} have different sample counts {counts}; "
+                        "every array needs the same leading sample axis")
+    for k, a in arrays.items():
+        _check_kind(a.dtype, f"DATA {where} array {k!r}")
+    return arrays
+
+
+class Feeds(Dataset):
+    """DATA held in memory, for the Python API: a dict of arrays keyed by input name with a leading
+    sample axis (like one ``.npz``: sample ``i`` is ``array[i:i+1]``), or an iterable of feed dicts
+    (like a DATA folder: each fed as it is; an iterator is read once, into memory). The same checks
+    as DATA on disk, with the same messages (naming it ``<numpy feeds>``)."""
+
+    def __init__(self, feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]]):
+        self.path = Path("<numpy feeds>")
+        self._files = None
+        if isinstance(feeds, Mapping):
+            self._list = None
+            self._arrays = _checked_arrays({str(k): np.asarray(v) for k, v in feeds.items()}, self.path)
+            self.names = tuple(self._arrays)
+        else:
+            self._arrays = None
+            self._list = [_feed_dict(f, j) for j, f in enumerate(feeds)]
+            if not self._list:
+                raise DataError("the feeds given are empty; give at least one feed (a dict of arrays)")
+            self.names = tuple(self._list[0])
+        if len(self) == 0:
+            raise DataError(f"DATA {self.path} holds no samples")
+
+    def __len__(self) -> int:
+        return len(self._list) if self._list is not None else super().__len__()
+
+    def __getitem__(self, i: int) -> Feed:
+        if self._list is None:
+            return super().__getitem__(i)
+        feed = self._list[i]
+        if set(feed) != set(self.names):
+            raise DataError(f"feed {range(len(self))[i]} is keyed {sorted(feed)} but feed 0 is keyed "
+                            f"{sorted(self.names)}; every feed needs the same arrays")
+        for k, a in feed.items():
+            _check_values(a, f"feed {range(len(self))[i]} array {k!r}")
+        return dict(feed)
+
+
+def _feed_dict(feed, j: int) -> Feed:
+    if not isinstance(feed, Mapping):
+        raise DataError(f"feed {j} is a {type(feed).__name__}, not a dict of arrays keyed by input name")
+    out = {str(k): np.asarray(v) for k, v in feed.items()}
+    for k, a in out.items():
+        _check_kind(a.dtype, f"feed {j} array {k!r}")
+    return out
+
+
+def as_data(data: str | os.PathLike | Dataset | Mapping | Iterable | None) -> str | os.PathLike | Dataset | None:
+    """What a :class:`StepData` field holds for ``data``: a DATA path as given, a Dataset, or numpy
+    feeds wrapped in :class:`Feeds`."""
+    if data is None or isinstance(data, (str, os.PathLike, Dataset)):
+        return data
+    return Feeds(data)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Labels:
+    """Class ids held in memory (the Python API), read by :func:`load_labels` like a ``.npy``."""
+
+    ids: np.ndarray
+
+    def __str__(self) -> str:
+        return "<labels array>"
+
+
 class _Feeds:
     """:meth:`Dataset.feeds_for` as a sequence that can be iterated again (each pass reads DATA
     anew), indexed and sized: what a consumer that runs several models over DATA (validate, the
@@ -470,23 +540,27 @@ def _member_array(zf: zipfile.ZipFile, raw, m: zipfile.ZipInfo, path: Path) -> n
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
-def load_data(path: str | os.PathLike, specs: Sequence[InputSpec] | None = None) -> Dataset:
-    """Open DATA and, given the model's input specs, check that it fits them."""
-    ds = Dataset(path)
+def load_data(path: str | os.PathLike | Dataset, specs: Sequence[InputSpec] | None = None) -> Dataset:
+    """Open DATA (or take a Dataset, e.g. :class:`Feeds`) and, given the model's input specs, check
+    that it fits them."""
+    ds = path if isinstance(path, Dataset) else Dataset(path)
     if specs is not None:
         ds.check_against(specs)
     return ds
 
 
-def load_labels(path: str | os.PathLike, n: int) -> np.ndarray:
-    """Integer class labels from a ``.npy``, one per sample."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputFileError(f"labels not found: {p} (give a .npy of integer class ids)")
-    try:  # mapped: dtype and count are checked from the header before any id is read
-        labels = np.load(p, allow_pickle=False, mmap_mode="r")
-    except Exception as e:
-        raise DataError(f"cannot read labels {p} ({type(e).__name__}); save them with numpy.save") from e
+def load_labels(path: str | os.PathLike | Labels, n: int) -> np.ndarray:
+    """Integer class labels from a ``.npy`` (or held in memory, :class:`Labels`), one per sample."""
+    if isinstance(path, Labels):
+        p, labels = path, np.asarray(path.ids)
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise InputFileError(f"labels not found: {p} (give a .npy of integer class ids)")
+        try:  # mapped: dtype and count are checked from the header before any id is read
+            labels = np.load(p, allow_pickle=False, mmap_mode="r")
+        except Exception as e:
+            raise DataError(f"cannot read labels {p} ({type(e).__name__}); save them with numpy.save") from e
     if not isinstance(labels, np.ndarray) or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"labels {p} must be a .npy array of integer class ids (numpy.save)")
     labels = labels.reshape(-1)
@@ -516,12 +590,13 @@ def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class StepData:
-    """The data a command or recipe step may read, as paths: DATA to calibrate (and fit repairs,
-    train) on, held-out eval DATA and its labels, a text corpus and the tokenizer that reads it."""
+    """The data a command or recipe step may read: DATA to calibrate (and fit repairs, train) on,
+    held-out eval DATA and its labels, a text corpus and the tokenizer that reads it. Paths, or
+    for the Python API DATA and labels in memory (:class:`Feeds`, :class:`Labels`)."""
 
-    calibration: str | None = None
-    eval: str | None = None
-    labels: str | None = None
+    calibration: str | Dataset | None = None
+    eval: str | Dataset | None = None
+    labels: str | Labels | None = None
     text: str | None = None
     tokenizer: str | None = None
     train_labels: str | None = None  # class ids or target vectors of the calibration samples (finetune)

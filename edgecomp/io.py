@@ -22,6 +22,7 @@ import onnx
 import onnx_ir as ir
 
 from edgecomp.errors import ConfigError, InputFileError, InvalidModelError, ModelLoadError, OutputError
+from edgecomp.paths import existing_file  # here too: io is where callers look for it
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
@@ -58,16 +59,6 @@ __all__ = [
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24
 #: Past that, the initializers of at least this many bytes reach onnxruntime sessions as arrays.
 SESSION_WEIGHT_BYTES = 2**20
-
-
-def existing_file(path: str | os.PathLike, what: str = "file") -> Path:
-    """Return ``path`` as a Path, or raise a one-line error if it is not a readable file."""
-    p = Path(path)
-    if not p.exists():
-        raise InputFileError(f"{what} not found: {p} (check the path)")
-    if not p.is_file():
-        raise InputFileError(f"{what} is not a file: {p}")
-    return p
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:

@@ -20,7 +20,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from edgecomp.errors import DataNeeded, OptionError
 
-__all__ = ["Option", "Check", "in_range", "regexes", "check_values", "coerce", "defaults", "fields_of", "need_data", "by_name"]
+__all__ = ["Option", "Check", "in_range", "regexes", "check_values", "coerce", "defaults", "fields_of", "need_data", "by_name",
+           "THREADS", "DEFAULT_MAX_SAMPLES"]
 
 #: A value check: what is wrong with the value (the text after the option's name, e.g.
 #: "must be in (0, 1), got 7.5"), or None when it is fine.
@@ -164,3 +165,15 @@ def need_data(options: Sequence[Option], values: Mapping[str, Any], available: M
         key = opt.data_needed(values.get(opt.name))
         if key and not available.get(key):
             raise DataNeeded(key, f"{opt.name} {values[opt.name]}", option=opt.name)
+
+
+#: Samples calibration and fitting use unless ``--max-samples`` says otherwise (NNCF's default
+#: subset size is 300 as well): activation ranges and Gram matrices settle well before that,
+#: and a 2 GiB DATA of 33 M samples is then read in seconds, not hours. (Here, not in
+#: :mod:`edgecomp.data`, so the options modules import without numpy.)
+DEFAULT_MAX_SAMPLES = 300
+
+#: onnxruntime's intra-op threads: one declaration for bench, a recipe's bench step and every
+#: command's --threads (the target profile's threads when unset, else 1).
+THREADS = Option("threads", int, None, "intra-op threads of onnxruntime (inter-op is 1); default: the target profile's, "
+                 "else 1", check=in_range(1))

@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 
 from edgecomp.errors import ConfigError
-from edgecomp.io import read_toml
 
 __all__ = ["Isa", "TargetProfile", "BUILTIN_PROFILES", "ARCHES", "MOBILE_EPS", "host_isa", "load_profiles", "get_profile"]
 
@@ -134,6 +133,8 @@ def load_profiles(path: str | os.PathLike | None = None) -> dict[str, TargetProf
     if path is None:
         return profiles
     p = Path(path)
+    from edgecomp.io import read_toml  # io imports onnx: not at start-up (render and the CLI import this)
+
     doc = read_toml(p, "target profile file")
     shape = "profiles are tables: [profile.NAME] with threads, pin, description, [profile.NAME.isa]"
     extra = sorted(set(doc) - {"profile", "measured"})  # measured: tables of `targets measure` (quantize.measured)

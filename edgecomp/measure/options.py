@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgecomp.options import Option, in_range
+from edgecomp.options import THREADS, Option, in_range
 
 __all__ = ["VALIDATE_OPTIONS", "VALIDATE_DATA_NEEDED", "BENCH_OPTIONS"]
 
@@ -14,8 +14,7 @@ VALIDATE_OPTIONS = (
 VALIDATE_DATA_NEEDED = {"eval": "validate"}
 
 BENCH_OPTIONS = (
-    Option("threads", int, None, "onnxruntime intra-op threads (inter-op is 1); default: the target profile's, else 1",
-           check=in_range(1)),
+    THREADS,
     Option("warmup", int, 10, "untimed runs per model", check=in_range(0)),
     Option("runs", int, 50, "timed runs per model (interleaved)", check=in_range(1)),
     Option("profile", bool, False, "also profile warmup + runs more runs per model with onnxruntime's profiler: "

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from edgecomp.data import DEFAULT_MAX_SAMPLES
 from edgecomp.errors import OptionError
-from edgecomp.options import Option, check_values, in_range, regexes
+from edgecomp.options import DEFAULT_MAX_SAMPLES, Option, check_values, in_range, regexes
 
 __all__ = ["IMPORTANCES", "KINDS", "SCOPES", "OPTIONS", "HOLD_OUT_EVERY", "FIDELITY_FLOOR", "SYNTHETIC_SAMPLES",
            "PruneOptions"]

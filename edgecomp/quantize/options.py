@@ -6,10 +6,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from edgecomp.data import DEFAULT_MAX_SAMPLES
 from edgecomp.errors import OptionError
 from edgecomp.measure.metrics import METRICS
-from edgecomp.options import Option, check_values, in_range, regexes
+from edgecomp.options import DEFAULT_MAX_SAMPLES, Option, check_values, in_range, regexes
 from edgecomp.targets import Isa
 
 __all__ = ["METHODS", "FORMATS", "METRICS", "FAMILIES", "OPTIONS", "DATA_NEEDED", "QuantizeOptions", "MIN_OPSET",

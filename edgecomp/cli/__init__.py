@@ -1,155 +1,50 @@
 """The ``edgecomp`` command line: parse options, call the library, render, exit.
 
 Library errors (:class:`~edgecomp.errors.EdgecompError`) become one-line messages with a
-non-zero exit status; ``--debug`` shows the traceback instead.
+non-zero exit status; ``--debug`` shows the traceback instead (:mod:`edgecomp.cli.errors`). The
+click options come from the capabilities' declarations and the shared flags of
+:mod:`edgecomp.cli.options`; both, and each command's library code, are imported only when that
+command runs, so ``edgecomp --help`` and a refusal at parse time start fast.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from pathlib import Path
 
 import click
 
-from edgecomp.distill.options import OPTIONS as DISTILL_OPTIONS
-from edgecomp.embeddings.options import OPTIONS as EMBEDDING_OPTIONS
-from edgecomp.errors import BelowFloor, DataNeeded, EdgecompError, OptionError
-from edgecomp.export import OPTIONS as EXPORT_OPTIONS
-from edgecomp.finetune.options import OPTIONS as FINETUNE_OPTIONS
-from edgecomp.measure.options import BENCH_OPTIONS, VALIDATE_OPTIONS
+from edgecomp.cli.command import Group
+from edgecomp.cli.command import deferred as _deferred
+from edgecomp.cli.options import POSITIVE as _POSITIVE
+from edgecomp.cli.options import Declared, ModelPath, shape_option, target_option, targets_file_option
+from edgecomp.cli.options import data_option as _data_option
+from edgecomp.cli.options import declared as _declared
+from edgecomp.cli.options import json_option as _json_option
+from edgecomp.cli.options import option_values as _values
+from edgecomp.cli.options import output_option as _output_option
+from edgecomp.cli.options import threads_option as _threads_option
+from edgecomp.cli.options import training_threads_option as _training_threads_option
+from edgecomp.cli.options import value_option as _value_option
+from edgecomp.cli.options import write_json as _write_json
+from edgecomp.errors import BelowFloor
 from edgecomp.options import fields_of
-from edgecomp.passes.optimize_graph import OPTIONS as OPTIMIZE_OPTIONS
-from edgecomp.prune.options import OPTIONS as PRUNE_OPTIONS
-from edgecomp.quantize.options import OPTIONS as QUANTIZE_OPTIONS
 from edgecomp.render import text as rpt
 
 __all__ = ["main", "cli"]
 
-
-class _Group(click.Group):
-    """One line per failure unless --debug (accepted before or after the subcommand).
-
-    EdgecompError is the library's own one-line message; OS errors (disk full, read-only,
-    permissions, long names) name the path and what to do; anything else is reported as an
-    internal error with its first line. Library warnings and onnxruntime's log lines are
-    silenced outside --debug, so the error is the only line on stderr.
-    """
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        end = args.index("--") if "--" in args else len(args)
-        if "--debug" in args[1:end]:
-            args = ["--debug", *(a for i, a in enumerate(args) if i >= end or a != "--debug")]
-        return super().parse_args(ctx, args)
-
-    def invoke(self, ctx: click.Context):
-        debug = bool(ctx.params.get("debug"))
-        with _library_logging(debug):
-            try:
-                return super().invoke(ctx)
-            except click.exceptions.NoArgsIsHelpError:
-                raise
-            except click.UsageError as e:
-                raise _UsageLine(e) from None
-            except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
-                raise
-            except (OptionError, DataNeeded) as e:
-                if debug:
-                    raise
-                sub = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
-                raise click.ClickException(_in_flags(e, sub)) from None
-            except Exception as e:
-                if debug:
-                    raise
-                raise click.ClickException(_one_line(e)) from None
+# The declarations behind each command's options, imported when the command is parsed.
+DISTILL_OPTIONS = Declared("edgecomp.distill.options")
+EMBEDDING_OPTIONS = Declared("edgecomp.embeddings.options")
+EXPORT_OPTIONS = Declared("edgecomp.export.options")
+BENCH_OPTIONS = Declared("edgecomp.measure.options", "BENCH_OPTIONS")
+VALIDATE_OPTIONS = Declared("edgecomp.measure.options", "VALIDATE_OPTIONS")
+OPTIMIZE_OPTIONS = Declared("edgecomp.passes.optimize_graph")
+PRUNE_OPTIONS = Declared("edgecomp.prune.options")
+QUANTIZE_OPTIONS = Declared("edgecomp.quantize.options")
+FINETUNE_OPTIONS = Declared("edgecomp.finetune.options")
 
 
-class _UsageLine(click.ClickException):
-    """A usage error as one line (click prints usage and a hint around it otherwise)."""
-
-    exit_code = 2
-
-    def __init__(self, e: click.UsageError):
-        cmd = e.ctx.command_path if e.ctx else "edgecomp"
-        super().__init__(f"{e.format_message()} (see '{cmd} --help')")
-
-
-_DATA_METAVARS = {"calibration": "DATA", "eval": "DATA", "labels": "LABELS.npy", "text": "TEXT_FILE",
-                  "tokenizer": "TOKENIZER_DIR", "train_labels": "LABELS.npy"}
-
-
-def _in_flags(e: OptionError | DataNeeded, command: click.Command | None) -> str:
-    """A library message about an option or data key, in the command's own flags."""
-    params = command.params if command else []
-
-    def flag(name: str) -> str:
-        return next((p.opts[0] for p in params if p.name == name), f"--{name.replace('_', '-')}")
-
-    def data_flag(key: str) -> str:
-        return next((p.opts[0] for p in params if getattr(p, "data_key", None) == key), f"--{key}")
-
-    if isinstance(e, OptionError):
-        return f"{flag(e.option)} {e.problem}"
-    what = e.what.replace(e.option, flag(e.option), 1) if e.option else (
-        data_flag(e.what) if e.what in _DATA_METAVARS else e.what)
-    return f"{what} needs {data_flag(e.key)} {_DATA_METAVARS.get(e.key, 'PATH')}"
-
-
-def _one_line(e: Exception) -> str:
-    from edgecomp.io import first_line
-
-    if isinstance(e, EdgecompError):
-        return str(e)
-    if isinstance(e, OSError):
-        return _os_error_line(e)
-    if isinstance(e, MemoryError):
-        return "out of memory; use smaller inputs (--shape, --max-samples) or a machine with more memory"
-    return f"internal error ({type(e).__name__}: {first_line(e)}); rerun with --debug for the traceback and report it"
-
-
-def _os_error_line(e: OSError) -> str:
-    import errno
-
-    where = f" {e.filename}" if e.filename else ""
-    advice = {
-        errno.ENOSPC: "free some space or choose another output folder",
-        errno.EDQUOT: "free some space or choose another output folder",
-        errno.EROFS: "choose a writable output folder",
-        errno.EACCES: "check the permissions or choose another path",
-        errno.EPERM: "check the permissions or choose another path",
-        errno.ENAMETOOLONG: "choose a shorter file name",
-        errno.ENOENT: "check the path",
-    }.get(e.errno, "check the path and try again")
-    return f"{e.strerror or type(e).__name__}:{where}; {advice} (nothing was left half-written)"
-
-
-@contextlib.contextmanager
-def _library_logging(debug: bool):
-    """Keep onnxruntime's log lines and library warnings off stderr unless --debug."""
-    import logging
-    import warnings
-
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(3 if debug else 4)
-    if debug:
-        yield
-        return
-    loggers = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "transformers")]
-    loggers.append(logging.getLogger())  # the root logger: onnxruntime.quantization's "WARNING:root:" advice
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.version_option(package_name="edgecomp")
 @click.pass_context
@@ -159,170 +54,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-# --- shared options ---------------------------------------------------------------------------
 
-class _Number(click.ParamType):
-    """A finite float within bounds (click's FloatRange lets NaN through)."""
-
-    name = "number"
-
-    def __init__(self, low: float | None = None, high: float | None = None, low_open: bool = False,
-                 high_open: bool = False):
-        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
-
-    def convert(self, value, param, ctx):
-        import math
-
-        try:
-            x = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
-        if not math.isfinite(x):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        if self.low is not None and (x < self.low or (self.low_open and x == self.low)):
-            self.fail(f"{value} is out of range; {self._range()}", param, ctx)
-        if self.high is not None and (x > self.high or (self.high_open and x == self.high)):
-            self.fail(f"{value} is out of range; {self._range()}", param, ctx)
-        return x
-
-    def _range(self) -> str:
-        lo = "" if self.low is None else f"{self.low} <{'' if self.low_open else '='} "
-        hi = "" if self.high is None else f" <{'' if self.high_open else '='} {self.high}"
-        return f"give {lo}x{hi}"
-
-
-_POSITIVE = _Number(0, low_open=True)
-
-
-class _Checked(click.ParamType):
-    """A declared option's value: text turned into its type, then refused with the option's own
-    check (the same one a recipe value passes)."""
-
-    def __init__(self, opt):
-        self.opt = opt
-        types = opt.type if isinstance(opt.type, tuple) else (opt.type,)
-        self.name = "text" if str in types else types[0].__name__
-        self.to = next((t for t in types if t in (int, float)), None) if str not in types else None
-
-    def convert(self, value, param, ctx):
-        import math
-
-        if self.to is not None and isinstance(value, str):
-            try:
-                value = self.to(value)
-            except ValueError:
-                self.fail(f"{value!r} is not {'an integer' if self.to is int else 'a number'}", param, ctx)
-            if isinstance(value, float) and not math.isfinite(value):
-                self.fail(f"{value!r} is not a finite number", param, ctx)
-        problem = self.opt.problem(value)
-        if problem:
-            self.fail(problem, param, ctx)
-        return value
-
-
-def _click_option(opt):
-    """The click option generated from one declaration (edgecomp.options.Option)."""
-    flag = opt.flag or f"--{opt.name.replace('_', '-')}"
-    text = opt.describe(choices=False)
-    kw = dict(help=text[:1].upper() + text[1:] + ".")
-    if opt.type is bool:
-        if "/" not in flag:
-            flag = f"{flag}/--no-{opt.name.replace('_', '-')}"
-        return click.option(flag, opt.name, default=opt.default, show_default=True, **kw)
-    if opt.type is list and opt.split:
-        def split(ctx, param, value):
-            parts = [v.strip() for v in value.split(opt.split) if v.strip()]
-            problem = opt.problem(parts)
-            if problem:
-                raise click.BadParameter(problem, ctx, param)
-            return parts
-        return click.option(flag, opt.name, default=opt.split.join(opt.default), show_default=True, callback=split,
-                            metavar=opt.metavar or "A,B", **kw)
-    if opt.type is list or opt.type is dict:
-        def collect(ctx, param, value):
-            result = opt.parse(value) if opt.parse else list(value)
-            problem = opt.problem(result)
-            if problem:
-                raise click.BadParameter(problem, ctx, param)
-            return result
-        return click.option(flag, opt.name, multiple=True, callback=collect, metavar=opt.metavar, **kw)
-    if opt.choices:
-        def typed(ctx, param, value):  # the declared choice itself: 4, not "4"
-            return next((c for c in opt.choices if str(c) == value), value)
-        return click.option(flag, opt.name, type=click.Choice([str(c) for c in opt.choices]), callback=typed,
-                            default=None if opt.default is None else str(opt.default),
-                            show_default=opt.default is not None, **kw)
-    return click.option(flag, opt.name, type=_Checked(opt), default=opt.default, show_default=opt.default is not None,
-                        metavar=opt.metavar, **kw)
-
-
-def _declared(options):
-    """Decorate a command with the click options generated from ``options`` (in their order)."""
-
-    def decorate(f):
-        for opt in reversed(options):
-            f = _click_option(opt)(f)
-        return f
-
-    return decorate
-
-
-def _values(options, params: dict) -> dict:
-    """Take the declared options' values out of a command's parameters."""
-    return {o.name: params.pop(o.name) for o in options}
-
-
-class _DataOption(click.Option):
-    """A path option that gives a step its data (``key``: calibration, eval, labels, text, tokenizer);
-    errors about missing data name the flag through it."""
-
-    def __init__(self, *args, data_key: str, **kw):
-        super().__init__(*args, **kw)
-        self.data_key = data_key
-
-
-def _data_option(flag: str, key: str, help: str, dest: str | None = None):
-    return click.option(flag, dest or key, cls=_DataOption, data_key=key, type=click.Path(), help=help)
-
-
-def _output_option(f):
-    return click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
-                        help="Output file (written atomically; never one of the inputs).")(f)
-
-
-def _json_option(f):
-    """--json PATH, checked against every other path argument before the command does any work."""
-
-    @functools.wraps(f)
-    def checked(**params):
-        if params.get("json_path"):
-            _check_json_path(params["json_path"], params)
-        return f(**params)
-
-    return click.option("--json", "json_path", type=click.Path(dir_okay=False),
-                        help="Also write the results as JSON to this file.")(checked)
-
-
-def _check_json_path(path: str, params: dict) -> None:
-    from edgecomp.io import check_output_path
-
-    others = [v for k, v in params.items() if k != "json_path" and isinstance(v, str) and v]
-    others += [v for v in params.values() if isinstance(v, tuple) for v in v if isinstance(v, str)]
-    check_output_path(path, others)
-
-
-def _threads_option(f, help="onnxruntime intra-op threads (inter-op is 1); default 1, or the --target profile's."):
-    return click.option("--threads", type=click.IntRange(1), default=None, help=help)(f)
-
-
-def _training_threads_option(f):
-    return _threads_option(f, help="torch threads for training (default: all cores); onnxruntime checks use 1.")
-
-
-def _value_option(f):
-    return click.option("--value", "values", multiple=True, metavar="NAME=V[,V...]",
-                        help="Fix an input's value, e.g. sr=16000 (one value fills the input; repeatable).")(f)
-
+# --- helpers of several commands -------------------------------------------------------------
 
 def _parse_values(values) -> dict:
     from edgecomp.data import parse_value
@@ -357,15 +90,6 @@ def _parse_shapes(values, what="--shape"):
             raise DataError(f"bad {what} {v!r}; write NAME=1x3x224x224")
         out[name] = parse_shape(shape)
     return out
-
-
-def _write_json(path, obj) -> None:
-    """Write --json (its path was checked before the command ran)."""
-    if path:
-        from edgecomp.io import write_json
-
-        write_json(path, rpt.to_jsonable(obj))
-        click.echo(f"wrote {path}")
 
 
 def _finish(result, output, json_path, titles=None, extra=None) -> None:
@@ -480,7 +204,7 @@ def distill(teacher, output, teacher_hf, calibration, text, tokenizer, labels, c
 
 
 @cli.command()
-@click.argument("model", type=click.Path())
+@click.argument("model", type=ModelPath())
 @_output_option
 @_declared(FINETUNE_OPTIONS)
 @_data_option("--data", "calibration", "DATA keyed by the model's inputs (a seeded held_out share scores it).")
@@ -598,15 +322,14 @@ def _device(profile, remote=None, remote_python=None, ssh_config=None, connect_t
 
 
 @cli.command()
-@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.argument("models", nargs=-1, required=True, type=ModelPath())
 @_declared(BENCH_OPTIONS)
 @click.option("--pin", metavar="CPUS", help="Pin to CPUs, e.g. 0 or 0-1.")
 @click.option("--data", type=click.Path(), help="DATA whose first sample is the feed (else synthesized).")
-@click.option("--shape", "shapes", multiple=True, metavar="NAME=SHAPE",
-              help="Shape for symbolic dims, e.g. input_ids=1x128 (default: batch 1, sequence 128, images 224).")
+@shape_option
 @_value_option
-@click.option("--target", help="Target profile (threads, pinning); see `edgecomp targets`.")
-@click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
+@target_option("its threads and CPU pinning; one with remote = ... measures on that device")
+@targets_file_option()
 @_remote_options
 @_json_option
 def bench(models, threads, warmup, runs, profile, pin, data, shapes, values, target, targets_file, json_path,
@@ -668,20 +391,25 @@ def _profile_ops(models, threads, warmup, runs, feed, shapes, values):
 
 
 def _emulation_options(f):
-    """--target (several), --targets-file, --max-samples, --timeout and --cache-dir of target numerics."""
+    """--target (several), --targets-file, --max-samples, --timeout and --cache-dir of target numerics
+    (made when validate is parsed: their defaults live in modules that import onnx-ir)."""
+    f = _deferred(_emulation_limits)(f)
+    f = targets_file_option()(f)
+    f = target_option("an emulated one (arm64-*, or one with emulate = ...) runs the candidate there, one with "
+                      "remote = ... runs both models on that device; repeat for several", multiple=True)(f)
+    return f
+
+
+def _emulation_limits():
     from edgecomp.emulate.numerics import DEFAULT_MAX_SAMPLES
     from edgecomp.emulate.runner import DEFAULT_TIMEOUT_S
 
-    f = click.option("--cache-dir", type=click.Path(file_okay=False),
-                     help="The emulated runtime's folder (default ~/.cache/edgecomp/arm64 or $EDGECOMP_ARM64_CACHE).")(f)
-    f = click.option("--timeout", type=click.FloatRange(min=1), default=DEFAULT_TIMEOUT_S, show_default=True,
-                     help="Seconds the emulated runs of one target may take in all.")(f)
-    f = click.option("--max-samples", type=click.IntRange(1), default=DEFAULT_MAX_SAMPLES, show_default=True,
-                     help="Samples run on each emulated target (evenly spaced over DATA).")(f)
-    f = click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")(f)
-    f = click.option("--target", "targets", multiple=True,
-                     help="An emulated target profile (arm64-*, or one with emulate = ...); repeat for several.")(f)
-    return f
+    return [click.Option(["--max-samples"], type=click.IntRange(1), default=DEFAULT_MAX_SAMPLES, show_default=True,
+                         help="Samples run on each emulated target (evenly spaced over DATA)."),
+            click.Option(["--timeout"], type=click.FloatRange(min=1), default=DEFAULT_TIMEOUT_S, show_default=True,
+                         help="Seconds the emulated runs of one target may take in all."),
+            click.Option(["--cache-dir"], type=click.Path(file_okay=False),
+                         help="The emulated runtime's folder (default ~/.cache/edgecomp/arm64 or $EDGECOMP_ARM64_CACHE).")]
 
 
 @cli.command()
@@ -765,9 +493,8 @@ def _emulated_profiles(names, targets_file):
 
 
 @cli.command()
-@click.argument("model", type=click.Path())
-@click.option("--shape", "shapes", multiple=True, metavar="NAME=SHAPE",
-              help="Shape for symbolic dims when counting MACs (default: batch 1, sequence 128, images 224).")
+@click.argument("model", type=ModelPath())
+@shape_option
 @_value_option
 @click.option("--no-macs", is_flag=True, help="Skip running the model to count MACs.")
 @_json_option
@@ -790,7 +517,7 @@ def inspect(model, shapes, values, no_macs, json_path):
 
 
 @cli.command("reduce-embeddings")
-@click.argument("model", type=click.Path())
+@click.argument("model", type=ModelPath())
 @_output_option
 @_declared(EMBEDDING_OPTIONS)
 @_data_option("--corpus", "text", "Text file, one text per line: its token counts weight the factorization / "
@@ -835,17 +562,17 @@ def reduce_embeddings(model, output, text, tokenizer, keep_ids, add_tokens, json
 
 
 @cli.command()
-@click.argument("model", type=click.Path())
+@click.argument("model", type=ModelPath())
 @_output_option
-@_data_option("--calibration", "calibration", "DATA to calibrate activation ranges on (static mode).")
+@_data_option("--data", "calibration", "DATA to calibrate activation ranges on (static mode).",
+              alias="--calibration")
 @_declared(QUANTIZE_OPTIONS)
 @_data_option("--eval", "eval", "Held-out DATA for --tolerance (the accuracy-aware fallback).", dest="eval_data")
 @_data_option("--labels", "labels", "Labels for --eval (makes --metric top1 task accuracy).")
-@click.option("--target", help="Target profile whose ISA decides weight bits (default: this host); one with an "
-              "emulated CPU (arm64-*) also judges --tolerance and the fidelity floor on its numerics; one with remote = "
-              "times the written model against the input on its device.")
-@click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables; with families "
-              "auto, its [measured.PROFILE] table (`edgecomp targets measure`; `host` without --target) decides.")
+@target_option("its ISA decides weight bits (default: this host); one with an emulated CPU (arm64-*) also judges "
+               "--tolerance and the fidelity floor on its numerics; one with remote = times the written model against "
+               "the input on its device")
+@targets_file_option()
 @click.option("--target-samples", type=click.IntRange(1), default=16, show_default=True,
               help="Samples an emulated --target runs per candidate (~1.5-3 s each for a MiniLM int8).")
 @click.option("--mode", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
@@ -869,8 +596,8 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
 
     Example:
 
-        edgecomp quantize minilm.onnx -o minilm.int8.onnx --calibration calib/ --eval held/ --metric cosine --tolerance 0.003
-        edgecomp quantize silero_vad.onnx -o vad.int8.onnx --calibration chunks/ --value sr=16000
+        edgecomp quantize minilm.onnx -o minilm.int8.onnx --data calib/ --eval held/ --metric cosine --tolerance 0.003
+        edgecomp quantize silero_vad.onnx -o vad.int8.onnx --data chunks/ --value sr=16000
     """
     from edgecomp.data import StepData
     from edgecomp.io import check_output_path, load_model, save_model
@@ -888,7 +615,7 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
     table = _measured_table(targets_file, target, values["families"])
     if mode == "dynamic":
         if calibration or eval_data or values["tolerance"] is not None or fixed:
-            raise click.UsageError("--mode dynamic takes no --calibration, --eval, --tolerance or --value (it is "
+            raise click.UsageError("--mode dynamic takes no --data, --eval, --tolerance or --value (it is "
                                    "onnxruntime's quantize_dynamic, for comparison)")
         quantize_dynamic_ort(model, output, profile.isa if profile else None)
         click.echo(f"wrote {output} (onnxruntime quantize_dynamic, for comparison)")
@@ -932,7 +659,7 @@ _PRUNE_REMEDIES = {"calibration": "give --data DATA (importance, repair and a ch
 
 
 @cli.command()
-@click.argument("model", type=click.Path())
+@click.argument("model", type=ModelPath())
 @_output_option
 @_declared(PRUNE_OPTIONS)
 @_data_option("--data", "calibration", "DATA for activation-based importance, least-squares repair and the held-out "
@@ -991,11 +718,11 @@ def prune(model, output, calibration, eval_data, labels, values, threads, json_p
 
 
 @cli.command()
-@click.argument("model", type=click.Path())
+@click.argument("model", type=ModelPath())
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
               help="Output folder: model.ort, required_operators_and_types.config, package.json.")
 @click.option("--data", type=click.Path(), help="DATA whose first sample checks the .ort against the .onnx (else synthesized).")
-@click.option("--shape", "shapes", multiple=True, metavar="NAME=SHAPE", help="Shape for symbolic dims of the check feed.")
+@shape_option
 @_value_option
 @click.option("--overwrite", is_flag=True, help="Replace an OUTDIR that `edgecomp package` wrote before.")
 def package(model, outdir, data, shapes, values, overwrite):
@@ -1026,7 +753,7 @@ def package(model, outdir, data, shapes, values, overwrite):
 
 
 @cli.group(invoke_without_command=True)
-@click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
+@targets_file_option()
 @click.pass_context
 def targets(ctx, targets_file):
     """List target CPU profiles and say which match this host's ISA; `targets setup arm64`
@@ -1054,11 +781,9 @@ def targets(ctx, targets_file):
 @click.argument("profile")
 @click.option("--model", "model_path", required=True, type=click.Path(), help="The float ONNX model whose layers "
               "are timed (its own shapes).")
-@click.option("--targets-file", "table_file", required=True, type=click.Path(dir_okay=False),
-              help="TOML targets file that gets the [measured.PROFILE] table (created if missing; other tables and "
-                   "comments are kept).")
-@_data_option("--calibration", "calibration", "DATA for the int8 scales (default: one synthesized feed; the scales "
-              "do not change the speed).")
+@targets_file_option("table_file", required=True)
+@_data_option("--data", "calibration", "DATA for the int8 scales (default: one synthesized feed; the scales "
+              "do not change the speed).", alias="--calibration")
 @_threads_option
 def targets_measure(profile, model_path, table_file, calibration, threads):
     """Time each op family of MODEL (matmul, conv, depthwise conv, attention) alone in int8
@@ -1115,8 +840,8 @@ def _data_options(f):
     f = click.option("--tokenizer", type=click.Path(), help="Tokenizer folder for --text (default: the --hf folder).")(f)
     f = click.option("--text", type=click.Path(), help="Text, one per line: distillation data / embedding corpus.")(f)
     f = click.option("--labels", type=click.Path(), help="Labels (.npy) for --eval: task accuracy.")(f)
-    f = click.option("--eval", "eval_data", type=click.Path(), help="Held-out DATA for validate/tolerance.")(f)
-    f = click.option("--calibration", type=click.Path(), help="DATA for calibration / repair.")(f)
+    f = _data_option("--eval", "eval", "Held-out DATA for validate/tolerance.", dest="eval_data")(f)
+    f = _data_option("--data", "calibration", "DATA for calibration / repair.", alias="--calibration")(f)
     return f
 
 
@@ -1136,10 +861,10 @@ def _convert_source(spec, hf):
               help="Output folder: every model, report.json, report.html.")
 @click.option("--hf", "hf_path", type=click.Path(exists=True, file_okay=False), help="A local Hugging Face encoder instead of SPEC.")
 @_data_options
-@click.option("--train-labels", type=click.Path(), help="Labels (.npy) of the --calibration samples, for a finetune "
+@click.option("--train-labels", type=click.Path(), help="Labels (.npy) of the --data samples, for a finetune "
               "step: class ids or target vectors.")
-@click.option("--target", help="Target profile (threads, ISA for quantization).")
-@click.option("--targets-file", type=click.Path(), help="TOML file with extra [profile.NAME] tables.")
+@target_option("its threads, and its ISA for quantization")
+@targets_file_option()
 @click.option("--overwrite", is_flag=True, help="Replace an OUTDIR that edgecomp wrote before.")
 @click.option("--ort-format", is_flag=True,
               help="Also write model.ort and required_operators_and_types.config for ORT Mobile (see `edgecomp package`).")
@@ -1159,7 +884,7 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
     Example:
 
         edgecomp convert models.mobilenet_v2:digits_classifier --recipe cnn-int8 -o out/digits \\
-            --calibration out/demo/train.npz --eval out/demo/test.npz --labels out/demo/test_labels.npy
+            --data out/demo/train.npz --eval out/demo/test.npz --labels out/demo/test_labels.npy
     """
     from edgecomp.pipeline.convert import convert as run_convert
     from edgecomp.pipeline.recipe import load_recipe
@@ -1225,8 +950,8 @@ def recipes(show_options):
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False))
 @click.option("--hf", "hf_path", type=click.Path(exists=True, file_okay=False))
 @_data_options
-@click.option("--target", help="Target profile.")
-@click.option("--targets-file", type=click.Path())
+@target_option("its threads, and its ISA for quantization")
+@targets_file_option()
 @click.option("--address", help="Address of an existing Ray cluster (default: start a local one).")
 @click.option("--connect-timeout", type=_POSITIVE, default=30.0, show_default=True,
               help="Seconds to wait for the --address cluster before giving up.")
@@ -1242,7 +967,7 @@ def sweep(spec, recipe, grid, outdir, hf_path, calibration, eval_data, labels, t
 
         edgecomp sweep models.mobilenet_v2:digits_classifier --recipe cnn-int8 -o out/sweep \\
             --grid quantize.method=minmax,mse --grid quantize.tolerance=0.002,0.01 \\
-            --calibration out/demo/train.npz --eval out/demo/test.npz --labels out/demo/test_labels.npy
+            --data out/demo/train.npz --eval out/demo/test.npz --labels out/demo/test_labels.npy
     """
     from edgecomp.pipeline.recipe import load_recipe
     from edgecomp.pipeline.sweep import parse_grid, run_sweep
