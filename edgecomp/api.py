@@ -169,19 +169,14 @@ def quantize(model: ModelLike, data: Any = None, *, eval: Any = None, labels: An
     command's (``method``, ``families``, ``max_samples``, ``tolerance``, ``format``, ...)."""
     from edgecomp.data import StepData, as_data
     from edgecomp.emulate.runner import target_runner
-    from edgecomp.options import fields_of
     from edgecomp.quantize import run
-    from edgecomp.quantize.options import OPTIONS, QuantizeOptions
+    from edgecomp.quantize.options import OPTIONS, for_target
     from edgecomp.targets import get_profile
 
     vals = option_values(OPTIONS, options, "quantize")
     profile = get_profile(target, targets_file)
-    if profile and profile.ep:
-        vals["format"] = profile.quant_format
-    runner, _ = target_runner(profile)
-    opts = QuantizeOptions(**fields_of(vals), isa=profile.isa if profile else None,
-                           threads=threads or (profile.threads if profile else 1), target_runner=runner)
-    opts.validate()
+    opts = for_target(vals, profile, threads=threads)  # the target's rules, as the CLI and convert apply them
+    opts.target_runner, _ = target_runner(profile)
     m = _model(model)
     _specialize(m, values)
     result = run(m, opts, StepData(calibration=as_data(data), eval=as_data(eval), labels=_labels(labels)))

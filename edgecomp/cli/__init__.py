@@ -243,7 +243,7 @@ def finetune(model, output, calibration, train_labels, checkpoint, resume, keep_
     if not keep_checkpoint:
         Path(ckpt).unlink(missing_ok=True)
     s = res.summary
-    if res.head:
+    if res.evidence["head"]:
         click.echo(s["new head"])
     click.echo(f"trained {s['steps']} steps in {s['seconds']:.0f}s ({s['optimizer']}, {s['labels']}); best held-out "
                f"at step {s['best step']}{', stopped early' if s['stopped early'] else ''}; "
@@ -255,7 +255,7 @@ def finetune(model, output, calibration, train_labels, checkpoint, resume, keep_
         click.echo(f"warning: {w}", err=True)
     click.echo(f"wrote {out} (trained weights in the model's own graph; onnxruntime vs torch max abs diff "
                f"{s['onnxruntime vs torch max abs diff']:.2e})")
-    _write_json(json_path, {"summary": s, "history": res.history, "warnings": res.warnings})
+    _write_json(json_path, res.to_json())
 
 
 @cli.command()

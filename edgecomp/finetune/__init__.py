@@ -11,10 +11,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["FinetuneOptions", "FinetuneResult", "run"]
+__all__ = ["FinetuneOptions", "run"]
 
 # Loaded on first use: the CLI reads edgecomp.finetune.options at startup, which must not import torch.
-_HOME = {"FinetuneOptions": "options", "FinetuneResult": "pipeline", "run": "pipeline"}
+_HOME = {"FinetuneOptions": "options", "run": "pipeline"}
 
 
 def __getattr__(name: str) -> Any:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -23,18 +22,9 @@ import onnx_ir as ir
 from edgecomp.data import StepData
 from edgecomp.errors import DataError, InputFileError, OptionError, ParityError
 from edgecomp.finetune.options import FinetuneOptions
+from edgecomp.step import StepContext, StepResult
 
-__all__ = ["FinetuneResult", "run", "load_targets"]
-
-
-@dataclasses.dataclass
-class FinetuneResult:
-    model: ir.Model               # the model with the trained weights (verified in onnxruntime)
-    head: str | None              # the layer a new head replaced, described
-    summary: dict[str, Any]
-    history: list[dict[str, float]]
-    warnings: list[str]
-    checkpoint: str | None
+__all__ = ["run", "load_targets"]
 
 
 def load_targets(path: str | os.PathLike, n: int) -> tuple[np.ndarray, str]:
@@ -123,9 +113,10 @@ def _verify(model: ir.Model, module, held, train) -> tuple[float, list[np.ndarra
     return worst, outs
 
 
-def run(model: ir.Model, opts: FinetuneOptions, data: StepData, *, checkpoint: str | os.PathLike | None = None,
+def run(model: ir.Model, opts: FinetuneOptions, data: StepData, context: StepContext | None = None, *,
+        checkpoint: str | os.PathLike | None = None,
         resume: bool = False, threads: int | None = None,
-        callback: Callable[[int, dict[str, float]], None] | None = None) -> FinetuneResult:
+        callback: Callable[[int, dict[str, float]], None] | None = None) -> StepResult:
     """Fine-tune ``model`` (changed in place) on ``data.calibration`` with ``data.train_labels``."""
     import torch
 
@@ -183,7 +174,7 @@ def _ort_scores(outs: list[np.ndarray], held, kind: str) -> dict[str, float]:
     return {"held-out mse": float(np.mean((got.astype(np.float64) - y) ** 2))}
 
 
-def _result(model, head, opts, kind, fit, before, after, worst, checkpoint) -> FinetuneResult:
+def _result(model, head, opts, kind, fit, before, after, worst, checkpoint) -> StepResult:
     """The run's record: what was replaced, trained and measured (the one place results are built)."""
     summary: dict[str, Any] = {"labels": "class ids (cross-entropy)" if kind == "classes" else "targets (MSE)",
                                "optimizer": opts.optimizer, "steps": fit.steps, "best step": fit.best_step,
@@ -202,5 +193,6 @@ def _result(model, head, opts, kind, fit, before, after, worst, checkpoint) -> F
     if fit.best_step is not None and fit.best_step == (fit.resumed_from or 0) and fit.steps > (fit.resumed_from or 0):
         warnings.append("training never beat the model as given on the held-out split; its weights are unchanged "
                         "(try a lower lr or more data)")
-    return FinetuneResult(model, head.describe() if head else None, summary, fit.history, warnings,
-                          str(checkpoint) if checkpoint else None)
+    return StepResult("finetune", model, summary, tables={"held-out evaluations": fit.history}, warnings=warnings,
+                      evidence={"head": head.describe() if head else None,
+                                "checkpoint": str(checkpoint) if checkpoint else None})

@@ -263,10 +263,10 @@ def _run_finetune(ctx: _Context, rec: StepRecord) -> None:
     from edgecomp.finetune import FinetuneOptions, run
 
     ckpt = ctx.outdir / f"{rec.index:02d}-finetune.ckpt"
-    res = run(ctx.latest(), FinetuneOptions(**fields_of(rec.options)), ctx.data, checkpoint=ckpt, threads=ctx.threads)
-    ctx.save(rec, res.model)
+    res = run(ctx.latest(), FinetuneOptions(**fields_of(rec.options)), ctx.data, ctx.step_context(), checkpoint=ckpt,
+              threads=ctx.threads)
     ckpt.unlink(missing_ok=True)
-    rec.summary, rec.warnings, rec.tables = res.summary, res.warnings, {"held-out evaluations": res.history}
+    _record(ctx, rec, res)
 
 
 def _task_models(ctx: _Context) -> list[StepRecord]:

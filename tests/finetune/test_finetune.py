@@ -42,7 +42,7 @@ def test_new_head_learns_a_separable_task_and_writes_a_verified_onnx(mlp_path, t
     data, labels, x, y = _task(tmp_path)
     res = _run(load_model(mlp_path), _opts(new_head=2), StepData(calibration=str(data), train_labels=str(labels)))
     s = res.summary
-    assert "MatMul + Add node" in res.head and "(16 -> 4)" in res.head and "16 -> 2 classes" in s["new head"]
+    assert "MatMul + Add node" in res.evidence["head"] and "(16 -> 4)" in res.evidence["head"] and "16 -> 2 classes" in s["new head"]
     assert s["held-out accuracy before"] < 0.8 and s["held-out accuracy after"] > 0.95
     out = save_model(res.model, tmp_path / "ft.onnx")
     onnx.checker.check_model(str(out))
@@ -113,7 +113,7 @@ def test_interrupted_run_resumes_bit_identically(mlp_path, tmp_path):
         _run(load_model(mlp_path), opts, sd, checkpoint=tmp_path / "k.ckpt", callback=kill)
     resumed = _run(load_model(mlp_path), opts, sd, checkpoint=tmp_path / "k.ckpt", resume=True)
     assert resumed.summary["resumed from step"] == 4 and resumed.summary["batch update"] is False
-    assert resumed.history == whole.history
+    assert resumed.tables["held-out evaluations"] == whole.tables["held-out evaluations"]
     for k, v in whole.model.graph.initializers.items():
         assert np.array_equal(v.const_value.numpy(), resumed.model.graph.initializers[k].const_value.numpy())
 
