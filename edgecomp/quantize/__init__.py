@@ -109,10 +109,10 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     if not layers:
         raise PassFailed(no_layer_message(model, skipped, excluded))
     stats = calibrate(model, layers, calibration, opts)
-    if opts.format == "qdq":  # whole node units: every layer's output gets a calibrated grid too
+    if opts.format == "qdq" and opts.node_units:  # whole node units: every layer's output gets a calibrated grid too
         stats.update(calibrate_outputs(model, layers, calibration, opts, stats))
     plan, rows = make_plan(model, layers, stats, opts, calibration)
-    if opts.format == "qdq":
+    if opts.format == "qdq" and opts.node_units:
         plan_outputs(model, plan, layers, stats, opts)
     feed, *more = calibration.feeds_for(specs, 2)
     families, family_rows = choose_families(model, layers, plan, feed, opts, confirm_feed=next(iter(more), None))

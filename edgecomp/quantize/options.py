@@ -61,6 +61,9 @@ OPTIONS = (
     Option("format", str, "contrib", "contrib: onnxruntime's fastest CPU form (com.microsoft ops); qdq: standard "
            "QuantizeLinear/DequantizeLinear pairs that mobile EPs (XNNPACK, NNAPI, CoreML, QNN) consume",
            choices=FORMATS),
+    Option("node_units", bool, False, "format qdq: also round every quantized layer's output to its own grid "
+           "(whole DequantizeLinear -> op -> QuantizeLinear units, which NNAPI/QNN need to run a layer in int8; "
+           "costs fidelity, and onnxruntime on CPU runs it slower)"),
     Option("int4", str, "off", "int4 MatMul weights (onnxruntime MatMulNBits, int8 compute): off, auto (the layers "
            "int4 costs least, while the fidelity bound or the tolerance holds), or comma regexes of node names",
            check=_int4),
@@ -86,6 +89,7 @@ class QuantizeOptions:
     metric: str = "cosine"
     tolerance: float | None = None  # with eval data: accuracy-aware fallback
     format: str = "contrib"  # contrib (com.microsoft, onnxruntime CPU) | qdq (ai.onnx only, mobile EPs)
+    node_units: bool = False  # qdq: every quantized layer's output gets its own grid too (quantize/outputs.py)
     int4: str = "off"  # off | auto (by measured cost, within the bound) | comma regexes of node names
     int4_block: int = 32
     reservoir: int = 512
@@ -107,6 +111,8 @@ class QuantizeOptions:
         check_values(OPTIONS, {o.name: getattr(self, o.name) for o in OPTIONS})
         if self.int4 != "off" and self.format != "contrib":
             raise OptionError("int4", "needs format contrib (MatMulNBits is an onnxruntime contrib op)")
+        if self.node_units and self.format != "qdq":
+            raise OptionError("node_units", "needs format qdq (the contrib form's int8 ops return float)")
         if self.min_cosine is not None and not 0.0 < _number(self.min_cosine) <= 1.0:
             raise OptionError("min_cosine", "must be in (0, 1], or None to skip the fidelity check")
 

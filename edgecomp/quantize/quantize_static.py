@@ -75,6 +75,7 @@ from edgecomp.graph import (INT8_OPS, NameAllocator, add_initializer, attribute,
                             layer_weight)
 from edgecomp.passes.base import EdgecompPass, PassReport, one_line_failures
 from edgecomp.passes.upgrade_opset import default_opset
+from edgecomp.quantize.qdq_form import bias_for_int8_fusion
 
 __all__ = ["LayerPlan", "QuantizeStaticPass", "quantize_weight", "matmul_parts", "bias_add", "QUANTIZED_OPS", "MS_DOMAIN",
            "FORMATS"]
@@ -265,6 +266,8 @@ class _Builder:
         wd = self.add("DequantizeLinear", list(self.weight(node, ("qdq", trans), stored, lp, axis=axis)),
                       f"{node.name}_w_dq", axis=axis)
         xd, act_scale = self._dequantized_input(node, lp)
+        if bias is not None and node.op_type == "MatMul" and lp.mid_scale is None:  # onnxruntime then fuses it to int8
+            bias = bias_for_int8_fusion(bias, node.inputs[0])
         b = None if bias is None else self.const(f"{node.name}_bias", bias.astype(np.float32))
         if b is not None and node.op_type == "Gemm" and lp.out_scale is not None:  # the Gemm unit's int32 bias
             b = self._int32_bias(node.name, bias, act_scale, self.weight(node, ("qdq", trans), stored, lp, axis=axis)[1])
