@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -222,6 +223,46 @@ def _op_profile(paths: list[Path], labels: list[str], feed: dict, runs: int = 50
     return md_table(rows, ["op type", *[f"{lab} ms" for lab in labels]])
 
 
+
+def bench_speed_forms(work: Path, runs: int) -> str:
+    """Issue 23: the default int8 vs fp32 (three interleaved runs), the QDQ form (default: the contrib
+    form's computation; --node-units: whole node units) against the contrib form, and where the time
+    goes, with the machine's load reported beside each timing."""
+    fp32 = export_minilm(work / "minilm.onnx")
+    tok = load_tokenizer(minilm_path())
+    splits = text_splits()
+    calib_dir = write_token_data(tokenize(tok, splits["calib"]), work / "calib500")
+    test_feeds = tokenize(tok, splits["test"])
+    feed = tokenize(tok, [" ".join(splits["test"][:80])], max_len=128)[0]
+    forms = {"edgecomp int8 (default, contrib form)": ("edgecomp.onnx", ()),
+             "edgecomp --format qdq": ("edgecomp_qdq.onnx", ("--format", "qdq")),
+             "edgecomp --format qdq --node-units": ("edgecomp_qdq_units.onnx", ("--format", "qdq", "--node-units"))}
+    reports = {name: edgecomp_quantize(fp32, work / f, calib_dir, *extra) for name, (f, extra) in forms.items()}
+    ref = embeddings(fp32, test_feeds)
+    rows = []
+    for name, (f, _) in forms.items():
+        path = work / f
+        import onnx
+
+        ops = {n.domain for n in onnx.load(str(path), load_external_data=False).graph.node}
+        rows.append({"variant": name, "size MB": path.stat().st_size / 1e6, **fidelity(ref, embeddings(path, test_feeds)),
+                     "com.microsoft ops": "com.microsoft" in ops,
+                     "layers int8": reports[name]["summary"]["layers int8"]})
+    paths = [fp32] + [work / f for f, _ in forms.values()]
+    labels = ["fp32"] + list(forms)
+    lat_rows = []
+    for rep in range(3):
+        load = os.getloadavg()[0]
+        lat = bench_in_subprocess(paths, labels, feed, runs, warmup=5)
+        lat_rows += [{"run": rep + 1, "load (1 min)": load, "variant": st["label"], "latency vs fp32": st["ratio_to_first"],
+                      "p50 ms": st["p50_ms"]} for st in lat[1:]]
+    profile = _op_profile([fp32, work / "edgecomp.onnx", work / "edgecomp_qdq.onnx"],
+                          ["fp32", "int8 contrib", "int8 qdq"], feed)
+    return "\n\n".join([md_table(rows, ["variant", "size MB", "mean cos", "min cos", "NN@10", "layers int8",
+                                        "com.microsoft ops"]),
+                         md_table(lat_rows, ["run", "load (1 min)", "variant", "latency vs fp32", "p50 ms"]),
+                         "Where the time goes at seq 128, 1 thread (kernel ms per op type and run):", profile])
+
 def bench_digits(work: Path, runs: int) -> tuple[str, dict]:
     from edgecomp.export import export_spec
     from edgecomp.runtime import make_session
@@ -262,9 +303,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=str(ROOT / "out" / "bench_quantize"))
     ap.add_argument("--runs", type=int, default=60)
+    ap.add_argument("--speed-forms", action="store_true",
+                    help="only issue 23's section (default int8, QDQ forms; BENCHMARKS section quantize-forms)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    if args.speed_forms:
+        body = "\n".join([
+            "## Static int8 forms: default vs fp32, QDQ at parity (issue 23)", "",
+            f"Reproduce: `.venv/bin/python scripts/bench_quantize.py --speed-forms` (measured {datetime.date.today()}; "
+            f"{host_line().replace(chr(10), '; ')}). all-MiniLM-L6-v2, seq 128, batch 1, 1 thread, fidelity on 870 "
+            "held-out sentences; latency: three interleaved `edgecomp bench` runs in fresh processes, the machine's "
+            "1-minute load average beside each (the machine is shared: ratios within one run are what counts).", "",
+            bench_speed_forms(work, args.runs)])
+        update_section("quantize-forms", body)
+        print(body)
+        return
     minilm_table, minilm_notes = bench_minilm(work, args.runs)
     digits_table, digits_notes = bench_digits(work, args.runs)
     body = "\n".join([
