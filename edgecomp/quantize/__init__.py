@@ -54,7 +54,8 @@ from edgecomp.passes.optimize_graph import OptimizeGraphPass
 from edgecomp.passes.upgrade_opset import UpgradeOpsetPass, new_violations, opset_violations
 from edgecomp.quantize.calibration import calibrate
 from edgecomp.quantize.families import choose_families
-from edgecomp.quantize.int4 import apply_int4, describe, int4_step, latency_vs_int8
+from edgecomp.quantize.int4 import describe, int4_step, latency_vs_int8
+from edgecomp.quantize.int4_at_rest import write_int4
 from edgecomp.quantize.layers import find_layers, no_layer_message
 from edgecomp.quantize.options import MIN_OPSET, OPSET_REASON, QuantizeOptions
 from edgecomp.quantize.outputs import calibrate_outputs, plan_outputs
@@ -161,7 +162,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     rows += skipped
     quantized = build(model, plan, format=opts.format) if plan else model
     if int4 and int4.codes:
-        quantized = apply_int4(quantized, int4.codes, int4.block)
+        quantized, int4_form = write_int4(model, int8_plan, int4.codes, int4.block, opts, quantized)
     embedding_rows = []
     if opts.embeddings:
         emb = run_pass(QuantizeEmbeddingsPass(bits=8), quantized)
@@ -199,13 +200,16 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         summary["numerics judged on"] = opts.target_runner.describe()
     if int4:
         summary.update(describe(int4, rows, len(plan)))
+        if int4.codes:
+            summary["int4 form"] = int4_form
         summary["layers float"] -= len(int4.codes)
         if int4.codes and opts.isa in (None, host_isa()):
             speed = latency_vs_int8(model, int8_plan, quantized, feed, opts)
             summary["int4 latency vs int8 (this host)"] = speed.text()
             if speed.low > 1.0:
                 warnings.append(f"the int4 model runs {speed.ratio:.2f}x the int8 model's latency on this host "
-                                f"({speed.text()}): MatMulNBits is slower than MatMulIntegerToFloat here")
+                                f"({speed.text()})" + (": MatMulNBits is slower than MatMulIntegerToFloat here"
+                                                       if int4_form == "MatMulNBits" else ""))
     if check is not None:
         summary.update(check.summary())
         warnings += [w for w in [check.warning()] if w]

@@ -37,7 +37,7 @@ from edgecomp.errors import PassFailed
 from edgecomp.graph import NameAllocator, add_initializer
 from edgecomp.passes.base import EdgecompPass, PassReport, run_pass
 
-__all__ = ["Int4AtRestPass", "apply_int4_at_rest", "at_rest_codes", "pack_codes", "unpacked_codes", "int4_weights",
+__all__ = ["Int4AtRestPass", "apply_int4_at_rest", "int4_compute", "write_int4", "at_rest_codes", "pack_codes", "unpacked_codes", "int4_weights",
            "FOLDED_OPS"]
 
 #: the ops of the weight chain, which onnxruntime folds away at session creation
@@ -181,3 +181,27 @@ def apply_int4_at_rest(int8_model: ir.Model, codes: Mapping[str, Any], plan: Map
     smooth = {k: plan[k].smooth for k in codes if k in plan}
     bits = {k: plan[k].weight_bits for k in codes if k in plan}
     return run_pass(Int4AtRestPass(codes=codes, smooth=smooth, weight_bits=bits), int8_model).model
+
+
+def int4_compute(opts: Any) -> str:
+    """``int8`` or ``nbits`` for ``opts.int4_compute`` (auto: int8 on x86 targets, nbits elsewhere)."""
+    if opts.int4_compute != "auto":
+        return opts.int4_compute
+    from edgecomp.targets import host_isa
+
+    return "int8" if (opts.isa or host_isa()).arch == "x86_64" else "nbits"
+
+
+def write_int4(model: ir.Model, int8_plan: Mapping[str, Any], codes: Mapping[str, Any], block: int, opts: Any,
+               nbits_model: ir.Model) -> tuple[ir.Model, str]:
+    """The written model for the chosen int4 layers and how it runs: ``nbits_model`` with the
+    MatMulNBits layers, or (int4 compute int8) the int8 model of ``int8_plan`` built on the int4
+    weights with those layers' int8 weights at rest in int4."""
+    if int4_compute(opts) == "nbits":
+        from edgecomp.quantize.int4 import apply_int4
+
+        return apply_int4(nbits_model, codes, block), "MatMulNBits"
+    from edgecomp.quantize.plan import build
+
+    int8 = build(int4_weights(model, codes), int8_plan, format=opts.format)
+    return apply_int4_at_rest(int8, codes, int8_plan), "int4 at rest, int8 compute (folded at session load)"

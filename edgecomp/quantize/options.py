@@ -67,6 +67,10 @@ OPTIONS = (
     Option("int4", str, "off", "int4 MatMul weights (onnxruntime MatMulNBits, int8 compute): off, auto (the layers "
            "int4 costs least, while the fidelity bound or the tolerance holds), or comma regexes of node names",
            check=_int4),
+    Option("int4_compute", str, "auto", "how int4 layers run: int8 (the int4 codes stored, the int8 weight "
+           "computed from them once at session load: int8 speed), nbits (onnxruntime MatMulNBits), or auto (int8 on "
+           "x86, where MatMulNBits is slower; nbits on ARM, where KleidiAI may make it faster)",
+           choices=("auto", "int8", "nbits")),
     Option("int4_block", int, 32, "int4 weights per scale along K (a power of two >= 16)",
            check=lambda v: None if v >= 16 and not v & (v - 1) else f"must be a power of two >= 16, got {v!r}"),
 )
@@ -92,6 +96,7 @@ class QuantizeOptions:
     node_units: bool = False  # qdq: every quantized layer's output gets its own grid too (quantize/outputs.py)
     int4: str = "off"  # off | auto (by measured cost, within the bound) | comma regexes of node names
     int4_block: int = 32
+    int4_compute: str = "auto"  # auto | int8 (int4 at rest, int8 kernel) | nbits (MatMulNBits)
     reservoir: int = 512
     isa: Isa | None = None  # target ISA (default: the host's)
     threads: int = 1

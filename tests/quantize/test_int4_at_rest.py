@@ -66,3 +66,35 @@ def test_int4_at_rest_folds_to_the_int8_model(tmp_path, smooth):
     # and unoptimized (the chain evaluated as nodes) within one output step of the int8 computation
     step = 6.0 / 255 * float(np.abs(w).max()) / 127
     np.testing.assert_allclose(run_ort(proto4, {"x": x})[0], run_ort(proto8, {"x": x})[0], atol=step)
+
+
+def test_quantize_int4_compute_int8_writes_int4_at_rest(tmp_path):
+    """The pipeline with int4 layers and int4_compute int8: no MatMulNBits, the int4 layers' int8
+    weights computed from stored codes, and the session runs it as the int8 model it folds to."""
+    from tests.quantize.test_quantize_int4 import _mlp
+
+    from edgecomp.data import Dataset
+    from edgecomp.quantize import quantize_model
+    from edgecomp.quantize.options import QuantizeOptions
+    from edgecomp.targets import host_isa
+
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        np.savez(tmp_path / f"{i:02d}.npz", x=rng.standard_normal((16, 64)).astype(np.float32))
+    opts = QuantizeOptions(families="all", isa=host_isa(), smooth="off", int4="fc1,fc3$", int4_compute="int8")
+    proto = _mlp()
+    res = quantize_model(ir.from_proto(proto), Dataset(tmp_path), opts)
+    out = to_proto(res.model)
+    onnx.checker.check_model(out)
+    ops = [n.op_type for n in out.graph.node]
+    assert "MatMulNBits" not in ops and ops.count("MatMulIntegerToFloat") == 3
+    assert res.summary["int4 form"].startswith("int4 at rest")
+    assert sum(t.data_type == onnx.TensorProto.INT8 and np.prod(t.dims) == 64 * 64 for t in out.graph.initializer) == 1
+    opt = _optimized(out, tmp_path / "opt.onnx")
+    assert sorted(n.op_type for n in opt.graph.node).count("MatMulIntegerToFloat") == 3
+    assert not {n.op_type for n in opt.graph.node} & {"Floor", "Round", "Clip", "Concat"}
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    ref = run_ort(proto, {"x": x})[0]
+    got = run_ort(out, {"x": x}, disable_opt=False)[0]
+    cos = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
+    assert cos > 0.98
