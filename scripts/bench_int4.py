@@ -108,13 +108,72 @@ def _int4_count(report: dict) -> str:
     return text.split(" in int4")[0].replace(" int8 MatMuls", "") if " of " in text else "0"
 
 
+
+def bench_at_rest(work: Path, texts: int, runs: int) -> str:
+    """Issue 23: every MatMul int4 (``--int4 .``, fitted codes) written at rest with int8 compute
+    (``--int4-compute int8``) and as MatMulNBits, against the int8 default: size, fidelity, session
+    load time (interleaved, 3 each) and latency (interleaved in a fresh process, 1 thread, seq 128)."""
+    import os
+    import time
+
+    import onnxruntime as ort
+
+    fp32 = export_minilm(work / "minilm.onnx")
+    tok = load_tokenizer(minilm_path())
+    splits = text_splits()
+    calib = work / "calib"
+    if not calib.exists():
+        write_token_data(tokenize(tok, splits["calib"][:200]), calib)
+    forms = [("int8 (quantize defaults)", "int8.onnx", ()),
+             ("int4 every MatMul, at rest, int8 compute", "i4all_rest.onnx", ("--int4", ".", "--int4-compute", "int8")),
+             ("int4 every MatMul, MatMulNBits", "i4all_nbits.onnx", ("--int4", ".", "--int4-compute", "nbits"))]
+    reports = {label: quantize(fp32, work / name, calib, *extra) for label, name, extra in forms}
+    paths = [fp32] + [work / name for _, name, _ in forms]
+    labels = ["fp32"] + [f[0] for f in forms]
+    feeds = tokenize(tok, splits["test"][:texts])
+    ref = embeddings(fp32, feeds)
+    loads: dict[str, list[float]] = {lab: [] for lab in labels}
+    for _ in range(3):
+        for lab, path in zip(labels, paths):
+            o = ort.SessionOptions()
+            o.intra_op_num_threads = 1
+            t0 = time.perf_counter()
+            ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+            loads[lab].append(time.perf_counter() - t0)
+    load_avg = os.getloadavg()[0]
+    latency_feed = tokenize(tok, [" ".join(splits["test"][:40])], max_len=128)[0]
+    stats = bench_in_subprocess(paths, labels, latency_feed, runs)
+    int8_ratio = stats[1]["ratio_to_first"]
+    rows = []
+    for lab, path, st in zip(labels, paths, stats):
+        rep = reports.get(lab, {}).get("summary", {})
+        rows.append({"variant": lab, "size MB": model_size_bytes(path) / 1e6, "session load s": float(np.median(loads[lab])),
+                     "latency vs fp32": st["ratio_to_first"], "latency vs int8": st["ratio_to_first"] / int8_ratio,
+                     **fidelity(ref, embeddings(path, feeds)), "int4 form": rep.get("int4 form", "")})
+    return (md_table(rows, ["variant", "size MB", "session load s", "latency vs fp32", "latency vs int8", "mean cos",
+                            "min cos", "NN@10", "int4 form"])
+            + f"\n\n1-minute load average during the latency run: {load_avg:.1f} (2 cores, shared).")
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench_int4")
     ap.add_argument("--texts", type=int, default=400, help="held-out test sentences (each domain)")
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--ops-only", action="store_true", help="only time the single-MatMul forms")
+    ap.add_argument("--at-rest", action="store_true",
+                    help="only issue 23's int4 at rest with int8 compute vs MatMulNBits (section int4-at-rest)")
     args = ap.parse_args()
+    if args.at_rest:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        body = "\n".join([
+            "## int4 at rest, int8 compute (issue 23)", "",
+            f"Reproduce: `.venv/bin/python scripts/bench_int4.py --at-rest` (measured {datetime.date.today()} on "
+            f"{host_line()}). all-MiniLM-L6-v2, {args.texts} held-out sentences, latency 1 thread, seq 128, "
+            f"{args.runs} interleaved runs in a fresh process; session load: median of 3 interleaved creations.", "",
+            bench_at_rest(args.workdir, args.texts, args.runs)])
+        update_section("int4-at-rest", body)
+        print(body)
+        return
     ops = op_rows()
     for r in ops:
         print(json.dumps(r), flush=True)

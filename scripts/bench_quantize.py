@@ -263,6 +263,39 @@ def bench_speed_forms(work: Path, runs: int) -> str:
                          md_table(lat_rows, ["run", "load (1 min)", "variant", "latency vs fp32", "p50 ms"]),
                          "Where the time goes at seq 128, 1 thread (kernel ms per op type and run):", profile])
 
+
+def bench_tiny_encoders(work: Path, runs: int, names: list[str]) -> str:
+    """Issue 23: the zoo's tiny text encoders (tests/zoo.py; hidden 64, seq 16) — edgecomp's default,
+    with SmoothQuant off, and without the int8 table — against onnxruntime's quantize_dynamic, one
+    interleaved `edgecomp bench` per model (fp32 first), fidelity on the model's DATA."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from zoo import Zoo, fidelity as zoo_fidelity
+
+    zoo = Zoo(work / "zoo")
+    rows = []
+    for name in names:
+        model, data = zoo.get(name)
+        variants = {"fp32": model}
+        for label, extra in (("edgecomp default", ()), ("edgecomp --smooth off", ("--smooth", "off")),
+                             ("edgecomp --no-embeddings", ("--no-embeddings",))):
+            out = work / f"{name}.{label.split()[-1].strip('-')}.onnx"
+            rep = edgecomp_quantize(model, out, data, *extra)
+            variants[label] = out
+            variants[label + " written"] = rep["summary"].get("latency decision", "")
+        variants["ORT quantize_dynamic"] = ort_dynamic(model, work / f"{name}.ort_dyn.onnx", False, False)
+        paths = {k: v for k, v in variants.items() if isinstance(v, Path)}
+        feed = {k: v[:1] for k, v in np.load(data).items()} if Path(data).suffix == ".npz" else \
+            dict(np.load(sorted(Path(data).glob("*.npz"))[0]))
+        load = os.getloadavg()[0]
+        lat = bench_in_subprocess(list(paths.values()), list(paths), feed, runs, warmup=10)
+        for st in lat[1:]:
+            cos = zoo_fidelity(model, paths[st["label"]], data)
+            rows.append({"model": name, "variant": st["label"], "latency vs fp32": st["ratio_to_first"],
+                         "size KB": paths[st["label"]].stat().st_size / 1e3, "cos (worst output)": min(cos.values()),
+                         "load": load, "never-slower decision": str(variants.get(st["label"] + " written", ""))[:60]})
+    return md_table(rows, ["model", "variant", "latency vs fp32", "size KB", "cos (worst output)", "load",
+                           "never-slower decision"])
+
 def bench_digits(work: Path, runs: int) -> tuple[str, dict]:
     from edgecomp.export import export_spec
     from edgecomp.runtime import make_session
@@ -305,9 +338,21 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=60)
     ap.add_argument("--speed-forms", action="store_true",
                     help="only issue 23's section (default int8, QDQ forms; BENCHMARKS section quantize-forms)")
+    ap.add_argument("--tiny-encoders", help="only the zoo's tiny encoders vs onnxruntime dynamic (comma names, "
+                    "e.g. encoder-ts17,encoder-dynamo18; BENCHMARKS section quantize-tiny)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    if args.tiny_encoders:
+        body = "\n".join([
+            "## The zoo's tiny text encoders vs onnxruntime's dynamic mode (issue 23)", "",
+            f"Reproduce: `.venv/bin/python scripts/bench_quantize.py --tiny-encoders {args.tiny_encoders}` (measured "
+            f"{datetime.date.today()}; {host_line().replace(chr(10), '; ')}). 1 thread, one interleaved `edgecomp bench` "
+            "per model in a fresh process; load: the 1-minute load average when it started (the machine is shared).",
+            "", bench_tiny_encoders(work, args.runs, args.tiny_encoders.split(","))])
+        update_section("quantize-tiny", body)
+        print(body)
+        return
     if args.speed_forms:
         body = "\n".join([
             "## Static int8 forms: default vs fp32, QDQ at parity (issue 23)", "",
