@@ -833,6 +833,8 @@ def quantize(model, output, calibration, eval_data, labels, target, targets_file
             raise click.UsageError(f"--target {profile.name} runs on the {profile.ep} EP, which has no kernels for "
                                    f"the {values['format']} form; drop --format (it follows the target: qdq)")
         values["format"] = profile.quant_format
+        if values.get("node_units") is None:
+            values["node_units"] = True  # a mobile EP runs a layer in int8 only as a whole DQ -> op -> Q unit
     from edgecomp.emulate.runner import target_runner
 
     runner, note = target_runner(profile, target_samples)

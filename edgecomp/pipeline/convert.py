@@ -182,6 +182,8 @@ def _run_quantize(ctx: _Context, rec: StepRecord) -> None:
     values = dict(rec.options)
     if ctx.target and ctx.target.ep:  # a mobile EP runs the QDQ form only
         values["format"] = ctx.target.quant_format
+        if values.get("node_units") is None:
+            values["node_units"] = True  # its int8 kernels take whole DQ -> op -> Q units
     from edgecomp.emulate.runner import target_runner
 
     runner, note = target_runner(ctx.target)

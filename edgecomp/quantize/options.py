@@ -61,9 +61,9 @@ OPTIONS = (
     Option("format", str, "contrib", "contrib: onnxruntime's fastest CPU form (com.microsoft ops); qdq: standard "
            "QuantizeLinear/DequantizeLinear pairs that mobile EPs (XNNPACK, NNAPI, CoreML, QNN) consume",
            choices=FORMATS),
-    Option("node_units", bool, False, "format qdq: also round every quantized layer's output to its own grid "
+    Option("node_units", bool, None, "format qdq: also round every quantized layer's output to its own grid "
            "(whole DequantizeLinear -> op -> QuantizeLinear units, which NNAPI/QNN need to run a layer in int8; "
-           "costs fidelity, and onnxruntime on CPU runs it slower)"),
+           "costs fidelity, and onnxruntime on CPU runs it slower); unset: on for a mobile-EP target, else off"),
     Option("int4", str, "off", "int4 MatMul weights (onnxruntime MatMulNBits, int8 compute): off, auto (the layers "
            "int4 costs least, while the fidelity bound or the tolerance holds), or comma regexes of node names",
            check=_int4),
@@ -93,7 +93,7 @@ class QuantizeOptions:
     metric: str = "cosine"
     tolerance: float | None = None  # with eval data: accuracy-aware fallback
     format: str = "contrib"  # contrib (com.microsoft, onnxruntime CPU) | qdq (ai.onnx only, mobile EPs)
-    node_units: bool = False  # qdq: every quantized layer's output gets its own grid too (quantize/outputs.py)
+    node_units: bool | None = None  # qdq: every layer's output gets its own grid too (quantize/outputs.py); None: off
     int4: str = "off"  # off | auto (by measured cost, within the bound) | comma regexes of node names
     int4_block: int = 32
     int4_compute: str = "auto"  # auto | int8 (int4 at rest, int8 kernel) | nbits (MatMulNBits)
