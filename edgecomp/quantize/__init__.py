@@ -53,6 +53,7 @@ from edgecomp.passes.float_precision import in_float32, refuse_unrunnable_floats
 from edgecomp.passes.optimize_graph import OptimizeGraphPass
 from edgecomp.passes.upgrade_opset import UpgradeOpsetPass, new_violations, opset_violations
 from edgecomp.quantize.calibration import calibrate
+from edgecomp.quantize.cost_aware import unsmoothed_if_faster
 from edgecomp.quantize.families import choose_families
 from edgecomp.quantize.int4 import describe, int4_step, latency_vs_int8
 from edgecomp.quantize.int4_at_rest import write_int4
@@ -117,6 +118,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         plan_outputs(model, plan, layers, stats, opts)
     feed, *more = calibration.feeds_for(specs, 2)
     families, family_rows = choose_families(model, layers, plan, feed, opts, confirm_feed=next(iter(more), None))
+    plan, rows, families, family_rows = unsmoothed_if_faster(model, layers, stats, opts, calibration, plan, rows,
+                                                             families, family_rows, feed, next(iter(more), None))
     family = {l.node: l.family for l in layers}  # not family_of per entry: a scan of the layers each
     plan = {k: v for k, v in plan.items() if family[k] in families}
     met, loss, sens, kept = None, None, {}, []
