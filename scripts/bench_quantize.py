@@ -281,7 +281,7 @@ def bench_tiny_encoders(work: Path, runs: int, names: list[str]) -> str:
             out = work / f"{name}.{label.split()[-1].strip('-')}.onnx"
             rep = edgecomp_quantize(model, out, data, *extra)
             variants[label] = out
-            variants[label + " written"] = rep["summary"].get("latency decision", "")
+            variants[label + " written"] = rep["summary"].get("layers int8", 0)
         variants["ORT quantize_dynamic"] = ort_dynamic(model, work / f"{name}.ort_dyn.onnx", False, False)
         paths = {k: v for k, v in variants.items() if isinstance(v, Path)}
         feed = {k: v[:1] for k, v in np.load(data).items()} if Path(data).suffix == ".npz" else \
@@ -292,9 +292,9 @@ def bench_tiny_encoders(work: Path, runs: int, names: list[str]) -> str:
             cos = zoo_fidelity(model, paths[st["label"]], data)
             rows.append({"model": name, "variant": st["label"], "latency vs fp32": st["ratio_to_first"],
                          "size KB": paths[st["label"]].stat().st_size / 1e3, "cos (worst output)": min(cos.values()),
-                         "load": load, "never-slower decision": str(variants.get(st["label"] + " written", ""))[:60]})
+                         "load": load, "layers int8": variants.get(st["label"] + " written", "—")})
     return md_table(rows, ["model", "variant", "latency vs fp32", "size KB", "cos (worst output)", "load",
-                           "never-slower decision"])
+                           "layers int8"]) + "\n\n" + TINY_NOTES
 
 
 def bench_skip_layernorm(work: Path, runs: int) -> str:
@@ -361,6 +361,20 @@ Targets (issue 23), this run (1-minute load 17-18 on 2 cores: seven jobs shared 
   into MatMulIntegerToFloat (its MatMulAddFusion had turned MatMul+bias into a float Gemm before, 0.67x). The former
   QDQ default (`--node-units`, whole DQ -> op -> Q units for NNAPI/QNN) is 34.3 MB at cos 0.9944 (its per-output grids
   cost fidelity, so the floor kept 14 layers float) and 0.67-0.69x.
+"""
+
+
+#: the diagnosis of the measured --tiny-encoders run (update when the numbers move)
+TINY_NOTES = """
+Target (issue 23): no slower than onnxruntime's dynamic mode on any tiny encoder: **missed on encoder-dynamo18**
+(default 1.013x fp32 vs ORT dynamic 0.925x), met on encoder-ts17 (1.009x vs 1.047x); but at this load (19-21 on 2
+cores) a float model re-timed against itself reads 0.93-1.05x (the `layers int8` 0 rows are float weights with an int8
+table or the model as given), so none of these differences is beyond noise. What the runs show: with hidden 64 and 16
+tokens the int8 GEMMs save about as much as the extra nodes cost — the families timing keeps everything float for
+encoder-ts17 in two of three variants and encoder-dynamo18 in one; in encoder-ts17 --no-embeddings the cost-aware
+SmoothQuant step (`quantize/cost_aware.py`) found int8 faster only without SmoothQuant's Muls and planned it so. The int8
+table's cost cannot be read from these rows (each variant ended with a different set of int8 layers). Rerun on an idle
+machine before drawing a conclusion.
 """
 
 def bench_digits(work: Path, runs: int) -> tuple[str, dict]:

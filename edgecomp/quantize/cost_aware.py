@@ -48,11 +48,10 @@ def unsmoothed_if_faster(model: ir.Model, layers: Sequence[Layer], stats: Mappin
     if opts.format == "qdq" and opts.node_units:
         plan_outputs(model, plan2, layers, stats, plain)
     families2, family_rows2 = choose_families(model, layers, plan2, feed, plain, confirm_feed=confirm_feed)
-    note = {"families": "(SmoothQuant off)", "decision": "replanned" if families2 else "-",
-            "reason": ("every family was float with SmoothQuant's Muls; planned without SmoothQuant, int8 is faster"
-                       if families2 else "planned without SmoothQuant too: still not faster than float")}
-    if not families2:
-        return plan, rows, families, family_rows + [note]
+    if not families2:  # float either way: the family table already says why
+        return plan, rows, families, family_rows
+    note = {"families": "(SmoothQuant off)", "decision": "replanned",
+            "reason": "every family was float with SmoothQuant's Muls; planned without SmoothQuant, int8 is faster"}
     for row in rows2:
         if row.get("family") == "matmul":
             row["smoothquant α"] = "off: its Muls cost the int8 speed-up (timed)"
