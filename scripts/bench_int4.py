@@ -109,6 +109,27 @@ def _int4_count(report: dict) -> str:
 
 
 
+
+def _quantize_unchecked(src: Path, dst: Path, calib: Path, compute: str) -> dict:
+    """``quantize --int4 . --int4-compute COMPUTE`` through the library, without the never-slower timing."""
+    if dst.exists() and Path(str(dst) + ".json").exists():
+        return json.loads(Path(str(dst) + ".json").read_text())
+    import onnx_ir as ir
+
+    from edgecomp.data import Dataset
+    from edgecomp.io import save_model
+    import edgecomp.quantize as quantize_pkg
+    from edgecomp.quantize import quantize_model
+    from edgecomp.quantize.options import QuantizeOptions
+
+    print(f"quantize {src.name} -> {dst.name} --int4 . --int4-compute {compute} (no never-slower timing)", flush=True)
+    quantize_pkg._check_speed = lambda *a, **k: None  # the summary then says "not timed"
+    res = quantize_model(ir.load(str(src)), Dataset(calib), QuantizeOptions(int4=".", int4_compute=compute))
+    save_model(res.model, dst)
+    report = {"summary": {k: str(v) for k, v in res.summary.items()}}
+    Path(str(dst) + ".json").write_text(json.dumps(report))
+    return report
+
 def bench_at_rest(work: Path, texts: int, runs: int) -> str:
     """Issue 23: every MatMul int4 (``--int4 .``, fitted codes) written at rest with int8 compute
     (``--int4-compute int8``) and as MatMulNBits, against the int8 default: size, fidelity, session
@@ -127,7 +148,12 @@ def bench_at_rest(work: Path, texts: int, runs: int) -> str:
     forms = [("int8 (quantize defaults)", "int8.onnx", ()),
              ("int4 every MatMul, at rest, int8 compute", "i4all_rest.onnx", ("--int4", ".", "--int4-compute", "int8")),
              ("int4 every MatMul, MatMulNBits", "i4all_nbits.onnx", ("--int4", ".", "--int4-compute", "nbits"))]
-    reports = {label: quantize(fp32, work / name, calib, *extra) for label, name, extra in forms}
+    reports = {label: quantize(fp32, work / name, calib, *extra) for label, name, extra in forms[:1]}
+    # the int4 forms through the library with the written model's never-slower timing skipped: on a shared machine
+    # its interval can fail to exclude 1.0 (then quantize writes the float model and there is nothing to measure);
+    # the latency of what was written is measured below, interleaved, as for every row
+    for label, name, extra in forms[1:]:
+        reports[label] = _quantize_unchecked(fp32, work / name, calib, extra[-1])
     paths = [fp32] + [work / name for _, name, _ in forms]
     labels = ["fp32"] + [f[0] for f in forms]
     feeds = tokenize(tok, splits["test"][:texts])
