@@ -12,7 +12,9 @@ ops, which onnxruntime's constant folding evaluates once when the session is cre
                                                                  scale stored as float16)
     W_q = int8(clip(round(diag(s) Ŵ / w_scale), -qmax, qmax))   (s: the SmoothQuant divisor, or 1)
 
-``w_scale`` (per column) and ``W_q`` are exactly what the int8 form computes from ``Ŵ``
+``w_scale`` (per column, stored beside the codes: the op's own scale input may have been rescaled
+since, by a SmoothQuant fold into the value projection) and ``W_q`` are exactly what the int8 form
+computes from ``Ŵ`` (the pass checks the stored int8 weight against them)
 (:func:`edgecomp.quantize.quantize_static.quantize_weight`: float32 IEEE ops, Round half to
 even in both), so after the fold the session holds the same int8 weight as an int8 model built
 from ``Ŵ``, and runs the same kernels. At rest a weight costs 4 bits plus its block's float16
@@ -36,6 +38,7 @@ import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 from edgecomp.errors import PassFailed
 from edgecomp.graph import NameAllocator, add_initializer
 from edgecomp.passes.base import EdgecompPass, PassReport, run_pass
+from edgecomp.quantize.quantize_static import quantize_weight
 
 __all__ = ["Int4AtRestPass", "apply_int4_at_rest", "int4_compute", "write_int4", "at_rest_codes", "pack_codes", "unpacked_codes", "int4_weights",
            "FOLDED_OPS"]
@@ -85,13 +88,15 @@ class Int4AtRestPass(EdgecompPass):
         codes: per layer (the float model's MatMul name), its ``Int4Codes``.
         smooth: per layer, the SmoothQuant divisor its int8 plan applies (absent or None: none).
         weight_bits: per layer, the int8 plan's weight bits (qmax 127 for 8, 63 for 7).
+        per_channel: per layer, the int8 plan's per_channel (default True).
     """
 
     def __init__(self, *, codes: Mapping[str, Any], smooth: Mapping[str, np.ndarray | None] | None = None,
-                 weight_bits: Mapping[str, int] | None = None):
+                 weight_bits: Mapping[str, int] | None = None, per_channel: Mapping[str, bool] | None = None):
         self.codes = dict(codes)
         self.smooth = dict(smooth or {})
         self.weight_bits = dict(weight_bits or {})
+        self.per_channel = dict(per_channel or {})
 
     def options(self) -> dict[str, Any]:
         return {"layers": len(self.codes)}
@@ -108,8 +113,17 @@ class Int4AtRestPass(EdgecompPass):
             if node is None or node.inputs[1].const_value is None:
                 raise PassFailed(f"int4 layer {name!r} has no int8 MatMulIntegerToFloat to store at rest")
             stored = node.inputs[1].const_value.numpy()
+            # the int8 codes as the int8 pass made them from Ŵ (its scale, recomputed: the op's own scale input
+            # may since have been rescaled by a fold, FoldSmoothQuantPass's value projection)
+            smooth = self.smooth.get(name)
+            w_hat = at_rest_codes(c).dequantize()
+            bits = self.weight_bits.get(name, 8)
+            q8, w_scale = quantize_weight(w_hat if smooth is None else w_hat * smooth[:, None], bits, axis=1,
+                                          per_channel=self.per_channel.get(name, True))
+            if q8.shape != stored.shape or not np.array_equal(q8, stored):
+                raise PassFailed(f"int4 layer {name!r}: its stored int8 weight was not made from these int4 codes")
             chain = _Chain(model.graph, names, name)
-            wq = chain.int8_weight(c, self.smooth.get(name), node.inputs[3], 127 if self.weight_bits.get(name, 8) == 8 else 63)
+            wq = chain.int8_weight(c, smooth, chain.const("w_scale", w_scale), 127 if bits == 8 else 63)
             if wq.shape != stored.shape:
                 raise PassFailed(f"int4 layer {name!r}: the chain's weight {list(wq.shape)} is not the stored "
                                  f"{list(stored.shape)}")
@@ -180,7 +194,9 @@ def apply_int4_at_rest(int8_model: ir.Model, codes: Mapping[str, Any], plan: Map
     """:class:`Int4AtRestPass` on ``int8_model`` with the plan's smoothing and weight bits."""
     smooth = {k: plan[k].smooth for k in codes if k in plan}
     bits = {k: plan[k].weight_bits for k in codes if k in plan}
-    return run_pass(Int4AtRestPass(codes=codes, smooth=smooth, weight_bits=bits), int8_model).model
+    per_channel = {k: plan[k].per_channel for k in codes if k in plan}
+    return run_pass(Int4AtRestPass(codes=codes, smooth=smooth, weight_bits=bits, per_channel=per_channel),
+                    int8_model).model
 
 
 def int4_compute(opts: Any) -> str:
