@@ -90,12 +90,11 @@ def test_a_rescaled_weight_scale_is_kept(tmp_path):
 def test_quantize_int4_compute_int8_writes_int4_at_rest(tmp_path):
     """The pipeline with int4 layers and int4_compute int8: no MatMulNBits, the int4 layers' int8
     weights computed from stored codes, and the session runs it as the int8 model it folds to."""
-    from tests.quantize.test_quantize_int4 import _mlp
-
     from edgecomp.data import Dataset
     from edgecomp.quantize import quantize_model
     from edgecomp.quantize.options import QuantizeOptions
     from edgecomp.targets import host_isa
+    from tests.quantize.test_quantize_int4 import _mlp
 
     rng = np.random.default_rng(1)
     for i in range(12):

@@ -16,7 +16,7 @@ from edgecomp.io import to_proto
 from edgecomp.passes.base import run_pass
 from edgecomp.quantize import quantize_model
 from edgecomp.quantize.options import QuantizeOptions
-from edgecomp.quantize.quantize_static import MS_DOMAIN, LayerPlan, QuantizeStaticPass, quantize_weight
+from edgecomp.quantize.quantize_static import LayerPlan, QuantizeStaticPass, quantize_weight
 from edgecomp.targets import host_isa
 from tests.conftest import make_model, run_ort, vinfo
 
