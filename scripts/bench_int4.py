@@ -108,13 +108,103 @@ def _int4_count(report: dict) -> str:
     return text.split(" in int4")[0].replace(" int8 MatMuls", "") if " of " in text else "0"
 
 
+
+
+def _quantize_unchecked(src: Path, dst: Path, calib: Path, compute: str) -> dict:
+    """``quantize --int4 . --int4-compute COMPUTE`` through the library, without the never-slower timing."""
+    if dst.exists() and Path(str(dst) + ".json").exists():
+        return json.loads(Path(str(dst) + ".json").read_text())
+    import onnx_ir as ir
+
+    from edgecomp.data import Dataset
+    from edgecomp.io import save_model
+    import edgecomp.quantize as quantize_pkg
+    from edgecomp.quantize import quantize_model
+    from edgecomp.quantize.options import QuantizeOptions
+    from edgecomp.targets import host_isa
+
+    print(f"quantize {src.name} -> {dst.name} --int4 . --int4-compute {compute} (no never-slower timing)", flush=True)
+    quantize_pkg._check_speed = lambda *a, **k: None  # the summary then says "not timed"
+    res = quantize_model(ir.load(str(src)), Dataset(calib), QuantizeOptions(int4=".", int4_compute=compute,
+                                                                            isa=host_isa()))
+    save_model(res.model, dst)
+    report = {"summary": {k: str(v) for k, v in res.summary.items()}}
+    Path(str(dst) + ".json").write_text(json.dumps(report))
+    return report
+
+def bench_at_rest(work: Path, texts: int, runs: int, nbits: bool = True) -> str:
+    """Issue 23: every MatMul int4 (``--int4 .``, fitted codes) written at rest with int8 compute
+    (``--int4-compute int8``) and as MatMulNBits, against the int8 default: size, fidelity, session
+    load time (interleaved, 3 each) and latency (interleaved in a fresh process, 1 thread, seq 128)."""
+    import os
+    import time
+
+    import onnxruntime as ort
+
+    fp32 = export_minilm(work / "minilm.onnx")
+    tok = load_tokenizer(minilm_path())
+    splits = text_splits()
+    calib = work / "calib"
+    if not calib.exists():
+        write_token_data(tokenize(tok, splits["calib"][:200]), calib)
+    forms = [("int8 (quantize defaults)", "int8.onnx", ()),
+             ("int4 every MatMul, at rest, int8 compute", "i4all_rest.onnx", ("--int4", ".", "--int4-compute", "int8")),
+             ("int4 every MatMul, MatMulNBits", "i4all_nbits.onnx", ("--int4", ".", "--int4-compute", "nbits"))]
+    if not nbits:  # GPTQ a second time did not fit a short session; the int4 section times MatMulNBits
+        forms = forms[:2]
+    reports = {label: quantize(fp32, work / name, calib, *extra) for label, name, extra in forms[:1]}
+    # the int4 forms through the library with the written model's never-slower timing skipped: on a shared machine
+    # its interval can fail to exclude 1.0 (then quantize writes the float model and there is nothing to measure);
+    # the latency of what was written is measured below, interleaved, as for every row
+    for label, name, extra in forms[1:]:
+        reports[label] = _quantize_unchecked(fp32, work / name, calib, extra[-1])
+    paths = [fp32] + [work / name for _, name, _ in forms]
+    labels = ["fp32"] + [f[0] for f in forms]
+    feeds = tokenize(tok, splits["test"][:texts])
+    ref = embeddings(fp32, feeds)
+    loads: dict[str, list[float]] = {lab: [] for lab in labels}
+    for _ in range(3):
+        for lab, path in zip(labels, paths):
+            o = ort.SessionOptions()
+            o.intra_op_num_threads = 1
+            t0 = time.perf_counter()
+            ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+            loads[lab].append(time.perf_counter() - t0)
+    load_avg = os.getloadavg()[0]
+    latency_feed = tokenize(tok, [" ".join(splits["test"][:40])], max_len=128)[0]
+    stats = bench_in_subprocess(paths, labels, latency_feed, runs)
+    int8_ratio = stats[1]["ratio_to_first"]
+    rows = []
+    for lab, path, st in zip(labels, paths, stats):
+        rep = reports.get(lab, {}).get("summary", {})
+        rows.append({"variant": lab, "size MB": model_size_bytes(path) / 1e6, "session load s": float(np.median(loads[lab])),
+                     "latency vs fp32": st["ratio_to_first"], "latency vs int8": st["ratio_to_first"] / int8_ratio,
+                     **fidelity(ref, embeddings(path, feeds)), "int4 form": rep.get("int4 form", "")})
+    return (md_table(rows, ["variant", "size MB", "session load s", "latency vs fp32", "latency vs int8", "mean cos",
+                            "min cos", "NN@10", "int4 form"])
+            + f"\n\n1-minute load average during the latency run: {load_avg:.1f} (2 cores, shared).")
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench_int4")
     ap.add_argument("--texts", type=int, default=400, help="held-out test sentences (each domain)")
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--ops-only", action="store_true", help="only time the single-MatMul forms")
+    ap.add_argument("--no-nbits", action="store_true", help="--at-rest without the MatMulNBits row")
+    ap.add_argument("--at-rest", action="store_true",
+                    help="only issue 23's int4 at rest with int8 compute vs MatMulNBits (section int4-at-rest)")
     args = ap.parse_args()
+    if args.at_rest:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        body = "\n".join([
+            "## int4 at rest, int8 compute (issue 23)", "",
+            f"Reproduce: `.venv/bin/python scripts/bench_int4.py --at-rest{' --no-nbits' if args.no_nbits else ''}` (measured {datetime.date.today()} on "
+            f"{host_line()}). all-MiniLM-L6-v2, {args.texts} held-out sentences, latency 1 thread, seq 128, "
+            f"{args.runs} interleaved runs in a fresh process; session load: median of 3 interleaved creations.", "",
+            bench_at_rest(args.workdir, args.texts, args.runs, nbits=not args.no_nbits), AT_REST_NOTES])
+        update_section("int4-at-rest", body)
+        print(body)
+        return
     ops = op_rows()
     for r in ops:
         print(json.dumps(r), flush=True)
@@ -208,6 +298,21 @@ def main() -> None:
     update_section("int4", body)
     print(body)
 
+
+#: issue 23's at-rest run (update when the numbers move)
+AT_REST_NOTES = """
+Issue 23, item 3 (this run, load ~7): int4 at rest with int8 compute **runs at the int8 model's speed** (1.017x the int8
+model interleaved; quantize's own interleaved timing 0.992 [0.953, 1.032]), so on x86 int4 no longer costs 2.5-3.1x
+(MatMulNBits, section int4); the session folds the int4 -> int8 chain once at load (+0.3 s here: 0.37 s vs 0.07 s;
+checked in tests/quantize/test_int4_at_rest.py with the session's optimized_model_filepath: the optimized graph is the
+int8 model's, weight byte for byte). Size 19.7 MB vs 23.7 MB: the encoder's MatMuls drop from 10.6 to ~6.6 MB, the
+int8 token table (11.7 MB) is the rest, so the <= 12 MB target is **missed** here (it needs an int4 or low-rank table,
+section int4). Fidelity with every MatMul int4: mean cos 0.9895, NN@10 0.892 (MatMulNBits with the same codes: 0.990 /
+0.895); quantize chose the layers by measuring MatMulNBits candidates, not the at-rest form (their activation
+quantization differs: per-32-block dynamic vs the static per-tensor grid) — it should measure the form it writes.
+MatMulNBits remains the form on ARM (`--int4-compute auto`); whether KleidiAI makes it faster there cannot be measured
+on this host (the emulate profiles check numerics, not speed).
+"""
 
 #: the diagnosis of the measured run (targets met / missed, and why); update when the numbers move
 NOTES = """

@@ -71,6 +71,9 @@ def test_quantize_for_a_mobile_ep_target_writes_standard_ops_only(tmp_path, mlp_
     assert res.exit_code == 0, res.output
     ops = {(n.domain or "ai.onnx", n.op_type) for n in onnx.load(str(out)).graph.node}
     assert ("ai.onnx", "DequantizeLinear") in ops and {d for d, _ in ops} == {"ai.onnx"}, ops
+    # NNAPI runs a layer in int8 only as a whole DQ -> op -> Q unit: the target turns node units on
+    quantize_ops = [n for n in onnx.load(str(out)).graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantize_ops) >= 3  # the input and both layers' outputs (without node units: 2, one per input)
     bad = CliRunner().invoke(cli, ["quantize", str(mlp_path), "-o", str(tmp_path / "c.onnx"), "--calibration",
                                    str(calib), "--target", "arm-phone-nnapi", "--format", "contrib"])
     assert bad.exit_code == 1 and "runs on the NNAPI EP" in bad.output and not (tmp_path / "c.onnx").exists()

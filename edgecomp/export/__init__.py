@@ -33,13 +33,13 @@ _HOME = {
     "hf": ("HFModel", "export_hf", "hf_encoder", "hf_model", "infer_hf_task"),
     "options": ("DEFAULT_OPSET", "HF_AUTO_ORDER", "HF_OUTPUTS", "HF_TASKS", "OPTIONS", "opset_ranges"),
     "spec": ("call_factory", "forward_names", "load_spec"),
-    "step": ("run",),
+    "step": ("run", "step_result"),
 }
 _MODULE = {name: module for module, names in _HOME.items() for name in names}
 
 __all__ = ["DEFAULT_OPSET", "ExportResult", "HFModel", "HF_AUTO_ORDER", "HF_OUTPUTS", "HF_TASKS", "OPTIONS", "call_factory",
            "check_parity", "export_hf", "export_model", "export_spec", "forward_names", "hf_encoder", "hf_model",
-           "infer_hf_task", "load_spec", "opset_ranges", "run"]
+           "infer_hf_task", "load_spec", "opset_ranges", "run", "step_result"]
 
 
 def __getattr__(name: str) -> Any:

@@ -135,7 +135,6 @@ def measure_table(model_path: str | os.PathLike, profile: str, threads: int = 1,
     from edgecomp.quantize.calibration import calibrate
     from edgecomp.quantize.layers import family_of, find_layers, no_layer_message
     from edgecomp.quantize.options import FAMILIES, MIN_OPSET, OPSET_REASON, QuantizeOptions
-    from edgecomp.quantize.outputs import calibrate_outputs, plan_outputs
     from edgecomp.quantize.plan import build, make_plan
     from edgecomp.targets import host_isa
 
@@ -155,12 +154,8 @@ def measure_table(model_path: str | os.PathLike, profile: str, threads: int = 1,
             np.savez(calibration, **feed0)  # the batch axis is the sample axis
         data = Dataset(calibration)
         data.check_against(specs)
-        stats = calibrate(model, layers, data, opts)
-        if fmt == "qdq":
-            stats.update(calibrate_outputs(model, layers, data, opts, stats))
+        stats = calibrate(model, layers, data, opts)  # the qdq form as written by default: no node units
         plan, _ = make_plan(model, layers, stats, opts, data)
-        if fmt == "qdq":
-            plan_outputs(model, plan, layers, stats, opts)
         feed = next(iter(data.feeds_for(specs)))
     present = [f for f in FAMILIES if any(l.family == f for l in layers)]
     # every combination, as the in-command choice does: families interact (a lone int8 family pays

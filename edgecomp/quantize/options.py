@@ -63,9 +63,16 @@ OPTIONS = (
     Option("format", str, None, "contrib: onnxruntime's fastest CPU form (com.microsoft ops); qdq: standard "
            "QuantizeLinear/DequantizeLinear pairs that mobile EPs (XNNPACK, NNAPI, CoreML, QNN) consume; unset: "
            "the target's form (qdq for a mobile EP, else contrib)", choices=FORMATS),
+    Option("node_units", bool, None, "format qdq: also round every quantized layer's output to its own grid "
+           "(whole DequantizeLinear -> op -> QuantizeLinear units, which NNAPI/QNN need to run a layer in int8; "
+           "costs fidelity, and onnxruntime on CPU runs it slower); unset: on for a mobile-EP target, else off"),
     Option("int4", str, "off", "int4 MatMul weights (onnxruntime MatMulNBits, int8 compute): off, auto (the layers "
            "int4 costs least, while the fidelity bound or the tolerance holds), or comma regexes of node names",
            check=_int4),
+    Option("int4_compute", str, "auto", "how int4 layers run: int8 (the int4 codes stored, the int8 weight "
+           "computed from them once at session load: int8 speed), nbits (onnxruntime MatMulNBits), or auto (int8 on "
+           "x86, where MatMulNBits is slower; nbits on ARM, where KleidiAI may make it faster)",
+           choices=("auto", "int8", "nbits")),
     Option("int4_block", int, 32, "int4 weights per scale along K (a power of two >= 16)",
            check=lambda v: None if v >= 16 and not v & (v - 1) else f"must be a power of two >= 16, got {v!r}"),
 )
@@ -89,8 +96,10 @@ class QuantizeOptions:
     tolerance: float | None = None  # with eval data: accuracy-aware fallback
     format: str | None = None  # contrib (com.microsoft, onnxruntime CPU) | qdq (ai.onnx only) | None: the target's
     ep: str | None = None  # the target's mobile execution provider (it runs the QDQ form only); None: the CPU EP
+    node_units: bool | None = None  # qdq: every layer's output gets its own grid too (quantize/outputs.py); None: the target's
     int4: str = "off"  # off | auto (by measured cost, within the bound) | comma regexes of node names
     int4_block: int = 32
+    int4_compute: str = "auto"  # auto | int8 (int4 at rest, int8 kernel) | nbits (MatMulNBits)
     reservoir: int = 512
     isa: Isa | None = None  # target ISA (default: the host's)
     threads: int = 1
@@ -113,6 +122,10 @@ class QuantizeOptions:
         """The int8 form written: as set, else the target's (QDQ for a mobile EP, else contrib)."""
         return self.format or ("qdq" if self.ep else "contrib")
 
+    def resolved_node_units(self) -> bool:
+        """Whole DQ -> op -> Q node units: as set, else on for a mobile EP (its int8 kernels take whole units)."""
+        return bool(self.ep) if self.node_units is None else self.node_units
+
     def validate(self) -> None:
         check_values(OPTIONS, {o.name: getattr(self, o.name) for o in OPTIONS})
         if self.ep and self.format not in (None, "qdq"):
@@ -120,6 +133,8 @@ class QuantizeOptions:
                                         "no kernels for that form; drop it (the format follows the target: qdq)")
         if self.int4 != "off" and self.resolved_format() != "contrib":
             raise OptionError("int4", "needs format contrib (MatMulNBits is an onnxruntime contrib op)")
+        if self.node_units and self.resolved_format() != "qdq":
+            raise OptionError("node_units", "needs format qdq (the contrib form's int8 ops return float)")
         if self.min_cosine is not None and not 0.0 < _number(self.min_cosine) <= 1.0:
             raise OptionError("min_cosine", "must be in (0, 1], or None to skip the fidelity check")
 

@@ -17,6 +17,8 @@ from edgecomp.data import Dataset, input_specs
 from edgecomp.embeddings.quantize_embeddings import QuantizeEmbeddingsPass
 from edgecomp.graph import attribute
 from edgecomp.passes.base import run_pass
+from edgecomp.passes.fold_smoothquant import FoldSmoothQuantPass
+from edgecomp.passes.keep_layernorm import KeepLayerNormPass
 from edgecomp.quantize.attention import plan_attention, simulate_attention
 from edgecomp.quantize.calibration import (
     ActivationStats,
@@ -252,6 +254,10 @@ def build(model: ir.Model, plan: Mapping[str, LayerPlan], embeddings: bool = Fal
     """A quantized copy of ``model`` (the float model is untouched) in ``format`` (contrib | qdq);
     ``embeddings`` also stores embedding tables in row-wise int8."""
     out = run_pass(QuantizeStaticPass(plan=plan, format=format), model.clone()).model
+    if any(p.smooth is not None for p in plan.values()):  # SmoothQuant's Muls folded where exact
+        out = run_pass(FoldSmoothQuantPass(), out).model
+    if format == "contrib":  # onnxruntime's CPU form: no re-fusion into the slow SkipLayerNormalization
+        out = run_pass(KeepLayerNormPass(), out).model
     if embeddings:
         out = run_pass(QuantizeEmbeddingsPass(bits=8), out).model
     return out

@@ -77,6 +77,7 @@ from edgecomp.passes.base import EdgecompPass, PassReport, one_line_failures
 from edgecomp.quantize.attention_emit import emit_attention
 from edgecomp.quantize.options import FORMATS
 from edgecomp.quantize.qparams import quantize_weight, uint8_qparams
+from edgecomp.quantize.qdq_form import bias_for_int8_fusion
 
 __all__ = ["LayerPlan", "QuantizeStaticPass", "matmul_parts", "QUANTIZED_OPS"]
 
@@ -244,6 +245,8 @@ class _Builder:
         wd = self.add("DequantizeLinear", list(self.weight(node, ("qdq", trans), stored, lp, axis=axis)),
                       f"{node.name}_w_dq", axis=axis)
         xd, act_scale = self._dequantized_input(node, lp)
+        if bias is not None and node.op_type == "MatMul" and lp.mid_scale is None:  # onnxruntime then fuses it to int8
+            bias = bias_for_int8_fusion(bias, node.inputs[0])
         b = None if bias is None else self.const(f"{node.name}_bias", bias.astype(np.float32))
         if b is not None and node.op_type == "Gemm" and lp.out_scale is not None:  # the Gemm unit's int32 bias
             b = self._int32_bias(node.name, bias, act_scale, self.weight(node, ("qdq", trans), stored, lp, axis=axis)[1])

@@ -54,8 +54,10 @@ from edgecomp.passes.float_precision import in_float32, refuse_unrunnable_floats
 from edgecomp.passes.optimize_graph import OptimizeGraphPass
 from edgecomp.passes.upgrade_opset import UpgradeOpsetPass, new_violations, opset_violations
 from edgecomp.quantize.calibration import calibrate
+from edgecomp.quantize.cost_aware import unsmoothed_if_faster
 from edgecomp.quantize.families import choose_families
-from edgecomp.quantize.int4 import apply_int4, describe, int4_step, latency_vs_int8
+from edgecomp.quantize.int4 import describe, int4_step, latency_vs_int8
+from edgecomp.quantize.int4_at_rest import write_int4
 from edgecomp.quantize.layers import find_layers, no_layer_message
 from edgecomp.quantize.options import DATA_NEEDED, MIN_OPSET, OPSET_REASON, OPTIONS, QuantizeOptions
 from edgecomp.quantize.outputs import calibrate_outputs, plan_outputs
@@ -94,7 +96,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     straight from :class:`OptimizeGraphPass` with folding on (a recipe's optimize step), so the
     cleanup is not run again unless the opset upgrade changed the graph."""
     opts.validate()
-    opts = dataclasses.replace(opts, format=opts.resolved_format())
+    opts = dataclasses.replace(opts, format=opts.resolved_format(), node_units=opts.resolved_node_units())
     if opts.tolerance is not None and eval_data is None:
         raise DataNeeded("eval", "tolerance", option="tolerance")
     if any(n.op_type in QUANTIZED_OPS for n in model.graph):
@@ -117,13 +119,15 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     if not layers:
         raise PassFailed(no_layer_message(model, skipped, excluded))
     stats = calibrate(model, layers, calibration, opts)
-    if opts.format == "qdq":  # whole node units: every layer's output gets a calibrated grid too
+    if opts.format == "qdq" and opts.node_units:  # whole node units: every layer's output gets a calibrated grid too
         stats.update(calibrate_outputs(model, layers, calibration, opts, stats))
     plan, rows = make_plan(model, layers, stats, opts, calibration)
-    if opts.format == "qdq":
+    if opts.format == "qdq" and opts.node_units:
         plan_outputs(model, plan, layers, stats, opts)
     feed, *more = calibration.feeds_for(specs, 2)
     families, family_rows = choose_families(model, layers, plan, feed, opts, confirm_feed=next(iter(more), None))
+    plan, rows, families, family_rows = unsmoothed_if_faster(model, layers, stats, opts, calibration, plan, rows,
+                                                             families, family_rows, feed, next(iter(more), None))
     family = {l.node: l.family for l in layers}  # not family_of per entry: a scan of the layers each
     plan = {k: v for k, v in plan.items() if family[k] in families}
     met, loss, sens, kept = None, None, {}, []
@@ -169,7 +173,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     rows += skipped
     quantized = build(model, plan, format=opts.format) if plan else model
     if int4 and int4.codes:
-        quantized = apply_int4(quantized, int4.codes, int4.block)
+        quantized, int4_form = write_int4(model, int8_plan, int4.codes, int4.block, opts, quantized)
     embedding_rows = []
     if opts.embeddings:
         emb = run_pass(QuantizeEmbeddingsPass(bits=8), quantized)
@@ -207,13 +211,16 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         summary["numerics judged on"] = opts.target_runner.describe()
     if int4:
         summary.update(describe(int4, rows, len(plan)))
+        if int4.codes:
+            summary["int4 form"] = int4_form
         summary["layers float"] -= len(int4.codes)
         if int4.codes and opts.isa in (None, host_isa()):
             speed = latency_vs_int8(model, int8_plan, quantized, feed, opts)
             summary["int4 latency vs int8 (this host)"] = speed.text()
             if speed.low > 1.0:
                 warnings.append(f"the int4 model runs {speed.ratio:.2f}x the int8 model's latency on this host "
-                                f"({speed.text()}): MatMulNBits is slower than MatMulIntegerToFloat here")
+                                f"({speed.text()})" + (": MatMulNBits is slower than MatMulIntegerToFloat here"
+                                                       if int4_form == "MatMulNBits" else ""))
     if check is not None:
         summary.update(check.summary())
         warnings += [w for w in [check.warning()] if w]

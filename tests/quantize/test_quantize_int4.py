@@ -52,7 +52,7 @@ def calib(tmp_path_factory):
 
 
 def _quantize(proto, calib, eval_data=None, **kw):
-    opts = QuantizeOptions(**{"families": "all", "isa": host_isa(), "smooth": "off", **kw})
+    opts = QuantizeOptions(**{"families": "all", "isa": host_isa(), "smooth": "off", "int4_compute": "nbits", **kw})
     return quantize_model(ir.from_proto(proto), Dataset(calib), opts, eval_data=eval_data)
 
 

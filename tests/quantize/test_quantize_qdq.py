@@ -23,11 +23,12 @@ from edgecomp.targets import host_isa
 from tests.conftest import make_model, run_ort, vinfo
 
 # Measured on the three models below (x86 AVX-512 VNNI host, 2026-12-02): both forms share every
-# input scale and integer weight, and the QDQ form also rounds each MatMul/Gemm output to its own
-# calibrated grid (whole node units for mobile EPs; one step is the range / 255, ~0.4% of it per
+# input scale and integer weight; with node units (node_units=True) the QDQ form also rounds each
+# MatMul/Gemm output to its own calibrated grid (one step is the range / 255, ~0.4% of it per
 # layer), so QDQ and contrib outputs differ by at most 2.2% of the largest output (convs: 0, they
-# had output grids in both forms), and QDQ keeps cosine >= 0.9998 to fp32. A wrong scale, zero
-# point, axis or bias moves outputs by far more than these bounds.
+# had output grids in both forms), and QDQ keeps cosine >= 0.9998 to fp32; the default QDQ form
+# (no output grids) computes what the contrib form does. A wrong scale, zero point, axis or bias
+# moves outputs by far more than these bounds.
 PARITY = 0.05  # max |qdq - contrib| / max |contrib|
 MIN_COSINE = 0.997  # per output, QDQ vs fp32
 
@@ -141,7 +142,7 @@ def test_qdq_layers_are_whole_node_units(cases, name):
     """Every quantized op reads DequantizeLinear inputs only and writes to a QuantizeLinear only
     (XNNPACK/NNAPI/QNN then take the whole unit in int8); no com.microsoft op."""
     path, data, _ = cases[name]
-    qdq = _quantize(path, data, format="qdq")
+    qdq = _quantize(path, data, format="qdq", node_units=True)
     assert {n.domain for n in qdq.graph.node} <= {"", "ai.onnx"}
     assert _units(qdq) == []
     assert sum(n.op_type in ("MatMul", "Gemm", "Conv") for n in qdq.graph.node) >= 2
