@@ -154,7 +154,8 @@ def optimize(model: ModelLike, *, values: Mapping[str, Any] | None = None, outpu
              **options: Any):
     """``edgecomp optimize``: fold constants and BatchNorms, fuse transformer blocks (``fusions``);
     ``values`` fixes inputs first (``--value``)."""
-    from edgecomp.passes.optimize_graph import OPTIONS, run
+    from edgecomp.passes.optimize_graph import run
+    from edgecomp.passes.options import OPTIONS
 
     m = _model(model)
     _specialize(m, values)

@@ -49,7 +49,7 @@ def test_shape_and_threads_read_the_same_in_every_command():
     shapes = _options("--shape")
     assert set(shapes) == {"bench", "inspect", "package"}
     assert {p.help for p in shapes.values()} == {SHAPE_HELP}
-    threads = {n: p for n, p in _options("--threads").items() if n != "distill"}  # distill's: torch's threads
+    threads = {n: p for n, p in _options("--threads").items() if n not in ("distill", "finetune")}  # torch training threads
     assert {"bench", "validate", "quantize", "prune", "targets measure"} <= set(threads)
     assert {p.help for p in threads.values()} == {THREADS.describe()[:1].upper() + THREADS.describe()[1:] + "."}
     targets = _options("--target")

@@ -22,7 +22,7 @@ from edgecomp.errors import ConfigError, DataError
 from edgecomp.export import OPTIONS as EXPORT
 from edgecomp.measure.options import BENCH_OPTIONS, VALIDATE_OPTIONS
 from edgecomp.options import Option, coerce, in_range
-from edgecomp.passes.optimize_graph import OPTIONS as OPTIMIZE
+from edgecomp.passes.options import OPTIONS as OPTIMIZE
 from edgecomp.pipeline.convert import Source, convert
 from edgecomp.pipeline.recipe import STEP_OPTIONS, parse_recipe
 from edgecomp.prune.options import OPTIONS as PRUNE

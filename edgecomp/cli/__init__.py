@@ -38,7 +38,7 @@ EMBEDDING_OPTIONS = Declared("edgecomp.embeddings.options")
 EXPORT_OPTIONS = Declared("edgecomp.export.options")
 BENCH_OPTIONS = Declared("edgecomp.measure.options", "BENCH_OPTIONS")
 VALIDATE_OPTIONS = Declared("edgecomp.measure.options", "VALIDATE_OPTIONS")
-OPTIMIZE_OPTIONS = Declared("edgecomp.passes.optimize_graph")
+OPTIMIZE_OPTIONS = Declared("edgecomp.passes.options")
 PRUNE_OPTIONS = Declared("edgecomp.prune.options")
 QUANTIZE_OPTIONS = Declared("edgecomp.quantize.options")
 FINETUNE_OPTIONS = Declared("edgecomp.finetune.options")
@@ -259,7 +259,7 @@ def finetune(model, output, calibration, train_labels, checkpoint, resume, keep_
 
 
 @cli.command()
-@click.argument("model", type=click.Path())
+@click.argument("model", type=ModelPath())
 @_output_option
 @_declared(OPTIMIZE_OPTIONS)
 @_value_option
@@ -401,8 +401,7 @@ def _emulation_options(f):
 
 
 def _emulation_limits():
-    from edgecomp.emulate.numerics import DEFAULT_MAX_SAMPLES
-    from edgecomp.emulate.runner import DEFAULT_TIMEOUT_S
+    from edgecomp.emulate.limits import DEFAULT_MAX_SAMPLES, DEFAULT_TIMEOUT_S
 
     return [click.Option(["--max-samples"], type=click.IntRange(1), default=DEFAULT_MAX_SAMPLES, show_default=True,
                          help="Samples run on each emulated target (evenly spaced over DATA)."),
@@ -440,28 +439,29 @@ def validate(reference, candidate, data, labels, k, threads, json_path, targets,
 
         edgecomp validate mnv2.onnx mnv2.int8.onnx --data digits_test.npz --remote ssh://pi@pi5.local
     """
-    from edgecomp.measure.validate import validate as run_validate
+    from edgecomp.paths import existing_file
     from edgecomp.targets import get_profile
 
     on_device = [p for p in (get_profile(n, targets_file) for n in dict.fromkeys(targets)) if p.remote]
     if len(on_device) > 1 or (on_device and remote["remote"]):
         raise click.UsageError("validate measures on one device at a time: give one --remote or one --target with "
                                "remote = ...")
+    emulated = [n for n in targets if n not in {p.name for p in on_device}]
+    profiles = _emulated_profiles(emulated, targets_file) if emulated else []  # a wrong target first
+    for m in (reference, candidate):  # before loading any library
+        existing_file(m, "ONNX model")
+    from edgecomp.measure.validate import validate as run_validate
+
     device = _device(on_device[0] if on_device else None, **remote)
     if device:
-        from edgecomp.io import existing_file
         from edgecomp.remote.measure import validate_on_device
 
-        for m in (reference, candidate):
-            existing_file(m, "ONNX model")
         info = device.probe()
         result = validate_on_device(device, reference, candidate, data, labels, threads=threads or 1, k=k)
         click.echo(info.describe() + "\n" + rpt.render_validation(result))
         _write_json(json_path, {"device": rpt.to_jsonable(info), **rpt.to_jsonable(result)})
-        targets = tuple(n for n in targets if n not in {p.name for p in on_device})
-        if not targets:
+        if not profiles:
             return
-    profiles = _emulated_profiles(targets, targets_file)
     if profiles:  # a missing or broken emulated runtime is refused before any work
         from edgecomp.emulate.setup import load_runtime
 

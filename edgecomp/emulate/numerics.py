@@ -25,7 +25,8 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.data import Dataset, input_specs, load_data
-from edgecomp.emulate.runner import DEFAULT_TIMEOUT_S, Emulation, EmulatedRunner
+from edgecomp.emulate.limits import DEFAULT_MAX_SAMPLES, DEFAULT_TIMEOUT_S
+from edgecomp.emulate.runner import Emulation, EmulatedRunner
 from edgecomp.emulate.setup import Runtime, load_runtime
 from edgecomp.errors import DataError, OptionError
 from edgecomp.io import load_model
@@ -35,7 +36,6 @@ from edgecomp.runtime import make_session, run_feed
 __all__ = ["DEFAULT_MAX_SAMPLES", "TargetFidelity", "target_fidelity", "fidelity_rows"]
 
 #: Samples checked per target by default: a MiniLM int8 sentence costs 1.5-3 s of CPU under emulation.
-DEFAULT_MAX_SAMPLES = 16
 
 
 @dataclasses.dataclass

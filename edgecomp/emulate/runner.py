@@ -35,6 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.emulate.cpus import has_sme, parse_cpu
+from edgecomp.emulate.limits import DEFAULT_TIMEOUT_S
 from edgecomp.emulate.setup import Runtime, load_runtime
 from edgecomp.errors import ConfigError, DataError, EmulationError, ModelLoadError
 from edgecomp.io import load_model, model_bytes, model_from_bytes
@@ -42,7 +43,6 @@ from edgecomp.io import load_model, model_bytes, model_from_bytes
 __all__ = ["Emulation", "EmulatedRun", "EmulatedRunner", "TargetRunner", "LATENCY_NOTE", "DEFAULT_TIMEOUT_S", "self_check",
            "target_runner"]
 
-DEFAULT_TIMEOUT_S = 1800.0
 LATENCY_NOTE = ("latency under emulation says nothing about the target (qemu runs ~100-300x slower than the "
                 "device): only numerics are reported; measure latency on the device with `edgecomp bench`")
 _GUEST = Path(__file__).with_name("guest.py")

@@ -7,6 +7,14 @@ changed, and a structured record (summary counts and a per-layer table) for repo
 never print.
 """
 
-from edgecomp.passes.base import EdgecompPass, PassReport, run_pass
+from typing import TYPE_CHECKING
+
+from edgecomp.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from edgecomp.passes.base import EdgecompPass, PassReport, run_pass
 
 __all__ = ["EdgecompPass", "PassReport", "run_pass"]
+
+# light, so reading the optimize step's options (edgecomp.passes.options) imports no graph code
+__getattr__, __dir__ = lazy_exports(__name__, {"base": __all__})

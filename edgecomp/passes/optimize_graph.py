@@ -50,7 +50,7 @@ import onnx_ir.passes.common
 
 from edgecomp.errors import ConfigError, EdgecompError, PassFailed
 from edgecomp.graph import histogram
-from edgecomp.options import Option
+from edgecomp.passes.options import OPTIONS
 from edgecomp.measure.interface import keeps_interface
 from edgecomp.passes.base import EdgecompPass, PassReport, run_pass
 from edgecomp.passes.upgrade_opset import drop_unsupported_defaults, new_violations, opset_violations
@@ -61,12 +61,6 @@ __all__ = ["GROW_LIMIT", "OPTIONS", "OptimizeGraphPass", "run"]
 #: A folded output may hold more elements than its constant inputs when it is at most this big: the
 #: shape arithmetic (Shape → Gather → Concat) that folding is for; 64 is past any tensor rank.
 GROW_LIMIT = 64
-
-OPTIONS = (
-    Option("fusions", str, "none", "also apply onnxruntime's transformer fusions (Attention, SkipLayerNorm, BiasGelu)",
-           choices=("none", "bert")),
-    Option("fold_constants", bool, True, "constant and BatchNorm folding", flag="--fold/--no-fold"),
-)
 
 
 class OptimizeGraphPass(EdgecompPass):

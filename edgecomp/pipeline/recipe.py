@@ -46,7 +46,7 @@ from edgecomp.finetune.options import OPTIONS as FINETUNE_OPTIONS
 from edgecomp.io import MAX_TOML_DEPTH, nesting_exceeds, read_toml
 from edgecomp.measure.options import BENCH_OPTIONS, VALIDATE_DATA_NEEDED, VALIDATE_OPTIONS
 from edgecomp.options import Option, coerce, in_range
-from edgecomp.passes.optimize_graph import OPTIONS as OPTIMIZE_OPTIONS
+from edgecomp.passes.options import OPTIONS as OPTIMIZE_OPTIONS
 from edgecomp.prune.options import OPTIONS as PRUNE_OPTIONS
 from edgecomp.quantize.options import DATA_NEEDED as QUANTIZE_DATA_NEEDED
 from edgecomp.quantize.options import OPTIONS as QUANTIZE_OPTIONS

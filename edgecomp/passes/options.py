@@ -1,0 +1,14 @@
+"""The options of the optimize step (:mod:`edgecomp.passes.optimize_graph`), declared once for
+the CLI's flags, recipes and the Python API; kept apart so reading them imports no graph code."""
+
+from __future__ import annotations
+
+from edgecomp.options import Option
+
+__all__ = ["OPTIONS"]
+
+OPTIONS = (
+    Option("fusions", str, "none", "also apply onnxruntime's transformer fusions (Attention, SkipLayerNorm, BiasGelu)",
+           choices=("none", "bert")),
+    Option("fold_constants", bool, True, "constant and BatchNorm folding", flag="--fold/--no-fold"),
+)
