@@ -75,6 +75,13 @@ OPTIONS = (
     Option("patience", int, 3, "evaluations without better fidelity before stopping", check=in_range(1)),
     Option("seed", int, 0, "fixes initialization, split and data order", check=in_range(0, 2**32 - 1)),
     Option("checkpoint_every", int, 100, "steps between checkpoints", check=in_range(1)),
+    Option("blockwise", bool, None, "heal block by block (each pruned block learns its teacher block's output from "
+           "the teacher block's input) before a short end-to-end pass; default: on when the student is a pruned copy "
+           "of an ONNX teacher", flag="--blockwise/--no-blockwise"),
+    Option("block_fraction", float, 0.75, "share of the training steps spent block by block",
+           check=in_range(0, 1, open_lo=True, open_hi=True)),
+    Option("block_loss", str, "mse", "block output matching: mse relative to the teacher value's energy, or cosine",
+           choices=("mse", "cosine")),
     Option("device", str, "auto", "where to train: auto takes a CUDA GPU when torch sees one (bf16 mixed precision), "
            "else the CPU; cpu; cuda[:N]", check=_device, metavar="auto|cpu|cuda[:N]"),
 )

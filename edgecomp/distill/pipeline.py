@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgecomp.distill.blockwise import block_phase, blocks_checkpoint
 from edgecomp.distill.trainer import DistillConfig, Setup, check_resume, is_onnx_file, prepare, resolve_device, train
 from edgecomp.errors import DistillError
 
@@ -111,12 +112,19 @@ def distill(config: DistillConfig, output: str | os.PathLike, *, resume: bool = 
     if not config.checkpoint:
         config = dataclasses.replace(config, checkpoint=str(out) + ".ckpt")
     setup = prepare(config)
-    if resume:
+    blocks_ckpt = blocks_checkpoint(config.checkpoint)
+    in_blocks = resume and not Path(config.checkpoint).is_file() and blocks_ckpt.is_file()
+    if resume and not in_blocks:
         check_resume(config.checkpoint, setup)  # refuse before any process starts
     if nproc == 1 and nnodes == 1:
-        res = train(config, setup=setup, resume=resume, callback=callback)
+        blocks, e2e = block_phase(setup, resume=resume, processes=nproc * nnodes)
+        res = train(e2e, setup=setup, resume=resume and not in_blocks, callback=callback)
         training = {f.name: getattr(res, f.name) for f in dataclasses.fields(res) if f.name != "student"}
+        if not isinstance(blocks, str):
+            blocks.keep_if_better(setup)
+        training["blockwise"] = blocks if isinstance(blocks, str) else blocks.report()
     else:
+        block_phase(setup, processes=nproc * nnodes)  # refuses blockwise on; unset means off here
         from edgecomp.distill.launch import launch
 
         got = launch(config, nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, resume=resume)
@@ -162,4 +170,6 @@ def distill(config: DistillConfig, output: str | os.PathLike, *, resume: bool = 
             if val.ref_accuracy is not None:
                 row["accuracy"] = val.ref_accuracy if i == 0 else val.cand_accuracy
             rows.append(row)
+    if blocks_ckpt.is_file() and not getattr(config, "keep_checkpoint", False):
+        blocks_ckpt.unlink()  # the block phase is done; the end-to-end checkpoint resumes the run
     return DistillResult(out, config.checkpoint, setup.objective, training, exporter_used, val, lat, rows)

@@ -97,6 +97,9 @@ class DistillConfig:
     threads: int | None = None
     progress: bool = False
     device: str = "auto"                # auto (CUDA when torch sees one) | cpu | cuda[:N]
+    blockwise: bool | None = None       # heal block by block first; None: when the student is a pruned copy
+    block_fraction: float = 0.75        # share of the steps spent block by block (edgecomp.distill.blockwise)
+    block_loss: str = "mse"             # mse (relative to the teacher value's energy) | cosine
 
     def hashed(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_HASHED}
