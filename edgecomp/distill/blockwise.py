@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -238,7 +239,7 @@ def plan_blocks(student: nn.Module, teacher: nn.Module, probe: list[torch.Tensor
             kept[-1] = v
         else:
             kept.append(v)
-            covered |= anc[producer[kept[-2]]] if len(kept) > 1 else 0
+        covered |= anc[producer[v]]
     blocks, start, covered = [], None, 0
     for v in kept:
         keys = _block_params(student, anc, producer, covered, v)
@@ -338,8 +339,11 @@ def _load_checkpoint(path: Path, setup) -> dict[str, Any] | None:
 
 
 def heal_blocks(setup, plan: BlockPlan, steps: int, *, kind: str = "mse", resume: bool = False,
-                device: torch.device | str = "cpu") -> BlockResult:
-    """Train the changed blocks of ``setup.student`` (an OnnxModule) for ``steps`` steps, in place."""
+                device: torch.device | str = "cpu", callback=None) -> BlockResult:
+    """Train the changed blocks of ``setup.student`` (an OnnxModule) for ``steps`` steps, in place.
+
+    ``callback(step, record)`` runs after every step (the tests interrupt a run with it).
+    """
 
     if kind not in BLOCK_LOSSES:
         raise OptionError("block_loss", f"must be {' or '.join(BLOCK_LOSSES)}, got {kind!r}")
@@ -348,12 +352,12 @@ def heal_blocks(setup, plan: BlockPlan, steps: int, *, kind: str = "mse", resume
     if c.threads:
         torch.set_num_threads(c.threads)
     try:
-        return _heal(setup, plan, steps, kind, resume, device, t0)
+        return _heal(setup, plan, steps, kind, resume, device, t0, callback)
     finally:
         torch.set_num_threads(threads)
 
 
-def _heal(setup, plan: BlockPlan, steps: int, kind: str, resume: bool, device, t0: float) -> BlockResult:
+def _heal(setup, plan: BlockPlan, steps: int, kind: str, resume: bool, device, t0: float, callback) -> BlockResult:
     from edgecomp.io import atomic_path
 
     c = setup.config
@@ -373,7 +377,8 @@ def _heal(setup, plan: BlockPlan, steps: int, kind: str, resume: bool, device, t
     def factor(step: int) -> float:
         if step < w:
             return (step + 1) / w
-        return 0.5 * (1.0 + np.cos(np.pi * min(1.0, (step - w) / max(1, steps - w))))
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - w) / max(1, steps - w))))  # a float: the
+        # scheduler's state goes into a weights_only checkpoint
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     per_epoch = len(setup.train) // c.batch_size
@@ -432,6 +437,8 @@ def _heal(setup, plan: BlockPlan, steps: int, kind: str, resume: bool, device, t
                             "scheduler": sched.state_dict(), "best_key": list(best_key or ()), "best_step": best_step,
                             "best_state": best_state if best_state is not None else student.state_dict(),
                             "bad": bad, "stopped": stopped, "history": history}, tmp)
+        if callback is not None:
+            callback(step, rec)
     if best_state is not None and len(setup.held):
         student.load_state_dict(best_state)
     else:
