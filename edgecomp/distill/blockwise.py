@@ -420,7 +420,7 @@ def _heal(setup, plan: BlockPlan, steps: int, kind: str, resume: bool, device, t
         opt.step()
         sched.step()
         step += 1
-        rec = {"step": step, "block loss": float(loss.detach())}
+        rec = {"step": step, "block loss": float(loss.detach()), "seconds": round(time.perf_counter() - t0, 2)}
         if len(setup.held) and (step % eval_every == 0 or step == steps):
             rec.update(_held_fidelity(setup, student, held_targets, device))
             key = _key(setup.objective, rec)
@@ -468,7 +468,7 @@ def _kept_positions(student: str | None) -> dict[str, list] | None:
         return None  # written by something else: cut values narrower than the teacher's are no boundaries
 
 
-def block_phase(setup, *, resume: bool = False, processes: int = 1) -> tuple[BlockResult | str, Any]:
+def block_phase(setup, *, resume: bool = False, processes: int = 1, callback=None) -> tuple[BlockResult | str, Any]:
     """Heal block by block when ``blockwise`` is on, or unset and the student is a pruned copy of
     the teacher. Returns the result (or why the phase was skipped) and the configuration of the
     end-to-end pass that follows (the remaining steps)."""
@@ -493,7 +493,7 @@ def block_phase(setup, *, resume: bool = False, processes: int = 1) -> tuple[Blo
     n = block_steps(total, c.block_fraction)
     if n == 0:
         return f"off ({total} step is too few to split)", c
-    result = heal_blocks(setup, plan, n, kind=c.block_loss, resume=resume, device=c.device)
+    result = heal_blocks(setup, plan, n, kind=c.block_loss, resume=resume, device=c.device, callback=callback)
     # the end-to-end pass refines what the blocks learned: at the run's learning rate it undid it
     # (a pruned MobileNetV2: held-out cosine 0.999 after the blocks, 0.93 after 15 steps at 3e-3)
     return result, dataclasses.replace(c, max_steps=total - n, lr=c.lr * END_TO_END_LR)

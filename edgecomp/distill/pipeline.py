@@ -1,6 +1,9 @@
 """Distill end to end: check the setup, train (one process or data-parallel), then export the
 student through the same path as ``edgecomp export`` and measure it against the teacher.
 
+A student that is a pruned copy of an ONNX teacher is first healed block by block
+(:mod:`edgecomp.distill.blockwise`; ``blockwise`` turns it on or off), then end to end.
+
 An ONNX student (an ``OnnxModule``) is not exported again: its trained weights are written into
 its own graph, which keeps the file's structure, names and dynamic axes (tracing the interpreter
 would freeze every shape it computes), and the written file is checked against the trained module
@@ -96,6 +99,8 @@ def distill(config: DistillConfig, output: str | os.PathLike, *, resume: bool = 
     """Train a student to imitate the teacher, export it to ``output`` and compare the two.
 
     Returns None on the machines of a multi-machine run that do not hold global rank 0.
+    ``callback(step, record)`` runs after every step of the block phase (records with a ``block
+    loss``; see :mod:`edgecomp.distill.blockwise`) and of the end-to-end pass.
     """
     from edgecomp.export import HF_AUTO_ORDER, export_model
     from edgecomp.io import check_output_path, load_model, model_size_bytes
@@ -117,7 +122,7 @@ def distill(config: DistillConfig, output: str | os.PathLike, *, resume: bool = 
     if resume and not in_blocks:
         check_resume(config.checkpoint, setup)  # refuse before any process starts
     if nproc == 1 and nnodes == 1:
-        blocks, e2e = block_phase(setup, resume=resume, processes=nproc * nnodes)
+        blocks, e2e = block_phase(setup, resume=resume, processes=nproc * nnodes, callback=callback)
         res = train(e2e, setup=setup, resume=resume and not in_blocks, callback=callback)
         training = {f.name: getattr(res, f.name) for f in dataclasses.fields(res) if f.name != "student"}
         if not isinstance(blocks, str):

@@ -231,6 +231,9 @@ def _run_distill(ctx: _Context, rec: StepRecord) -> None:
     if before_prune:
         rec.summary["healed"] = f"{Path(ctx.current).name} against {Path(before_prune).name}"
     rec.tables = {"teacher vs student": res.rows}
+    blocks = res.training.get("blockwise")
+    if isinstance(blocks, dict):  # healed block by block: the matched boundaries
+        rec.tables["block-wise boundaries"] = blocks["boundaries"]
 
 
 def _input_of_first_prune(ctx: _Context) -> str | None:

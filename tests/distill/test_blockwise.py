@@ -161,3 +161,13 @@ def test_boundaries_are_cuts_and_teacher_forcing_stops_gradients():
     forced["out"].sum().backward()
     w1 = student.weights.get_parameter(next(k for k, n in student.trained.items() if n == "w1"))
     assert w1.grad is None  # no gradient crosses the boundary
+
+
+@pytest.mark.parametrize("name", ["encoder-prune-heal", "cnn-prune-heal"])
+def test_prune_heal_recipes_heal_block_wise(name):
+    from edgecomp.pipeline.recipe import load_recipe
+
+    steps = load_recipe(name).steps
+    distill_step = next(s for s in steps if s["step"] == "distill")
+    assert distill_step["blockwise"] is True and 0 < distill_step["block_fraction"] < 1
+    assert [s["step"] for s in steps].index("prune") < [s["step"] for s in steps].index("distill")
