@@ -56,8 +56,8 @@ from edgecomp.distill.samples import epoch_order
 from edgecomp.distill.trainer import resolve_device
 from edgecomp.errors import DistillError, OptionError
 
-__all__ = ["Block", "BlockPlan", "BlockResult", "plan_blocks", "heal_blocks", "block_steps", "blocks_checkpoint",
-           "BLOCK_LOSSES"]
+__all__ = ["Block", "BlockPlan", "BlockResult", "BoundaryTaps", "plan_blocks", "heal_blocks", "hidden_plan",
+           "block_phase", "block_steps", "blocks_checkpoint", "BLOCK_LOSSES"]
 
 BLOCK_LOSSES = ("mse", "cosine")
 #: The end-to-end pass after the blocks trains at this fraction of the run's learning rate.
@@ -206,7 +206,7 @@ def _selector(s: torch.Tensor, t: torch.Tensor, kept: list | None) -> tuple[int,
 
 
 def plan_blocks(student: nn.Module, teacher: nn.Module, probe: list[torch.Tensor],
-                positions: Mapping[str, list] | None = None) -> BlockPlan | str:
+                positions: Mapping[str, list] | None = None, need_changed: bool = True) -> BlockPlan | str:
     """The blocks to heal, or why there are none (one line). ``positions``: the prune's record of the
     positions each narrowed value keeps (``{name: [axis, positions]}``), so a cut value narrower in
     the student is a boundary too."""
@@ -249,7 +249,7 @@ def plan_blocks(student: nn.Module, teacher: nn.Module, probe: list[torch.Tensor
     if not [b for b in blocks if b.end not in student.output_names]:
         return ("found no value inside both graphs with the same name and shape to cut blocks at (it is not a "
                 "pruned copy of the teacher)")
-    if not any(b.changed for b in blocks):
+    if need_changed and not any(b.changed for b in blocks):
         return "found no block whose weights differ from the teacher's: nothing to heal block by block"
     return BlockPlan(kept, {v: shapes[v] for v in kept}, blocks, {v: select[v] for v in kept if v in select})
 
@@ -497,3 +497,41 @@ def block_phase(setup, *, resume: bool = False, processes: int = 1, callback=Non
     # the end-to-end pass refines what the blocks learned: at the run's learning rate it undid it
     # (a pruned MobileNetV2: held-out cosine 0.999 after the blocks, 0.93 after 15 steps at 3e-3)
     return result, dataclasses.replace(c, max_steps=total - n, lr=c.lr * END_TO_END_LR)
+
+
+# --- hidden-state matching between ONNX models --------------------------------------------------
+
+class BoundaryTaps:
+    """Hidden states of an ONNX teacher or student at the plan's boundaries, for hidden-state
+    matching (the interface of the trainer's layer-stack taps: ``take(indices)``, ``remove()``).
+
+    The teacher's values come at the student's widths (the positions the prune kept); feature maps
+    (4-D and 5-D) come channels-last, so matching runs over channels as it does over the hidden
+    axis of token states."""
+
+    def __init__(self, module, plan: BlockPlan, *, teacher: bool):
+        self.module, self.plan, self.teacher = module, plan, teacher
+        self.names = hidden_boundaries(plan, module.output_names)
+        self.values = module.tap(self.names)
+
+    def take(self, indices: list[int]) -> list[torch.Tensor]:
+        vals = self.plan.teacher_values(self.values) if self.teacher else dict(self.values)
+        out = [vals[self.names[i]] for i in indices]
+        self.values.clear()
+        return [v.movedim(1, -1) if v.dim() >= 4 else v for v in out]
+
+    def remove(self) -> None:
+        self.module.tap(())
+
+
+def hidden_boundaries(plan: BlockPlan, outputs: list[str]) -> list[str]:
+    return [b for b in plan.boundaries if b not in outputs]
+
+
+def hidden_plan(student: nn.Module, teacher: nn.Module, probe: list[torch.Tensor], student_file: str | None) -> BlockPlan:
+    """The boundaries hidden states are matched at, for an ONNX student of an ONNX teacher."""
+    plan = plan_blocks(student, teacher, probe, _kept_positions(student_file), need_changed=False)
+    if isinstance(plan, str) or not hidden_boundaries(plan, student.output_names):
+        why = plan if isinstance(plan, str) else "found no boundary inside the graphs"
+        raise OptionError("hidden_weight", f"{why}; set it to 0")
+    return plan

@@ -804,6 +804,8 @@ class OnnxModule(nn.Module):
         self.trained: dict[str, str] = {}                     # parameter name (under weights) → initializer
         self._add_initializers(graph, nodes)
         self._steps = self._compile(nodes, opset)
+        self._taps: dict[str, None] = {}
+        self.tapped: dict[str, Tensor] = {}
 
     def _add_initializers(self, graph: ir.Graph, nodes: list[ir.Node]) -> None:
         slots: dict[str, set[tuple[str, int]]] = {}
@@ -857,9 +859,15 @@ class OnnxModule(nn.Module):
                 for n, t in feeds.items()}
 
     def forward(self, *args: Tensor, **kwargs: Tensor) -> Tensor | tuple[Tensor, ...]:
-        env = self._run(self._bind(args, kwargs), {}, {})
+        env = self._run(self._bind(args, kwargs), self._taps, {}, self.tapped)
         outs = tuple(env[n] for n in self.output_names)
         return outs[0] if len(outs) == 1 else outs
+
+    def tap(self, names: Iterable[str]) -> dict[str, Tensor]:
+        """Keep the values named ``names`` of every later forward in the returned dict (hidden-state
+        matching reads them); ``tap(())`` stops."""
+        self._taps, self.tapped = {n: None for n in names}, {}
+        return self.tapped
 
     def values(self, *args: Tensor, capture: Iterable[str] = (), replace: Mapping[str, Tensor] | None = None,
                **kwargs: Tensor) -> dict[str, Tensor]:

@@ -171,3 +171,17 @@ def test_prune_heal_recipes_heal_block_wise(name):
     distill_step = next(s for s in steps if s["step"] == "distill")
     assert distill_step["blockwise"] is True and 0 < distill_step["block_fraction"] < 1
     assert [s["step"] for s in steps].index("prune") < [s["step"] for s in steps].index("distill")
+
+
+def test_hidden_states_of_an_onnx_student_match_at_the_boundaries(cnn):
+    from edgecomp.distill import train
+
+    cfg = _cfg(cnn, hidden_weight=1.0, match="mse", max_steps=6, eval_every=1, blockwise=False)
+    setup = prepare(cfg)
+    names = [b for b in setup.hidden_plan.boundaries if b != "output"]
+    assert len(setup.hidden_pairs) == len(names) > 10 and "/features/features.3/Add_output_0" in names
+    hidden = [h["hidden"] for h in train(cfg, setup=setup).history]
+    assert np.isfinite(hidden).all() and hidden[-1] < 0.8 * hidden[0], hidden
+    with torch.no_grad():
+        setup.student(setup.train.batch(range(2))["x"])
+    assert setup.student.tapped == {}  # the taps are removed after training
