@@ -97,10 +97,12 @@ def test_pruned_cnn_heals_better_block_wise(cnn, tmp_path):
     assert bounds[-1]["value"] == "output"
 
 
-def test_default_is_block_wise_for_a_pruned_copy_only(cnn, tmp_path):
-    setup = prepare(_cfg(cnn, max_steps=4))  # blockwise unset
+def test_default_is_block_wise_for_a_pruned_copy_only(encoder, cnn, tmp_path):
+    setup = prepare(_cfg(encoder, max_steps=4))  # blockwise unset: FFNs cut, the residual stream kept
     result, e2e = block_phase(setup)
     assert not isinstance(result, str) and result.steps == 3 and e2e.max_steps == 1 and e2e.lr == pytest.approx(3e-4)
+    result, e2e = block_phase(prepare(_cfg(cnn, max_steps=4)))  # every stage output cut too: asked for only
+    assert result.startswith("off (every boundary inside the student is narrowed") and e2e.max_steps == 4
     other = save_model(load_model(cnn[0]), tmp_path / "copy.onnx")  # the teacher itself: nothing to heal
     result, e2e = block_phase(prepare(_cfg((cnn[0], other, cnn[2]), max_steps=4)))
     assert result.startswith("off (found no block whose weights differ") and e2e.max_steps == 4
