@@ -151,7 +151,7 @@ def _cuts(module) -> tuple[list[str], dict[str, int], list[int]]:
     flow = module.dataflow()
     trained = set(module.trained.values())
     producer: dict[str, int] = {}
-    consumers: dict[str, list[int]] = {}
+    consumers: dict[str, int] = {}  # value → bit mask of the steps reading it
     anc: list[int] = []
     weighted: set[str] = set()      # values that depend on a trained weight
     for i, (ins, outs) in enumerate(flow):
@@ -159,7 +159,7 @@ def _cuts(module) -> tuple[list[str], dict[str, int], list[int]]:
         for n in ins:
             if n in producer:
                 mask |= anc[producer[n]]
-            consumers.setdefault(n, []).append(i)
+            consumers[n] = consumers.get(n, 0) | 1 << i
         anc.append(mask)
         if any(n in trained or n in weighted for n in ins if n):
             weighted.update(o for o in outs if o)
@@ -175,8 +175,7 @@ def _cuts(module) -> tuple[list[str], dict[str, int], list[int]]:
         live = False
         for j in _bits(inside):
             for o in flow[j][1]:
-                if o and o != v and o in weighted and (o in graph_outputs or
-                                                       any(not (inside >> k) & 1 for k in consumers.get(o, ()))):
+                if o and o != v and o in weighted and (o in graph_outputs or consumers.get(o, 0) & ~inside):
                     live = True
                     break
             if live:
@@ -431,7 +430,7 @@ def _heal(setup, plan: BlockPlan, steps: int, kind: str, resume: bool, device, t
         opt.step()
         sched.step()
         step += 1
-        rec = {"step": step, "block loss": float(loss.detach()), "seconds": round(time.perf_counter() - t0, 2)}
+        rec = {"step": step, "block loss": float(loss.detach())}
         if len(setup.held) and (step % eval_every == 0 or step == steps):
             rec.update(_held_fidelity(setup, student, held_targets, device))
             key = _key(setup.objective, rec)

@@ -193,3 +193,31 @@ def test_hidden_states_of_an_onnx_student_match_at_the_boundaries(cnn):
     with torch.no_grad():
         setup.student(setup.train.batch(range(2))["x"])
     assert setup.student.tapped == {}  # the taps are removed after training
+
+
+@pytest.mark.parametrize("kill_at", [3, 7])  # in the block phase (6 steps), in the end-to-end pass
+def test_distill_resumes_across_the_two_phases(encoder, tmp_path, kill_at):
+    import onnx
+
+    cfg = _cfg(encoder, max_steps=8, checkpoint_every=2, eval_every=2, block_fraction=0.75)
+    whole = distill(dataclasses.replace(cfg, checkpoint=str(tmp_path / "a.ckpt")), tmp_path / "a.onnx", bench_runs=0)
+
+    class Killed(Exception):
+        pass
+
+    calls = []
+
+    def kill(step, rec):  # steps 1-6 of the block phase, then 1-2 of the end-to-end pass
+        calls.append(step)
+        if len(calls) == kill_at:
+            raise Killed
+
+    cut = dataclasses.replace(cfg, checkpoint=str(tmp_path / "b.ckpt"))
+    with pytest.raises(Killed):
+        distill(cut, tmp_path / "b.onnx", bench_runs=0, callback=kill)
+    resumed = distill(cut, tmp_path / "b.onnx", bench_runs=0, resume=True)
+    assert resumed.training["blockwise"]["history"] == whole.training["blockwise"]["history"]
+    assert resumed.training["history"] == whole.training["history"]
+    a, b = (onnx.load(str(tmp_path / f"{n}.onnx")).graph.initializer for n in ("a", "b"))
+    assert all(np.array_equal(onnx.numpy_helper.to_array(x), onnx.numpy_helper.to_array(y)) for x, y in zip(a, b))
+    assert not (tmp_path / "b.ckpt.blocks").exists()  # removed once the run is done
