@@ -64,7 +64,6 @@ from torch import nn
 
 from edgecomp.distill.losses import soft_target_kl
 from edgecomp.distill.samples import epoch_order
-from edgecomp.distill.trainer import resolve_device
 from edgecomp.errors import DistillError, OptionError
 
 __all__ = ["Block", "BlockPlan", "BlockResult", "BoundaryTaps", "plan_blocks", "heal_blocks", "hidden_plan",
@@ -349,7 +348,7 @@ def _load_checkpoint(path: Path, setup) -> dict[str, Any] | None:
 
 
 def heal_blocks(setup, plan: BlockPlan, steps: int, *, kind: str = "mse", resume: bool = False,
-                device: torch.device | str = "cpu", callback=None) -> BlockResult:
+                device: torch.device = torch.device("cpu"), callback=None) -> BlockResult:
     """Train the changed blocks of ``setup.student`` (an OnnxModule) for ``steps`` steps, in place.
 
     ``callback(step, record)`` runs after every step (the tests interrupt a run with it).
@@ -371,7 +370,6 @@ def _heal(setup, plan: BlockPlan, steps: int, kind: str, resume: bool, device, t
     from edgecomp.io import atomic_path
 
     c = setup.config
-    device = resolve_device(str(device))
     student, teacher, names = setup.student.to(device), setup.teacher.to(device), setup.input_names
     trained = plan.trained
     keys = sorted({k for b in trained for k in b.params})
@@ -461,16 +459,13 @@ def _heal(setup, plan: BlockPlan, steps: int, kind: str, resume: bool, device, t
                        copy.deepcopy(student.state_dict()))
 
 
-def _kept_positions(student: str | None) -> dict[str, list] | None:
-    """The prune's record of kept positions in the student file's metadata, if any."""
+def _kept_positions(student: str) -> dict[str, list] | None:
+    """The prune's record of kept positions in the student ONNX file's metadata, if any."""
     import json
 
-    from edgecomp.distill.trainer import is_onnx_file
     from edgecomp.io import load_model
     from edgecomp.prune.prune_channels import KEPT_POSITIONS_KEY
 
-    if not is_onnx_file(student):
-        return None
     text = load_model(student).metadata_props.get(KEPT_POSITIONS_KEY)
     try:
         return json.loads(text) if text else None
@@ -478,7 +473,8 @@ def _kept_positions(student: str | None) -> dict[str, list] | None:
         return None  # written by something else: cut values narrower than the teacher's are no boundaries
 
 
-def block_phase(setup, *, resume: bool = False, processes: int = 1, callback=None) -> tuple[BlockResult | str, Any]:
+def block_phase(setup, *, resume: bool = False, processes: int = 1, device: torch.device = torch.device("cpu"),
+                callback=None) -> tuple[BlockResult | str, Any]:
     """Heal block by block when ``blockwise`` is on, or unset and the student is a pruned copy of
     the teacher. Returns the result (or why the phase was skipped) and the configuration of the
     end-to-end pass that follows (the remaining steps)."""
@@ -493,8 +489,11 @@ def block_phase(setup, *, resume: bool = False, processes: int = 1, callback=Non
         if c.blockwise:
             raise OptionError("blockwise", "trains in one process; turn it off for data-parallel runs")
         return "off (data-parallel run)", c
+    from edgecomp.distill.onnx_module import OnnxModule
+
     probe = setup.train.batch(range(min(2, len(setup.train))))
-    plan = plan_blocks(setup.student, setup.teacher, [probe[n] for n in setup.input_names], _kept_positions(c.student))
+    positions = _kept_positions(c.student) if isinstance(setup.student, OnnxModule) else None
+    plan = plan_blocks(setup.student, setup.teacher, [probe[n] for n in setup.input_names], positions)
     if isinstance(plan, str):
         if c.blockwise:
             raise OptionError("blockwise", f"{plan}; turn it off")
@@ -510,7 +509,7 @@ def block_phase(setup, *, resume: bool = False, processes: int = 1, callback=Non
     n = block_steps(total, c.block_fraction)
     if n == 0:
         return f"off ({total} step is too few to split)", c
-    result = heal_blocks(setup, plan, n, kind=c.block_loss, resume=resume, device=c.device, callback=callback)
+    result = heal_blocks(setup, plan, n, kind=c.block_loss, resume=resume, device=device, callback=callback)
     # the end-to-end pass refines what the blocks learned: at the run's learning rate it undid it
     # (a pruned MobileNetV2: held-out cosine 0.999 after the blocks, 0.93 after 15 steps at 3e-3)
     return result, dataclasses.replace(c, max_steps=total - n, lr=c.lr * END_TO_END_LR)
@@ -547,7 +546,8 @@ def hidden_boundaries(plan: BlockPlan, outputs: list[str]) -> list[str]:
 
 def hidden_plan(student: nn.Module, teacher: nn.Module, probe: list[torch.Tensor], student_file: str | None) -> BlockPlan:
     """The boundaries hidden states are matched at, for an ONNX student of an ONNX teacher."""
-    plan = plan_blocks(student, teacher, probe, _kept_positions(student_file), need_changed=False)
+    plan = plan_blocks(student, teacher, probe, _kept_positions(student_file) if student_file else None,
+                       need_changed=False)
     if isinstance(plan, str) or not hidden_boundaries(plan, student.output_names):
         why = plan if isinstance(plan, str) else "found no boundary inside the graphs"
         raise OptionError("hidden_weight", f"{why}; set it to 0")

@@ -122,7 +122,7 @@ def distill(config: DistillConfig, output: str | os.PathLike, *, resume: bool = 
     if resume and not in_blocks:
         check_resume(config.checkpoint, setup)  # refuse before any process starts
     if nproc == 1 and nnodes == 1:
-        blocks, e2e = block_phase(setup, resume=resume, processes=nproc * nnodes, callback=callback)
+        blocks, e2e = block_phase(setup, resume=resume, processes=nproc * nnodes, device=device, callback=callback)
         res = train(e2e, setup=setup, resume=resume and not in_blocks, callback=callback)
         training = {f.name: getattr(res, f.name) for f in dataclasses.fields(res) if f.name != "student"}
         if not isinstance(blocks, str):
