@@ -116,9 +116,9 @@ def _minutes(rec: dict) -> str:
 def _block_note(rec: dict) -> str:
     b = rec.get("blockwise")
     if not isinstance(b, dict):
-        return f"block-wise: {b}"
+        return str(b)
     names = [x["value"] for x in b["boundaries"]]
-    return (f"block-wise: {len(b['trained blocks'])} of {b['blocks']} blocks trained, {b['steps']} block steps in "
+    return (f"{len(b['trained blocks'])} of {b['blocks']} blocks trained, {b['steps']} block steps in "
             f"{b['seconds']:.0f} s (best {b['best step']}), boundaries {names[0]} … {names[-1]} ({len(names)})"
             + (f"; {b['kept']}" if b.get("kept") else ""))
 
