@@ -188,6 +188,11 @@ def distill(teacher, output, teacher_hf, calibration, text, tokenizer, labels, c
         click.echo("training done; the student is exported on the machine that holds rank 0")
         return
     t = result.training
+    blocks = t.get("blockwise")
+    if isinstance(blocks, dict):  # the block phase came first; t['steps'] counts the end-to-end pass
+        click.echo(f"healed block by block: {len(blocks['trained blocks'])} of {blocks['blocks']} blocks trained for "
+                   f"{blocks['steps']} steps (best {blocks['best step']}) between "
+                   f"{', '.join(b['value'] for b in blocks['boundaries'])}")
     kept = f"checkpoint {result.checkpoint}" if keep_checkpoint else "checkpoint removed"
     click.echo(f"trained {t['steps']} steps in {t['seconds']:.0f}s ({result.objective}); best held-out fidelity at "
                f"step {t['best_step']}{', stopped early' if t['stopped_early'] else ''}; {kept}")

@@ -801,6 +801,8 @@ class OnnxModule(nn.Module):
         self.trained: dict[str, str] = {}                     # parameter name (under weights) → initializer
         self._add_initializers(graph, nodes)
         self._steps = self._compile(nodes, opset)
+        self._taps: dict[str, None] = {}
+        self.tapped: dict[str, Tensor] = {}
 
     def _add_initializers(self, graph: ir.Graph, nodes: list[ir.Node]) -> None:
         slots: dict[str, set[tuple[str, int]]] = {}
@@ -854,8 +856,38 @@ class OnnxModule(nn.Module):
                 for n, t in feeds.items()}
 
     def forward(self, *args: Tensor, **kwargs: Tensor) -> Tensor | tuple[Tensor, ...]:
-        env: dict[str, Tensor] = {name: getattr(holder, key) for name, (holder, key) in self._values.items()}
-        env.update(self._bind(args, kwargs))
+        env = self._run(self._bind(args, kwargs), self._taps, {}, self.tapped)
+        outs = tuple(env[n] for n in self.output_names)
+        return outs[0] if len(outs) == 1 else outs
+
+    def tap(self, names: Iterable[str]) -> dict[str, Tensor]:
+        """Keep the values named ``names`` of every later forward in the returned dict (hidden-state
+        matching reads them); ``tap(())`` stops."""
+        self._taps, self.tapped = {n: None for n in names}, {}
+        return self.tapped
+
+    def values(self, *args: Tensor, capture: Iterable[str] = (), replace: Mapping[str, Tensor] | None = None,
+               **kwargs: Tensor) -> dict[str, Tensor]:
+        """Run the graph; return the values named in ``capture`` as this module computes them.
+
+        A value named in ``replace`` is computed, captured if asked, and then replaced by the given
+        tensor for every node after it: teacher forcing at block boundaries, so each block of a
+        student learns from the teacher's block input and no gradient crosses a boundary.
+        """
+        captured: dict[str, Tensor] = {}
+        self._run(self._bind(args, kwargs), {n: None for n in capture}, dict(replace or {}), captured)
+        missing = [n for n in capture if n not in captured]
+        if missing:
+            raise DistillError(f"{self.source} computes no values named {missing}")
+        return captured
+
+    def dataflow(self) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+        """(input names, output names) of each node in the order they run ("" for an omitted input)."""
+        return [(s.inputs, s.outputs) for s in self._steps]
+
+    def _run(self, env: dict[str, Tensor], capture: Mapping[str, None], replace: Mapping[str, Tensor],
+             captured: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        env = {**{name: getattr(holder, key) for name, (holder, key) in self._values.items()}, **env}
         for step in self._steps:
             xs = [env[n] if n else None for n in step.inputs]
             try:
@@ -865,9 +897,10 @@ class OnnxModule(nn.Module):
                                    f"{first_line(e)}") from e
             for name, t in zip(step.outputs, (out,) if isinstance(out, Tensor) else out):
                 if name:
-                    env[name] = t
-        outs = tuple(env[n] for n in self.output_names)
-        return outs[0] if len(outs) == 1 else outs
+                    if name in capture:
+                        captured[name] = t
+                    env[name] = replace.get(name, t)
+        return env
 
     def write_weights(self, model: ir.Model) -> ir.Model:
         """Put the current parameter values into ``model``'s initializers (the model this module was built from)."""

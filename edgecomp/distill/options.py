@@ -93,6 +93,13 @@ OPTIONS = (
     Option("hidden_weight", float, 0.0, "weight of hidden-state matching", check=_WEIGHT),
     Option("ce_weight", float, 1.0, "weight of cross-entropy (with labels)", check=_WEIGHT),
     *TRAINING_OPTIONS,
+    Option("blockwise", bool, None, "heal block by block (each pruned block learns its teacher block's output from "
+           "the teacher block's input) before a short end-to-end pass; default: on when the student is a pruned copy "
+           "of an ONNX teacher", flag="--blockwise/--no-blockwise"),
+    Option("block_fraction", float, 0.75, "share of the training steps spent block by block",
+           check=in_range(0, 1, open_lo=True, open_hi=True)),
+    Option("block_loss", str, "mse", "block output matching: mse relative to the teacher value's energy, or cosine",
+           choices=("mse", "cosine")),
 )
 
 

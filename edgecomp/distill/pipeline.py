@@ -1,6 +1,9 @@
 """Distill end to end: check the setup, train (one process or data-parallel), then export the
 student through the same path as ``edgecomp export`` and measure it against the teacher.
 
+A student that is a pruned copy of an ONNX teacher is first healed block by block
+(:mod:`edgecomp.distill.blockwise`; ``blockwise`` turns it on or off), then end to end.
+
 An ONNX student (an ``OnnxModule``) is not exported again: its trained weights are written into
 its own graph, which keeps the file's structure, names and dynamic axes (tracing the interpreter
 would freeze every shape it computes), and the written file is checked against the trained module
@@ -29,6 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgecomp.distill.blockwise import block_phase, blocks_checkpoint
 from edgecomp.distill.trainer import DistillConfig, Setup, check_resume, is_onnx_file, prepare, resolve_device, train
 from edgecomp.errors import DistillError
 
@@ -102,6 +106,8 @@ def distill(config: DistillConfig, output: str | os.PathLike, *, resume: bool = 
     """Train a student to imitate the teacher, export it to ``output`` and compare the two.
 
     Returns None on the machines of a multi-machine run that do not hold global rank 0.
+    ``callback(step, record)`` runs after every step of the block phase (records with a ``block
+    loss``; see :mod:`edgecomp.distill.blockwise`) and of the end-to-end pass.
     """
     from edgecomp.export import HF_AUTO_ORDER, export_model
     from edgecomp.io import check_output_path, load_model, model_size_bytes, save_model
@@ -118,12 +124,19 @@ def distill(config: DistillConfig, output: str | os.PathLike, *, resume: bool = 
     if not config.checkpoint:
         config = dataclasses.replace(config, checkpoint=str(out) + ".ckpt")
     setup = prepare(config)
-    if resume:
+    blocks_ckpt = blocks_checkpoint(config.checkpoint)
+    in_blocks = resume and not Path(config.checkpoint).is_file() and blocks_ckpt.is_file()
+    if resume and not in_blocks:
         check_resume(config.checkpoint, setup)  # refuse before any process starts
     if nproc == 1 and nnodes == 1:
-        res = train(config, setup=setup, resume=resume, callback=callback)
+        blocks, e2e = block_phase(setup, resume=resume, processes=nproc * nnodes, device=device, callback=callback)
+        res = train(e2e, setup=setup, resume=resume and not in_blocks, callback=callback)
         training = {f.name: getattr(res, f.name) for f in dataclasses.fields(res) if f.name != "student"}
+        if not isinstance(blocks, str):
+            blocks.keep_if_better(setup)
+        training["blockwise"] = blocks if isinstance(blocks, str) else blocks.report()
     else:
+        block_phase(setup, processes=nproc * nnodes)  # refuses blockwise on; unset means off here
         from edgecomp.distill.launch import launch
 
         got = launch(config, nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, resume=resume)
@@ -175,6 +188,7 @@ def distill(config: DistillConfig, output: str | os.PathLike, *, resume: bool = 
             rows.append(row)
     if not keep_checkpoint:
         Path(config.checkpoint).unlink(missing_ok=True)
+        blocks_ckpt.unlink(missing_ok=True)  # the block phase's own checkpoint
     return DistillResult(out, config.checkpoint, setup.objective, training, exporter_used, val, lat, rows, warnings)
 
 

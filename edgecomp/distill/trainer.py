@@ -104,6 +104,9 @@ class DistillConfig:
     threads: int | None = None
     progress: bool = False
     device: str = "auto"                # auto (CUDA when torch sees one) | cpu | cuda[:N]
+    blockwise: bool | None = None       # heal block by block first; None: when the student is a pruned copy
+    block_fraction: float = 0.75        # share of the steps spent block by block (edgecomp.distill.blockwise)
+    block_loss: str = "mse"             # mse (relative to the teacher value's energy) | cosine
 
     def hashed(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_HASHED}
@@ -123,6 +126,7 @@ class Setup:
     hidden_pairs: list[tuple[int, int]]  # (student layer, teacher layer) for hidden-state matching
     config_hash: str
     held_rows: list = dataclasses.field(default_factory=list)  # train_rows new: edgecomp.distill.optim.RowsHeld
+    hidden_plan: Any = None              # ONNX models: the boundaries (edgecomp.distill.blockwise) the pairs index
 
 
 @dataclasses.dataclass
@@ -334,10 +338,16 @@ def prepare(config: DistillConfig) -> Setup:
         raise OptionError("labels", "need a teacher whose output is class logits; leave them out for embeddings")
 
     pairs: list[tuple[int, int]] = []
-    if c.hidden_weight > 0:
+    hidden_plan = None
+    if c.hidden_weight > 0 and is_onnx_file(c.teacher) and is_onnx_file(c.student):
+        from edgecomp.distill.blockwise import hidden_boundaries, hidden_plan as plan_hidden
+
+        hidden_plan = plan_hidden(student, teacher, args, c.student)  # matched at the block boundaries
+        pairs = [(i, i) for i in range(len(hidden_boundaries(hidden_plan, list(student.output_names))))]
+    elif c.hidden_weight > 0:
         if is_onnx_file(c.teacher) or is_onnx_file(c.student):
-            raise OptionError("hidden_weight", "needs torch modules with a layer stack; an ONNX teacher or student "
-                                               "has none, so set it to 0")
+            raise OptionError("hidden_weight", "needs torch modules with a layer stack, or an ONNX student pruned "
+                                               "from an ONNX teacher; with one ONNX model set it to 0")
         ts, ss = find_layer_stack(teacher), find_layer_stack(student, min_len=1)
         if ts is None or ss is None:
             raise OptionError("hidden_weight", "needs teacher and student with a stack of repeated layers; set it to 0")
@@ -361,7 +371,7 @@ def prepare(config: DistillConfig) -> Setup:
         hashed["models"] = digests
     blob = json.dumps(hashed, sort_keys=True, default=str)
     return Setup(c, teacher, student, example, names, train_s, held, objective, loss, pairs,
-                 hashlib.sha256(blob.encode()).hexdigest()[:16], held_rows)
+                 hashlib.sha256(blob.encode()).hexdigest()[:16], held_rows, hidden_plan)
 
 
 def _freeze_unused(student: nn.Module, args: list[torch.Tensor]) -> None:
@@ -610,8 +620,15 @@ def _train(c: DistillConfig, setup: Setup, resume: bool, callback) -> TrainResul
         with _damaged(ckpt_path):
             set_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
 
-    taps_s = _HiddenTaps(student, [j for j, _ in setup.hidden_pairs]) if setup.hidden_pairs else None
-    taps_t = _HiddenTaps(teacher, [i for _, i in setup.hidden_pairs]) if setup.hidden_pairs else None
+    taps_s = taps_t = None
+    if setup.hidden_plan is not None:  # ONNX models: their block boundaries
+        from edgecomp.distill.blockwise import BoundaryTaps
+
+        taps_s, taps_t = (BoundaryTaps(student, setup.hidden_plan, teacher=False),
+                          BoundaryTaps(teacher, setup.hidden_plan, teacher=True))
+    elif setup.hidden_pairs:
+        taps_s = _HiddenTaps(student, [j for j, _ in setup.hidden_pairs])
+        taps_t = _HiddenTaps(teacher, [i for _, i in setup.hidden_pairs])
     bar = None
     if c.progress and rank == 0:
         from tqdm import tqdm

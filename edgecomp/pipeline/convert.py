@@ -255,6 +255,9 @@ def _run_distill(ctx: _Context, rec: StepRecord) -> None:
     if before_prune:
         rec.summary["healed"] = f"{Path(ctx.current).name} against {Path(before_prune).name}"
     rec.tables = {"teacher vs student": res.rows}
+    blocks = res.training.get("blockwise")
+    if isinstance(blocks, dict):  # healed block by block: the matched boundaries
+        rec.tables["block-wise boundaries"] = blocks["boundaries"]
     rec.warnings = res.warnings
 
 

@@ -27,6 +27,14 @@ def _kinds(v: list) -> str | None:
     return None
 
 
+def _levels(v: list) -> str | None:
+    try:
+        ok = bool(v) and all(0 < float(s) < 1 for s in v)
+    except (TypeError, ValueError):
+        ok = False
+    return None if ok else f"must be sparsities in (0, 1), e.g. 0.25,0.5,0.75; got {v!r}"
+
+
 OPTIONS = (
     Option("sparsity", float, 0.5, "fraction removed: of each group's channels/heads (structured) or of the weights",
            check=in_range(0, 1, open_lo=True, open_hi=True)),
@@ -51,6 +59,10 @@ OPTIONS = (
     Option("tolerance", float, None, "allowed loss vs the input on eval data: instead of sparsity, the largest "
            "uneven cut (per group) whose measured loss stays within it (exit status 3 when none does)",
            check=in_range(0), needs=lambda v: "eval"),
+    Option("levels", list, ["0.25", "0.5", "0.75"], "with a tolerance: the sparsities each group's sensitivity is "
+           "measured at (more levels: finer uneven cuts, more evaluations)", check=_levels, split=","),
+    Option("max_evaluations", int, None, "with a tolerance: the most models evaluated on the eval data (a step "
+           "not measured is not taken)", check=in_range(1)),
     Option("allow_degraded", bool, False, f"write the result even below the fidelity floor (mean cosine or top-1 "
            f"agreement < {FIDELITY_FLOOR} against the input, on the data's held-out samples, else on "
            f"{SYNTHETIC_SAMPLES} synthesized inputs), with a warning and exit status 3, instead of refusing it "
@@ -77,6 +89,10 @@ class PruneOptions:
     metric: str = "cosine"
     tolerance: float | None = None  # with eval data: the cut is fitted to it (prune.tolerance)
     allow_degraded: bool = False  # write a result below FIDELITY_FLOOR (flagged degraded) instead of refusing it
+    # With a tolerance: the sparsities measured per group (tolerance.LEVELS), as the CLI's comma list
+    # gives them (numbers from a recipe work too; the search reads them with float()).
+    levels: tuple[str | float, ...] = ("0.25", "0.5", "0.75")
+    max_evaluations: int | None = None  # with a tolerance: evaluation budget of the search
     threads: int = 1
 
     def validate(self) -> None:

@@ -13,7 +13,8 @@ every edit the dependency analysis recorded is applied with those indices. Cases
 - attention score terms with a heads axis that are computed (T5/MPNet position bias): read
   through a Gather of the kept heads (after an Expand where that axis may broadcast);
 - value shapes: the channel dim of every value on a changed path is set to its new width, and
-  the shapes inside attention blocks are cleared (onnxruntime infers them again).
+  the shapes inside attention blocks are cleared (onnxruntime infers them again); the kept
+  positions of each narrowed value are recorded in the model metadata (``KEPT_POSITIONS_KEY``).
 
 The plan comes from an analysis of the model, perhaps of another copy of it (the tolerance search
 cuts many clones of one analysed model): its edits name their nodes, and the pass applies each
@@ -28,6 +29,7 @@ are removed. Graph inputs and outputs are untouched.
 from __future__ import annotations
 
 import collections
+import json
 from typing import Any
 
 import numpy as np
@@ -39,7 +41,10 @@ from edgecomp.graph import NameAllocator, add_initializer, const_array
 from edgecomp.passes.base import EdgecompPass, PassReport
 from edgecomp.prune.importance import PrunePlan
 
-__all__ = ["PruneChannelsPass", "new_initializer"]
+__all__ = ["PruneChannelsPass", "new_initializer", "KEPT_POSITIONS_KEY"]
+
+#: Model metadata: JSON ``{value name: [axis, [kept positions]]}`` for each value a prune narrowed.
+KEPT_POSITIONS_KEY = "edgecomp.prune.kept_positions"
 
 
 def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, names: NameAllocator | None = None) -> ir.Value:
@@ -166,16 +171,21 @@ class PruneChannelsPass(EdgecompPass):
         an, kept = self.plan.analysis, self.plan.kept
         outputs = set(model.graph.outputs)
         values = {o.name: o for n in model.graph for o in n.outputs}
+        widths: dict[str, list] = {}
         for name, layout in an.values.items():
             v = values.get(name)
             if v is None or v in outputs or not any(a in kept for a in layout.atoms()):
                 continue
+            widths[name] = [int(layout.axis), layout.indices(kept, an.sizes).tolist()]
             if v.shape is None or layout.rank is None or len(v.shape) != layout.rank:
                 v.shape = None
                 continue
             dims = list(v.shape)
             dims[layout.axis] = len(layout.indices(kept, an.sizes))
             v.shape = ir.Shape(dims)
+        # Which positions of the input model's value each cut value keeps: block-wise healing
+        # (edgecomp.distill.blockwise) feeds a student block the teacher's value through them.
+        model.metadata_props[KEPT_POSITIONS_KEY] = json.dumps(widths, separators=(",", ":"))
         head_atoms = [a for a, k in an.kinds.items() if k == "heads" and a in kept]
         if head_atoms:
             for name in an.head_values:

@@ -194,6 +194,12 @@ def run(model: ir.Model, opts: PruneOptions, data: StepData, context: StepContex
     progress = bool(context and context.progress)
     refuse_unrunnable_floats(model)  # float16 models are pruned as they are: cuts and repairs keep their dtype
     need_data(OPTIONS, {o.name: getattr(opts, o.name) for o in OPTIONS}, data.available())
+    if opts.tolerance is None:
+        for name, unset in (("levels", tuple(map(float, opts.levels)) == tuple(map(float, PruneOptions().levels))),
+                            ("max_evaluations", opts.max_evaluations is None)):
+            if not unset:
+                raise OptionError(name, "applies to the tolerance search only; give a tolerance (with eval data) "
+                                        "or drop it")
     if not opts.structured:
         if opts.tolerance is not None:
             raise OptionError("tolerance", "fits structured cuts; unstructured pruning takes sparsity alone")
@@ -212,7 +218,8 @@ def run(model: ir.Model, opts: PruneOptions, data: StepData, context: StepContex
     ev = load_data(data.need("eval", "tolerance", "tolerance"))
     labels = load_labels(data.labels, len(ev)) if data.labels else None
     result, met = prune_to_tolerance(model, opts, calibration, ev, metric=opts.metric, tolerance=opts.tolerance,
-                                     labels=labels, progress=progress)
+                                     labels=labels, levels=[float(s) for s in opts.levels],
+                                     max_evaluations=opts.max_evaluations, progress=progress)
     result.met_tolerance = met
     return step_result(result)
 

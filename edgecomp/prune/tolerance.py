@@ -10,14 +10,16 @@ model's top-1 without labels), ``mae`` the mean absolute error.
    (:func:`channel_stats`), and one per-layer plan (:func:`plan_pruning`) per sparsity level ``s`` of
    ``levels`` (0.25, 0.5, 0.75): at level ``s`` a group keeps its ``1 − s`` most important channels,
    counts rounded as ``round_to`` says (levels that round to the same count are one).
-2. Sensitivity: per prunable group ``g`` and per level ``i``, shallowest first, the loss ``L_g(i)``
-   and the parameter count ``P_g(i)`` of the model with only ``g`` cut (every other group whole, no
-   repair). The first level past the tolerance ends the group's sweep: a deeper cut of the same
+2. Sensitivity: per prunable group ``g`` and per level ``i``, shallowest first, the loss ``L_g(i)``,
+   the parameter count ``P_g(i)`` and the MACs ``M_g(i)`` (on the first eval sample's shapes) of
+   the model with only ``g`` cut (every other group whole, no repair). The first level past the tolerance ends the group's sweep: a deeper cut of the same
    channels is not expected to hurt less. A group past the tolerance at its first level stays whole.
 3. Order: a step takes one group one level deeper. Among the next step of every group, the one
-   with the least loss per parameter removed goes first::
+   with the least loss per MAC removed goes first (MACs are what the cut is for: a conv early in a
+   CNN costs far more per parameter than the classifier; parameters stand in when the model's
+   shapes cannot be probed)::
 
-       priority(g, i → i+1) = max(L_g(i+1) − L_g(i), 0) / (P_g(i) − P_g(i+1))    (L_g(0) = 0)
+       priority(g, i → i+1) = max(L_g(i+1) − L_g(i), 0) / (M_g(i) − M_g(i+1))    (L_g(0) = 0)
 
 4. Search: losses of several cuts do not add exactly, so every candidate is the combined model,
    measured. The longest prefix of that order within the tolerance is found by doubling then
@@ -40,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -74,18 +76,21 @@ class _Group:
     levels: list[tuple[float, int]]
     losses: list[float] = dataclasses.field(default_factory=list)  # L_g(i) for the levels measured, i ≥ 1
     params: list[int] = dataclasses.field(default_factory=list)  # P_g(i) for the same levels
+    macs: list[int | None] = dataclasses.field(default_factory=list)  # M_g(i), None when not probed
 
 
 class _Search:
     """Builds and measures candidates (cut, no repair) from the unpruned model; counts evaluations."""
 
     def __init__(self, base: ir.Model, an: Analysis, plans: dict[float, PrunePlan], groups: dict[int, _Group],
-                 evaluator: Evaluator, tolerance: float, budget: int | None):
+                 evaluator: Evaluator, tolerance: float, budget: int | None,
+                 macs_of: Callable[[ir.Model], int | None] = lambda model: None):
         from edgecomp.measure.inspect import count_parameters
 
         self.base, self.an, self.plans, self.groups = base, an, plans, groups
-        self.evaluator, self.tolerance, self.budget = evaluator, tolerance, budget
+        self.evaluator, self.tolerance, self.budget, self.macs_of = evaluator, tolerance, budget, macs_of
         self.params0 = count_parameters(base)
+        self.macs0 = macs_of(base)
         self.evaluations = 0
         self.measured: dict[tuple, tuple[float, int]] = {}  # choice key → (loss, parameters)
 
@@ -101,19 +106,19 @@ class _Search:
         plan = _combined_plan(self.an, self.plans, self.groups, choice)  # the pass finds its nodes by name
         return model, plan, dict(run_pass(PruneChannelsPass(plan=plan), model).summary)
 
-    def measure(self, choice: Choice) -> tuple[float, int] | None:
-        """(loss, parameters) of ``choice`` cut; None when the evaluation budget is spent."""
+    def measure(self, choice: Choice) -> tuple[float, int, int | None] | None:
+        """(loss, parameters, MACs) of ``choice`` cut; None when the evaluation budget is spent."""
         from edgecomp.measure.inspect import count_parameters
 
         key = _key(choice)
         if key not in self.measured:
             if not key:
-                return 0.0, self.params0
+                return 0.0, self.params0, self.macs0
             if self.spent():
                 return None
             model, _, _ = self.build(choice)
             self.evaluations += 1
-            self.measured[key] = (self.evaluator.drop(model)[1], count_parameters(model))
+            self.measured[key] = (self.evaluator.drop(model)[1], count_parameters(model), self.macs_of(model))
         return self.measured[key]
 
     def within(self, choice: Choice) -> bool:
@@ -174,21 +179,25 @@ def _sweep(search: _Search, progress: bool) -> None:
                 return
             g.losses.append(got[0])
             g.params.append(got[1])
+            g.macs.append(got[2])
             if got[0] > search.tolerance:
                 break
 
 
 
-def _priority(g: _Group, i: int, params0: int) -> tuple[float, int]:
-    """(loss added per parameter removed, − parameters removed) of taking ``g`` from level i−1 to i."""
-    loss0, p0 = (g.losses[i - 2], g.params[i - 2]) if i > 1 else (0.0, params0)
-    removed = p0 - g.params[i - 1]
+def _priority(g: _Group, i: int, params0: int, macs0: int | None = None) -> tuple[float, int]:
+    """(loss added per MAC removed, − MACs removed) of taking ``g`` from level i−1 to i; per
+    parameter when the MACs are unknown."""
+    loss0, p0, m0 = (g.losses[i - 2], g.params[i - 2], g.macs[i - 2]) if i > 1 else (0.0, params0, macs0)
+    m1 = g.macs[i - 1] if len(g.macs) >= i else None
+    removed = m0 - m1 if (m0 is not None and m1 is not None) else p0 - g.params[i - 1]
     return max(g.losses[i - 1] - loss0, 0.0) / max(removed, 1), -removed
 
 
 
-def _step_order(groups: dict[int, _Group], params0: int, tolerance: float) -> list[tuple[int, int]]:
-    """Steps (root, level), each group's in level order, the least loss per parameter removed first
+def _step_order(groups: dict[int, _Group], params0: int, tolerance: float,
+                macs0: int | None = None) -> list[tuple[int, int]]:
+    """Steps (root, level), each group's in level order, the least loss per MAC removed first
     among the groups' next steps; levels past the tolerance alone are left out."""
     heads = {r: 1 for r in groups}
     order = []
@@ -198,7 +207,7 @@ def _step_order(groups: dict[int, _Group], params0: int, tolerance: float) -> li
             del heads[r]
         if not ready:
             break
-        r = min(ready, key=lambda r: _priority(groups[r], heads[r], params0))
+        r = min(ready, key=lambda r: _priority(groups[r], heads[r], params0, macs0))
         order.append((r, heads[r]))
         heads[r] += 1
     return order
@@ -338,9 +347,13 @@ def prune_to_tolerance(model: ir.Model, opts: PruneOptions, data: Dataset | None
         raise NothingToPrune(nothing_to_prune_message(next(iter(plans.values())).rows,
                                                       dataclasses.replace(opts, sparsity=max(levels))))
     evaluator = Evaluator(base, eval_data.reread(input_specs(base)), metric, labels, opts.threads)
-    search = _Search(base, an, plans, groups, evaluator, tolerance, max_evaluations)
+    def macs_of(m: ir.Model) -> int | None:
+        shapes = probe_shapes(m, evaluator.feeds[0])
+        return count_macs(m, shapes)[0] if shapes else None
+
+    search = _Search(base, an, plans, groups, evaluator, tolerance, max_evaluations, macs_of)
     _sweep(search, progress)
-    choice = _search(search, _step_order(groups, search.params0, tolerance)) or _fallback(search)
+    choice = _search(search, _step_order(groups, search.params0, tolerance, search.macs0)) or _fallback(search)
     loss = search.measure(choice)[0]
     pruned, plan, cut_summary = search.build(choice)
     repaired, repair_note = [], None

@@ -210,3 +210,47 @@ def test_recipe_prune_tolerance_needs_eval_before_anything_runs(tmp_path):
     with pytest.raises(DataError, match=r"step 2 \(prune\): tolerance 0.01 needs eval data"):
         convert(Source(spec="models.text_encoder:tiny_encoder"), recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --- levels, the evaluation budget and MAC-ranked steps (#24 item 2) --------------------------------
+
+def test_cli_levels_and_evaluation_budget_reach_the_search(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from edgecomp.cli import cli
+    from tests.conftest import save
+
+    src = save(_two_branches(), tmp_path / "m.onnx")
+    _data(tmp_path, "ev", 30, 2)
+    common = ["prune", str(src), "--eval", str(tmp_path / "ev.npz"), "--tolerance", "0.001"]
+    res = CliRunner().invoke(cli, [*common, "-o", str(tmp_path / "a.onnx"), "--levels", "0.5,0.9",
+                                   "--json", str(tmp_path / "a.json")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["summary"]["search"].endswith("(50%, 90%)")
+    assert {k for r in report["groups"] for k in r if k.startswith("loss at")} == {"loss at 50%", "loss at 90%"}
+    b = next(r for r in report["groups"] if "b1" in r["group"])
+    assert (b["before"], b["after"]) == (16, 2)  # branch b reaches the new 90% level
+    capped = CliRunner().invoke(cli, [*common, "-o", str(tmp_path / "b.onnx"), "--max-evaluations", "1",
+                                      "--json", str(tmp_path / "b.json")])
+    summary = json.loads((tmp_path / "b.json").read_text())["summary"]
+    assert summary["evaluations"] <= 2 and "stopped at its 1 evaluations" in capped.output  # 1 + the repair check
+    for flag, value in (("--levels", "0.5"), ("--max-evaluations", "3")):
+        alone = CliRunner().invoke(cli, ["prune", str(src), "-o", str(tmp_path / "c.onnx"), flag, value])
+        assert alone.exit_code == 1 and alone.output.strip() == (f"Error: {flag} applies to the tolerance search only; "
+                                                                 "give a tolerance (with eval data) or drop it")
+    bad = CliRunner().invoke(cli, [*common, "-o", str(tmp_path / "d.onnx"), "--levels", "0.5,1.5"])
+    assert bad.exit_code == 2 and "must be sparsities in (0, 1)" in bad.output
+
+
+def test_steps_are_ranked_by_loss_per_mac_removed():
+    from edgecomp.prune.tolerance import _Group, _step_order
+
+    # the same loss per step; group 1 (a classifier: many parameters, few MACs) and group 2 (an
+    # early conv: few parameters, many MACs)
+    fc = _Group(1, [1], [(0.5, 8)], losses=[0.01], params=[9_000], macs=[990_000])
+    conv = _Group(2, [2], [(0.5, 8)], losses=[0.01], params=[9_900], macs=[500_000])
+    assert _step_order({1: fc, 2: conv}, 10_000, 0.1, macs0=1_000_000)[0] == (2, 1)  # 500k MACs beat 10k
+    assert _step_order({1: fc, 2: conv}, 10_000, 0.1)[0] == (1, 1)  # by parameters (MACs unknown): 1k beat 100
