@@ -7,14 +7,12 @@ One copy of each: a second one is a bug waiting to diverge.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from edgecomp.errors import ConfigError, PassFailed
+from edgecomp.errors import PassFailed
 
 __all__ = [
     "INT8_OPS",
@@ -24,7 +22,6 @@ __all__ = [
     "attribute",
     "bias_add",
     "bias_slot",
-    "compile_patterns",
     "const_array",
     "default_opset",
     "initializer_inputs_as_constants",
@@ -297,16 +294,3 @@ def layer_bias(node: ir.Node, n_out: int, *, graph_inputs: bool = False) -> np.n
         return None
     b = const_array(slot[0].inputs[slot[1]], graph_inputs=graph_inputs)
     return None if b is None else np.broadcast_to(b.reshape(-1), (n_out,)).copy()
-
-
-def compile_patterns(patterns: Sequence[str], what: str) -> list[re.Pattern]:
-    """``patterns`` compiled, or one line naming the first that is not a valid regular expression."""
-    compiled = []
-    for p in patterns:
-        if not isinstance(p, str):
-            raise ConfigError(f"{what} {p!r} is not a string; give regular expressions as text")
-        try:
-            compiled.append(re.compile(p))
-        except re.error as e:
-            raise ConfigError(f"{what} {p!r} is not a valid regular expression ({e})") from None
-    return compiled

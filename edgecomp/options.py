@@ -16,11 +16,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from typing import Any, Callable, Mapping, Sequence
 
-from edgecomp.errors import DataNeeded, OptionError
+from edgecomp.errors import ConfigError, DataNeeded, OptionError
 
-__all__ = ["Option", "Check", "in_range", "regexes", "check_values", "coerce", "defaults", "fields_of", "need_data", "by_name",
+__all__ = ["Option", "Check", "in_range", "regexes", "compile_patterns", "check_values", "coerce", "defaults", "fields_of", "need_data", "by_name",
            "THREADS", "DEFAULT_MAX_SAMPLES"]
 
 #: A value check: what is wrong with the value (the text after the option's name, e.g.
@@ -112,11 +113,22 @@ def in_range(lo: float | None = None, hi: float | None = None, *, open_lo: bool 
     return check
 
 
+def compile_patterns(patterns: Sequence[str], what: str) -> list[re.Pattern]:
+    """``patterns`` compiled, or one line naming the first that is not a valid regular expression
+    (here, not in :mod:`edgecomp.graph`, so a bad pattern is refused at parse time without onnx-ir)."""
+    compiled = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise ConfigError(f"{what} {p!r} is not a string; give regular expressions as text")
+        try:
+            compiled.append(re.compile(p))
+        except re.error as e:
+            raise ConfigError(f"{what} {p!r} is not a valid regular expression ({e})") from None
+    return compiled
+
+
 def regexes(v: Sequence[str]) -> str | None:
     """A check for a list of node-name regular expressions."""
-    from edgecomp.errors import ConfigError
-    from edgecomp.graph import compile_patterns
-
     try:
         compile_patterns(v, "pattern")
     except ConfigError as e:

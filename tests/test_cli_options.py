@@ -6,6 +6,8 @@
 - ``import edgecomp.cli`` (what ``edgecomp --help`` runs) imports no torch, onnxruntime, onnx-ir
   or onnx, checked in a fresh interpreter, with a generous CPU bound (the target is 0.3 s; the
   bound leaves room for a loaded machine).
+- ``distill`` and ``finetune`` refuse usage errors (student and data missing, bad values) in one
+  line before torch, onnx-ir or onnx are imported.
 """
 
 from __future__ import annotations
@@ -102,3 +104,33 @@ def test_a_missing_model_is_refused_before_the_model_libraries_load(tmp_path):
                          timeout=120)
     assert out.stdout.strip() == "1 none", out.stdout + out.stderr[-2000:]
     assert out.stderr.strip() == f"Error: ONNX model not found: {tmp_path / 'missing.onnx'} (check the path)"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["distill", "{m}", "-o", "{out}"], "--shrink or a student SPEC gives the student; give one of them"),
+    (["distill", "{m}", "--student", "{m}", "-o", "{out}"], "distill (or --text) needs --data DATA"),
+    (["distill", "{m}", "--student", "{m}", "--data", "{m}", "--text", "{m}", "-o", "{out}"],
+     "--text replaces the calibration data as the samples; give one of them"),
+    (["distill", "a.b:c", "--shrink", "layers=2", "--data", "{m}", "--match-weight", "-1", "-o", "{out}"],
+     "Invalid value for '--match-weight'"),
+    (["finetune", "{m}", "-o", "{out}"], "finetune needs --data DATA"),
+    (["finetune", "{m}", "--data", "{m}", "-o", "{out}"], "finetune needs --labels LABELS.npy"),
+    (["finetune", "{m}", "--data", "{m}", "--labels", "{m}", "--freeze", "(", "-o", "{out}"],
+     "pattern '(' is not a valid regular expression"),
+])
+def test_training_usage_errors_are_refused_before_torch_loads(tmp_path, args, message):
+    # The model file is never read: every refusal here comes from the options alone. onnxruntime is
+    # allowed: every command's code quiets its log first (edgecomp.cli.errors.quiet_onnxruntime).
+    heavy = tuple(m for m in HEAVY if m != "onnxruntime")
+    m = tmp_path / "m.onnx"
+    m.write_bytes(b"")
+    argv = [a.format(m=m, out=tmp_path / "out.onnx") for a in args]
+    code = ("import sys\nfrom edgecomp.cli import cli\n"
+            "try:\n    cli(sys.argv[1:], prog_name='edgecomp')\n"
+            "except SystemExit as e:\n"
+            f"    print(e.code, ' '.join(m for m in {heavy!r} if m in sys.modules) or 'none')\n")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().split(" ", 1)[1] == "none", out.stdout + out.stderr[-2000:]
+    assert out.stdout.strip().split(" ", 1)[0] in ("1", "2")
+    assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "out.onnx").exists()

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 from edgecomp.cli import cli
 from edgecomp.data import DEFAULT_MAX_SAMPLES
+from edgecomp.distill.config import DistillConfig
 from edgecomp.distill.options import OPTIONS as DISTILL
-from edgecomp.distill.trainer import DistillConfig
 from edgecomp.embeddings.options import OPTIONS as EMBEDDINGS
 from edgecomp.embeddings.options import ReduceOptions
 from edgecomp.errors import ConfigError, DataError

@@ -221,7 +221,7 @@ def test_defaults_pass_their_own_checks_and_unset_means_left_out():
 
 
 def test_choices_mirror_the_modules_that_use_them():
-    from edgecomp.distill.losses import MATCH_KINDS
+    from edgecomp.distill.options import MATCH_KINDS
     from edgecomp.distill.students import parse_shrink
     from edgecomp.errors import OptionError
 

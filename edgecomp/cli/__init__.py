@@ -175,12 +175,14 @@ def distill(teacher, output, teacher_hf, calibration, text, tokenizer, labels, c
         edgecomp distill models.mobilenet_v2:digits_teacher --shrink width=0.35 --data train.npz -o student.onnx
         edgecomp distill teacher.onnx --student pruned.onnx --text corpus.txt --tokenizer tok/ -o healed.onnx
     """
-    from edgecomp.distill import DistillConfig
-    from edgecomp.distill import distill as run_distill
+    from edgecomp.distill.config import DistillConfig
 
     cfg = DistillConfig(teacher=teacher, teacher_hf=teacher_hf, data=calibration, text=text, tokenizer=tokenizer,
                         labels=labels, checkpoint=checkpoint, threads=threads, progress=True,
                         **_values(DISTILL_OPTIONS, options))
+    cfg.check()  # a usage error is refused before torch is imported (seconds)
+    from edgecomp.distill import distill as run_distill
+
     result = run_distill(cfg, output, resume=resume, nproc=nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
                          rdzv_id=rdzv_id, exporter=exporter, bench_runs=bench_runs, bench_threads=threads or 1,
                          keep_checkpoint=keep_checkpoint)
@@ -234,16 +236,21 @@ def finetune(model, output, calibration, train_labels, checkpoint, resume, keep_
         edgecomp finetune digits.onnx --data parity.npz --labels parity.npy --new-head 2 --keep-checkpoint -o parity.onnx
         edgecomp finetune parity.onnx --data week2.npz --labels week2.npy --resume --checkpoint parity.onnx.ckpt -o p2.onnx
     """
+    from edgecomp.finetune.options import DATA_NEEDED, OPTIONS, FinetuneOptions
+    from edgecomp.options import need_data
+
+    opts = FinetuneOptions(**fields_of(_values(FINETUNE_OPTIONS, options)))
+    # Usage errors are refused before onnx and torch are imported (seconds).
+    need_data(OPTIONS, {}, {"calibration": calibration, "train_labels": train_labels}, DATA_NEEDED)
     from edgecomp.data import StepData
-    from edgecomp.finetune import FinetuneOptions, run
+    from edgecomp.finetune import run
     from edgecomp.io import check_output_path, load_model, save_model
 
     inputs = [p for p in (model, calibration, train_labels) if p]
     out = check_output_path(output, inputs)
     ckpt = checkpoint or str(out) + ".ckpt"
-    res = run(load_model(model), FinetuneOptions(**fields_of(_values(FINETUNE_OPTIONS, options))),
-              StepData(calibration=calibration, train_labels=train_labels), checkpoint=ckpt, resume=resume,
-              threads=threads)
+    res = run(load_model(model), opts, StepData(calibration=calibration, train_labels=train_labels), checkpoint=ckpt,
+              resume=resume, threads=threads)
     save_model(res.model, out, inputs=inputs)
     if not keep_checkpoint:
         Path(ckpt).unlink(missing_ok=True)

@@ -6,6 +6,7 @@ back into the ONNX pipeline (export → validate → bench).
 - ``students``: students derived from the teacher (``layers=N``, ``width=W``);
 - ``losses``: soft-target KL, embedding / hidden-state matching, cross-entropy;
 - ``samples``: DATA or tokenized text, split and batched;
+- ``config``: ``DistillConfig`` and its checks that need no model (no torch);
 - ``trainer``: setup checks, the loop, early stopping, checkpoints and resume;
 - ``launch``: data-parallel runs through torchrun's launcher (gloo);
 - ``pipeline``: ``distill()`` end to end.
@@ -18,29 +19,32 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from edgecomp.distill.config import DistillConfig
     from edgecomp.distill.losses import DistillLoss, LossWeights, match_loss, soft_target_kl
     from edgecomp.distill.onnx_module import OnnxModule
     from edgecomp.distill.pipeline import DistillResult, distill
     from edgecomp.distill.students import ShrinkRule, parse_shrink, shrink
-    from edgecomp.distill.trainer import DistillConfig, Setup, TrainResult, check_resume, prepare, train
+    from edgecomp.distill.trainer import Setup, TrainResult, check_resume, prepare, train
 
 # The names below are loaded on first use: importing the package (``edgecomp.distill.options``,
 # which the CLI reads) must not import torch.
 _EXPORTS = {
+    "config": ("DistillConfig",),
     "losses": ("DistillLoss", "LossWeights", "match_loss", "soft_target_kl"),
     "onnx_module": ("OnnxModule",),
     "pipeline": ("DistillResult", "distill"),
     "students": ("ShrinkRule", "parse_shrink", "shrink"),
-    "trainer": ("DistillConfig", "Setup", "TrainResult", "check_resume", "prepare", "train"),
+    "trainer": ("Setup", "TrainResult", "check_resume", "prepare", "train"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 
 
 _SUBMODULES = {*_EXPORTS, "launch", "options", "samples"}
+_LIGHT = {"config", "options", "DistillConfig"}  # no torch: the CLI checks a configuration before loading it
 
 
 def __getattr__(name: str) -> Any:
-    if name in _HOME or name in _SUBMODULES - {"options"}:  # they train or run torch: one line when it is missing
+    if (name in _HOME or name in _SUBMODULES) and name not in _LIGHT:  # they run torch: one line when it is missing
         from edgecomp.extras import require_torch
 
         require_torch("distill")

@@ -19,7 +19,8 @@ __all__ = ["launch"]
 def _worker(config: dict[str, Any], resume: bool) -> dict[str, Any] | None:
     import torch.distributed as dist
 
-    from edgecomp.distill.trainer import DistillConfig, train
+    from edgecomp.distill.config import DistillConfig
+    from edgecomp.distill.trainer import train
 
     cfg = DistillConfig(**config)
     if not cfg.threads:

@@ -16,10 +16,11 @@ import dataclasses
 import torch
 from torch.nn import functional as F
 
-__all__ = ["soft_target_kl", "match_loss", "LossWeights", "DistillLoss", "OBJECTIVES", "MATCH_KINDS"]
+from edgecomp.distill.options import MATCH_KINDS
+
+__all__ = ["soft_target_kl", "match_loss", "LossWeights", "DistillLoss", "OBJECTIVES"]
 
 OBJECTIVES = ("logits", "embeddings")
-MATCH_KINDS = ("mse", "cosine")
 
 
 def soft_target_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 
 from edgecomp.distill.options import OPTIMIZERS
 
-__all__ = ["OPTIMIZERS", "RowsHeld", "make_optimizer", "schedule", "steps_per_epoch", "train_new_rows"]
+__all__ = ["RowsHeld", "make_optimizer", "schedule", "steps_per_epoch", "train_new_rows"]
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, weight_decay: float,

@@ -1,5 +1,5 @@
 """The options of distillation, declared once (:mod:`edgecomp.options`); the fields of
-:class:`~edgecomp.distill.trainer.DistillConfig` carry the same names and defaults.
+:class:`~edgecomp.distill.config.DistillConfig` carry the same names and defaults.
 
 This module imports no torch: the CLI and recipes read it at startup.
 """
@@ -12,9 +12,12 @@ from typing import Any
 
 from edgecomp.options import Option, check_values, in_range
 
-OPTIMIZERS = ("adamw", "adam", "sgd", "gd")  # edgecomp.distill.optim.OPTIMIZERS, which imports torch
+# Declared here, without torch, for the CLI, recipes and DistillConfig.check; edgecomp.distill.optim and
+# edgecomp.distill.losses (torch) import them.
+OPTIMIZERS = ("adamw", "adam", "sgd", "gd")
+MATCH_KINDS = ("mse", "cosine")
 
-__all__ = ["OPTIONS", "TRAINING_OPTIONS", "check_config"]
+__all__ = ["MATCH_KINDS", "OPTIMIZERS", "OPTIONS", "TRAINING_OPTIONS", "check_config"]
 
 _SHRINK = re.compile(r"\s*(layers|width)\s*=\s*([0-9.]+)\s*")
 

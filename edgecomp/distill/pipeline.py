@@ -33,7 +33,8 @@ from typing import Any, Callable
 import numpy as np
 
 from edgecomp.distill.blockwise import block_phase, blocks_checkpoint
-from edgecomp.distill.trainer import DistillConfig, Setup, check_resume, is_onnx_file, prepare, resolve_device, train
+from edgecomp.distill.config import DistillConfig, is_onnx_file
+from edgecomp.distill.trainer import Setup, check_resume, prepare, resolve_device, train
 from edgecomp.errors import DistillError
 
 __all__ = ["DistillResult", "distill"]

@@ -80,7 +80,7 @@ def _classes(new_head: int | str, y: np.ndarray, kind: str) -> int:
 
 def _freeze(module, patterns: tuple[str, ...], keep: set[str]) -> int:
     """Fix the parameters whose initializer names match; the number of trainable ones left."""
-    from edgecomp.graph import compile_patterns
+    from edgecomp.options import compile_patterns
 
     regs = compile_patterns(patterns, "freeze pattern")
     for key, name in module.trained.items():

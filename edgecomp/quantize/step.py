@@ -46,9 +46,9 @@ import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 from edgecomp.data import Dataset, StepData, input_specs, load_data, load_labels
 from edgecomp.embeddings.quantize_embeddings import QuantizeEmbeddingsPass
 from edgecomp.errors import DataNeeded, PassFailed
-from edgecomp.graph import compile_patterns, param_tensors
+from edgecomp.graph import param_tensors
 from edgecomp.measure.interface import keeps_interface
-from edgecomp.options import need_data
+from edgecomp.options import compile_patterns, need_data
 from edgecomp.passes.base import run_pass
 from edgecomp.passes.float_precision import in_float32, refuse_unrunnable_floats
 from edgecomp.passes.optimize_graph import OptimizeGraphPass
