@@ -108,7 +108,7 @@ def test_data_hungry_importance_is_refused_without_data_from_cli_and_recipe(tmp_
     assert not (tmp_path / "p.onnx").exists()
     recipe = parse_recipe({"steps": [{"step": "export"}, {"step": "prune", "importance": importance}]})
     with pytest.raises(DataError, match=rf"step 2 \(prune\): importance {importance} needs calibration data: "
-                                        rf"pass --calibration or set \[data\] calibration"):
+                                        rf"pass --data or set \[data\] calibration"):
         convert(Source(spec="models.text_encoder:tiny_encoder"), recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

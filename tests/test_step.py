@@ -149,9 +149,9 @@ def test_data_a_step_always_reads_is_one_declaration(tmp_path, mlp_path, fake_ex
     assert STEP_DATA_NEEDED["quantize"] is DATA_NEEDED and STEP_DATA_NEEDED["validate"] is VALIDATE_DATA_NEEDED
     res = _cli("quantize", mlp_path, "-o", tmp_path / "q.onnx")
     assert res.exit_code == 1 and res.output.strip().splitlines()[-1] == \
-        "Error: static quantization needs --calibration DATA", res.output
+        "Error: static quantization needs --data DATA", res.output
     with pytest.raises(DataError, match=r"^<recipe>: step 2 \(quantize\): static quantization needs calibration "
-                                        r"data: pass --calibration"):
+                                        r"data: pass --data"):
         convert(Source(spec="unused:factory"), _recipe({"step": "quantize"}), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -421,9 +421,13 @@ def _check_steps(recipe: Recipe, data: StepData, source: Source, target: TargetP
 
 
 #: A refused step's remedies (edgecomp.errors.BelowFloor) as a recipe user applies them.
-_RECIPE_REMEDIES = {"calibration": "pass --calibration DATA (importance, repair and a check on real inputs)",
+_RECIPE_REMEDIES = {"calibration": "pass --data DATA (importance, repair and a check on real inputs)",
                     "sparsity": "lower sparsity", "protect": "protect the sensitive layers",
                     "allow_degraded": "set allow_degraded = true to keep it (e.g. to heal it with a distill step)"}
+
+
+#: convert's flag for a data key, where it is not the key's own name
+_CONVERT_FLAGS = {"calibration": "data", "train_labels": "train-labels"}
 
 
 def in_recipe_words(e: OptionError | DataNeeded | BelowFloor, source: str, index: int,
@@ -434,7 +438,8 @@ def in_recipe_words(e: OptionError | DataNeeded | BelowFloor, source: str, index
         return BelowFloor(f"{where}: {e.finding}", {k: _RECIPE_REMEDIES.get(k, v) for k, v in e.remedies.items()})
     if isinstance(e, OptionError):
         return ConfigError(f"{where}: {e}")
-    return DataError(f"{where}: {e.what} needs {e.key} data: pass --{e.key} or set [data] {e.key} in the recipe")
+    flag = _CONVERT_FLAGS.get(e.key, e.key)
+    return DataError(f"{where}: {e.what} needs {e.key} data: pass --{flag} or set [data] {e.key} in the recipe")
 
 
 def _gates(recipe: Recipe, steps: list[StepRecord]) -> list[dict[str, Any]]:

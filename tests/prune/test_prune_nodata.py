@@ -193,7 +193,7 @@ def test_convert_prune_step_without_data_is_refused_like_the_command(tmp_path, s
     line = lines[-1]  # after the progress line of step 1
     assert line.startswith("Error: ") and ": step 2 (prune): the pruned model departs from the original on " \
                                           f"{SYNTHETIC_SAMPLES} synthesized inputs" in line
-    assert "pass --calibration DATA" in line and "set allow_degraded = true" in line
+    assert "pass --data DATA" in line and "set allow_degraded = true" in line
 
 
 def test_convert_prune_step_allowed_degraded_exits_3(tmp_path, spec):

@@ -230,8 +230,8 @@ def test_cli_levels_and_evaluation_budget_reach_the_search(tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "a.json").read_text())
     assert report["summary"]["search"].endswith("(50%, 90%)")
-    assert {k for r in report["groups"] for k in r if k.startswith("loss at")} == {"loss at 50%", "loss at 90%"}
-    b = next(r for r in report["groups"] if "b1" in r["group"])
+    assert {k for r in report["tables"]["groups"] for k in r if k.startswith("loss at")} == {"loss at 50%", "loss at 90%"}
+    b = next(r for r in report["tables"]["groups"] if "b1" in r["group"])
     assert (b["before"], b["after"]) == (16, 2)  # branch b reaches the new 90% level
     capped = CliRunner().invoke(cli, [*common, "-o", str(tmp_path / "b.onnx"), "--max-evaluations", "1",
                                       "--json", str(tmp_path / "b.json")])

@@ -7,7 +7,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-import edgecomp.quantize as quantize_pkg
+import edgecomp.quantize.step as quantize_step
 import edgecomp.quantize.cost_aware as cost_aware
 from edgecomp.data import Dataset
 from edgecomp.quantize import quantize_model
@@ -36,7 +36,7 @@ def _timing(smooth_faster: bool):
 
 @pytest.mark.parametrize("smooth_faster", [False, True], ids=["muls-cost-the-speedup", "smoothquant-pays"])
 def test_smoothquant_dropped_only_when_it_costs_the_int8_speedup(monkeypatch, tiny_encoder_path, tokens, smooth_faster):
-    monkeypatch.setattr(quantize_pkg, "choose_families", _timing(smooth_faster))
+    monkeypatch.setattr(quantize_step, "choose_families", _timing(smooth_faster))
     monkeypatch.setattr(cost_aware, "choose_families", _timing(smooth_faster))
     opts = QuantizeOptions(isa=host_isa(), min_cosine=None)
     res = quantize_model(ir.load(str(tiny_encoder_path)), Dataset(tokens), opts)
