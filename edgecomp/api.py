@@ -223,14 +223,15 @@ def reduce_embeddings(model: ModelLike, *, text: str | os.PathLike | None = None
     return _save(result, output, _inputs(model, text, tokenizer))
 
 
-def distill(teacher: str | os.PathLike | None = None, *, output: str | os.PathLike, data: Any = None,
+def distill(teacher: str | os.PathLike | None = None, *, output: str | os.PathLike | None = None, data: Any = None,
             labels: Any = None, text: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
             teacher_hf: str | os.PathLike | None = None, threads: int | None = None, exporter: str = "auto",
             bench_runs: int = 50, resume: bool = False, **options: Any):
     """``edgecomp distill``: train a student (``student=`` SPEC or .onnx, or ``shrink=``) to imitate
-    ``teacher`` (a SPEC or an .onnx file) on ``data`` or ``text``, export it to ``output`` and
-    compare the two; options as the command's (``epochs``, ``lr``, ``max_steps``, ...)."""
-    from edgecomp.distill import DistillConfig
+    ``teacher`` (a SPEC or an .onnx file) on ``data`` or ``text``, export it (to ``output`` when
+    given; the StepResult's model either way) and compare the two; options as the command's
+    (``epochs``, ``lr``, ``max_steps``, ...)."""
+    from edgecomp.distill import DistillConfig, step_result
     from edgecomp.distill import distill as run_distill
     from edgecomp.distill.options import OPTIONS
 
@@ -241,8 +242,8 @@ def distill(teacher: str | os.PathLike | None = None, *, output: str | os.PathLi
                             text=None if text is None else str(text),
                             tokenizer=None if tokenizer is None else str(tokenizer), labels=paths["labels"],
                             threads=threads, **vals)
-        return run_distill(cfg, output, resume=resume, exporter=exporter, bench_runs=bench_runs,
-                           bench_threads=threads or 1)
+        return step_result(run_distill(cfg, output, resume=resume, exporter=exporter, bench_runs=bench_runs,
+                                       bench_threads=threads or 1))
 
 
 def validate(reference: ModelLike, candidate: ModelLike, data: Any, *, labels: Any = None,

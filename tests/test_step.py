@@ -13,6 +13,7 @@ tested is the data flow after it.
 from __future__ import annotations
 
 import collections
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +263,62 @@ def test_validate_and_bench_runs_measure_models_in_memory(mlp_path, mlp_data):
     assert isinstance(b, StepResult) and b.model is None and b.step == "bench"
     assert [r["model"] for r in b.tables["latency"]] == ["model 0", "model 1"] and "x" in b.summary["feed"]
     assert b.tables["latency"][0]["ratio_to_first"] == 1.0 and b.tables["latency"][1]["runs"] == 3
+
+
+
+def _cosine_to_teacher(teacher: ir.Model, student: ir.Model, x: np.ndarray) -> float:
+    from edgecomp.io import model_bytes
+
+    t, s = (ort.InferenceSession(model_bytes(m), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            for m in (teacher, student))
+    return float(((t * s).sum(1) / np.linalg.norm(t, axis=1) / np.linalg.norm(s, axis=1)).mean())
+
+
+def test_distill_run_returns_the_student_in_memory(tmp_path, mlp_path, mlp_data, monkeypatch):
+    """An in-memory teacher heals a perturbed copy of itself: the trained student comes back as an
+    ir.Model measured against the teacher in the rows, and nothing stays on disk (checkpoint included)."""
+    from edgecomp.distill import run
+    from edgecomp.io import save_model
+
+    calib, _ = mlp_data
+    student = load_model(mlp_path)
+    w = student.graph.initializers["w2"]
+    w.const_value = ir.tensor(w.const_value.numpy() + np.random.default_rng(3).normal(0, 0.5, (16, 4)).astype(np.float32))
+    student_path = save_model(student, tmp_path / "student.onnx")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the temporary files land here, to be seen gone
+    options = {"student": str(student_path), "max_steps": 4, "batch_size": 8, "held_out": 0.25, "eval_every": 2,
+               "patience": None, "lr": 1e-2, "blockwise": False}
+    res = run(load_model(mlp_path), options, StepData(calibration=str(calib)), StepContext())
+    assert isinstance(res, StepResult) and res.step == "distill" and res.status == "ok"
+    assert isinstance(res.model, ir.Model) and res.evidence["path"] is None
+    teacher_row, student_row = res.tables["teacher vs student"]
+    assert (teacher_row["model"], student_row["model"]) == ("teacher", "student")
+    assert student_row["parameters"] == teacher_row["parameters"] == 8 * 16 + 16 + 16 * 4 + 4
+    x = np.load(calib)["x"]
+    held = x[sorted(np.random.default_rng(0).permutation(len(x))[:8])]  # Samples.split(0.25, seed 0)
+    assert student_row["cos to teacher"] == pytest.approx(_cosine_to_teacher(load_model(mlp_path), res.model, held),
+                                                          abs=1e-5)
+    assert res.summary["steps"] == 4 and [h["step"] for h in res.tables["held-out history"]] == [0, 2, 4]
+    left = [p.name for p in tmp_path.iterdir() if not p.name.startswith("torchinductor")]  # torch's compile cache
+    assert left == ["student.onnx"]  # no model written, no checkpoint (or its temporary folder) left
+
+
+def test_convert_heal_keeps_the_student_in_memory(tmp_path, mlp_data, fake_export, monkeypatch):
+    """A prune-then-distill recipe: distill's student is saved once and never read back; validate
+    measures it in memory. (The trainer still reads the teacher and student it is given from the
+    files the earlier steps wrote.)"""
+    calib, labels = mlp_data
+    reads = _count_reads(monkeypatch)
+    recipe = _recipe({"step": "prune", "sparsity": 0.25, "allow_degraded": True},
+                     {"step": "distill", "max_steps": 2, "batch_size": 8, "held_out": 0.25, "blockwise": False},
+                     {"step": "validate"})
+    res = convert(Source(spec="unused:factory"), recipe, tmp_path / "out", calibration=str(calib),
+                  eval_data=str(calib), labels=str(labels))
+    healed = res.steps[2]
+    assert Path(healed.model).name == "03-distill.onnx" and reads["03-distill.onnx"] == 0, reads
+    assert healed.summary["healed"] == "02-prune.onnx against 01-export.onnx" and healed.summary["steps"] == 2
+    teacher_row, student_row = healed.tables["teacher vs student"]
+    assert student_row["parameters"] < teacher_row["parameters"] and healed.cos_mean is not None
+    assert student_row["size bytes"] == healed.size_bytes  # the file saved is the model measured in memory
+    assert not list((tmp_path / "out").glob("*.ckpt*"))
+    assert set(reads) <= {"mlp.onnx", "01-export.onnx", "02-prune.onnx"}, reads  # the trainer's inputs only

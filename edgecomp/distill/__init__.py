@@ -33,6 +33,7 @@ _EXPORTS = {
     "losses": ("DistillLoss", "LossWeights", "match_loss", "soft_target_kl"),
     "onnx_module": ("OnnxModule",),
     "pipeline": ("DistillResult", "distill"),
+    "step": ("run", "step_result"),
     "students": ("ShrinkRule", "parse_shrink", "shrink"),
     "trainer": ("Setup", "TrainResult", "check_resume", "prepare", "train"),
 }

@@ -9,8 +9,8 @@ with ``overwrite``).
 
 Models stay in memory from step to step: export hands its model over in memory, each step's
 model is written once (verified as it is written, :func:`edgecomp.io.save_model`) and never read
-back; validate, bench and the report's sizes and MACs use the models in memory. Only a model a
-step writes itself (distill) is read, once. Every capability returns a
+back; validate, bench and the report's sizes and MACs use the models in memory (distill's
+student included). Every capability returns a
 :class:`~edgecomp.step.StepResult`, recorded the same way for each (:func:`_record`); a quantize
 step right after an optimize step with folding on does not clean the graph up again
 (:class:`~edgecomp.step.StepContext` ``done``).
@@ -113,8 +113,7 @@ class ConvertResult:
 
 class _Context:
     """What steps share: the folder, data, target, and the models produced so far, kept in memory
-    as they were saved (validate and bench measure those; a file is read only when a step wrote it
-    itself, distill, and then once)."""
+    as they were saved (validate and bench measure those; no step's file is read back)."""
 
     def __init__(self, source: Source, outdir: Path, data: StepData, target: TargetProfile | None, progress: bool):
         self.source, self.outdir, self.data, self.target, self.progress = source, outdir, data, target, progress
@@ -129,12 +128,7 @@ class _Context:
         return StepContext(threads=self.threads, progress=self.progress, target=self.target, done=dict(self.done))
 
     def latest_model(self):
-        """The latest model (read from its file once); steps change :meth:`latest` instead."""
-        from edgecomp.io import load_model
-
-        if self._model is None:
-            self._model = load_model(self.current)
-            self.models[self.records[-1].index] = self._model
+        """The latest model, as saved (or as changed by :meth:`use`); steps change :meth:`latest` instead."""
         return self._model
 
     def model_of(self, rec: StepRecord):
@@ -148,10 +142,6 @@ class _Context:
     def use(self, model) -> None:
         """Later steps start from ``model`` (changed in memory after the latest step's file was saved)."""
         self._model = model
-
-    def forget(self) -> None:
-        """The latest model was written by a step itself (export, distill): read it when needed."""
-        self._model = None
 
     def save(self, rec: StepRecord, model) -> None:
         """Write a step's model (verified, atomically) and make it the latest."""
@@ -235,30 +225,21 @@ def _run_prune(ctx: _Context, rec: StepRecord) -> None:
 
 def _run_distill(ctx: _Context, rec: StepRecord) -> None:
     """Distill a student from the source model; after a prune step, heal the pruned model (the
-    latest) by training it against the model that went into the prune."""
-    from edgecomp.distill import DistillConfig, distill
+    latest) by training it against the model that went into the prune. The student comes back in
+    memory and is saved like every step's model."""
+    from edgecomp.distill import run
 
     text = ctx.data.text
     before_prune = _input_of_first_prune(ctx)
     models = dict(teacher=ctx.source.spec, teacher_hf=ctx.source.hf)
-    if before_prune:
+    if before_prune:  # the trainer reads ONNX teacher and student from their files, saved by earlier steps
         models = dict(teacher=before_prune, teacher_hf=None, student=str(ctx.current))
-    cfg = DistillConfig(**{**rec.options, **models}, text=text,
-                        tokenizer=ctx.data.tokenizer or (ctx.source.hf if text else None),
-                        data=None if text else ctx.data.need("calibration", "distill"),
-                        checkpoint=str(ctx.outdir / f"{rec.index:02d}-distill.ckpt"), threads=ctx.threads,
-                        progress=ctx.progress)
-    res = distill(cfg, ctx.out_path(rec), bench_runs=0)
-    rec.model = str(ctx.out_path(rec))
-    ctx.forget()
-    rec.summary = {k: v for k, v in res.training.items() if isinstance(v, (int, float, str))}
+    data = dataclasses.replace(ctx.data, tokenizer=ctx.data.tokenizer or (ctx.source.hf if text else None))
+    res = run(None, {**rec.options, **models}, data, ctx.step_context(),
+              checkpoint=str(ctx.outdir / f"{rec.index:02d}-distill.ckpt"))
+    _record(ctx, rec, res)
     if before_prune:
-        rec.summary["healed"] = f"{Path(ctx.current).name} against {Path(before_prune).name}"
-    rec.tables = {"teacher vs student": res.rows}
-    blocks = res.training.get("blockwise")
-    if isinstance(blocks, dict):  # healed block by block: the matched boundaries
-        rec.tables["block-wise boundaries"] = blocks["boundaries"]
-    rec.warnings = res.warnings
+        rec.summary["healed"] = f"{Path(models['student']).name} against {Path(before_prune).name}"
 
 
 def _run_finetune(ctx: _Context, rec: StepRecord) -> None:
