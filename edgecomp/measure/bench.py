@@ -179,9 +179,7 @@ def compare_latency(models: Sequence[ir.Model | str | os.PathLike], feed: Feed, 
                 t0 = timer()
                 s.run(None, feeds[i])
                 times[i].append(timer() - t0)
-        for lg, value in zip(logs, _log_ratios(times)):
-            lg.append(value)
-        estimates = [_interval(lab, lg) for lab, lg in zip(labels[1:], logs)]
+        estimates = _add_round(logs, times, labels)
         if rnd >= min_rounds and _settled(estimates):
             break
     return estimates
@@ -196,12 +194,17 @@ def estimates_from_rounds(rounds: Sequence[Sequence[Sequence[float]]], labels: S
     logs: list[list[float]] = [[] for _ in labels[1:]]
     estimates: list[RatioEstimate] = []
     for rnd, times in enumerate(rounds, 1):
-        for lg, value in zip(logs, _log_ratios(times)):
-            lg.append(value)
-        estimates = [_interval(lab, lg) for lab, lg in zip(labels[1:], logs)]
+        estimates = _add_round(logs, times, labels)
         if rnd >= min_rounds and _settled(estimates):
             break
     return estimates
+
+
+def _add_round(logs: list[list[float]], times: Sequence[Sequence[float]], labels: Sequence[str]) -> list[RatioEstimate]:
+    """One more round's log ratios appended to ``logs``; the estimates over every round so far."""
+    for lg, value in zip(logs, _log_ratios(times)):
+        lg.append(value)
+    return [_interval(lab, lg) for lab, lg in zip(labels[1:], logs)]
 
 
 def _log_ratios(times: Sequence[Sequence[float]]) -> list[float]:

@@ -20,7 +20,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
@@ -151,3 +153,19 @@ def _sshd(tmp_path_factory, sftp: bool):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def mlp_model(width: int = 64, seed: int = 0, noise: float = 0.0) -> ModelProto:
+    """x[N,16] -> MatMul(16,width) -> Relu -> MatMul(width,10) -> logits; ``noise`` perturbs the weights."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((16, width)).astype(np.float32) * 0.3
+    w2 = rng.standard_normal((width, 10)).astype(np.float32) * 0.3
+    if noise:
+        w1 += np.random.default_rng(seed + 1).standard_normal(w1.shape).astype(np.float32) * noise
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["logits"])], "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])

@@ -8,27 +8,17 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from edgecomp.measure.validate import validate
 from edgecomp.remote import connect
 from edgecomp.remote import measure as remote_measure
 from edgecomp.remote.device import Workspace
 from edgecomp.remote.measure import bench_on_device, validate_on_device
+from tests.remote.conftest import mlp_model
 
 
 def _mlp(seed: int, noise: float = 0.0) -> onnx.ModelProto:
-    rng = np.random.default_rng(seed)
-    w1 = rng.standard_normal((16, 64)).astype(np.float32) * 0.3
-    w2 = rng.standard_normal((64, 10)).astype(np.float32) * 0.3
-    w1 += np.random.default_rng(seed + 1).standard_normal(w1.shape).astype(np.float32) * noise
-    g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-         helper.make_node("MatMul", ["r", "w2"], ["logits"])], "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return mlp_model(64, seed, noise)
 
 
 def _device(sshd):

@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
 
 from edgecomp.cli import cli
 from edgecomp.errors import RemoteError
@@ -22,24 +21,13 @@ from edgecomp.measure.bench import benchmark
 from edgecomp.measure.validate import validate
 from edgecomp.remote import connect
 from edgecomp.remote.measure import bench_on_device, validate_on_device
+from tests.remote.conftest import mlp_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _mlp(path: Path, width: int, seed: int, noise: float = 0.0) -> Path:
-    """x[N,16] -> MatMul(16,width) -> Relu -> MatMul(width,10) -> logits; ``noise`` perturbs the weights."""
-    rng = np.random.default_rng(seed)
-    w1 = rng.standard_normal((16, width)).astype(np.float32) * 0.3
-    w2 = rng.standard_normal((width, 10)).astype(np.float32) * 0.3
-    if noise:
-        w1 += np.random.default_rng(seed + 1).standard_normal(w1.shape).astype(np.float32) * noise
-    g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-         helper.make_node("MatMul", ["r", "w2"], ["logits"])], "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    onnx.save(mlp_model(width, seed, noise), path)
     return path
 
 
