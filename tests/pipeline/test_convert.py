@@ -125,7 +125,9 @@ def test_each_builtin_recipe_on_a_tiny_model(name, tmp_path, token_data, digits_
         heal = next(s for s in res.steps if s.step == "distill")
         assert heal.summary["healed"] == f"{heal.index - 1:02d}-prune.onnx against {heal.index - 2:02d}-" \
                                          f"{res.steps[heal.index - 3].step}.onnx"
-        assert heal.summary["steps"] == 4
+        # the block phase (block_fraction of the steps) first, then the end-to-end pass "steps" counts
+        assert heal.summary["steps"] + heal.summary.get("block steps", 0) == 4
+        assert ("block-wise boundaries" in heal.tables) == name.startswith("encoder")
     assert {g["gate"] for g in res.gates} == set(recipe.gates)
 
 
