@@ -37,7 +37,7 @@ np.savez("x.npz", x=rng.standard_normal((32, 8)).astype(np.float32))
 PY
 ec="$work/venv/bin/edgecomp"
 "$ec" optimize mlp.onnx -o opt.onnx
-"$ec" quantize mlp.onnx -o q.onnx --calibration x.npz
+"$ec" quantize mlp.onnx -o q.onnx --data x.npz
 "$ec" validate mlp.onnx q.onnx --data x.npz
 "$ec" bench mlp.onnx q.onnx --runs 20
 "$ec" inspect q.onnx > /dev/null

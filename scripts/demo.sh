@@ -15,7 +15,7 @@ python -m models.digits --arch mobilenet_v2 --width 0.5 --write-data "$OUT"
 
 echo; echo "== 2. convert: export → optimize → quantize → validate → bench, with gates"
 edgecomp convert models.mobilenet_v2:digits_classifier --recipe cnn-int8 -o "$OUT/convert" --overwrite \
-    --calibration "$OUT/train.npz" --eval "$OUT/test.npz" --labels "$OUT/test_labels.npy"
+    --data "$OUT/train.npz" --eval "$OUT/test.npz" --labels "$OUT/test_labels.npy"
 
 echo; echo "== 3. what the final model holds"
 edgecomp inspect "$OUT/convert/model.onnx"

@@ -1,7 +1,7 @@
 """Measured target tables: int8-vs-float latency per op family, measured once, decided from many times.
 
 ``edgecomp targets measure PROFILE --model M --targets-file F`` builds M's int8 plan (calibrated on
-``--calibration`` DATA, else on one synthesized feed: the scales do not change the speed), then
+``--data`` DATA, else on one synthesized feed: the scales do not change the speed), then
 times the float model against M with each op family (matmul, conv, depthwise conv, attention: M's
 own layers and shapes) in int8, alone and in every combination (families interact: a lone int8
 family pays quantize/dequantize at its borders), interleaved, in at least :data:`MIN_ROUNDS` and up to
