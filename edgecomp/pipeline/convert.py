@@ -202,7 +202,6 @@ def _run_quantize(ctx: _Context, rec: StepRecord) -> None:
     from edgecomp.emulate.runner import target_runner
     from edgecomp.quantize import run
     from edgecomp.quantize.options import for_target
-
     from edgecomp.remote import profile_device
 
     opts = for_target(rec.options, ctx.target, threads=ctx.threads, progress=ctx.progress)  # the target's rules
