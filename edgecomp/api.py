@@ -302,7 +302,7 @@ def convert(spec: str | None = None, *, recipe: str | os.PathLike, output: str |
     """``edgecomp convert``: run ``recipe`` (a built-in name or a TOML file; its steps hold the
     options) from a SPEC or a Hugging Face folder into the folder ``output``, with its report."""
     from edgecomp.errors import SpecError
-    from edgecomp.pipeline.convert import Source
+    from edgecomp.pipeline.recipe import Source
     from edgecomp.pipeline.convert import convert as run_convert
     from edgecomp.pipeline.recipe import load_recipe
     from edgecomp.targets import get_profile

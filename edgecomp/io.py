@@ -21,13 +21,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from edgecomp.errors import ConfigError, InputFileError, InvalidModelError, ModelLoadError, OutputError
-from edgecomp.paths import existing_file  # here too: io is where callers look for it
+from edgecomp.errors import InvalidModelError, ModelLoadError, OutputError
+from edgecomp.paths import existing_file
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "SESSION_WEIGHT_BYTES",
-    "existing_file",
     "load_model",
     "save_model",
     "model_bytes",
@@ -47,9 +46,6 @@ __all__ = [
     "atomic_path",
     "verify_model_file",
     "first_line",
-    "read_toml",
-    "MAX_TOML_DEPTH",
-    "nesting_exceeds",
     "copy_file",
     "write_json",
     "write_text",
@@ -427,51 +423,6 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return Path(dst)
 
 
-def read_toml(path: str | os.PathLike, what: str) -> dict:
-    """The parsed TOML of ``path`` (recipes, targets); every way it cannot be read is one line."""
-    import tomllib
-
-    p = Path(path)
-    if p.is_dir():
-        raise InputFileError(f"{what} {p} is a directory; give a TOML file")
-    if not p.exists():
-        raise InputFileError(f"{what} not found: {p}")
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{p} is not a UTF-8 text file (TOML expected); give the TOML file") from None
-    except OSError as e:
-        raise InputFileError(f"cannot read {what} {p}: {e.strerror or type(e).__name__}; "
-                             "check that it is a readable file") from None
-    deep = ConfigError(f"{p}: tables and arrays nested more than {MAX_TOML_DEPTH} levels deep; {what}s nest a few "
-                       "levels (see the examples in the README)")
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from None
-    except RecursionError:  # tomllib parses nested inline arrays and tables recursively
-        raise deep from None
-    if nesting_exceeds(doc, MAX_TOML_DEPTH):  # [a.b.c...] headers nest without recursion; every reader walks them
-        raise deep
-    return doc
-
-
-#: The deepest nesting a recipe or targets file may have (they use 4: steps, a step, an option's list).
-MAX_TOML_DEPTH = 16
-
-
-def nesting_exceeds(doc: Any, limit: int) -> bool:
-    """Whether dicts and lists in ``doc`` nest deeper than ``limit`` (walked without recursion)."""
-    stack = [(doc, 0)]
-    while stack:
-        value, depth = stack.pop()
-        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
-        if children is None:
-            continue
-        if depth >= limit:
-            return True
-        stack.extend((c, depth + 1) for c in children)
-    return False
 
 
 def first_line(exc: BaseException, limit: int | None = None) -> str:

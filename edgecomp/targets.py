@@ -133,7 +133,7 @@ def load_profiles(path: str | os.PathLike | None = None) -> dict[str, TargetProf
     if path is None:
         return profiles
     p = Path(path)
-    from edgecomp.io import read_toml  # io imports onnx: not at start-up (render and the CLI import this)
+    from edgecomp.paths import read_toml
 
     doc = read_toml(p, "target profile file")
     shape = "profiles are tables: [profile.NAME] with threads, pin, description, [profile.NAME.isa]"

@@ -17,7 +17,7 @@ from onnx import helper
 
 from edgecomp.cli import cli
 from edgecomp.errors import ConfigError
-from edgecomp.io import MAX_TOML_DEPTH, nesting_exceeds, read_toml
+from edgecomp.paths import MAX_TOML_DEPTH, nesting_exceeds, read_toml
 from edgecomp.pipeline.recipe import parse_recipe
 from tests.conftest import make_model, save, vinfo
 

@@ -359,7 +359,7 @@ def bench(models, threads, warmup, runs, profile, pin, data, shapes, values, tar
         edgecomp bench mnv2.onnx mnv2.int8.onnx --remote ssh://pi@pi5.local
         edgecomp bench minilm.onnx minilm.int8.onnx --profile
     """
-    from edgecomp.io import existing_file
+    from edgecomp.paths import existing_file
     from edgecomp.measure.bench import benchmark, first_feed, parse_cpus, pin_cpus
     from edgecomp.targets import get_profile
 
@@ -747,7 +747,8 @@ def package(model, outdir, data, shapes, values, overwrite):
 
         edgecomp package minilm.int8.onnx -o out/minilm-mobile
     """
-    from edgecomp.io import OUTPUT_MARKER, check_output_dir, existing_file, replace_dir, work_dir, write_json
+    from edgecomp.io import OUTPUT_MARKER, check_output_dir, replace_dir, work_dir, write_json
+    from edgecomp.paths import existing_file
     from edgecomp.measure.bench import first_feed
     from edgecomp.package import package_model
 
@@ -859,7 +860,7 @@ def _data_options(f):
 
 def _convert_source(spec, hf):
     from edgecomp.errors import SpecError
-    from edgecomp.pipeline.convert import Source
+    from edgecomp.pipeline.recipe import Source
 
     if bool(spec) == bool(hf):
         raise SpecError("give either a SPEC or --hf PATH")
@@ -898,13 +899,13 @@ def convert(spec, recipe, outdir, hf_path, calibration, eval_data, labels, text,
         edgecomp convert models.mobilenet_v2:digits_classifier --recipe cnn-int8 -o out/digits \\
             --data out/demo/train.npz --eval out/demo/test.npz --labels out/demo/test_labels.npy
     """
-    from edgecomp.pipeline.convert import convert as run_convert
     from edgecomp.pipeline.recipe import load_recipe
     from edgecomp.targets import get_profile
 
     source = _convert_source(spec, hf_path)
     r = load_recipe(recipe)
     profile = get_profile(target, targets_file)
+    from edgecomp.pipeline.convert import convert as run_convert  # after the one-line refusals above
     table = _measured_table(targets_file, target, "auto") if "quantize" in r.step_names() else None
     res = run_convert(source, r, outdir, calibration=calibration, eval_data=eval_data, labels=labels, text=text,
                       tokenizer=tokenizer, train_labels=train_labels, target=profile, table=table,

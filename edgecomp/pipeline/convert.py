@@ -39,27 +39,11 @@ from edgecomp.data import StepData
 from edgecomp.errors import BelowFloor, ConfigError, DataError, DataNeeded, EdgecompError, OptionError
 from edgecomp.io import check_output_dir, copy_file, replace_dir, saved_size_bytes, work_dir
 from edgecomp.options import fields_of, need_data
-from edgecomp.pipeline.recipe import STEP_DATA_NEEDED, STEP_OPTIONS, Recipe
+from edgecomp.pipeline.recipe import STEP_DATA_NEEDED, STEP_OPTIONS, Recipe, Source
 from edgecomp.step import StepContext, StepResult
 from edgecomp.targets import TargetProfile, host_isa
 
-__all__ = ["Source", "StepRecord", "ConvertResult", "convert", "STEP_RUNNERS"]
-
-
-@dataclasses.dataclass
-class Source:
-    """What to convert: a SPEC, or a Hugging Face encoder folder."""
-
-    spec: str | None = None
-    hf: str | None = None
-
-    def describe(self) -> str:
-        return self.spec or f"hf:{self.hf}"
-
-    def spec_file(self) -> str | None:
-        """The file of a ``path/to/file.py:factory`` SPEC (an input that must not be overwritten)."""
-        target = (self.spec or "").rpartition(":")[0]
-        return target if target.endswith(".py") else None
+__all__ = ["StepRecord", "ConvertResult", "convert", "STEP_RUNNERS"]
 
 
 @dataclasses.dataclass

@@ -43,7 +43,7 @@ from edgecomp.errors import ConfigError, InputFileError, OptionError
 from edgecomp.export.options import OPTIONS as EXPORT_OPTIONS
 from edgecomp.finetune.options import DATA_NEEDED as FINETUNE_DATA_NEEDED
 from edgecomp.finetune.options import OPTIONS as FINETUNE_OPTIONS
-from edgecomp.io import MAX_TOML_DEPTH, nesting_exceeds, read_toml
+from edgecomp.paths import MAX_TOML_DEPTH, nesting_exceeds, read_toml
 from edgecomp.measure.options import BENCH_OPTIONS, VALIDATE_DATA_NEEDED, VALIDATE_OPTIONS
 from edgecomp.options import Option, coerce, in_range
 from edgecomp.passes.options import OPTIONS as OPTIMIZE_OPTIONS
@@ -51,10 +51,27 @@ from edgecomp.prune.options import OPTIONS as PRUNE_OPTIONS
 from edgecomp.quantize.options import DATA_NEEDED as QUANTIZE_DATA_NEEDED
 from edgecomp.quantize.options import OPTIONS as QUANTIZE_OPTIONS
 
-__all__ = ["STEP_OPTIONS", "STEP_DATA_NEEDED", "GATES", "DATA_KEYS", "Recipe", "load_recipe", "parse_recipe", "builtin_recipes",
+__all__ = ["Source", "STEP_OPTIONS", "STEP_DATA_NEEDED", "GATES", "DATA_KEYS", "Recipe", "load_recipe", "parse_recipe", "builtin_recipes",
            "apply_override", "BUILTIN_DIR"]
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+@dataclasses.dataclass
+class Source:
+    """What to convert: a SPEC, or a Hugging Face encoder folder."""
+
+    spec: str | None = None
+    hf: str | None = None
+
+    def describe(self) -> str:
+        return self.spec or f"hf:{self.hf}"
+
+    def spec_file(self) -> str | None:
+        """The file of a ``path/to/file.py:factory`` SPEC (an input that must not be overwritten)."""
+        target = (self.spec or "").rpartition(":")[0]
+        return target if target.endswith(".py") else None
+
 
 def _step(options) -> dict[str, Option]:
     return {o.name: o for o in options}

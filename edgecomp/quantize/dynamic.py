@@ -22,7 +22,8 @@ def quantize_dynamic_ort(src: str | os.PathLike, dst: str | os.PathLike, isa: Is
     side-by-side comparison only — edgecomp never falls back to it silently."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from edgecomp.io import atomic_path, check_output_path, existing_file, first_line, verify_model_file
+    from edgecomp.io import atomic_path, check_output_path, first_line, verify_model_file
+    from edgecomp.paths import existing_file
 
     source = existing_file(src, "ONNX model")
     out = check_output_path(dst, [source])

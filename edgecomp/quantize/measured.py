@@ -218,7 +218,7 @@ def _dims(shape) -> str:
 
 def read_table(path: str | os.PathLike, profile: str) -> MeasuredTable | None:
     """The table stored for ``profile`` in the targets file (None when it has none)."""
-    from edgecomp.io import read_toml
+    from edgecomp.paths import read_toml
 
     doc = read_toml(path, "target profile file").get("measured", {})
     t = doc.get(profile) if isinstance(doc, dict) else None
