@@ -7,8 +7,8 @@ AdaRound and BRECQ optimize one block at a time for the same reason).
 
 Boundaries (``plan_blocks``). Both models run as ``OnnxModule``. A value ``b`` of the student is a
 *cut* when, of everything computed by ``b``'s ancestors, only ``b`` itself (and values that depend
-on no trained weight, such as an attention mask built from the graph inputs) is read by a later
-node or is a graph output: replacing ``b`` by the teacher's value then feeds the rest of the graph
+on no trained weight, such as an attention mask built from the graph inputs and the hidden
+states' *shape*: Shape and Size read no numbers) is read by a later node or is a graph output: replacing ``b`` by the teacher's value then feeds the rest of the graph
 from the teacher alone. A boundary is a cut that the teacher computes too, under the same name
 (``edgecomp prune`` keeps value names), with the same shape on a probe batch (the residual stream
 around a pruned FFN, a CNN stage output whose width the prune kept), or narrowed by the prune:
@@ -70,6 +70,7 @@ __all__ = ["Block", "BlockPlan", "BlockResult", "BoundaryTaps", "plan_blocks", "
            "block_phase", "block_steps", "blocks_checkpoint", "BLOCK_LOSSES"]
 
 BLOCK_LOSSES = ("mse", "cosine")
+SHAPE_ONLY_OPS = ("Shape", "Size")  # their outputs depend on an input's shape only
 #: The end-to-end pass after the blocks trains at this fraction of the run's learning rate.
 END_TO_END_LR = 0.1
 _FORMAT = 1
@@ -147,7 +148,7 @@ def _bits(mask: int):
 
 def _cuts(module) -> tuple[list[str], dict[str, int], list[int]]:
     """The student's cut values in run order, the step producing each value, and each step's ancestors."""
-    flow = module.dataflow()
+    flow, ops = module.dataflow(), module.ops()
     trained = set(module.trained.values())
     producer: dict[str, int] = {}
     consumers: dict[str, int] = {}  # value → bit mask of the steps reading it
@@ -158,9 +159,12 @@ def _cuts(module) -> tuple[list[str], dict[str, int], list[int]]:
         for n in ins:
             if n in producer:
                 mask |= anc[producer[n]]
-            consumers[n] = consumers.get(n, 0) | 1 << i
+            if ops[i] not in SHAPE_ONLY_OPS:  # a read of the shape alone keeps no value alive
+                consumers[n] = consumers.get(n, 0) | 1 << i
         anc.append(mask)
-        if any(n in trained or n in weighted for n in ins if n):
+        # Shape and Size read a value's shape, not its numbers: an attention mask built from the
+        # graph inputs and Shape(hidden states) depends on no trained weight
+        if ops[i] not in SHAPE_ONLY_OPS and any(n in trained or n in weighted for n in ins if n):
             weighted.update(o for o in outs if o)
         for o in outs:
             if o:

@@ -885,6 +885,10 @@ class OnnxModule(nn.Module):
         """(input names, output names) of each node in the order they run ("" for an omitted input)."""
         return [(s.inputs, s.outputs) for s in self._steps]
 
+    def ops(self) -> list[str]:
+        """The op type of each node in the order they run (as :meth:`dataflow`)."""
+        return [s.op for s in self._steps]
+
     def _run(self, env: dict[str, Tensor], capture: Mapping[str, None], replace: Mapping[str, Tensor],
              captured: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         env = {**{name: getattr(holder, key) for name, (holder, key) in self._values.items()}, **env}

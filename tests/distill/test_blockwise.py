@@ -171,6 +171,31 @@ def test_boundaries_are_cuts_and_teacher_forcing_stops_gradients():
     assert w1.grad is None  # no gradient crosses the boundary
 
 
+def _chain_with_a_shape_read(w2_seed: int = 0):
+    """The residual chain whose output adds a number read from the first layer's shape, as an encoder's
+    attention mask is built from Shape(hidden states) once and added in every layer:
+    out = MatMul(y, w2) + float(Shape(a)[0])."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Add", ["r", "a"], ["y"]), helper.make_node("MatMul", ["y", "w2"], ["h"]),
+             helper.make_node("Shape", ["a"], ["sa"]), helper.make_node("Gather", ["sa", "zero"], ["n"], axis=0),
+             helper.make_node("Cast", ["n"], ["nf"], to=1), helper.make_node("Add", ["h", "nf"], ["out"])]
+    w1 = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+    w2 = np.random.default_rng(w2_seed).standard_normal((4, 3)).astype(np.float32)
+    return OnnxModule(ir.from_proto(make_model(nodes, [vinfo("x", ["N", 4])], [vinfo("out", ["N", 3])],
+                                               {"w1": w1, "w2": w2, "zero": np.array(0, dtype=np.int64)})))
+
+
+def test_a_value_read_only_through_its_shape_does_not_stop_a_cut():
+    """Shape reads no numbers: the first layer's output stays a boundary although a later node reads
+    its shape (without this, an encoder's mask made every layer one block)."""
+    teacher, student = _chain_with_a_shape_read(), _chain_with_a_shape_read(w2_seed=1)
+    x = torch.randn(5, 4)
+    plan = plan_blocks(student, teacher, [x])
+    assert plan.boundaries == ["y", "out"] and [b.changed for b in plan.blocks] == [False, True]
+    torch.testing.assert_close(student(x), student.values(x, capture=["out"])["out"])
+    torch.testing.assert_close(student(x)[0, 0] - (student.values(x, capture=["h"])["h"])[0, 0], torch.tensor(5.0))
+
+
 @pytest.mark.parametrize("name", ["encoder-prune-heal", "cnn-prune-heal"])
 def test_prune_heal_recipes_heal_block_wise(name):
     from edgecomp.pipeline.recipe import load_recipe
