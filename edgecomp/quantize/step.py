@@ -53,6 +53,7 @@ from edgecomp.passes.base import run_pass
 from edgecomp.passes.float_precision import in_float32, refuse_unrunnable_floats
 from edgecomp.passes.optimize_graph import OptimizeGraphPass
 from edgecomp.passes.upgrade_opset import UpgradeOpsetPass, new_violations, opset_violations
+from edgecomp.quantize.attention_rounding import keep_stable_attention
 from edgecomp.quantize.calibration import calibrate
 from edgecomp.quantize.cost_aware import unsmoothed_if_faster
 from edgecomp.quantize.families import choose_families
@@ -82,6 +83,7 @@ class QuantizeResult:
     met_tolerance: bool | None = None
     embeddings: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)  # one line each, for stderr
+    attention_rounding: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # per int8 attention product
     forced_not_faster: bool = False  # forced families, written int8 not faster than float here: exit 5
 
 
@@ -153,6 +155,12 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         if kept:
             fidelity["fidelity"] += f"; {len(kept)} most sensitive layer(s) kept float to reach it"
         kept_why = f"among the most sensitive: kept float so every output keeps cosine >= {floor:g} to float"
+    unstable, drift = {}, None
+    if plan and (opts.tolerance is not None or opts.min_cosine is not None):  # rounding drift of attention products
+        budget = opts.tolerance if opts.tolerance is not None else 1.0 - float(opts.min_cosine)
+        stable, drift = keep_stable_attention(model, plan, evaluator.feeds[:32], budget, opts.threads, opts.format)
+        unstable = {r["product"]: r["reason"] for r in (drift.rows() if drift else []) if r["decision"] == "float"}
+        plan = stable
     int8_plan = plan
     int4 = int4_step(model, plan, calibration, opts, eval_data=eval_data, labels=labels, reference=as_given)
     if int4:
@@ -165,6 +173,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
             row["decision"], row["reason"] = "int8", "quantized"
         elif name in kept:
             row["decision"], row["reason"] = "float", kept_why
+        elif name in unstable:
+            row["decision"], row["reason"] = "float", unstable[name]
         else:
             row["decision"], row["reason"] = "float", (row.pop("float reason", None)
                                                        or f"{row['family']} family: int8 not measurably faster here")
@@ -207,6 +217,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         warnings += [w for w in [estimate.warning(opts.tolerance)] if w]
     if fidelity:
         summary.update(fidelity)
+    if drift is not None:
+        summary["attention rounding"] = drift.describe()
     if opts.target_runner is not None and (fidelity or loss is not None):
         summary["numerics judged on"] = opts.target_runner.describe()
     if int4:
@@ -233,6 +245,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         warnings.append(f"no layer was made int8 ({why}); the weights written are float"
                         + ("" if opts.families != "auto" else " (families all forces int8)"))
     return QuantizeResult(quantized, plan, rows, summary, family_rows, met, embedding_rows, warnings,
+                          drift.rows() if drift is not None else [],
                           forced_not_faster=bool(check and check.forced_not_faster))
 
 
@@ -283,7 +296,8 @@ def step_result(result: QuantizeResult) -> StepResult:
     tables; the tolerance's verdict and the layers made int8 as evidence; exit 3 when the
     tolerance was not met, 5 when forced int8 is not faster than its input here."""
     out = StepResult("quantize", result.model, result.summary,
-                     {"op families": result.families, "layers": result.rows, "embedding tables": result.embeddings},
+                     {"op families": result.families, "layers": result.rows, "embedding tables": result.embeddings,
+                      "attention rounding": result.attention_rounding},
                      result.warnings, {"met tolerance": result.met_tolerance, "int8 layers": sorted(result.plan)},
                      columns={"layers": LAYER_COLUMNS})
     if result.met_tolerance is False:
