@@ -346,6 +346,60 @@ def bench_skip_layernorm(work: Path, runs: int) -> str:
         md_table(rows, list(rows[0].keys()))])
 
 
+def bench_attention(work: Path, runs: int) -> str:
+    """Issue 23 (1b, 1d): the default int8 MiniLM with and without SimplifyAttentionLayoutPass, every
+    attention product int8 and none, against fp32 (three interleaved runs), held-out fidelity, the
+    one-ulp drift table of the attention products, and the op-type profile of both layouts."""
+    from edgecomp.io import load_model, save_model
+    from edgecomp.measure.profile import profile_models, side_by_side_rows
+    from edgecomp.passes.attention_layout import SimplifyAttentionLayoutPass
+    from edgecomp.passes.base import run_pass
+
+    fp32 = export_minilm(work / "minilm.onnx")
+    tok = load_tokenizer(minilm_path())
+    splits = text_splits()
+    calib_dir = write_token_data(tokenize(tok, splits["calib"]), work / "calib500")
+    test_feeds = tokenize(tok, splits["test"])
+    feed = tokenize(tok, [" ".join(splits["test"][:80])], max_len=128)[0]
+    reports = {"default": edgecomp_quantize(fp32, work / "att_default.onnx", calib_dir),
+               "all": edgecomp_quantize(fp32, work / "att_all.onnx", calib_dir, "--families", "matmul,attention"),
+               "none": edgecomp_quantize(fp32, work / "att_none.onnx", calib_dir, "--families", "matmul")}
+    layout = run_pass(SimplifyAttentionLayoutPass(), load_model(work / "att_default.onnx"))
+    save_model(layout.model, work / "att_default_layout.onnx")
+    variants = {"fp32": fp32,
+                "edgecomp default": work / "att_default.onnx",
+                "edgecomp default + SimplifyAttentionLayoutPass": work / "att_default_layout.onnx",
+                "edgecomp --families matmul,attention (every product int8)": work / "att_all.onnx",
+                "edgecomp --families matmul (attention float)": work / "att_none.onnx"}
+    ref = embeddings(fp32, test_feeds)
+    n_att = {"edgecomp default": reports["default"], "edgecomp default + SimplifyAttentionLayoutPass": reports["default"],
+             "edgecomp --families matmul,attention (every product int8)": reports["all"],
+             "edgecomp --families matmul (attention float)": reports["none"]}
+    rows = [{"variant": name, "size MB": path.stat().st_size / 1e6,
+             "attention int8": _attention_int8(n_att[name]) if name in n_att else "—",
+             **fidelity(ref, embeddings(path, test_feeds))} for name, path in variants.items()]
+    lat_rows = []
+    for rep in range(3):
+        load = os.getloadavg()[0]
+        lat = bench_in_subprocess(list(variants.values()), list(variants), feed, runs, warmup=5)
+        lat_rows += [{"run": rep + 1, "load (1 min)": load, "variant": st["label"], "latency vs fp32": st["ratio_to_first"],
+                      "p50 ms": st["p50_ms"]} for st in lat[1:]]
+    profiles = profile_models([str(work / "att_default.onnx"), str(work / "att_default_layout.onnx"), str(fp32)],
+                              feed=feed, runs=40, labels=["int8", "int8 layout", "fp32"])
+    prof = side_by_side_rows(profiles)
+    drift = reports["all"]["tables"].get("attention rounding", [])
+    summary = "; ".join(f"{k}: {v}" for k, v in layout.summary.items())
+    return "\n\n".join([
+        md_table(rows, ["variant", "size MB", "attention int8", "mean cos", "min cos", "NN@10"]),
+        md_table(lat_rows, ["run", "load (1 min)", "variant", "latency vs fp32", "p50 ms"]),
+        f"SimplifyAttentionLayoutPass on the default int8 model: {summary}.",
+        "One-ulp drift of each attention product (`--families matmul,attention`, the report's `attention rounding` "
+        f"table; {reports['all']['summary'].get('attention rounding', '')}):",
+        md_table(drift, ["product", "1-ulp drift (1-cos)", "share of budget", "decision"]),
+        "Where the time goes at seq 128, 1 thread (`edgecomp bench --profile`, ms per inference and op type):",
+        md_table(prof, list(prof[0].keys()))])
+
+
 #: the diagnosis of the measured --speed-forms run (update when the numbers move)
 FORMS_NOTES = """
 Targets (issue 23), this run (1-minute load 17-18 on 2 cores: seven jobs shared the machine):
@@ -361,6 +415,11 @@ Targets (issue 23), this run (1-minute load 17-18 on 2 cores: seven jobs shared 
   into MatMulIntegerToFloat (its MatMulAddFusion had turned MatMul+bias into a float Gemm before, 0.67x). The former
   QDQ default (`--node-units`, whole DQ -> op -> Q units for NNAPI/QNN) is 34.3 MB at cos 0.9944 (its per-output grids
   cost fidelity, so the floor kept 14 layers float) and 0.67-0.69x.
+"""
+
+
+#: the diagnosis of the measured --attention run (update when the numbers move)
+ATTENTION_NOTES = """
 """
 
 
@@ -421,6 +480,8 @@ def main() -> None:
                     help="only issue 23's section (default int8, QDQ forms; BENCHMARKS section quantize-forms)")
     ap.add_argument("--skip-layernorm", action="store_true",
                     help="only the SkipLayerNormalization re-fusion check (section quantize-skiplayernorm)")
+    ap.add_argument("--attention", action="store_true",
+                    help="only the attention layout pass and rounding drift (section quantize-attention)")
     ap.add_argument("--tiny-encoders", help="only the zoo's tiny encoders vs onnxruntime dynamic (comma names, "
                     "e.g. encoder-ts17,encoder-dynamo18; BENCHMARKS section quantize-tiny)")
     args = ap.parse_args()
@@ -433,6 +494,17 @@ def main() -> None:
             f"{datetime.date.today()}; {host_line().replace(chr(10), '; ')}).", "",
             bench_skip_layernorm(work, args.runs)])
         update_section("quantize-skiplayernorm", body)
+        print(body)
+        return
+    if args.attention:
+        body = "\n".join([
+            "## Attention layout and rounding: the int8 MiniLM (issue 23, 1b and 1d)", "",
+            f"Reproduce: `nice -n 10 .venv/bin/python scripts/bench_quantize.py --attention` (measured "
+            f"{datetime.date.today()}; {host_line().replace(chr(10), '; ')}). all-MiniLM-L6-v2, seq 128, batch 1, "
+            "1 thread; fidelity on 870 held-out sentences vs fp32; latency: three interleaved `edgecomp bench` runs in "
+            "fresh processes, the 1-minute load beside each (shared machine: compare ratios within a run).", "",
+            bench_attention(work, args.runs), ATTENTION_NOTES])
+        update_section("quantize-attention", body)
         print(body)
         return
     if args.tiny_encoders:

@@ -16,8 +16,8 @@ model as it will be written):
                                        operands), each element one ulp up or down at random (seeded)
     drift = 1 − min over float outputs of mean over samples cos(y(x'), y(x))
 
-on the evaluation feeds (held-out eval data when a tolerance is given, else the calibration samples
-of the fidelity check): :class:`edgecomp.measure.evaluate.FidelityEvaluator` scores the perturbed
+on the first 16 evaluation feeds (held-out eval data when a tolerance is given, else the calibration
+samples of the fidelity check): :class:`edgecomp.measure.evaluate.FidelityEvaluator` scores the perturbed
 outputs against the unperturbed int8 model's, so ``drift`` is its loss. The perturbation enters
 through extra graph inputs that replace the quantizers' inputs; nothing else changes.
 

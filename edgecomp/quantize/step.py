@@ -158,7 +158,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     unstable, drift = {}, None
     if plan and (opts.tolerance is not None or opts.min_cosine is not None):  # rounding drift of attention products
         budget = opts.tolerance if opts.tolerance is not None else 1.0 - float(opts.min_cosine)
-        stable, drift = keep_stable_attention(model, plan, evaluator.feeds[:32], budget, opts.threads, opts.format)
+        stable, drift = keep_stable_attention(model, plan, _first(evaluator.feeds, 16), budget, opts.threads, opts.format)
         unstable = {r["product"]: r["reason"] for r in (drift.rows() if drift else []) if r["decision"] == "float"}
         plan = stable
     int8_plan = plan
@@ -247,6 +247,11 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     return QuantizeResult(quantized, plan, rows, summary, family_rows, met, embedding_rows, warnings,
                           drift.rows() if drift is not None else [],
                           forced_not_faster=bool(check and check.forced_not_faster))
+
+
+def _first(feeds, n: int) -> list:
+    """The first ``n`` feeds of a list or a lazily read dataset."""
+    return [feeds[i] for i in range(min(n, len(feeds)))]
 
 
 def _target_limit(opts: QuantizeOptions) -> int | None:
