@@ -387,8 +387,12 @@ def bench_attention(work: Path, runs: int) -> str:
     profiles = profile_models([str(work / "att_default.onnx"), str(work / "att_default_layout.onnx"), str(fp32)],
                               feed=feed, runs=40, labels=["int8", "int8 layout", "fp32"])
     prof = side_by_side_rows(profiles)
-    drift = reports["all"]["tables"].get("attention rounding", [])
+    drift = [{**r, "1-ulp drift (1-cos)": f"{r['1-ulp drift (1-cos)']:.2g}", "share of budget": f"{r['share of budget']:.2%}"}
+             for r in reports["all"]["tables"].get("attention rounding", [])]
     summary = "; ".join(f"{k}: {v}" for k, v in layout.summary.items())
+    same = _ort_optimized_ops(work / "att_default.onnx") == _ort_optimized_ops(work / "att_default_layout.onnx")
+    summary += (f". onnxruntime's own session optimizations (its TransposeOptimizer pushes Transposes through "
+                f"QuantizeLinear) turn both into {'the same' if same else 'different'} graphs")
     return "\n\n".join([
         md_table(rows, ["variant", "size MB", "attention int8", "mean cos", "min cos", "NN@10"]),
         md_table(lat_rows, ["run", "load (1 min)", "variant", "latency vs fp32", "p50 ms"]),
@@ -398,6 +402,18 @@ def bench_attention(work: Path, runs: int) -> str:
         md_table(drift, ["product", "1-ulp drift (1-cos)", "share of budget", "decision"]),
         "Where the time goes at seq 128, 1 thread (`edgecomp bench --profile`, ms per inference and op type):",
         md_table(prof, list(prof[0].keys()))])
+
+
+def _ort_optimized_ops(path: Path) -> list[str]:
+    """The op types of onnxruntime's optimized graph (ORT_ENABLE_ALL), in order."""
+    import onnx
+    import onnxruntime as ort
+
+    o = ort.SessionOptions()
+    o.optimized_model_filepath = str(path.with_suffix(".ort.onnx"))
+    o.log_severity_level = 3
+    ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(o.optimized_model_filepath, load_external_data=False).graph.node]
 
 
 #: the diagnosis of the measured --speed-forms run (update when the numbers move)
