@@ -24,8 +24,14 @@ last, the dtype the moves carry change; the float results are bit-identical):
   could not be folded) stops it; the record says so.
 
 What the pass cannot remove: the head-split Transposes feeding ``MatMulIntegerToFloat`` (it needs
-its operands in ``[B,H,S,d]``/``[B,H,d,S]`` order) and the merge after an int8 ``P·V``. The
-measured effect on the int8 all-MiniLM-L6-v2 is in BENCHMARKS.md ("Attention layout and rounding").
+its operands in ``[B,H,S,d]``/``[B,H,d,S]`` order) and the merge after an int8 ``P·V``.
+
+Not applied by default: onnxruntime makes every one of these rewrites itself at session creation,
+from its basic level on (its TransposeOptimizer merges and cancels Transposes and pushes them
+through a per-tensor QuantizeLinear; constant folding folds a transposed weight): on the int8
+all-MiniLM-L6-v2 both graphs become the same optimized graph and time the same (BENCHMARKS.md,
+"Attention layout and rounding"). The pass is for a consumer that reads the file as written (a
+runtime without such an optimizer, or a tool that inspects the graph).
 """
 
 from __future__ import annotations
