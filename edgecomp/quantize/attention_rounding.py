@@ -37,6 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecomp.measure.evaluate import FidelityEvaluator
+from edgecomp.quantize.plan import build
 from edgecomp.quantize.quantize_static import LayerPlan
 from edgecomp.runtime import make_session, run_feed
 
@@ -137,8 +138,6 @@ def keep_stable_attention(model: ir.Model, plan: Mapping[str, LayerPlan], feeds,
                           ) -> tuple[dict[str, LayerPlan], AttentionDrift | None]:
     """``plan`` without the attention products whose one-ulp drift exceeds ``share · budget``, and
     the measurement (None when the plan has no attention product)."""
-    from edgecomp.quantize.plan import build
-
     products = [n for n, p in plan.items() if p.kind == "attention"]
     if not products:
         return dict(plan), None
