@@ -21,11 +21,12 @@ samples of the fidelity check): :class:`edgecomp.measure.evaluate.FidelityEvalua
 outputs against the unperturbed int8 model's, so ``drift`` is its loss. The perturbation enters
 through extra graph inputs that replace the quantizers' inputs; nothing else changes.
 
-Decision: a product stays int8 while ``drift <= share · budget``, ``budget`` the loss the run allows
-(the tolerance, or ``1 − min_cosine`` without one) and ``share`` :data:`DRIFT_SHARE`: one-ulp
-differences of another CPU may spend at most that share of the budget per product. The products
-over it are kept float (their drift, by construction of the float path, is orders smaller), and
-the report's table lists every product's drift, its share of the budget and the decision.
+Decision: a product stays int8 while ``drift <= share · budget``, ``budget`` the cosine loss the run
+allows (the tolerance when its metric is cosine, else ``1 − min_cosine``: :func:`drift_budget`) and
+``share`` :data:`DRIFT_SHARE`: one-ulp differences of another CPU may spend at most that share of
+the budget per product. The products over it are kept float (a float product's one-ulp drift is
+orders of magnitude smaller), and the report's table lists every product's drift, its share of the
+budget and the decision.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from edgecomp.quantize.plan import build
 from edgecomp.quantize.quantize_static import LayerPlan
 from edgecomp.runtime import make_session, run_feed
 
-__all__ = ["DRIFT_SHARE", "AttentionDrift", "attention_drift", "keep_stable_attention", "quantizer_inputs"]
+__all__ = ["DRIFT_SHARE", "AttentionDrift", "attention_drift", "drift_budget", "keep_stable_attention", "quantizer_inputs"]
 
 #: the share of the loss budget one product's one-ulp drift may take
 DRIFT_SHARE = 0.1
@@ -131,6 +132,14 @@ def attention_drift(built: ir.Model, products: Sequence[str], feeds: Sequence[Ma
 
     evaluator = FidelityEvaluator(built, list(feeds), threads, runner=run_moved)
     return {name: float(evaluator.drop(_with_overrides(built, qs, dtypes))[1]) for name, qs in quantizers.items()}
+
+
+def drift_budget(tolerance: float | None, metric: str, min_cosine: float | None) -> float | None:
+    """The loss budget the drift (a 1 − cos) is held to: the tolerance when it bounds 1 − cosine,
+    else ``1 − min_cosine`` (the fidelity floor); None when neither applies (nothing is checked)."""
+    if tolerance is not None and metric == "cosine":
+        return float(tolerance)
+    return 1.0 - float(min_cosine) if min_cosine is not None else None
 
 
 def keep_stable_attention(model: ir.Model, plan: Mapping[str, LayerPlan], feeds, budget: float, threads: int = 1,

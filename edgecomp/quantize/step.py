@@ -53,7 +53,7 @@ from edgecomp.passes.base import run_pass
 from edgecomp.passes.float_precision import in_float32, refuse_unrunnable_floats
 from edgecomp.passes.optimize_graph import OptimizeGraphPass
 from edgecomp.passes.upgrade_opset import UpgradeOpsetPass, new_violations, opset_violations
-from edgecomp.quantize.attention_rounding import keep_stable_attention
+from edgecomp.quantize.attention_rounding import drift_budget, keep_stable_attention
 from edgecomp.quantize.calibration import calibrate
 from edgecomp.quantize.cost_aware import unsmoothed_if_faster
 from edgecomp.quantize.families import choose_families
@@ -156,8 +156,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
             fidelity["fidelity"] += f"; {len(kept)} most sensitive layer(s) kept float to reach it"
         kept_why = f"among the most sensitive: kept float so every output keeps cosine >= {floor:g} to float"
     unstable, drift = {}, None
-    if plan and (opts.tolerance is not None or opts.min_cosine is not None):  # rounding drift of attention products
-        budget = opts.tolerance if opts.tolerance is not None else 1.0 - float(opts.min_cosine)
+    budget = drift_budget(opts.tolerance, opts.metric, opts.min_cosine)
+    if plan and budget is not None:  # the rounding drift of int8 attention products
         stable, drift = keep_stable_attention(model, plan, _first(evaluator.feeds, 16), budget, opts.threads, opts.format)
         unstable = {r["product"]: r["reason"] for r in (drift.rows() if drift else []) if r["decision"] == "float"}
         plan = stable

@@ -101,3 +101,12 @@ def test_quantize_reports_the_drift_of_every_int8_attention_product(tiny_encoder
     assert all(r["1-ulp drift (1-cos)"] >= 0 for r in table)
     assert "int8 attention product(s)" in res.summary["attention rounding"]
     assert step_result(res).tables["attention rounding"] == table
+
+
+def test_the_budget_is_a_cosine_loss_whatever_the_metric():
+    from edgecomp.quantize.attention_rounding import drift_budget
+
+    assert drift_budget(0.002, "cosine", 0.99) == 0.002
+    assert drift_budget(0.01, "top1", 0.99) == pytest.approx(0.01)  # accuracy points are not a cosine: the floor
+    assert drift_budget(5.0, "mae", 0.995) == pytest.approx(0.005)
+    assert drift_budget(None, "cosine", None) is None and drift_budget(0.1, "mae", None) is None
