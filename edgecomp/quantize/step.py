@@ -245,7 +245,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         warnings.append(f"no layer was made int8 ({why}); the weights written are float"
                         + ("" if opts.families != "auto" else " (families all forces int8)"))
     return QuantizeResult(quantized, plan, rows, summary, family_rows, met, embedding_rows, warnings,
-                          drift.rows() if drift is not None else [],
+                          drift.rows() if drift is not None and plan else [],  # none when float was written
                           forced_not_faster=bool(check and check.forced_not_faster))
 
 
