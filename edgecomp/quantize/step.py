@@ -217,7 +217,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         warnings += [w for w in [estimate.warning(opts.tolerance)] if w]
     if fidelity:
         summary.update(fidelity)
-    if drift is not None:
+    if drift is not None and plan:
         summary["attention rounding"] = drift.describe()
     if opts.target_runner is not None and (fidelity or loss is not None):
         summary["numerics judged on"] = opts.target_runner.describe()
