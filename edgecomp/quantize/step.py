@@ -23,6 +23,8 @@ float weights: :mod:`edgecomp.passes.float_precision`):
    time) and keep the most sensitive float until the metric is within tolerance of fp32.
    Without a tolerance, the same search runs on calibration samples whenever an output's cosine
    to float falls below ``min_cosine`` (0.99; :class:`FidelityEvaluator`, every float output).
+   Then each int8 attention product's one-ulp rounding drift is measured on 16 of those samples
+   (:mod:`edgecomp.quantize.attention_rounding`); one over 0.1 of the cosine budget stays float.
 6. with ``int4`` (auto or regexes), :func:`edgecomp.quantize.int4.int4_step` — the planned MatMuls
    whose int4 codes (fitted to calibration data) cost least move to ``MatMulNBits`` while the same
    bound holds; the report lists them, the measured fidelity and the latency vs the int8 model.
