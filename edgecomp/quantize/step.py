@@ -23,6 +23,8 @@ float weights: :mod:`edgecomp.passes.float_precision`):
    time) and keep the most sensitive float until the metric is within tolerance of fp32.
    Without a tolerance, the same search runs on calibration samples whenever an output's cosine
    to float falls below ``min_cosine`` (0.99; :class:`FidelityEvaluator`, every float output).
+   Then each int8 attention product's one-ulp rounding drift is measured on 16 of those samples
+   (:mod:`edgecomp.quantize.attention_rounding`); one over 0.1 of the cosine budget stays float.
 6. with ``int4`` (auto or regexes), :func:`edgecomp.quantize.int4.int4_step` — the planned MatMuls
    whose int4 codes (fitted to calibration data) cost least move to ``MatMulNBits`` while the same
    bound holds; the report lists them, the measured fidelity and the latency vs the int8 model.
@@ -53,6 +55,7 @@ from edgecomp.passes.base import run_pass
 from edgecomp.passes.float_precision import in_float32, refuse_unrunnable_floats
 from edgecomp.passes.optimize_graph import OptimizeGraphPass
 from edgecomp.passes.upgrade_opset import UpgradeOpsetPass, new_violations, opset_violations
+from edgecomp.quantize.attention_rounding import drift_budget, keep_stable_attention
 from edgecomp.quantize.calibration import calibrate
 from edgecomp.quantize.cost_aware import unsmoothed_if_faster
 from edgecomp.quantize.families import choose_families
@@ -82,6 +85,7 @@ class QuantizeResult:
     met_tolerance: bool | None = None
     embeddings: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)  # one line each, for stderr
+    attention_rounding: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # per int8 attention product
     forced_not_faster: bool = False  # forced families, written int8 not faster than float here: exit 5
 
 
@@ -153,6 +157,12 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         if kept:
             fidelity["fidelity"] += f"; {len(kept)} most sensitive layer(s) kept float to reach it"
         kept_why = f"among the most sensitive: kept float so every output keeps cosine >= {floor:g} to float"
+    unstable, drift = {}, None
+    budget = drift_budget(opts.tolerance, opts.metric, opts.min_cosine)
+    if plan and budget is not None:  # the rounding drift of int8 attention products
+        stable, drift = keep_stable_attention(model, plan, _first(evaluator.feeds, 16), budget, opts.threads, opts.format)
+        unstable = {r["product"]: r["reason"] for r in (drift.rows() if drift else []) if r["decision"] == "float"}
+        plan = stable
     int8_plan = plan
     int4 = int4_step(model, plan, calibration, opts, eval_data=eval_data, labels=labels, reference=as_given)
     if int4:
@@ -165,6 +175,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
             row["decision"], row["reason"] = "int8", "quantized"
         elif name in kept:
             row["decision"], row["reason"] = "float", kept_why
+        elif name in unstable:
+            row["decision"], row["reason"] = "float", unstable[name]
         else:
             row["decision"], row["reason"] = "float", (row.pop("float reason", None)
                                                        or f"{row['family']} family: int8 not measurably faster here")
@@ -207,6 +219,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         warnings += [w for w in [estimate.warning(opts.tolerance)] if w]
     if fidelity:
         summary.update(fidelity)
+    if drift is not None and plan:
+        summary["attention rounding"] = drift.describe()
     if opts.target_runner is not None and (fidelity or loss is not None):
         summary["numerics judged on"] = opts.target_runner.describe()
     if int4:
@@ -233,7 +247,13 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         warnings.append(f"no layer was made int8 ({why}); the weights written are float"
                         + ("" if opts.families != "auto" else " (families all forces int8)"))
     return QuantizeResult(quantized, plan, rows, summary, family_rows, met, embedding_rows, warnings,
+                          drift.rows() if drift is not None and plan else [],  # none when float was written
                           forced_not_faster=bool(check and check.forced_not_faster))
+
+
+def _first(feeds, n: int) -> list:
+    """The first ``n`` feeds of a list or a lazily read dataset."""
+    return [feeds[i] for i in range(min(n, len(feeds)))]
 
 
 def _target_limit(opts: QuantizeOptions) -> int | None:
@@ -283,7 +303,8 @@ def step_result(result: QuantizeResult) -> StepResult:
     tables; the tolerance's verdict and the layers made int8 as evidence; exit 3 when the
     tolerance was not met, 5 when forced int8 is not faster than its input here."""
     out = StepResult("quantize", result.model, result.summary,
-                     {"op families": result.families, "layers": result.rows, "embedding tables": result.embeddings},
+                     {"op families": result.families, "layers": result.rows, "embedding tables": result.embeddings,
+                      "attention rounding": result.attention_rounding},
                      result.warnings, {"met tolerance": result.met_tolerance, "int8 layers": sorted(result.plan)},
                      columns={"layers": LAYER_COLUMNS})
     if result.met_tolerance is False:
