@@ -276,7 +276,7 @@ def finetune(model, output, calibration, train_labels, checkpoint, resume, keep_
 @_declared(OPTIMIZE_OPTIONS)
 @_value_option
 @_json_option
-def optimize(model, output, fusions, fold_constants, values, json_path):
+def optimize(model, output, values, json_path, **options):
     """Clean up a graph: fold constants and BatchNorms, optionally fuse transformer blocks.
 
     --value NAME=V fixes an input the deployment always feeds the same (a sample rate, a mode):
@@ -296,7 +296,7 @@ def optimize(model, output, fusions, fold_constants, values, json_path):
     m = load_model(model)
     refuse_unrunnable_floats(m)
     spec = _specialize(m, values)
-    result = run(m, {"fold_constants": fold_constants, "fusions": fusions})
+    result = run(m, options)
     save_model(result.model, output, inputs=[model])
     _finish(result, output, json_path, extra={"specialize": spec.to_json()} if spec else None)
 

@@ -26,7 +26,7 @@ last, the dtype the moves carry change; the float results are bit-identical):
 What the pass cannot remove: the head-split Transposes feeding ``MatMulIntegerToFloat`` (it needs
 its operands in ``[B,H,S,d]``/``[B,H,d,S]`` order) and the merge after an int8 ``P·V``.
 
-Not applied by default: onnxruntime makes every one of these rewrites itself at session creation,
+Not applied by default (``edgecomp optimize --layout`` applies it): onnxruntime makes every one of these rewrites itself at session creation,
 from its basic level on (its TransposeOptimizer merges and cancels Transposes and pushes them
 through a per-tensor QuantizeLinear; constant folding folds a transposed weight): on the int8
 all-MiniLM-L6-v2 both graphs become the same optimized graph and time the same (BENCHMARKS.md,

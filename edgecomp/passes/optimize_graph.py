@@ -33,7 +33,9 @@ Cases handled:
   ``W' = W * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``;
 - optionally onnxruntime's transformer fusions (``fusions="bert"``): LayerNorm, SkipLayerNorm,
   BiasGelu, Attention, EmbedLayerNorm — the same kernels onnxruntime would fuse at load time,
-  made explicit so later passes see them.
+  made explicit so later passes see them;
+- optionally (``layout``) :class:`~edgecomp.passes.attention_layout.SimplifyAttentionLayoutPass`:
+  Transpose/Reshape chains merged or folded in the file itself (onnxruntime does it at load).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import onnx_ir.passes.common
 
 from edgecomp.errors import ConfigError, EdgecompError, PassFailed
 from edgecomp.graph import histogram
+from edgecomp.passes.attention_layout import SimplifyAttentionLayoutPass
 from edgecomp.passes.options import OPTIONS
 from edgecomp.measure.interface import keeps_interface
 from edgecomp.passes.base import EdgecompPass, PassReport, run_pass
@@ -69,16 +72,19 @@ class OptimizeGraphPass(EdgecompPass):
     Args:
         fold_constants: run onnxscript's constant folding and default rewrite rules.
         fusions: ``"none"`` or ``"bert"`` (onnxruntime.transformers.optimizer, model_type bert).
+        layout: merge/fold Transpose and Reshape chains (``SimplifyAttentionLayoutPass``).
         num_heads, hidden_size: for ``fusions="bert"``; 0 lets onnxruntime detect them.
     """
 
-    def __init__(self, *, fold_constants: bool = True, fusions: str = "none", num_heads: int = 0, hidden_size: int = 0):
+    def __init__(self, *, fold_constants: bool = True, fusions: str = "none", num_heads: int = 0, hidden_size: int = 0,
+                 layout: bool = False):
         if fusions not in ("none", "bert"):
             raise ConfigError(f"unknown fusions {fusions!r}; use none or bert")
         self.fold_constants = fold_constants
         self.fusions = fusions
         self.num_heads = num_heads
         self.hidden_size = hidden_size
+        self.layout = layout
 
     def call(self, model: ir.Model) -> PassReport:
         overridable = _detach_overridable(model)
@@ -99,6 +105,8 @@ class OptimizeGraphPass(EdgecompPass):
             _reshapes_to_flatten(model)
         if self.fusions == "bert":
             _apply_bert_fusions(model, self.num_heads, self.hidden_size)
+        if self.layout:
+            SimplifyAttentionLayoutPass()(model)
         dropped = drop_unsupported_defaults(model)
         invalid = new_violations(model, invalid_before)
         if invalid:

@@ -11,4 +11,6 @@ OPTIONS = (
     Option("fusions", str, "none", "also apply onnxruntime's transformer fusions (Attention, SkipLayerNorm, BiasGelu)",
            choices=("none", "bert")),
     Option("fold_constants", bool, True, "constant and BatchNorm folding", flag="--fold/--no-fold"),
+    Option("layout", bool, False, "merge/fold Transpose and Reshape chains in the file (onnxruntime makes the same "
+           "rewrites at session load; for runtimes or tools that read the file as written)", flag="--layout/--no-layout"),
 )

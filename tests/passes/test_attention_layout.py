@@ -136,3 +136,22 @@ def test_each_rewrite_can_be_turned_off():
     assert not report.modified and _ops(out) == _ops(proto)
     assert report.options == {"merge_transposes": True, "merge_reshapes": True, "fold_constant_transposes": True,
                               "quantize_before_moves": False}
+
+
+def test_optimize_layout_applies_the_pass_and_keeps_the_outputs(tmp_path):
+    from click.testing import CliRunner
+
+    from edgecomp.cli import cli
+
+    nodes = [helper.make_node("Transpose", ["x"], ["t1"], perm=[0, 2, 1, 3], name="split"),
+             helper.make_node("Transpose", ["t1"], ["t2"], perm=[0, 2, 1, 3], name="back"),
+             helper.make_node("Relu", ["t2"], ["y"])]
+    proto = make_model(nodes, [vinfo("x", [2, 3, 4, 5])], [vinfo("y", [2, 3, 4, 5])])
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(proto, src)
+    for flag, ops in (("--no-layout", ["Transpose", "Transpose", "Relu"]), ("--layout", ["Relu"])):
+        res = CliRunner().invoke(cli, ["optimize", str(src), "--no-fold", flag, "-o", str(out)])
+        assert res.exit_code == 0, res.output
+        written = onnx.load(str(out))
+        assert _ops(written) == ops
+        _same(proto, written, {"x": RNG.standard_normal((2, 3, 4, 5)).astype(np.float32)})
