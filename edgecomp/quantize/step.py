@@ -44,7 +44,6 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.data import Dataset, StepData, input_specs, load_data, load_labels
-from edgecomp.embeddings.quantize_embeddings import QuantizeEmbeddingsPass
 from edgecomp.errors import DataNeeded, PassFailed
 from edgecomp.graph import param_tensors
 from edgecomp.measure.interface import keeps_interface
@@ -54,7 +53,7 @@ from edgecomp.passes.float_precision import in_float32, refuse_unrunnable_floats
 from edgecomp.passes.optimize_graph import OptimizeGraphPass
 from edgecomp.passes.upgrade_opset import UpgradeOpsetPass, new_violations, opset_violations
 from edgecomp.quantize.calibration import calibrate
-from edgecomp.quantize.cost_aware import unsmoothed_if_faster
+from edgecomp.quantize.cost_aware import int8_tables_if_they_pay, unsmoothed_if_faster
 from edgecomp.quantize.families import choose_families
 from edgecomp.quantize.int4 import describe, int4_step, latency_vs_int8
 from edgecomp.quantize.int4_at_rest import write_int4
@@ -96,7 +95,9 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     straight from :class:`OptimizeGraphPass` with folding on (a recipe's optimize step), so the
     cleanup is not run again unless the opset upgrade changed the graph."""
     opts.validate()
-    opts = dataclasses.replace(opts, format=opts.resolved_format(), node_units=opts.resolved_node_units())
+    tables = opts.embeddings  # None: int8 where it pays (cost_aware); the fidelity searches assume int8
+    opts = dataclasses.replace(opts, format=opts.resolved_format(), node_units=opts.resolved_node_units(),
+                               embeddings=tables is not False)
     if opts.tolerance is not None and eval_data is None:
         raise DataNeeded("eval", "tolerance", option="tolerance")
     if any(n.op_type in QUANTIZED_OPS for n in model.graph):
@@ -174,10 +175,10 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     quantized = build(model, plan, format=opts.format) if plan else model
     if int4 and int4.codes:
         quantized, int4_form = write_int4(model, int8_plan, int4.codes, int4.block, opts, quantized)
-    embedding_rows = []
+    embedding_rows, table_line = [], None
     if opts.embeddings:
-        emb = run_pass(QuantizeEmbeddingsPass(bits=8), quantized)
-        quantized, embedding_rows = emb.model, emb.rows
+        choice = int8_tables_if_they_pay(quantized, feed, opts, tables)
+        quantized, embedding_rows, table_line = choice.model, choice.rows, choice.line
     invalid = new_violations(quantized, invalid_before)
     if invalid:
         raise PassFailed(f"the quantized model has a node its opset does not allow: {invalid[0]}")
@@ -194,6 +195,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
                "activations": "uint8 asymmetric, per tensor, static",
                "method": opts.method, "calibration samples": calibration.describe_used(opts.max_samples),
                "cleanup": cleanup, "seconds": round(time.perf_counter() - t0, 1)}
+    if table_line and embedding_rows:
+        summary["embedding tables"] = table_line
     if opts.families == "auto":
         summary["families evidence"] = (opts.table.describe() if opts.table is not None else
                                         next((r["evidence"] for r in family_rows if "evidence" in r), ""))
@@ -296,7 +299,7 @@ def step_result(result: QuantizeResult) -> StepResult:
 def _never_bigger_when_float(result: QuantizeResult, given: ir.Model) -> QuantizeResult:
     """A run that left everything float (no int8 or int4 layer, no int8 table) writes the model as
     given when its own float copy would be bigger (a float16 model's weights behind Casts)."""
-    changed = result.embeddings or any(r.get("decision") in ("int8", "int4") for r in result.rows)
+    changed = any(r.get("decision") in ("int8", "int4") for r in [*result.embeddings, *result.rows])
     if changed or _param_bytes(result.model) <= _param_bytes(given):
         return result
     result.model = given
