@@ -32,6 +32,14 @@ run (measured: 1.006-1.031x). :func:`int8_tables_if_they_pay` decides, with ``ta
 - ``None`` on a target that is not timed here (another ISA, an emulated runner): int8, and the
   report says it was not timed.
 
+The reverse, for fidelity: the fidelity floor and the tolerance search
+(:func:`edgecomp.quantize.tolerance.fit_tolerance`) judge candidates with the int8 tables. Under
+auto, when that search has to keep layers float (or misses the bound), :func:`fit_with_tables`
+runs it again with float tables; the float tables are chosen when the bound is then met where it
+was missed, or met with fewer layers kept float: a table whose rows int8 cannot hold (an outlier
+column flattens a row's other values to zero) must not cost the int8 speed of the layers, nor
+break the bound. A user's ``--embeddings`` keeps the int8 tables and the first search.
+
 The report's ``embedding tables`` line states the decision and its measurement; each table's row
 carries the same evidence.
 """
@@ -45,7 +53,7 @@ from typing import Any
 import onnx_ir as ir
 
 from edgecomp.data import Dataset
-from edgecomp.embeddings.quantize_embeddings import QuantizeEmbeddingsPass
+from edgecomp.embeddings.quantize_embeddings import QuantizeEmbeddingsPass, find_embedding_tables
 from edgecomp.passes.base import run_pass
 from edgecomp.quantize import speed
 from edgecomp.quantize.calibration import ActivationStats
@@ -54,9 +62,10 @@ from edgecomp.quantize.layers import Layer
 from edgecomp.quantize.outputs import plan_outputs
 from edgecomp.quantize.plan import make_plan
 from edgecomp.quantize.quantize_static import LayerPlan
+from edgecomp.quantize.tolerance import fit_tolerance
 from edgecomp.targets import host_isa
 
-__all__ = ["TableChoice", "int8_tables_if_they_pay", "unsmoothed_if_faster"]
+__all__ = ["TableChoice", "fit_with_tables", "int8_tables_if_they_pay", "unsmoothed_if_faster"]
 
 
 def unsmoothed_if_faster(model: ir.Model, layers: Sequence[Layer], stats: Mapping[str, ActivationStats], opts: Any,
@@ -120,3 +129,22 @@ def int8_tables_if_they_pay(model: ir.Model, feed, opts: Any, tables: bool | Non
     line = (f"float, kept as given: {measured}, slower beyond noise (int8 would save {saved:.0f} KB; "
             "--embeddings keeps them int8 for size)")
     return TableChoice(model, emb.rows, line, est)
+
+
+def fit_with_tables(model: ir.Model, plan: dict[str, LayerPlan], evaluator: Any, bound: float, opts: Any,
+                    tables: bool | None) -> tuple[tuple, str | None]:
+    """:func:`fit_tolerance`'s result with the int8 tables (``opts.embeddings``), or under auto
+    (``tables`` None) with float tables where those meet ``bound`` with fewer layers kept float or
+    meet it where the int8 tables miss it (see the module docstring); and the report's line when
+    the float tables were chosen (None otherwise)."""
+    first = fit_tolerance(model, plan, evaluator, bound, opts.progress, opts.embeddings, opts.format)
+    _, _, kept, met, loss = first
+    if (tables is not None or not opts.embeddings or (met and not kept)
+            or not find_embedding_tables(model, QuantizeEmbeddingsPass().min_rows)[0]):
+        return first, None
+    second = fit_tolerance(model, plan, evaluator, bound, opts.progress, False, opts.format)
+    if (second[3], -len(second[2])) <= (met, -len(kept)):
+        return first, None
+    return second, (f"float, kept as given: with int8 tables the fidelity search kept {len(kept)} layer(s) float "
+                    f"(loss {loss:.3g}{'' if met else ', bound ' + format(bound, '.3g') + ' missed'}); with float "
+                    f"tables {len(second[2])} (loss {second[4]:.3g}); --embeddings keeps them int8 for size")

@@ -53,7 +53,7 @@ from edgecomp.passes.float_precision import in_float32, refuse_unrunnable_floats
 from edgecomp.passes.optimize_graph import OptimizeGraphPass
 from edgecomp.passes.upgrade_opset import UpgradeOpsetPass, new_violations, opset_violations
 from edgecomp.quantize.calibration import calibrate
-from edgecomp.quantize.cost_aware import int8_tables_if_they_pay, unsmoothed_if_faster
+from edgecomp.quantize.cost_aware import fit_with_tables, int8_tables_if_they_pay, unsmoothed_if_faster
 from edgecomp.quantize.families import choose_families
 from edgecomp.quantize.int4 import describe, int4_step, latency_vs_int8
 from edgecomp.quantize.int4_at_rest import write_int4
@@ -64,7 +64,6 @@ from edgecomp.quantize.plan import bits_reason, build, make_plan
 from edgecomp.quantize.quantize_static import QUANTIZED_OPS, LayerPlan
 from edgecomp.quantize.speed import SpeedCheck, check_written_model
 from edgecomp.measure.evaluate import Evaluator, FidelityEvaluator
-from edgecomp.quantize.tolerance import fit_tolerance
 from edgecomp.step import StepContext, StepResult
 from edgecomp.targets import host_isa
 
@@ -132,13 +131,12 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     family = {l.node: l.family for l in layers}  # not family_of per entry: a scan of the layers each
     plan = {k: v for k, v in plan.items() if family[k] in families}
     met, loss, sens, kept = None, None, {}, []
-    fidelity = None
+    fidelity, table_line = None, None  # table_line: the int8 tables' decision, when fidelity or timing made it
     kept_why = "among the most sensitive: kept float to meet the tolerance"
     if opts.tolerance is not None and plan:
         evaluator = Evaluator(as_given, eval_data.reread(specs, _target_limit(opts)), opts.metric, labels,
                               opts.threads, runner=opts.target_runner)
-        plan, sens, kept, met, loss = fit_tolerance(model, plan, evaluator, opts.tolerance, opts.progress, opts.embeddings,
-                                                    opts.format)
+        (plan, sens, kept, met, loss), table_line = fit_with_tables(model, plan, evaluator, opts.tolerance, opts, tables)
     elif opts.tolerance is None and opts.min_cosine is not None and plan:
         # no accuracy target given: still never write a model whose outputs drift from float on
         # the calibration samples (a per-tensor output grid can wreck a downstream magnitude or
@@ -147,13 +145,15 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         evaluator = FidelityEvaluator(as_given, list(calibration.feeds_for(specs, limit)), opts.threads,
                                       runner=opts.target_runner)
         floor = float(opts.min_cosine)
-        plan, sens, kept, ok, fid_loss = fit_tolerance(model, plan, evaluator, 1.0 - floor, opts.progress,
-                                                       opts.embeddings, opts.format)
+        (plan, sens, kept, ok, fid_loss), table_line = fit_with_tables(model, plan, evaluator, 1.0 - floor, opts,
+                                                                       tables)
         fidelity = {"fidelity": f"lowest output cosine {1.0 - fid_loss:.4f} on {len(evaluator.feeds)} calibration "
                                 f"samples (floor {floor:g}{'' if ok else ', not met'})"}
         if kept:
             fidelity["fidelity"] += f"; {len(kept)} most sensitive layer(s) kept float to reach it"
         kept_why = f"among the most sensitive: kept float so every output keeps cosine >= {floor:g} to float"
+    if table_line:  # the int8 tables cost fidelity the float ones do not: float tables
+        opts = dataclasses.replace(opts, embeddings=False)
     int8_plan = plan
     int4 = int4_step(model, plan, calibration, opts, eval_data=eval_data, labels=labels, reference=as_given)
     if int4:
@@ -175,7 +175,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     quantized = build(model, plan, format=opts.format) if plan else model
     if int4 and int4.codes:
         quantized, int4_form = write_int4(model, int8_plan, int4.codes, int4.block, opts, quantized)
-    embedding_rows, table_line = [], None
+    embedding_rows = []
     if opts.embeddings:
         choice = int8_tables_if_they_pay(quantized, feed, opts, tables)
         quantized, embedding_rows, table_line = choice.model, choice.rows, choice.line
@@ -195,7 +195,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
                "activations": "uint8 asymmetric, per tensor, static",
                "method": opts.method, "calibration samples": calibration.describe_used(opts.max_samples),
                "cleanup": cleanup, "seconds": round(time.perf_counter() - t0, 1)}
-    if table_line and embedding_rows:
+    if table_line and (embedding_rows or not opts.embeddings):
         summary["embedding tables"] = table_line
     if opts.families == "auto":
         summary["families evidence"] = (opts.table.describe() if opts.table is not None else

@@ -164,3 +164,45 @@ def test_family_rounds_sized_from_a_warm_run_not_the_session(monkeypatch):
     monkeypatch.setattr(families, "make_session", slow_session)
     one = families._one_run(_model(), _feed(), 1)
     assert 0 < one < 0.05
+
+
+def _outlier_proto() -> onnx.ModelProto:
+    """A table whose column 0 holds 200 in every row, masked out before the projection: int8 rows
+    (scale 200/127) flatten the other values, the float model never sees the column."""
+    table, w = _weights()
+    table[:, 0] = 200.0
+    mask = np.ones(DIM, np.float32)
+    mask[0] = 0.0
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="gather"),
+         helper.make_node("Mul", ["emb", "mask"], ["masked"], name="mask"),
+         helper.make_node("MatMul", ["masked", "w"], ["y"], name="proj")],
+        "outliers", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, SEQ])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, SEQ, OUT])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(mask, "mask"),
+         numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+@pytest.mark.parametrize("tables", [None, True], ids=["auto", "asked"])
+def test_table_kept_float_where_int8_rows_cost_fidelity(monkeypatch, calibration, tables):
+    timing = _Timing(FASTER)
+    monkeypatch.setattr(speed, "time_against_input", timing)
+    res = quantize_model(ir.from_proto(_outlier_proto()), calibration,
+                         QuantizeOptions(isa=host_isa(), families="all", embeddings=tables))
+    if tables:  # the user's choice stands; the floor is reported missed
+        assert _int8_tables(res.model) and "not met" in res.summary["fidelity"]
+        return
+    assert timing.calls == ["whole"] and "proj" in res.plan  # the layer stays int8, the table float
+    assert not _int8_tables(res.model) and "not met" not in res.summary["fidelity"]
+    line = res.summary["embedding tables"]
+    assert line.startswith("float") and "fidelity search kept 1 layer(s) float" in line and "missed" in line
+    feed = _feed(10)
+    table, w = _weights()
+    table[:, 0] = 0.0  # what the mask leaves
+    ref = table[feed["ids"]] @ w
+    got = _run(res.model, feed)
+    cos = float((got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref))
+    assert cos > 0.999 and np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
