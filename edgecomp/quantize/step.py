@@ -26,6 +26,9 @@ float weights: :mod:`edgecomp.passes.float_precision`):
 6. with ``int4`` (auto or regexes), :func:`edgecomp.quantize.int4.int4_step` — the planned MatMuls
    whose int4 codes (fitted to calibration data) cost least move to ``MatMulNBits`` while the same
    bound holds; the report lists them, the measured fidelity and the latency vs the int8 model.
+6b. embedding tables (:mod:`edgecomp.quantize.cost_aware`): int8 rows unless their dequantizing
+   Gather is timed slower beyond noise (and by >= 0.5%), or the fidelity search keeps more layers
+   float with them than with float tables; ``--embeddings`` keeps them int8 untimed.
 7. never slower: the written model, whole, is timed against the model as given on this host
    or on the target's device (:mod:`edgecomp.quantize.speed`); unless its 95% interval lies below 1.0, ``--families auto``
    writes the float model as given (a warning with both measurements) and forced families keep
