@@ -54,10 +54,7 @@ def choose_families(model: ir.Model, layers: Sequence[Layer], plan: Mapping[str,
     family = {l.node: l.family for l in layers}  # family_of per plan entry scans the layers: quadratic
     variants = [model] + [build(model, {n: p for n, p in plan.items() if family[n] in c}, format=opts.format)
                           for c in combos]
-    t0 = time.perf_counter()
-    make_session(model, threads=opts.threads).run(None, feed)
-    probe = max(time.perf_counter() - t0, 1e-4)
-    runs = int(np.clip(0.3 / (probe * len(variants)), 5, 100))
+    runs = int(np.clip(0.3 / (_one_run(model, feed, opts.threads) * len(variants)), 5, 100))
     labels = ["float"] + [",".join(c) for c in combos]
 
     def measure(sample):
@@ -89,6 +86,17 @@ def choose_families(model: ir.Model, layers: Sequence[Layer], plan: Mapping[str,
             row["re-timed"] = again[c].text()
         rows.append({**row, "decision": "chosen" if win else "-", "reason": reason, "evidence": evidence})
     return chosen, rows
+
+
+def _one_run(model: ir.Model, feed, threads: int) -> float:
+    """Seconds of one warm run of ``model``: the rounds are sized from it. Not the session's creation
+    nor its first run (allocations): counted in, a 0.2 ms encoder probed at ~50 ms and got 5 runs a
+    round, whose medians were too noisy for any interval to leave 1.0 (int8 then stayed float)."""
+    session = make_session(model, threads=threads)
+    session.run(None, feed)
+    t0 = time.perf_counter()
+    session.run(None, feed)
+    return max(time.perf_counter() - t0, 1e-5)
 
 
 def _wins(e) -> bool:

@@ -54,7 +54,8 @@ OPTIONS = (
     Option("families", str, "auto", "op families made int8: auto (those measured faster in int8 on this host), all, "
            f"or a comma list of {','.join(FAMILIES)}", check=_families),
     Option("exclude", list, [], "regexes of node names kept float (repeatable)", check=regexes, metavar="REGEX"),
-    Option("embeddings", bool, True, "int8 row-wise embedding tables (Gather)"),
+    Option("embeddings", bool, None, "int8 row-wise embedding tables (Gather): --embeddings always (size), "
+           "--no-embeddings never; unset: int8 unless timing finds their dequantizing Gather makes the model slower"),
     Option("max_samples", int, DEFAULT_MAX_SAMPLES, "calibration samples to use, evenly spaced over DATA (more cost "
            "time; ranges rarely change past a few hundred)", check=in_range(1)),
     Option("metric", str, "cosine", "what tolerance bounds: 1-cosine, top-1 accuracy drop, or MAE", choices=METRICS),
@@ -90,7 +91,7 @@ class QuantizeOptions:
     bias_correction: str = "auto"  # auto | on | off
     families: str = "auto"  # auto (measured) | all | comma list of matmul,conv,conv-depthwise
     exclude: tuple[str, ...] = ()  # regexes of node names kept float
-    embeddings: bool = True  # int8 row-wise embedding tables (Gather) of >= 1000 rows
+    embeddings: bool | None = None  # int8 row-wise tables (Gather, >= 1000 rows): True always, None where they pay
     max_samples: int = DEFAULT_MAX_SAMPLES  # evenly spaced samples of DATA used (Dataset.indices)
     metric: str = "cosine"
     tolerance: float | None = None  # with eval data: accuracy-aware fallback

@@ -28,6 +28,9 @@ float weights: :mod:`edgecomp.passes.float_precision`):
 6. with ``int4`` (auto or regexes), :func:`edgecomp.quantize.int4.int4_step` — the planned MatMuls
    whose int4 codes (fitted to calibration data) cost least move to ``MatMulNBits`` while the same
    bound holds; the report lists them, the measured fidelity and the latency vs the int8 model.
+6b. embedding tables (:mod:`edgecomp.quantize.cost_aware`): int8 rows unless their dequantizing
+   Gather is timed slower beyond noise (and by >= 0.5%), or the fidelity search keeps more layers
+   float with them than with float tables; ``--embeddings`` keeps them int8 untimed.
 7. never slower: the written model, whole, is timed against the model as given on this host
    or on the target's device (:mod:`edgecomp.quantize.speed`); unless its 95% interval lies below 1.0, ``--families auto``
    writes the float model as given (a warning with both measurements) and forced families keep
@@ -46,7 +49,6 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (not imported by onnx_ir itself)
 
 from edgecomp.data import Dataset, StepData, input_specs, load_data, load_labels
-from edgecomp.embeddings.quantize_embeddings import QuantizeEmbeddingsPass
 from edgecomp.errors import DataNeeded, PassFailed
 from edgecomp.graph import param_tensors
 from edgecomp.measure.interface import keeps_interface
@@ -57,7 +59,7 @@ from edgecomp.passes.optimize_graph import OptimizeGraphPass
 from edgecomp.passes.upgrade_opset import UpgradeOpsetPass, new_violations, opset_violations
 from edgecomp.quantize.attention_rounding import drift_budget, keep_stable_attention
 from edgecomp.quantize.calibration import calibrate
-from edgecomp.quantize.cost_aware import unsmoothed_if_faster
+from edgecomp.quantize.cost_aware import fit_with_tables, int8_tables_if_they_pay, unsmoothed_if_faster
 from edgecomp.quantize.families import choose_families
 from edgecomp.quantize.int4 import describe, int4_step, latency_vs_int8
 from edgecomp.quantize.int4_at_rest import write_int4
@@ -68,7 +70,6 @@ from edgecomp.quantize.plan import bits_reason, build, make_plan
 from edgecomp.quantize.quantize_static import QUANTIZED_OPS, LayerPlan
 from edgecomp.quantize.speed import SpeedCheck, check_written_model
 from edgecomp.measure.evaluate import Evaluator, FidelityEvaluator
-from edgecomp.quantize.tolerance import fit_tolerance
 from edgecomp.step import StepContext, StepResult
 from edgecomp.targets import host_isa
 
@@ -100,7 +101,9 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     straight from :class:`OptimizeGraphPass` with folding on (a recipe's optimize step), so the
     cleanup is not run again unless the opset upgrade changed the graph."""
     opts.validate()
-    opts = dataclasses.replace(opts, format=opts.resolved_format(), node_units=opts.resolved_node_units())
+    tables = opts.embeddings  # None: int8 where it pays (cost_aware); the fidelity searches assume int8
+    opts = dataclasses.replace(opts, format=opts.resolved_format(), node_units=opts.resolved_node_units(),
+                               embeddings=tables is not False)
     if opts.tolerance is not None and eval_data is None:
         raise DataNeeded("eval", "tolerance", option="tolerance")
     if any(n.op_type in QUANTIZED_OPS for n in model.graph):
@@ -135,13 +138,12 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     family = {l.node: l.family for l in layers}  # not family_of per entry: a scan of the layers each
     plan = {k: v for k, v in plan.items() if family[k] in families}
     met, loss, sens, kept = None, None, {}, []
-    fidelity = None
+    fidelity, table_line = None, None  # table_line: the int8 tables' decision, when fidelity or timing made it
     kept_why = "among the most sensitive: kept float to meet the tolerance"
     if opts.tolerance is not None and plan:
         evaluator = Evaluator(as_given, eval_data.reread(specs, _target_limit(opts)), opts.metric, labels,
                               opts.threads, runner=opts.target_runner)
-        plan, sens, kept, met, loss = fit_tolerance(model, plan, evaluator, opts.tolerance, opts.progress, opts.embeddings,
-                                                    opts.format)
+        (plan, sens, kept, met, loss), table_line = fit_with_tables(model, plan, evaluator, opts.tolerance, opts, tables)
     elif opts.tolerance is None and opts.min_cosine is not None and plan:
         # no accuracy target given: still never write a model whose outputs drift from float on
         # the calibration samples (a per-tensor output grid can wreck a downstream magnitude or
@@ -150,13 +152,15 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         evaluator = FidelityEvaluator(as_given, list(calibration.feeds_for(specs, limit)), opts.threads,
                                       runner=opts.target_runner)
         floor = float(opts.min_cosine)
-        plan, sens, kept, ok, fid_loss = fit_tolerance(model, plan, evaluator, 1.0 - floor, opts.progress,
-                                                       opts.embeddings, opts.format)
+        (plan, sens, kept, ok, fid_loss), table_line = fit_with_tables(model, plan, evaluator, 1.0 - floor, opts,
+                                                                       tables)
         fidelity = {"fidelity": f"lowest output cosine {1.0 - fid_loss:.4f} on {len(evaluator.feeds)} calibration "
                                 f"samples (floor {floor:g}{'' if ok else ', not met'})"}
         if kept:
             fidelity["fidelity"] += f"; {len(kept)} most sensitive layer(s) kept float to reach it"
         kept_why = f"among the most sensitive: kept float so every output keeps cosine >= {floor:g} to float"
+    if table_line:  # the int8 tables cost fidelity the float ones do not: float tables
+        opts = dataclasses.replace(opts, embeddings=False)
     unstable, drift = {}, None
     budget = drift_budget(opts.tolerance, opts.metric, opts.min_cosine)
     if plan and budget is not None:  # the rounding drift of int8 attention products
@@ -188,8 +192,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
         quantized, int4_form = write_int4(model, int8_plan, int4.codes, int4.block, opts, quantized)
     embedding_rows = []
     if opts.embeddings:
-        emb = run_pass(QuantizeEmbeddingsPass(bits=8), quantized)
-        quantized, embedding_rows = emb.model, emb.rows
+        choice = int8_tables_if_they_pay(quantized, feed, opts, tables)
+        quantized, embedding_rows, table_line = choice.model, choice.rows, choice.line
     invalid = new_violations(quantized, invalid_before)
     if invalid:
         raise PassFailed(f"the quantized model has a node its opset does not allow: {invalid[0]}")
@@ -206,6 +210,8 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
                "activations": "uint8 asymmetric, per tensor, static",
                "method": opts.method, "calibration samples": calibration.describe_used(opts.max_samples),
                "cleanup": cleanup, "seconds": round(time.perf_counter() - t0, 1)}
+    if table_line and (embedding_rows or not opts.embeddings):
+        summary["embedding tables"] = table_line
     if opts.families == "auto":
         summary["families evidence"] = (opts.table.describe() if opts.table is not None else
                                         next((r["evidence"] for r in family_rows if "evidence" in r), ""))
@@ -317,7 +323,7 @@ def step_result(result: QuantizeResult) -> StepResult:
 def _never_bigger_when_float(result: QuantizeResult, given: ir.Model) -> QuantizeResult:
     """A run that left everything float (no int8 or int4 layer, no int8 table) writes the model as
     given when its own float copy would be bigger (a float16 model's weights behind Casts)."""
-    changed = result.embeddings or any(r.get("decision") in ("int8", "int4") for r in result.rows)
+    changed = any(r.get("decision") in ("int8", "int4") for r in [*result.embeddings, *result.rows])
     if changed or _param_bytes(result.model) <= _param_bytes(given):
         return result
     result.model = given

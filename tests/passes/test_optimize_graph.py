@@ -164,3 +164,32 @@ def test_a_wrong_output_declaration_never_drives_a_fold():
     got = run_ort(out, {"x": x})[0]
     assert got.shape == (7, 1, 6)
     np.testing.assert_array_equal(got, x.transpose(1, 0, 2))
+
+
+def _layernorm_model(eps: float):
+    """A LayerNorm decomposed as TorchScript writes it below opset 17 (epsilon added to the variance)."""
+    inits = {"two": np.array(2.0, np.float32), "eps": np.array(eps, np.float32)}
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1]),
+             helper.make_node("Sub", ["x", "mean"], ["d"]),
+             helper.make_node("Pow", ["d", "two"], ["sq"]),
+             helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1]),
+             helper.make_node("Add", ["var", "eps"], ["ve"]),
+             helper.make_node("Sqrt", ["ve"], ["sd"]),
+             helper.make_node("Div", ["d", "sd"], ["y"])]
+    return make_model(nodes, [vinfo("x", [2, 8])], [vinfo("y", [2, 8])], inits, opset=13)
+
+
+def test_a_layernorm_epsilon_is_not_taken_for_zero():
+    """onnxscript's Add(x, 0) rule matches constants within 1e-8: BERT's epsilon 1e-12 must stay
+    (a constant row would divide by zero, and onnxruntime would not fuse LayerNormalization); an
+    exact zero is still removed."""
+    x = np.random.default_rng(2).standard_normal((2, 8)).astype(np.float32)
+    x[1] = 0.5  # a constant row: its variance is 0, only the epsilon keeps the output finite
+    kept = run_pass(OptimizeGraphPass(), ir.from_proto(_layernorm_model(1e-12))).model
+    assert "Add" in [n.op_type for n in kept.graph]
+    got = run_ort(to_proto(kept), {"x": x})[0]
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + np.float32(1e-12))
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+    assert np.isfinite(got).all()
+    zero = run_pass(OptimizeGraphPass(), ir.from_proto(_layernorm_model(0.0))).model
+    assert "Add" not in [n.op_type for n in zero.graph]

@@ -167,6 +167,7 @@ def test_cli_writes_best_model_and_exits_3_when_tolerance_unmet(tmp_path, tiny_e
     out = tmp_path / "q.onnx"
     res = CliRunner().invoke(cli, ["quantize", str(tiny_encoder_path), "-o", str(out), "--calibration", str(calib),
                                    "--eval", str(ev), "--metric", "mae", "--tolerance", "0", "--families", "all",
+                                   "--embeddings",  # int8 tables asked for: auto would meet 0 with float tables
                                    "--json", str(tmp_path / "q.json")])
     assert res.exit_code == 3, res.output
     assert out.exists() and "layers:" in res.output
