@@ -3,6 +3,9 @@
 
     .venv/bin/python scripts/bench_distill.py --part minilm   # all-MiniLM-L6-v2 → 3 layers (~13 min on 2 cores)
     .venv/bin/python scripts/bench_distill.py --part digits   # MobileNetV2 digits, width 1.0 → 0.35 (~8 min)
+    .venv/bin/python scripts/bench_distill.py --part layer-init --layer-init copy --minilm-steps 300
+    .venv/bin/python scripts/bench_distill.py --part layer-init --layer-init blockwise --minilm-steps 300
+                                                              # 6 → 3 with / without block-wise layer init
 
 MiniLM: the teacher is all-MiniLM-L6-v2 (sentence embeddings); the student keeps its layers
 0, 3, 5 and is distilled with `edgecomp distill --shrink layers=3` on unlabeled English from the
@@ -134,6 +137,76 @@ def bench_minilm(work: Path, args) -> tuple[str, list[str]]:
     return md_table(rows, cols), notes
 
 
+def bench_layer_init(work: Path, args) -> dict:
+    """One arm of the layer-initialization comparison: 6 → 3 layers with ``layer_init`` = args.layer_init,
+    the held-out curve against training seconds, fidelity on the 870 test sentences (fp32)."""
+    from edgecomp.distill import DistillConfig, distill
+    from edgecomp.text import load_tokenizer, read_lines, tokenize
+
+    teacher = export_minilm(work / "minilm.onnx")
+    text = training_sentences(work, args.sentences)
+    cfg = DistillConfig(teacher_hf=str(minilm_path()), shrink="layers=3", text=str(text), max_len=128,
+                        batch_size=32, lr=args.minilm_lr, epochs=args.minilm_epochs, max_steps=args.minilm_steps,
+                        match="cosine", held_out=0.03, eval_every=args.eval_every, patience=100, seed=0,
+                        checkpoint_every=10_000, threads=args.threads, progress=True, layer_init=args.layer_init,
+                        layer_init_fraction=args.layer_init_fraction, layer_init_inputs=args.layer_init_inputs,
+                        hidden_weight=args.hidden_weight)
+    t0 = time.perf_counter()
+    curve: list[list] = []
+
+    def tick(step: int, rec: dict) -> None:
+        if step % 10 == 0:
+            print(f"{'init' if 'layer loss' in rec else 'e2e'} step {step} {time.perf_counter() - t0:.0f}s {rec}", flush=True)
+        if "held-out cos" in rec:
+            phase = "init" if "layer loss" in rec else "e2e"
+            curve.append([phase, step, round(time.perf_counter() - t0, 1), round(rec["held-out cos"], 4)])
+
+    student = work / f"minilm_l3_{args.layer_init}.onnx"
+    res = distill(cfg, student, bench_runs=0, callback=tick)
+    seconds = time.perf_counter() - t0
+    t = res.training
+    init = t.get("layer_init")
+    init_steps = init["steps"] if isinstance(init, dict) else 0
+    if isinstance(init, dict):  # the phase's step 0 (the copied layers) happens before any callback
+        curve.insert(0, ["init", 0, round(init["history"][0]["seconds"], 1), round(init["history"][0]["held-out cos"], 4)])
+    else:
+        curve.insert(0, ["e2e", 0, None, round(t["history"][0]["held-out cos"], 4)])
+    tok = load_tokenizer(minilm_path())
+    test_feeds = tokenize(tok, text_splits()["test"])
+    fid = fidelity(embeddings(teacher, test_feeds), embeddings(student, test_feeds))
+    return {"variant": args.layer_init + (f" ({args.layer_init_inputs} inputs)" if init_steps else "")
+            + (f" + hidden {args.hidden_weight:g}" if args.hidden_weight else ""),
+            "init steps": init_steps, "e2e steps": t["steps"], "train s": round(seconds), "sentences": len(read_lines(text)),
+            "best e2e step": t["best_step"], "groups": init["groups"] if isinstance(init, dict) else None,
+            "curve": curve, **fid, "date": str(datetime.date.today()),
+            "command": f"scripts/bench_distill.py --part layer-init --layer-init {args.layer_init} --minilm-steps "
+                       f"{args.minilm_steps} --sentences {args.sentences} --eval-every {args.eval_every}"
+                       + (f" --layer-init-fraction {args.layer_init_fraction:g}" if init_steps else "")
+                       + (f" --layer-init-inputs {args.layer_init_inputs}" if args.layer_init_inputs != "teacher" else "")
+                       + (f" --hidden-weight {args.hidden_weight:g}" if args.hidden_weight else "")}
+
+
+def _layer_init_section(arms: dict[str, dict]) -> str:
+    lines = ["### all-MiniLM-L6-v2 → 3 layers: block-wise layer initialization vs end-to-end only", "",
+             "Each arm distills the same 3-layer student (teacher layers 0, 3, 5 copied) on the same sentences and "
+             "seed; `blockwise` first trains each student layer to reproduce its group of teacher layers (L0 ← T0..T1, "
+             "L1 ← T2..T3, L2 ← T4..T5; `edgecomp.distill.layer_init`), then continues end to end. Training seconds "
+             "are wall time on 2 CPU cores shared with other jobs (inflated, noisy); compare the curves at equal "
+             "seconds. Fidelity (fp32) on the 870 held-out test sentences.", ""]
+    rows = [{k: a[k] for k in ("variant", "init steps", "e2e steps", "train s", "mean cos", "min cos", "NN@10")}
+            for a in arms.values()]
+    lines += [md_table(rows, list(rows[0])), ""]
+    for a in arms.values():
+        pts = ", ".join(f"{c}@{s}{'i' if p == 'init' else ''}/{'start' if t is None else f'{t:.0f}s'}" for p, s, t, c in a["curve"])
+        lines.append(f"- {a['variant']} ({a['date']}, `{a['command']}`): held-out cos@step/seconds "
+                     f"(i: layer-init step) {pts}")
+        if a.get("groups"):
+            g = "; ".join(f"L{r['student layer']} ← T{r['teacher layers']} (from T{r['copied from']}): "
+                          f"{r['group error before']:.3f} → {r['group error after']:.3f}" for r in a["groups"])
+            lines.append(f"  - group error (relative squared error on the held-out split), copy → block-wise: {g}")
+    return "\n".join(lines)
+
+
 def bench_digits(work: Path, args) -> tuple[str, list[str]]:
     from edgecomp.distill import DistillConfig, distill
     from edgecomp.export import export_spec
@@ -210,8 +283,16 @@ def _section(results: dict[str, tuple[str, list[str]]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["minilm", "digits", "all", "render"], default="all",
-                    help="render: rewrite the section from the stored results only")
+    ap.add_argument("--part", choices=["minilm", "digits", "all", "render", "layer-init"], default="all",
+                    help="render: rewrite the section from the stored results only; layer-init: one arm of the "
+                         "MiniLM 6 → 3 layer-initialization comparison (--layer-init), its own section")
+    ap.add_argument("--layer-init", choices=["copy", "blockwise"], default="blockwise",
+                    help="layer-init part: copy (end to end only) or blockwise (layer initialization first)")
+    ap.add_argument("--layer-init-fraction", type=float, default=0.3)
+    ap.add_argument("--layer-init-inputs", choices=["teacher", "student"], default="teacher")
+    ap.add_argument("--hidden-weight", type=float, default=0.0, help="hidden-state matching at the group boundaries")
+    ap.add_argument("--eval-every", type=int, default=25, help="layer-init part: steps between held-out evaluations")
+    ap.add_argument("--render-only", action="store_true", help="layer-init part: rewrite its section only")
     ap.add_argument("--workdir", default=str(ROOT / "out" / "bench_distill"))
     ap.add_argument("--runs", type=int, default=60)
     ap.add_argument("--threads", type=int, default=1,
@@ -225,6 +306,16 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     store = work / "results.json"
+    if args.part == "layer-init":
+        results = json.loads(store.read_text()) if store.exists() else {}
+        if not args.render_only:
+            arm = bench_layer_init(work, args)
+            results.setdefault("layer-init", {})[arm["variant"]] = arm
+            store.write_text(json.dumps(results))
+        body = _layer_init_section(results.get("layer-init", {}))
+        update_section("distill-layer-init", body)
+        print(body)
+        return
     parts = {"all": ["minilm", "digits"], "render": []}.get(args.part, [args.part])
     for part in parts:
         got = (bench_minilm if part == "minilm" else bench_digits)(work, args)
