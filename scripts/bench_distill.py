@@ -150,7 +150,7 @@ def bench_layer_init(work: Path, args) -> dict:
                         match="cosine", held_out=0.03, eval_every=args.eval_every, patience=100, seed=0,
                         checkpoint_every=10_000, threads=args.threads, progress=True, layer_init=args.layer_init,
                         layer_init_fraction=args.layer_init_fraction, layer_init_inputs=args.layer_init_inputs,
-                        hidden_weight=args.hidden_weight)
+                        hidden_weight=args.hidden_weight, block_loss=args.block_loss)
     t0 = time.perf_counter()
     curve: list[list] = []
 
@@ -174,7 +174,7 @@ def bench_layer_init(work: Path, args) -> dict:
     tok = load_tokenizer(minilm_path())
     test_feeds = tokenize(tok, text_splits()["test"])
     fid = fidelity(embeddings(teacher, test_feeds), embeddings(student, test_feeds))
-    return {"variant": args.layer_init + (f" ({args.layer_init_inputs} inputs)" if init_steps else "")
+    return {"variant": args.layer_init + (f" ({args.layer_init_inputs} inputs, {args.block_loss} loss)" if init_steps else "")
             + (f" + hidden {args.hidden_weight:g}" if args.hidden_weight else ""),
             "init steps": init_steps, "e2e steps": t["steps"], "train s": round(seconds), "sentences": len(read_lines(text)),
             "best e2e step": t["best_step"], "groups": init["groups"] if isinstance(init, dict) else None,
@@ -183,7 +183,8 @@ def bench_layer_init(work: Path, args) -> dict:
                        f"{args.minilm_steps} --sentences {args.sentences} --eval-every {args.eval_every}"
                        + (f" --layer-init-fraction {args.layer_init_fraction:g}" if init_steps else "")
                        + (f" --layer-init-inputs {args.layer_init_inputs}" if args.layer_init_inputs != "teacher" else "")
-                       + (f" --hidden-weight {args.hidden_weight:g}" if args.hidden_weight else "")}
+                       + (f" --hidden-weight {args.hidden_weight:g}" if args.hidden_weight else "")
+                       + (f" --block-loss {args.block_loss}" if args.block_loss != "mse" else "")}
 
 
 def _layer_init_section(arms: dict[str, dict]) -> str:
@@ -291,6 +292,7 @@ def main() -> None:
     ap.add_argument("--layer-init-fraction", type=float, default=0.3)
     ap.add_argument("--layer-init-inputs", choices=["teacher", "student"], default="teacher")
     ap.add_argument("--hidden-weight", type=float, default=0.0, help="hidden-state matching at the group boundaries")
+    ap.add_argument("--block-loss", choices=["mse", "cosine"], default="mse", help="layer-init part: the layers' loss")
     ap.add_argument("--eval-every", type=int, default=25, help="layer-init part: steps between held-out evaluations")
     ap.add_argument("--render-only", action="store_true", help="layer-init part: rewrite its section only")
     ap.add_argument("--workdir", default=str(ROOT / "out" / "bench_distill"))

@@ -55,13 +55,13 @@ def test_each_layer_matches_its_teacher_group_better_than_the_copy(teacher4, tok
     student, teacher, names = setup.student, setup.teacher, setup.input_names
     # a copied layer alone does not do its group's work (relative squared error of the whole hidden state)
     before = group_errors(student, teacher, setup.held, names)
-    assert all(e > 0.05 for e in before), before
+    assert all(e > 0.03 for e in before), before  # measured 0.058, 0.061
     res = init_layers(student, teacher, setup.train, setup.held, names, 60, lr=3e-3, batch_size=8, eval_every=20,
                       copied=[0, 3])
     after = group_errors(student, teacher, setup.held, names)
     assert res.errors_before == pytest.approx(before, rel=1e-5) and res.errors_after == pytest.approx(after, rel=1e-5)
     for b, a in zip(before, after):  # each block problem learned, held out
-        assert a < 0.5 * b, (before, after)
+        assert a < 0.5 * b, (before, after)  # measured 0.0136, 0.0138
     # the whole student is closer to the teacher too (held-out mean cosine, step 0 = the copy)
     assert res.history[0]["step"] == 0 and res.best_step > 0
     assert max(h["held-out cos"] for h in res.history) > res.history[0]["held-out cos"] + 0.01
