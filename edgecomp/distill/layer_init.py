@@ -270,16 +270,17 @@ def init_layers(student: nn.Module, teacher: nn.Module, train: Samples, held: Sa
 
 
 def layer_init_phase(setup, config, *, resume: bool = False, processes: int = 1,
-                     callback: Callable[[int, dict[str, float]], None] | None = None) -> tuple[LayerInitResult | str, Any]:
+                     callback: Callable[[int, dict[str, float]], None] | None = None) -> tuple[LayerInitResult | str | None, Any]:
     """Initialize a ``--shrink layers=N`` student block-wise when ``layer_init`` asks for it (unset:
-    blockwise for such a student). Returns the result (or why the phase did not run) and the
+    blockwise for such a student). Returns the result (or why the phase did not run; None for a
+    student not derived with ``layers=N``) and the
     configuration of the end-to-end pass that follows (``config`` with the remaining steps)."""
     c = setup.config
     mode = c.layer_init
     layered = bool(c.shrink) and parse_shrink(c.shrink).kind == "layers"
     c.check()  # layer_init, its fraction and inputs: one line each
     if not layered:
-        return "off (not a --shrink layers=N student)", config
+        return None, config  # nothing to say: another kind of student
     if mode == "copy":
         return "off (layer_init copy: the kept layers as copied)", config
     if processes > 1:

@@ -153,7 +153,8 @@ def distill(config: DistillConfig, output: str | os.PathLike | None = None, *, r
         init, e2e = layer_init_phase(setup, e2e, resume=resume, callback=callback)
         res = train(e2e, setup=setup, resume=resume and not in_blocks, callback=callback)
         training = {f.name: getattr(res, f.name) for f in dataclasses.fields(res) if f.name != "student"}
-        training["layer_init"] = init if isinstance(init, str) else init.report()
+        if init is not None:
+            training["layer_init"] = init if isinstance(init, str) else init.report()
         if not isinstance(blocks, str):
             blocks.keep_if_better(setup)
         training["blockwise"] = blocks if isinstance(blocks, str) else blocks.report()
