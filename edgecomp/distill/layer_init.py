@@ -38,14 +38,17 @@ before the first step (the copied layers) and every ``eval_every`` steps; the be
 to the end-to-end pass, so the phase never hands on a student worse than the copy. The steps of
 the run are split: ``layer_init_fraction`` here, the rest end to end at the run's learning rate.
 Resuming a run whose end-to-end checkpoint exists skips the phase (the checkpoint holds the
-student); an interrupted phase reruns from its start (seeded: the same result).
+student); an interrupted phase reruns from its start (seeded: the same result). The phase runs
+on the CPU in one process (``layer_init blockwise`` with several processes is refused; unset, it is
+skipped there).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,8 +61,8 @@ from edgecomp.distill.samples import Samples, epoch_order
 from edgecomp.distill.students import find_layer_stack, kept_layers, layer_map, parse_shrink
 from edgecomp.errors import OptionError
 
-__all__ = ["LAYER_INITS", "LayerInitResult", "layer_groups", "group_errors", "init_layers", "layer_init_phase",
-           "init_steps"]
+__all__ = ["LAYER_INITS", "LayerInitResult", "group_errors", "init_layers", "init_steps", "layer_groups",
+           "layer_init_phase"]
 
 INPUTS = ("teacher", "student")
 
@@ -72,7 +75,7 @@ def layer_groups(n_teacher: int, n_student: int) -> list[tuple[int, int]]:
 
 def init_steps(total: int, fraction: float) -> int:
     """Steps of the initialization out of ``total``; at least one is left for the end-to-end pass."""
-    return max(0, min(total - 1, int(round(total * fraction))))
+    return max(0, min(total - 1, round(total * fraction)))
 
 
 class _GroupTaps:
@@ -114,11 +117,6 @@ def _with_input(call: tuple[tuple, dict], x: torch.Tensor) -> tuple[tuple, dict]
     return (), {**kwargs, "hidden_states": x}
 
 
-def _input(call: tuple[tuple, dict]) -> torch.Tensor:
-    args, kwargs = call
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def _group_loss(s: torch.Tensor, t: torch.Tensor, kind: str, mask: torch.Tensor | None) -> torch.Tensor:
     m = mask if mask is not None and s.dim() == 3 and tuple(mask.shape) == tuple(s.shape[:2]) else None
     if kind == "cosine":
@@ -126,7 +124,8 @@ def _group_loss(s: torch.Tensor, t: torch.Tensor, kind: str, mask: torch.Tensor 
     return match_loss(s, t, "mse", m) / match_loss(torch.zeros_like(t), t, "mse", m).clamp(min=1e-12)
 
 
-def _teacher_groups(teacher: nn.Module, taps: _GroupTaps, args: list[torch.Tensor]) -> None:
+def _teacher_groups(teacher: nn.Module, args: list[torch.Tensor]) -> None:
+    """Run the teacher (no gradient) so its hooks capture every group's input call and output."""
     with torch.no_grad():
         teacher(*args)
 
@@ -157,7 +156,7 @@ def group_errors(student: nn.Module, teacher: nn.Module, samples: Samples, names
             for i in range(0, len(samples), batch):
                 idx = list(range(i, min(len(samples), i + batch)))
                 b = samples.batch(idx)
-                _teacher_groups(teacher, taps, [b[n] for n in names])
+                _teacher_groups(teacher, [b[n] for n in names])
                 outs = _student_outputs(s_stack, taps, inputs)
                 mask = b.get("attention_mask")
                 for j, o in enumerate(outs):
@@ -240,7 +239,7 @@ def init_layers(student: nn.Module, teacher: nn.Module, train: Samples, held: Sa
             epoch, pos = divmod(step - 1, per_epoch)
             idx = epoch_order(len(train), seed, epoch, sizes, batch_size)[pos * batch_size:(pos + 1) * batch_size]
             b = train.batch(idx)
-            _teacher_groups(teacher, taps, [b[n] for n in names])
+            _teacher_groups(teacher, [b[n] for n in names])
             outs = _student_outputs(s_stack, taps, inputs)
             mask = b.get("attention_mask")
             loss = torch.stack([_group_loss(o.float(), taps.outs[j].float(), kind, mask)
