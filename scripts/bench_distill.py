@@ -8,7 +8,9 @@
                                                               # 6 → 3 with / without block-wise layer init
 
 MiniLM: the teacher is all-MiniLM-L6-v2 (sentence embeddings); the student keeps its layers
-0, 3, 5 and is distilled with `edgecomp distill --shrink layers=3` on unlabeled English from the
+0, 3, 5 and is distilled with `edgecomp distill --shrink layers=3` (its layers initialized block-wise
+first, the default since 2026-12-07; the --part minilm rows of 2026-11-24 predate it; --part
+layer-init compares the two, one arm per run) on unlabeled English from the
 docstrings of installed packages (the held-out test sentences of ``_bench_common.text_splits``
 are excluded). Fidelity on those 870 held-out sentences; latency at seq 128, batch 1, 1 thread,
 interleaved; then the student through `edgecomp quantize` (int8 matmuls and int8 embedding
