@@ -207,7 +207,9 @@ LAYER_INIT_NOTES = [
     "student-side inputs (each layer learns from the student's own previous layer, detached) measured no better "
     "than teacher inputs (test 0.8493 vs 0.8510 at 150 steps); hidden-state matching at the group boundaries during "
     "the end-to-end pass (`--hidden-weight 1`, which already pairs student layer j with teacher layer (j+1)L/N-1, the "
-    "groups' ends) was the best 150-step arm (0.8548)",
+    "groups' ends) on top of the block-wise init was the best arm at 150 and 300 steps (test 0.8548 and 0.8733, "
+    "held-out 0.8986; the 300-step run ran alone on a quieter machine, so its seconds do not compare with the "
+    "side-by-side pair); it costs a teacher pass every step, and stays an option (`hidden_weight` is 0 by default)",
     "why 0.95 is missed: every curve still rises at the last step, ~0.05 per doubling of steps at this point (0.879 "
     "at 150, 0.891-0.896 at 300; the earlier 900-step end-to-end run reached 0.917 held-out, 0.902 test); the "
     "held-out split (45 training-like docstring sentences) reads ~0.03 above the 870 stdlib test sentences. "
