@@ -210,8 +210,9 @@ LAYER_INIT_NOTES = [
     "groups' ends) on top of the block-wise init was the best arm at 150 and 300 steps (test 0.8548 and 0.8733, "
     "held-out 0.8986; the 300-step run ran alone on a quieter machine, so its seconds do not compare with the "
     "side-by-side pair); it costs a teacher pass every step, and stays an option (`hidden_weight` is 0 by default)",
-    "why 0.95 is missed: every curve still rises at the last step, ~0.05 per doubling of steps at this point (0.879 "
-    "at 150, 0.891-0.896 at 300; the earlier 900-step end-to-end run reached 0.917 held-out, 0.902 test); the "
+    "why 0.95 is missed: every curve still rises at the last step, but only ~0.015 held-out per doubling of the "
+    "steps (0.879-0.883 at 150, 0.891-0.899 at 300; the earlier 900-step end-to-end run reached 0.917 held-out, "
+    "0.902 test), so 0.95 is several doublings away at this learning rate and data; the "
     "held-out split (45 training-like docstring sentences) reads ~0.03 above the 870 stdlib test sentences. "
     "Layer-dropped sentence encoders are distilled with 1-2 orders of magnitude more sentence passes than the "
     "~10k that fit here on 2 shared cores: the initialization shortens the start, not that road (`--device cuda` "
@@ -244,7 +245,9 @@ def _layer_init_section(arms: dict[str, dict]) -> str:
         if a.get("groups"):
             g = "; ".join(f"L{r['student layer']} ← T{r['teacher layers']} (from T{r['copied from']}): "
                           f"{r['group error before']:.3f} → {r['group error after']:.3f}" for r in a["groups"])
-            lines.append(f"  - group error (relative squared error on the held-out split), copy → block-wise: {g}")
+            fed = "its predecessor's output" if "student inputs" in a["variant"] else "the teacher's group input"
+            lines.append(f"  - group error (relative squared error on the held-out split, each layer fed {fed}), "
+                         f"copy → block-wise: {g}")
     return "\n".join(lines)
 
 
