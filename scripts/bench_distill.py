@@ -3,9 +3,14 @@
 
     .venv/bin/python scripts/bench_distill.py --part minilm   # all-MiniLM-L6-v2 → 3 layers (~13 min on 2 cores)
     .venv/bin/python scripts/bench_distill.py --part digits   # MobileNetV2 digits, width 1.0 → 0.35 (~8 min)
+    .venv/bin/python scripts/bench_distill.py --part layer-init --layer-init copy --minilm-steps 300
+    .venv/bin/python scripts/bench_distill.py --part layer-init --layer-init blockwise --minilm-steps 300
+                                                              # 6 → 3 with / without block-wise layer init
 
 MiniLM: the teacher is all-MiniLM-L6-v2 (sentence embeddings); the student keeps its layers
-0, 3, 5 and is distilled with `edgecomp distill --shrink layers=3` on unlabeled English from the
+0, 3, 5 and is distilled with `edgecomp distill --shrink layers=3` (its layers initialized block-wise
+first, the default since 2026-12-07; the --part minilm rows of 2026-11-24 predate it; --part
+layer-init compares the two, one arm per run) on unlabeled English from the
 docstrings of installed packages (the held-out test sentences of ``_bench_common.text_splits``
 are excluded). Fidelity on those 870 held-out sentences; latency at seq 128, batch 1, 1 thread,
 interleaved; then the student through `edgecomp quantize` (int8 matmuls and int8 embedding
@@ -134,6 +139,118 @@ def bench_minilm(work: Path, args) -> tuple[str, list[str]]:
     return md_table(rows, cols), notes
 
 
+def bench_layer_init(work: Path, args) -> dict:
+    """One arm of the layer-initialization comparison: 6 → 3 layers with ``layer_init`` = args.layer_init,
+    the held-out curve against training seconds, fidelity on the 870 test sentences (fp32)."""
+    from edgecomp.distill import DistillConfig, distill
+    from edgecomp.text import load_tokenizer, read_lines, tokenize
+
+    teacher = export_minilm(work / "minilm.onnx")
+    text = training_sentences(work, args.sentences)
+    cfg = DistillConfig(teacher_hf=str(minilm_path()), shrink="layers=3", text=str(text), max_len=128,
+                        batch_size=32, lr=args.minilm_lr, epochs=args.minilm_epochs, max_steps=args.minilm_steps,
+                        match="cosine", held_out=0.03, eval_every=args.eval_every, patience=100, seed=0,
+                        checkpoint_every=10_000, threads=args.threads, progress=True, layer_init=args.layer_init,
+                        layer_init_fraction=args.layer_init_fraction, layer_init_inputs=args.layer_init_inputs,
+                        hidden_weight=args.hidden_weight, block_loss=args.block_loss)
+    t0 = time.perf_counter()
+    curve: list[list] = []
+
+    def tick(step: int, rec: dict) -> None:
+        if step % 10 == 0:
+            print(f"{'init' if 'layer loss' in rec else 'e2e'} step {step} {time.perf_counter() - t0:.0f}s {rec}", flush=True)
+        if "held-out cos" in rec:
+            phase = "init" if "layer loss" in rec else "e2e"
+            curve.append([phase, step, round(time.perf_counter() - t0, 1), round(rec["held-out cos"], 4)])
+
+    student = work / f"minilm_l3_{args.layer_init}.onnx"
+    res = distill(cfg, student, bench_runs=0, callback=tick)
+    seconds = time.perf_counter() - t0
+    t = res.training
+    init = t.get("layer_init")
+    init_steps = init["steps"] if isinstance(init, dict) else 0
+    if isinstance(init, dict):  # the phase's step 0 (the copied layers) happens before any callback
+        curve.insert(0, ["init", 0, round(init["history"][0]["seconds"], 1), round(init["history"][0]["held-out cos"], 4)])
+    else:
+        curve.insert(0, ["e2e", 0, None, round(t["history"][0]["held-out cos"], 4)])
+    tok = load_tokenizer(minilm_path())
+    test_feeds = tokenize(tok, text_splits()["test"])
+    fid = fidelity(embeddings(teacher, test_feeds), embeddings(student, test_feeds))
+    return {"variant": args.layer_init + (f" ({args.layer_init_inputs} inputs, {args.block_loss} loss)" if init_steps else "")
+            + (f" + hidden {args.hidden_weight:g}" if args.hidden_weight else ""),
+            "init steps": init_steps, "e2e steps": t["steps"], "train s": round(seconds), "sentences": len(read_lines(text)),
+            "best e2e step": t["best_step"], "groups": init["groups"] if isinstance(init, dict) else None,
+            "curve": curve, **fid, "date": str(datetime.date.today()),
+            "command": f"scripts/bench_distill.py --part layer-init --layer-init {args.layer_init} --minilm-steps "
+                       f"{args.minilm_steps} --sentences {args.sentences} --eval-every {args.eval_every}"
+                       + (f" --layer-init-fraction {args.layer_init_fraction:g}" if init_steps else "")
+                       + (f" --layer-init-inputs {args.layer_init_inputs}" if args.layer_init_inputs != "teacher" else "")
+                       + (f" --hidden-weight {args.hidden_weight:g}" if args.hidden_weight else "")
+                       + (f" --block-loss {args.block_loss}" if args.block_loss != "mse" else "")}
+
+
+#: What the layer-initialization arms measured 2026-12-07 showed (written from the curves above).
+LAYER_INIT_NOTES = [
+    "block-wise initialization does what it is asked: each student layer's relative squared error to its teacher "
+    "group falls (150-step arm, 45 init steps: 0.269 → 0.149, 0.190 → 0.103, 0.543 → 0.236) and the whole student "
+    "goes from held-out cos 0.603 (layers copied) to 0.819 (45 steps) / 0.850 (90 steps) before any end-to-end step; "
+    "the end-to-end pass then continues from there (the layer-init default for `--shrink layers=N` since it measured "
+    "better: 300 steps side by side, held-out 0.8956 vs 0.8910, test mean cos 0.8696 vs 0.8644, min cos 0.639 vs "
+    "0.593, at equal seconds 0.893@1150s vs 0.891@1190s)",
+    "but the gain is small: per step the layer initialization raises the sentence-embedding fidelity no faster than "
+    "end-to-end training (0.850 vs 0.862 after 90 steps) and a step costs more (the teacher runs every step: its group "
+    "inputs are recomputed, while end to end caches the teacher's embeddings once). One layer cannot reproduce two "
+    "teacher layers' token states (relative error stays 0.10-0.24), and what it gets wrong is weighted alike in every "
+    "token and dimension, while the pooled, normalized output forgives much of it; the end-to-end loss optimizes the "
+    "output directly. The hand-off costs a little (0.819 → 0.814 at the first end-to-end evaluation: new optimizer "
+    "state and warm-up)",
+    "student-side inputs (each layer learns from the student's own previous layer, detached) measured no better "
+    "than teacher inputs (test 0.8493 vs 0.8510 at 150 steps); hidden-state matching at the group boundaries during "
+    "the end-to-end pass (`--hidden-weight 1`, which already pairs student layer j with teacher layer (j+1)L/N-1, the "
+    "groups' ends) on top of the block-wise init was the best arm at 150 and 300 steps (test 0.8548 and 0.8733, "
+    "held-out 0.8986; the 300-step run ran alone on a quieter machine, so its seconds do not compare with the "
+    "side-by-side pair); it costs a teacher pass every step, and stays an option (`hidden_weight` is 0 by default)",
+    "why 0.95 is missed: every curve still rises at the last step, but only ~0.015 held-out per doubling of the "
+    "steps (0.879-0.883 at 150, 0.891-0.899 at 300; the earlier 900-step end-to-end run reached 0.917 held-out, "
+    "0.902 test), so 0.95 is several doublings away at this learning rate and data; the "
+    "held-out split (45 training-like docstring sentences) reads ~0.03 above the 870 stdlib test sentences. "
+    "Layer-dropped sentence encoders are distilled with 1-2 orders of magnitude more sentence passes than the "
+    "~10k that fit here on 2 shared cores: the initialization shortens the start, not that road (`--device cuda` "
+    "runs the same on a GPU)",
+]
+
+
+def _layer_init_section(arms: dict[str, dict]) -> str:
+    lines = ["### all-MiniLM-L6-v2 → 3 layers: block-wise layer initialization vs end-to-end only", "",
+             "Each arm distills the same 3-layer student (teacher layers 0, 3, 5 copied) on the same sentences and "
+             "seed; `blockwise` first trains each student layer to reproduce its group of teacher layers (L0 ← T0..T1, "
+             "L1 ← T2..T3, L2 ← T4..T5; `edgecomp.distill.layer_init`), then continues end to end. Training seconds "
+             "are wall time on 2 CPU cores shared with other jobs (inflated, noisy); compare the curves at equal "
+             "seconds. Fidelity (fp32) on the 870 held-out test sentences.", ""]
+    arms = dict(sorted(arms.items(), key=lambda kv: (kv[1]["init steps"] + kv[1]["e2e steps"], kv[0])))
+    rows = [{**{k: a[k] for k in ("variant", "init steps", "e2e steps", "train s")},
+             "held-out cos (last)": a["curve"][-1][3], **{k: a[k] for k in ("mean cos", "min cos", "NN@10")}}
+            for a in arms.values()]
+    lines += [md_table(rows, list(rows[0])), ""]
+    best = max(arms.values(), key=lambda a: a["mean cos"])
+    verdict = "met" if best["mean cos"] >= 0.95 and best["NN@10"] >= 0.85 else "**MISSED**"
+    lines.append(f"- target (issue 24): mean cos ≥ 0.95 (NN@10 ≥ 0.85) with block-wise initialization: {verdict}; "
+                 f"best arm {best['variant']} at {best['init steps'] + best['e2e steps']} steps: mean cos "
+                 f"{best['mean cos']:.4f}, NN@10 {best['NN@10']:.4f}")
+    lines += [f"- {n}" for n in LAYER_INIT_NOTES]
+    for a in arms.values():
+        pts = ", ".join(f"{c}@{s}{'i' if p == 'init' else ''}/{'start' if t is None else f'{t:.0f}s'}" for p, s, t, c in a["curve"])
+        lines.append(f"- {a['variant']} ({a['date']}, `{a['command']}`): held-out cos@step/seconds "
+                     f"(i: layer-init step) {pts}")
+        if a.get("groups"):
+            g = "; ".join(f"L{r['student layer']} ← T{r['teacher layers']} (from T{r['copied from']}): "
+                          f"{r['group error before']:.3f} → {r['group error after']:.3f}" for r in a["groups"])
+            fed = "its predecessor's output" if "student inputs" in a["variant"] else "the teacher's group input"
+            lines.append(f"  - group error (relative squared error on the held-out split, each layer fed {fed}), "
+                         f"copy → block-wise: {g}")
+    return "\n".join(lines)
+
+
 def bench_digits(work: Path, args) -> tuple[str, list[str]]:
     from edgecomp.distill import DistillConfig, distill
     from edgecomp.export import export_spec
@@ -210,8 +327,17 @@ def _section(results: dict[str, tuple[str, list[str]]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["minilm", "digits", "all", "render"], default="all",
-                    help="render: rewrite the section from the stored results only")
+    ap.add_argument("--part", choices=["minilm", "digits", "all", "render", "layer-init"], default="all",
+                    help="render: rewrite the section from the stored results only; layer-init: one arm of the "
+                         "MiniLM 6 → 3 layer-initialization comparison (--layer-init), its own section")
+    ap.add_argument("--layer-init", choices=["copy", "blockwise"], default="blockwise",
+                    help="layer-init part: copy (end to end only) or blockwise (layer initialization first)")
+    ap.add_argument("--layer-init-fraction", type=float, default=0.3)
+    ap.add_argument("--layer-init-inputs", choices=["teacher", "student"], default="teacher")
+    ap.add_argument("--hidden-weight", type=float, default=0.0, help="hidden-state matching at the group boundaries")
+    ap.add_argument("--block-loss", choices=["mse", "cosine"], default="mse", help="layer-init part: the layers' loss")
+    ap.add_argument("--eval-every", type=int, default=25, help="layer-init part: steps between held-out evaluations")
+    ap.add_argument("--render-only", action="store_true", help="layer-init part: rewrite its section only")
     ap.add_argument("--workdir", default=str(ROOT / "out" / "bench_distill"))
     ap.add_argument("--runs", type=int, default=60)
     ap.add_argument("--threads", type=int, default=1,
@@ -225,6 +351,17 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     store = work / "results.json"
+    if args.part == "layer-init":
+        results = json.loads(store.read_text()) if store.exists() else {}
+        if not args.render_only:
+            arm = bench_layer_init(work, args)
+            results = json.loads(store.read_text()) if store.exists() else {}  # another arm may have run beside it
+            results.setdefault("layer-init", {})[f"{arm['variant']} / {args.minilm_steps} steps"] = arm
+            store.write_text(json.dumps(results))
+        body = _layer_init_section(results.get("layer-init", {}))
+        update_section("distill-layer-init", body)
+        print(body)
+        return
     parts = {"all": ["minilm", "digits"], "render": []}.get(args.part, [args.part])
     for part in parts:
         got = (bench_minilm if part == "minilm" else bench_digits)(work, args)

@@ -4,6 +4,7 @@ back into the ONNX pipeline (export → validate → bench).
 - ``onnx_module``: an ONNX graph as a trainable module, so an ONNX file can be teacher or student
   (e.g. a model cut by ``edgecomp prune``, healed against the unpruned one);
 - ``students``: students derived from the teacher (``layers=N``, ``width=W``);
+- ``layer_init``: block-wise initialization of a ``layers=N`` student's layers from the teacher's groups;
 - ``losses``: soft-target KL, embedding / hidden-state matching, cross-entropy;
 - ``samples``: DATA or tokenized text, split and batched;
 - ``config``: ``DistillConfig`` and its checks that need no model (no torch);
@@ -40,7 +41,7 @@ _EXPORTS = {
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 
 
-_SUBMODULES = {*_EXPORTS, "launch", "options", "samples"}
+_SUBMODULES = {*_EXPORTS, "launch", "options", "samples", "layer_init"}
 _LIGHT = {"config", "options", "DistillConfig"}  # no torch: the CLI checks a configuration before loading it
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from edgecomp.distill.options import MATCH_KINDS, OPTIMIZERS
+from edgecomp.distill.options import LAYER_INITS, MATCH_KINDS, OPTIMIZERS
 from edgecomp.errors import DataNeeded, OptionError
 
 __all__ = ["DistillConfig", "is_onnx_file"]
@@ -74,6 +74,9 @@ class DistillConfig:
     blockwise: bool | None = None       # heal block by block first; None: when the student is a pruned copy
     block_fraction: float = 0.75        # share of the steps spent block by block (edgecomp.distill.blockwise)
     block_loss: str = "mse"             # mse (relative to the teacher value's energy) | cosine
+    layer_init: str | None = None       # copy | blockwise, for --shrink layers=N; None: blockwise
+    layer_init_fraction: float = 0.3    # share of the steps spent initializing layers (edgecomp.distill.layer_init)
+    layer_init_inputs: str = "teacher"  # teacher | student: the input each layer learns from
 
     def check(self) -> None:
         """Raise a one-line error for options that contradict each other or are out of range (no model
@@ -101,12 +104,20 @@ class DistillConfig:
             raise OptionError("train_rows", f"must be all or new, got {c.train_rows!r}")
         if c.optimizer not in OPTIMIZERS:
             raise OptionError("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {c.optimizer!r}")
+        if c.layer_init is not None and c.layer_init not in LAYER_INITS:
+            raise OptionError("layer_init", f"must be {' or '.join(LAYER_INITS)}, got {c.layer_init!r}")
+        if c.layer_init == "blockwise" and not (c.shrink or "").strip().startswith("layers"):
+            raise OptionError("layer_init", "blockwise initializes a student derived with --shrink layers=N; leave "
+                                            "it unset or copy for other students")
+        if c.layer_init_inputs not in ("teacher", "student"):
+            raise OptionError("layer_init_inputs", f"must be teacher or student, got {c.layer_init_inputs!r}")
         if c.match not in MATCH_KINDS:
             raise OptionError("match", f"must be {' or '.join(MATCH_KINDS)}, got {c.match!r}")
         checks = [("batch_size", c.batch_size >= 1, ">= 1"), ("epochs", c.epochs >= 1, ">= 1"),
                   ("lr", c.lr > 0, "> 0"), ("temperature", c.temperature > 0, "> 0"),
                   ("held_out", 0 <= c.held_out < 1, "in [0, 1)"), ("checkpoint_every", c.checkpoint_every >= 1, ">= 1"),
-                  ("warmup", 0 <= c.warmup < 1, "a fraction in [0, 1)"), ("momentum", 0 <= c.momentum < 1, "in [0, 1)"),
+                  ("warmup", 0 <= c.warmup < 1, "a fraction in [0, 1)"),
+                  ("layer_init_fraction", 0 < c.layer_init_fraction < 1, "a fraction in (0, 1)"), ("momentum", 0 <= c.momentum < 1, "in [0, 1)"),
                   ("max_steps", c.max_steps is None or c.max_steps >= 1, ">= 1"),
                   *((w, getattr(c, w) >= 0, ">= 0") for w in ("kd_weight", "match_weight", "hidden_weight", "ce_weight"))]
         for option, ok, allowed in checks:

@@ -16,8 +16,9 @@ from edgecomp.options import Option, check_values, in_range
 # edgecomp.distill.losses (torch) import them.
 OPTIMIZERS = ("adamw", "adam", "sgd", "gd")
 MATCH_KINDS = ("mse", "cosine")
+LAYER_INITS = ("copy", "blockwise")  # edgecomp.distill.layer_init
 
-__all__ = ["MATCH_KINDS", "OPTIMIZERS", "OPTIONS", "TRAINING_OPTIONS", "check_config"]
+__all__ = ["LAYER_INITS", "MATCH_KINDS", "OPTIMIZERS", "OPTIONS", "TRAINING_OPTIONS", "check_config"]
 
 _SHRINK = re.compile(r"\s*(layers|width)\s*=\s*([0-9.]+)\s*")
 
@@ -103,6 +104,14 @@ OPTIONS = (
            check=in_range(0, 1, open_lo=True, open_hi=True)),
     Option("block_loss", str, "mse", "block output matching: mse relative to the teacher value's energy, or cosine",
            choices=("mse", "cosine")),
+    Option("layer_init", str, None, "a --shrink layers=N student: blockwise first trains each kept layer to "
+           "reproduce the group of teacher layers it replaces (edgecomp.distill.layer_init), copy starts end to end "
+           "from the copied layers; default: blockwise", choices=LAYER_INITS),
+    Option("layer_init_fraction", float, 0.3, "share of the training steps spent on the block-wise layer "
+           "initialization", check=in_range(0, 1, open_lo=True, open_hi=True)),
+    Option("layer_init_inputs", str, "teacher", "what each student layer learns from during the layer "
+           "initialization: the teacher's hidden state entering its group, or the student's own previous layer's output",
+           choices=("teacher", "student")),
 )
 
 

@@ -2,7 +2,9 @@
 student through the same path as ``edgecomp export`` and measure it against the teacher.
 
 A student that is a pruned copy of an ONNX teacher is first healed block by block
-(:mod:`edgecomp.distill.blockwise`; ``blockwise`` turns it on or off), then end to end.
+(:mod:`edgecomp.distill.blockwise`; ``blockwise`` turns it on or off), then end to end. A
+``--shrink layers=N`` student first has each layer initialized block-wise to reproduce the group of
+teacher layers it replaces (:mod:`edgecomp.distill.layer_init`; ``layer_init``), then end to end.
 
 An ONNX student (an ``OnnxModule``) is not exported again: its trained weights are written into
 its own graph, which keeps the file's structure, names and dynamic axes (tracing the interpreter
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 
 from edgecomp.distill.blockwise import block_phase, blocks_checkpoint
 from edgecomp.distill.config import DistillConfig, is_onnx_file
+from edgecomp.distill.layer_init import layer_init_phase
 from edgecomp.distill.trainer import Setup, check_resume, prepare, resolve_device, train
 from edgecomp.errors import DistillError
 
@@ -147,13 +150,17 @@ def distill(config: DistillConfig, output: str | os.PathLike | None = None, *, r
         check_resume(config.checkpoint, setup)  # refuse before any process starts
     if nproc == 1 and nnodes == 1:
         blocks, e2e = block_phase(setup, resume=resume, processes=nproc * nnodes, device=device, callback=callback)
+        init, e2e = layer_init_phase(setup, e2e, resume=resume, callback=callback)
         res = train(e2e, setup=setup, resume=resume and not in_blocks, callback=callback)
         training = {f.name: getattr(res, f.name) for f in dataclasses.fields(res) if f.name != "student"}
+        if init is not None:
+            training["layer_init"] = init if isinstance(init, str) else init.report()
         if not isinstance(blocks, str):
             blocks.keep_if_better(setup)
         training["blockwise"] = blocks if isinstance(blocks, str) else blocks.report()
     else:
         block_phase(setup, processes=nproc * nnodes)  # refuses blockwise on; unset means off here
+        layer_init_phase(setup, config, processes=nproc * nnodes)  # refuses layer_init blockwise likewise
         from edgecomp.distill.launch import launch
 
         got = launch(config, nproc, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, resume=resume)

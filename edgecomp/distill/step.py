@@ -67,6 +67,10 @@ def step_result(res: Any) -> StepResult:
     if isinstance(blocks, dict):  # healed block by block: the matched boundaries
         tables["block-wise boundaries"] = blocks["boundaries"]
         summary["block steps"] = blocks["steps"]  # before the end-to-end pass that "steps" counts
+    init = training.get("layer_init")
+    if isinstance(init, dict):  # a --shrink layers=N student, its layers initialized block-wise
+        tables["layer initialization"] = init["groups"]
+        summary["layer init steps"] = init["steps"]  # before the end-to-end pass that "steps" counts
     evidence = {"objective": res.objective, "exporter": res.exporter,
                 "validation": dataclasses.asdict(res.validation),
                 "bench": [dataclasses.asdict(m) for m in res.bench.models] if res.bench is not None else None,

@@ -5,7 +5,9 @@
   (6 → 3 keeps 0, 3, 5), so it starts from the teacher's embeddings and those layers' weights.
   Keeping the last layer matters: on all-MiniLM-L6-v2 the untrained 3-layer student's mean
   cosine to the teacher was 0.65 with layers 0, 3, 5 and 0.36 with 0, 2, 4. For hidden-state matching, student
-  layer ``j`` imitates teacher layer ``(j + 1) * L // N - 1`` (the last imitates the last).
+  layer ``j`` imitates teacher layer ``(j + 1) * L // N - 1`` (the last imitates the last); the same
+  boundaries define the group of teacher layers each student layer stands for when
+  :mod:`edgecomp.distill.layer_init` initializes it block-wise before distillation (``layer_init``).
 - ``width=W`` (CNNs with a width multiplier): a fresh model of the teacher's class with
   ``width=W`` and the teacher's other constructor arguments (read from same-named attributes),
   or else the teacher's factory called with ``width=W``.

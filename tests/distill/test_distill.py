@@ -159,7 +159,9 @@ def test_hf_teacher_shrinks_layers_from_text(tmp_path):
     assert torch.equal(kept, setup.teacher.encoder.encoder.layer[3].attention.self.query.weight)
     assert not setup.student.encoder.pooler.dense.weight.requires_grad  # unused: frozen for DDP
     res = distill(cfg, tmp_path / "s.onnx", bench_runs=0)
-    assert res.training["steps"] == 4 and res.validation.outputs[0].cosine_mean > 0.5
+    init = res.training["layer_init"]  # Hugging Face layers initialized block-wise (default), then end to end
+    assert init["steps"] == 1 and res.training["steps"] == 3 and res.validation.outputs[0].cosine_mean > 0.5
+    assert [g["teacher layers"] for g in init["groups"]] == ["0..1", "2..3"]
 
 
 def test_shrink_rules():
