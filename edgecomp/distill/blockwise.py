@@ -67,9 +67,12 @@ from edgecomp.distill.samples import epoch_order
 from edgecomp.errors import DistillError, OptionError
 
 __all__ = ["Block", "BlockPlan", "BlockResult", "BoundaryTaps", "plan_blocks", "heal_blocks", "hidden_plan",
-           "block_phase", "block_steps", "blocks_checkpoint", "BLOCK_LOSSES"]
+           "block_phase", "block_steps", "blocks_checkpoint", "BLOCK_INPUTS", "BLOCK_LOSSES"]
 
 BLOCK_LOSSES = ("mse", "cosine")
+BLOCK_INPUTS = ("teacher", "student", "mix")
+#: ``block_input = mix``: the share of a boundary's elements fed from the teacher (QDrop's 0.5).
+MIX_TEACHER = 0.5
 SHAPE_ONLY_OPS = ("Shape", "Size")  # their outputs depend on an input's shape only
 #: The end-to-end pass after the blocks trains at this fraction of the run's learning rate.
 END_TO_END_LR = 0.1
@@ -351,26 +354,49 @@ def _load_checkpoint(path: Path, setup) -> dict[str, Any] | None:
     return ckpt
 
 
-def heal_blocks(setup, plan: BlockPlan, steps: int, *, kind: str = "mse", resume: bool = False,
-                device: torch.device = torch.device("cpu"), callback=None) -> BlockResult:
-    """Train the changed blocks of ``setup.student`` (an OnnxModule) for ``steps`` steps, in place.
+def block_inputs(plan: BlockPlan, mode: str, teacher: Mapping[str, torch.Tensor],
+                 generator: torch.Generator | None = None) -> dict[str, Any]:
+    """What each boundary is replaced by in the student's run (``OnnxModule.values(replace=...)``):
+    the teacher's value (``teacher``), the student's own value detached (``student``), or per element
+    the teacher's with probability ``MIX_TEACHER``, else the student's detached (``mix``)."""
+    if mode == "teacher":
+        return dict(teacher)
+    if mode == "student":
+        return {b: torch.Tensor.detach for b in plan.boundaries}
+
+    def mixed(t: torch.Tensor):
+        def pick(s: torch.Tensor) -> torch.Tensor:
+            take = torch.rand(s.shape, generator=generator, device="cpu").to(s.device) < MIX_TEACHER
+            return torch.where(take, t.to(s.dtype), s.detach())
+        return pick
+
+    return {b: mixed(teacher[b]) for b in plan.boundaries}
+
+
+def heal_blocks(setup, plan: BlockPlan, steps: int, *, kind: str = "mse", inputs: str = "teacher",
+                resume: bool = False, device: torch.device = torch.device("cpu"), callback=None) -> BlockResult:
+    """Train the changed blocks of ``setup.student`` (an OnnxModule) for ``steps`` steps, in place;
+    each block fed from ``inputs`` (``BLOCK_INPUTS``, see :func:`block_inputs`).
 
     ``callback(step, record)`` runs after every step (the tests interrupt a run with it).
     """
 
     if kind not in BLOCK_LOSSES:
         raise OptionError("block_loss", f"must be {' or '.join(BLOCK_LOSSES)}, got {kind!r}")
+    if inputs not in BLOCK_INPUTS:
+        raise OptionError("block_input", f"must be {', '.join(BLOCK_INPUTS)}, got {inputs!r}")
     c, t0 = setup.config, time.perf_counter()
     threads = torch.get_num_threads()
     if c.threads:
         torch.set_num_threads(c.threads)
     try:
-        return _heal(setup, plan, steps, kind, resume, device, t0, callback)
+        return _heal(setup, plan, steps, kind, inputs, resume, device, t0, callback)
     finally:
         torch.set_num_threads(threads)
 
 
-def _heal(setup, plan: BlockPlan, steps: int, kind: str, resume: bool, device, t0: float, callback) -> BlockResult:
+def _heal(setup, plan: BlockPlan, steps: int, kind: str, inputs: str, resume: bool, device, t0: float,
+          callback) -> BlockResult:
     from edgecomp.io import atomic_path
 
     c = setup.config
@@ -421,7 +447,9 @@ def _heal(setup, plan: BlockPlan, steps: int, kind: str, resume: bool, device, t
         with torch.no_grad():
             t_vals = plan.teacher_values(teacher.values(*args, capture=plan.boundaries))
         student.train()
-        s_vals = student.values(*args, capture=ends, replace=t_vals)
+        # the mix of a step depends on the seed and the step only: a resumed run draws the same
+        draw = torch.Generator().manual_seed(c.seed * 1_000_003 + step) if inputs == "mix" else None
+        s_vals = student.values(*args, capture=ends, replace=block_inputs(plan, inputs, t_vals, draw))
         mask = batch.get("attention_mask")
         terms = [_masked_loss(s_vals[e].float(), t_vals[e].float(), kind, mask) for e in ends]
         loss = torch.stack(terms).mean()
@@ -487,6 +515,8 @@ def block_phase(setup, *, resume: bool = False, processes: int = 1, device: torc
         return "off (blockwise is off)", c
     if c.block_loss not in BLOCK_LOSSES:
         raise OptionError("block_loss", f"must be {' or '.join(BLOCK_LOSSES)}, got {c.block_loss!r}")
+    if c.block_input not in BLOCK_INPUTS:
+        raise OptionError("block_input", f"must be {', '.join(BLOCK_INPUTS)}, got {c.block_input!r}")
     if not 0 < c.block_fraction < 1:
         raise OptionError("block_fraction", f"must be in (0, 1), got {c.block_fraction}")
     if processes > 1:
@@ -513,7 +543,8 @@ def block_phase(setup, *, resume: bool = False, processes: int = 1, device: torc
     n = block_steps(total, c.block_fraction)
     if n == 0:
         return f"off ({total} step is too few to split)", c
-    result = heal_blocks(setup, plan, n, kind=c.block_loss, resume=resume, device=device, callback=callback)
+    result = heal_blocks(setup, plan, n, kind=c.block_loss, inputs=c.block_input, resume=resume, device=device,
+                         callback=callback)
     # the end-to-end pass refines what the blocks learned: at the run's learning rate it undid it
     # (a pruned MobileNetV2: held-out cosine 0.999 after the blocks, 0.93 after 15 steps at 3e-3)
     return result, dataclasses.replace(c, max_steps=total - n, lr=c.lr * END_TO_END_LR)

@@ -74,6 +74,7 @@ class DistillConfig:
     blockwise: bool | None = None       # heal block by block first; None: when the student is a pruned copy
     block_fraction: float = 0.75        # share of the steps spent block by block (edgecomp.distill.blockwise)
     block_loss: str = "mse"             # mse (relative to the teacher value's energy) | cosine
+    block_input: str = "teacher"        # a block's input: teacher | student (its own, detached) | mix
 
     def check(self) -> None:
         """Raise a one-line error for options that contradict each other or are out of range (no model

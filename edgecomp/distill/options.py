@@ -103,6 +103,9 @@ OPTIONS = (
            check=in_range(0, 1, open_lo=True, open_hi=True)),
     Option("block_loss", str, "mse", "block output matching: mse relative to the teacher value's energy, or cosine",
            choices=("mse", "cosine")),
+    Option("block_input", str, "teacher", "what each block reads at its input boundary: the teacher's value; the "
+           "student's own (healed upstream) value, detached, as BRECQ/AdaRound; or mix, per element the teacher's "
+           "with probability 0.5, as QDrop", choices=("teacher", "student", "mix")),
 )
 
 

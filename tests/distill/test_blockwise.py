@@ -12,7 +12,7 @@ import torch
 from onnx import helper
 
 from edgecomp.distill import DistillConfig, distill, prepare
-from edgecomp.distill.blockwise import block_phase, heal_blocks, plan_blocks
+from edgecomp.distill.blockwise import MIX_TEACHER, block_inputs, block_phase, heal_blocks, plan_blocks
 from edgecomp.distill.onnx_module import OnnxModule
 from edgecomp.errors import OptionError
 from edgecomp.export import export_model
@@ -169,6 +169,34 @@ def test_boundaries_are_cuts_and_teacher_forcing_stops_gradients():
     forced["out"].sum().backward()
     w1 = student.weights.get_parameter(next(k for k, n in student.trained.items() if n == "w1"))
     assert w1.grad is None  # no gradient crosses the boundary
+
+
+def test_student_input_feeds_each_block_its_own_detached_value():
+    """block_input=student: block 2 reads the student's own y (not the teacher's), detached, so its loss
+    reaches w2 only; mix takes each element from the teacher or the student as the draw says."""
+    (teacher, _), (student, w2) = _residual_chain(), _residual_chain(w2_seed=1)
+    w1 = student.weights.get_parameter(next(k for k, n in student.trained.items() if n == "w1"))
+    with torch.no_grad():
+        w1.add_(0.5)  # both layers differ: the teacher's y is not the student's
+    x = torch.randn(5, 4)
+    plan = plan_blocks(student, teacher, [x])
+    assert plan.boundaries == ["y", "out"] and [b.changed for b in plan.blocks] == [True, True]
+    t_vals = plan.teacher_values(teacher.values(x, capture=plan.boundaries))
+    y_s = student.values(x, capture=["y"])["y"].detach()
+    assert (y_s - t_vals["y"]).abs().max() > 0.1
+    w2t = torch.from_numpy(w2)
+    got = student.values(x, capture=["y", "out"], replace=block_inputs(plan, "student", t_vals))
+    torch.testing.assert_close(got["out"], y_s @ w2t)  # its own value, not the teacher's
+    got["out"].sum().backward()
+    assert w1.grad is None  # no gradient crosses the boundary
+    got["y"].sum().backward()
+    assert w1.grad is not None and w1.grad.abs().sum() > 0  # block 1 learns from its own loss
+    forced = student.values(x, capture=["out"], replace=block_inputs(plan, "teacher", t_vals))
+    torch.testing.assert_close(forced["out"], t_vals["y"] @ w2t)
+    mixed = student.values(x, capture=["out"], replace=block_inputs(plan, "mix", t_vals, torch.Generator().manual_seed(3)))
+    take = torch.rand(y_s.shape, generator=torch.Generator().manual_seed(3)) < MIX_TEACHER
+    assert 0 < int(take.sum()) < take.numel()
+    torch.testing.assert_close(mixed["out"], torch.where(take, t_vals["y"], y_s) @ w2t)
 
 
 def _chain_with_a_shape_read(w2_seed: int = 0):
