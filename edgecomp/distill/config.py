@@ -71,10 +71,10 @@ class DistillConfig:
     threads: int | None = None
     progress: bool = False
     device: str = "auto"                # auto (CUDA when torch sees one) | cpu | cuda[:N]
-    blockwise: bool | None = None       # heal block by block first; None: when the student is a pruned copy
+    blockwise: bool | None = None       # heal block by block first; None: off (end to end healed better)
     block_fraction: float = 0.75        # share of the steps spent block by block (edgecomp.distill.blockwise)
     block_loss: str = "mse"             # mse (relative to the teacher value's energy) | cosine
-    block_input: str = "teacher"        # a block's input: teacher | student (its own, detached) | mix
+    block_input: str = "student"        # a block's input: student (its own, detached) | teacher | mix
 
     def check(self) -> None:
         """Raise a one-line error for options that contradict each other or are out of range (no model
