@@ -246,12 +246,14 @@ def test_a_value_read_only_through_its_shape_does_not_stop_a_cut():
 
 
 @pytest.mark.parametrize("name", ["encoder-prune-heal", "cnn-prune-heal"])
-def test_prune_heal_recipes_heal_block_wise(name):
+def test_prune_heal_recipes_heal_in_the_form_measured_best(name):
     from edgecomp.pipeline.recipe import load_recipe
 
-    steps = load_recipe(name).steps
+    recipe = load_recipe(name)
+    steps = recipe.steps
     distill_step = next(s for s in steps if s["step"] == "distill")
-    assert distill_step["blockwise"] is not False and 0 < distill_step["block_fraction"] < 1
+    # end to end: it healed both real models better than block by block (BENCHMARKS.md), and the recipe says so
+    assert distill_step["blockwise"] is False and "end to end: on" in recipe.description
     assert [s["step"] for s in steps].index("prune") < [s["step"] for s in steps].index("distill")
 
 
