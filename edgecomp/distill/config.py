@@ -71,9 +71,10 @@ class DistillConfig:
     threads: int | None = None
     progress: bool = False
     device: str = "auto"                # auto (CUDA when torch sees one) | cpu | cuda[:N]
-    blockwise: bool | None = None       # heal block by block first; None: when the student is a pruned copy
+    blockwise: bool | None = None       # heal block by block first; None: off (end to end healed better)
     block_fraction: float = 0.75        # share of the steps spent block by block (edgecomp.distill.blockwise)
     block_loss: str = "mse"             # mse (relative to the teacher value's energy) | cosine
+    block_input: str = "student"        # a block's input: student (its own, detached) | teacher | mix
     layer_init: str | None = None       # copy | blockwise, for --shrink layers=N; None: blockwise
     layer_init_fraction: float = 0.3    # share of the steps spent initializing layers (edgecomp.distill.layer_init)
     layer_init_inputs: str = "teacher"  # teacher | student: the input each layer learns from

@@ -866,13 +866,15 @@ class OnnxModule(nn.Module):
         self._taps, self.tapped = {n: None for n in names}, {}
         return self.tapped
 
-    def values(self, *args: Tensor, capture: Iterable[str] = (), replace: Mapping[str, Tensor] | None = None,
+    def values(self, *args: Tensor, capture: Iterable[str] = (),
+               replace: Mapping[str, Tensor | Callable[[Tensor], Tensor]] | None = None,
                **kwargs: Tensor) -> dict[str, Tensor]:
         """Run the graph; return the values named in ``capture`` as this module computes them.
 
-        A value named in ``replace`` is computed, captured if asked, and then replaced by the given
-        tensor for every node after it: teacher forcing at block boundaries, so each block of a
-        student learns from the teacher's block input and no gradient crosses a boundary.
+        A value named in ``replace`` is computed, captured if asked, and then replaced for every
+        node after it by the given tensor, or by what the given function returns for the computed
+        value: teacher forcing at block boundaries (the teacher's value), or a block fed the
+        student's own value detached (``Tensor.detach``), so no gradient crosses a boundary.
         """
         captured: dict[str, Tensor] = {}
         self._run(self._bind(args, kwargs), {n: None for n in capture}, dict(replace or {}), captured)
@@ -903,7 +905,8 @@ class OnnxModule(nn.Module):
                 if name:
                     if name in capture:
                         captured[name] = t
-                    env[name] = replace.get(name, t)
+                    r = replace.get(name)
+                    env[name] = t if r is None else r(t) if callable(r) else r
         return env
 
     def write_weights(self, model: ir.Model) -> ir.Model:

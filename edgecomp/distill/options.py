@@ -97,13 +97,17 @@ OPTIONS = (
     Option("hidden_weight", float, 0.0, "weight of hidden-state matching", check=_WEIGHT),
     Option("ce_weight", float, 1.0, "weight of cross-entropy (with labels)", check=_WEIGHT),
     *TRAINING_OPTIONS,
-    Option("blockwise", bool, None, "heal block by block (each pruned block learns its teacher block's output from "
-           "the teacher block's input) before a short end-to-end pass; default: on when the student is a pruned copy "
-           "of an ONNX teacher", flag="--blockwise/--no-blockwise"),
+    Option("blockwise", bool, None, "heal block by block (each pruned block of an ONNX student learns its teacher "
+           "block's output) before a short end-to-end pass; default off: end to end healed better on the real models "
+           "measured (BENCHMARKS.md)", flag="--blockwise/--no-blockwise"),
     Option("block_fraction", float, 0.75, "share of the training steps spent block by block",
            check=in_range(0, 1, open_lo=True, open_hi=True)),
     Option("block_loss", str, "mse", "block output matching: mse relative to the teacher value's energy, or cosine",
            choices=("mse", "cosine")),
+    Option("block_input", str, "student", "what each block reads at its input boundary: student, its own (healed "
+           "upstream) value, detached, as BRECQ/AdaRound (the only one whose block phase raised a real CNN's fidelity); "
+           "teacher, the teacher's value; or mix, per element the teacher's with probability 0.5, as QDrop",
+           choices=("student", "teacher", "mix")),
     Option("layer_init", str, None, "a --shrink layers=N student: blockwise first trains each kept layer to "
            "reproduce the group of teacher layers it replaces (edgecomp.distill.layer_init), copy starts end to end "
            "from the copied layers; default: blockwise", choices=LAYER_INITS),

@@ -1,10 +1,11 @@
 """Distill end to end: check the setup, train (one process or data-parallel), then export the
 student through the same path as ``edgecomp export`` and measure it against the teacher.
 
-A student that is a pruned copy of an ONNX teacher is first healed block by block
-(:mod:`edgecomp.distill.blockwise`; ``blockwise`` turns it on or off), then end to end. A
-``--shrink layers=N`` student first has each layer initialized block-wise to reproduce the group of
-teacher layers it replaces (:mod:`edgecomp.distill.layer_init`; ``layer_init``), then end to end.
+With ``blockwise`` on, a student that is a pruned copy of an ONNX teacher is first healed block
+by block (:mod:`edgecomp.distill.blockwise`), then end to end; off by default (end to end healed
+the real models measured better). A ``--shrink layers=N`` student first has each layer initialized
+block-wise to reproduce the group of teacher layers it replaces (:mod:`edgecomp.distill.layer_init`;
+``layer_init``), then end to end.
 
 An ONNX student (an ``OnnxModule``) is not exported again: its trained weights are written into
 its own graph, which keeps the file's structure, names and dynamic axes (tracing the interpreter

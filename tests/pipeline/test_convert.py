@@ -127,7 +127,7 @@ def test_each_builtin_recipe_on_a_tiny_model(name, tmp_path, token_data, digits_
                                          f"{res.steps[heal.index - 3].step}.onnx"
         # the block phase (block_fraction of the steps) first, then the end-to-end pass "steps" counts
         assert heal.summary["steps"] + heal.summary.get("block steps", 0) == 4
-        assert ("block-wise boundaries" in heal.tables) == name.startswith("encoder")
+        assert "block-wise boundaries" not in heal.tables  # the heal recipes train end to end (measured better)
     assert {g["gate"] for g in res.gates} == set(recipe.gates)
 
 
