@@ -110,27 +110,35 @@ def _int4_count(report: dict) -> str:
 
 
 
-def _quantize_unchecked(src: Path, dst: Path, calib: Path, compute: str) -> dict:
-    """``quantize --int4 . --int4-compute COMPUTE`` through the library, without the never-slower timing."""
+def _quantize_unchecked(src: Path, dst: Path, calib: Path, compute: str, **options) -> dict:
+    """``quantize --int4 . --int4-compute COMPUTE`` (and any other QuantizeOptions) through the library,
+    without the never-slower timing; the report is kept beside the model and reused when both exist."""
     if dst.exists() and Path(str(dst) + ".json").exists():
         return json.loads(Path(str(dst) + ".json").read_text())
+    import time
+
     import onnx_ir as ir
 
+    import edgecomp.quantize.step as quantize_step
     from edgecomp.data import Dataset
     from edgecomp.io import save_model
-    import edgecomp.quantize as quantize_pkg
     from edgecomp.quantize import quantize_model
     from edgecomp.quantize.options import QuantizeOptions
     from edgecomp.targets import host_isa
 
-    print(f"quantize {src.name} -> {dst.name} --int4 . --int4-compute {compute} (no never-slower timing)", flush=True)
-    quantize_pkg._check_speed = lambda *a, **k: None  # the summary then says "not timed"
-    res = quantize_model(ir.load(str(src)), Dataset(calib), QuantizeOptions(int4=".", int4_compute=compute,
-                                                                            isa=host_isa()))
+    options = {"int4": ".", **options}
+    print(f"quantize {src.name} -> {dst.name} int4_compute={compute} {options} (no never-slower timing)", flush=True)
+    quantize_step._check_speed = lambda *a, **k: None  # the summary then says "not timed"
+    t0 = time.perf_counter()
+    res = quantize_model(ir.load(str(src)), Dataset(calib), QuantizeOptions(int4_compute=compute, isa=host_isa(),
+                                                                            **options))
     save_model(res.model, dst)
-    report = {"summary": {k: str(v) for k, v in res.summary.items()}}
+    report = {"summary": {k: str(v) for k, v in res.summary.items()}, "wall s": time.perf_counter() - t0,
+              "rows": [{k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in r.items()}
+                       for r in res.rows if r.get("decision") == "int4"]}
     Path(str(dst) + ".json").write_text(json.dumps(report))
     return report
+
 
 def bench_at_rest(work: Path, texts: int, runs: int, nbits: bool = True) -> str:
     """Issue 23: every MatMul int4 (``--int4 .``, fitted codes) written at rest with int8 compute

@@ -18,7 +18,8 @@ computes from ``Ŵ`` (the pass checks the stored int8 weight against them)
 (:func:`edgecomp.quantize.quantize_static.quantize_weight`: float32 IEEE ops, Round half to
 even in both), so after the fold the session holds the same int8 weight as an int8 model built
 from ``Ŵ``, and runs the same kernels. At rest a weight costs 4 bits plus its block's float16
-scale and uint8 zero point (B = 32: 4.75 bits, 0.59 of int8). Every op is ai.onnx at opset 13 or older (Round 11,
+scale and uint8 zero point (B = 32: 4.75 bits, 0.59 of int8); a symmetric grid (every zero point 8)
+stores no zero points (B = 32: 4.5 bits; B = 128: 4.125 bits); each layer has its own block and grid. Every op is ai.onnx at opset 13 or older (Round 11,
 Clip 11 with min/max inputs), so no model has to move to opset 21 for a native int4 tensor.
 
 Load time grows by the fold (one pass over the weights); steady-state latency is the int8 model's.
@@ -40,7 +41,7 @@ from edgecomp.graph import NameAllocator, add_initializer
 from edgecomp.passes.base import EdgecompPass, PassReport, run_pass
 from edgecomp.quantize.qparams import quantize_weight
 
-__all__ = ["Int4AtRestPass", "apply_int4_at_rest", "int4_compute", "write_int4", "at_rest_codes", "pack_codes", "unpacked_codes", "int4_weights",
+__all__ = ["Int4AtRestPass", "apply_int4_at_rest", "at_rest_codes", "pack_codes", "unpacked_codes", "int4_weights",
            "FOLDED_OPS"]
 
 #: the ops of the weight chain, which onnxruntime folds away at session creation
@@ -174,11 +175,13 @@ class _Chain:
         pairs = self.op("Concat", [self.op("Reshape", [lo, shape3], "lo3"), self.op("Reshape", [hi, shape3], "hi3")],
                         "pairs", axis=1)
         qf = self.op("Reshape", [pairs, self.const("block_shape", np.array([blocks, c.block, n], np.int64))], "blocked")
-        zp = self.const("int4_zero_point", c.zp.reshape(blocks, 1, n))
+        if getattr(c, "symmetric", False):  # every zero point is 8: one scalar, no stored array
+            zp = self.const("int4_zero_point", np.float32(8))
+        else:
+            zp = self.op("Cast", [self.const("int4_zero_point", c.zp.reshape(blocks, 1, n))], "zp_float", to=FLOAT)
         scale = self.op("Cast", [self.const("int4_scale", c.scale.astype(np.float16).reshape(blocks, 1, n))],
                         "scale_float", to=FLOAT)
-        w = self.op("Mul", [self.op("Sub", [qf, self.op("Cast", [zp], "zp_float", to=FLOAT)], "centered"), scale],
-                    "dequantized")
+        w = self.op("Mul", [self.op("Sub", [qf, zp], "centered"), scale], "dequantized")
         w = self.op("Reshape", [w, self.const("weight_shape", np.array([rows, n], np.int64))], "weight_padded")
         if rows != k:
             w = self.op("Slice", [w, self.const("start", np.array([0], np.int64)), self.const("end", np.array([k], np.int64)),
@@ -197,27 +200,3 @@ def apply_int4_at_rest(int8_model: ir.Model, codes: Mapping[str, Any], plan: Map
     per_channel = {k: plan[k].per_channel for k in codes if k in plan}
     return run_pass(Int4AtRestPass(codes=codes, smooth=smooth, weight_bits=bits, per_channel=per_channel),
                     int8_model).model
-
-
-def int4_compute(opts: Any) -> str:
-    """``int8`` or ``nbits`` for ``opts.int4_compute`` (auto: int8 on x86 targets, nbits elsewhere)."""
-    if opts.int4_compute != "auto":
-        return opts.int4_compute
-    from edgecomp.targets import host_isa
-
-    return "int8" if (opts.isa or host_isa()).arch == "x86_64" else "nbits"
-
-
-def write_int4(model: ir.Model, int8_plan: Mapping[str, Any], codes: Mapping[str, Any], block: int, opts: Any,
-               nbits_model: ir.Model) -> tuple[ir.Model, str]:
-    """The written model for the chosen int4 layers and how it runs: ``nbits_model`` with the
-    MatMulNBits layers, or (int4 compute int8) the int8 model of ``int8_plan`` built on the int4
-    weights with those layers' int8 weights at rest in int4."""
-    if int4_compute(opts) == "nbits":
-        from edgecomp.quantize.int4 import apply_int4
-
-        return apply_int4(nbits_model, codes, block), "MatMulNBits"
-    from edgecomp.quantize.plan import build
-
-    int8 = build(int4_weights(model, codes), int8_plan, format=opts.format)
-    return apply_int4_at_rest(int8, codes, int8_plan), "int4 at rest, int8 compute (folded at session load)"
