@@ -41,7 +41,7 @@ from edgecomp.graph import NameAllocator, add_initializer
 from edgecomp.passes.base import EdgecompPass, PassReport, run_pass
 from edgecomp.quantize.qparams import quantize_weight
 
-__all__ = ["Int4AtRestPass", "apply_int4_at_rest", "at_rest_codes", "pack_codes", "unpacked_codes", "int4_weights",
+__all__ = ["Int4AtRestPass", "apply_int4_at_rest", "bytes_by_kind", "BYTE_KINDS", "at_rest_codes", "pack_codes", "unpacked_codes", "int4_weights",
            "FOLDED_OPS"]
 
 #: the ops of the weight chain, which onnxruntime folds away at session creation
@@ -124,7 +124,10 @@ class Int4AtRestPass(EdgecompPass):
             if q8.shape != stored.shape or not np.array_equal(q8, stored):
                 raise PassFailed(f"int4 layer {name!r}: its stored int8 weight was not made from these int4 codes")
             chain = _Chain(model.graph, names, name)
-            wq = chain.int8_weight(c, smooth, chain.const("w_scale", w_scale), 127 if bits == 8 else 63)
+            # the op's own weight scale is the chain's divisor unless a fold rescaled it: then a second copy
+            op_scale = node.inputs[3]
+            scale_value = op_scale if _holds(op_scale, w_scale) else chain.const("w_scale", w_scale)
+            wq = chain.int8_weight(c, smooth, scale_value, 127 if bits == 8 else 63)
             if wq.shape != stored.shape:
                 raise PassFailed(f"int4 layer {name!r}: the chain's weight {list(wq.shape)} is not the stored "
                                  f"{list(stored.shape)}")
@@ -136,6 +139,14 @@ class Int4AtRestPass(EdgecompPass):
         return self.report(model, bool(rows), {"int4 at rest": len(rows),
                                                "bytes at rest": sum(r["bytes at rest"] for r in rows),
                                                "bytes int8": sum(r["bytes int8"] for r in rows)}, rows)
+
+
+def _holds(value: ir.Value | None, a: np.ndarray) -> bool:
+    """Whether ``value`` is a constant equal to ``a`` (float32, the same number of elements)."""
+    if value is None or value.const_value is None or value.const_value.size != np.size(a):
+        return False
+    stored = value.const_value.numpy()
+    return stored.dtype == np.float32 and np.array_equal(stored.reshape(-1), np.asarray(a, np.float32).reshape(-1))
 
 
 class _Value:
@@ -200,3 +211,58 @@ def apply_int4_at_rest(int8_model: ir.Model, codes: Mapping[str, Any], plan: Map
     per_channel = {k: plan[k].per_channel for k in codes if k in plan}
     return run_pass(Int4AtRestPass(codes=codes, smooth=smooth, weight_bits=bits, per_channel=per_channel),
                     int8_model).model
+
+
+#: the initializer kinds :func:`bytes_by_kind` reports, in its order
+BYTE_KINDS = ("int4 codes (MatMul weights)", "int4 scales", "int4 zero points", "int8 weights",
+              "int4 chain vectors (int8 weight scale, smoothing)", "table int4 codes", "table int8 codes",
+              "table scales and offsets", "float weights (2-D and up)", "float vectors (bias, LayerNorm, grids, zero points)",
+              "integer (id maps, shapes)", "other")
+_CHAIN_TAGS = {"_int4_codes": 0, "_int4_scale": 1, "_int4_zero_point": 2, "_w_scale": 4, "_smooth": 4}
+
+
+def _kind(value: ir.Value) -> str:
+    tensor = value.const_value
+    dtype = tensor.dtype
+    uses = [(u.node.op_type, u.idx) for u in value.uses()]
+    if any(op == "MatMulNBits" for op, _ in uses):
+        idx = next(i for op, i in uses if op == "MatMulNBits")
+        return BYTE_KINDS[{1: 0, 2: 1, 3: 2}.get(idx, 11)]
+    base = (value.name or "").rstrip("0123456789_")
+    tag = next((t for t in _CHAIN_TAGS if base.endswith(t)), None)
+    if tag:
+        return BYTE_KINDS[_CHAIN_TAGS[tag]]
+    gathered = any(op == "Gather" and i == 0 for op, i in uses)
+    if gathered and dtype == ir.DataType.UINT8:
+        return BYTE_KINDS[5]
+    if gathered and dtype == ir.DataType.INT8:
+        return BYTE_KINDS[6]
+    if gathered and dtype in (ir.DataType.FLOAT16, ir.DataType.FLOAT) and base.endswith(("_scale", "_lo")):
+        return BYTE_KINDS[7]
+    if dtype == ir.DataType.INT8 and len(tensor.shape) >= 2:
+        return BYTE_KINDS[3]
+    if dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE):
+        return BYTE_KINDS[8] if len(tensor.shape) >= 2 and tensor.size >= 1024 else BYTE_KINDS[9]
+    if dtype in (ir.DataType.INT8, ir.DataType.UINT8) and len(tensor.shape) < 2:
+        return BYTE_KINDS[9]  # the int8 ops' zero points
+    if dtype in (ir.DataType.INT32, ir.DataType.INT64):
+        return BYTE_KINDS[10]
+    return BYTE_KINDS[11]
+
+
+def bytes_by_kind(model: ir.Model) -> list[dict[str, Any]]:
+    """Where a model's bytes go: its initializers summed by kind (:data:`BYTE_KINDS`: int4 codes,
+    scales and zero points of MatMul weights, int8 weights, embedding table codes and scales, float
+    weights and vectors, integer maps), largest kind first, with the largest initializer of each."""
+    rows: dict[str, dict[str, Any]] = {}
+    for value in model.graph.initializers.values():
+        if value.const_value is None:
+            continue
+        kind = _kind(value)
+        n = value.const_value.nbytes
+        row = rows.setdefault(kind, {"kind": kind, "bytes": 0, "initializers": 0, "largest": "", "largest bytes": 0})
+        row["bytes"] += n
+        row["initializers"] += 1
+        if n > row["largest bytes"]:
+            row["largest"], row["largest bytes"] = value.name, n
+    return sorted(rows.values(), key=lambda r: -r["bytes"])
