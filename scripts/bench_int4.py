@@ -192,6 +192,111 @@ def bench_at_rest(work: Path, texts: int, runs: int, nbits: bool = True) -> str:
                             "min cos", "NN@10", "int4 form"])
             + f"\n\n1-minute load average during the latency run: {load_avg:.1f} (2 cores, shared).")
 
+#: issue 23's size variants: (label, table recipe, quantize options, held-out text). Table recipes: t4 = int4 table
+#: blocks of 64 (reduce-embeddings' default); t4b128p8 = int4 blocks of 128 then the position / token-type tables int8
+#: (a second reduce-embeddings --bits 8 --min-rows 2); t4rowp8 = one scale per row; pruned = --prune-vocab on the domain
+#: corpus, int4 table, int8 positions. Every int4 layer at rest with int8 compute.
+SIZE_VARIANTS = (
+    ("int4 every MatMul, block 32 asym + int4 table b64", "t4", {"int4": "."}, "stdlib"),
+    ("int4 every MatMul, layouts auto + int4 table b128 + int8 positions", "t4b128p8",
+     {"int4": ".", "int4_block": "auto", "int4_grid": "auto"}, "stdlib"),
+    ("int4 every MatMul, block 128 sym + int4 table per row + int8 positions", "t4rowp8",
+     {"int4": ".", "int4_block": 128, "int4_grid": "symmetric"}, "stdlib"),
+    ("int4 auto (floor 0.99), layouts auto + int4 table b128 + int8 positions", "t4b128p8",
+     {"int4": "auto", "int4_block": "auto", "int4_grid": "auto"}, "stdlib"),
+    ("int4 auto (floor 0.995), layouts auto + int4 table b128 + int8 positions", "t4b128p8",
+     {"int4": "auto", "int4_block": "auto", "int4_grid": "auto", "min_cosine": 0.995}, "stdlib"),
+    ("pruned vocab (domain) + int4 table + int8 positions, int4 auto (floor 0.99), layouts auto", "pruned",
+     {"int4": "auto", "int4_block": "auto", "int4_grid": "auto"}, "domain"),
+    ("pruned vocab (domain) + int4 table + int8 positions, int4 auto (floor 0.995), layouts auto", "pruned",
+     {"int4": "auto", "int4_block": "auto", "int4_grid": "auto", "min_cosine": 0.995}, "domain"),
+)
+
+
+def size_tables(work: Path, fp32: Path, tok_path: Path, dom_corpus: Path) -> dict[str, Path]:
+    """The table recipes of :data:`SIZE_VARIANTS` (reduce-embeddings, cached by file)."""
+    dom = ["--corpus", dom_corpus, "--tokenizer", tok_path]
+    t4b128 = reduce_table(fp32, work / "t4b128.onnx", "--bits", 4, "--block", 128)
+    t4row = reduce_table(fp32, work / "t4row.onnx", "--bits", 4, "--block", 384)
+    pruned = reduce_table(fp32, work / "pruned_t4b64.onnx", "--prune-vocab", "--bits", 4, *dom)
+    return {"t4": reduce_table(fp32, work / "t4.onnx", "--bits", 4),
+            "t4b128p8": reduce_table(t4b128, work / "t4b128p8.onnx", "--bits", 8, "--min-rows", 2),
+            "t4rowp8": reduce_table(t4row, work / "t4rowp8.onnx", "--bits", 8, "--min-rows", 2),
+            "pruned": reduce_table(pruned, work / "pruned_t4p8.onnx", "--bits", 8, "--min-rows", 2)}
+
+
+def _bytes_md(path: Path) -> str:
+    import onnx_ir as ir
+
+    from edgecomp.quantize.int4_at_rest import bytes_by_kind
+
+    rows = [{**r, "MB": r["bytes"] / 1e6} for r in bytes_by_kind(ir.load(str(path)))]
+    return md_table(rows, ["kind", "MB", "initializers", "largest"])
+
+
+def bench_size(work: Path, texts: int, runs: int, only: str | None = None) -> str:
+    """Issue 23's size targets: each of :data:`SIZE_VARIANTS` quantized (cached: run it variant by variant with
+    ``--size --only N`` first on a busy machine), then size, fidelity, latency vs fp32 and the int8 model (one
+    interleaved run in a fresh process) and where the bytes of the smallest go."""
+    fp32 = export_minilm(work / "minilm.onnx")
+    tok_path = minilm_path()
+    tok = load_tokenizer(tok_path)
+    splits = text_splits()
+    calib = work / "calib"
+    if not calib.exists():
+        write_token_data(tokenize(tok, splits["calib"][:200]), calib)
+    sci = docstring_sentences(SCIENCE)
+    sci_corpus, sci_test = sci[:2000], sci[2000:2000 + texts]
+    (work / "sci_corpus.txt").write_text("\n".join(sci_corpus) + "\n")
+    sci_calib = work / "sci_calib"
+    if not sci_calib.exists():
+        write_token_data(tokenize(tok, sci_corpus[:200]), sci_calib)
+    tables = size_tables(work, fp32, tok_path, work / "sci_corpus.txt")
+    picked = [(i, v) for i, v in enumerate(SIZE_VARIANTS) if only is None or str(i) in only.split(",")]
+    reports = {}
+    for i, (label, table, options, text) in picked:
+        reports[label] = _quantize_unchecked(tables[table], work / f"size{i}.onnx",
+                                             sci_calib if text == "domain" else calib, "int8", **options)
+    if only is not None:
+        return ""
+    int8 = work / "int8.onnx"
+    quantize(fp32, int8, calib)
+    variants = [("fp32", fp32, "stdlib"), ("int8 (quantize defaults)", int8, "stdlib")]
+    variants += [(label, work / f"size{i}.onnx", text) for i, (label, _, _, text) in picked]
+    kept = set(np.concatenate([f["input_ids"][0] for f in tokenize(tok, sci_corpus)]).tolist())
+    covered = [s for s, f in zip(sci_test, tokenize(tok, sci_test)) if set(f["input_ids"][0].tolist()) <= kept]
+    feeds = {"stdlib": tokenize(tok, splits["test"][:texts]), "domain": tokenize(tok, sci_test),
+             "domain, in-vocabulary": tokenize(tok, covered)}
+    refs = {k: embeddings(fp32, f) for k, f in feeds.items()}
+    latency_feed = tokenize(tok, [" ".join(splits["test"][:40])], max_len=128)[0]
+    stats = bench_in_subprocess([v[1] for v in variants], [v[0] for v in variants], latency_feed, runs)
+    int8_ratio = stats[1]["ratio_to_first"]
+    rows = []
+    for (label, path, text), st in zip(variants, stats):
+        summary = reports.get(label, {}).get("summary", {})
+        row = {"variant": label, "text": text, "size MB": model_size_bytes(path) / 1e6,
+               "latency vs fp32": st["ratio_to_first"], "latency vs int8": st["ratio_to_first"] / int8_ratio,
+               **fidelity(refs[text], embeddings(path, feeds[text])),
+               "int4 layers": _int4_count(reports[label]) if label in reports else "—",
+               "layouts": summary.get("int4 layouts", "—"), "quantize s": reports.get(label, {}).get("wall s")}
+        rows.append(row)
+        if text == "domain":
+            rows.append({**row, "text": "domain, in-vocabulary",
+                         **fidelity(refs["domain, in-vocabulary"], embeddings(path, feeds["domain, in-vocabulary"]))})
+        print(json.dumps(row), flush=True)
+    (work / "size_rows.json").write_text(json.dumps(rows, indent=1))
+    cols = ["variant", "text", "size MB", "latency vs fp32", "latency vs int8", "mean cos", "min cos", "NN@10",
+            "int4 layers", "layouts"]
+    smallest = [min((r for r in rows if r["text"] == t and r["variant"] in reports), key=lambda r: r["size MB"])
+                for t in ("stdlib", "domain")]
+    parts = [md_table(rows, cols), ""]
+    for r in smallest:
+        path = next(p for lab, p, _ in variants if lab == r["variant"])
+        parts += [f"Where the bytes of the smallest on {r['text']} text go ({r['variant']}, {r['size MB']:.2f} MB):", "",
+                  _bytes_md(path), ""]
+    return "\n".join(parts) + f"\n1-minute load average after the run: {__import__('os').getloadavg()[0]:.1f} (2 cores, shared)."
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench_int4")
@@ -201,7 +306,29 @@ def main() -> None:
     ap.add_argument("--no-nbits", action="store_true", help="--at-rest without the MatMulNBits row")
     ap.add_argument("--at-rest", action="store_true",
                     help="only issue 23's int4 at rest with int8 compute vs MatMulNBits (section int4-at-rest)")
+    ap.add_argument("--size", action="store_true",
+                    help="only issue 23's size variants (int4 layouts, tables, pruned vocabulary; section int4-size)")
+    ap.add_argument("--only", help="with --size: quantize only these variants (comma indices), no table written")
     args = ap.parse_args()
+    if args.size:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        table = bench_size(args.workdir, args.texts, args.runs, args.only)
+        if args.only is None:
+            body = "\n".join([
+                "## int4 sizes: layouts per layer, tables, pruned vocabulary (issue 23)", "",
+                f"Reproduce: `.venv/bin/python scripts/bench_int4.py --size --runs {args.runs}` (measured "
+                f"{datetime.date.today()} on {host_line()}). all-MiniLM-L6-v2; {args.texts} held-out sentences per "
+                "text (stdlib docstrings; `domain` = numpy/scipy/sklearn/torch docstrings outside the 2,000-sentence "
+                "pruning corpus; `domain, in-vocabulary` = those whose tokens the pruned table kept); latency 1 thread, "
+                f"seq 128, {args.runs} interleaved runs in a fresh process. Every int4 layer is stored at rest and "
+                "computed in int8 (`--int4-compute int8`); `layouts auto` = `--int4-block auto --int4-grid auto` "
+                "(per layer, blocks 32/64/128, asymmetric or symmetric: the fewest bytes within 1.25x the layer's "
+                "least held-out output error); `int4 auto (floor F)` = the layers whose written at-rest form keeps "
+                "every output's cosine >= F on 32 held-out calibration samples.", "",
+                table, SIZE_NOTES])
+            update_section("int4-size", body)
+            print(body)
+        return
     if args.at_rest:
         args.workdir.mkdir(parents=True, exist_ok=True)
         body = "\n".join([
@@ -320,6 +447,10 @@ section int4). Fidelity with every MatMul int4: mean cos 0.9895, NN@10 0.892 (Ma
 quantization differs: per-32-block dynamic vs the static per-tensor grid) — it should measure the form it writes.
 MatMulNBits remains the form on ARM (`--int4-compute auto`); whether KleidiAI makes it faster there cannot be measured
 on this host (the emulate profiles check numerics, not speed).
+"""
+
+#: issue 23's size run (update when the numbers move)
+SIZE_NOTES = """
 """
 
 #: the diagnosis of the measured run (targets met / missed, and why); update when the numbers move

@@ -178,3 +178,30 @@ def test_apply_int4_at_rest_refuses_codes_of_another_weight():
     int8 = build(int4_weights(model, {"fc1": rtn_codes(w1, 64)}), _plan())
     with pytest.raises(Exception, match="not made from these int4 codes"):
         apply_int4_at_rest(int8, codes, _plan())
+
+
+def test_quantize_with_layouts_auto_writes_each_layer_in_its_layout(tmp_path):
+    """The pipeline with int4_block and int4_grid auto: every int4 layer at rest in the layout fit_layout
+    chose for it (the summary counts them), the model loads and keeps the fidelity floor it was held to."""
+    from edgecomp.quantize import quantize_model
+    from edgecomp.targets import host_isa
+    from tests.quantize.test_quantize_int4 import _mlp
+
+    rng = np.random.default_rng(6)
+    for i in range(12):
+        np.savez(tmp_path / f"{i:02d}.npz", x=rng.standard_normal((16, 64)).astype(np.float32))
+    opts = QuantizeOptions(families="all", isa=host_isa(), smooth="off", int4=".", int4_compute="int8",
+                           int4_block="auto", int4_grid="auto", min_cosine=0.9)
+    proto = _mlp()
+    res = quantize_model(ir.from_proto(proto), Dataset(tmp_path), opts)
+    out = to_proto(res.model)
+    onnx.checker.check_model(out)
+    layouts = res.summary["int4 layouts"]
+    assert sum(int(part.rsplit("x", 1)[1]) for part in layouts.split(", ")) == 3
+    assert "per layer" in res.summary["int4"]
+    zps = [t for t in out.graph.initializer if t.name.endswith("int4_zero_point") and np.prod(t.dims) > 1]
+    asym = sum(int(part.rsplit("x", 1)[1]) for part in layouts.split(", ") if "asymmetric" in part)
+    assert len(zps) == asym and not any("MatMulNBits" == n.op_type for n in out.graph.node)
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    ref, got = run_ort(proto, {"x": x})[0], run_ort(out, {"x": x}, disable_opt=False)[0]
+    assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.98
