@@ -18,6 +18,13 @@ calibration Gram matrix ``H = Σ xᵀx`` of the layer's input, by the relative o
   with ``U`` the upper Cholesky factor of ``(H + λI)⁻¹`` (λ = 1% of mean(diag H)); each block's
   grid is chosen (as in ``clip``) from the weights as updated when the block is reached.
 
+Layouts (``int4_block``, ``int4_grid``): a block of ``B`` rows per scale, and an asymmetric grid (a
+zero point per block) or a symmetric one (``zp = 8``: ``w ≈ (q - 8) · scale``, ``scale = max(-lo / 8, hi / 7)``,
+no zero points stored). At rest (float16 scales) a ``[K, N]`` weight costs ``K·N/2 + (K/B)·N·(2 + 1)``
+bytes (``+ 0`` symmetric): 4.75 bits a weight at B = 32 asymmetric, 4.125 at B = 128 symmetric. With
+``auto`` each layer fits every allowed layout and takes the fewest bytes among those whose held-out
+output error is within ``int4_error_ratio`` of the least any layout reaches (:func:`fit_layout`).
+
 The calibration samples are split in two: the even ones give the ``H`` the codes are fitted to,
 the odd ones the ``H`` they are scored on (GPTQ would look better than it is on its own data);
 each layer keeps the method of least held-out error.
@@ -25,7 +32,8 @@ each layer keeps the method of least held-out error.
 The choice (``int4 = auto``): the layers of the int8 plan whose weight is a MatMul's, ordered by
 that held-out error (the cheapest first); the most that still meet the bound (the fidelity
 floor on the odd calibration samples, or the tolerance on eval data) are found by bisection on their
-count, each candidate built whole (int8 rest, int4 part) and run in onnxruntime, then the next
+count, each candidate built whole as it will be written (int8 rest, int4 part at rest with int8 compute
+or in ``MatMulNBits``: :func:`written_form`) and run in onnxruntime, then the next
 cheapest are tried one at a time (:data:`GREEDY_TRIES`). ``int4 = REGEX,...`` converts the
 planned MatMuls whose names match, and only measures the result.
 """
@@ -59,6 +67,13 @@ __all__ = [
     "describe",
     "fit_codes",
     "gptq_codes",
+    "gptq_factor",
+    "fit_layout",
+    "Int4Layout",
+    "at_rest_bytes",
+    "written_form",
+    "write_int4",
+    "int4_compute",
     "gram_matrices",
     "int4_step",
     "latency_vs_int8",
@@ -169,17 +184,24 @@ def clip_codes(w: np.ndarray, block: int, h: np.ndarray | None = None, symmetric
     return Int4Codes(q, scale, zp, block, "clip", symmetric)
 
 
-def gptq_codes(w: np.ndarray, block: int, h: np.ndarray, symmetric: bool = False) -> Int4Codes:
-    """GPTQ with one grid per block, chosen when the block is reached (module docstring)."""
-    k, n = w.shape
-    W = w.astype(np.float64).copy()
+def gptq_factor(h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(U, diag of the damped H, dead inputs) for :func:`gptq_codes`: the same for every layout of a layer."""
     H = np.array(h, np.float64, copy=True)
     dead = np.diag(H) <= 0
     H[dead, dead] = 1.0
-    W[dead] = 0.0
-    H[np.diag_indices(k)] += DAMP * float(np.mean(np.diag(H)))
+    H[np.diag_indices(H.shape[0])] += DAMP * float(np.mean(np.diag(H)))
     U = np.linalg.cholesky(np.linalg.inv(H)).T  # (H + λI)⁻¹ = Uᵀ U, U upper triangular
-    diag_h = np.diag(H)
+    return U, np.diag(H), dead
+
+
+def gptq_codes(w: np.ndarray, block: int, h: np.ndarray, symmetric: bool = False,
+               factor: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Int4Codes:
+    """GPTQ with one grid per block, chosen when the block is reached (module docstring); ``factor``:
+    :func:`gptq_factor` of ``h`` when it is already computed."""
+    k, n = w.shape
+    U, diag_h, dead = factor or gptq_factor(h)
+    W = w.astype(np.float64).copy()
+    W[dead] = 0.0
     blocks = -(-k // block)
     q = np.zeros((k, n), np.uint8)
     scales, zps = np.zeros((blocks, n), np.float32), np.zeros((blocks, n), np.uint8)
@@ -230,11 +252,11 @@ def gram_matrices(model: ir.Model, acts: Sequence[str], data: Dataset, limit: in
     return {a: (f, c if count > 1 else f) for a, (f, c) in sums.items()}, count
 
 
-def fit_codes(w: np.ndarray, block: int, h_fit: np.ndarray, h_check: np.ndarray, symmetric: bool = False
-              ) -> tuple[Int4Codes, dict[str, float]]:
+def fit_codes(w: np.ndarray, block: int, h_fit: np.ndarray, h_check: np.ndarray, symmetric: bool = False,
+              factor: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[Int4Codes, dict[str, float]]:
     """The codes of least held-out output error among :data:`METHODS`, and each method's error."""
     cands = {"rtn": rtn_codes(w, block, symmetric), "clip": clip_codes(w, block, h_fit, symmetric),
-             "gptq": gptq_codes(w, block, h_fit, symmetric)}
+             "gptq": gptq_codes(w, block, h_fit, symmetric, factor)}
     errs = {m: output_error(w, c.dequantize(), h_check) for m, c in cands.items()}
     best = min(errs, key=errs.get)
     return cands[best], errs
@@ -254,11 +276,12 @@ def fit_layout(w: np.ndarray, h_fit: np.ndarray, h_check: np.ndarray, blocks: Se
     error). Returns the codes, their methods' errors, and a row per layout tried."""
     k, n = w.shape
     tried = []
+    factor = gptq_factor(h_fit)
     for block in blocks:
         if k < block:
             continue
         for sym in grids:
-            codes, errs = fit_codes(w, block, h_fit, h_check, sym)
+            codes, errs = fit_codes(w, block, h_fit, h_check, sym, factor)
             tried.append((codes, errs, {"block": block, "symmetric": sym, "error": errs[codes.method],
                                         "bytes": at_rest_bytes(k, n, block, sym)}))
     best_err = min(t[2]["error"] for t in tried)
