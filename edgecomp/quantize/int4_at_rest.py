@@ -225,10 +225,13 @@ def _kind(value: ir.Value) -> str:
     tensor = value.const_value
     dtype = tensor.dtype
     uses = [(u.node.op_type, u.idx) for u in value.uses()]
+    for u in value.uses():  # a float16 array read through a Cast to float: its reader counts
+        if u.node.op_type == "Cast":
+            uses += [(v.node.op_type, v.idx) for v in u.node.outputs[0].uses()]
     if any(op == "MatMulNBits" for op, _ in uses):
         idx = next(i for op, i in uses if op == "MatMulNBits")
         return BYTE_KINDS[{1: 0, 2: 1, 3: 2}.get(idx, 11)]
-    base = (value.name or "").rstrip("0123456789_")
+    base = (value.name or "").rstrip("0123456789_").removesuffix("_float16")
     tag = next((t for t in _CHAIN_TAGS if base.endswith(t)), None)
     if tag:
         return BYTE_KINDS[_CHAIN_TAGS[tag]]
