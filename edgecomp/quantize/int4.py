@@ -521,7 +521,24 @@ def describe(choice: Int4Choice, rows: list[dict[str, Any]], layers_int8: int) -
         kinds = [f"block {choice.codes[n].block} {'symmetric' if choice.codes[n].symmetric else 'asymmetric'}"
                  for n in selected]
         out["int4 layouts"] = ", ".join(f"{k} x{kinds.count(k)}" for k in sorted(set(kinds)))
+        ratios = _layout_error_ratios(choice.rows.values())
+        if len(ratios) > 1:
+            out["int4 layout error"] = ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()) + \
+                " the layer's least output error (median over layers)"
     return out
+
+
+def _layout_error_ratios(rows) -> dict[str, float]:
+    """Per layout tried: the median over layers of its error over the layer's least (what int4_error_ratio
+    is compared with)."""
+    ratios: dict[str, list[float]] = {}
+    for row in rows:
+        tried = row.get("int4 layouts") or []
+        best = min((t["error"] for t in tried), default=0.0)
+        for t in tried:
+            key = f"block {t['block']} {'symmetric' if t['symmetric'] else 'asymmetric'}"
+            ratios.setdefault(key, []).append(t["error"] / best if best > 0 else 1.0)
+    return {k: float(np.median(v)) for k, v in ratios.items()}
 
 
 def latency_vs_int8(model: ir.Model, plan: Mapping[str, LayerPlan], written: ir.Model, feed, opts):

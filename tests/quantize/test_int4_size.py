@@ -4,6 +4,8 @@ per-layer choice measures the form that is written, and the bytes table accounts
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -199,6 +201,10 @@ def test_quantize_with_layouts_auto_writes_each_layer_in_its_layout(tmp_path):
     layouts = res.summary["int4 layouts"]
     assert sum(int(part.rsplit("x", 1)[1]) for part in layouts.split(", ")) == 3
     assert "per layer" in res.summary["int4"]
+    # every layout's error relative to each layer's least: the least-error layout of a layer reads 1.00x or more
+    ratios = {m[0]: float(m[1]) for m in re.findall(r"(block \d+ \w+) ([\d.]+)x", res.summary["int4 layout error"])}
+    assert set(ratios) == {"block 32 asymmetric", "block 32 symmetric", "block 64 asymmetric", "block 64 symmetric"}
+    assert min(ratios.values()) >= 1.0
     zps = [t for t in out.graph.initializer if t.name.endswith("int4_zero_point") and np.prod(t.dims) > 1]
     asym = sum(int(part.rsplit("x", 1)[1]) for part in layouts.split(", ") if "asymmetric" in part)
     assert len(zps) == asym and not any("MatMulNBits" == n.op_type for n in out.graph.node)
