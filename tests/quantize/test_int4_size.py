@@ -211,3 +211,16 @@ def test_quantize_with_layouts_auto_writes_each_layer_in_its_layout(tmp_path):
     x = rng.standard_normal((4, 64)).astype(np.float32)
     ref, got = run_ort(proto, {"x": x})[0], run_ort(out, {"x": x}, disable_opt=False)[0]
     assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.98
+
+
+@pytest.mark.parametrize("args, says", [(["--int4-block", "48"], "must be a power of two >= 16 or auto, got 48"),
+                                        (["--int4-error-ratio", "0.5"], "must be >= 1")])
+def test_the_cli_refuses_a_bad_layout_in_one_line_and_reads_numbers(tmp_path, mlp_path, args, says):
+    from click.testing import CliRunner
+
+    from edgecomp.cli import cli
+
+    res = CliRunner().invoke(cli, ["quantize", str(mlp_path), "-o", str(tmp_path / "q.onnx"), "--int4", "auto", *args])
+    assert res.exit_code == 2 and says in res.output and "Traceback" not in res.output
+    assert len([line for line in res.output.splitlines() if line.startswith("Error")]) == 1
+    assert not (tmp_path / "q.onnx").exists()
