@@ -210,6 +210,8 @@ SIZE_VARIANTS = (
      {"int4": "auto", "int4_block": "auto", "int4_grid": "auto"}, "domain"),
     ("pruned vocab (domain) + int4 table + int8 positions, int4 auto (floor 0.995), layouts auto", "pruned",
      {"int4": "auto", "int4_block": "auto", "int4_grid": "auto", "min_cosine": 0.995}, "domain"),
+    ("pruned vocab (domain) + int4 table + int8 positions, int4 auto (floor 0.994), layouts auto", "pruned",
+     {"int4": "auto", "int4_block": "auto", "int4_grid": "auto", "min_cosine": 0.994}, "domain"),
 )
 
 
