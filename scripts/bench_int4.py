@@ -446,7 +446,8 @@ int8 model's, weight byte for byte). Size 19.7 MB vs 23.7 MB: the encoder's MatM
 int8 token table (11.7 MB) is the rest, so the <= 12 MB target is **missed** here (it needs an int4 or low-rank table,
 section int4). Fidelity with every MatMul int4: mean cos 0.9895, NN@10 0.892 (MatMulNBits with the same codes: 0.990 /
 0.895); quantize chose the layers by measuring MatMulNBits candidates, not the at-rest form (their activation
-quantization differs: per-32-block dynamic vs the static per-tensor grid) — it should measure the form it writes.
+quantization differs: per-32-block dynamic vs the static per-tensor grid) — since 2026-12-07 it measures the form it
+writes (section int4-size).
 MatMulNBits remains the form on ARM (`--int4-compute auto`); whether KleidiAI makes it faster there cannot be measured
 on this host (the emulate profiles check numerics, not speed).
 """
