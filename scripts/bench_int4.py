@@ -236,10 +236,10 @@ def _bytes_md(path: Path) -> str:
     return md_table(rows, ["kind", "MB", "initializers", "largest"])
 
 
-def bench_size(work: Path, texts: int, runs: int, only: str | None = None) -> str:
+def bench_size(work: Path, texts: int, runs: int, only: str | None = None, quantize_only: bool = False) -> str:
     """Issue 23's size targets: each of :data:`SIZE_VARIANTS` quantized (cached: run it variant by variant with
-    ``--size --only N`` first on a busy machine), then size, fidelity, latency vs fp32 and the int8 model (one
-    interleaved run in a fresh process) and where the bytes of the smallest go."""
+    ``--size --quantize-only --only N`` first on a busy machine), then size, fidelity, latency vs fp32 and the int8 model (one
+    interleaved run in a fresh process) and where the bytes of the smallest go; ``only``: comma indices."""
     fp32 = export_minilm(work / "minilm.onnx")
     tok_path = minilm_path()
     tok = load_tokenizer(tok_path)
@@ -259,7 +259,7 @@ def bench_size(work: Path, texts: int, runs: int, only: str | None = None) -> st
     for i, (label, table, options, text) in picked:
         reports[label] = _quantize_unchecked(tables[table], work / f"size{i}.onnx",
                                              sci_calib if text == "domain" else calib, "int8", **options)
-    if only is not None:
+    if quantize_only:
         return ""
     int8 = work / "int8.onnx"
     quantize(fp32, int8, calib)
@@ -310,15 +310,17 @@ def main() -> None:
                     help="only issue 23's int4 at rest with int8 compute vs MatMulNBits (section int4-at-rest)")
     ap.add_argument("--size", action="store_true",
                     help="only issue 23's size variants (int4 layouts, tables, pruned vocabulary; section int4-size)")
-    ap.add_argument("--only", help="with --size: quantize only these variants (comma indices), no table written")
+    ap.add_argument("--only", help="with --size: only these variants (comma indices of SIZE_VARIANTS)")
+    ap.add_argument("--quantize-only", action="store_true", help="with --size: quantize (cache) them, write nothing")
     args = ap.parse_args()
     if args.size:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        table = bench_size(args.workdir, args.texts, args.runs, args.only)
-        if args.only is None:
+        table = bench_size(args.workdir, args.texts, args.runs, args.only, args.quantize_only)
+        if not args.quantize_only:
             body = "\n".join([
                 "## int4 sizes: layouts per layer, tables, pruned vocabulary (issue 23)", "",
-                f"Reproduce: `.venv/bin/python scripts/bench_int4.py --size --runs {args.runs}` (measured "
+                f"Reproduce: `.venv/bin/python scripts/bench_int4.py --size --runs {args.runs}"
+                f"{' --only ' + args.only if args.only else ''}` (measured "
                 f"{datetime.date.today()} on {host_line()}). all-MiniLM-L6-v2; {args.texts} held-out sentences per "
                 "text (stdlib docstrings; `domain` = numpy/scipy/sklearn/torch docstrings outside the 2,000-sentence "
                 "pruning corpus; `domain, in-vocabulary` = those whose tokens the pruned table kept); latency 1 thread, "
