@@ -319,7 +319,7 @@ def main() -> None:
         if not args.quantize_only:
             body = "\n".join([
                 "## int4 sizes: layouts per layer, tables, pruned vocabulary (issue 23)", "",
-                f"Reproduce: `.venv/bin/python scripts/bench_int4.py --size --runs {args.runs}"
+                (f"Reproduce: `.venv/bin/python scripts/bench_int4.py --size --runs {args.runs}"
                 f"{' --only ' + args.only if args.only else ''}` (measured "
                 f"{datetime.date.today()} on {host_line()}). all-MiniLM-L6-v2; {args.texts} held-out sentences per "
                 "text (stdlib docstrings; `domain` = numpy/scipy/sklearn/torch docstrings outside the 2,000-sentence "
@@ -328,7 +328,7 @@ def main() -> None:
                 "computed in int8 (`--int4-compute int8`); `layouts auto` = `--int4-block auto --int4-grid auto` "
                 "(per layer, blocks 32/64/128, asymmetric or symmetric: the fewest bytes within 1.25x the layer's "
                 "least held-out output error); `int4 auto (floor F)` = the layers whose written at-rest form keeps "
-                "every output's cosine >= F on 32 held-out calibration samples.", "",
+                "every output's cosine >= F on 32 held-out calibration samples."), "",
                 table, SIZE_NOTES])
             update_section("int4-size", body)
             print(body)
