@@ -87,7 +87,7 @@ class Checked(click.ParamType):
 
     def __init__(self, opt: Option):
         self.opt = opt
-        types = opt.type if isinstance(opt.type, tuple) else (opt.type,)
+        types = self.types = opt.type if isinstance(opt.type, tuple) else (opt.type,)
         self.name = "text" if str in types else types[0].__name__
         self.to = next((t for t in types if t in (int, float)), None) if str not in types else None
 
@@ -101,6 +101,8 @@ class Checked(click.ParamType):
                 self.fail(f"{value!r} is not {'an integer' if self.to is int else 'a number'}", param, ctx)
             if isinstance(value, float) and not math.isfinite(value):
                 self.fail(f"{value!r} is not a finite number", param, ctx)
+        elif int in self.types and isinstance(value, str) and value.lstrip("-").isdigit():
+            value = int(value)  # text or a number (int4_block: auto or 64)
         problem = self.opt.problem(value)
         if problem:
             self.fail(problem, param, ctx)

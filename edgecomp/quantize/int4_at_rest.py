@@ -18,7 +18,8 @@ computes from ``Ŵ`` (the pass checks the stored int8 weight against them)
 (:func:`edgecomp.quantize.quantize_static.quantize_weight`: float32 IEEE ops, Round half to
 even in both), so after the fold the session holds the same int8 weight as an int8 model built
 from ``Ŵ``, and runs the same kernels. At rest a weight costs 4 bits plus its block's float16
-scale and uint8 zero point (B = 32: 4.75 bits, 0.59 of int8). Every op is ai.onnx at opset 13 or older (Round 11,
+scale and uint8 zero point (B = 32: 4.75 bits, 0.59 of int8); a symmetric grid (every zero point 8)
+stores no zero points (B = 32: 4.5 bits; B = 128: 4.125 bits); each layer has its own block and grid. Every op is ai.onnx at opset 13 or older (Round 11,
 Clip 11 with min/max inputs), so no model has to move to opset 21 for a native int4 tensor.
 
 Load time grows by the fold (one pass over the weights); steady-state latency is the int8 model's.
@@ -40,7 +41,7 @@ from edgecomp.graph import NameAllocator, add_initializer
 from edgecomp.passes.base import EdgecompPass, PassReport, run_pass
 from edgecomp.quantize.qparams import quantize_weight
 
-__all__ = ["Int4AtRestPass", "apply_int4_at_rest", "int4_compute", "write_int4", "at_rest_codes", "pack_codes", "unpacked_codes", "int4_weights",
+__all__ = ["Int4AtRestPass", "apply_int4_at_rest", "bytes_by_kind", "BYTE_KINDS", "at_rest_codes", "pack_codes", "unpacked_codes", "int4_weights",
            "FOLDED_OPS"]
 
 #: the ops of the weight chain, which onnxruntime folds away at session creation
@@ -107,7 +108,7 @@ class Int4AtRestPass(EdgecompPass):
             if n.op_type == "MatMulIntegerToFloat" and n.domain == "com.microsoft":
                 by_weight.setdefault(n.name.removesuffix("_int8"), n)
         names = NameAllocator(model.graph)
-        rows = []
+        rows, constants = [], {}
         for name, c in self.codes.items():
             node = by_weight.get(name)
             if node is None or node.inputs[1].const_value is None:
@@ -122,19 +123,30 @@ class Int4AtRestPass(EdgecompPass):
                                           per_channel=self.per_channel.get(name, True))
             if q8.shape != stored.shape or not np.array_equal(q8, stored):
                 raise PassFailed(f"int4 layer {name!r}: its stored int8 weight was not made from these int4 codes")
-            chain = _Chain(model.graph, names, name)
-            wq = chain.int8_weight(c, smooth, chain.const("w_scale", w_scale), 127 if bits == 8 else 63)
+            chain = _Chain(model.graph, names, name, f"int4_{len(rows)}", constants)
+            # the op's own weight scale is the chain's divisor unless a fold rescaled it: then a second copy
+            op_scale = node.inputs[3]
+            scale_value = op_scale if _holds(op_scale, w_scale) else chain.const("w_scale", w_scale)
+            wq = chain.int8_weight(c, smooth, scale_value, 127 if bits == 8 else 63)
             if wq.shape != stored.shape:
                 raise PassFailed(f"int4 layer {name!r}: the chain's weight {list(wq.shape)} is not the stored "
                                  f"{list(stored.shape)}")
             node.replace_input_with(1, wq.value)
-            rows.append({"layer": name, "block": c.block, "bytes at rest": chain.bytes, "bytes int8": stored.nbytes})
+            rows.append({"layer": name, "chain": chain.short, "block": c.block, "bytes at rest": chain.bytes, "bytes int8": stored.nbytes})
         if rows:
             model.graph.sort()  # the chains were appended after their readers
             ir.passes.common.RemoveUnusedNodesPass()(model)
         return self.report(model, bool(rows), {"int4 at rest": len(rows),
                                                "bytes at rest": sum(r["bytes at rest"] for r in rows),
                                                "bytes int8": sum(r["bytes int8"] for r in rows)}, rows)
+
+
+def _holds(value: ir.Value | None, a: np.ndarray) -> bool:
+    """Whether ``value`` is a constant equal to ``a`` (float32, the same number of elements)."""
+    if value is None or value.const_value is None or value.const_value.size != np.size(a):
+        return False
+    stored = value.const_value.numpy()
+    return stored.dtype == np.float32 and np.array_equal(stored.reshape(-1), np.asarray(a, np.float32).reshape(-1))
 
 
 class _Value:
@@ -145,17 +157,28 @@ class _Value:
 class _Chain:
     """Builds the constant chain of one layer into the graph."""
 
-    def __init__(self, graph: ir.Graph, names: NameAllocator, base: str):
-        self.graph, self.names, self.base = graph, names, base
+    def __init__(self, graph: ir.Graph, names: NameAllocator, base: str, short: str, constants: dict):
+        # stored arrays are named for their layer; the chain's ~15 nodes and values get the short prefix
+        # (a layer's full name on each costs ~7 kB a layer in the file: 0.26 MB of MiniLM's 12 MB)
+        self.graph, self.names, self.base, self.short, self.constants = graph, names, base, short, constants
         self.bytes = 0
 
     def const(self, tag: str, a: np.ndarray) -> ir.Value:
         self.bytes += a.nbytes
         return add_initializer(self.graph, self.names.unique(f"{self.base}_{tag}"), a)
 
+    def shared(self, tag: str, a: np.ndarray) -> ir.Value:
+        """A small constant (a scalar, a shape) stored once for every chain of the pass."""
+        a = np.asarray(a)
+        key = (a.dtype.str, a.shape, a.tobytes())
+        if key not in self.constants:
+            self.bytes += a.nbytes
+            self.constants[key] = add_initializer(self.graph, self.names.unique(f"int4_shared_{tag}"), a)
+        return self.constants[key]
+
     def op(self, op: str, inputs, tag: str, **attrs) -> ir.Value:
-        node = ir.node(op, inputs, attributes=attrs or None, name=self.names.unique(f"{self.base}_{tag}"), num_outputs=1)
-        node.outputs[0].name = self.names.unique(f"{self.base}_{tag}_out")
+        node = ir.node(op, inputs, attributes=attrs or None, name=self.names.unique(f"{self.short}_{tag}"), num_outputs=1)
+        node.outputs[0].name = self.names.unique(f"{self.short}_{tag}_out")
         self.graph.append(node)
         return node.outputs[0]
 
@@ -167,26 +190,28 @@ class _Chain:
         q[:k] = c.q
         p = self.op("Cast", [self.const("int4_codes", pack_codes(q))], "packed_float", to=FLOAT)  # [rows/2, N]
         # the nibbles in float (exact for 0..255): hi = floor(p / 16), lo = p - 16 hi
-        hi = self.op("Floor", [self.op("Mul", [p, self.const("sixteenth", np.float32(1 / 16))], "p16")], "hi")
-        lo = self.op("Sub", [p, self.op("Mul", [hi, self.const("sixteen", np.float32(16))], "hi16")], "lo")
+        hi = self.op("Floor", [self.op("Mul", [p, self.shared("sixteenth", np.float32(1 / 16))], "p16")], "hi")
+        lo = self.op("Sub", [p, self.op("Mul", [hi, self.shared("sixteen", np.float32(16))], "hi16")], "lo")
         # rows 2i (lo) and 2i+1 (hi): [rows/2, 1, N] twice, concatenated on axis 1, then [blocks, B, N]
-        shape3 = self.const("pair_shape", np.array([rows // 2, 1, n], np.int64))
+        shape3 = self.shared("pair_shape", np.array([rows // 2, 1, n], np.int64))
         pairs = self.op("Concat", [self.op("Reshape", [lo, shape3], "lo3"), self.op("Reshape", [hi, shape3], "hi3")],
                         "pairs", axis=1)
-        qf = self.op("Reshape", [pairs, self.const("block_shape", np.array([blocks, c.block, n], np.int64))], "blocked")
-        zp = self.const("int4_zero_point", c.zp.reshape(blocks, 1, n))
+        qf = self.op("Reshape", [pairs, self.shared("block_shape", np.array([blocks, c.block, n], np.int64))], "blocked")
+        if getattr(c, "symmetric", False):  # every zero point is 8: one scalar, no stored array
+            zp = self.shared("int4_zero_point", np.float32(8))
+        else:
+            zp = self.op("Cast", [self.const("int4_zero_point", c.zp.reshape(blocks, 1, n))], "zp_float", to=FLOAT)
         scale = self.op("Cast", [self.const("int4_scale", c.scale.astype(np.float16).reshape(blocks, 1, n))],
                         "scale_float", to=FLOAT)
-        w = self.op("Mul", [self.op("Sub", [qf, self.op("Cast", [zp], "zp_float", to=FLOAT)], "centered"), scale],
-                    "dequantized")
-        w = self.op("Reshape", [w, self.const("weight_shape", np.array([rows, n], np.int64))], "weight_padded")
+        w = self.op("Mul", [self.op("Sub", [qf, zp], "centered"), scale], "dequantized")
+        w = self.op("Reshape", [w, self.shared("weight_shape", np.array([rows, n], np.int64))], "weight_padded")
         if rows != k:
-            w = self.op("Slice", [w, self.const("start", np.array([0], np.int64)), self.const("end", np.array([k], np.int64)),
-                                  self.const("axes", np.array([0], np.int64))], "weight")
+            w = self.op("Slice", [w, self.shared("start", np.array([0], np.int64)), self.shared("end", np.array([k], np.int64)),
+                                  self.shared("axes", np.array([0], np.int64))], "weight")
         if smooth is not None:
             w = self.op("Mul", [w, self.const("smooth", smooth.astype(np.float32).reshape(k, 1))], "smoothed")
         w = self.op("Round", [self.op("Div", [w, w_scale], "scaled")], "rounded")
-        w = self.op("Clip", [w, self.const("qmin", np.float32(-qmax)), self.const("qmax", np.float32(qmax))], "clipped")
+        w = self.op("Clip", [w, self.shared("qmin", np.float32(-qmax)), self.shared("qmax", np.float32(qmax))], "clipped")
         return _Value(self.op("Cast", [w], "int8_weight", to=int(ir.DataType.INT8)), (k, n))
 
 
@@ -199,25 +224,59 @@ def apply_int4_at_rest(int8_model: ir.Model, codes: Mapping[str, Any], plan: Map
                     int8_model).model
 
 
-def int4_compute(opts: Any) -> str:
-    """``int8`` or ``nbits`` for ``opts.int4_compute`` (auto: int8 on x86 targets, nbits elsewhere)."""
-    if opts.int4_compute != "auto":
-        return opts.int4_compute
-    from edgecomp.targets import host_isa
+#: the initializer kinds :func:`bytes_by_kind` reports, in its order
+BYTE_KINDS = ("int4 codes (MatMul weights)", "int4 scales", "int4 zero points", "int8 weights",
+              "int4 chain vectors (int8 weight scale, smoothing)", "table int4 codes", "table int8 codes",
+              "table scales and offsets", "float weights (2-D and up)", "float vectors (bias, LayerNorm, grids, zero points)",
+              "integer (id maps, shapes)", "other")
+_CHAIN_TAGS = {"_int4_codes": 0, "_int4_scale": 1, "_int4_zero_point": 2, "_w_scale": 4, "_smooth": 4}
 
-    return "int8" if (opts.isa or host_isa()).arch == "x86_64" else "nbits"
+
+def _kind(value: ir.Value) -> str:
+    tensor = value.const_value
+    dtype = tensor.dtype
+    uses = [(u.node.op_type, u.idx) for u in value.uses()]
+    for u in value.uses():  # a float16 array read through a Cast to float: its reader counts
+        if u.node.op_type == "Cast":
+            uses += [(v.node.op_type, v.idx) for v in u.node.outputs[0].uses()]
+    if any(op == "MatMulNBits" for op, _ in uses):
+        idx = next(i for op, i in uses if op == "MatMulNBits")
+        return BYTE_KINDS[{1: 0, 2: 1, 3: 2}.get(idx, 11)]
+    base = (value.name or "").removesuffix("_float16").rstrip("0123456789_")
+    tag = next((t for t in _CHAIN_TAGS if base.endswith(t)), None)
+    if tag:
+        return BYTE_KINDS[_CHAIN_TAGS[tag]]
+    gathered = any(op == "Gather" and i == 0 for op, i in uses)
+    if gathered and dtype == ir.DataType.UINT8:
+        return BYTE_KINDS[5]
+    if gathered and dtype == ir.DataType.INT8:
+        return BYTE_KINDS[6]
+    if gathered and dtype in (ir.DataType.FLOAT16, ir.DataType.FLOAT) and base.endswith(("_scale", "_lo")):
+        return BYTE_KINDS[7]
+    if dtype == ir.DataType.INT8 and len(tensor.shape) >= 2:
+        return BYTE_KINDS[3]
+    if dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE):
+        return BYTE_KINDS[8] if len(tensor.shape) >= 2 and tensor.size >= 1024 else BYTE_KINDS[9]
+    if dtype in (ir.DataType.INT8, ir.DataType.UINT8) and len(tensor.shape) < 2:
+        return BYTE_KINDS[9]  # the int8 ops' zero points
+    if dtype in (ir.DataType.INT32, ir.DataType.INT64):
+        return BYTE_KINDS[10]
+    return BYTE_KINDS[11]
 
 
-def write_int4(model: ir.Model, int8_plan: Mapping[str, Any], codes: Mapping[str, Any], block: int, opts: Any,
-               nbits_model: ir.Model) -> tuple[ir.Model, str]:
-    """The written model for the chosen int4 layers and how it runs: ``nbits_model`` with the
-    MatMulNBits layers, or (int4 compute int8) the int8 model of ``int8_plan`` built on the int4
-    weights with those layers' int8 weights at rest in int4."""
-    if int4_compute(opts) == "nbits":
-        from edgecomp.quantize.int4 import apply_int4
-
-        return apply_int4(nbits_model, codes, block), "MatMulNBits"
-    from edgecomp.quantize.plan import build
-
-    int8 = build(int4_weights(model, codes), int8_plan, format=opts.format)
-    return apply_int4_at_rest(int8, codes, int8_plan), "int4 at rest, int8 compute (folded at session load)"
+def bytes_by_kind(model: ir.Model) -> list[dict[str, Any]]:
+    """Where a model's bytes go: its initializers summed by kind (:data:`BYTE_KINDS`: int4 codes,
+    scales and zero points of MatMul weights, int8 weights, embedding table codes and scales, float
+    weights and vectors, integer maps), largest kind first, with the largest initializer of each."""
+    rows: dict[str, dict[str, Any]] = {}
+    for value in model.graph.initializers.values():
+        if value.const_value is None:
+            continue
+        kind = _kind(value)
+        n = value.const_value.nbytes
+        row = rows.setdefault(kind, {"kind": kind, "bytes": 0, "initializers": 0, "largest": "", "largest bytes": 0})
+        row["bytes"] += n
+        row["initializers"] += 1
+        if n > row["largest bytes"]:
+            row["largest"], row["largest bytes"] = value.name, n
+    return sorted(rows.values(), key=lambda r: -r["bytes"])

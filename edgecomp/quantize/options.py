@@ -41,6 +41,12 @@ def _int4(v: str) -> str | None:
     return regexes([p for p in v.split(",") if p]) if v.strip(",") else "must be off, auto, or comma regexes"
 
 
+def _int4_block(v) -> str | None:
+    if v == "auto" or (isinstance(v, int) and v >= 16 and not v & (v - 1)):
+        return None
+    return f"must be a power of two >= 16 or auto, got {v!r}"
+
+
 OPTIONS = (
     Option("method", str, "minmax", "how activation ranges are chosen from calibration statistics", choices=METHODS),
     Option("percentile", float, 99.99, "for method percentile", check=in_range(50, 100, open_lo=True, open_hi=True)),
@@ -74,8 +80,13 @@ OPTIONS = (
            "computed from them once at session load: int8 speed), nbits (onnxruntime MatMulNBits), or auto (int8 on "
            "x86, where MatMulNBits is slower; nbits on ARM, where KleidiAI may make it faster)",
            choices=("auto", "int8", "nbits")),
-    Option("int4_block", int, 32, "int4 weights per scale along K (a power of two >= 16)",
-           check=lambda v: None if v >= 16 and not v & (v - 1) else f"must be a power of two >= 16, got {v!r}"),
+    Option("int4_block", (str, int), 32, "int4 weights per scale along K: a power of two >= 16, or auto (per layer "
+           "32, 64 or 128: the fewest bytes within int4_error_ratio of the layer's least output error)",
+           check=_int4_block),
+    Option("int4_grid", str, "asymmetric", "int4 grid: asymmetric (a zero point per block), symmetric (none "
+           "stored), or auto (per layer, as int4_block auto)", choices=("asymmetric", "symmetric", "auto")),
+    Option("int4_error_ratio", float, 1.25, "with int4_block or int4_grid auto: how much more held-out output "
+           "error than its best layout a layer may take for fewer bytes", check=in_range(1)),
 )
 
 
@@ -99,7 +110,9 @@ class QuantizeOptions:
     ep: str | None = None  # the target's mobile execution provider (it runs the QDQ form only); None: the CPU EP
     node_units: bool | None = None  # qdq: every layer's output gets its own grid too (quantize/outputs.py); None: the target's
     int4: str = "off"  # off | auto (by measured cost, within the bound) | comma regexes of node names
-    int4_block: int = 32
+    int4_block: int | str = 32  # a power of two >= 16 | auto (32/64/128 per layer, by measured error)
+    int4_grid: str = "asymmetric"  # asymmetric | symmetric | auto (per layer, by measured error)
+    int4_error_ratio: float = 1.25  # auto layouts: error a smaller layout may add, over the layer's best
     int4_compute: str = "auto"  # auto | int8 (int4 at rest, int8 kernel) | nbits (MatMulNBits)
     reservoir: int = 512
     isa: Isa | None = None  # target ISA (default: the host's)

@@ -61,8 +61,7 @@ from edgecomp.quantize.attention_rounding import drift_budget, keep_stable_atten
 from edgecomp.quantize.calibration import calibrate
 from edgecomp.quantize.cost_aware import fit_with_tables, int8_tables_if_they_pay, unsmoothed_if_faster
 from edgecomp.quantize.families import choose_families
-from edgecomp.quantize.int4 import describe, int4_step, latency_vs_int8
-from edgecomp.quantize.int4_at_rest import write_int4
+from edgecomp.quantize.int4 import describe, int4_step, latency_vs_int8, write_int4
 from edgecomp.quantize.layers import find_layers, no_layer_message
 from edgecomp.quantize.options import DATA_NEEDED, MIN_OPSET, OPSET_REASON, OPTIONS, QuantizeOptions
 from edgecomp.quantize.outputs import calibrate_outputs, plan_outputs
@@ -189,7 +188,7 @@ def quantize_model(model: ir.Model, calibration: Dataset, opts: QuantizeOptions,
     rows += skipped
     quantized = build(model, plan, format=opts.format) if plan else model
     if int4 and int4.codes:
-        quantized, int4_form = write_int4(model, int8_plan, int4.codes, int4.block, opts, quantized)
+        quantized, int4_form = write_int4(model, int8_plan, int4.codes, opts)
     embedding_rows = []
     if opts.embeddings:
         choice = int8_tables_if_they_pay(quantized, feed, opts, tables)
