@@ -67,6 +67,9 @@ OPTIONS = (
     Option("metric", str, "cosine", "what tolerance bounds: 1-cosine, top-1 accuracy drop, or MAE", choices=METRICS),
     Option("tolerance", float, None, "allowed loss vs fp32 on eval data; the most sensitive layers stay float "
            "until it is met (exit status 3 when it cannot be)", check=in_range(0), needs=lambda v: "eval"),
+    Option("min_cosine", float, 0.99, "without a tolerance: the fidelity floor, every float output's cosine to fp32 "
+           "on held-out calibration samples; the most sensitive layers stay float (and int4 auto adds layers) "
+           "within it", check=in_range(0, 1, open_lo=True)),
     Option("format", str, None, "contrib: onnxruntime's fastest CPU form (com.microsoft ops); qdq: standard "
            "QuantizeLinear/DequantizeLinear pairs that mobile EPs (XNNPACK, NNAPI, CoreML, QNN) consume; unset: "
            "the target's form (qdq for a mobile EP, else contrib)", choices=FORMATS),

@@ -224,3 +224,22 @@ def test_the_cli_refuses_a_bad_layout_in_one_line_and_reads_numbers(tmp_path, ml
     assert res.exit_code == 2 and says in res.output and "Traceback" not in res.output
     assert len([line for line in res.output.splitlines() if line.startswith("Error")]) == 1
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_the_fidelity_floor_is_an_option_of_the_cli(tmp_path, mlp_path, mlp_data):
+    """``--min-cosine`` reaches the floor quantize holds (its summary names it); out of range is one line."""
+    import json
+
+    from click.testing import CliRunner
+
+    from edgecomp.cli import cli
+
+    bad = CliRunner().invoke(cli, ["quantize", str(mlp_path), "-o", str(tmp_path / "bad.onnx"), "--data",
+                                   str(mlp_data[0]), "--min-cosine", "1.5"])
+    assert bad.exit_code == 2 and "must be in (0, 1]" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "bad.onnx").exists()
+    report = tmp_path / "q.json"
+    res = CliRunner().invoke(cli, ["quantize", str(mlp_path), "-o", str(tmp_path / "q.onnx"), "--data",
+                                   str(mlp_data[0]), "--families", "all", "--min-cosine", "0.9995", "--json", str(report)])
+    assert res.exit_code in (0, 3), res.output
+    assert "(floor 0.9995" in json.loads(report.read_text())["summary"]["fidelity"]
