@@ -20,11 +20,10 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 from _bench_common import ROOT, embeddings, export_minilm, fidelity, minilm_path, text_splits
-from bench_heal import _prune, _top1
+from bench_heal import digits_setup, prune_file, top1
 
-from edgecomp.data import load_data, save_npz
+from edgecomp.data import load_data
 from edgecomp.distill import DistillConfig, distill
 
 
@@ -39,7 +38,7 @@ def _minilm(work: Path, args) -> tuple[dict, callable]:
     if not calib.exists():
         write_token_data(tokenize(tok, text_splits()["calib"][:200]), calib)
     pruned = work / "minilm.ffn50.onnx"
-    _prune(fp32, pruned, load_data(calib), True, sparsity=0.5, kinds=("channels",), importance="obs")
+    prune_file(fp32, pruned, load_data(calib), True, sparsity=0.5, kinds=("channels",), importance="obs")
     cfg = dict(teacher=str(fp32), student=str(pruned), text=str(training_sentences(work, 6000)),
                tokenizer=str(minilm_path()), max_len=128, batch_size=32, lr=2e-4, epochs=10, match="cosine",
                held_out=0.03)
@@ -52,26 +51,14 @@ def _minilm(work: Path, args) -> tuple[dict, callable]:
 
 
 def _digits(work: Path, args) -> tuple[dict, callable]:
-    from edgecomp.export import export_spec
-    from models.digits import load_digits_32
-
-    fp32 = work / "digits.onnx"
-    if not fp32.exists():
-        export_spec("models.mobilenet_v2:digits_classifier", fp32, dynamic={"x": {0: "batch"}})
-    xtr, ytr = load_digits_32("train")
-    xte, yte = load_digits_32("test")
-    calib = save_npz(work / "digits_train200.npz", {"x": xtr[:200].astype(np.float32)})
-    train = save_npz(work / "digits_train.npz", {"x": xtr.astype(np.float32)})
-    np.save(work / "digits_train_labels.npy", ytr.astype(np.int64))
-    pruned = work / "digits.s50.onnx"
-    _prune(fp32, pruned, load_data(calib), True, sparsity=0.5, importance="activation", max_samples=200)
-    cfg = dict(teacher=str(fp32), student=str(pruned), data=str(train), labels=str(work / "digits_train_labels.npy"),
+    _, fp32, pruned, _, train, labels, (xte, yte) = digits_setup(work, True)
+    cfg = dict(teacher=str(fp32), student=str(pruned), data=str(train), labels=str(labels),
                batch_size=64, lr=1e-3, epochs=100, held_out=0.1)
 
     def test(out: Path) -> dict:
-        ref = _top1(fp32, xte, yte)
-        return {"top-1": round(_top1(out, xte, yte), 4), "vs fp32 (points)": round((_top1(out, xte, yte) - ref) * 100, 2),
-                "pruned vs fp32 (points)": round((_top1(pruned, xte, yte) - ref) * 100, 2)}
+        ref = top1(fp32, xte, yte)
+        return {"top-1": round(top1(out, xte, yte), 4), "vs fp32 (points)": round((top1(out, xte, yte) - ref) * 100, 2),
+                "pruned vs fp32 (points)": round((top1(pruned, xte, yte) - ref) * 100, 2)}
 
     return cfg, test
 

@@ -57,7 +57,7 @@ def _cached(out: Path, reuse: bool, make) -> dict:
     return rec
 
 
-def _prune(src: Path, dst: Path, data, reuse: bool = False, **opts) -> dict:
+def prune_file(src: Path, dst: Path, data, reuse: bool = False, **opts) -> dict:
     from edgecomp.prune import prune_model
     from edgecomp.prune.options import PruneOptions
 
@@ -135,7 +135,7 @@ def bench_minilm(work: Path, args) -> tuple[str, list[str]]:
     if not calib.exists():
         write_token_data(tokenize(tok, splits["calib"][:200]), calib)
     pruned = work / "minilm.ffn50.onnx"
-    cut = _prune(fp32, pruned, load_data(calib), args.reuse, sparsity=0.5, kinds=("channels",), importance="obs")
+    cut = prune_file(fp32, pruned, load_data(calib), args.reuse, sparsity=0.5, kinds=("channels",), importance="obs")
     text = training_sentences(work, args.sentences)
     heals = {}
     for mode in args.heal:
@@ -205,7 +205,7 @@ def bench_minilm(work: Path, args) -> tuple[str, list[str]]:
     return md_table(rows, cols), notes
 
 
-def _top1(path: Path, x: np.ndarray, y: np.ndarray) -> float:
+def top1(path: Path, x: np.ndarray, y: np.ndarray) -> float:
     from edgecomp.runtime import make_session
 
     s = make_session(path)
@@ -213,7 +213,9 @@ def _top1(path: Path, x: np.ndarray, y: np.ndarray) -> float:
     return float((np.argmax(s.run(None, {name: x})[0], axis=1) == y).mean())
 
 
-def bench_digits(work: Path, args) -> tuple[str, list[str]]:
+def digits_setup(work: Path, reuse: bool) -> tuple[dict, Path, Path, Path, Path, Path, tuple]:
+    """The digits classifier, its data files and its 50% channel cut (the cut's report first; ``reuse``
+    keeps an earlier cut); returns (cut, fp32, pruned, calib, train, labels, (test x, test y))."""
     from edgecomp.export import export_spec
     from models.digits import load_digits_32
 
@@ -221,17 +223,22 @@ def bench_digits(work: Path, args) -> tuple[str, list[str]]:
     if not fp32.exists():
         export_spec("models.mobilenet_v2:digits_classifier", fp32, dynamic={"x": {0: "batch"}})
     xtr, ytr = load_digits_32("train")
-    xte, yte = load_digits_32("test")
     calib = save_npz(work / "digits_train200.npz", {"x": xtr[:200].astype(np.float32)})
     train = save_npz(work / "digits_train.npz", {"x": xtr.astype(np.float32)})
-    np.save(work / "digits_train_labels.npy", ytr.astype(np.int64))
+    labels = work / "digits_train_labels.npy"
+    np.save(labels, ytr.astype(np.int64))
     pruned = work / "digits.s50.onnx"
-    cut = _prune(fp32, pruned, load_data(calib), args.reuse, sparsity=0.5, importance="activation", max_samples=200)
+    cut = prune_file(fp32, pruned, load_data(calib), reuse, sparsity=0.5, importance="activation", max_samples=200)
+    return cut, fp32, pruned, calib, train, labels, load_digits_32("test")
+
+
+def bench_digits(work: Path, args) -> tuple[str, list[str]]:
+    cut, fp32, pruned, calib, train, labels, (xte, yte) = digits_setup(work, args.reuse)
     heals = {}
     for mode in args.heal:
         out = work / f"digits.s50.healed-{mode}.onnx"
         heals[mode] = (out, _heal(fp32, pruned, out, args.reuse, blockwise=mode == "block-wise", data=str(train),
-                                  labels=str(work / "digits_train_labels.npy"), batch_size=64, lr=args.digits_lr,
+                                  labels=str(labels), batch_size=64, lr=args.digits_lr,
                                   epochs=args.digits_epochs, held_out=0.1, patience=10, seed=0, threads=args.threads))
     best_mode = args.heal[0]
     healed_q = work / f"digits.s50.healed-{best_mode}.int8.onnx"
@@ -241,14 +248,14 @@ def bench_digits(work: Path, args) -> tuple[str, list[str]]:
                 f"50% channels + healed {best_mode}, int8": healed_q}
     feed = {"x": xte[:1].astype(np.float32)}
     lat = bench_in_subprocess(list(variants.values()), list(variants), feed, runs=args.runs * 4)
-    ref = _top1(fp32, xte, yte)
-    rows = [{"model": name, "size MB": path.stat().st_size / 1e6, "top-1": _top1(path, xte, yte),
-             "vs fp32 (points)": (_top1(path, xte, yte) - ref) * 100, "latency vs fp32": st["ratio_to_first"],
+    ref = top1(fp32, xte, yte)
+    rows = [{"model": name, "size MB": path.stat().st_size / 1e6, "top-1": top1(path, xte, yte),
+             "vs fp32 (points)": (top1(path, xte, yte) - ref) * 100, "latency vs fp32": st["ratio_to_first"],
              "p50 ms": st["p50_ms"]} for (name, path), st in zip(variants.items(), lat)]
     h = rows[2]
     met = h["vs fp32 (points)"] >= -0.5 and h["latency vs fp32"] <= 0.70
     notes = [f"prune: {cut['summary'].get('parameters')} parameters, MACs {cut['summary'].get('MACs')}; heal: "
-             f"{len(xtr)} training images (10% held out), soft targets + labels, batch 64, AdamW lr {args.digits_lr:g}, "
+             f"{len(np.load(labels))} training images (10% held out), soft targets + labels, batch 64, AdamW lr {args.digits_lr:g}, "
              f"{args.digits_epochs} epochs at most; load average at the end {_load()}"]
     for mode, (_, rec) in heals.items():
         notes.append(f"{mode}: {rec['wall']:.0f} s wall; " + (_block_note(rec) + "; end-to-end pass: "

@@ -24,6 +24,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from _bench_common import (
@@ -103,6 +104,18 @@ def op_rows(seq: int = 128, rounds: int = 12) -> list[dict]:
     return rows
 
 
+def minilm_setup(work: Path) -> tuple[Path, Path, Any, dict, Path]:
+    """The fp32 MiniLM, its tokenizer (path and object), the text splits and 200 calibration sentences."""
+    fp32 = export_minilm(work / "minilm.onnx")
+    tok_path = minilm_path()
+    tok = load_tokenizer(tok_path)
+    splits = text_splits()
+    calib = work / "calib"
+    if not calib.exists():
+        write_token_data(tokenize(tok, splits["calib"][:200]), calib)
+    return fp32, tok_path, tok, splits, calib
+
+
 def _int4_count(report: dict) -> str:
     text = report.get("summary", {}).get("int4", "")
     return text.split(" in int4")[0].replace(" int8 MatMuls", "") if " of " in text else "0"
@@ -149,12 +162,7 @@ def bench_at_rest(work: Path, texts: int, runs: int, nbits: bool = True) -> str:
 
     import onnxruntime as ort
 
-    fp32 = export_minilm(work / "minilm.onnx")
-    tok = load_tokenizer(minilm_path())
-    splits = text_splits()
-    calib = work / "calib"
-    if not calib.exists():
-        write_token_data(tokenize(tok, splits["calib"][:200]), calib)
+    fp32, _, tok, splits, calib = minilm_setup(work)
     forms = [("int8 (quantize defaults)", "int8.onnx", ()),
              ("int4 every MatMul, at rest, int8 compute", "i4all_rest.onnx", ("--int4", ".", "--int4-compute", "int8")),
              ("int4 every MatMul, MatMulNBits", "i4all_nbits.onnx", ("--int4", ".", "--int4-compute", "nbits"))]
@@ -240,13 +248,7 @@ def bench_size(work: Path, texts: int, runs: int, only: str | None = None, quant
     """Issue 23's size targets: each of :data:`SIZE_VARIANTS` quantized (cached: run it variant by variant with
     ``--size --quantize-only --only N`` first on a busy machine), then size, fidelity, latency vs fp32 and the int8 model (one
     interleaved run in a fresh process) and where the bytes of the smallest go; ``only``: comma indices."""
-    fp32 = export_minilm(work / "minilm.onnx")
-    tok_path = minilm_path()
-    tok = load_tokenizer(tok_path)
-    splits = text_splits()
-    calib = work / "calib"
-    if not calib.exists():
-        write_token_data(tokenize(tok, splits["calib"][:200]), calib)
+    fp32, tok_path, tok, splits, calib = minilm_setup(work)
     sci = docstring_sentences(SCIENCE)
     sci_corpus, sci_test = sci[:2000], sci[2000:2000 + texts]
     (work / "sci_corpus.txt").write_text("\n".join(sci_corpus) + "\n")
@@ -351,13 +353,7 @@ def main() -> None:
         return
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    fp32 = export_minilm(work / "minilm.onnx")
-    tok_path = minilm_path()
-    tok = load_tokenizer(tok_path)
-    splits = text_splits()
-    calib = work / "calib"
-    if not calib.exists():
-        write_token_data(tokenize(tok, splits["calib"][:200]), calib)
+    fp32, tok_path, tok, splits, calib = minilm_setup(work)
     held = set(splits["test"])
     (work / "std_corpus.txt").write_text("\n".join(s for s in docstring_sentences() if s not in held) + "\n")
     sci = docstring_sentences(SCIENCE)

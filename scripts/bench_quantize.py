@@ -224,16 +224,22 @@ def _op_profile(paths: list[Path], labels: list[str], feed: dict, runs: int = 50
 
 
 
-def bench_speed_forms(work: Path, runs: int) -> str:
-    """Issue 23: the default int8 vs fp32 (three interleaved runs), the QDQ form (default: the contrib
-    form's computation; --node-units: whole node units) against the contrib form, and where the time
-    goes, with the machine's load reported beside each timing."""
+def minilm_inputs(work: Path) -> tuple[Path, Path, list, dict]:
+    """The fp32 MiniLM, its 500 calibration sentences, the held-out test feeds and one seq-128 latency feed."""
     fp32 = export_minilm(work / "minilm.onnx")
     tok = load_tokenizer(minilm_path())
     splits = text_splits()
     calib_dir = write_token_data(tokenize(tok, splits["calib"]), work / "calib500")
     test_feeds = tokenize(tok, splits["test"])
     feed = tokenize(tok, [" ".join(splits["test"][:80])], max_len=128)[0]
+    return fp32, calib_dir, test_feeds, feed
+
+
+def bench_speed_forms(work: Path, runs: int) -> str:
+    """Issue 23: the default int8 vs fp32 (three interleaved runs), the QDQ form (default: the contrib
+    form's computation; --node-units: whole node units) against the contrib form, and where the time
+    goes, with the machine's load reported beside each timing."""
+    fp32, calib_dir, test_feeds, feed = minilm_inputs(work)
     forms = {"edgecomp int8 (default, contrib form)": ("edgecomp.onnx", ()),
              "edgecomp --format qdq": ("edgecomp_qdq.onnx", ("--format", "qdq")),
              "edgecomp --format qdq --node-units": ("edgecomp_qdq_units.onnx", ("--format", "qdq", "--node-units"))}
@@ -432,12 +438,7 @@ def bench_attention(work: Path, runs: int) -> str:
     from edgecomp.passes.attention_layout import SimplifyAttentionLayoutPass
     from edgecomp.passes.base import run_pass
 
-    fp32 = export_minilm(work / "minilm.onnx")
-    tok = load_tokenizer(minilm_path())
-    splits = text_splits()
-    calib_dir = write_token_data(tokenize(tok, splits["calib"]), work / "calib500")
-    test_feeds = tokenize(tok, splits["test"])
-    feed = tokenize(tok, [" ".join(splits["test"][:80])], max_len=128)[0]
+    fp32, calib_dir, test_feeds, feed = minilm_inputs(work)
     reports = {"default": edgecomp_quantize(fp32, work / "att_default.onnx", calib_dir),
                "all": edgecomp_quantize(fp32, work / "att_all.onnx", calib_dir, "--families", "matmul,attention"),
                "none": edgecomp_quantize(fp32, work / "att_none.onnx", calib_dir, "--families", "matmul")}
