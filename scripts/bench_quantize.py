@@ -496,19 +496,23 @@ def _ort_optimized_ops(path: Path) -> list[str]:
 
 #: the diagnosis of the measured --speed-forms run (update when the numbers move)
 FORMS_NOTES = """
-Targets (issue 23), this run (1-minute load 17-18 on 2 cores: seven jobs shared the machine):
+Targets (issue 23), this run (2026-12-07, the machine idle: 1-minute load 1.0 on 2 cores, nothing else running;
+the 2026-12-07 run under load 17-18 read 0.41-0.48x for the default and 0.43-0.46x for qdq):
 - MiniLM default int8 <= 0.35x fp32 at mean cos >= 0.998 and NN@10 >= 0.95: fidelity **met** (0.9985, NN@10 0.9506),
-  latency **missed**: 0.41-0.48x over three interleaved runs. Where the time goes (profile above): the int8 GEMMs
-  (MatMulIntegerToFloat) are half of the kernel time; the float remainder is GELU (~10%), Mul (~7%: GELU's own Muls and
-  the SmoothQuant divisions that cannot fold — the post-LN LayerNorm outputs feed the residual Add too, and the FFN-out
-  input follows GELU), LayerNormalization (~7%), QuantizeLinear (~6%), Transpose and Softmax. Folds applied: the
-  attention-output SmoothQuant divisions into the value projections of the 4 layers whose softmax·V product stays
-  float; the 12 LayerNorm divisions stay (residual reader), the 6 after GELU stay (nonlinearity).
-- `--format qdq` <= 24.5 MB, cosine >= 0.997, no com.microsoft op: **met** (23.7 MB, 0.9985 = the contrib form's,
-  no com.microsoft op), and at the contrib form's speed (0.43-0.46x vs 0.41-0.48x): onnxruntime now fuses every layer
-  into MatMulIntegerToFloat (its MatMulAddFusion had turned MatMul+bias into a float Gemm before, 0.67x). The former
-  QDQ default (`--node-units`, whole DQ -> op -> Q units for NNAPI/QNN) is 34.3 MB at cos 0.9944 (its per-output grids
-  cost fidelity, so the floor kept 14 layers float) and 0.67-0.69x.
+  latency **missed**: 0.418-0.421x over three interleaved runs (6.9-7.1 ms vs fp32 16.5 ms). Where the time goes
+  (profile above, kernel time 7.3 ms vs fp32 16.4 ms): the int8 GEMMs (MatMulIntegerToFloat) are 4.34 ms, 59%, already
+  3.1x faster than the fp32 MatMuls they replace (13.3 ms); the float remainder is ~3 ms: GELU 0.48, QuantizeLinear
+  0.33, LayerNormalization 0.29, Softmax 0.29, Mul 0.29 (GELU's own and the SmoothQuant divisions that cannot fold —
+  the post-LN LayerNorm outputs feed the residual Add too, and the FFN-out input follows GELU), Transpose 0.27, the 4
+  float softmax·V MatMuls 0.24, Sum 0.12. 0.35x is 5.8 ms: 1.5 ms less, half of the whole float remainder, or int8
+  GEMMs at ~4x fp32 (VNNI's peak ratio) with nothing else changed; neither is reachable with onnxruntime's CPU
+  kernels as they are. Folds applied: the attention-output SmoothQuant divisions into the value projections of the 4
+  layers whose softmax·V product stays float; the 12 LayerNorm divisions stay (residual reader), the 6 after GELU stay.
+- `--format qdq` <= 24.5 MB, cosine >= 0.997, no com.microsoft op: **met** (23.7 MB, cos 0.9987, no com.microsoft
+  op), 0.432-0.434x, within 4% of the contrib form: onnxruntime fuses every layer into MatMulIntegerToFloat (its
+  MatMulAddFusion had turned MatMul+bias into a float Gemm before, 0.67x). The former QDQ default (`--node-units`,
+  whole DQ -> op -> Q units for NNAPI/QNN) is 34.3 MB at cos 0.9944 (its per-output grids cost fidelity, so the floor
+  kept 14 layers float) and 0.67x.
 """
 
 
