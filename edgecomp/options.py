@@ -38,7 +38,8 @@ class Option:
     are the same); ``check`` refuses values out of range; ``needs`` maps a value to the data it
     needs (``"calibration"``, ``"eval"``) or None. The CLI spelling can be set with ``flag``
     (``"--per-channel/--per-tensor"``); list options are repeatable flags, or one comma list with
-    ``split=","``; ``parse`` turns the repeated CLI strings into the value (a dict for ``dynamic``).
+    ``split=","``; ``parse`` turns the repeated CLI strings into the value (a dict for ``dynamic``);
+    ``unset_ok`` lets Python callers pass None for an option whose default is a value (``min_cosine``).
     """
 
     name: str
@@ -52,11 +53,12 @@ class Option:
     split: str | None = None
     parse: Callable[[Sequence[str]], Any] | None = None
     metavar: str | None = None
+    unset_ok: bool = False  # None is allowed from Python (it switches the feature off) though the default is not None
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with an (already type-checked) value, or None."""
         if value is None:
-            return None if self.default is None else "must be set"
+            return None if self.default is None or self.unset_ok else "must be set"
         if self.choices is not None and str(value) not in {str(c) for c in self.choices}:
             return f"must be one of {', '.join(str(c) for c in self.choices)}, got {value!r}"
         return self.check(value) if self.check else None

@@ -69,7 +69,7 @@ OPTIONS = (
            "until it is met (exit status 3 when it cannot be)", check=in_range(0), needs=lambda v: "eval"),
     Option("min_cosine", float, 0.99, "without a tolerance: the fidelity floor, every float output's cosine to fp32 "
            "on held-out calibration samples; the most sensitive layers stay float (and int4 auto adds layers) "
-           "within it", check=in_range(0, 1, open_lo=True)),
+           "within it (None from Python: no fidelity check)", check=in_range(0, 1, open_lo=True), unset_ok=True),
     Option("format", str, None, "contrib: onnxruntime's fastest CPU form (com.microsoft ops); qdq: standard "
            "QuantizeLinear/DequantizeLinear pairs that mobile EPs (XNNPACK, NNAPI, CoreML, QNN) consume; unset: "
            "the target's form (qdq for a mobile EP, else contrib)", choices=FORMATS),
@@ -152,8 +152,6 @@ class QuantizeOptions:
             raise OptionError("int4", "needs format contrib (MatMulNBits is an onnxruntime contrib op)")
         if self.node_units and self.resolved_format() != "qdq":
             raise OptionError("node_units", "needs format qdq (the contrib form's int8 ops return float)")
-        if self.min_cosine is not None and not 0.0 < _number(self.min_cosine) <= 1.0:
-            raise OptionError("min_cosine", "must be in (0, 1], or None to skip the fidelity check")
 
 
 def _number(value: Any) -> float:
