@@ -168,23 +168,19 @@ def group_errors(student: nn.Module, teacher: nn.Module, samples: Samples, names
     return [float(v) for v in sums / max(1, count)]
 
 
-def _held_cos(student: nn.Module, samples: Samples, names: Sequence[str], targets: list[torch.Tensor]) -> float:
+def _outputs(model: nn.Module, samples: Samples, names: Sequence[str]) -> list[torch.Tensor]:
+    """``model``'s first output on ``samples`` in batches of 64, flattened per sample (no gradient)."""
     outs = []
     with torch.no_grad():
         for i in range(0, len(samples), 64):
             b = samples.batch(range(i, min(len(samples), i + 64)))
-            outs.append(_hidden(student(*[b[n] for n in names])).float().flatten(1))
-    got, ref = torch.cat(outs), torch.cat(targets)
-    return float(torch.nn.functional.cosine_similarity(got, ref, dim=1).mean())
-
-
-def _teacher_targets(teacher: nn.Module, samples: Samples, names: Sequence[str]) -> list[torch.Tensor]:
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(samples), 64):
-            b = samples.batch(range(i, min(len(samples), i + 64)))
-            outs.append(_hidden(teacher(*[b[n] for n in names])).float().flatten(1))
+            outs.append(_hidden(model(*[b[n] for n in names])).float().flatten(1))
     return outs
+
+
+def _held_cos(student: nn.Module, samples: Samples, names: Sequence[str], targets: list[torch.Tensor]) -> float:
+    got, ref = torch.cat(_outputs(student, samples, names)), torch.cat(targets)
+    return float(torch.nn.functional.cosine_similarity(got, ref, dim=1).mean())
 
 
 @dataclasses.dataclass
@@ -222,7 +218,7 @@ def init_layers(student: nn.Module, teacher: nn.Module, train: Samples, held: Sa
     groups = layer_groups(len(t_stack), len(s_stack))
     probe = held if len(held) else train.subset(range(min(64, len(train))))
     errors_before = group_errors(student, teacher, probe, names, kind=kind, inputs=inputs)
-    targets = _teacher_targets(teacher, probe, names)
+    targets = _outputs(teacher, probe, names)
     was = student.training
     student.eval()  # no dropout: a regression onto the teacher's values
     params = [p for p in s_stack.parameters() if p.requires_grad]
