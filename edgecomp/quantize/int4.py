@@ -322,9 +322,9 @@ def _candidates(model: ir.Model, plan: Mapping[str, LayerPlan], block: int) -> d
     return out
 
 
-def apply_int4(model: ir.Model, codes: Mapping[str, Int4Codes], block: int | None = None) -> ir.Model:
+def apply_int4(model: ir.Model, codes: Mapping[str, Int4Codes]) -> ir.Model:
     """A copy of ``model`` (float or int8 elsewhere) with the MatMuls named in ``codes`` in int4
-    ``MatMulNBits`` (each layer at its codes' block size; ``block`` is not used, kept for callers)."""
+    ``MatMulNBits`` (each layer at its codes' block size)."""
     out = model.clone()
     for size in sorted({c.block for c in codes.values()}):
         group = {name: c.packed() for name, c in codes.items() if c.block == size}
