@@ -613,6 +613,12 @@ def bench_digits(work: Path, runs: int) -> tuple[str, dict]:
     return table, {"edgecomp op-family timings (int8/float)": fams}
 
 
+def publish(section: str, body: str) -> None:
+    """Write ``body`` into BENCHMARKS.md's ``section`` and show it."""
+    update_section(section, body)
+    print(body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=str(ROOT / "out" / "bench_quantize"))
@@ -635,9 +641,7 @@ def main() -> None:
             f"Reproduce: `.venv/bin/python scripts/bench_quantize.py --skip-layernorm` after `--speed-forms` (measured "
             f"{datetime.date.today()}; {host_line().replace(chr(10), '; ')}).", "",
             bench_skip_layernorm(work, args.runs)])
-        update_section("quantize-skiplayernorm", body)
-        print(body)
-        return
+        return publish("quantize-skiplayernorm", body)
     if args.attention:
         body = "\n".join([
             "## Attention layout and rounding: the int8 MiniLM (issue 23, 1b and 1d)", "",
@@ -646,9 +650,7 @@ def main() -> None:
             "1 thread; fidelity on 870 held-out sentences vs fp32; latency: three interleaved `edgecomp bench` runs in "
             "fresh processes, the 1-minute load beside each (shared machine: compare ratios within a run).", "",
             bench_attention(work, args.runs), ATTENTION_NOTES])
-        update_section("quantize-attention", body)
-        print(body)
-        return
+        return publish("quantize-attention", body)
     if args.tiny_encoders:
         names = (_zoo_encoders() if args.tiny_encoders == "all" else [] if args.tiny_encoders == "none"  # none:
                  else args.tiny_encoders.split(","))  # render the stored rows again
@@ -667,9 +669,7 @@ def main() -> None:
             "`no slower`: yes when every round has it <= 1. cos: the worst output's cosine to fp32 on DATA.", "",
             table, "", "Per round (load: the 1-minute load average of the 2-core machine when the round began):", "",
             per_round, TINY_NOTES])
-        update_section("quantize-tiny", body)
-        print(body)
-        return
+        return publish("quantize-tiny", body)
     if args.speed_forms:
         body = "\n".join([
             "## Static int8 forms: default vs fp32, QDQ at parity (issue 23)", "",
@@ -678,9 +678,7 @@ def main() -> None:
             "held-out sentences; latency: three interleaved `edgecomp bench` runs in fresh processes, the machine's "
             "1-minute load average beside each (the machine is shared: ratios within one run are what counts).", "",
             bench_speed_forms(work, args.runs), FORMS_NOTES])
-        update_section("quantize-forms", body)
-        print(body)
-        return
+        return publish("quantize-forms", body)
     minilm_table, minilm_notes = bench_minilm(work, args.runs)
     digits_table, digits_notes = bench_digits(work, args.runs)
     body = "\n".join([
@@ -709,8 +707,7 @@ def main() -> None:
         "",
         *[f"- {k}: {v}" for k, v in digits_notes.items()],
     ])
-    update_section("quantize", body)
-    print(body)
+    publish("quantize", body)
 
 
 if __name__ == "__main__":

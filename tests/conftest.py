@@ -52,6 +52,15 @@ class RoundRobinClock:
         return self.now
 
 
+def write_token_files(folder: Path, count: int, rng: np.random.Generator, lengths: tuple[int, int] = (4, 20)) -> Path:
+    """``count`` token samples of random lengths in ``lengths`` (ids 1..999, mask all ones) as ``NNN.npz``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        n = int(rng.integers(*lengths))
+        np.savez(folder / f"{i:03d}.npz", input_ids=rng.integers(1, 1000, (1, n)), attention_mask=np.ones((1, n), np.int64))
+    return folder
+
+
 def make_model(nodes, inputs, outputs, initializers=(), opset=17, extra_opsets=()) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "test", inputs, outputs,
                               [numpy_helper.from_array(np.asarray(v), k) for k, v in dict(initializers).items()])

@@ -19,7 +19,7 @@ from edgecomp.distill import DistillConfig, distill, parse_shrink, prepare, shri
 from edgecomp.distill.losses import soft_target_kl
 from edgecomp.distill.students import kept_layers, layer_map
 from edgecomp.errors import DataError, DistillError, InputFileError, OptionError
-from tests.conftest import resume_after_kill
+from tests.conftest import resume_after_kill, write_token_files
 
 TINY = '''
 import torch
@@ -121,11 +121,8 @@ def test_two_gloo_processes_match_one(tiny, tmp_path):
 
 def test_exported_encoder_student_validates(tmp_path):
     rng = np.random.default_rng(0)
-    data = tmp_path / "tokens"
-    data.mkdir()
-    for i in range(48):  # variable lengths: batches are padded, the mask marks real tokens
-        n = int(rng.integers(5, 16))
-        np.savez(data / f"{i:03d}.npz", input_ids=rng.integers(1, 1000, (1, n)), attention_mask=np.ones((1, n), np.int64))
+    # variable lengths: batches are padded, the mask marks real tokens
+    data = write_token_files(tmp_path / "tokens", 48, rng, (5, 16))
     cfg = DistillConfig(teacher="models.text_encoder:tiny_encoder", shrink="layers=1", data=str(data), batch_size=8,
                         epochs=3, lr=3e-3, hidden_weight=1.0, held_out=0.25, threads=1)
     res = distill(cfg, tmp_path / "s.onnx", exporter="torchscript", bench_runs=3)

@@ -12,17 +12,14 @@ import torch
 from edgecomp.distill import DistillConfig, distill, prepare
 from edgecomp.distill.layer_init import group_errors, init_layers, layer_groups
 from edgecomp.errors import OptionError
+from tests.conftest import write_token_files
 
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory) -> Path:
     """Token DATA of variable lengths (batches pad; the mask marks real tokens)."""
     rng = np.random.default_rng(0)
-    data = tmp_path_factory.mktemp("tokens")
-    for i in range(64):
-        n = int(rng.integers(5, 16))
-        np.savez(data / f"{i:03d}.npz", input_ids=rng.integers(1, 1000, (1, n)), attention_mask=np.ones((1, n), np.int64))
-    return data
+    return write_token_files(tmp_path_factory.mktemp("tokens"), 64, rng, (5, 16))
 
 
 @pytest.fixture(scope="module")

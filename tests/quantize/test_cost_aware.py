@@ -13,16 +13,13 @@ from edgecomp.data import Dataset
 from edgecomp.quantize import quantize_model
 from edgecomp.quantize.options import QuantizeOptions
 from edgecomp.targets import host_isa
+from tests.conftest import write_token_files
 
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory):
     rng = np.random.default_rng(3)
-    d = tmp_path_factory.mktemp("cost_aware")
-    for i in range(12):
-        n = int(rng.integers(4, 20))
-        np.savez(d / f"{i:03d}.npz", input_ids=rng.integers(1, 1000, (1, n)), attention_mask=np.ones((1, n), np.int64))
-    return d
+    return write_token_files(tmp_path_factory.mktemp("cost_aware"), 12, rng)
 
 
 def _timing(smooth_faster: bool):

@@ -18,7 +18,7 @@ from edgecomp.quantize import quantize_model
 from edgecomp.quantize.options import QuantizeOptions
 from edgecomp.quantize.quantize_static import LayerPlan, QuantizeStaticPass, quantize_weight
 from edgecomp.targets import host_isa
-from tests.conftest import make_model, run_ort, vinfo
+from tests.conftest import make_model, run_ort, vinfo, write_token_files
 
 
 def _ort_optimized_ops(proto: onnx.ModelProto, tmp_path) -> list[str]:
@@ -37,10 +37,7 @@ def _big_floats(proto: onnx.ModelProto) -> list[tuple[int, ...]]:
 @pytest.fixture(scope="module")
 def encoder_forms(tmp_path_factory, tiny_encoder_path):
     rng = np.random.default_rng(3)
-    tokens = tmp_path_factory.mktemp("qdq_form")
-    for i in range(12):
-        n = int(rng.integers(4, 20))
-        np.savez(tokens / f"{i:03d}.npz", input_ids=rng.integers(1, 1000, (1, n)), attention_mask=np.ones((1, n), np.int64))
+    tokens = write_token_files(tmp_path_factory.mktemp("qdq_form"), 12, rng)
     forms = {}
     for fmt in ("qdq", "contrib"):
         # int8 tables asked for (--embeddings): the table decision (timing, fidelity) is not what is compared here

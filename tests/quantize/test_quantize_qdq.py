@@ -20,7 +20,7 @@ from edgecomp.quantize.qparams import quantize_weight, uint8_qparams
 from edgecomp.graph import MS_DOMAIN
 from edgecomp.quantize.quantize_static import LayerPlan, QuantizeStaticPass
 from edgecomp.targets import host_isa
-from tests.conftest import make_model, run_ort, vinfo
+from tests.conftest import make_model, run_ort, vinfo, write_token_files
 
 # Measured on the three models below (x86 AVX-512 VNNI host, 2026-12-02): both forms share every
 # input scale and integer weight; with node units (node_units=True) the QDQ form also rounds each
@@ -54,11 +54,7 @@ def cases(tmp_path_factory, mlp_path, mlp_data, tiny_encoder_path):
     cnn = root / "cnn.onnx"
     onnx.save(_cnn(), str(cnn))
     np.savez(root / "cnn.npz", x=rng.standard_normal((32, 3, 8, 8)).astype(np.float32))
-    tokens = root / "tokens"
-    tokens.mkdir()
-    for i in range(12):
-        n = int(rng.integers(4, 20))
-        np.savez(tokens / f"{i:03d}.npz", input_ids=rng.integers(1, 1000, (1, n)), attention_mask=np.ones((1, n), np.int64))
+    tokens = write_token_files(root / "tokens", 12, rng)
     calib = {"mlp": (mlp_path, mlp_data[0]), "encoder": (tiny_encoder_path, tokens), "cnn": (cnn, root / "cnn.npz")}
     return {k: (path, data, list(Dataset(data))[:8]) for k, (path, data) in calib.items()}
 
